@@ -1,0 +1,113 @@
+"""The org.capsuled.Manager.* errors, one class per `error` in the IDL.
+
+    VarlinkError                          (capsuled.varlink.errors: a reply, not a crash)
+    ├── org.varlink.service.*             (capsuled.varlink.errors: InvalidParameter, PermissionDenied, ...)
+    └── ManagerError                      (this module: interface-scoped errors)
+        ├── NoSuchCapsule, CapsuleExists, InvalidName, QuotaExceeded
+        ├── CapsuleRunning, CapsuleNotRunning, JobFailed
+        ├── SystemdTooOld, SystemdUnavailable, InteractiveAuthenticationRequired
+        ├── NoSuchUnit, InvalidUnit, UnsafeCapsuleHome, InvalidValue
+        └── InternalError
+
+A unit test checks that this set and the IDL's `error` declarations are the same.
+"""
+
+from __future__ import annotations
+
+from capsuled.varlink.errors import VarlinkError
+
+INTERFACE = "org.capsuled.Manager"
+
+
+class ManagerError(VarlinkError):
+    """Base of the errors declared by org.capsuled.Manager."""
+
+
+class NoSuchCapsule(ManagerError):
+    """The capsule does not exist, or the caller may not know that it does."""
+
+    name = f"{INTERFACE}.NoSuchCapsule"
+
+
+class CapsuleExists(ManagerError):
+    """Create was asked for a name that is already a capsule."""
+
+    name = f"{INTERFACE}.CapsuleExists"
+
+
+class InvalidName(ManagerError):
+    """The capsule name is one systemd would refuse."""
+
+    name = f"{INTERFACE}.InvalidName"
+
+
+class QuotaExceeded(ManagerError):
+    """The caller's quota (capsule count or a limit ceiling) forbids this."""
+
+    name = f"{INTERFACE}.QuotaExceeded"
+
+
+class CapsuleRunning(ManagerError):
+    """The operation needs the capsule stopped."""
+
+    name = f"{INTERFACE}.CapsuleRunning"
+
+
+class CapsuleNotRunning(ManagerError):
+    """The operation needs the capsule running."""
+
+    name = f"{INTERFACE}.CapsuleNotRunning"
+
+
+class JobFailed(ManagerError):
+    """A systemd job ended with a result other than "done"."""
+
+    name = f"{INTERFACE}.JobFailed"
+
+
+class SystemdTooOld(ManagerError):
+    """PID 1 is older than 256 and has no capsules."""
+
+    name = f"{INTERFACE}.SystemdTooOld"
+
+
+class SystemdUnavailable(ManagerError):
+    """PID 1 could not be reached over D-Bus."""
+
+    name = f"{INTERFACE}.SystemdUnavailable"
+
+
+class InteractiveAuthenticationRequired(ManagerError):
+    """Policy wants an administrator's password and the call did not allow asking."""
+
+    name = f"{INTERFACE}.InteractiveAuthenticationRequired"
+
+
+class NoSuchUnit(ManagerError):
+    """The unit does not exist inside the capsule."""
+
+    name = f"{INTERFACE}.NoSuchUnit"
+
+
+class InvalidUnit(ManagerError):
+    """The unit name or the unit file's text is unacceptable."""
+
+    name = f"{INTERFACE}.InvalidUnit"
+
+
+class UnsafeCapsuleHome(ManagerError):
+    """Something planted in the capsule's home made the operation unsafe; nothing changed."""
+
+    name = f"{INTERFACE}.UnsafeCapsuleHome"
+
+
+class InvalidValue(ManagerError):
+    """A well-typed parameter has an unacceptable value."""
+
+    name = f"{INTERFACE}.InvalidValue"
+
+
+class InternalError(ManagerError):
+    """An unexpected failure in the helper; the traceback is in its journal only."""
+
+    name = f"{INTERFACE}.InternalError"
