@@ -1,0 +1,160 @@
+"""The helper's own records of the capsules it created: who owns each one.
+
+systemd knows which capsules exist (state directories, loaded units) but not
+who asked for them, so the owner is the one fact only we keep. Each record is
+one small JSON file, /var/lib/capsuled/capsules/NAME.json, replaced atomically
+(temp file + fsync + rename + fsync of the directory): a crash at any instant
+leaves either the old record or the new one, never a torn one.
+
+A record carries a `phase` so that an operation killed half-way can be
+finished by a retry (invariant 5): Create writes "creating" before touching
+systemd and "ready" after; Remove writes "removing" before touching systemd
+and deletes the record last. Everything else is re-derived from systemd.
+
+This directory is root's alone (mode 0700 under StateDirectory=capsuled); no
+capsule or caller can reach it, so plain paths are safe here, unlike in
+capsule homes (see safefs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Self
+
+DEFAULT_STATE_DIR = Path("/var/lib/capsuled")
+RECORD_FORMAT = 1
+# A record is a few hundred bytes; anything larger was not written by us.
+MAX_RECORD_BYTES = 64 * 1024
+
+
+class Phase(StrEnum):
+    CREATING = "creating"
+    READY = "ready"
+    REMOVING = "removing"
+
+
+class CorruptRecord(Exception):
+    """A record file exists but is not one we wrote; it is left in place for an admin."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    name: str
+    owner: int
+    phase: Phase
+    created_usec: int
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": RECORD_FORMAT,
+            "name": self.name,
+            "owner": self.owner,
+            "phase": str(self.phase),
+            "created": self.created_usec,
+        }
+        return json.dumps(doc, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, expected_name: str) -> Self:
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CorruptRecord(f"{expected_name}: not JSON") from exc
+        if not isinstance(doc, dict) or doc.get("format") != RECORD_FORMAT:
+            raise CorruptRecord(f"{expected_name}: unknown record format")
+        name, owner, phase, created = (doc.get(k) for k in ("name", "owner", "phase", "created"))
+        if name != expected_name:
+            raise CorruptRecord(f"{expected_name}: record names {name!r}")
+        if type(owner) is not int or owner < 0 or type(created) is not int:
+            raise CorruptRecord(f"{expected_name}: bad owner or creation time")
+        try:
+            return cls(name, owner, Phase(phase), created)
+        except ValueError as exc:
+            raise CorruptRecord(f"{expected_name}: unknown phase {phase!r}") from exc
+
+    def with_phase(self, phase: Phase) -> Record:
+        return replace(self, phase=phase)
+
+
+class RecordStore:
+    """Owner records, one file per capsule, written atomically."""
+
+    def __init__(self, state_dir: Path = DEFAULT_STATE_DIR) -> None:
+        self._dir = state_dir / "capsules"
+
+    def _ensure_dir(self) -> None:
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def _path(self, name: str) -> Path:
+        # Names reach us validated (names.capsule_name_problem): no "/" or "..".
+        return self._dir / f"{name}.json"
+
+    def get(self, name: str) -> Record | None:
+        """The record of NAME, or None. Raises CorruptRecord for a file we did not write."""
+        try:
+            with open(self._path(name), "rb") as f:
+                raw = f.read(MAX_RECORD_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        if len(raw) > MAX_RECORD_BYTES:
+            raise CorruptRecord(f"{name}: record too large")
+        return Record.from_json(raw, expected_name=name)
+
+    def all(self) -> Iterator[Record]:
+        """Every readable record; corrupt ones are skipped (they stay on disk for an admin)."""
+        try:
+            entries = sorted(os.listdir(self._dir))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if not entry.endswith(".json") or entry.startswith("."):
+                continue
+            with contextlib.suppress(CorruptRecord):
+                record = self.get(entry.removesuffix(".json"))
+                if record is not None:
+                    yield record
+
+    def put(self, record: Record) -> None:
+        """Replace NAME's record atomically and durably."""
+        self._ensure_dir()
+        final = self._path(record.name)
+        tmp = self._dir / f".{record.name}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(record.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self._sync_dir()
+
+    def delete(self, name: str) -> None:
+        """Forget NAME; a missing record is not an error (Remove may be retried)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(name))
+            self._sync_dir()
+
+    def owned_by(self, uid: int) -> list[Record]:
+        return [r for r in self.all() if r.owner == uid]
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def new_record(name: str, owner: int) -> Record:
+    return Record(name, owner, Phase.CREATING, time.time_ns() // 1000)
