@@ -1,0 +1,262 @@
+"""Varlink messages as small immutable values, and their JSON encoding (UAPI.20).
+
+Values are checked on construction (h11's events do the same), so an ill-formed message cannot
+exist: building one raises `LocalProtocolError`; parsing the peer's bytes relabels that as
+`RemoteProtocolError`.
+
+Parsing is strict, as systemd's sd-varlink is: the bytes must be UTF-8 holding one JSON object with
+only the keys the spec defines, flags must be booleans and at most one of oneway/more/upgrade may be
+set. Beyond sd-varlink we also refuse duplicate keys, NaN/Infinity and lone UTF-16 surrogates, none
+of which is JSON (RFC 8259) and each of which would let two parsers disagree about one message."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from capsuled.varlink.errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "Call",
+    "ErrorReply",
+    "Reply",
+    "encode",
+    "is_valid_interface_name",
+    "is_valid_method_name",
+    "parse_call",
+    "parse_reply",
+]
+
+# UAPI.20 grammar: interface  [A-Za-z]([-]*[A-Za-z0-9])*([.][A-Za-z0-9]([-]*[A-Za-z0-9])*)+
+#                  member     [A-Z][A-Za-z0-9]*
+_INTERFACE = r"[A-Za-z](?:-*[A-Za-z0-9])*(?:\.[A-Za-z0-9](?:-*[A-Za-z0-9])*)+"
+_INTERFACE_RE = re.compile(_INTERFACE, re.ASCII)
+_QUALIFIED_RE = re.compile(rf"{_INTERFACE}\.[A-Z][A-Za-z0-9]*", re.ASCII)
+
+
+def is_valid_interface_name(name: str) -> bool:
+    """True if `name` is a Varlink interface name such as org.varlink.service."""
+    return _INTERFACE_RE.fullmatch(name) is not None
+
+
+def is_valid_method_name(name: str) -> bool:
+    """True if `name` is an interface-qualified member name such as org.varlink.service.GetInfo."""
+    return _QUALIFIED_RE.fullmatch(name) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A method call. At most one of oneway/more/upgrade may be set."""
+
+    method: str
+    parameters: dict[str, object] = field(default_factory=dict)
+    oneway: bool = False
+    more: bool = False
+    upgrade: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or not is_valid_method_name(self.method):
+            raise LocalProtocolError(f"invalid method name {self.method!r}")
+        if not isinstance(self.parameters, dict):
+            raise LocalProtocolError("call parameters must be an object")
+        for flag in (self.oneway, self.more, self.upgrade):
+            if not isinstance(flag, bool):
+                raise LocalProtocolError("call flags must be booleans")
+        if self.oneway + self.more + self.upgrade > 1:
+            raise LocalProtocolError("at most one of oneway, more, upgrade may be set")
+
+    @property
+    def interface(self) -> str:
+        """The interface part of the method name."""
+        return self.method.rpartition(".")[0]
+
+    @property
+    def member(self) -> str:
+        """The short method name (after the last dot)."""
+        return self.method.rpartition(".")[2]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A successful reply; `continues` means more replies to the same call follow."""
+
+    parameters: dict[str, object] = field(default_factory=dict)
+    continues: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.parameters, dict):
+            raise LocalProtocolError("reply parameters must be an object")
+        if not isinstance(self.continues, bool):
+            raise LocalProtocolError("continues must be a boolean")
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """An error reply; always final."""
+
+    error: str
+    parameters: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.error, str) or not is_valid_method_name(self.error):
+            raise LocalProtocolError(f"invalid error name {self.error!r}")
+        if not isinstance(self.parameters, dict):
+            raise LocalProtocolError("error parameters must be an object")
+
+
+Message = Call | Reply | ErrorReply
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise a message to its wire form: compact UTF-8 JSON followed by NUL.
+
+    Raises:
+        LocalProtocolError: the parameters hold something JSON cannot carry (NaN, sets, lone
+            surrogates, ...) — that is our bug, never the peer's.
+    """
+    obj: dict[str, object]
+    if isinstance(msg, Call):
+        obj = {"method": msg.method}
+        if msg.parameters:
+            obj["parameters"] = msg.parameters
+        if msg.oneway:
+            obj["oneway"] = True
+        if msg.more:
+            obj["more"] = True
+        if msg.upgrade:
+            obj["upgrade"] = True
+    elif isinstance(msg, Reply):
+        obj = {"parameters": msg.parameters}
+        if msg.continues:
+            obj["continues"] = True
+    elif isinstance(msg, ErrorReply):
+        obj = {"error": msg.error, "parameters": msg.parameters}
+    else:
+        raise LocalProtocolError(f"not a Varlink message: {type(msg).__name__}")
+    try:
+        text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return text.encode("utf-8") + b"\0"
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        raise LocalProtocolError(f"cannot encode message: {exc}") from exc
+
+
+class _Refused(Exception):
+    """Raised from json hooks for input we refuse; caught in _load_object."""
+
+
+def _refuse_constant(name: str) -> object:
+    # json accepts NaN, Infinity and -Infinity by default; they are not JSON.
+    raise _Refused(f"not JSON: {name}")
+
+
+def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _Refused("duplicate key in object")
+    return obj
+
+
+def _has_surrogate(value: object) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _load_object(raw: bytes) -> dict[str, object]:
+    try:
+        # Decode explicitly: json.loads(bytes) would also guess UTF-16/32.
+        text = raw.decode("utf-8")
+        value = json.loads(
+            text,
+            parse_constant=_refuse_constant,
+            object_pairs_hook=_object_without_duplicates,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError, _Refused) as exc:
+        # ValueError covers JSONDecodeError and ints longer than sys.get_int_max_str_digits().
+        raise RemoteProtocolError(f"malformed message: {exc}") from exc
+    if not isinstance(value, dict):
+        raise RemoteProtocolError("message is not a JSON object")
+    # A lone surrogate can only come from a \uD8xx..\uDFxx escape; scan only when one may be there.
+    if ("\\ud" in text or "\\uD" in text) and _has_surrogate(value):
+        raise RemoteProtocolError("malformed message: lone UTF-16 surrogate")
+    return value
+
+
+_CALL_KEYS = frozenset({"method", "parameters", "oneway", "more", "upgrade"})
+_REPLY_KEYS = frozenset({"parameters", "continues", "error"})
+
+
+def _parameters(obj: dict[str, object]) -> dict[str, object]:
+    params = obj.get("parameters", {})
+    if not isinstance(params, dict):
+        raise RemoteProtocolError("parameters is not an object")
+    return params
+
+
+def _flag(obj: dict[str, object], key: str) -> bool:
+    value = obj.get(key, False)
+    if not isinstance(value, bool):
+        raise RemoteProtocolError(f"{key} is not a boolean")
+    return value
+
+
+def parse_call(raw: bytes) -> Call:
+    """Parse one message (without its NUL) sent by a client.
+
+    Raises:
+        RemoteProtocolError: the bytes are not a well-formed Varlink call.
+    """
+    obj = _load_object(raw)
+    unknown = obj.keys() - _CALL_KEYS
+    if unknown:
+        raise RemoteProtocolError(f"unknown keys in call: {sorted(unknown)!r}")
+    method = obj.get("method")
+    if not isinstance(method, str):
+        raise RemoteProtocolError("method is missing or not a string")
+    try:
+        return Call(
+            method=method,
+            parameters=_parameters(obj),
+            oneway=_flag(obj, "oneway"),
+            more=_flag(obj, "more"),
+            upgrade=_flag(obj, "upgrade"),
+        )
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(str(exc)) from exc
+
+
+def parse_reply(raw: bytes) -> Reply | ErrorReply:
+    """Parse one message (without its NUL) sent by a server.
+
+    Raises:
+        RemoteProtocolError: the bytes are not a well-formed Varlink reply.
+    """
+    obj = _load_object(raw)
+    unknown = obj.keys() - _REPLY_KEYS
+    if unknown:
+        raise RemoteProtocolError(f"unknown keys in reply: {sorted(unknown)!r}")
+    params = _parameters(obj)
+    continues = _flag(obj, "continues")
+    try:
+        if "error" in obj:
+            error = obj["error"]
+            if not isinstance(error, str):
+                raise RemoteProtocolError("error is not a string")
+            if continues:
+                raise RemoteProtocolError("an error reply cannot continue")
+            return ErrorReply(error=error, parameters=params)
+        return Reply(parameters=params, continues=continues)
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(str(exc)) from exc
