@@ -1,0 +1,220 @@
+"""The polkit backend: org.freedesktop.PolicyKit1.Authority.CheckAuthorization over the system bus.
+
+The subject is ("unix-process", {pid, start-time, uid, pidfd}): polkitd >= 124 identifies the
+process by the pidfd (no pid-reuse race); 122 needs pid + start-time (field 22 of /proc/PID/stat).
+The uid is SO_PEERCRED's: polkitd believes the uid a root caller passes, so it must never come from
+parameters.
+
+Details (a{ss}) for rules files (`action.lookup("capsule")`):
+    capsule      the capsule name
+    owner        the owner's user name, or the decimal uid if it has none; absent if no owner
+    owner-uid    the owner's decimal uid; absent if no owner
+    verb         for org.capsuled.manage / manage-units, when given
+    unit         for org.capsuled.manage-units, when given
+
+Answers: authorized -> yes; challenge -> auth_admin; otherwise -> no. polkitd missing, failing, slow
+or answering an error (e.g. our .policy not installed) -> no, logged: never allow by accident.
+At most MAX_IN_FLIGHT checks wait at once (the system bus allows ~128 pending replies per
+connection); a caller cancelled while waiting (its client disconnected) cancels the check in polkitd
+with CancelCheckAuthorization, so no agent dialog stays up for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from itertools import count
+from typing import Final
+
+from jeepney import DBusAddress, HeaderFields, Message, MessageType, new_method_call
+
+from capsuled.policy.bus import BusClosed, BusConnection
+from capsuled.policy.engine import Decision, Identity, Request
+from capsuled.policy.subject import SubjectLike, process_start_time, user_name
+
+log = logging.getLogger(__name__)
+
+AUTHORITY: Final = DBusAddress(
+    "/org/freedesktop/PolicyKit1/Authority",
+    bus_name="org.freedesktop.PolicyKit1",
+    interface="org.freedesktop.PolicyKit1.Authority",
+)
+MAX_IN_FLIGHT: Final = 64
+# polkitd answers a non-interactive check in milliseconds; an interactive one waits for a human.
+CHECK_TIMEOUT_S: Final = 25.0
+INTERACTIVE_CHECK_TIMEOUT_S: Final = 300.0
+# CheckAuthorizationFlags (polkit's org.freedesktop.PolicyKit1.Authority.xml)
+ALLOW_USER_INTERACTION: Final = 0x1
+
+
+def polkit_details(request: Request, owner_name: str | None) -> dict[str, str]:
+    """The a{ss} details polkit rules see (see the module docstring)."""
+    details = {"capsule": request.capsule}
+    if request.owner is not None:
+        details["owner"] = owner_name if owner_name is not None else str(request.owner)
+        details["owner-uid"] = str(request.owner)
+    if request.verb is not None:
+        details["verb"] = request.verb
+    if request.unit is not None:
+        details["unit"] = request.unit
+    return details
+
+
+def check_authorization(
+    *,
+    pid: int,
+    start_time: int,
+    uid: int,
+    pidfd: int | None,
+    action: str,
+    details: dict[str, str],
+    allow_interactive: bool,
+    cancellation_id: str,
+) -> Message:
+    """The CheckAuthorization call; pure (the pidfd is only referenced until sent)."""
+    subject: dict[str, tuple[str, object]] = {
+        "pid": ("u", pid),
+        "start-time": ("t", start_time),
+        "uid": ("i", uid),
+    }
+    if pidfd is not None:
+        subject["pidfd"] = ("h", pidfd)
+    flags = ALLOW_USER_INTERACTION if allow_interactive else 0
+    return new_method_call(
+        AUTHORITY,
+        "CheckAuthorization",
+        "(sa{sv})sa{ss}us",
+        (("unix-process", subject), action, details, flags, cancellation_id),
+    )
+
+
+def cancel_check_authorization(cancellation_id: str) -> Message:
+    """The CancelCheckAuthorization call for a pending check of this connection."""
+    return new_method_call(AUTHORITY, "CancelCheckAuthorization", "s", (cancellation_id,))
+
+
+def decision_from_reply(reply: Message) -> Decision:
+    """(is_authorized, is_challenge, details) -> yes / auth_admin / no.
+
+    Raises:
+        ValueError: the reply is an error or malformed.
+    """
+    if reply.header.message_type is not MessageType.method_return:
+        name = reply.header.fields.get(HeaderFields.error_name)
+        raise ValueError(f"polkitd answered {name}: {reply.body!r}")
+    try:
+        ((is_authorized, is_challenge, _details),) = reply.body
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"unexpected CheckAuthorization reply {reply.body!r}") from exc
+    if is_authorized is True:
+        return Decision.YES
+    if is_challenge is True:
+        return Decision.AUTH_ADMIN
+    return Decision.NO
+
+
+Connect = Callable[[], Awaitable[BusConnection]]
+
+
+class PolkitBackend:
+    """Step 4 of a decision from polkitd."""
+
+    name = "polkit"
+
+    def __init__(
+        self,
+        connect: Connect = BusConnection.open,
+        *,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        timeout_s: float = CHECK_TIMEOUT_S,
+        interactive_timeout_s: float = INTERACTIVE_CHECK_TIMEOUT_S,
+    ) -> None:
+        self._connect = connect
+        self._conn: BusConnection | None = None
+        self._conn_lock = asyncio.Lock()
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._timeout_s = timeout_s
+        self._interactive_timeout_s = interactive_timeout_s
+        self._ids = count(1)
+        self._cancels: set[asyncio.Task[None]] = set()
+
+    async def check(
+        self, subject: SubjectLike, identity: Identity, request: Request, allow_interactive: bool
+    ) -> Decision:
+        """Ask polkitd; any failure is a refusal."""
+        async with self._slots:
+            try:
+                start_time = process_start_time(subject.pid)
+            except ProcessLookupError:
+                log.info("polkit: peer process %d is gone; refusing", subject.pid)
+                return Decision.NO
+            owner_name = user_name(request.owner) if request.owner is not None else None
+            cancellation_id = f"capsuled-{os.getpid()}-{next(self._ids)}"
+            message = check_authorization(
+                pid=subject.pid,
+                start_time=start_time,
+                uid=subject.uid,
+                pidfd=subject.pidfd,
+                action=request.action,
+                details=polkit_details(request, owner_name),
+                allow_interactive=allow_interactive,
+                cancellation_id=cancellation_id,
+            )
+            timeout_s = self._interactive_timeout_s if allow_interactive else self._timeout_s
+            try:
+                conn = await self._connection()
+            except (OSError, ValueError, TimeoutError) as exc:
+                # jeepney's AuthenticationError is a ValueError.
+                log.error("polkit: cannot reach the system bus (%s); refusing", exc)
+                return Decision.NO
+            try:
+                async with asyncio.timeout(timeout_s):
+                    reply = await conn.call(message)
+            except asyncio.CancelledError:
+                self._cancel_later(conn, cancellation_id)
+                raise
+            except TimeoutError:
+                self._cancel_later(conn, cancellation_id)
+                log.error("polkit: no answer for %s in %ss; refusing", request.action, timeout_s)
+                return Decision.NO
+            except BusClosed as exc:
+                log.error("polkit: %s; refusing", exc)
+                return Decision.NO
+            try:
+                return decision_from_reply(reply)
+            except ValueError as exc:
+                log.error("polkit: %s; refusing %s", exc, request.action)
+                return Decision.NO
+
+    async def _connection(self) -> BusConnection:
+        async with self._conn_lock:
+            if self._conn is None or self._conn.closed:
+                if self._conn is not None:
+                    await self._conn.aclose()
+                self._conn = None
+                self._conn = await self._connect()
+            return self._conn
+
+    def _cancel_later(self, conn: BusConnection, cancellation_id: str) -> None:
+        # From a task of its own: the awaiting task is being cancelled and must not block on this.
+        # Only the connection that started the check may cancel it (polkitd matches the sender).
+        async def cancel() -> None:
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    await conn.call(cancel_check_authorization(cancellation_id))
+            except (BusClosed, TimeoutError, OSError) as exc:
+                log.debug("polkit: CancelCheckAuthorization(%s) failed: %s", cancellation_id, exc)
+
+        task = asyncio.create_task(cancel(), name=f"capsuled-polkit-cancel-{cancellation_id}")
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def aclose(self) -> None:
+        """Wait for pending cancellations, then close the bus connection."""
+        if self._cancels:
+            await asyncio.gather(*self._cancels, return_exceptions=True)
+        if self._conn is not None:
+            await self._conn.aclose()
+            self._conn = None
