@@ -110,10 +110,12 @@ class ServerConnection:
             if not self._pending:
                 raise LocalProtocolError("no call is waiting for a reply (oneway calls get none)")
             final = _check_send(self._pending[0], msg)
-            data = encode(msg)
         except LocalProtocolError:
             self._state = ConnectionState.ERROR
             raise
+        # An unencodable reply raises LocalProtocolError but leaves the state alone: nothing was
+        # sent, so the caller may still answer this call (the server answers with InternalError).
+        data = encode(msg)
         if final:
             self._pending.popleft()
         return data

@@ -1,0 +1,147 @@
+"""`capsuled`: serve (the default), install, uninstall.
+
+capsuled [serve] [--listen PATH] [--idle-exit-sec N] [--max-connections N] ...
+capsuled install ...     (capsuled.install, imported only when asked for)
+capsuled uninstall ...
+capsuled --version
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from capsuled.varlink.framing import MAX_MESSAGE_BYTES
+
+__all__ = ["main"]
+
+
+def _version() -> str:
+    from capsuled.daemon import service_info
+
+    return service_info().version
+
+
+def _parser() -> argparse.ArgumentParser:
+    from capsuled.transport import Limits
+
+    d = Limits()
+    p = argparse.ArgumentParser(
+        prog="capsuled",
+        description="Varlink helper managing systemd capsules for unprivileged users.",
+        epilog="Subcommands: serve (default), install, uninstall (see `capsuled install --help`).",
+    )
+    p.add_argument("--version", action="version", version=f"capsuled {_version()}")
+    p.add_argument(
+        "--listen",
+        metavar="PATH",
+        help="create and listen on this socket (development); default: socket activation",
+    )
+    p.add_argument(
+        "--idle-exit-sec",
+        type=float,
+        metavar="N",
+        help="exit after N seconds without connections; 0 never "
+        "(default: 30 when socket-activated, never with --listen)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        metavar="N",
+        help="connections at once, all users (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections-per-uid",
+        type=int,
+        metavar="N",
+        help="connections at once for one UID, at most 3/4 of --max-connections (default: 3/4)",
+    )
+    p.add_argument(
+        "--idle-timeout-sec",
+        type=float,
+        default=d.idle_timeout_s,
+        metavar="N",
+        help="close a connection after N seconds without a call (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-inflight-calls",
+        type=int,
+        default=d.max_inflight_calls,
+        metavar="N",
+        help="method calls running at once, all users (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-inflight-calls-per-uid",
+        type=int,
+        metavar="N",
+        help="method calls running at once for one UID, at most 3/4 of the total (default: 3/4)",
+    )
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=MAX_MESSAGE_BYTES,
+        metavar="N",
+        help="largest message accepted (default: %(default)s, systemd's VARLINK_BUFFER_MAX)",
+    )
+    p.add_argument(
+        "--send-timeout-sec",
+        type=float,
+        default=d.send_timeout_s,
+        metavar="N",
+        help="disconnect a client that does not read its replies for N seconds "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--write-buffer-bytes",
+        type=int,
+        default=d.write_buffer_bytes,
+        metavar="N",
+        help="per-connection write buffer high-water mark (default: %(default)s)",
+    )
+    p.add_argument("--validate-replies", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--debug", action="store_true", help="log debug messages")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `capsuled` command; returns the exit status."""
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    if args_in and args_in[0] in ("install", "uninstall"):
+        # Imported only here: install pulls in file-system code the daemon never needs.
+        if args_in[0] == "install":
+            from capsuled.install import main_install
+
+            return main_install(args_in[1:])
+        from capsuled.install import main_uninstall
+
+        return main_uninstall(args_in[1:])
+    if args_in and args_in[0] == "serve":
+        args_in = args_in[1:]
+    parser = _parser()
+    args = parser.parse_args(args_in)
+
+    from capsuled.daemon import Options, run, setup_logging
+    from capsuled.transport import Limits
+
+    try:
+        limits = Limits(
+            max_connections=args.max_connections,
+            max_connections_per_uid=args.max_connections_per_uid,
+            idle_timeout_s=args.idle_timeout_sec,
+            max_inflight_calls=args.max_inflight_calls,
+            max_inflight_calls_per_uid=args.max_inflight_calls_per_uid,
+            max_message_bytes=args.max_message_bytes,
+            write_buffer_bytes=args.write_buffer_bytes,
+            send_timeout_s=args.send_timeout_sec,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    setup_logging(args.debug)
+    options = Options(
+        listen=args.listen,
+        idle_exit_s=args.idle_exit_sec,
+        limits=limits,
+        validate_replies=args.validate_replies,
+    )
+    return run(options)

@@ -1,0 +1,280 @@
+"""The daemon's life cycle: socket activation, readiness, idle exit, and wiring objects together.
+
+Socket activation is parsed here rather than through sd_listen_fds so every branch is testable with
+systemd-socket-activate: LISTEN_PID must be ours, the fd named `varlink` (FileDescriptorName=) is
+taken, else the only fd; SO_ACCEPTCONN tells a listening socket from an already connected one
+(Accept=yes, `varlinkctl exec:`), which is served as one connection until it closes. LISTEN_* is
+always removed from os.environ so no child inherits it (sd_listen_fds(unset_environment=1)).
+
+With a listening socket the daemon exits after `idle_exit_s` without any connection, like systemd's
+own bus-activated helpers (30 s, DEFAULT_EXIT_USEC); systemd keeps the socket and starts us again
+on the next connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from importlib import metadata, resources
+
+from capsuled.dispatch import Dispatcher
+from capsuled.transport import Limits, Server
+from capsuled.varlink.interface import Interface, parse_interface
+from capsuled.varlink.service import ServiceInfo
+
+__all__ = [
+    "DEFAULT_IDLE_EXIT_S",
+    "ActivationError",
+    "Options",
+    "build_dispatcher",
+    "listen_fds",
+    "load_interface",
+    "run",
+    "sd_notify",
+    "service_info",
+]
+
+log = logging.getLogger("capsuled.daemon")
+
+IDL_RESOURCE = "org.capsuled.Manager.varlink"
+DEFAULT_IDLE_EXIT_S = 30.0
+SD_LISTEN_FDS_START = 3
+_LISTEN_VARS = ("LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDS", "LISTEN_FDNAMES")
+PROJECT_URL = "https://github.com/capsuled/capsuled"
+
+
+class ActivationError(Exception):
+    """The socket-activation environment or the passed fd is unusable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What `capsuled serve` was asked to do."""
+
+    listen: str | None = None  # development: bind this path (mode 0666) instead of activation
+    idle_exit_s: float | None = None  # None: DEFAULT_IDLE_EXIT_S if activated, never with listen
+    limits: Limits = field(default_factory=Limits)
+    validate_replies: bool = False
+
+
+def load_interface() -> Interface:
+    """The org.capsuled.Manager IDL shipped inside the package."""
+    text = resources.files("capsuled").joinpath(IDL_RESOURCE).read_text(encoding="utf-8")
+    return parse_interface(text)
+
+
+def service_info() -> ServiceInfo:
+    """What org.varlink.service.GetInfo reports."""
+    try:
+        version = metadata.version("capsuled")
+    except metadata.PackageNotFoundError:  # running from a checkout without an install
+        version = "0+unknown"
+    return ServiceInfo(vendor="capsuled", product="capsuled", version=version, url=PROJECT_URL)
+
+
+def build_dispatcher(options: Options) -> Dispatcher[object]:
+    """Wiring: the one place that builds the Dispatcher (the lead fills in the services here)."""
+    from capsuled.errors import InternalError
+
+    interface = load_interface()
+
+    def make_context(*_: object) -> object:
+        return None
+
+    # Until the services are wired, every declared method answers MethodNotImplemented.
+    return Dispatcher(
+        interface,
+        {},
+        make_context=make_context,
+        requires_more=frozenset(),
+        internal_error=InternalError,
+        info=service_info(),
+        validate_replies=options.validate_replies,
+    )
+
+
+def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[tuple[int, str]]:
+    """Return the (fd, name) pairs passed to us by socket activation, clearing LISTEN_*.
+
+    Raises:
+        ActivationError: LISTEN_FDS is not a number.
+    """
+    env = os.environ if environ is None else environ
+    values = {key: env.pop(key, None) for key in _LISTEN_VARS}
+    pid, count = values["LISTEN_PID"], values["LISTEN_FDS"]
+    if pid is None or count is None:
+        return []
+    try:
+        if int(pid) != os.getpid():
+            return []  # meant for another process (e.g. our parent); sd_listen_fds ignores it too
+        n = int(count)
+    except ValueError as exc:
+        raise ActivationError(f"invalid LISTEN_PID/LISTEN_FDS: {exc}") from None
+    if n < 0:
+        raise ActivationError("invalid LISTEN_FDS")
+    names = (values["LISTEN_FDNAMES"] or "").split(":")
+    if len(names) != n:
+        names = ["unknown"] * n  # systemd's default name when none (or a wrong count) is given
+    fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + n))
+    for fd in fds:
+        os.set_inheritable(fd, False)  # nothing we spawn may inherit the listening socket
+    return list(zip(fds, names, strict=True))
+
+
+def pick_fd(fds: list[tuple[int, str]]) -> int | None:
+    """The fd named `varlink`, else the only one; None without activation.
+
+    Raises:
+        ActivationError: several fds, none named `varlink`.
+    """
+    if not fds:
+        return None
+    for fd, name in fds:
+        if name == "varlink":
+            return fd
+    if len(fds) == 1:
+        return fds[0][0]
+    raise ActivationError("several fds passed and none is named 'varlink'")
+
+
+def socket_from_fd(fd: int) -> tuple[socket.socket, bool]:
+    """Wrap an activation fd; return it and whether it is listening (SO_ACCEPTCONN).
+
+    Raises:
+        ActivationError: not a Unix stream socket.
+    """
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ActivationError(f"fd {fd} is not a socket: {exc}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ActivationError(f"fd {fd} is not a Unix stream socket")
+    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 0
+    return sock, listening
+
+
+def bind_listen(path: str) -> socket.socket:
+    """Create a listening socket at `path` (development), mode 0666 as capsuled.socket has."""
+    with contextlib.suppress(FileNotFoundError):
+        # Replace only a stale socket, never some other file that happens to be there.
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.bind(path)
+    os.chmod(path, 0o666)
+    sock.listen(socket.SOMAXCONN)
+    return sock
+
+
+def sd_notify(state: str) -> None:
+    """Tell the service manager about our state (READY=1, STATUS=..., STOPPING=1); no-op if none."""
+    try:
+        # Lazily: a C extension, absent in some venvs. No stubs exist for systemd-python.
+        from systemd import daemon as sd_daemon  # type: ignore[import-untyped]
+    except ImportError:
+        sd_daemon = None
+    if sd_daemon is not None:
+        sd_daemon.notify(state)
+        return
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path or path[0] not in "/@":
+        return
+    address = "\0" + path[1:] if path[0] == "@" else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("sd_notify failed: %s", exc)
+
+
+async def serve(options: Options, dispatcher: Dispatcher[object]) -> int:
+    """Serve until idle, told to stop, or (connected socket) the one connection ends."""
+    fd = pick_fd(listen_fds())
+    server = Server(dispatcher.handle, dispatcher.internal_error, options.limits)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    listener: asyncio.Server | None = None
+    created_path: str | None = None
+    waits: list[asyncio.Task[object]] = [asyncio.create_task(stop.wait())]
+    if fd is not None:
+        sock, listening = socket_from_fd(fd)
+        idle = DEFAULT_IDLE_EXIT_S if options.idle_exit_s is None else options.idle_exit_s
+        where = f"fd {fd}"
+    elif options.listen is not None:
+        sock, listening = bind_listen(options.listen), True
+        created_path = options.listen
+        idle = 0.0 if options.idle_exit_s is None else options.idle_exit_s
+        where = options.listen
+    else:
+        raise ActivationError("no socket passed by systemd and no --listen PATH given")
+    if listening:
+        listener = await _start_listener(server, sock)
+        if idle > 0:
+            waits.append(asyncio.create_task(server.wait_idle(idle)))
+        status = f"Serving on {where}"
+    else:
+        waits.append(asyncio.create_task(server.serve_connected(sock)))
+        status = "Serving one connection"
+    sd_notify(f"READY=1\nSTATUS={status}")
+    log.info("%s", status)
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        sd_notify("STOPPING=1\nSTATUS=Shutting down")
+        for task in waits:
+            task.cancel()
+        if listener is not None:
+            listener.close()
+        await server.close_connections()
+        await asyncio.gather(*waits, return_exceptions=True)
+        if created_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(created_path)
+    log.info("exiting (%s)", "signal" if stop.is_set() else "idle or connection closed")
+    return 0
+
+
+async def _start_listener(server: Server, sock: socket.socket) -> asyncio.Server:
+    if sys.version_info >= (3, 13):
+        # 3.13 unlinks the socket path on close by default: that would delete systemd's socket.
+        return await asyncio.start_unix_server(server.serve_stream, sock=sock, cleanup_socket=False)
+    return await server.listen(sock)
+
+
+def setup_logging(debug: bool = False) -> None:
+    """Log to the journal when systemd gave us one (structured priority), else to stderr."""
+    level = logging.DEBUG if debug else logging.INFO
+    handler: logging.Handler | None = None
+    if os.environ.get("JOURNAL_STREAM"):
+        try:
+            from systemd.journal import JournalHandler  # type: ignore[import-untyped]  # no stubs
+        except ImportError:
+            pass
+        else:
+            handler = JournalHandler(SYSLOG_IDENTIFIER="capsuled")
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("capsuled: %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def run(options: Options, dispatcher: Dispatcher[object] | None = None) -> int:
+    """Entry point of `capsuled serve`; returns the exit status."""
+    try:
+        return asyncio.run(serve(options, dispatcher or build_dispatcher(options)))
+    except ActivationError as exc:
+        log.error("%s", exc)
+        return 1

@@ -1,0 +1,437 @@
+"""The asyncio Varlink server: accept, peer credentials, limits, timeouts, the one error boundary.
+
+One task per connection reads bytes into a `ServerConnection` (capsuled.varlink) and handles its
+calls one after the other, as sd-varlink does, so pipelined calls are answered in order. While a
+call runs the task keeps reading (bounded by the message cap) to notice the peer going away.
+
+Limits (see `Limits`; defaults chosen for a Python daemon under systemd's default RLIMIT_NOFILE soft
+limit of 1024, each connection holding a socket and a pidfd):
+- connections in total, and per UID (at most 3/4 of the total, as sd-varlink's
+  VARLINK_DEFAULT_CONNECTIONS_PER_UID_MAX); a connection over either limit is closed at once;
+- an idle timeout per connection: time without a complete call while none is running (bytes
+  trickling in do not count, so a slow sender cannot hold a slot forever);
+- calls running at once, in total and per UID (3/4 of the total again);
+- the message size cap (in the protocol core);
+- a write buffer high-water mark: notify() and the final reply wait for the peer to read; a peer
+  that stays blocked longer than `send_timeout_s` is disconnected, so nothing buffers without bound.
+
+Error boundary (style guide "Errors"): VarlinkError -> its error reply; any other exception ->
+logged with its traceback, answered with the interface's InternalError; RemoteProtocolError ->
+close without a reply; LocalProtocolError (our bug) -> logged, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from capsuled.varlink.connection import ConnectionState, ServerConnection
+from capsuled.varlink.errors import LocalProtocolError, RemoteProtocolError, VarlinkError
+from capsuled.varlink.framing import MAX_MESSAGE_BYTES
+from capsuled.varlink.messages import Call, ErrorReply, Reply
+
+__all__ = ["Limits", "Peer", "PeerGone", "Server", "peer_credentials"]
+
+log = logging.getLogger("capsuled.transport")
+
+# Linux >= 6.5 (include/uapi/asm-generic/socket.h); Python's socket module has no name for it yet.
+SO_PEERPIDFD = 77
+READ_CHUNK_BYTES = 64 * 1024
+_REJECT_LOG_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end, from the socket only (SO_PEERCRED, SO_PEERPIDFD)."""
+
+    uid: int
+    gid: int
+    pid: int
+    pidfd: int | None  # owned by the connection; closed when it ends
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Server limits; every one is a daemon option (capsuled serve --help)."""
+
+    max_connections: int = 256
+    max_connections_per_uid: int | None = None  # None: 3/4 of max_connections
+    idle_timeout_s: float = 60.0
+    max_inflight_calls: int = 64
+    max_inflight_calls_per_uid: int | None = None  # None: 3/4 of max_inflight_calls
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    write_buffer_bytes: int = 1024 * 1024
+    send_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1 or self.max_inflight_calls < 1:
+            raise ValueError("connection and call limits must be at least 1")
+        if self.connections_per_uid < 1 or self.inflight_calls_per_uid < 1:
+            raise ValueError("per-UID limits must be at least 1")
+        if self.connections_per_uid > _three_quarters(self.max_connections):
+            raise ValueError("max_connections_per_uid must be at most 3/4 of max_connections")
+        if self.inflight_calls_per_uid > _three_quarters(self.max_inflight_calls):
+            raise ValueError("max_inflight_calls_per_uid must be at most 3/4 of max_inflight_calls")
+        if min(self.idle_timeout_s, self.send_timeout_s) <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.max_message_bytes < 1 or self.write_buffer_bytes < 1:
+            raise ValueError("sizes must be positive")
+
+    @property
+    def connections_per_uid(self) -> int:
+        """The effective per-UID connection limit."""
+        if self.max_connections_per_uid is not None:
+            return self.max_connections_per_uid
+        return _three_quarters(self.max_connections)
+
+    @property
+    def inflight_calls_per_uid(self) -> int:
+        """The effective per-UID limit on calls running at once."""
+        if self.max_inflight_calls_per_uid is not None:
+            return self.max_inflight_calls_per_uid
+        return _three_quarters(self.max_inflight_calls)
+
+
+def _three_quarters(n: int) -> int:
+    return max(1, n * 3 // 4)
+
+
+class PeerGone(ConnectionError):
+    """Raised by notify() when the peer disconnected or stopped reading for too long."""
+
+
+NotifyFn = Callable[[dict[str, object]], Awaitable[None]]
+Handle = Callable[[Call, Peer, NotifyFn], Awaitable[dict[str, object]]]
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    """Read the peer's uid/gid/pid (SO_PEERCRED) and, where the kernel has it, a pidfd.
+
+    Raises:
+        OSError: SO_PEERCRED failed (not a Unix socket, or already gone).
+    """
+    fmt = "iII"  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
+    pid, uid, gid = struct.unpack(fmt, raw)
+    pidfd: int | None = None
+    try:
+        fd = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
+    except OSError:
+        pass  # ENOPROTOOPT before Linux 6.5; polkit then falls back to pid + start time
+    else:
+        if fd >= 0:
+            os.set_inheritable(fd, False)
+            pidfd = fd
+    return Peer(uid=uid, gid=gid, pid=pid, pidfd=pidfd)
+
+
+class _UidSlot:
+    __slots__ = ("sem", "users")
+
+    def __init__(self, n: int) -> None:
+        self.sem = asyncio.Semaphore(n)
+        self.users = 0
+
+
+class _CallSlots:
+    """Bounds calls running at once, in total and per UID; per-UID entries vanish when unused."""
+
+    def __init__(self, total: int, per_uid: int) -> None:
+        self._total = asyncio.Semaphore(total)
+        self._per_uid = per_uid
+        self._uids: dict[int, _UidSlot] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, uid: int) -> AsyncIterator[None]:
+        slot = self._uids.get(uid)
+        if slot is None:
+            slot = self._uids[uid] = _UidSlot(self._per_uid)
+        slot.users += 1
+        try:
+            async with slot.sem, self._total:
+                yield
+        finally:
+            slot.users -= 1
+            if slot.users == 0:
+                del self._uids[uid]
+
+
+class _Closing(Exception):
+    """Internal: end this connection now (peer gone, blocked, or protocol state broken)."""
+
+
+class Server:
+    """Serves Varlink connections through `handle` (normally Dispatcher.handle)."""
+
+    def __init__(
+        self,
+        handle: Handle,
+        internal_error: type[VarlinkError],
+        limits: Limits | None = None,
+    ) -> None:
+        self.handle = handle
+        self.internal_error = internal_error
+        self.limits = limits or Limits()
+        self._total = 0
+        self._per_uid: dict[int, int] = {}
+        self._slots = _CallSlots(self.limits.max_inflight_calls, self.limits.inflight_calls_per_uid)
+        self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_reject_log = -_REJECT_LOG_INTERVAL_S
+        self.rejected = 0  # connections refused by a limit, for logs and tests
+
+    @property
+    def connections(self) -> int:
+        """Connections currently admitted."""
+        return self._total
+
+    async def listen(self, sock: socket.socket) -> asyncio.Server:
+        """Serve a listening Unix socket (already bound and listening)."""
+        return await asyncio.start_unix_server(self.serve_stream, sock=sock)
+
+    async def serve_connected(self, sock: socket.socket) -> None:
+        """Serve one already-connected socket (Accept=yes, varlinkctl exec:) until it closes."""
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        await self.serve_stream(reader, writer)
+
+    async def wait_idle(self, seconds: float) -> None:
+        """Return once no connection has existed for `seconds` in a row."""
+        while True:
+            self._changed.clear()
+            if self._total == 0:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), seconds)
+                except TimeoutError:
+                    if self._total == 0:
+                        return
+            else:
+                await self._changed.wait()
+
+    async def close_connections(self) -> None:
+        """Cancel every connection task and wait for them to finish."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _admit(self, peer: Peer) -> bool:
+        if self._total >= self.limits.max_connections:
+            why = "total"
+        elif self._per_uid.get(peer.uid, 0) >= self.limits.connections_per_uid:
+            why = "per-UID"
+        else:
+            self._total += 1
+            self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
+            self._changed.set()
+            return True
+        self.rejected += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._last_reject_log >= _REJECT_LOG_INTERVAL_S:  # a flood must not flood the log
+            self._last_reject_log = now
+            log.warning(
+                "connection limit (%s) reached; refusing uid=%d pid=%d (%d refused so far)",
+                why,
+                peer.uid,
+                peer.pid,
+                self.rejected,
+            )
+        return False
+
+    def _release(self, peer: Peer) -> None:
+        self._total -= 1
+        left = self._per_uid[peer.uid] - 1
+        if left:
+            self._per_uid[peer.uid] = left
+        else:
+            del self._per_uid[peer.uid]
+        self._changed.set()
+
+    async def serve_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Serve one connection (the asyncio.start_unix_server callback)."""
+        sock: socket.socket = writer.get_extra_info("socket")
+        try:
+            peer = peer_credentials(sock)
+        except OSError as exc:
+            log.info("cannot read peer credentials (%s); closing", exc)
+            writer.transport.abort()
+            return
+        if not self._admit(peer):
+            if peer.pidfd is not None:
+                os.close(peer.pidfd)
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            writer.transport.set_write_buffer_limits(high=self.limits.write_buffer_bytes)
+            await _Connection(self, reader, writer, peer).run()
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+            writer.transport.abort()
+            if peer.pidfd is not None:
+                os.close(peer.pidfd)
+            self._release(peer)
+
+
+class _Connection:
+    def __init__(
+        self,
+        server: Server,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: Peer,
+    ) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+        self.conn = ServerConnection(self.limits.max_message_bytes)
+        self.eof = False
+
+    def _who(self) -> str:
+        return f"uid={self.peer.uid} pid={self.peer.pid}"
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.idle_timeout_s
+        try:
+            while True:
+                call = self.conn.next_call()
+                if call is None:
+                    if self.eof:
+                        return
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        log.debug("idle timeout, closing %s", self._who())
+                        return
+                    try:
+                        async with asyncio.timeout(remaining):
+                            data = await self.reader.read(READ_CHUNK_BYTES)
+                    except TimeoutError:
+                        log.debug("idle timeout, closing %s", self._who())
+                        return
+                    self._received(data)
+                    continue
+                await self._run_call(call)
+                deadline = loop.time() + self.limits.idle_timeout_s
+        except RemoteProtocolError as exc:
+            # Peer garbage: close without a reply (UAPI.20; sd-varlink does the same).
+            log.info("protocol error from %s, closing: %s", self._who(), exc)
+        except LocalProtocolError:
+            log.error("protocol misuse on our side with %s, closing", self._who(), exc_info=True)
+        except (_Closing, ConnectionError):
+            log.debug("connection to %s closed", self._who())
+
+    def _received(self, data: bytes) -> None:
+        if data:
+            self.conn.receive_data(data)
+        else:
+            self.eof = True
+
+    async def _read_while_running(self, task: asyncio.Task[None], call: Call) -> None:
+        """Wait for the call's task, reading ahead so a hang-up is noticed; bounded by the cap."""
+        while not task.done():
+            if self.eof or self.conn.buffered_bytes > self.limits.max_message_bytes:
+                await asyncio.wait({task})
+                return
+            read = asyncio.ensure_future(self.reader.read(READ_CHUNK_BYTES))
+            try:
+                await asyncio.wait({task, read}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not read.done():
+                    read.cancel()  # StreamReader.read loses no data when cancelled while waiting
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await read
+            if read.cancelled():
+                continue
+            try:
+                data = read.result()
+            except ConnectionError:
+                data = b""
+            self._received(data)
+            if self.eof and call.more:
+                # A streaming client hangs up to end the stream (varlinkctl --more, Ctrl-C).
+                # A plain call is still answered after a half-close, as sd-varlink does.
+                raise _Closing()
+
+    async def _run_call(self, call: Call) -> None:
+        task = asyncio.create_task(self._answer(call))
+        try:
+            await self._read_while_running(task, call)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        task.result()  # re-raise _Closing / protocol errors from the call itself
+
+    async def _write(self, data: bytes) -> None:
+        if self.writer.transport.is_closing():
+            raise _Closing()
+        self.writer.write(data)
+        try:
+            async with asyncio.timeout(self.limits.send_timeout_s):
+                await self.writer.drain()
+        except TimeoutError:
+            log.info(
+                "%s stopped reading for %.0f s, closing", self._who(), self.limits.send_timeout_s
+            )
+            raise _Closing() from None
+        except ConnectionError as exc:
+            raise _Closing() from exc
+
+    async def _notify(self, params: dict[str, object]) -> None:
+        try:
+            await self._write(self.conn.send(Reply(params, continues=True)))
+        except _Closing as exc:
+            raise PeerGone("the peer went away") from exc
+
+    async def _answer(self, call: Call) -> None:
+        server = self.server
+        reply: Reply | ErrorReply
+        try:
+            async with server._slots.hold(self.peer.uid):
+                result = await server.handle(call, self.peer, self._notify)
+            reply = Reply(result)
+        except VarlinkError as exc:
+            reply = _error_reply(exc, server.internal_error)
+        except (LocalProtocolError, PeerGone):
+            raise
+        except Exception:
+            # The one broad catch (style guide): log the traceback, tell the client nothing of it.
+            log.exception("method %s failed for %s", call.method, self._who())
+            reply = ErrorReply(server.internal_error.name, server.internal_error().parameters)
+        if call.oneway:
+            if isinstance(reply, ErrorReply):
+                log.debug("oneway call %s ended with %s", call.method, reply.error)
+            return
+        try:
+            data = self.conn.send(reply)
+        except LocalProtocolError:
+            if self.conn.state is ConnectionState.ERROR:
+                raise
+            # Unencodable parameters (a handler bug): answer InternalError instead.
+            log.exception("reply to %s cannot be encoded", call.method)
+            internal = server.internal_error()
+            data = self.conn.send(ErrorReply(server.internal_error.name, internal.parameters))
+        await self._write(data)
+
+
+def _error_reply(exc: VarlinkError, internal_error: type[VarlinkError]) -> ErrorReply:
+    try:
+        return ErrorReply(exc.name, exc.parameters)
+    except (AttributeError, LocalProtocolError):
+        # A VarlinkError without a valid wire name is a bug of ours, not an answer.
+        log.exception("invalid error raised")
+        return ErrorReply(internal_error.name, internal_error().parameters)
