@@ -1,0 +1,266 @@
+"""Structured journal records for every mutating call (invariant 6).
+
+One record per call, written after the decision and the work: who (``CAPSULED_CALLER_UID``, from
+the socket), what (``CAPSULED_ACTION``, and a fixed ``MESSAGE_ID`` per action so that
+``journalctl MESSAGE_ID=...`` finds every ``Create``), on which capsule (``CAPSULE=``, the field
+systemd itself uses for capsules) and how it ended (``CAPSULED_RESULT``: ``ok``, ``denied``,
+``failed`` or an error name).  Extra fields become ``CAPSULED_<NAME>``.
+
+Secrets: a value wrapped in :class:`Sensitive` (e.g. the environment of ``Run``) is never
+written, only the marker ``(redacted)``; like systemd's ``SD_JSON_SENSITIVE`` it is a property of
+the value, so a caller cannot forget it at one log site and remember it at another.
+
+Tamper evidence: each record carries ``CAPSULED_CHAIN_SEQ`` (1, 2, ... per daemon process),
+``CAPSULED_CHAIN_ID`` (random per process) and ``CAPSULED_CHAIN`` = sha256 over the previous
+record's chain value and this record's canonical fields.  Deleting or editing a record in the
+middle of a run breaks the chain (:func:`verify_chain`).  It is not a signature: someone who can
+rewrite the journal can recompute the whole chain, and a whole run can vanish unnoticed (the
+daemon exits when idle, so runs are short).  journald's Forward Secure Sealing (``--setup-keys``)
+covers that; an Ed25519-signed trail (design brief) is not implemented.
+
+``systemd.journal`` is imported lazily (unit tests and hosts without it fall back to
+``logging``); a record that cannot be delivered is logged to stderr, never raised: the call it
+describes has already happened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import secrets
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+Sink = Callable[[dict[str, str]], None]
+
+log = logging.getLogger("capsuled.audit")
+
+MAX_FIELD_CHARS: Final = 4096  # bound every value: a record's size must not depend on input
+
+RESULT_OK: Final = "ok"
+RESULT_DENIED: Final = "denied"
+RESULT_FAILED: Final = "failed"
+
+# syslog priorities, as journald's PRIORITY= field wants them.
+_PRIORITY_NOTICE: Final = 5
+_PRIORITY_INFO: Final = 6
+_PRIORITY_WARNING: Final = 4
+
+REDACTED: Final = "(redacted)"
+_FIELD_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,54}")  # journal: [A-Z0-9_], no leading '_'/digit, <=64
+
+
+class AuditAction(StrEnum):
+    """The mutating calls; each has a fixed MESSAGE_ID below."""
+
+    CREATE = "create"
+    REMOVE = "remove"
+    START = "start"
+    STOP = "stop"
+    RESTART = "restart"
+    SET_AUTOSTART = "set-autostart"
+    SET_LIMITS = "set-limits"
+    INSTALL_UNIT = "install-unit"
+    REMOVE_UNIT = "remove-unit"
+    START_UNIT = "start-unit"
+    STOP_UNIT = "stop-unit"
+    RESTART_UNIT = "restart-unit"
+    ENABLE_UNIT = "enable-unit"
+    DISABLE_UNIT = "disable-unit"
+    RUN = "run"
+
+
+# Generated once with uuid.uuid4().hex and fixed forever: journal catalogs and admins' queries
+# depend on them.  Never reuse an id for a different meaning.
+MESSAGE_IDS: Final[Mapping[str, str]] = {
+    AuditAction.CREATE: "c0aabc2dcc8d4268b01430145a7fe200",
+    AuditAction.REMOVE: "99f351b5abad4174b9531d4f9ef6c07c",
+    AuditAction.START: "a27ebe3ee67b44feb572906afe55ab9a",
+    AuditAction.STOP: "23e3bb4a9e1a4557b8035fce0e3bd048",
+    AuditAction.RESTART: "d32b22eb7971406087ac15cc73993efc",
+    AuditAction.SET_AUTOSTART: "b4f78e196352413890e5ea85831c84fc",
+    AuditAction.SET_LIMITS: "43257756108e462890da20abe6faab54",
+    AuditAction.INSTALL_UNIT: "3af7d7af25af46079a31dd5b33ddbda5",
+    AuditAction.REMOVE_UNIT: "b05487950af642df99c64aa50bc3f055",
+    AuditAction.START_UNIT: "b23c4f86d61e43178ddae6a098b99525",
+    AuditAction.STOP_UNIT: "0cfe37e88e5145e8b29b774f586caa60",
+    AuditAction.RESTART_UNIT: "ad9628ee7069490899d826008df2a17f",
+    AuditAction.ENABLE_UNIT: "3936ec1653694c638b2d5383073f3266",
+    AuditAction.DISABLE_UNIT: "404151ebf9b145f1b2397e60cd8b8879",
+    AuditAction.RUN: "e68d8652e10d4985a7a0a89713b007d3",
+}
+MESSAGE_ID_OTHER: Final = "c89625c9446f46feb511fdcc7c4432e2"  # an action not listed above
+
+
+@dataclass(frozen=True, slots=True)
+class Sensitive:
+    """A value that must never reach a log; recorded as ``(redacted)``."""
+
+    value: object
+
+    def __repr__(self) -> str:  # so that even an accidental repr() does not leak it
+        return f"Sensitive({REDACTED})"
+
+
+FieldValue = str | int | Sensitive | None
+
+
+def _bounded(value: str) -> str:
+    if len(value) <= MAX_FIELD_CHARS:
+        return value
+    return value[: MAX_FIELD_CHARS - 1] + "\u2026"
+
+
+def _priority(result: str) -> int:
+    if result == RESULT_OK:
+        return _PRIORITY_INFO
+    if result == RESULT_DENIED:
+        return _PRIORITY_NOTICE
+    return _PRIORITY_WARNING
+
+
+def _canonical(fields: Mapping[str, str]) -> bytes:
+    body = {k: v for k, v in fields.items() if k != "CAPSULED_CHAIN"}
+    return json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def chain_hash(previous: str, fields: Mapping[str, str]) -> str:
+    """sha256(previous chain value, newline, canonical JSON of the record without CHAIN)."""
+    return hashlib.sha256(previous.encode() + b"\n" + _canonical(fields)).hexdigest()
+
+
+def verify_chain(records: Iterable[Mapping[str, str]]) -> int | None:
+    """Check one run's records in order; return the 1-based index of the first bad one, or None.
+
+    A record is bad if its sequence number is not the next one, its chain id differs from the
+    first record's, or its CAPSULED_CHAIN does not match.  The first record's predecessor is
+    its chain id (so a run's first record cannot be forged without knowing the id).
+    """
+    previous: str | None = None
+    chain_id: str | None = None
+    for index, record in enumerate(records, start=1):
+        if chain_id is None:
+            chain_id = record.get("CAPSULED_CHAIN_ID")
+            previous = chain_id
+        if (
+            previous is None
+            or record.get("CAPSULED_CHAIN_ID") != chain_id
+            or record.get("CAPSULED_CHAIN_SEQ") != str(index)
+            or record.get("CAPSULED_CHAIN") != chain_hash(previous, record)
+        ):
+            return index
+        previous = record["CAPSULED_CHAIN"]
+    return None
+
+
+def journal_sink(fields: dict[str, str]) -> None:
+    """Send a record with systemd.journal.send; fall back to logging without systemd-python."""
+    try:
+        # Lazy: systemd-python is optional at import time (unit tests, hosts without it).
+        from systemd import journal  # type: ignore[import-untyped]  # no stubs shipped
+    except ImportError:
+        logging_sink(fields)
+        return
+    message = fields["MESSAGE"]
+    rest = {k: v for k, v in fields.items() if k not in ("MESSAGE", "MESSAGE_ID")}
+    # CODE_* given explicitly so send() does not walk the stack for every record.
+    journal.send(
+        message,
+        MESSAGE_ID=fields.get("MESSAGE_ID"),
+        CODE_FILE=__file__,
+        CODE_FUNC="AuditLog.record",
+        CODE_LINE=0,
+        **rest,
+    )
+
+
+def logging_sink(fields: dict[str, str]) -> None:
+    """Write a record through ``logging`` as one line of sorted KEY=value pairs."""
+    details = " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(fields.items()) if k != "MESSAGE")
+    level = (
+        logging.WARNING if int(fields.get("PRIORITY", "6")) <= _PRIORITY_WARNING else logging.INFO
+    )
+    log.log(level, "%s %s", fields["MESSAGE"], details)
+
+
+class AuditLog:
+    """Writes one structured record per mutating call; thread-safe, never raises on delivery."""
+
+    def __init__(self, sink: Sink | None = None, *, identifier: str = "capsuled") -> None:
+        self._sink: Sink = sink if sink is not None else journal_sink
+        self._identifier = identifier
+        self._lock = threading.Lock()
+        self._chain_id = secrets.token_hex(16)
+        self._previous = self._chain_id
+        self._seq = 0
+
+    @property
+    def chain_id(self) -> str:
+        """This process's chain id (CAPSULED_CHAIN_ID of every record it writes)."""
+        return self._chain_id
+
+    def record(
+        self,
+        action: str,
+        *,
+        caller_uid: int,
+        capsule: str | None,
+        result: str,
+        **fields: FieldValue,
+    ) -> dict[str, str]:
+        """Write one record and return the fields written (for tests and callers that chain).
+
+        Extra ``fields`` become ``CAPSULED_<NAME.upper()>``; None values are left out;
+        :class:`Sensitive` values are written as ``(redacted)``.
+
+        Raises:
+            ValueError: a field name that cannot be a journal field (a caller bug).
+        """
+        entry: dict[str, str] = {
+            "MESSAGE": _bounded(self._message(action, caller_uid, capsule, result)),
+            "MESSAGE_ID": MESSAGE_IDS.get(action, MESSAGE_ID_OTHER),
+            "PRIORITY": str(_priority(result)),
+            "SYSLOG_IDENTIFIER": self._identifier,
+            "CAPSULED_ACTION": _bounded(action),
+            "CAPSULED_CALLER_UID": str(caller_uid),
+            "CAPSULED_RESULT": _bounded(result),
+        }
+        if capsule is not None:
+            entry["CAPSULE"] = _bounded(capsule)
+        for name, value in fields.items():
+            key = "CAPSULED_" + name.upper()
+            if _FIELD_NAME.fullmatch(key) is None:
+                raise ValueError(f"not a journal field name: {key!r}")
+            if key in entry or key.startswith("CAPSULED_CHAIN"):
+                raise ValueError(f"field {key} is reserved")
+            if value is None:
+                continue
+            if isinstance(value, Sensitive):
+                entry[key] = REDACTED
+            elif isinstance(value, bool):
+                entry[key] = "yes" if value else "no"
+            else:
+                entry[key] = _bounded(str(value))
+        with self._lock:
+            self._seq += 1
+            entry["CAPSULED_CHAIN_ID"] = self._chain_id
+            entry["CAPSULED_CHAIN_SEQ"] = str(self._seq)
+            entry["CAPSULED_CHAIN"] = chain_hash(self._previous, entry)
+            self._previous = entry["CAPSULED_CHAIN"]
+            try:
+                self._sink(dict(entry))
+            except OSError:
+                # journald unreachable: stderr still ends up somewhere an admin looks.
+                log.exception("cannot write audit record %s", entry["CAPSULED_CHAIN_SEQ"])
+                logging_sink(entry)
+        return entry
+
+    @staticmethod
+    def _message(action: str, caller_uid: int, capsule: str | None, result: str) -> str:
+        target = f" of capsule {capsule}" if capsule is not None else ""
+        return f"{action}{target} by uid {caller_uid}: {result}"
