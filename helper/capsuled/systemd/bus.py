@@ -1,0 +1,362 @@
+"""asyncio D-Bus adapter over jeepney: the only place in capsuled that awaits a D-Bus reply.
+
+One ``BusConnection`` is one socket with one receiver task. Replies are matched by serial;
+signals go to bounded ``SignalQueue``s registered with a jeepney ``MatchRule``. In-flight calls
+per connection are capped by one semaphore: dbus-daemon refuses more than ~128 pending replies
+per connection (max_replies_per_connection), and a capsule's manager is no reason to queue more.
+
+Two ways to open one:
+- ``open_system_bus()``: the system bus; AUTH EXTERNAL, then ``Hello``.
+- ``open_peer(sock)``: a peer-to-peer link such as a capsule manager's ``systemd/private``
+  socket. There is no bus daemon: no ``Hello`` (it would fail with "Unknown object
+  '/org/freedesktop/DBus'"), and the destination field is ignored. As root we authenticate as
+  uid 0; claiming the capsule's uid from a root process gets the connection reset (verified on
+  systemd 257).
+
+jeepney's own parser trusts its bus. Ours may face a peer we do not trust (a process in the
+capsule can replace the manager's socket), so the message size is capped here, before buffering
+(the lesson of h11), and a malformed message closes the link instead of crashing the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import struct
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from typing import Final
+
+from jeepney import (  # type: ignore[import-untyped]  # jeepney 0.9 ships no py.typed
+    HeaderFields,
+    MatchRule,
+    Message,
+    MessageType,
+)
+from jeepney.low_level import calc_msg_size  # type: ignore[import-untyped]  # no py.typed
+
+from . import messages
+from .errors import BackendError, BackendTimeout, SystemdUnavailable, error_from_dbus
+
+SYSTEM_BUS_ADDRESS: Final = "/run/dbus/system_bus_socket"
+MAX_IN_FLIGHT_CALLS: Final = 64
+# The D-Bus spec's maximum message is 128 MiB; nothing we ask for comes near. ListUnits on a
+# large host is a few MiB.
+MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
+# sd-bus's default method call timeout (BUS_DEFAULT_TIMEOUT) is 25 s.
+CALL_TIMEOUT_S: Final = 25.0
+AUTH_TIMEOUT_S: Final = 5.0
+MAX_AUTH_LINE_BYTES: Final = 1024
+DEFAULT_SIGNAL_QUEUE: Final = 256
+
+# What a peer may send that jeepney's decoder chokes on: treat as a broken link.
+_DECODE_ERRORS = (ValueError, KeyError, IndexError, struct.error, UnicodeDecodeError, TypeError)
+
+
+class SignalQueue:
+    """A bounded queue of signals matching one rule.
+
+    Never blocks the receiver: when full, it records the overflow and drops the signal; the
+    consumer then gets ``overflow_error`` from ``get()`` (after the signals already queued).
+    """
+
+    def __init__(self, rule: MatchRule, maxsize: int, overflow_error: BackendError) -> None:
+        self.rule = rule
+        self._items: deque[Message] = deque()
+        self._maxsize = maxsize
+        self._wakeup = asyncio.Event()
+        self._error: BackendError | None = None
+        self._overflow_error = overflow_error
+
+    def _push(self, msg: Message) -> None:
+        if self._error is not None:
+            return
+        if len(self._items) >= self._maxsize:
+            self._error = self._overflow_error
+        else:
+            self._items.append(msg)
+        self._wakeup.set()
+
+    def _fail(self, error: BackendError) -> None:
+        if self._error is None:
+            self._error = error
+        self._wakeup.set()
+
+    def get_nowait(self) -> Message | None:
+        """The next queued signal, or None; raises the queue's error once drained."""
+        if self._items:
+            return self._items.popleft()
+        if self._error is not None:
+            raise self._error
+        return None
+
+    async def get(self) -> Message:
+        """Wait for the next signal. Raises WatchOverflow-like or SystemdUnavailable errors."""
+        while True:
+            msg = self.get_nowait()
+            if msg is not None:
+                return msg
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+
+class BusConnection:
+    """One authenticated D-Bus connection with a receiver task."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        call_timeout_s: float = CALL_TIMEOUT_S,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._max_message_bytes = max_message_bytes
+        self.call_timeout_s = call_timeout_s
+        self._serials = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._queues: set[SignalQueue] = set()
+        self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT_CALLS)
+        self._closed_error: BackendError | None = None
+        self.unique_name: str | None = None
+        # Unique bus name whose signals we believe (set by the owner of the connection after
+        # GetNameOwner); None on a peer-to-peer link, where only the peer can send.
+        self.signal_sender: str | None = None
+        self._receiver = asyncio.get_running_loop().create_task(self._receive_loop())
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the link is gone; every later call raises SystemdUnavailable."""
+        return self._closed_error is not None
+
+    async def close(self) -> None:
+        """Close the socket and fail everything still waiting on it."""
+        self._shut(SystemdUnavailable("D-Bus connection closed"))
+        self._receiver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._receiver
+        self._writer.close()
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
+
+    def _shut(self, error: BackendError) -> None:
+        if self._closed_error is None:
+            self._closed_error = error
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(self._closed_error)
+        for queue in self._queues:
+            queue._fail(self._closed_error)
+
+    # -- calls -----------------------------------------------------------------------------
+
+    async def call(
+        self, msg: Message, *, unit: str = "", timeout_s: float | None = None
+    ) -> tuple[object, ...]:
+        """Send a method call and return the reply body.
+
+        Raises:
+            BackendError subclasses: D-Bus error replies via errors.error_from_dbus (``unit``
+            names the unit in NoSuchUnit/UnitBusy), BackendTimeout, SystemdUnavailable.
+        """
+        reply = await self.call_raw(msg, timeout_s=timeout_s)
+        body = reply.body
+        if reply.header.message_type is MessageType.error:
+            name = reply.header.fields.get(HeaderFields.error_name, "")
+            text = body[0] if body and isinstance(body[0], str) else ""
+            raise error_from_dbus(str(name), text, unit)
+        if not isinstance(body, tuple):
+            body = tuple(body)
+        return body
+
+    async def call_raw(self, msg: Message, *, timeout_s: float | None = None) -> Message:
+        """Send a method call and return the reply message (method return or error)."""
+        async with self._in_flight:
+            if self._closed_error is not None:
+                raise self._closed_error
+            serial = next(self._serials)
+            fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+            self._pending[serial] = fut
+            try:
+                self._writer.write(msg.serialise(serial))
+                try:
+                    async with asyncio.timeout(timeout_s or self.call_timeout_s):
+                        await self._writer.drain()
+                        return await fut
+                except TimeoutError as exc:
+                    raise BackendTimeout(
+                        f"no reply to {msg.header.fields.get(HeaderFields.member)}"
+                    ) from exc
+                except (ConnectionError, OSError) as exc:
+                    self._shut(SystemdUnavailable(f"D-Bus connection lost: {exc}"))
+                    raise SystemdUnavailable(f"D-Bus connection lost: {exc}") from exc
+            finally:
+                self._pending.pop(serial, None)
+
+    # -- signals ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def signals(
+        self,
+        rule: MatchRule,
+        maxsize: int = DEFAULT_SIGNAL_QUEUE,
+        overflow_error: BackendError | None = None,
+    ) -> Iterator[SignalQueue]:
+        """Collect signals matching ``rule`` locally while the block runs.
+
+        This only filters what reaches us; on a bus, the matching AddMatch must be in place
+        (``add_match``) for the daemon to route the signal here at all. Register the queue
+        *before* making the call whose signals you wait for.
+        """
+        from .errors import WatchOverflow
+
+        queue = SignalQueue(rule, maxsize, overflow_error or WatchOverflow("signal queue full"))
+        if self._closed_error is not None:
+            queue._fail(self._closed_error)
+        self._queues.add(queue)
+        try:
+            yield queue
+        finally:
+            self._queues.discard(queue)
+
+    async def add_match(self, rule: MatchRule) -> None:
+        """Ask the bus daemon to route matching signals to us (bus connections only)."""
+        await self.call(messages.add_match(rule))
+
+    async def remove_match(self, rule: MatchRule) -> None:
+        """Undo add_match."""
+        await self.call(messages.remove_match(rule))
+
+    @contextlib.asynccontextmanager
+    async def match(self, rule: MatchRule) -> AsyncIterator[None]:
+        """AddMatch for the duration of the block."""
+        await self.add_match(rule)
+        try:
+            yield
+        finally:
+            if not self.closed:
+                with contextlib.suppress(BackendError):
+                    await self.remove_match(rule)
+
+    # -- receiver --------------------------------------------------------------------------
+
+    async def _read_message(self) -> Message:
+        fixed = await self._reader.readexactly(16)
+        try:
+            size = calc_msg_size(fixed)
+        except _DECODE_ERRORS as exc:
+            raise SystemdUnavailable(f"malformed D-Bus header: {exc}") from exc
+        if not 16 <= size <= self._max_message_bytes:
+            raise SystemdUnavailable(f"D-Bus message of {size} bytes exceeds our cap")
+        rest = await self._reader.readexactly(size - 16)
+        try:
+            return Message.from_buffer(fixed + rest)
+        except _DECODE_ERRORS as exc:
+            raise SystemdUnavailable(f"malformed D-Bus message: {exc}") from exc
+
+    def _dispatch(self, msg: Message) -> None:
+        kind = msg.header.message_type
+        if kind in (MessageType.method_return, MessageType.error):
+            serial = msg.header.fields.get(HeaderFields.reply_serial)
+            fut = self._pending.get(serial) if isinstance(serial, int) else None
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif kind is MessageType.signal:
+            for queue in list(self._queues):
+                if queue.rule.matches(msg):
+                    queue._push(msg)
+        # Method calls *to* us (a peer probing) get no answer: we export nothing.
+
+    async def _receive_loop(self) -> None:
+        error: BackendError
+        try:
+            while True:
+                self._dispatch(await self._read_message())
+        except asyncio.IncompleteReadError:
+            error = SystemdUnavailable("D-Bus peer closed the connection")
+        except (ConnectionError, OSError) as exc:
+            error = SystemdUnavailable(f"D-Bus connection lost: {exc}")
+        except SystemdUnavailable as exc:
+            error = exc
+        self._shut(error)
+        self._writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening
+
+
+async def _authenticate(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, uid: int
+) -> None:
+    # SASL EXTERNAL (D-Bus spec "Authentication Protocol"): the leading NUL byte is where the
+    # kernel attaches credentials on BSD; on Linux the server uses SO_PEERCRED.
+    writer.write(b"\0AUTH EXTERNAL " + str(uid).encode().hex().encode() + b"\r\n")
+    await writer.drain()
+    line = await reader.readuntil(b"\r\n")
+    if len(line) > MAX_AUTH_LINE_BYTES or not line.startswith(b"OK "):
+        raise SystemdUnavailable(f"D-Bus authentication refused: {line[:80]!r}")
+    writer.write(b"BEGIN\r\n")
+    await writer.drain()
+
+
+async def open_peer(
+    sock: socket.socket,
+    *,
+    uid: int | None = None,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    call_timeout_s: float = CALL_TIMEOUT_S,
+) -> BusConnection:
+    """Authenticate on an already connected socket and return a peer-to-peer connection.
+
+    Takes ownership of ``sock``. No Hello: there is no bus daemon on the other end.
+
+    Raises:
+        SystemdUnavailable: the peer refused authentication or hung up.
+    """
+    try:
+        async with asyncio.timeout(AUTH_TIMEOUT_S):
+            reader, writer = await asyncio.open_unix_connection(
+                sock=sock, limit=MAX_AUTH_LINE_BYTES * 4
+            )
+            try:
+                await _authenticate(reader, writer, os.geteuid() if uid is None else uid)
+            except BaseException:
+                writer.close()
+                raise
+    except TimeoutError as exc:
+        raise SystemdUnavailable("D-Bus authentication timed out") from exc
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        raise SystemdUnavailable(f"D-Bus authentication failed: {exc}") from exc
+    return BusConnection(reader, writer, max_message_bytes, call_timeout_s)
+
+
+async def open_system_bus(address: str = SYSTEM_BUS_ADDRESS) -> BusConnection:
+    """Connect to the system bus, authenticate and say Hello.
+
+    Raises:
+        SystemdUnavailable: no bus socket, or the bus refused us.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, address)
+    except OSError as exc:
+        sock.close()
+        raise SystemdUnavailable(f"cannot connect to the system bus at {address}: {exc}") from exc
+    conn = await open_peer(sock)
+    try:
+        body = await conn.call(messages.hello(), timeout_s=AUTH_TIMEOUT_S)
+    except BaseException:
+        await conn.close()
+        raise
+    if body and isinstance(body[0], str):
+        conn.unique_name = body[0]
+    return conn
