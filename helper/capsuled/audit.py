@@ -124,8 +124,19 @@ def _priority(result: str) -> int:
     return _PRIORITY_WARNING
 
 
+_CHAINED_FIELDS: Final = frozenset(
+    {"MESSAGE", "MESSAGE_ID", "PRIORITY", "SYSLOG_IDENTIFIER", "CAPSULE"}
+)
+
+
 def _canonical(fields: Mapping[str, str]) -> bytes:
-    body = {k: v for k, v in fields.items() if k != "CAPSULED_CHAIN"}
+    # Only the fields we write: journald adds its own (_PID, __CURSOR, CODE_*), so a record read
+    # back with `journalctl -o json` verifies as is.
+    body = {
+        k: v
+        for k, v in fields.items()
+        if (k in _CHAINED_FIELDS or k.startswith("CAPSULED_")) and k != "CAPSULED_CHAIN"
+    }
     return json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
 
 

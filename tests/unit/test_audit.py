@@ -103,6 +103,14 @@ def test_chain_verifies() -> None:
     assert verify_chain(records) is None
 
 
+def test_chain_ignores_fields_journald_adds() -> None:
+    records = [
+        {**r, "_PID": "60", "__CURSOR": "s=1", "CODE_LINE": "0", "_SOURCE_REALTIME_TIMESTAMP": "1"}
+        for r in three_records()
+    ]
+    assert verify_chain(records) is None
+
+
 def test_chain_detects_an_edited_record() -> None:
     records = three_records()
     records[1] = {**records[1], "CAPSULED_RESULT": "denied"}
