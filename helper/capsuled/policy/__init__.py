@@ -48,6 +48,7 @@ __all__ = [
     "Subject",
     "SubjectLike",
     "actions",
+    "polkit_available",
 ]
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from itertools import count
-from typing import Final
+from typing import Final, Protocol
 
 from jeepney import DBusAddress, HeaderFields, Message, MessageType, new_method_call
 
@@ -115,7 +115,18 @@ def decision_from_reply(reply: Message) -> Decision:
     return Decision.NO
 
 
-Connect = Callable[[], Awaitable[BusConnection]]
+class BusLink(Protocol):
+    """What the backend needs of a bus connection (BusConnection; a fake in unit tests)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def call(self, message: Message) -> Message: ...
+
+    async def aclose(self) -> None: ...
+
+
+Connect = Callable[[], Awaitable[BusLink]]
 
 
 class PolkitBackend:
@@ -132,7 +143,7 @@ class PolkitBackend:
         interactive_timeout_s: float = INTERACTIVE_CHECK_TIMEOUT_S,
     ) -> None:
         self._connect = connect
-        self._conn: BusConnection | None = None
+        self._conn: BusLink | None = None
         self._conn_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(max_in_flight)
         self._timeout_s = timeout_s
@@ -188,7 +199,7 @@ class PolkitBackend:
                 log.error("polkit: %s; refusing %s", exc, request.action)
                 return Decision.NO
 
-    async def _connection(self) -> BusConnection:
+    async def _connection(self) -> BusLink:
         async with self._conn_lock:
             if self._conn is None or self._conn.closed:
                 if self._conn is not None:
@@ -197,7 +208,7 @@ class PolkitBackend:
                 self._conn = await self._connect()
             return self._conn
 
-    def _cancel_later(self, conn: BusConnection, cancellation_id: str) -> None:
+    def _cancel_later(self, conn: BusLink, cancellation_id: str) -> None:
         # From a task of its own: the awaiting task is being cancelled and must not block on this.
         # Only the connection that started the check may cancel it (polkitd matches the sender).
         async def cancel() -> None:

@@ -1,0 +1,266 @@
+"""The Authorizer facade: order of checks, liveness by pidfd, errors, quota, backend choice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from capsuled.policy import (
+    Authorizer,
+    Decision,
+    InteractionRequired,
+    Quota,
+    Subject,
+    SubjectLike,
+    actions,
+    polkit_available,
+)
+from capsuled.policy.builtin import BuiltinBackend
+from capsuled.policy.engine import DEFAULT_CONFIG, DENY_ALL, Identity, PolicyConfig, Request
+from capsuled.policy.subject import lookup_identity, process_is_alive, process_start_time
+from capsuled.varlink.errors import PermissionDenied
+
+ALICE_UID, BOB_UID, MALLORY_UID = 1000, 1001, 1002
+
+
+class Directory:
+    """A user database the test edits between calls (gpasswd -d, in effect)."""
+
+    def __init__(self) -> None:
+        self.groups = {
+            ALICE_UID: {"alice", "capsule"},
+            BOB_UID: {"bob", "capsule"},
+            MALLORY_UID: {"mallory"},
+        }
+        self.lookups = 0
+
+    def lookup(self, uid: int) -> Identity:
+        self.lookups += 1
+        names = {ALICE_UID: "alice", BOB_UID: "bob", MALLORY_UID: "mallory"}
+        return Identity(uid, names.get(uid), frozenset(self.groups.get(uid, set())))
+
+
+class RecordingBackend:
+    """Answers `answer` and records what it was asked."""
+
+    name = "fake"
+
+    def __init__(self, answer: Decision) -> None:
+        self.answer = answer
+        self.asked: list[tuple[Identity, Request, bool]] = []
+
+    async def check(
+        self, subject: SubjectLike, identity: Identity, request: Request, allow_interactive: bool
+    ) -> Decision:
+        self.asked.append((identity, request, allow_interactive))
+        return self.answer
+
+    async def aclose(self) -> None:
+        return None
+
+
+def subject(uid: int, pidfd: int | None = None) -> Subject:
+    return Subject(uid=uid, gid=uid, pid=os.getpid(), pidfd=pidfd)
+
+
+def make(
+    answer: Decision = Decision.AUTH_ADMIN, config: PolicyConfig = DEFAULT_CONFIG
+) -> tuple[Authorizer, Directory, RecordingBackend]:
+    directory = Directory()
+    backend = RecordingBackend(answer)
+    return Authorizer(config, backend, lookup=directory.lookup), directory, backend
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]  # any coroutine of these tests
+
+
+def test_root_is_allowed_without_lookup_or_backend() -> None:
+    auth, directory, backend = make(Decision.NO, DENY_ALL)
+    for action in actions.ALL:
+        got = run(auth.check(subject(0), action, capsule="c", owner=ALICE_UID))
+        assert got is Decision.YES
+    assert directory.lookups == 0 and backend.asked == []
+
+
+def test_owner_in_group_is_allowed_without_the_backend() -> None:
+    auth, _, backend = make(Decision.NO)
+    got = run(auth.check(subject(ALICE_UID), "manage", capsule="c", owner=ALICE_UID, verb="stop"))
+    assert got is Decision.YES
+    assert backend.asked == []
+
+
+def test_others_go_to_the_backend_with_every_detail() -> None:
+    auth, _, backend = make(Decision.YES)
+    got = run(
+        auth.check(
+            subject(BOB_UID),
+            actions.MANAGE_UNITS,
+            capsule="c",
+            owner=ALICE_UID,
+            verb="start",
+            unit="a.service",
+            allow_interactive=True,
+        )
+    )
+    assert got is Decision.YES
+    ((identity, request, interactive),) = backend.asked
+    assert identity.uid == BOB_UID and "capsule" in identity.groups
+    assert request == Request(actions.MANAGE_UNITS, "c", ALICE_UID, "start", "a.service")
+    assert interactive is True
+
+
+def test_group_removal_takes_effect_at_the_next_call() -> None:
+    auth, directory, _ = make(Decision.AUTH_ADMIN)
+    alice = subject(ALICE_UID)
+    assert run(auth.check(alice, "run", capsule="c", owner=ALICE_UID)) is Decision.YES
+    assert run(auth.check(alice, "create", capsule="d", owner=None)) is Decision.YES
+    directory.groups[ALICE_UID].discard("capsule")
+    assert run(auth.check(alice, "run", capsule="c", owner=ALICE_UID)) is Decision.AUTH_ADMIN
+    assert run(auth.check(alice, "create", capsule="d", owner=None)) is Decision.AUTH_ADMIN
+    directory.groups[ALICE_UID].add("capsule")
+    assert run(auth.check(alice, "run", capsule="c", owner=ALICE_UID)) is Decision.YES
+    assert directory.lookups == 5
+
+
+def test_unknown_action_is_a_value_error() -> None:
+    auth, _, _ = make()
+    with pytest.raises(ValueError):
+        run(auth.check(subject(ALICE_UID), "org.capsuled.frobnicate", capsule="c", owner=None))
+
+
+def test_authorize_maps_decisions_to_errors() -> None:
+    for answer, error in (
+        (Decision.NO, PermissionDenied),
+        (Decision.AUTH_ADMIN, InteractionRequired),
+    ):
+        auth, _, _ = make(answer)
+        with pytest.raises(error):
+            run(auth.authorize(subject(MALLORY_UID), "read", capsule="c", owner=ALICE_UID))
+    auth, _, _ = make(Decision.YES)
+    assert run(auth.authorize(subject(MALLORY_UID), "read", capsule="c", owner=None)) is None
+
+
+def test_permission_denied_is_the_varlink_standard_error() -> None:
+    assert PermissionDenied.name == "org.varlink.service.PermissionDenied"
+
+
+def test_deny_all_refuses_owner_and_group_but_not_root() -> None:
+    auth, _, backend = make(Decision.YES, DENY_ALL)
+    got = run(auth.check(subject(ALICE_UID), "read", capsule="c", owner=ALICE_UID))
+    assert got is Decision.NO
+    assert run(auth.check(subject(ALICE_UID), "create", capsule="c", owner=None)) is Decision.NO
+    assert backend.asked == []
+    assert auth.quota(subject(ALICE_UID)).max_capsules == 0
+    assert auth.quota(subject(0)) == Quota(None, None, None, None)
+
+
+def test_quota() -> None:
+    auth, _, _ = make()
+    assert auth.quota(subject(ALICE_UID)) == Quota(8, None, None, None)
+    assert auth.quota(subject(0)) == Quota(None, None, None, None)
+
+
+@pytest.fixture
+def dead_pidfd() -> Iterator[tuple[int, int]]:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    pidfd = os.pidfd_open(child.pid)
+    child.wait()  # reaped: the pid may be reused from here on, the pidfd never refers to that
+    yield child.pid, pidfd
+    os.close(pidfd)
+
+
+def test_dead_peer_is_refused_before_anything_else(dead_pidfd: tuple[int, int]) -> None:
+    pid, pidfd = dead_pidfd
+    auth, directory, backend = make(Decision.YES)
+    dead = Subject(uid=ALICE_UID, gid=ALICE_UID, pid=pid, pidfd=pidfd)
+    assert run(auth.check(dead, "read", capsule="c", owner=ALICE_UID)) is Decision.NO
+    assert directory.lookups == 0 and backend.asked == []
+    with pytest.raises(PermissionDenied):
+        run(auth.authorize(dead, "read", capsule="c", owner=ALICE_UID))
+    assert not process_is_alive(dead)
+
+
+def test_live_peer_by_pidfd() -> None:
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        alive = Subject(uid=ALICE_UID, gid=ALICE_UID, pid=os.getpid(), pidfd=pidfd)
+        assert process_is_alive(alive)
+        auth, _, _ = make(Decision.NO)
+        assert run(auth.check(alive, "read", capsule="c", owner=ALICE_UID)) is Decision.YES
+    finally:
+        os.close(pidfd)
+
+
+def test_without_pidfd_liveness_is_left_to_the_backend() -> None:
+    assert process_is_alive(Subject(uid=1, gid=1, pid=2**22 + 1, pidfd=None))
+
+
+def test_process_start_time_reads_field_22(tmp_path: Path) -> None:
+    with open(f"/proc/{os.getpid()}/stat", "rb") as f:
+        expected = int(f.read().rsplit(b")", 1)[1].split()[19])
+    assert process_start_time(os.getpid()) == expected
+    with pytest.raises(ProcessLookupError):
+        process_start_time(2**22 + 1)
+
+
+def test_process_start_time_with_a_hostile_comm() -> None:
+    # comm is chosen by the process; ") R 1 2 (x" must not shift the fields.
+    code = (
+        "import ctypes,sys; ctypes.CDLL(None).prctl(15, b') R 1 2 (x', 0, 0, 0);"
+        "print(flush=True); sys.stdin.read()"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        child.stdout.readline()  # prctl(PR_SET_NAME) has run
+        with open(f"/proc/{child.pid}/stat", "rb") as f:
+            raw = f.read()
+        assert b"() R 1 2 (x)" in raw
+        expected = int(raw.rsplit(b")", 1)[1].split()[19])
+        assert process_start_time(child.pid) == expected
+    finally:
+        child.stdin.close()
+        child.wait()
+
+
+def test_lookup_identity_reads_the_user_database() -> None:
+    root = lookup_identity(0)
+    assert root.user == "root" and "root" in root.groups
+    unknown = lookup_identity(2**31 - 2)
+    assert unknown.user is None and unknown.groups == frozenset()
+
+
+def test_from_config_backend_choice(tmp_path: Path) -> None:
+    auth = Authorizer.from_config(tmp_path / "none", backend="builtin")
+    assert auth.backend_name == "builtin"
+    assert isinstance(auth._backend, BuiltinBackend)
+    auth = Authorizer.from_config(tmp_path / "none", backend="polkit")
+    assert auth.backend_name == "polkit"
+    with pytest.raises(ValueError):
+        Authorizer.from_config(tmp_path / "none", backend="ldap")
+
+
+def test_polkit_available_needs_polkitd_and_our_actions(tmp_path: Path) -> None:
+    service, policy = tmp_path / "svc", tmp_path / "policy"
+    assert not polkit_available(service, policy)
+    service.write_text("")
+    assert not polkit_available(service, policy)
+    policy.write_text("")
+    assert polkit_available(service, policy)
+
+
+def test_builtin_backend_ignores_interaction() -> None:
+    backend = BuiltinBackend(DEFAULT_CONFIG)
+    identity = Identity(MALLORY_UID, "mallory", frozenset())
+    request = Request(actions.READ, "c", None)
+    got = run(backend.check(subject(MALLORY_UID), identity, request, True))
+    assert got is Decision.AUTH_ADMIN

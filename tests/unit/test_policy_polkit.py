@@ -1,0 +1,280 @@
+"""The polkit backend without polkitd: message builders, reply mapping, the in-flight cap and
+cancellation, against a fake bus link. (Real polkitd 126: tests/e2e/test_policy_matrix.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from jeepney import HeaderFields, Message, new_error, new_method_return
+
+from capsuled.policy import actions
+from capsuled.policy.bus import BusClosed
+from capsuled.policy.engine import Decision, Identity, Request
+from capsuled.policy.polkit import (
+    ALLOW_USER_INTERACTION,
+    MAX_IN_FLIGHT,
+    PolkitBackend,
+    check_authorization,
+    decision_from_reply,
+    polkit_details,
+)
+from capsuled.policy.subject import Subject
+
+ME = Subject(uid=1000, gid=1000, pid=os.getpid(), pidfd=None)
+ALICE = Identity(1000, "alice", frozenset({"alice"}))
+REQUEST = Request(actions.MANAGE, "web-a", 1001, verb="start")
+
+
+def make_check(**kw: object) -> Message:
+    args: dict[str, object] = {
+        "pid": 42,
+        "start_time": 4242,
+        "uid": 1000,
+        "pidfd": 7,
+        "action": actions.RUN,
+        "details": {"capsule": "c"},
+        "allow_interactive": False,
+        "cancellation_id": "cid-1",
+    }
+    args.update(kw)
+    return check_authorization(**args)  # type: ignore[arg-type]  # keyword-only test helper
+
+
+def test_check_authorization_message() -> None:
+    msg = make_check()
+    fields = msg.header.fields
+    assert fields[HeaderFields.destination] == "org.freedesktop.PolicyKit1"
+    assert fields[HeaderFields.path] == "/org/freedesktop/PolicyKit1/Authority"
+    assert fields[HeaderFields.interface] == "org.freedesktop.PolicyKit1.Authority"
+    assert fields[HeaderFields.member] == "CheckAuthorization"
+    assert fields[HeaderFields.signature] == "(sa{sv})sa{ss}us"
+    (kind, subject), action, details, flags, cid = msg.body
+    assert kind == "unix-process"
+    assert subject == {
+        "pid": ("u", 42),
+        "start-time": ("t", 4242),
+        "uid": ("i", 1000),
+        "pidfd": ("h", 7),
+    }
+    assert (action, details, flags, cid) == (actions.RUN, {"capsule": "c"}, 0, "cid-1")
+
+
+def test_check_authorization_interactive_and_without_pidfd() -> None:
+    msg = make_check(pidfd=None, allow_interactive=True)
+    (_, subject), _, _, flags, _ = msg.body
+    assert "pidfd" not in subject
+    assert flags == ALLOW_USER_INTERACTION == 1
+
+
+def test_the_pidfd_travels_as_a_unix_fd() -> None:
+    import array
+
+    fds = array.array("i")
+    make_check(pidfd=5).serialise(serial=1, fds=fds)
+    assert list(fds) == [5]
+
+
+def test_details() -> None:
+    assert polkit_details(Request(actions.CREATE, "new", None), None) == {"capsule": "new"}
+    assert polkit_details(REQUEST, "bob") == {
+        "capsule": "web-a",
+        "owner": "bob",
+        "owner-uid": "1001",
+        "verb": "start",
+    }
+    got = polkit_details(Request(actions.MANAGE_UNITS, "c", 4242, "stop", "a.service"), None)
+    assert got == {
+        "capsule": "c",
+        "owner": "4242",
+        "owner-uid": "4242",
+        "verb": "stop",
+        "unit": "a.service",
+    }
+
+
+def reply_to(call: Message, authorized: bool, challenge: bool) -> Message:
+    return new_method_return(call, "(bba{ss})", ((authorized, challenge, {}),))
+
+
+@pytest.mark.parametrize(
+    ("authorized", "challenge", "expected"),
+    [
+        (True, False, Decision.YES),
+        (False, True, Decision.AUTH_ADMIN),
+        (False, False, Decision.NO),
+        (True, True, Decision.YES),
+    ],
+)
+def test_decision_from_reply(authorized: bool, challenge: bool, expected: Decision) -> None:
+    assert decision_from_reply(reply_to(make_check(), authorized, challenge)) is expected
+
+
+def test_error_and_malformed_replies_are_value_errors() -> None:
+    call = make_check()
+    with pytest.raises(ValueError, match="NotAuthorized"):
+        decision_from_reply(new_error(call, "org.freedesktop.PolicyKit1.Error.NotAuthorized"))
+    with pytest.raises(ValueError):
+        decision_from_reply(new_method_return(call, "s", ("x",)))
+
+
+class FakeLink:
+    """Answers CheckAuthorization when `release` is set; records everything sent."""
+
+    def __init__(self, answer: tuple[bool, bool] = (True, False)) -> None:
+        self.answer = answer
+        self.release = asyncio.Event()
+        self.calls: list[Message] = []
+        self.waiting = 0
+        self.max_waiting = 0
+        self.reached: dict[int, asyncio.Event] = {}
+        self.is_closed = False
+        self.error: Exception | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.is_closed
+
+    def when_waiting(self, n: int) -> asyncio.Event:
+        return self.reached.setdefault(n, asyncio.Event())
+
+    async def call(self, message: Message) -> Message:
+        self.calls.append(message)
+        member = message.header.fields[HeaderFields.member]
+        if member == "CancelCheckAuthorization":
+            return new_method_return(message)
+        if self.error is not None:
+            raise self.error
+        self.waiting += 1
+        self.max_waiting = max(self.max_waiting, self.waiting)
+        if self.waiting in self.reached:
+            self.reached[self.waiting].set()
+        try:
+            await self.release.wait()
+        finally:
+            self.waiting -= 1
+        return reply_to(message, *self.answer)
+
+    async def aclose(self) -> None:
+        self.is_closed = True
+
+
+def backend_for(link: FakeLink, timeout_s: float = 25.0) -> PolkitBackend:
+    async def connect() -> FakeLink:
+        return link
+
+    return PolkitBackend(connect, timeout_s=timeout_s)
+
+
+def test_answers_map_through() -> None:
+    async def main() -> list[Decision]:
+        results = []
+        for answer in ((True, False), (False, True), (False, False)):
+            link = FakeLink(answer)
+            link.release.set()
+            results.append(await backend_for(link).check(ME, ALICE, REQUEST, False))
+        return results
+
+    assert asyncio.run(main()) == [Decision.YES, Decision.AUTH_ADMIN, Decision.NO]
+
+
+def test_at_most_64_checks_in_flight() -> None:
+    async def main() -> tuple[int, list[Decision]]:
+        link = FakeLink()
+        backend = backend_for(link)
+        tasks = [asyncio.create_task(backend.check(ME, ALICE, REQUEST, False)) for _ in range(100)]
+        await asyncio.wait_for(link.when_waiting(MAX_IN_FLIGHT).wait(), 5)
+        for _ in range(10):  # give the other 36 every chance to get in
+            await asyncio.sleep(0)
+        waiting = link.waiting
+        link.release.set()
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert link.max_waiting == MAX_IN_FLIGHT
+        return waiting, results
+
+    waiting, results = asyncio.run(main())
+    assert MAX_IN_FLIGHT == 64
+    assert waiting == 64
+    assert results == [Decision.YES] * 100
+
+
+def test_a_cancelled_check_is_cancelled_in_polkitd() -> None:
+    async def main() -> list[Message]:
+        link = FakeLink()
+        backend = backend_for(link)
+        task = asyncio.create_task(backend.check(ME, ALICE, REQUEST, True))
+        await asyncio.wait_for(link.when_waiting(1).wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(backend.aclose(), 5)  # waits for the cancellation call
+        return link.calls
+
+    check, cancel = asyncio.run(main())
+    assert check.header.fields[HeaderFields.member] == "CheckAuthorization"
+    assert cancel.header.fields[HeaderFields.member] == "CancelCheckAuthorization"
+    assert cancel.body == (check.body[4],)
+    assert check.body[3] == ALLOW_USER_INTERACTION
+
+
+def test_timeout_refuses_and_cancels() -> None:
+    async def main() -> tuple[Decision, list[Message]]:
+        link = FakeLink()
+        backend = backend_for(link, timeout_s=0.05)
+        result = await backend.check(ME, ALICE, REQUEST, False)
+        await backend.aclose()
+        return result, link.calls
+
+    result, calls = asyncio.run(main())
+    assert result is Decision.NO
+    assert [c.header.fields[HeaderFields.member] for c in calls] == [
+        "CheckAuthorization",
+        "CancelCheckAuthorization",
+    ]
+
+
+def test_unreachable_bus_refuses() -> None:
+    async def connect() -> FakeLink:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    backend = PolkitBackend(connect)
+    assert asyncio.run(backend.check(ME, ALICE, REQUEST, False)) is Decision.NO
+
+
+def test_broken_connection_refuses_then_reconnects() -> None:
+    links = [FakeLink(), FakeLink()]
+    links[0].error = BusClosed("gone")
+    links[1].release.set()
+    opened: list[FakeLink] = []
+
+    async def connect() -> FakeLink:
+        link = links[len(opened)]
+        opened.append(link)
+        return link
+
+    async def main() -> list[Decision]:
+        backend = PolkitBackend(connect)
+        first = await backend.check(ME, ALICE, REQUEST, False)
+        links[0].is_closed = True  # as the receive loop marks it
+        second = await backend.check(ME, ALICE, REQUEST, False)
+        return [first, second]
+
+    assert asyncio.run(main()) == [Decision.NO, Decision.YES]
+    assert opened == links
+
+
+def test_polkit_error_reply_refuses() -> None:
+    class ErrorLink(FakeLink):
+        async def call(self, message: Message) -> Message:
+            return new_error(message, "org.freedesktop.DBus.Error.ServiceUnknown")
+
+    link = ErrorLink()
+    assert asyncio.run(backend_for(link).check(ME, ALICE, REQUEST, False)) is Decision.NO
+
+
+def test_gone_process_is_refused_without_asking() -> None:
+    link = FakeLink()
+    gone = Subject(uid=1000, gid=1000, pid=2**22 + 1, pidfd=None)
+    assert asyncio.run(backend_for(link).check(gone, ALICE, REQUEST, False)) is Decision.NO
+    assert link.calls == []
