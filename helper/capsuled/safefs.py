@@ -11,7 +11,7 @@ never be tricked into writing, deleting or chowning outside it.  The rules, all 
 - The walk from "/" to the home itself uses the same rule: none of var, lib, private, capsules,
   NAME may be a symlink (``/var/lib/capsules`` is a symlink, so we go through ``private``).
 - Files are never opened for writing if they exist: a new file is created under a temporary name
-  with ``O_CREAT|O_EXCL|O_NOFOLLOW``, fchown'ed, fchmod'ed, written, fsync'ed, then ``renameat``'ed
+  with ``O_CREAT|O_EXCL|O_NOFOLLOW``, fchmod'ed, fchown'ed, written, fsync'ed, then ``renameat``'ed
   over the target; rename replaces the directory *entry*, so a hardlink or symlink at the target
   is never written through.  The directory is fsync'ed afterwards.
 - Ownership and mode are only ever changed through an fd we just created (``fchown``/``fchmod``) or,
@@ -229,8 +229,10 @@ def write_atomically_at(
     # swap a hardlink to a root-owned file in under it.
     temp, fd = _create_temp_file(dir_fd, filename, where)
     try:
-        os.fchown(fd, owner.uid, owner.gid)
+        # Mode first, while root still owns the inode: chmod after the chown would need
+        # CAP_FOWNER on top of CAP_CHOWN.
         os.fchmod(fd, mode)
+        os.fchown(fd, owner.uid, owner.gid)
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
@@ -422,8 +424,8 @@ class CapsuleHome:
         try:
             # Through the fd, never the path.  If the capsule swapped in a directory of its own,
             # we chown its directory to itself: harmless.
+            os.fchmod(fd, DIR_MODE)  # before the chown, as in write_atomically_at()
             os.fchown(fd, self.owner.uid, self.owner.gid)
-            os.fchmod(fd, DIR_MODE)
         except OSError as exc:
             os.close(fd)
             raise SafeFsError(display, f"cannot set owner/mode: {exc.strerror}") from exc
@@ -521,6 +523,27 @@ class CapsuleHome:
             os.close(dir_fd)
         entries.sort()
         return entries
+
+    def entry_kind(self, rel_dir: Sequence[str], name: str) -> EntryKind | None:
+        """What ``rel_dir/name`` is (lstat semantics), or None if it or its directory is missing.
+
+        Raises:
+            UnsafePath: a symlink or non-directory on the way.
+        """
+        check_component(name, self.path_of(rel_dir))
+        try:
+            dir_fd = self.open_dir(rel_dir, create=False)
+        except NotFound:
+            return None
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SafeFsError(self.path_of([*rel_dir, name]), exc.strerror or str(exc)) from exc
+        finally:
+            os.close(dir_fd)
+        return _kind_of_mode(st.st_mode)
 
     def read_link(self, rel_dir: Sequence[str], linkname: str) -> str:
         """The target text of a symlink (readlinkat; nothing is followed).

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -402,6 +405,20 @@ def test_list_dir_reports_kinds_without_following(bed: Bed) -> None:
 
 
 @needs_root
+def test_entry_kind(bed: Bed) -> None:
+    unit_path(bed).mkdir(parents=True)
+    (unit_path(bed) / "l.service").symlink_to(bed.outside / "secret")
+    (unit_path(bed) / "f.service").write_bytes(b"x")
+    chown_tree(bed.home, NOBODY)
+    with bed.open() as home:
+        assert home.entry_kind(UNIT_DIR, "l.service") is EntryKind.SYMLINK
+        assert home.entry_kind(UNIT_DIR, "f.service") is EntryKind.FILE
+        assert home.entry_kind(UNIT_DIR[:2], "user") is EntryKind.DIRECTORY
+        assert home.entry_kind(UNIT_DIR, "missing.service") is None
+        assert home.entry_kind(("nowhere",), "x") is None
+
+
+@needs_root
 def test_symlink_is_atomic_owned_and_replaceable(bed: Bed) -> None:
     wants = (*UNIT_DIR, "capsule@.target.wants")
     with bed.open() as home:
@@ -429,3 +446,38 @@ def test_symlink_pointing_outside_is_never_followed_by_chown(bed: Bed) -> None:
     with bed.open() as home:
         home.symlink(UNIT_DIR, "x.service", str(bed.outside / "secret"))
     assert snapshot(bed.outside) == before
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
+def test_works_without_cap_fowner(bed: Bed) -> None:
+    """chmod happens before chown, so CAP_CHOWN + CAP_DAC_OVERRIDE suffice (no CAP_FOWNER)."""
+    helper_dir = Path(safefs.__file__).resolve().parent.parent
+    code = (
+        "import sys\n"
+        "from capsuled.safefs import CapsuleHome\n"
+        "with CapsuleHome.open('cap', sys.argv[1]) as h:\n"
+        "    h.write_file_atomically(('.config', 'systemd', 'user'), 'a.service', b'x')\n"
+        "    h.symlink(('.config', 'systemd', 'user', 'w.wants'), 'a.service', '../a.service')\n"
+    )
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set",
+            "-fowner",
+            "--inh-caps",
+            "-fowner",
+            sys.executable,
+            "-c",
+            code,
+            str(bed.root),
+        ],
+        env={**os.environ, "PYTHONPATH": str(helper_dir)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    st = (unit_path(bed) / "a.service").stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (NOBODY, 0o644)
