@@ -1,0 +1,391 @@
+"""`capsuled install` / `capsuled uninstall`: put capsuled's host files in place, or remove them.
+
+The files come from the wheel itself (package data capsuled.data.{units,polkit,config}, see
+pyproject.toml), so a host needs nothing but the installed distribution; in a source checkout
+the top-level units/ polkit/ config/ directories are used instead.
+
+Where things go (all relative to --root, default /). PREFIX is /usr/local by default, since a
+pip install is a local admin install (file-hierarchy(7)); a distribution package passes /usr:
+
+    PREFIX/lib/systemd/system/capsuled.{socket,service}
+    PREFIX/lib/sysusers.d/capsuled.conf           group `capsule`
+    PREFIX/lib/tmpfiles.d/capsuled.conf           the capsule directories the service may write
+    PREFIX/share/capsuled/install-manifest.json   what was written, for uninstall
+    /usr/share/polkit-1/actions/*.policy          the only directory polkitd reads actions from
+    /usr/share/doc/capsuled/examples/             example polkit rules and the default config
+                                                  (polkit(8): a mechanism ships no active rules)
+    /etc/capsuled/capsuled.toml                   only if absent: an admin's config is never
+                                                  overwritten
+    /etc/capsuled/capsuled.toml.d/                drop-ins
+
+`install` then (unless --root or --no-enable) creates the group `capsule` with systemd-sysusers,
+the capsule directories with systemd-tmpfiles, reloads PID 1 and enables capsuled.socket.
+This is an admin tool, so running systemctl here is fine; the daemon never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path, PurePosixPath
+
+__all__ = ["main_install", "main_uninstall"]
+
+MIN_SYSTEMD_VERSION = 256  # capsule@.service appeared in systemd 256
+BINDIR_PLACEHOLDER = "@BINDIR@"
+SOCKET_UNIT = "capsuled.socket"
+SERVICE_UNIT = "capsuled.service"
+FILE_MODE = 0o644  # world-readable, root-owned: units, actions and config hold no secrets
+DIR_MODE = 0o755
+
+ETC_DIR = PurePosixPath("/etc/capsuled")
+CONFIG_NAME = "capsuled.toml"
+POLKIT_ACTIONS_DIR = PurePosixPath("/usr/share/polkit-1/actions")
+EXAMPLES_DIR = PurePosixPath("/usr/share/doc/capsuled/examples")
+
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+class InstallError(Exception):
+    """A reason to stop, printed as one line to stderr."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedFile:
+    """One file `install` writes: where (inside the root), what, and whether it is admin config."""
+
+    dest: PurePosixPath
+    content: bytes
+    config: bool = False  # written only if absent, removed only if unmodified
+
+
+# --- where the packaged files are -------------------------------------------------------------
+
+
+def _data_dir(kind: str) -> Traversable:
+    """capsuled.data.KIND from the installed wheel, or the checkout's top-level KIND/ directory."""
+    try:
+        found = resources.files(f"capsuled.data.{kind}")
+    except ModuleNotFoundError:
+        found = None
+    if found is not None and found.is_dir() and any(found.iterdir()):
+        return found
+    return _CHECKOUT / kind
+
+
+def _files(kind: str) -> Iterator[Traversable]:
+    for entry in sorted(_data_dir(kind).iterdir(), key=lambda e: e.name):
+        if entry.is_file() and not entry.name.startswith(("_", ".")):
+            yield entry
+
+
+def plan(prefix: PurePosixPath, bindir: PurePosixPath) -> list[PlannedFile]:
+    """Every file `install` writes, in order."""
+    lib = prefix / "lib"
+    planned: list[PlannedFile] = []
+    for entry in _files("units"):
+        data = entry.read_bytes()
+        if entry.name.endswith((".socket", ".service")):
+            data = data.replace(BINDIR_PLACEHOLDER.encode(), str(bindir).encode())
+            planned.append(PlannedFile(lib / "systemd/system" / entry.name, data))
+        elif entry.name == "capsuled.sysusers":
+            planned.append(PlannedFile(lib / "sysusers.d/capsuled.conf", data))
+        elif entry.name == "capsuled.tmpfiles":
+            planned.append(PlannedFile(lib / "tmpfiles.d/capsuled.conf", data))
+    for entry in _files("polkit"):
+        data = entry.read_bytes()
+        if entry.name.endswith(".policy"):
+            planned.append(PlannedFile(POLKIT_ACTIONS_DIR / entry.name, data))
+        else:
+            planned.append(PlannedFile(EXAMPLES_DIR / entry.name, data))
+    for entry in _files("config"):
+        data = entry.read_bytes()
+        planned.append(PlannedFile(EXAMPLES_DIR / entry.name, data))
+        if entry.name == CONFIG_NAME:
+            planned.append(PlannedFile(ETC_DIR / CONFIG_NAME, data, config=True))
+    return planned
+
+
+def manifest_path(prefix: PurePosixPath) -> PurePosixPath:
+    """Where install records what it wrote, for uninstall."""
+    return prefix / "share/capsuled/install-manifest.json"
+
+
+# --- host checks --------------------------------------------------------------------------------
+
+
+def parse_systemd_version(text: str) -> int | None:
+    """The major version from `systemctl --version` ("systemd 257 (257.13-1~deb13u1)")."""
+    match = re.match(r"systemd (\d+)\b", text)
+    return int(match.group(1)) if match else None
+
+
+def host_problem(version: int | None, booted: bool) -> str | None:
+    """Why capsuled cannot be installed live on this host, or None if it can."""
+    if version is None:
+        return "cannot tell the systemd version (is systemctl installed?)"
+    if version < MIN_SYSTEMD_VERSION:
+        return (
+            f"systemd {version} is too old: capsules need systemd >= {MIN_SYSTEMD_VERSION} "
+            "(use --root DIR to stage the files for another machine)"
+        )
+    if not booted:
+        return (
+            "systemd is not running as PID 1 here (no /run/systemd/system); "
+            "use --root DIR to stage the files for another machine"
+        )
+    return None
+
+
+def _systemd_version() -> int | None:
+    try:
+        proc = subprocess.run(
+            ["systemctl", "--version"], capture_output=True, text=True, check=False, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_systemd_version(proc.stdout)
+
+
+def _booted() -> bool:
+    # sd_booted(3): this directory exists iff systemd is PID 1.
+    return os.path.isdir("/run/systemd/system")
+
+
+def find_bindir() -> PurePosixPath:
+    """Directory of the installed `capsuled` script, for ExecStart=.
+
+    Raises:
+        InstallError: no `capsuled` executable can be found.
+    """
+    candidates: list[str] = []
+    if os.path.basename(sys.argv[0]) == "capsuled":
+        candidates.append(sys.argv[0])
+    which = shutil.which("capsuled")
+    if which:
+        candidates.append(which)
+    for candidate in candidates:
+        path = Path(candidate).absolute()
+        if path.is_file() and os.access(path, os.X_OK):
+            return PurePosixPath(path.parent)
+    raise InstallError("cannot find the `capsuled` executable; pass --bindir DIR")
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def _under(root: Path, path: PurePosixPath) -> Path:
+    return root / path.relative_to("/")
+
+
+def _make_dirs(root: Path, path: Path) -> None:
+    missing: list[Path] = []
+    cur = path
+    while not cur.exists() and cur != root:
+        missing.append(cur)
+        cur = cur.parent
+    for d in reversed(missing):
+        d.mkdir(mode=DIR_MODE)
+        os.chmod(d, DIR_MODE)  # mkdir's mode is filtered by the umask
+        if os.geteuid() == 0:
+            os.chown(d, 0, 0)
+
+
+def _write_file(target: Path, content: bytes) -> None:
+    """Write atomically (temp file + rename in the same directory), root-owned and 0644."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        if os.geteuid() == 0:
+            os.chown(tmp, 0, 0)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def install_files(
+    root: Path, prefix: PurePosixPath, bindir: PurePosixPath, out: list[str]
+) -> list[PlannedFile]:
+    """Write every planned file under root and the manifest; returns what was written."""
+    written: list[PlannedFile] = []
+    for item in plan(prefix, bindir):
+        target = _under(root, item.dest)
+        _make_dirs(root, target.parent)
+        if item.config and target.exists():
+            out.append(f"kept existing {item.dest} (an admin's configuration is never overwritten)")
+            continue
+        _write_file(target, item.content)
+        written.append(item)
+        out.append(f"wrote {item.dest}")
+    dropins = _under(root, ETC_DIR / f"{CONFIG_NAME}.d")
+    _make_dirs(root, dropins)
+    manifest = {
+        "files": [
+            {"path": str(i.dest), "sha256": _sha256(i.content), "config": i.config} for i in written
+        ],
+        "created_dirs": [str(ETC_DIR / f"{CONFIG_NAME}.d"), str(EXAMPLES_DIR)],
+    }
+    target = _under(root, manifest_path(prefix))
+    _make_dirs(root, target.parent)
+    _write_file(target, (json.dumps(manifest, indent=2) + "\n").encode())
+    return written
+
+
+def uninstall_files(root: Path, prefix: PurePosixPath, out: list[str]) -> None:
+    """Remove what the manifest lists, except admin-modified config.
+
+    Raises:
+        InstallError: no manifest (nothing was installed with this --root/--prefix).
+    """
+    mpath = _under(root, manifest_path(prefix))
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        dirs = manifest.get("created_dirs", [])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InstallError(f"no usable install manifest at {manifest_path(prefix)}: {exc}") from exc
+    for entry in files:
+        dest = PurePosixPath(entry["path"])
+        target = _under(root, dest)
+        if not target.exists():
+            continue
+        if entry.get("config") and _sha256(target.read_bytes()) != entry["sha256"]:
+            out.append(f"kept {dest}: modified by an admin")
+            continue
+        target.unlink()
+        out.append(f"removed {dest}")
+    for d in [*dirs, str(ETC_DIR), str(manifest_path(prefix).parent)]:
+        with contextlib.suppress(OSError):  # only if empty: admin drop-ins stay
+            _under(root, PurePosixPath(d)).rmdir()
+    mpath.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        mpath.parent.rmdir()
+    out.append(
+        "left in place: /var/lib/capsuled (owner records), the group `capsule`, capsules and "
+        "their data, and any configuration an admin changed or added"
+    )
+
+
+# --- live host actions -------------------------------------------------------------------------
+
+
+def _run(argv: list[str]) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise InstallError(f"{' '.join(argv)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def _activate(prefix: PurePosixPath, enable: bool, out: list[str]) -> None:
+    lib = prefix / "lib"
+    _run(["systemd-sysusers", str(lib / "sysusers.d/capsuled.conf")])
+    out.append("ensured group `capsule` (systemd-sysusers)")
+    _run(["systemd-tmpfiles", "--create", str(lib / "tmpfiles.d/capsuled.conf")])
+    _run(["systemctl", "daemon-reload"])
+    out.append("reloaded systemd")
+    if enable:
+        _run(["systemctl", "enable", "--now", SOCKET_UNIT])
+        # An upgrade: a running daemon still has the old code; the socket keeps connections.
+        _run(["systemctl", "try-restart", SERVICE_UNIT])
+        out.append(f"enabled and started {SOCKET_UNIT}")
+
+
+def _deactivate(out: list[str]) -> None:
+    # disable --now stops too; a missing unit is not an error here (half-removed install).
+    subprocess.run(
+        ["systemctl", "disable", "--now", SOCKET_UNIT, SERVICE_UNIT],
+        capture_output=True,
+        check=False,
+    )
+    out.append(f"stopped and disabled {SOCKET_UNIT}")
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument(
+        "--root",
+        metavar="DIR",
+        help="stage the files under DIR for packaging; touches nothing on the running system",
+    )
+    p.add_argument(
+        "--prefix",
+        default="/usr/local",
+        metavar="DIR",
+        help="where units, sysusers.d and tmpfiles.d go (default: %(default)s; packages: /usr)",
+    )
+    return p
+
+
+def main_install(argv: list[str]) -> int:
+    """`capsuled install`; returns the exit status."""
+    p = _parser("capsuled install", "Install capsuled's units, polkit actions and config.")
+    p.add_argument("--bindir", metavar="DIR", help="directory of the capsuled executable")
+    p.add_argument("--no-enable", action="store_true", help="do not enable capsuled.socket")
+    args = p.parse_args(argv)
+    out: list[str] = []
+    try:
+        if args.root is None:
+            if os.geteuid() != 0:
+                raise InstallError("must be run as root (or with --root DIR)")
+            problem = host_problem(_systemd_version(), _booted())
+            if problem:
+                raise InstallError(problem)
+        bindir = PurePosixPath(args.bindir) if args.bindir else find_bindir()
+        root = Path(args.root or "/")
+        prefix = PurePosixPath(args.prefix)
+        install_files(root, prefix, bindir, out)
+        if args.root is None:
+            _activate(prefix, enable=not args.no_enable, out=out)
+    except (InstallError, OSError) as exc:
+        if out:
+            print("\n".join(out))
+        print(f"capsuled install: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(out))
+    return 0
+
+
+def main_uninstall(argv: list[str]) -> int:
+    """`capsuled uninstall`; returns the exit status."""
+    p = _parser("capsuled uninstall", "Remove what `capsuled install` put in place.")
+    args = p.parse_args(argv)
+    out: list[str] = []
+    try:
+        if args.root is None:
+            if os.geteuid() != 0:
+                raise InstallError("must be run as root (or with --root DIR)")
+            _deactivate(out)
+        uninstall_files(Path(args.root or "/"), PurePosixPath(args.prefix), out)
+        if args.root is None:
+            _run(["systemctl", "daemon-reload"])
+    except (InstallError, OSError) as exc:
+        if out:
+            print("\n".join(out))
+        print(f"capsuled uninstall: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(out))
+    return 0

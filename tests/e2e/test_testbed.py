@@ -1,0 +1,146 @@
+"""The testbed itself: what every other e2e test relies on, checked against the real container."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+
+import pytest
+
+from testbed import CommandTimeout, Testbed
+
+pytestmark = pytest.mark.e2e
+
+SOCKET = "/run/capsuled/org.capsuled.Manager"
+INTERFACE = "org.capsuled.Manager"
+IDL_IN_CHECKOUT = "/src/helper/capsuled/org.capsuled.Manager.varlink"
+MAX_EXPOSURE = 2.0  # systemd-analyze security: 1.6 when written; more means hardening was lost
+
+
+def groups_of(bed: Testbed, user: str) -> set[str]:
+    return set(bed.as_user(user, "id", "-nG").check().stdout.split())
+
+
+def test_users_have_the_documented_groups(bed: Testbed) -> None:
+    for member in ("alice", "bob", "carol"):
+        assert "capsule" in groups_of(bed, member), member
+    assert "capsule" not in groups_of(bed, "mallory")
+    assert bed.as_user("alice", "id", "-un").stdout.strip() == "alice"
+    assert bed.as_user("mallory", "id", "-u").stdout.strip() != "0"
+
+
+def test_container_runs_systemd_257_as_pid_1(bed: Testbed) -> None:
+    version = bed.as_root("systemctl", "--version").check().stdout.splitlines()[0]
+    assert version.startswith("systemd 257 "), version
+    assert bed.as_root("cat", "/proc/1/comm").stdout.strip() == "systemd"
+    state = bed.as_root("systemctl", "is-system-running").stdout.strip()
+    assert state in ("running", "degraded"), state
+
+
+def test_commands_get_a_clean_login_like_environment(bed: Testbed) -> None:
+    env = dict(line.split("=", 1) for line in bed.as_user("bob", "env").check().stdout.splitlines())
+    assert env["HOME"] == "/home/bob" and env["USER"] == "bob" and env["LOGNAME"] == "bob"
+    assert "PYTEST_CURRENT_TEST" not in env  # nothing leaks in from the host
+    assert bed.as_user("bob", "pwd").stdout.strip() == "/home/bob"
+    res = bed.as_user("carol", "sh", "-c", "cat; echo err >&2; exit 7", input="hello")
+    assert (res.returncode, res.stdout, res.stderr) == (7, "hello", "err\n")
+    assert bed.python("alice", "import os; print(os.getuid())").stdout.strip() == str(
+        int(bed.as_root("id", "-u", "alice").stdout)
+    )
+
+
+def test_a_command_past_its_timeout_is_killed(bed: Testbed) -> None:
+    marker = f"sleep {1000 + secrets.randbelow(1000)}"
+    with pytest.raises(CommandTimeout):
+        bed.as_user("alice", "sh", "-c", f"echo started; exec {marker}", timeout=1)
+    left = bed.as_root("pgrep", "-f", "-x", marker)
+    assert left.returncode == 1, left.stdout
+
+
+def test_capsuled_socket_is_installed_like_on_a_host(bed: Testbed) -> None:
+    assert bed.as_root("systemctl", "is-enabled", "capsuled.socket").stdout.strip() == "enabled"
+    assert bed.as_root("systemctl", "is-active", "capsuled.socket").stdout.strip() == "active"
+    mode = bed.as_root("stat", "-c", "%A %U", SOCKET).check().stdout.strip()
+    assert mode == "srw-rw-rw- root"
+    link = bed.as_root("readlink", f"/run/varlink/registry/{INTERFACE}").check().stdout
+    assert link.strip() == SOCKET
+    unit = bed.as_root("systemctl", "cat", "capsuled.service").check().stdout
+    assert "ExecStart=/usr/local/bin/capsuled" in unit and "@BINDIR@" not in unit
+    for path in ("/etc/capsuled/capsuled.toml", "/usr/share/polkit-1/actions/org.capsuled.policy"):
+        assert bed.as_root("stat", "-c", "%a %U", path).check().stdout.strip() == "644 root"
+
+
+def test_varlinkctl_info_and_introspect_answer_alice(bed: Testbed) -> None:
+    info = bed.as_user("alice", "varlinkctl", "info", SOCKET).check().stdout
+    assert re.search(rf"Interfaces: .*{re.escape(INTERFACE)}", info, re.S), info
+    introspected = bed.as_user("alice", "varlinkctl", "introspect", SOCKET, INTERFACE).check()
+    assert f"interface {INTERFACE}" in introspected.stdout
+    # GetInterfaceDescription must serve the checked-in file verbatim, doc comments included.
+    reply = bed.as_user(
+        "alice",
+        "varlinkctl",
+        "call",
+        "--json=short",
+        SOCKET,
+        "org.varlink.service.GetInterfaceDescription",
+        json.dumps({"interface": INTERFACE}),
+    ).check()
+    served = json.loads(reply.stdout)["description"]
+    assert served == bed.as_root("cat", IDL_IN_CHECKOUT).check().stdout
+
+
+def test_capsuled_service_runs_hardened(bed: Testbed) -> None:
+    bed.as_user("mallory", "varlinkctl", "info", SOCKET).check()  # activates the service
+    props = bed.as_root(
+        "systemctl",
+        "show",
+        "capsuled.service",
+        "-p",
+        "ProtectSystem,NoNewPrivileges,PrivateNetwork,RestrictAddressFamilies,"
+        "CapabilityBoundingSet,Result",
+    ).check()
+    shown = dict(line.split("=", 1) for line in props.stdout.splitlines())
+    assert shown["ProtectSystem"] == "strict"
+    assert shown["NoNewPrivileges"] == "yes"
+    assert shown["PrivateNetwork"] == "yes"
+    assert shown["RestrictAddressFamilies"] == "AF_UNIX"
+    assert "cap_sys_admin" not in shown["CapabilityBoundingSet"]
+    assert shown["Result"] == "success"
+    report = bed.as_root("systemd-analyze", "security", "--no-pager", "capsuled.service").stdout
+    match = re.search(r"Overall exposure level for capsuled.service: ([\d.]+)", report)
+    assert match, report[-2000:]
+    print(f"systemd-analyze security capsuled.service: {match.group(1)}")
+    assert float(match.group(1)) <= MAX_EXPOSURE
+
+
+def test_uninstall_and_reinstall_on_real_systemd(bed: Testbed) -> None:
+    edited = "# edited by the admin\n"
+    bed.as_root("sh", "-c", f"printf '{edited}' >> /etc/capsuled/capsuled.toml").check()
+    try:
+        out = bed.as_root("capsuled", "uninstall").check().stdout
+        assert "kept /etc/capsuled/capsuled.toml" in out
+        assert bed.as_root("systemctl", "is-active", "capsuled.socket").stdout.strip() != "active"
+        assert bed.as_root("test", "-e", SOCKET).returncode == 1
+        gone = ("/usr/local/lib/systemd/system/capsuled.socket", "/usr/share/polkit-1/actions")
+        assert bed.as_root("test", "-e", gone[0]).returncode == 1
+        assert "org.capsuled" not in bed.as_root("ls", gone[1]).stdout
+        assert edited in bed.as_root("cat", "/etc/capsuled/capsuled.toml").check().stdout
+    finally:
+        out = bed.as_root("capsuled", "install").check().stdout
+    assert "kept existing /etc/capsuled/capsuled.toml" in out
+    assert edited in bed.as_root("cat", "/etc/capsuled/capsuled.toml").check().stdout
+    bed.as_user("bob", "varlinkctl", "info", SOCKET).check()
+
+
+def test_reboot_keeps_state_and_comes_back_serving(bed: Testbed) -> None:
+    token = secrets.token_hex(8)
+    bed.as_root("sh", "-c", f"echo {token} > /var/lib/testbed-reboot-marker").check()
+    leader = bed.leader
+    seconds = bed.reboot()
+    print(f"reboot to ready: {seconds:.2f} s")
+    assert bed.leader != leader  # a new PID 1 (a container shares the host's boot id)
+    assert bed.as_root("cat", "/var/lib/testbed-reboot-marker").check().stdout.strip() == token
+    assert bed.as_root("systemctl", "is-active", "capsuled.socket").stdout.strip() == "active"
+    assert "capsule" in groups_of(bed, "alice")
+    bed.as_user("alice", "varlinkctl", "info", SOCKET).check()

@@ -1,0 +1,635 @@
+"""Boot the cached Debian trixie tree with systemd-nspawn and run commands inside it.
+
+Every boot gets its own overlay mount, managed here rather than by `--volatile=overlay`:
+
+    lower   = the cached tree (read-only, shared by concurrent runs; see rootfs.py)
+    upper   = RUNS_DIR/MACHINE/upper   (this run's writes)
+    merged  = RUNS_DIR/MACHINE/merged  (what nspawn boots)
+
+nspawn's own volatile overlay lives on a tmpfs inside the container's mount namespace and is
+gone when the container reboots; ours lives in the host's, so `reboot()` keeps /etc and /var
+exactly as a real machine does (SetAutostart and friends must survive a reboot), and `close()`
+throws the lot away. Processes inside are reached with `nsenter` into the container's PID 1 (the
+"leader"); users switch with `setpriv`, as a login would, but without a logind session (polkit
+then treats every subject as `allow_any`, as the design brief says).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from testbed.errors import CommandTimeout, TestbedError, TestbedUnavailable
+from testbed.rootfs import CachedRoot, ensure_root
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+# Per-boot writable layers. /var/tmp, not /tmp: an upper dir can be large and must not land on a
+# tmpfs, and it is on the same filesystem as the cache on the machines we run on.
+RUNS_DIR = Path(os.environ.get("CAPSULED_TESTBED_RUNS", "/var/tmp/capsuled-testbed/runs"))
+
+# Users every e2e test can rely on (contracts.md, "Testbed API").
+CAPSULE_GROUP = "capsule"
+USERS: Mapping[str, tuple[str, ...]] = {
+    "alice": (CAPSULE_GROUP,),
+    "bob": (CAPSULE_GROUP,),
+    "carol": (CAPSULE_GROUP,),  # spare member for policy tests
+    "mallory": (),  # not a member
+}
+
+WHEEL_DIR_INSIDE = "/var/tmp/capsuled-wheel"
+SOURCE_INSIDE = "/src"
+
+LEADER_TIMEOUT_S = 30.0
+READY_TIMEOUT_S = 120.0
+SHUTDOWN_TIMEOUT_S = 60.0
+KILL_TIMEOUT_S = 10.0
+POLL_INTERVAL_S = 0.02  # infrastructure polling of /proc, not a test sleep
+
+NSPAWN_EXIT_REBOOT = 133  # systemd-nspawn(1): the container asked to be rebooted
+
+PATH_USER = "/usr/local/bin:/usr/bin:/bin"
+PATH_ROOT = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _log(msg: str) -> None:
+    print(f"[testbed] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What a command inside the container did."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    argv: tuple[str, ...] = ()
+    user: str = "root"
+
+    @property
+    def ok(self) -> bool:
+        """True if the command exited with status 0."""
+        return self.returncode == 0
+
+    def check(self) -> Result:
+        """Return self, or raise TestbedError with the whole output if the command failed."""
+        if self.returncode != 0:
+            raise TestbedError(
+                f"{' '.join(self.argv)!r} as {self.user} exited {self.returncode}\n"
+                f"--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}"
+            )
+        return self
+
+
+@dataclass(slots=True)
+class Timings:
+    """Seconds spent in each phase, for the boot-time report."""
+
+    rootfs_build: float = 0.0
+    rootfs_cached: bool = True
+    wheel: float = 0.0
+    boot: list[float] = field(default_factory=list)  # nspawn start -> is-system-running
+    install: float = 0.0
+
+    def summary(self) -> str:
+        """One line a person can read."""
+        if self.rootfs_cached:
+            cache = "warm cache"
+        else:
+            cache = f"cold cache, root filesystem built in {self.rootfs_build:.1f} s"
+        boots = ", ".join(f"{b:.2f} s" for b in self.boot)
+        return (
+            f"{cache}; boot to ready: {boots}; wheel {self.wheel:.1f} s; "
+            f"install+users {self.install:.1f} s"
+        )
+
+
+# --- teardown registry: every live bed is closed at exit, on SIGTERM/SIGHUP and on Ctrl-C --------
+
+_LIVE: set[Testbed] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _close_all() -> None:
+    with _LIVE_LOCK:
+        beds = list(_LIVE)
+    for bed in beds:
+        bed.close()
+
+
+atexit.register(_close_all)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    # Unwind like Ctrl-C does, so pytest's fixture finalizers and our `finally` blocks run.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM and SIGHUP into KeyboardInterrupt (main thread only; a no-op elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) in (signal.SIG_DFL, None):
+            signal.signal(signum, _raise_interrupt)
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    # Teardown must not be cut short by a second Ctrl-C, or a mount would survive.
+    blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _set_pdeathsig() -> None:
+    # Runs in the forked child before exec: if the test process dies (even by SIGKILL), nspawn
+    # gets SIGKILL, and nspawn's own children carry PR_SET_PDEATHSIG too, so the container's
+    # PID 1 and with it the whole PID namespace go as well.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+# --- host-side helpers ----------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _proc_comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _umount(path: Path) -> None:
+    if not os.path.ismount(path):
+        return
+    if subprocess.run(["umount", str(path)], check=False, capture_output=True).returncode != 0:
+        # Something still has a file open in it: detach now, the kernel frees it when closed.
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
+
+
+def prune_stale_runs() -> None:
+    """Remove the leftovers of runs whose test process died without tearing down (SIGKILL)."""
+    if not RUNS_DIR.is_dir():
+        return
+    for run_dir in RUNS_DIR.iterdir():
+        try:
+            owner = json.loads((run_dir / "owner.json").read_text())
+        except (OSError, ValueError):
+            owner = {}
+        owner_pid = owner.get("pid")
+        if isinstance(owner_pid, int) and _pid_alive(owner_pid):
+            continue
+        nspawn_pid = owner.get("nspawn_pid")
+        if isinstance(nspawn_pid, int) and _proc_comm(nspawn_pid) == "systemd-nspawn":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(nspawn_pid, signal.SIGKILL)
+        _log(f"removing stale run {run_dir}")
+        _umount(run_dir / "merged")
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _copy_source(checkout: Path, dest: Path) -> None:
+    # Build from a copy: setuptools writes build/ and *.egg-info next to pyproject.toml, and
+    # several runs may build at once from one checkout.
+    shutil.copytree(
+        checkout,
+        dest,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            "build",
+            "dist",
+            "*.egg-info",
+            "__pycache__",
+            ".pytest_cache",
+            ".mypy_cache",
+            ".ruff_cache",
+            ".hypothesis",
+            ".venv",
+        ),
+        symlinks=True,
+    )
+
+
+def build_wheel(checkout: Path, out_dir: Path) -> Path:
+    """Build the project's wheel the way a packager would, without touching the checkout.
+
+    Raises:
+        TestbedError: the build failed (its output is in the message).
+    """
+    with tempfile.TemporaryDirectory(prefix="capsuled-src-") as tmp:
+        src = Path(tmp) / "src"
+        _copy_source(checkout, src)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                "--disable-pip-version-check",
+                "--quiet",
+                "-w",
+                str(out_dir),
+                str(src),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if proc.returncode != 0:
+        raise TestbedError(f"building the wheel failed:\n{proc.stdout}\n{proc.stderr}")
+    wheels = sorted(out_dir.glob("capsuled-*.whl"))
+    if len(wheels) != 1:
+        raise TestbedError(f"expected one capsuled wheel in {out_dir}, found {wheels}")
+    return wheels[0]
+
+
+def _find_leader(nspawn: subprocess.Popen[bytes], log_path: Path) -> int:
+    """The container's PID 1 as seen from the host: nspawn's child whose innermost pid is 1."""
+    deadline = time.monotonic() + LEADER_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if nspawn.poll() is not None:
+            raise TestbedError(
+                f"systemd-nspawn exited with {nspawn.returncode} before the container started:\n"
+                + log_path.read_text(errors="replace")[-3000:]
+            )
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                status = Path(entry.path, "status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            ppid = fields.get("PPid", "").strip()
+            nspid = fields.get("NSpid", "").split()
+            if ppid == str(nspawn.pid) and len(nspid) >= 2 and nspid[-1] == "1":
+                return int(entry.name)
+        time.sleep(POLL_INTERVAL_S)
+    raise TestbedError(f"no container PID 1 under nspawn {nspawn.pid} after {LEADER_TIMEOUT_S} s")
+
+
+# --- the testbed ----------------------------------------------------------------------------------
+
+
+class Testbed:
+    """One booted container; create with Testbed.boot(), always close()."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, root: CachedRoot, checkout: Path) -> None:
+        self.machine = f"capsuled-tb-{secrets.token_hex(4)}"
+        self.checkout = checkout
+        self.timings = Timings(rootfs_build=root.build_seconds, rootfs_cached=not root.built_now)
+        self._root = root
+        self._run_dir = RUNS_DIR / self.machine
+        self._merged = self._run_dir / "merged"
+        self._nspawn: subprocess.Popen[bytes] | None = None
+        self._leader = 0
+        self._closed = False
+        self._boot_count = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    @classmethod
+    def boot(cls, checkout: Path = CHECKOUT, install: bool = True) -> Testbed:
+        """Build or reuse the cached tree, boot it, install capsuled and the test users.
+
+        Raises:
+            TestbedUnavailable: a prerequisite is missing on this host.
+            TestbedError: the container did not come up, or the install failed.
+        """
+        for tool in ("systemd-nspawn", "nsenter", "mount"):
+            if shutil.which(tool) is None:
+                raise TestbedUnavailable(f"{tool} not found (apt-get install systemd-container)")
+        if os.geteuid() != 0:
+            raise TestbedUnavailable("the testbed needs root (debootstrap, mount, systemd-nspawn)")
+        prune_stale_runs()
+        root = ensure_root()
+        bed = cls(root, checkout)
+        with _LIVE_LOCK:
+            _LIVE.add(bed)
+        try:
+            bed._prepare_overlay()
+            wheel: list[Path] = []
+            errors: list[BaseException] = []
+            builder = threading.Thread(
+                target=bed._build_wheel_into, args=(wheel, errors), daemon=True
+            )
+            if install:
+                builder.start()  # overlaps the boot; both take a few seconds
+            bed._start()
+            if install:
+                builder.join()
+                if errors:
+                    raise errors[0]
+                bed._install(wheel[0])
+        except BaseException:
+            bed.close()
+            raise
+        return bed
+
+    def _prepare_overlay(self) -> None:
+        upper, work = self._run_dir / "upper", self._run_dir / "work"
+        for d in (upper, work, self._merged):
+            d.mkdir(parents=True)
+        self._write_owner()
+        # volatile: skip syncs in the upper layer; it is thrown away at close() and never
+        # remounted, which is the one condition overlayfs puts on that option.
+        options = f"lowerdir={self._root.path},upperdir={upper},workdir={work},volatile"
+        proc = subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, str(self._merged)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise TestbedUnavailable(f"cannot mount an overlay for the testbed: {proc.stderr}")
+
+    def _write_owner(self) -> None:
+        owner = {"pid": os.getpid(), "nspawn_pid": self._nspawn.pid if self._nspawn else None}
+        (self._run_dir / "owner.json").write_text(json.dumps(owner))
+
+    def _build_wheel_into(self, out: list[Path], errors: list[BaseException]) -> None:
+        started = time.monotonic()
+        try:
+            wheel_dir = self._run_dir / "wheel"
+            wheel_dir.mkdir(exist_ok=True)
+            out.append(build_wheel(self.checkout, wheel_dir))
+        except BaseException as exc:  # handed to the booting thread, which re-raises it
+            errors.append(exc)
+        self.timings.wheel = time.monotonic() - started
+
+    def _start(self) -> None:
+        """Start nspawn on the overlay and wait until systemd says the system is up."""
+        started = time.monotonic()
+        self._boot_count += 1
+        log_path = self._run_dir / f"nspawn-{self._boot_count}.log"
+        argv = [
+            "systemd-nspawn",
+            "--quiet",
+            "--register=no",  # no systemd-machined on a host whose PID 1 is not systemd
+            "--keep-unit",  # ... nor a host manager to create a scope with
+            f"--machine={self.machine}",
+            f"--directory={self._merged}",
+            "--boot",
+            "--console=passive",
+            "--private-network",  # capsuled needs no network; keep the container off the host's
+            "--link-journal=no",
+            f"--bind-ro={self.checkout}:{SOURCE_INSIDE}",
+        ]
+        env = dict(os.environ)
+        # The host mounts cgroup v1 controllers beside a v2 "unified" tree; systemd 257 in the
+        # container needs a pure v2 hierarchy.
+        env["SYSTEMD_NSPAWN_UNIFIED_HIERARCHY"] = "1"
+        with open(log_path, "wb") as log:
+            self._nspawn = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches pytest only; we tear down in order
+                preexec_fn=_set_pdeathsig,
+            )
+        self._write_owner()
+        self._leader = _find_leader(self._nspawn, log_path)
+        self._wait_ready(started)
+        seconds = time.monotonic() - started
+        self.timings.boot.append(seconds)
+        kind = "boot" if self._boot_count == 1 else f"reboot {self._boot_count - 1}"
+        _log(f"{self.machine}: {kind} ready in {seconds:.2f} s (leader pid {self._leader})")
+
+    def _wait_ready(self, started: float) -> None:
+        deadline = started + READY_TIMEOUT_S
+        state = ""
+        while time.monotonic() < deadline:
+            remaining = max(1.0, deadline - time.monotonic())
+            try:
+                res = self.run("systemctl", "is-system-running", "--wait", timeout=remaining)
+            except CommandTimeout:
+                break
+            state = res.stdout.strip()
+            if state == "running":
+                return
+            if state == "degraded":
+                failed = self.run("systemctl", "--failed", "--no-legend", "--plain").stdout
+                _log(f"{self.machine} is degraded; failed units:\n{failed}")
+                return
+            if state in ("maintenance", "stopping"):
+                break
+            # "offline"/"unknown"/connection refused: PID 1 is not answering on its private
+            # socket yet.
+            time.sleep(POLL_INTERVAL_S)
+        raise TestbedError(f"{self.machine} did not reach running (last state: {state!r})")
+
+    def _install(self, wheel: Path) -> None:
+        """Install capsuled exactly as an admin would on a host, then add the test users."""
+        started = time.monotonic()
+        dest = self._merged / WHEEL_DIR_INSIDE.lstrip("/")
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(wheel, dest / wheel.name)
+        self.as_root(
+            "python3",
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",  # the dependencies come from Debian's python3-* packages
+            "--no-index",
+            "--break-system-packages",  # PEP 668: a local admin install next to Debian's python
+            "--root-user-action=ignore",
+            "--disable-pip-version-check",
+            "--quiet",
+            f"{WHEEL_DIR_INSIDE}/{wheel.name}",
+        ).check()
+        self.as_root("capsuled", "install").check()
+        for user, groups in USERS.items():
+            argv = ["useradd", "--create-home", "--shell", "/bin/bash", "--user-group"]
+            if groups:
+                argv += ["--groups", ",".join(groups)]
+            self.as_root(*argv, user).check()
+        self.timings.install = time.monotonic() - started
+
+    def reboot(self) -> float:
+        """Reboot the container, keeping its writable layer (/etc, /var); return seconds taken.
+
+        Raises:
+            TestbedError: the container did not go down or come back.
+        """
+        started = time.monotonic()
+        nspawn = self._require_running()
+        # The reply may be lost when PID 1 goes down; what counts is nspawn's exit status.
+        with contextlib.suppress(CommandTimeout):
+            self.run("systemctl", "reboot", "--no-block", timeout=10)
+        try:
+            status = nspawn.wait(timeout=SHUTDOWN_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            raise TestbedError(f"{self.machine} did not shut down for reboot") from exc
+        if status != NSPAWN_EXIT_REBOOT:
+            raise TestbedError(f"systemd-nspawn exited {status}, expected {NSPAWN_EXIT_REBOOT}")
+        self._nspawn = None
+        self._start()
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        """Kill the container, unmount the overlay, delete this run's writes. Idempotent."""
+        with _signals_blocked():
+            if self._closed:
+                return
+            self._closed = True
+            if self._nspawn is not None and self._nspawn.poll() is None:
+                self._nspawn.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._nspawn.wait(timeout=KILL_TIMEOUT_S)
+            # PR_SET_PDEATHSIG takes the container's PID 1 down with nspawn; make sure of it
+            # before unmounting what it runs on.
+            if self._leader and _pid_alive(self._leader):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._leader, signal.SIGKILL)
+                deadline = time.monotonic() + KILL_TIMEOUT_S
+                while _pid_alive(self._leader) and time.monotonic() < deadline:
+                    time.sleep(POLL_INTERVAL_S)
+            _umount(self._merged)
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+            self._root.release()
+            with _LIVE_LOCK:
+                _LIVE.discard(self)
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- running commands --------------------------------------------------------------------------
+
+    @property
+    def leader(self) -> int:
+        """Host PID of the container's PID 1."""
+        return self._leader
+
+    @property
+    def root_dir(self) -> Path:
+        """The container's / as seen from the host (the merged overlay)."""
+        return self._merged
+
+    def _require_running(self) -> subprocess.Popen[bytes]:
+        if self._closed or self._nspawn is None or self._nspawn.poll() is not None:
+            raise TestbedError(f"{self.machine} is not running")
+        return self._nspawn
+
+    def command(
+        self, argv: tuple[str, ...], user: str = "root", env: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """The host argv that runs argv inside the container as user, with a clean environment."""
+        if not argv:
+            raise ValueError("empty command")
+        home = "/root" if user == "root" else f"/home/{user}"
+        environment = {
+            "PATH": PATH_ROOT if user == "root" else PATH_USER,
+            "HOME": home,
+            "USER": user,
+            "LOGNAME": user,
+            "SHELL": "/bin/bash",
+            "LANG": "C.UTF-8",
+            "TERM": "dumb",  # no colours or pagers in captured output
+        }
+        environment.update(env or {})
+        host = ["nsenter", f"--target={self._leader}", "--all", "--root", "--wd=/"]
+        if user != "root":
+            # setpriv resolves the names through the container's NSS (it runs after setns).
+            host += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
+        host += ["env", "-i", "--chdir", home, *(f"{k}={v}" for k, v in environment.items())]
+        # env(1) takes the first word without "=" as the command; ours never contain one.
+        return [*host, *argv]
+
+    def run(
+        self,
+        *argv: str,
+        user: str = "root",
+        input: str | None = None,  # the name subprocess.run uses
+        timeout: float = 60.0,
+        env: Mapping[str, str] | None = None,
+    ) -> Result:
+        """Run argv inside the container as user; never raises on a non-zero exit.
+
+        Raises:
+            CommandTimeout: it ran past timeout (it and its children have been killed).
+            TestbedError: the container is not running.
+        """
+        self._require_running()
+        proc = subprocess.Popen(
+            self.command(argv, user, env),
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # one process group: a timeout kills nsenter and its child
+        )
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise CommandTimeout(argv, timeout, out, err) from None
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        return Result(proc.returncode, out, err, argv, user)
+
+    def as_user(self, user: str, *argv: str, **kwargs: object) -> Result:
+        """Run argv as user (e.g. bed.as_user("alice", "capsulectl", "list"))."""
+        return self.run(*argv, user=user, **kwargs)  # type: ignore[arg-type]  # run's keywords
+
+    def as_root(self, *argv: str, **kwargs: object) -> Result:
+        """Run argv as root inside the container."""
+        return self.run(*argv, user="root", **kwargs)  # type: ignore[arg-type]  # run's keywords
+
+    def python(self, user: str, code: str, timeout: float = 60.0) -> Result:
+        """Run `python3 -c code` inside as user."""
+        return self.run("python3", "-c", code, user=user, timeout=timeout)
+
+    def interactive(self, *argv: str, user: str = "root") -> int:
+        """Run argv with this terminal attached (for `make shell`); returns its exit status."""
+        self._require_running()
+        env = {"TERM": os.environ.get("TERM", "xterm")}
+        return subprocess.call(self.command(argv, user, env))

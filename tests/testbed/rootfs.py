@@ -1,0 +1,275 @@
+"""The testbed's root filesystem: a Debian trixie tree built once and cached outside the checkout.
+
+Layout under CACHE_DIR (default /var/cache/capsuled-testbed, override with
+CAPSULED_TESTBED_CACHE):
+
+    KEY.lock          flock: shared while a testbed uses KEY/root as its lower layer,
+                      exclusive while KEY is built or pruned
+    KEY/root/         the tree (read-only lower layer of every boot)
+    KEY/ready         written last, after an fsync of everything else: no stamp, no cache
+    .build-KEY-PID/   a build in progress (or one that died; pruned when PID is gone)
+
+KEY hashes everything that shapes the tree (suite, variant, package list, mirror and
+BUILDER_VERSION), so changing any of them builds a new tree and stale ones are pruned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from testbed.errors import TestbedUnavailable
+
+SUITE = "trixie"
+VARIANT = "minbase"
+MIRROR = os.environ.get("CAPSULED_TESTBED_MIRROR", "http://deb.debian.org/debian")
+
+# Bump when the post-processing below changes what ends up in the tree.
+BUILDER_VERSION = 1
+
+# What a capsuled host needs, from Debian's own packages (the design brief's dependency table).
+# debootstrap does not resolve virtual packages, hence python3-cffi-backend spelled out for
+# python3-cryptography. minbase already has passwd (useradd), login and util-linux (setpriv).
+PACKAGES: tuple[str, ...] = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "polkitd",
+    "libnss-systemd",  # resolves the capsules' DynamicUser accounts (c-NAME)
+    "libpam-systemd",
+    "python3",
+    "python3-pip",  # installs our wheel with --no-deps, as an admin would
+    "python3-systemd",
+    "python3-jeepney",
+    "python3-cryptography",
+    "python3-cffi-backend",
+    "python3-varlink",
+    "procps",  # ps/pgrep for tests and the demo
+)
+
+# Timers that do network or housekeeping work a throwaway container never needs; masking them
+# keeps boots quiet and short.
+MASKED_UNITS: tuple[str, ...] = (
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "systemd-tmpfiles-clean.timer",
+    "getty@tty1.service",
+    "console-getty.service",
+)
+
+DEBOOTSTRAP_TIMEOUT_S = 900
+
+
+def cache_dir() -> Path:
+    """Where cached trees live; outside the checkout so `git status` never sees them."""
+    return Path(os.environ.get("CAPSULED_TESTBED_CACHE", "/var/cache/capsuled-testbed"))
+
+
+def cache_key() -> str:
+    """A digest of every input that shapes the tree."""
+    inputs = {
+        "suite": SUITE,
+        "variant": VARIANT,
+        "packages": sorted(PACKAGES),
+        "masked": sorted(MASKED_UNITS),
+        "mirror": MIRROR,
+        "builder": BUILDER_VERSION,
+    }
+    blob = json.dumps(inputs, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedRoot:
+    """A ready tree, held with a shared lock until release() so nobody prunes it under us."""
+
+    path: Path
+    key: str
+    built_now: bool
+    build_seconds: float
+    _lock_fd: int
+
+    def release(self) -> None:
+        """Drop the shared lock (the tree stays cached)."""
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+
+
+def _log(msg: str) -> None:
+    print(f"[testbed] {msg}", file=sys.stderr, flush=True)
+
+
+def _is_ready(entry: Path) -> bool:
+    return (entry / "ready").is_file() and (entry / "root" / "usr" / "lib" / "systemd").is_dir()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_tree(path: Path) -> None:
+    # A debootstrap that died mid-way can leave /proc or /sys mounted inside its target.
+    for sub in ("proc", "sys", "dev/pts", "dev"):
+        target = path / "root" / sub
+        if os.path.ismount(target):
+            subprocess.run(["umount", "-l", str(target)], check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _debootstrap(target: Path) -> None:
+    if shutil.which("debootstrap") is None:
+        raise TestbedUnavailable("debootstrap is not installed (apt-get install debootstrap)")
+    argv = [
+        "debootstrap",
+        f"--variant={VARIANT}",
+        "--include=" + ",".join(PACKAGES),
+        SUITE,
+        str(target),
+        MIRROR,
+    ]
+    log_path = target.parent / "debootstrap.log"
+    with open(log_path, "wb") as log:
+        try:
+            proc = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=DEBOOTSTRAP_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise TestbedUnavailable(f"debootstrap timed out after {exc.timeout} s") from exc
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-15:]
+        raise TestbedUnavailable(
+            f"debootstrap failed with status {proc.returncode}:\n" + "\n".join(tail)
+        )
+
+
+def _post_process(root: Path) -> None:
+    """Make the tree boot fast and quietly; nothing here is capsuled-specific."""
+    for unit in MASKED_UNITS:
+        link = root / "etc/systemd/system" / unit
+        link.unlink(missing_ok=True)
+        link.symlink_to("/dev/null")
+    # nspawn sets the hostname from --machine; an empty machine-id makes systemd generate one
+    # per boot (nspawn passes the machine's UUID) instead of every container sharing one.
+    (root / "etc/machine-id").write_text("")
+    subprocess.run(
+        ["chroot", str(root), "apt-get", "clean"], check=False, stdout=subprocess.DEVNULL
+    )
+    shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
+    (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+
+
+def _fsync_tree(path: Path) -> None:
+    # `sync -f` flushes the whole filesystem holding path: cheap, and the stamp then means
+    # "everything before it is on disk" even across a power cut.
+    subprocess.run(["sync", "-f", str(path)], check=False)
+
+
+def _build(cache: Path, key: str) -> float:
+    started = time.monotonic()
+    staging = cache / f".build-{key}-{os.getpid()}"
+    _remove_tree(staging)
+    (staging / "root").mkdir(parents=True)
+    _log(f"building root filesystem {key} (debootstrap {SUITE}, ~1 min) in {staging}")
+    try:
+        _debootstrap(staging / "root")
+        _post_process(staging / "root")
+        _fsync_tree(staging)
+        final = cache / key
+        _remove_tree(final)  # a half-built or broken entry with this key
+        staging.rename(final)
+        (final / "ready").write_text(
+            json.dumps({"key": key, "packages": list(PACKAGES), "built": time.time()}) + "\n"
+        )
+        _fsync_tree(final)
+    except BaseException:
+        _remove_tree(staging)
+        raise
+    seconds = time.monotonic() - started
+    _log(f"root filesystem {key} built in {seconds:.1f} s")
+    return seconds
+
+
+def _prune(cache: Path, keep: str) -> None:
+    """Remove other keys nobody holds, and builds whose builder died."""
+    for entry in cache.iterdir():
+        name = entry.name
+        if name.startswith(".build-"):
+            pid_text = name.rsplit("-", 1)[-1]
+            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+                _log(f"removing abandoned build {entry}")
+                _remove_tree(entry)
+            continue
+        if not entry.is_dir() or name == keep:
+            continue
+        lock_path = cache / f"{name}.lock"
+        with _open_lock(lock_path) as fd:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # another run still boots from it
+            _log(f"pruning stale root filesystem {entry}")
+            _remove_tree(entry)
+            lock_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _open_lock(path: Path) -> Iterator[int]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def ensure_root() -> CachedRoot:
+    """Return the cached tree for the current key, building it first if needed.
+
+    Raises:
+        TestbedUnavailable: not root, or debootstrap failed.
+    """
+    if os.geteuid() != 0:
+        raise TestbedUnavailable("the testbed needs root (debootstrap, mount, systemd-nspawn)")
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    key = cache_key()
+    entry = cache / key
+    fd = os.open(cache / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        built_now = False
+        seconds = 0.0
+        if not _is_ready(entry):
+            # Only a builder takes the lock exclusively; re-check after waiting, since a
+            # concurrent run may have finished the build meanwhile.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not _is_ready(entry):
+                seconds = _build(cache, key)
+                built_now = True
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        _prune(cache, keep=key)
+    except BaseException:
+        os.close(fd)
+        raise
+    return CachedRoot(entry / "root", key, built_now, seconds, fd)
