@@ -18,6 +18,9 @@ rewrite the journal can recompute the whole chain, and a whole run can vanish un
 daemon exits when idle, so runs are short).  journald's Forward Secure Sealing (``--setup-keys``)
 covers that; an Ed25519-signed trail (design brief) is not implemented.
 
+``PRIORITY``: notice (5) for ``denied``, warning (4) for ``failed`` or an error name, info (6) for
+anything else (``ok``, ``started``, ...).
+
 ``systemd.journal`` is imported lazily (unit tests and hosts without it fall back to
 ``logging``); a record that cannot be delivered is logged to stderr, never raised: the call it
 describes has already happened.
@@ -117,11 +120,12 @@ def _bounded(value: str) -> str:
 
 
 def _priority(result: str) -> int:
-    if result == RESULT_OK:
-        return _PRIORITY_INFO
+    """notice for a denial, warning for a failure or an error name (it has dots), else info."""
     if result == RESULT_DENIED:
         return _PRIORITY_NOTICE
-    return _PRIORITY_WARNING
+    if result == RESULT_FAILED or "." in result:
+        return _PRIORITY_WARNING
+    return _PRIORITY_INFO
 
 
 _CHAINED_FIELDS: Final = frozenset(

@@ -43,7 +43,13 @@ def test_capsule_none_omits_the_field_and_unknown_action_gets_generic_id() -> No
 
 @pytest.mark.parametrize(
     ("result", "priority"),
-    [("ok", "6"), ("denied", "5"), ("failed", "4"), ("org.capsuled.Manager.JobFailed", "4")],
+    [
+        ("ok", "6"),
+        ("started", "6"),
+        ("denied", "5"),
+        ("failed", "4"),
+        ("org.capsuled.Manager.JobFailed", "4"),
+    ],
 )
 def test_priority_follows_result(result: str, priority: str) -> None:
     log, written = make_log()
