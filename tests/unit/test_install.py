@@ -147,7 +147,7 @@ def test_live_install_refuses_with_one_line_and_writes_nothing(
 ) -> None:
     monkeypatch.setattr(install, "_systemd_version", lambda: 252)
     monkeypatch.setattr(install, "_booted", lambda: True)
-    monkeypatch.setattr(install.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     written: list[object] = []
     monkeypatch.setattr(install, "install_files", lambda *a: written.append(a))
     assert install.main_install([]) == 1
