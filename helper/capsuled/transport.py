@@ -213,6 +213,12 @@ class Server:
             else:
                 await self._changed.wait()
 
+    async def wait_connections(self, n: int) -> None:
+        """Return once at most `n` connections are admitted (tests, shutdown)."""
+        while self._total > n:
+            self._changed.clear()
+            await self._changed.wait()
+
     async def close_connections(self) -> None:
         """Cancel every connection task and wait for them to finish."""
         tasks = list(self._tasks)
@@ -274,6 +280,10 @@ class Server:
         try:
             writer.transport.set_write_buffer_limits(high=self.limits.write_buffer_bytes)
             await _Connection(self, reader, writer, peer).run()
+        except asyncio.CancelledError:
+            # close_connections() cancels us; end quietly. (Python 3.11's StreamReaderProtocol
+            # callback calls task.exception() on a cancelled task and logs a spurious error.)
+            pass
         finally:
             if task is not None:
                 self._tasks.discard(task)

@@ -1,0 +1,54 @@
+"""Fixtures for the protocol suite: a real server on a Unix socket, driven with raw bytes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from capsuled.transport import Limits
+from protocol.harness import RawClient, ThreadServer
+
+MakeServer = Callable[..., ThreadServer]
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    # Not pytest's tmp_path: its parents are 0700, and some tests connect as another uid.
+    d = tempfile.mkdtemp(prefix="capsuled-proto-")
+    os.chmod(d, 0o755)
+    try:
+        yield Path(d)
+    finally:
+        for entry in Path(d).iterdir():
+            entry.unlink()
+        os.rmdir(d)
+
+
+@pytest.fixture
+def make_server(sockdir: Path) -> Iterator[MakeServer]:
+    servers: list[ThreadServer] = []
+
+    def make(**limits: object) -> ThreadServer:
+        path = str(sockdir / f"s{len(servers)}.sock")
+        srv = ThreadServer(path, Limits(**limits))  # type: ignore[arg-type]  # test knobs
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.close()
+
+
+@pytest.fixture
+def server(make_server: MakeServer) -> ThreadServer:
+    return make_server()
+
+
+@pytest.fixture
+def client(server: ThreadServer) -> Iterator[RawClient]:
+    with RawClient(server.path) as c:
+        yield c

@@ -1,0 +1,296 @@
+"""Test service for the protocol suite: org.example.test handlers, a server in a thread, a raw client.
+
+The client speaks raw JSON + NUL over a blocking socket (no varlink library), so every test sees
+exactly the bytes the server sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from capsuled.dispatch import Dispatcher, Notify
+from capsuled.transport import Limits, Peer, Server
+from capsuled.varlink.errors import VarlinkError
+from capsuled.varlink.interface import parse_interface
+from capsuled.varlink.messages import Call
+from capsuled.varlink.service import ServiceInfo
+
+IDL_PATH = Path(__file__).with_name("org.example.test.varlink")
+IDL_TEXT = IDL_PATH.read_text(encoding="utf-8")
+SECRET = "secret-traceback-text-that-must-not-leak"
+TIMEOUT_S = 5.0
+
+T = TypeVar("T")
+
+
+class TestFailed(VarlinkError):
+    """The declared error of the test interface."""
+
+    name = "org.example.test.TestFailed"
+
+
+class TestInternalError(VarlinkError):
+    """The test interface's generic error for unexpected exceptions."""
+
+    name = "org.example.test.InternalError"
+
+
+@dataclass
+class State:
+    """Shared between the test thread and the server's loop."""
+
+    blocks: dict[str, asyncio.Event] = field(default_factory=dict)
+    started: dict[str, threading.Event] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    forever_ended: threading.Event = field(default_factory=threading.Event)
+    forever_sent_bytes: int = 0
+
+    def started_event(self, key: str) -> threading.Event:
+        return self.started.setdefault(key, threading.Event())
+
+
+@dataclass
+class Ctx:
+    call: Call
+    peer: Peer
+    notify: Notify
+    state: State
+
+
+Params = dict[str, object]
+
+
+async def echo(ctx: Ctx, p: Params) -> Params:
+    return {"value": p["value"]}
+
+
+async def ping(ctx: Ctx, p: Params) -> Params:
+    return {"text": p["text"]}
+
+
+async def stream(ctx: Ctx, p: Params) -> Params:
+    count = p["count"]
+    assert isinstance(count, int)
+    if ctx.call.more:
+        for i in range(count):
+            await ctx.notify({"index": i})
+    return {"index": count}
+
+
+async def forever(ctx: Ctx, p: Params) -> Params:
+    size = p["size"]
+    assert isinstance(size, int)
+    payload = "x" * size
+    try:
+        while True:
+            await ctx.notify({"payload": payload})
+            ctx.state.forever_sent_bytes += size
+    finally:
+        ctx.state.forever_ended.set()
+
+
+async def block(ctx: Ctx, p: Params) -> Params:
+    key = p["key"]
+    assert isinstance(key, str)
+    event = ctx.state.blocks.setdefault(key, asyncio.Event())
+    ctx.state.started_event(key).set()
+    await event.wait()
+    return {}
+
+
+class _Unencodable:
+    pass
+
+
+async def fail(ctx: Ctx, p: Params) -> Params:
+    kind = p["kind"]
+    if kind == "internal":
+        raise RuntimeError(SECRET)
+    if kind == "declared":
+        raise TestFailed(reason="on purpose")
+    if kind == "notify":
+        await ctx.notify({})
+    if kind == "unencodable":
+        return {"x": _Unencodable()}
+    if kind == "badreply":
+        return {"unexpected": 1}
+    if kind == "undeclared-error":
+        raise TestFailed(reason=1)  # wrong parameter type for the declared error
+    return {}
+
+
+async def record(ctx: Ctx, p: Params) -> Params:
+    note = p["note"]
+    assert isinstance(note, str)
+    ctx.state.notes.append(note)
+    return {}
+
+
+async def notes(ctx: Ctx, p: Params) -> Params:
+    return {"notes": list(ctx.state.notes)}
+
+
+async def who_am_i(ctx: Ctx, p: Params) -> Params:
+    peer = ctx.peer
+    return {"uid": peer.uid, "gid": peer.gid, "pid": peer.pid, "hasPidfd": peer.pidfd is not None}
+
+
+async def environment(ctx: Ctx, p: Params) -> Params:
+    return {"listen": sorted(k for k in os.environ if k.startswith("LISTEN_"))}
+
+
+HANDLERS = {
+    "Echo": echo,
+    "Ping": ping,
+    "Stream": stream,
+    "StreamOnly": stream,
+    "Forever": forever,
+    "Block": block,
+    "Fail": fail,
+    "Record": record,
+    "Notes": notes,
+    "WhoAmI": who_am_i,
+    "Environment": environment,
+}
+
+INFO = ServiceInfo(vendor="capsuled", product="test", version="1", url="https://example.org/")
+
+
+def build_dispatcher(state: State, validate_replies: bool = True) -> Dispatcher[Ctx]:
+    def make_context(call: Call, peer: Peer, notify: Notify) -> Ctx:
+        return Ctx(call, peer, notify, state)
+
+    return Dispatcher(
+        parse_interface(IDL_TEXT),
+        HANDLERS,
+        make_context=make_context,
+        requires_more=frozenset({"StreamOnly", "Forever"}),
+        internal_error=TestInternalError,
+        info=INFO,
+        validate_replies=validate_replies,
+    )
+
+
+class ThreadServer:
+    """The real asyncio server on a Unix socket, its loop in a background thread."""
+
+    def __init__(self, path: str, limits: Limits | None = None) -> None:
+        self.path = path
+        self.state = State()
+        self.limits = limits or Limits()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: Server = self.run(self._make_server())
+        self.listener: asyncio.Server = self.run(self._listen())
+
+    async def _make_server(self) -> Server:
+        d = build_dispatcher(self.state)
+        return Server(d.handle, d.internal_error, self.limits)
+
+    async def _listen(self) -> asyncio.Server:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(self.path)
+        os.chmod(self.path, 0o666)
+        sock.listen(128)
+        return await self.server.listen(sock)
+
+    def run(self, coro: Coroutine[object, object, T], timeout: float = TIMEOUT_S) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout)
+
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        self.loop.call_soon_threadsafe(fn)
+
+    def release(self, key: str) -> None:
+        def set_event() -> None:
+            self.state.blocks.setdefault(key, asyncio.Event()).set()
+
+        self.call_soon(set_event)
+
+    def wait_connections(self, n: int, timeout: float = TIMEOUT_S) -> None:
+        """Wait until at most n connections are admitted."""
+        self.run(self.server.wait_connections(n), timeout)
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            self.listener.close()
+            await self.server.close_connections()
+
+        self.run(shutdown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(TIMEOUT_S)
+        self.loop.close()
+
+
+class Closed(Exception):
+    """The server closed the connection."""
+
+
+class RawClient:
+    """A blocking raw-socket Varlink client: JSON + NUL, nothing else."""
+
+    def __init__(self, path: str, timeout: float = TIMEOUT_S) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b""
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send(self, obj: object) -> None:
+        self.send_raw(json.dumps(obj).encode() + b"\0")
+
+    def recv_raw(self) -> bytes:
+        """One message's bytes without the NUL; raises Closed at EOF."""
+        while b"\0" not in self.buf:
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                raise Closed(self.buf)
+            self.buf += chunk
+        msg, _, self.buf = self.buf.partition(b"\0")
+        return msg
+
+    def recv(self) -> dict[str, object]:
+        value = json.loads(self.recv_raw())
+        assert isinstance(value, dict)
+        return value
+
+    def call(self, method: str, **params: object) -> dict[str, object]:
+        self.send({"method": method, "parameters": params})
+        return self.recv()
+
+    def expect_closed(self) -> None:
+        """Assert the server closes the connection without sending a single byte."""
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        assert self.buf + data == b"", f"server answered: {self.buf + data!r}"
+        try:
+            more = self.sock.recv(65536)
+        except ConnectionResetError:
+            more = b""
+        assert more == b""
