@@ -145,7 +145,7 @@ class Context:
         print(message, file=self.err, flush=True)
 
 
-# --- errors -> one line + exit status -------------------------------------------------------------
+# --- errors -> one line + exit status -----------------------------------------------------------
 
 
 def _q(value: object) -> str:
@@ -257,7 +257,7 @@ def explain_client_error(exc: Exception, ctx: Context) -> tuple[str, int]:
     return str(exc), EXIT_FAILURE
 
 
-# --- argument types -------------------------------------------------------------------------------
+# --- argument types -----------------------------------------------------------------------------
 
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTPE]?)B?", re.IGNORECASE)
 _SIZE_FACTORS = {
@@ -349,7 +349,7 @@ def parse_since(text: str, now_usec: int) -> int:
         ) from None
 
 
-# --- verbs ----------------------------------------------------------------------------------------
+# --- verbs --------------------------------------------------------------------------------------
 
 
 def _for_each(ctx: Context, names: Sequence[str], doing: str, act: Callable[[str], None]) -> int:
@@ -645,7 +645,7 @@ def verb_info(ctx: Context) -> int:
     return EXIT_OK
 
 
-# --- the parser -----------------------------------------------------------------------------------
+# --- the parser ---------------------------------------------------------------------------------
 
 
 def _add_global_options(p: argparse.ArgumentParser, *, top: bool) -> None:

@@ -25,7 +25,7 @@ runs: one implementation of Varlink. Only the socket I/O is here, as in jeepney'
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import cast
 
 from capsulectl import wire
@@ -112,7 +112,7 @@ class Client:
         self._transport: Transport | None = None
         self._conn: ClientConnection | None = None
 
-    # --- context management ------------------------------------------------------------------
+    # --- context management ----------------------------------------------------------------------
 
     def __enter__(self) -> Client:
         return self
@@ -127,7 +127,7 @@ class Client:
         self._transport = None
         self._conn = None
 
-    # --- the generic call machinery ------------------------------------------------------------
+    # --- the generic call machinery --------------------------------------------------------------
 
     def _deadline(self) -> float | None:
         return None if self.timeout is None else time.monotonic() + self.timeout
@@ -224,7 +224,7 @@ class Client:
             return cast(wire.ServiceInfo, params)
         raise ConnectionLost("capsuled sent no reply")
 
-    # --- org.capsuled.Manager ------------------------------------------------------------------
+    # --- org.capsuled.Manager --------------------------------------------------------------------
 
     def list(self) -> wire.ListReply:
         """The capsules the caller may read."""
@@ -361,7 +361,7 @@ class Client:
         unit: str | None = None,
         environment: Sequence[str] | None = None,
         working_directory: str | None = None,
-    ) -> Iterator[wire.RunReply]:
+    ) -> Generator[wire.RunReply, None, None]:
         """Run with `more`: yields the started reply, then the last one carrying exitStatus."""
         params = self._run_params(name, command, unit, environment, working_directory)
         for reply in self._replies("Run", params, more=True, wait_later=True):
@@ -386,13 +386,13 @@ class Client:
         unit: str | None = None,
         lines: int | None = None,
         since: int | None = None,
-    ) -> Iterator[wire.LogsReply]:
+    ) -> Generator[wire.LogsReply, None, None]:
         """Logs with `more` and follow: yields replies (one entry each) until the caller stops."""
         params = {"name": name, "unit": unit, "lines": lines, "since": since, "follow": True}
         for reply in self._replies("Logs", params, more=True, wait_later=True):
             yield cast(wire.LogsReply, reply)
 
-    def watch(self, names: Sequence[str] | None = None) -> Iterator[wire.WatchReply]:
+    def watch(self, names: Sequence[str] | None = None) -> Generator[wire.WatchReply, None, None]:
         """Stream state changes of capsules (all readable ones, or only `names`)."""
         params = {"names": list(names) if names else None}
         for reply in self._replies("Watch", params, more=True, auth=False, wait_later=True):

@@ -91,7 +91,7 @@ class Style:
 
 PLAIN = Style(colour=False)
 
-# --- numbers and times (systemd's formats) --------------------------------------------------------
+# --- numbers and times (systemd's formats) -------------------------------------------------------
 
 _BYTE_SUFFIXES = ("E", "P", "T", "G", "M", "K")
 
@@ -189,7 +189,7 @@ def now_usec() -> int:
     return time.time_ns() // 1000
 
 
-# --- JSON -----------------------------------------------------------------------------------------
+# --- JSON ---------------------------------------------------------------------------------------
 
 
 def dump_json(value: object) -> str:
@@ -197,7 +197,7 @@ def dump_json(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-# --- tables ---------------------------------------------------------------------------------------
+# --- tables -------------------------------------------------------------------------------------
 
 
 def table(
@@ -260,7 +260,7 @@ def unit_table(units: Sequence[wire.Unit], *, legend: bool = True) -> list[str]:
     return lines
 
 
-# --- status ---------------------------------------------------------------------------------------
+# --- status -------------------------------------------------------------------------------------
 
 LABEL_WIDTH = 11  # "  Autostart", the longest label; systemctl aligns its colons the same way
 
@@ -312,7 +312,7 @@ def status_view(c: wire.Capsule, style: Style, now: int) -> list[str]:
     return lines
 
 
-# --- journal, events, access, info ----------------------------------------------------------------
+# --- journal, events, access, info --------------------------------------------------------------
 
 
 def log_line(e: wire.LogEntry, style: Style) -> str:

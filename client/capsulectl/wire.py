@@ -111,7 +111,7 @@ class AccessResult(TypedDict):
     reason: str | None
 
 
-# --- method replies -------------------------------------------------------------------------------
+# --- method replies -----------------------------------------------------------------------------
 
 
 class EmptyReply(TypedDict):
