@@ -1,4 +1,4 @@
-"""Test service for the protocol suite: org.example.test handlers, a server in a thread, a raw client.
+"""Protocol-suite harness: org.example.test handlers, a server in a thread, a raw client.
 
 The client speaks raw JSON + NUL over a blocking socket (no varlink library), so every test sees
 exactly the bytes the server sends.

@@ -1,4 +1,4 @@
-"""Call flow: oneway, more, pipelining, half-close, the error boundary, hang-ups and backpressure."""
+"""Call flow: oneway, more, pipelining, half-close, the error boundary, hang-ups, backpressure."""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ from protocol.harness import RawClient, ThreadServer
 
 PING = "org.example.test.Ping"
 
+P = b'{"method":"org.example.test.Ping","parameters":'
+
 MALFORMED: dict[str, bytes] = {
     "empty message": b"",
     "invalid utf-8": b'{"method":"org.example.test.Ping","parameters":{"text":"\xff"}}',
@@ -45,7 +47,7 @@ MALFORMED: dict[str, bytes] = {
     "parameters string": b'{"method":"org.example.test.Ping","parameters":"x"}',
     "parameters null": b'{"method":"org.example.test.Ping","parameters":null}',
     "duplicate key": b'{"method":"org.example.test.Ping","method":"org.example.test.Ping"}',
-    "duplicate nested key": b'{"method":"org.example.test.Ping","parameters":{"text":"a","text":"b"}}',
+    "duplicate nested key": P + b'{"text":"a","text":"b"}}',
     "NaN": b'{"method":"org.example.test.Echo","parameters":{"value":{"f":NaN}}}',
     "Infinity": b'{"method":"org.example.test.Echo","parameters":{"value":{"f":-Infinity}}}',
     "lone surrogate": b'{"method":"org.example.test.Ping","parameters":{"text":"\\ud800"}}',
