@@ -1,0 +1,404 @@
+"""FakeBackend: the SystemdBackend Protocol in memory, for unit and method tests.
+
+It keeps the semantics tests rely on, as verified against systemd 257:
+- a capsule exists when it has a state dir, an autostart link, or a non-inactive unit;
+- start creates the state dir (StateDirectory=) and gives a dynamic uid; stop keeps the dir;
+- clean refuses a running capsule (UnitBusy) and deletes the dir;
+- limits: None leaves a value unchanged, LIMIT_DEFAULT resets it (reads back as None);
+- forget drops limits and the autostart link;
+- a capsule manager is reachable only while the capsule is active.
+
+Knobs for tests: ``fail_start`` (names whose start fails with JobFailed("failed", "exit-code")),
+``version_value``, ``unavailable`` (every call raises SystemdUnavailable), ``gate`` (an
+asyncio.Event every mutating call waits on, to hold calls in flight), ``calls`` (a log of
+(method, name) pairs), ``overlaps`` (names on which two mutating calls ran at once: a test of
+the caller's per-capsule serialisation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from .backend import (
+    FINISHED_STATES,
+    LIMIT_DEFAULT,
+    MIN_SYSTEMD_VERSION,
+    WATCH_QUEUE,
+    CapsuleEvent,
+    CapsuleInfo,
+    CapsuleManager,
+    ExitStatus,
+    UnitInfo,
+    capsule_unit,
+)
+from .errors import (
+    JobFailed,
+    ManagerUnavailable,
+    NoSuchUnit,
+    SystemdTooOld,
+    SystemdUnavailable,
+    UnitBusy,
+    WatchOverflow,
+)
+
+FIRST_DYNAMIC_UID = 61184  # systemd's DYNAMIC_UID_MIN
+
+
+@dataclass
+class FakeUnit:
+    """A unit inside a fake capsule."""
+
+    active_state: str = "inactive"
+    sub_state: str = "dead"
+    unit_file_state: str | None = "disabled"  # None: transient, no file
+    fail_start: bool = False
+    exit: ExitStatus | None = None
+
+
+@dataclass
+class FakeCapsule:
+    """One capsule's state in the fake."""
+
+    name: str
+    state: str = "inactive"
+    sub_state: str = "dead"
+    has_state_dir: bool = False
+    autostart: bool = False
+    uid: int | None = None
+    since_usec: int | None = None
+    result: str = "success"
+    memory_max: int | None = None
+    tasks_max: int | None = None
+    cpu_weight: int | None = None
+    units: dict[str, FakeUnit] = field(default_factory=dict)
+
+    def info(self) -> CapsuleInfo:
+        running = self.state not in FINISHED_STATES
+        return CapsuleInfo(
+            name=self.name,
+            state=self.state,
+            sub_state=self.sub_state,
+            uid=self.uid if running else None,
+            since_usec=self.since_usec,
+            has_state_dir=self.has_state_dir,
+            autostart=self.autostart,
+            memory_current=4 * 1024 * 1024 if running else None,
+            tasks_current=2 if running else None,
+            cpu_usage_nsec=1_000_000 if running else None,
+            memory_max=self.memory_max,
+            tasks_max=self.tasks_max,
+            cpu_weight=self.cpu_weight,
+            result=self.result,
+            units_count=sum(1 for u in self.units.values() if u.unit_file_state is not None),
+        )
+
+    @property
+    def exists(self) -> bool:
+        return self.has_state_dir or self.autostart or self.state != "inactive"
+
+
+class FakeBackend:
+    """SystemdBackend in memory."""
+
+    def __init__(self, version_value: int = 257) -> None:
+        self.version_value = version_value
+        self.capsules: dict[str, FakeCapsule] = {}
+        self.fail_start: set[str] = set()
+        self.unavailable = False
+        self.gate: asyncio.Event | None = None
+        self.calls: list[tuple[str, str]] = []
+        self.overlaps: list[str] = []
+        self._busy: set[str] = set()
+        self._uids = itertools.count(FIRST_DYNAMIC_UID)
+        self._watchers: set[_Watcher] = set()
+
+    # -- test helpers ------------------------------------------------------------------------
+
+    def add_capsule(
+        self, name: str, state: str = "inactive", has_state_dir: bool = True
+    ) -> FakeCapsule:
+        """Make a capsule appear as if created outside capsuled (`systemctl start capsule@x`)."""
+        capsule = self._capsule(name)
+        capsule.has_state_dir = has_state_dir
+        if state != "inactive":
+            self._set_state(capsule, state, "running" if state == "active" else state)
+        return capsule
+
+    def add_unit(self, name: str, unit: str, enabled: bool = False) -> FakeUnit:
+        """A unit file in the capsule's ~/.config/systemd/user."""
+        fake = FakeUnit(unit_file_state="enabled" if enabled else "disabled")
+        self._capsule(name).units[unit] = fake
+        return fake
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _capsule(self, name: str) -> FakeCapsule:
+        return self.capsules.setdefault(name, FakeCapsule(name))
+
+    def _check(self) -> None:
+        if self.unavailable:
+            raise SystemdUnavailable("fake: system bus unavailable")
+
+    @contextlib.asynccontextmanager
+    async def _mutating(self, method: str, name: str) -> AsyncIterator[FakeCapsule]:
+        self._check()
+        self.calls.append((method, name))
+        if name in self._busy:
+            self.overlaps.append(name)
+        self._busy.add(name)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            else:
+                await asyncio.sleep(0)  # let concurrent callers interleave, as real D-Bus does
+            yield self._capsule(name)
+        finally:
+            self._busy.discard(name)
+
+    def _set_state(self, capsule: FakeCapsule, state: str, sub_state: str) -> None:
+        capsule.state, capsule.sub_state = state, sub_state
+        capsule.since_usec = time.time_ns() // 1000
+        for watcher in list(self._watchers):
+            watcher.push(CapsuleEvent(capsule.name, state, sub_state, capsule.since_usec))
+
+    # -- SystemdBackend ------------------------------------------------------------------------
+
+    async def version(self) -> int:
+        """The configured version."""
+        self._check()
+        return self.version_value
+
+    async def check_version(self) -> int:
+        """version(), raising SystemdTooOld below 256."""
+        version = await self.version()
+        if version < MIN_SYSTEMD_VERSION:
+            raise SystemdTooOld(version)
+        return version
+
+    async def list_capsules(self) -> list[CapsuleInfo]:
+        """Every capsule that exists, by name."""
+        self._check()
+        return [c.info() for _, c in sorted(self.capsules.items()) if c.exists]
+
+    async def capsule_info(self, name: str) -> CapsuleInfo | None:
+        """One capsule or None."""
+        self._check()
+        capsule = self.capsules.get(name)
+        return capsule.info() if capsule is not None and capsule.exists else None
+
+    async def start(self, name: str) -> str:
+        """inactive -> active; state dir created; JobFailed for names in fail_start."""
+        async with self._mutating("start", name) as capsule:
+            capsule.has_state_dir = True  # StateDirectory= is created before ExecStart
+            if name in self.fail_start:
+                capsule.result = "exit-code"
+                capsule.uid = None
+                self._set_state(capsule, "failed", "failed")
+                raise JobFailed("failed", "exit-code")
+            if capsule.state != "active":
+                capsule.uid = next(self._uids)
+                capsule.result = "success"
+                self._set_state(capsule, "activating", "start")
+                self._set_state(capsule, "active", "running")
+                for unit in capsule.units.values():
+                    if unit.unit_file_state == "enabled":
+                        unit.active_state, unit.sub_state = "active", "running"
+            return "done"
+
+    async def stop(self, name: str) -> str:
+        """-> inactive; units inside stop."""
+        async with self._mutating("stop", name) as capsule:
+            if capsule.state != "inactive":
+                self._set_state(capsule, "deactivating", "stop-sigterm")
+                self._set_state(capsule, "inactive", "dead")
+                capsule.uid = None
+                for unit in capsule.units.values():
+                    unit.active_state, unit.sub_state = "inactive", "dead"
+                capsule.units = {
+                    k: u for k, u in capsule.units.items() if u.unit_file_state is not None
+                }
+            return "done"
+
+    async def restart(self, name: str) -> str:
+        """stop + start."""
+        await self.stop(name)
+        return await self.start(name)
+
+    async def clean(self, name: str) -> None:
+        """UnitBusy while running; else the state dir (and unit files in it) go."""
+        async with self._mutating("clean", name) as capsule:
+            if capsule.state not in FINISHED_STATES:
+                raise UnitBusy(capsule_unit(name))
+            capsule.has_state_dir = False
+            capsule.units.clear()
+
+    async def set_autostart(self, name: str, enabled: bool) -> None:
+        """Toggle the autostart link."""
+        async with self._mutating("set_autostart", name) as capsule:
+            capsule.autostart = enabled
+
+    async def set_limits(
+        self,
+        name: str,
+        memory_max: int | None = None,
+        tasks_max: int | None = None,
+        cpu_weight: int | None = None,
+    ) -> None:
+        """None: unchanged; LIMIT_DEFAULT: back to the default (reads as None)."""
+        async with self._mutating("set_limits", name) as capsule:
+            if memory_max is not None:
+                capsule.memory_max = None if memory_max == LIMIT_DEFAULT else memory_max
+            if tasks_max is not None:
+                capsule.tasks_max = None if tasks_max == LIMIT_DEFAULT else tasks_max
+            if cpu_weight is not None:
+                capsule.cpu_weight = None if cpu_weight == LIMIT_DEFAULT else cpu_weight
+
+    async def forget(self, name: str) -> None:
+        """Limits and autostart go; a capsule with nothing left disappears."""
+        async with self._mutating("forget", name) as capsule:
+            capsule.memory_max = capsule.tasks_max = capsule.cpu_weight = None
+            capsule.autostart = False
+            if not capsule.exists:
+                del self.capsules[name]
+
+    async def reset_failed(self, name: str) -> None:
+        """failed -> inactive."""
+        async with self._mutating("reset_failed", name) as capsule:
+            if capsule.state == "failed":
+                capsule.result = "success"
+                self._set_state(capsule, "inactive", "dead")
+
+    @contextlib.asynccontextmanager
+    async def capsule_manager(self, name: str) -> AsyncIterator[CapsuleManager]:
+        """A FakeCapsuleManager while the capsule is active."""
+        self._check()
+        capsule = self.capsules.get(name)
+        if capsule is None or capsule.state != "active":
+            raise ManagerUnavailable(name, "capsule is not running")
+        yield FakeCapsuleManager(capsule)
+
+    @contextlib.asynccontextmanager
+    async def watch(self) -> AsyncIterator[AsyncIterator[CapsuleEvent]]:
+        """State changes as the fake makes them; bounded like the real one."""
+        self._check()
+        watcher = _Watcher(WATCH_QUEUE)
+        self._watchers.add(watcher)
+        try:
+            yield watcher.events()
+        finally:
+            self._watchers.discard(watcher)
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+
+class _Watcher:
+    def __init__(self, maxsize: int) -> None:
+        self._queue: asyncio.Queue[CapsuleEvent] = asyncio.Queue(maxsize)
+        self._overflow = False
+
+    def push(self, event: CapsuleEvent) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self._overflow = True
+
+    async def events(self) -> AsyncIterator[CapsuleEvent]:
+        while True:
+            if self._queue.empty() and self._overflow:
+                raise WatchOverflow("fake watch fell behind")
+            yield await self._queue.get()
+
+
+class FakeCapsuleManager:
+    """CapsuleManager over a FakeCapsule's units."""
+
+    def __init__(self, capsule: FakeCapsule) -> None:
+        self._capsule = capsule
+        self.reloads = 0
+
+    async def list_units(self) -> list[UnitInfo]:
+        """Units of the capsule, sorted."""
+        home = f"/var/lib/capsules/{self._capsule.name}/.config/systemd/user"
+        return [
+            UnitInfo(
+                name,
+                "",
+                "loaded",
+                u.active_state,
+                u.sub_state,
+                u.unit_file_state,
+                f"{home}/{name}" if u.unit_file_state is not None else None,
+            )
+            for name, u in sorted(self._capsule.units.items())
+        ]
+
+    async def reload(self) -> None:
+        """Counts reloads."""
+        self.reloads += 1
+
+    def _unit(self, unit: str) -> FakeUnit:
+        try:
+            return self._capsule.units[unit]
+        except KeyError:
+            raise NoSuchUnit(unit) from None
+
+    async def start_unit(self, unit: str) -> str:
+        """NoSuchUnit / JobFailed / done."""
+        fake = self._unit(unit)
+        if fake.fail_start:
+            fake.active_state, fake.sub_state = "failed", "failed"
+            raise JobFailed("failed", "exit-code")
+        fake.active_state, fake.sub_state = "active", "running"
+        return "done"
+
+    async def stop_unit(self, unit: str) -> str:
+        """-> inactive."""
+        fake = self._unit(unit)
+        fake.active_state, fake.sub_state = "inactive", "dead"
+        return "done"
+
+    async def restart_unit(self, unit: str) -> str:
+        """stop + start."""
+        await self.stop_unit(unit)
+        return await self.start_unit(unit)
+
+    async def reset_failed_unit(self, unit: str) -> None:
+        """failed -> inactive."""
+        fake = self._capsule.units.get(unit)
+        if fake is not None and fake.active_state == "failed":
+            fake.active_state, fake.sub_state = "inactive", "dead"
+
+    async def start_transient(
+        self,
+        unit: str,
+        argv: Sequence[str],
+        environment: Sequence[str] = (),
+        working_directory: str | None = None,
+        keep: bool = False,
+    ) -> str:
+        """/bin/false exits 1, a path containing "missing" fails to start, the rest exit 0."""
+        if unit in self._capsule.units:
+            raise UnitBusy(unit)
+        if "missing" in argv[0]:
+            raise JobFailed("failed", "exit-code")
+        failed = argv[0].endswith("false")
+        self._capsule.units[unit] = FakeUnit(
+            active_state="failed" if failed else "inactive",
+            sub_state="failed" if failed else "dead",
+            unit_file_state=None,
+            exit=ExitStatus(unit, "exit-code" if failed else "success", "exited", int(failed)),
+        )
+        return unit
+
+    async def wait_exit(self, unit: str, timeout_s: float | None = None) -> ExitStatus:
+        """The exit status start_transient decided."""
+        fake = self._unit(unit)
+        if fake.exit is None:
+            raise NoSuchUnit(unit)
+        return fake.exit
