@@ -40,6 +40,17 @@ UNIT_TYPES: frozenset[str] = frozenset(
     }
 )
 
+# unit-file.c unit_type_may_template(): only these types have templates and instances; PID 1
+# refuses "x@y.mount" (manager_load_unit_prepare() -> EINVAL) although unit_name_is_valid() holds.
+TEMPLATABLE_UNIT_TYPES: frozenset[str] = frozenset({"service", "socket", "target", "timer", "path"})
+
+# Unit files that do something in a capsule's (unprivileged, per-user) service manager.  Not a
+# systemd rule: scopes are transient only, devices come from udev, and mount/automount/swap need
+# privileges a user manager lacks.  For callers that write unit files (InstallUnit).
+INSTALLABLE_UNIT_TYPES: frozenset[str] = frozenset(
+    {"service", "socket", "target", "timer", "path", "slice"}
+)
+
 _ASCII_ALPHA = frozenset(string.ascii_letters)
 _ASCII_DIGITS = frozenset(string.digits)
 # user-util.c valid_user_group_name(), strict branch: the first character is ascii_isalpha() or
@@ -108,11 +119,15 @@ def is_valid_capsule_name(name: str) -> bool:
     return capsule_name_problem(name) is None
 
 
-def unit_name_problem(name: str, *, allow_template: bool = False) -> str | None:
+def unit_name_problem(
+    name: str, *, allow_template: bool = False, types: frozenset[str] | None = None
+) -> str | None:
     """Return why ``name`` is not an acceptable unit name inside a capsule, or None.
 
     Mirrors unit-name.c unit_name_is_valid() with UNIT_NAME_PLAIN|UNIT_NAME_INSTANCE (and
-    UNIT_NAME_TEMPLATE when ``allow_template``).  Deliberate divergence, stricter than systemd:
+    UNIT_NAME_TEMPLATE when ``allow_template``), plus unit_type_may_template() as PID 1 applies it
+    when loading a unit.  ``types`` restricts the suffix further (e.g. INSTALLABLE_UNIT_TYPES).
+    Deliberate divergence, stricter than systemd:
     a name starting with '.' or containing ".." is refused.  systemd accepts "..service" and
     "a..b.service"; neither can traverse a path (no '/' is possible), but hidden files are
     skipped when systemd enumerates unit directories, and refusing ".." keeps every name
@@ -145,6 +160,10 @@ def unit_name_problem(name: str, *, allow_template: bool = False) -> str | None:
         return "starts with '@'"
     if at != -1 and at == len(stem) - 1 and not allow_template:
         return "is a template (ends in '@'); name an instance instead"
+    if at != -1 and suffix not in TEMPLATABLE_UNIT_TYPES:
+        return f"a .{suffix} unit cannot be a template or an instance (no '@' allowed)"
+    if types is not None and suffix not in types:
+        return f"a .{suffix} unit cannot be used here; expected one of {', '.join(sorted(types))}"
     # Our stricter rules, after systemd's so a name systemd refuses gets systemd's reason.
     if name.startswith("."):
         return "starts with '.'"

@@ -97,6 +97,10 @@ REFUSED_UNITS = [
     ("foo\0.service", "U+0000"),
     ("foo\n.service", "U+000A"),
     ("x" * (256 - len(".service")) + ".service", "longer than 255"),
+    # unit_type_may_template(): only service, socket, target, timer, path take '@'.
+    ("a@b.mount", "cannot be a template or an instance"),
+    ("a@b.scope", "cannot be a template or an instance"),
+    ("a@b.slice", "cannot be a template or an instance"),
     # Deliberately stricter than systemd (documented in unit_name_problem):
     ("..service", "starts with '.'"),
     (".foo.service", "starts with '.'"),
@@ -134,3 +138,18 @@ def test_every_unit_type_accepted() -> None:
     assert len(names.UNIT_TYPES) == 11
     for suffix in names.UNIT_TYPES:
         assert names.is_valid_unit_name(f"u.{suffix}")
+
+
+@pytest.mark.parametrize("suffix", sorted(names.TEMPLATABLE_UNIT_TYPES))
+def test_templatable_types_take_instances(suffix: str) -> None:
+    assert names.is_valid_unit_name(f"a@b.{suffix}")
+    assert names.is_valid_unit_name(f"a@.{suffix}", allow_template=True)
+
+
+def test_types_restriction() -> None:
+    installable = names.INSTALLABLE_UNIT_TYPES
+    assert names.unit_name_problem("a.service", types=installable) is None
+    assert names.unit_name_problem("a.slice", types=installable) is None
+    for refused in ("a.scope", "a.mount", "a.device", "a.swap", "a.automount"):
+        problem = names.unit_name_problem(refused, types=installable)
+        assert problem is not None and "cannot be used here" in problem
