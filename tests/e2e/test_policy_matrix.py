@@ -1,0 +1,484 @@
+"""The authorization matrix: users x capsules x actions, every cell asserted, on both backends.
+
+Run end-to-end in the testbed (real systemd 257, real polkitd 126), twice per backend:
+
+- `test_authorizer_matrix`: capsuled.policy.Authorizer itself, inside the container as root, with
+  subjects taken (SO_PEERCRED + SO_PEERPIDFD) from real processes running as each user — the policy
+  stack alone, polkitd included, independent of the daemon's methods;
+- `test_check_access_matrix`: the daemon, org.capsuled.Manager.CheckAccess called by each user over
+  the real socket, plus real calls (Describe, Stop, Create, Remove) whose refusals must agree.
+
+Both backends must give the same answer in every cell. The set-up adds, for both backends alike:
+group "webteam" with user wendy and a rule "webteam may read, create, manage, manage-units capsules
+named web-*" (a polkit rules file for polkit, a [[rule]] drop-in for builtin), user quinn in group
+"capsule" with a quota of one capsule, and removes carol from group "capsule" *while she is
+connected* ("a user whose group was just removed").
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from e2e.conftest import remove_capsule
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+ACTIONS = ("read", "create", "remove", "manage", "manage-units", "run", "set-limits")
+ANSWER = {"Y": "yes", "A": "auth_admin", "N": "no"}
+BACKENDS = ("builtin", "polkit")
+
+# Capsule roles: the capsule's owner (None: nobody; "none"/"webnone" are never created).
+OWNERS: dict[str, str | None] = {
+    "alice": "alice",
+    "bob": "bob",
+    "web": "bob",
+    "carol": "carol",
+    "none": None,
+    "webnone": None,
+}
+
+# One string per (user, capsule): the answers for ACTIONS in order.
+# Y = yes, A = auth_admin (refused without interaction), N = no.
+MATRIX: dict[str, dict[str, str]] = {
+    # root: everything
+    "root": {
+        "alice": "YYYYYYY",
+        "bob": "YYYYYYY",
+        "web": "YYYYYYY",
+        "carol": "YYYYYYY",
+        "none": "YYYYYYY",
+        "webnone": "YYYYYYY",
+    },
+    # group member: all of their own, create anywhere, nothing of others' or unowned capsules
+    "alice": {
+        "alice": "YYYYYYY",
+        "bob": "AYAAAAA",
+        "web": "AYAAAAA",
+        "carol": "AYAAAAA",
+        "none": "AYAAAAA",
+        "webnone": "AYAAAAA",
+    },
+    "bob": {
+        "alice": "AYAAAAA",
+        "bob": "YYYYYYY",
+        "web": "YYYYYYY",
+        "carol": "AYAAAAA",
+        "none": "AYAAAAA",
+        "webnone": "AYAAAAA",
+    },
+    # not a member: admin authentication for everything
+    "mallory": {
+        "alice": "AAAAAAA",
+        "bob": "AAAAAAA",
+        "web": "AAAAAAA",
+        "carol": "AAAAAAA",
+        "none": "AAAAAAA",
+        "webnone": "AAAAAAA",
+    },
+    # just removed from group capsule: not even her own capsule any more
+    "carol": {
+        "alice": "AAAAAAA",
+        "bob": "AAAAAAA",
+        "web": "AAAAAAA",
+        "carol": "AAAAAAA",
+        "none": "AAAAAAA",
+        "webnone": "AAAAAAA",
+    },
+    # webteam rule: read, create, manage, manage-units on web-*; not remove, run, set-limits
+    "wendy": {
+        "alice": "AAAAAAA",
+        "bob": "AAAAAAA",
+        "web": "YYAYYAA",
+        "carol": "AAAAAAA",
+        "none": "AAAAAAA",
+        "webnone": "YYAYYAA",
+    },
+}
+# carol while still a member, on the same connection, before the removal
+BEFORE_REMOVAL: dict[str, dict[str, str]] = {
+    "carol": {"carol": "YYYYYYY", "alice": "AYAAAAA", "webnone": "AYAAAAA"},
+}
+
+NO_SUCH = "org.capsuled.Manager.NoSuchCapsule"
+AUTH_REQUIRED = "org.capsuled.Manager.InteractiveAuthenticationRequired"
+QUOTA = "org.capsuled.Manager.QuotaExceeded"
+
+WEBTEAM_DROPIN = """\
+[[rule]]
+groups = ["webteam"]
+capsules = ["web-*"]
+actions = ["read", "create", "manage", "manage-units"]
+result = "yes"
+"""
+QUOTA_DROPIN = """\
+[[quota_rule]]
+users = ["quinn"]
+max_capsules = 1
+"""
+DROPIN_DIR = "/etc/capsuled/capsuled.toml.d"
+POLKIT_RULE = "/etc/polkit-1/rules.d/50-capsuled-webteam.rules"
+
+
+def webteam_polkit_rule() -> str:
+    # The shipped example, minus the actions the builtin drop-in does not grant either.
+    text = (REPO / "polkit" / "50-capsuled-webteam.rules.example").read_text()
+    return text.replace('        "org.capsuled.remove",\n', "")
+
+
+# Runs as root inside the container. Each user gets a child process (setpriv --init-groups, so
+# it carries the groups it had when it started); steps run in order; one result per step.
+DRIVER = r"""
+import asyncio, json, os, pwd, socket, struct, subprocess, sys
+
+spec = json.load(sys.stdin)
+SO_PEERPIDFD = 77
+CHILD_DIRECT = (
+    "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+    "print('ready', flush=True); sys.stdin.read()"
+)
+CHILD_VARLINK = '''
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(120)
+s.connect("/run/capsuled/org.capsuled.Manager")
+print("ready", flush=True)
+buf = b""
+for line in sys.stdin:
+    s.sendall(line.strip().encode() + b"\0")
+    while b"\0" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            print(json.dumps({"closed": True}), flush=True)
+            sys.exit(0)
+        buf += chunk
+    raw, _, buf = buf.partition(b"\0")
+    print(raw.decode(), flush=True)
+'''
+
+
+def spawn(user, code, *args):
+    argv = [] if user == "root" else [
+        "setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
+    p = subprocess.Popen(argv + [sys.executable, "-c", code, *args],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline().strip()
+    if line != "ready":
+        raise SystemExit(f"child for {user} did not start: {line!r}")
+    return p
+
+
+def uid(user):
+    return None if user is None else pwd.getpwnam(user).pw_uid
+
+
+async def main():
+    out = []
+    children, subjects = {}, {}
+    if spec["mode"] == "direct":
+        from capsuled.policy import Authorizer, Subject
+        auth = Authorizer.from_config(backend=spec["backend"])
+        path = f"/run/policy-matrix-{os.getpid()}.sock"
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        os.chmod(path, 0o777)
+        srv.listen(64)
+        for user in spec["users"]:
+            children[user] = spawn(user, CHILD_DIRECT, path)
+            conn, _ = srv.accept()
+            pid, peer_uid, gid = struct.unpack(
+                "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            pidfd = struct.unpack("i", conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
+            subjects[user] = (Subject(uid=peer_uid, gid=gid, pid=pid, pidfd=pidfd), conn)
+        os.unlink(path)
+    else:
+        auth = None
+        for user in spec["users"]:
+            children[user] = spawn(user, CHILD_VARLINK)
+    for step in spec["steps"]:
+        op = step["op"]
+        if op == "root":
+            r = subprocess.run(step["argv"], capture_output=True, text=True)
+            out.append(r.returncode)
+        elif op == "kill":
+            p = children.pop(step["user"])
+            p.kill()
+            p.wait()
+            out.append(None)
+        elif op == "check":
+            d = await auth.check(subjects[step["user"]][0], step["action"],
+                                 capsule=step["capsule"], owner=uid(step["owner"]))
+            out.append(str(d))
+        elif op == "quota":
+            q = auth.quota(subjects[step["user"]][0])
+            out.append([q.max_capsules, q.max_memory_bytes, q.max_tasks, q.max_cpu_weight])
+        elif op == "call":
+            p = children[step["user"]]
+            p.stdin.write(json.dumps({"method": step["method"],
+                                      "parameters": step["parameters"]}) + "\n")
+            p.stdin.flush()
+            out.append(json.loads(p.stdout.readline()))
+        else:
+            raise SystemExit(f"unknown op {op}")
+    for p in children.values():
+        p.stdin.close()
+        p.wait()
+    if auth is not None:
+        backend_name = auth.backend_name
+        await auth.aclose()
+    else:
+        backend_name = None
+    print(json.dumps({"backend": backend_name, "results": out}))
+
+
+asyncio.run(main())
+"""
+
+
+@dataclass
+class World:
+    names: dict[str, str]  # capsule role -> real name
+    created: list[str]
+
+
+def root_ok(bed, *argv: str, input: str | None = None) -> str:
+    result = bed.run(*argv, user="root", input=input)
+    assert result.returncode == 0, f"{argv}: {result.stderr}"
+    return str(result.stdout)
+
+
+def drive(bed, spec: dict[str, object]) -> dict[str, object]:
+    result = bed.run("python3", "-c", DRIVER, user="root", input=json.dumps(spec), timeout=300)
+    assert result.returncode == 0, f"driver failed:\n{result.stderr}"
+    output = json.loads(result.stdout.strip().splitlines()[-1])
+    assert isinstance(output, dict)
+    return output
+
+
+@pytest.fixture(scope="module")
+def world(bed) -> Iterator[World]:
+    """Users, groups, rules and quota for the matrix; undone afterwards."""
+    token = secrets.token_hex(3)
+    names = {
+        "alice": f"pm-a-{token}",
+        "bob": f"pm-b-{token}",
+        "web": f"web-{token}",
+        "carol": f"pm-c-{token}",
+        "none": f"pm-n-{token}",
+        "webnone": f"web-n{token}",
+    }
+    root_ok(bed, "groupadd", "-f", "webteam")
+    for user, groups in (("wendy", "webteam"), ("quinn", "capsule")):
+        if bed.run("id", user).returncode != 0:
+            root_ok(bed, "useradd", "--create-home", "--user-group", "--groups", groups, user)
+    root_ok(bed, "mkdir", "-p", DROPIN_DIR)
+    root_ok(bed, "sh", "-c", f"cat > {DROPIN_DIR}/50-matrix-webteam.toml", input=WEBTEAM_DROPIN)
+    root_ok(bed, "sh", "-c", f"cat > {DROPIN_DIR}/50-matrix-quota.toml", input=QUOTA_DROPIN)
+    root_ok(bed, "sh", "-c", f"cat > {POLKIT_RULE}", input=webteam_polkit_rule())
+    root_ok(bed, "chmod", "0644", f"{DROPIN_DIR}/50-matrix-webteam.toml")
+    root_ok(bed, "chmod", "0644", f"{DROPIN_DIR}/50-matrix-quota.toml", POLKIT_RULE)
+    root_ok(bed, "gpasswd", "-a", "carol", "capsule")
+    world = World(names, [])
+    try:
+        yield world
+    finally:
+        for name in world.created:
+            remove_capsule(bed, name)
+        bed.run("rm", "-f", f"{DROPIN_DIR}/50-matrix-webteam.toml", POLKIT_RULE)
+        bed.run("rm", "-f", f"{DROPIN_DIR}/50-matrix-quota.toml", f"{DROPIN_DIR}/99-matrix.toml")
+        bed.run("gpasswd", "-a", "carol", "capsule")
+        bed.run("userdel", "--remove", "wendy")
+        bed.run("userdel", "--remove", "quinn")
+        bed.run("groupdel", "webteam")
+        # Next connection starts the daemon with the configuration as it was.
+        bed.run("systemctl", "stop", "capsuled.service")
+
+
+def expected_cells(
+    table: dict[str, dict[str, str]],
+) -> list[tuple[str, str, str, str]]:
+    """(user, capsule role, action, expected answer) for every cell of a table."""
+    cells = []
+    for user, row in table.items():
+        for role, answers in row.items():
+            assert len(answers) == len(ACTIONS), (user, role)
+            for action, letter in zip(ACTIONS, answers, strict=True):
+                cells.append((user, role, action, ANSWER[letter]))
+    return cells
+
+
+def test_matrix_is_complete() -> None:
+    assert set(MATRIX) == {"root", "alice", "bob", "mallory", "carol", "wendy"}
+    for row in MATRIX.values():
+        assert set(row) == set(OWNERS)
+
+
+def compare(cells: list[tuple[str, str, str, str]], got: list[object], what: str) -> list[str]:
+    return [
+        f"{what}: {user} {action} on {role}: expected {want}, got {answer}"
+        for (user, role, action, want), answer in zip(cells, got, strict=True)
+        if answer != want
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_authorizer_matrix(bed, world: World, backend: str) -> None:
+    """The policy stack alone (polkitd included), subjects from real processes."""
+    root_ok(bed, "gpasswd", "-a", "carol", "capsule")
+    before = expected_cells(BEFORE_REMOVAL)
+    after = expected_cells(MATRIX)
+
+    def check(user: str, role: str, action: str) -> dict[str, object]:
+        return {
+            "op": "check",
+            "user": user,
+            "action": action,
+            "capsule": world.names[role],
+            "owner": OWNERS[role],
+        }
+
+    steps: list[dict[str, object]] = [check(u, r, a) for u, r, a, _ in before]
+    steps.append({"op": "root", "argv": ["gpasswd", "-d", "carol", "capsule"]})
+    steps += [check(u, r, a) for u, r, a, _ in after]
+    steps += [{"op": "quota", "user": u} for u in ("root", "alice", "quinn", "mallory")]
+    # A peer that is gone by the time of the check is refused, even on its own capsule.
+    steps += [{"op": "kill", "user": "alice"}, check("alice", "alice", "read")]
+    steps.append({"op": "root", "argv": ["gpasswd", "-a", "carol", "capsule"]})
+
+    users = ["root", "alice", "bob", "mallory", "carol", "wendy", "quinn"]
+    output = drive(bed, {"mode": "direct", "backend": backend, "users": users, "steps": steps})
+    assert output["backend"] == backend
+    results = output["results"]
+    assert isinstance(results, list) and len(results) == len(steps)
+
+    n_before = len(before)
+    mismatches = compare(before, results[:n_before], "before removal")
+    assert results[n_before] == 0  # gpasswd -d worked
+    rest = results[n_before + 1 :]
+    mismatches += compare(after, rest[: len(after)], "matrix")
+    assert mismatches == []
+    quotas = rest[len(after) : len(after) + 4]
+    assert quotas == [
+        [None, None, None, None],
+        [8, None, None, None],
+        [1, None, None, None],
+        [8, None, None, None],
+    ]
+    assert rest[len(after) + 4 :] == [None, "no", 0]
+
+
+def set_backend(bed, backend: str) -> None:
+    root_ok(
+        bed,
+        "sh",
+        "-c",
+        f"cat > {DROPIN_DIR}/99-matrix.toml && chmod 0644 {DROPIN_DIR}/99-matrix.toml",
+        input=f'[policy]\nbackend = "{backend}"\n',
+    )
+    # The daemon reads its configuration when it starts; the next connection starts it anew.
+    root_ok(bed, "systemctl", "stop", "capsuled.service")
+
+
+def call(user: str, method: str, **parameters: object) -> dict[str, object]:
+    return {
+        "op": "call",
+        "user": user,
+        "method": f"org.capsuled.Manager.{method}",
+        "parameters": parameters,
+    }
+
+
+@pytest.fixture(scope="module")
+def capsules(bed, world: World) -> World:
+    """The owned capsules, created by their owners through capsuled."""
+    steps = []
+    for role in ("alice", "bob", "web", "carol"):
+        owner = OWNERS[role]
+        assert owner is not None
+        world.created.append(world.names[role])
+        steps.append(call(owner, "Create", name=world.names[role]))
+    output = drive(bed, {"mode": "varlink", "users": ["alice", "bob", "carol"], "steps": steps})
+    for reply in output["results"]:  # type: ignore[union-attr]  # a list, checked by drive
+        assert "error" not in reply, reply
+    return world
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_access_matrix(bed, capsules: World, backend: str) -> None:
+    """The daemon: CheckAccess answers, and real calls refused or allowed to match."""
+    world = capsules
+    set_backend(bed, backend)
+    root_ok(bed, "gpasswd", "-a", "carol", "capsule")
+    names = world.names
+    quinn_first, quinn_second = f"pm-q1-{names['none'][5:]}", f"pm-q2-{names['none'][5:]}"
+    world.created += [quinn_first, quinn_second]
+    for leftover in (quinn_first, quinn_second):
+        remove_capsule(bed, leftover)  # from the other backend's run
+
+    before = expected_cells(BEFORE_REMOVAL)
+    after = expected_cells(MATRIX)
+
+    def access(user: str, role: str, action: str) -> dict[str, object]:
+        return call(user, "CheckAccess", name=names[role], action=action)
+
+    steps: list[dict[str, object]] = [call("root", "Info")]
+    steps += [access(u, r, a) for u, r, a, _ in before]
+    steps.append({"op": "root", "argv": ["gpasswd", "-d", "carol", "capsule"]})
+    steps += [access(u, r, a) for u, r, a, _ in after]
+    real = [
+        # (call, expected error or None)
+        (call("mallory", "Describe", name=names["alice"]), NO_SUCH),
+        (call("mallory", "Describe", name=names["none"]), NO_SUCH),
+        (call("alice", "Describe", name=names["bob"]), NO_SUCH),
+        (call("bob", "Stop", name=names["alice"]), NO_SUCH),
+        (call("carol", "Describe", name=names["carol"]), NO_SUCH),
+        (call("mallory", "Create", name=names["none"]), AUTH_REQUIRED),
+        (call("alice", "Describe", name=names["alice"]), None),
+        (call("root", "Describe", name=names["bob"]), None),
+        (call("wendy", "Describe", name=names["web"]), None),
+        (call("wendy", "Remove", name=names["web"]), AUTH_REQUIRED),
+        (call("quinn", "Create", name=quinn_first), None),
+        (call("quinn", "Create", name=quinn_second), QUOTA),
+    ]
+    steps += [c for c, _ in real]
+    steps.append({"op": "root", "argv": ["gpasswd", "-a", "carol", "capsule"]})
+
+    users = ["root", "alice", "bob", "mallory", "carol", "wendy", "quinn"]
+    output = drive(bed, {"mode": "varlink", "users": users, "steps": steps})
+    results = output["results"]
+    assert isinstance(results, list) and len(results) == len(steps)
+
+    info = results[0]
+    assert info.get("parameters", {}).get("policyBackend") == backend, info
+
+    def answer(reply: dict[str, object]) -> object:
+        params = reply.get("parameters")
+        if "error" in reply or not isinstance(params, dict):
+            return reply
+        access = params.get("access")
+        return access.get("result") if isinstance(access, dict) else reply
+
+    i = 1
+    mismatches = compare(before, [answer(r) for r in results[i : i + len(before)]], "before")
+    i += len(before)
+    assert results[i] == 0
+    i += 1
+    mismatches += compare(after, [answer(r) for r in results[i : i + len(after)]], "matrix")
+    i += len(after)
+    for (step, want), reply in zip(real, results[i : i + len(real)], strict=True):
+        got = reply.get("error")
+        if got != want:
+            mismatches.append(f"{step['user']} {step['method']}: expected {want}, got {reply}")
+        if want == QUOTA:
+            assert reply.get("parameters") == {"what": "capsules", "limit": 1}
+        if want == NO_SUCH:
+            # The same reply whether the capsule exists or not: only the name asked for.
+            assert reply.get("parameters") == {"name": step["parameters"]["name"]}  # type: ignore[index]
+    assert mismatches == []
+    assert results[-1] == 0
