@@ -155,3 +155,23 @@ def test_file_without_a_real_section_is_refused(content: bytes) -> None:
 def test_unknown_section_without_unit_name_is_accepted_if_a_known_one_exists() -> None:
     unit = check_unit_file(b"[Unit]\nA=b\n[Whatever]\nC=d\n")
     assert [s.name for s in unit.sections] == ["Unit", "Whatever"]
+
+
+# Description= as systemd 257's PID 1 parsed these files (daemon-reload, then
+# `systemctl show -P Description`), recorded in the testbed; our parser must agree.
+SYSTEMD_257_DESCRIPTIONS = [
+    (b"[Unit]\nDescription=a \\\n  b\n", "a    b"),
+    (b"[Unit]\nDescription=a \\\n# comment\n; other\nb\n", "a  b"),
+    (b"[Unit]\nDescription=a\\\\\n", "a\\\\"),  # two backslashes: no continuation
+    (b"[Unit]\r\nDescription=  crlf value  \r\n", "crlf value"),
+    (b"\xef\xbb\xbf[Unit]\nDescription=bom\n", "bom"),
+    (b"[Unit]\nDescription=x \\\n\n[Service]\n", "x"),
+    (b"[Unit]\nDescription=tab\there \\\n\tnext\n", "tab\there  \tnext"),
+    (b"[Unit]\nDescription=last \\", "last"),
+    (b"[Unit]\nDescription=one\nDescription=two = three\n", "two = three"),
+]
+
+
+@pytest.mark.parametrize(("content", "description"), SYSTEMD_257_DESCRIPTIONS)
+def test_agrees_with_systemd_257(content: bytes, description: str) -> None:
+    assert parse_unit_file(content).values("Unit", "Description")[-1] == description
