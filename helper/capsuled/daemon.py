@@ -81,24 +81,27 @@ def service_info() -> ServiceInfo:
 
 
 def build_dispatcher(options: Options) -> Dispatcher[object]:
-    """Wiring: the one place that builds the Dispatcher (the lead fills in the services here)."""
-    from capsuled.errors import InternalError
+    """Wiring: the one place that builds the services and the Dispatcher."""
+    # Imported here so `capsuled --version`/`install` do not pay for jeepney and policy.
+    from capsuled import methods
+    from capsuled.audit import AuditLog
+    from capsuled.methods.context import Services
+    from capsuled.policy import Authorizer
+    from capsuled.records import RecordStore
+    from capsuled.systemd.backend import DBusSystemdBackend
 
-    interface = load_interface()
-
-    def make_context(*_: object) -> object:
-        return None
-
-    # Until the services are wired, every declared method answers MethodNotImplemented.
-    return Dispatcher(
-        interface,
-        {},
-        make_context=make_context,
-        requires_more=frozenset(),
-        internal_error=InternalError,
-        info=service_info(),
-        validate_replies=options.validate_replies,
+    info = service_info()
+    services = Services(
+        backend=DBusSystemdBackend(),
+        authorizer=Authorizer.from_config(),
+        records=RecordStore(),
+        audit=AuditLog(),
+        version=info.version,
     )
+    dispatcher = methods.build_dispatcher(
+        load_interface(), services, info, validate_replies=options.validate_replies
+    )
+    return dispatcher  # type: ignore[return-value]  # Dispatcher[CallContext] is served as Dispatcher[object]
 
 
 def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[tuple[int, str]]:

@@ -75,7 +75,7 @@ class Record:
         if type(owner) is not int or owner < 0 or type(created) is not int:
             raise CorruptRecord(f"{expected_name}: bad owner or creation time")
         try:
-            return cls(name, owner, Phase(phase), created)
+            return cls(name, owner, Phase(str(phase)), created)
         except ValueError as exc:
             raise CorruptRecord(f"{expected_name}: unknown phase {phase!r}") from exc
 

@@ -1,0 +1,177 @@
+"""What every method handler gets: the caller, the services, and `authorize`.
+
+`CallContext.authorize` is our `bus-polkit.c`: the one line of policy in each
+handler. It resolves the capsule's owner from the records, asks the
+Authorizer (root short-circuit, owner grants, builtin or polkit, the
+interactive flag), and turns a refusal into the right reply - including
+NoSuchCapsule for a caller who may not even read the capsule, so that a
+refusal never tells whether a capsule exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from capsuled import errors
+from capsuled.audit import AuditLog
+from capsuled.policy import Authorizer, Decision, InteractionRequired
+from capsuled.policy import actions as act
+from capsuled.records import CorruptRecord, Record, RecordStore
+from capsuled.systemd import errors as sd
+from capsuled.systemd.backend import SystemdBackend
+from capsuled.varlink.errors import PermissionDenied, VarlinkError
+
+Notify = Callable[[dict[str, object]], Awaitable[None]]
+
+
+class PeerLike(Protocol):
+    @property
+    def uid(self) -> int: ...
+    @property
+    def gid(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def pidfd(self) -> int | None: ...
+
+
+class CapsuleLocks:
+    """One asyncio.Lock per capsule name: calls on one capsule run one at a time,
+    calls on different capsules in parallel. Entries go away when unused, so the
+    table is bounded by the calls in flight, not by every name ever asked for."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(name, (asyncio.Lock(), 0))
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+@dataclass(slots=True)
+class Services:
+    """The long-lived objects handlers use; built once, in daemon.py."""
+
+    backend: SystemdBackend
+    authorizer: Authorizer
+    records: RecordStore
+    audit: AuditLog
+    version: str
+    capsules_root: str = "/var/lib/private/capsules"
+    locks: CapsuleLocks = field(default_factory=CapsuleLocks)
+
+
+@dataclass(slots=True)
+class CallContext:
+    peer: PeerLike
+    more: bool
+    notify: Notify
+    services: Services
+
+    @property
+    def backend(self) -> SystemdBackend:
+        return self.services.backend
+
+    @property
+    def records(self) -> RecordStore:
+        return self.services.records
+
+    def record_of(self, name: str) -> Record | None:
+        try:
+            return self.services.records.get(name)
+        except CorruptRecord:
+            # A record we did not write grants nothing: treat the capsule as unowned.
+            return None
+
+    async def authorize(
+        self,
+        action: str,
+        name: str,
+        *,
+        interactive: object = False,  # the call's allowInteractiveAuthentication (absent: None)
+        verb: str | None = None,
+        unit: str | None = None,
+        owner: int | None = None,
+    ) -> Record | None:
+        """Allow the call or raise its refusal; returns the capsule's record.
+
+        Raises:
+            NoSuchCapsule: the caller may not read the capsule (whether or not it exists).
+            PermissionDenied, InteractiveAuthenticationRequired: it may read it, not do this.
+        """
+        record = self.record_of(name)
+        if owner is None and record is not None:
+            owner = record.owner
+        try:
+            await self.services.authorizer.authorize(
+                self.peer,
+                action,
+                capsule=name,
+                owner=owner,
+                verb=verb,
+                unit=unit,
+                allow_interactive=bool(interactive),
+            )
+        except (PermissionDenied, InteractionRequired) as refusal:
+            if action != act.CREATE and not await self.may_read(name, owner):
+                raise errors.NoSuchCapsule(name=name) from None
+            if isinstance(refusal, InteractionRequired):
+                raise errors.InteractiveAuthenticationRequired() from None
+            raise
+        return record
+
+    async def may_read(self, name: str, owner: int | None) -> bool:
+        decision = await self.services.authorizer.check(
+            self.peer, act.READ, capsule=name, owner=owner
+        )
+        return decision is Decision.YES
+
+    def audit(self, action: str, name: str | None, result: str, **fields: str | int | None) -> None:
+        self.services.audit.record(
+            action, caller_uid=self.peer.uid, capsule=name, result=result, **fields
+        )
+
+
+# Backend errors -> Varlink errors, in one table (style: translate once per layer).
+def varlink_error_for(exc: sd.BackendError, name: str) -> VarlinkError:
+    if isinstance(exc, sd.SystemdTooOld):
+        return errors.SystemdTooOld(version=exc.version)
+    if isinstance(exc, sd.SystemdUnavailable | sd.BackendTimeout):
+        return errors.SystemdUnavailable()
+    if isinstance(exc, sd.JobFailed):
+        return errors.JobFailed(result=exc.result, unitResult=exc.unit_result)
+    if isinstance(exc, sd.UnitBusy):
+        return errors.CapsuleRunning(name=name)
+    if isinstance(exc, sd.ManagerUnavailable):
+        return errors.CapsuleNotRunning(name=name)
+    if isinstance(exc, sd.AccessDenied):
+        return PermissionDenied()
+    return errors.InternalError()
+
+
+@contextlib.contextmanager
+def backend_errors(name: str) -> Iterator[None]:
+    """Turn a backend failure into its Varlink error, chaining the cause for the journal."""
+    try:
+        yield
+    except sd.NoSuchUnit as exc:
+        raise errors.NoSuchCapsule(name=name) from exc
+    except sd.BackendError as exc:
+        raise varlink_error_for(exc, name) from exc

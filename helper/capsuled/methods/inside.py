@@ -1,0 +1,347 @@
+"""Inside a capsule: its user units (ListUnits, InstallUnit, RemoveUnit,
+Start/Stop/Restart/Enable/DisableUnit) and commands (Run).
+
+Unit files live in the capsule's home, which the capsule controls: every file
+operation goes through safefs (dir fds, O_NOFOLLOW, atomic rename; invariant
+2). The capsule's manager is reached over its private socket by the backend,
+which refuses a socket the capsule's own uid does not own.
+
+"Enabled" here means wanted by capsule@.target - the capsule's manager runs
+with --unit=capsule@NAME.target, which does not pull in default.target, so a
+unit's own [Install] WantedBy=default.target would never start it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import secrets
+from collections.abc import Iterator
+from typing import cast
+
+from capsuled import errors
+from capsuled.methods.context import CallContext, backend_errors
+from capsuled.methods.lifecycle import checked_name, existing
+from capsuled.names import unit_name_problem
+from capsuled.policy import actions as act
+from capsuled.safefs import CapsuleHome, EntryKind, NoHome, NotFound, SafeFsError
+from capsuled.systemd import errors as sd
+from capsuled.systemd.backend import UnitInfo
+from capsuled.unitfile import InvalidUnitFile, check_unit_file
+
+Params = dict[str, object]
+Wire = dict[str, object]
+
+UNIT_DIR = (".config", "systemd", "user")
+WANTS_DIR = (*UNIT_DIR, "capsule@.target.wants")
+# The capsule's home as its own processes see it (capsule@.service: HOME=/var/lib/capsules/%i);
+# wants links point there, as `systemctl --user enable` inside the capsule would make them.
+CAPSULE_HOME_IN_CAPSULE = "/var/lib/capsules"
+# Unit file size cap (see unitfile.UNIT_FILE_MAX_BYTES for why this size).
+MAX_RUN_ARGS = 4096
+MAX_RUN_ENV = 1024
+
+
+def checked_unit(p: Params, *, field: str = "unit") -> str:
+    unit = cast(str, p[field])
+    problem = unit_name_problem(unit)
+    if problem is not None:
+        raise errors.InvalidUnit(unit=unit, reason=problem, line=None)
+    return unit
+
+
+@contextlib.contextmanager
+def home_of(ctx: CallContext, name: str) -> Iterator[CapsuleHome]:
+    """The capsule's home, opened safely; errors become replies that change nothing."""
+    try:
+        with CapsuleHome.open(name, ctx.services.capsules_root) as home:
+            yield home
+    except NoHome:
+        raise errors.CapsuleNotRunning(name=name) from None
+    except SafeFsError as exc:
+        raise errors.UnsafeCapsuleHome(name=name, path=exc.path, reason=exc.reason) from exc
+
+
+def _unit_files(home: CapsuleHome) -> dict[str, EntryKind]:
+    try:
+        return dict(home.list_dir(UNIT_DIR))
+    except NotFound:
+        return {}
+
+
+def _wanted(home: CapsuleHome) -> set[str]:
+    try:
+        return {n for n, kind in home.list_dir(WANTS_DIR) if kind is EntryKind.SYMLINK}
+    except NotFound:
+        return set()
+
+
+def _is_transient(unit: UnitInfo) -> bool:
+    # A user manager keeps transient unit files in $XDG_RUNTIME_DIR/systemd/transient/.
+    return unit.unit_file_path is not None and "/systemd/transient/" in unit.unit_file_path
+
+
+def _unit_wire(unit: str, live: UnitInfo | None, has_file: bool, enabled: bool) -> Wire:
+    return {
+        "name": unit,
+        "description": live.description if live else None,
+        "loadState": live.load_state if live else ("loaded" if has_file else "not-found"),
+        "activeState": live.active_state if live else "inactive",
+        "subState": live.sub_state if live else "dead",
+        "enabled": enabled,
+        "hasFile": has_file,
+    }
+
+
+async def _live_units(ctx: CallContext, name: str) -> dict[str, UnitInfo] | None:
+    """The running manager's view of its units, or None while the capsule is stopped."""
+    try:
+        async with ctx.backend.capsule_manager(name) as mgr:
+            return {u.name: u for u in await mgr.list_units()}
+    except sd.ManagerUnavailable:
+        return None
+
+
+async def _describe_unit(ctx: CallContext, name: str, unit: str) -> Wire:
+    with home_of(ctx, name) as home:
+        files = _unit_files(home)
+        wanted = _wanted(home)
+    live = await _live_units(ctx, name)
+    return _unit_wire(
+        unit, (live or {}).get(unit), files.get(unit) is EntryKind.FILE, unit in wanted
+    )
+
+
+async def list_units(ctx: CallContext, p: Params) -> Wire:
+    name = checked_name(p)
+    record = await ctx.authorize(act.READ, name, interactive=p["allowInteractiveAuthentication"])
+    await existing(ctx, name, record)
+    try:
+        with CapsuleHome.open(name, ctx.services.capsules_root) as home:
+            files = _unit_files(home)
+            wanted = _wanted(home)
+    except NoHome:
+        files, wanted = {}, set()
+    except SafeFsError as exc:
+        raise errors.UnsafeCapsuleHome(name=name, path=exc.path, reason=exc.reason) from exc
+    with backend_errors(name):
+        live = await _live_units(ctx, name)
+    names = {n for n, kind in files.items() if kind is EntryKind.FILE}
+    if live is not None:
+        # Beside the files: transient units started with Run, still known to the manager.
+        names |= {u.name for u in live.values() if _is_transient(u)}
+    units = [_unit_wire(u, (live or {}).get(u), u in files, u in wanted) for u in sorted(names)]
+    return {"units": units}
+
+
+async def _manager_job(ctx: CallContext, name: str, unit: str, verb: str) -> str:
+    try:
+        async with ctx.backend.capsule_manager(name) as mgr:
+            job = {"start": mgr.start_unit, "stop": mgr.stop_unit, "restart": mgr.restart_unit}
+            return await job[verb](unit)
+    except sd.NoSuchUnit:
+        raise errors.NoSuchUnit(name=name, unit=unit) from None
+    except sd.ManagerUnavailable:
+        raise errors.CapsuleNotRunning(name=name) from None
+
+
+async def _reload_if_running(ctx: CallContext, name: str) -> bool:
+    try:
+        async with ctx.backend.capsule_manager(name) as mgr:
+            await mgr.reload()
+            return True
+    except sd.ManagerUnavailable:
+        return False
+
+
+async def install_unit(ctx: CallContext, p: Params) -> Wire:
+    name = checked_name(p)
+    unit = checked_unit(p)
+    content = cast(str, p["content"]).encode()
+    try:
+        check_unit_file(content)
+    except InvalidUnitFile as exc:
+        raise errors.InvalidUnit(unit=unit, reason=exc.reason, line=exc.line) from None
+    enable, start_now = bool(p["enable"]), bool(p["start"])
+    await ctx.authorize(
+        act.MANAGE_UNITS,
+        name,
+        interactive=p["allowInteractiveAuthentication"],
+        unit=unit,
+        verb="install",
+    )
+    async with ctx.services.locks.hold(name):
+        info = await existing(ctx, name, ctx.record_of(name))
+        running = info is not None and info.state == "active"
+        if start_now and not running:
+            raise errors.CapsuleNotRunning(name=name)
+        with home_of(ctx, name) as home:
+            home.write_file_atomically(UNIT_DIR, unit, content)
+            if enable:
+                _link_wanted(home, name, unit)
+        with backend_errors(name):
+            await _reload_if_running(ctx, name)
+            job = await _manager_job(ctx, name, unit, "start") if start_now else None
+        ctx.audit("install-unit", name, "ok", unit=unit, enable=int(enable), job=job)
+        return {"unit": await _describe_unit(ctx, name, unit)}
+
+
+def _link_wanted(home: CapsuleHome, name: str, unit: str) -> None:
+    target = posixpath.join(CAPSULE_HOME_IN_CAPSULE, name, *UNIT_DIR, unit)
+    home.symlink(WANTS_DIR, unit, target)
+
+
+async def remove_unit(ctx: CallContext, p: Params) -> Wire:
+    name = checked_name(p)
+    unit = checked_unit(p)
+    await ctx.authorize(
+        act.MANAGE_UNITS,
+        name,
+        interactive=p["allowInteractiveAuthentication"],
+        unit=unit,
+        verb="remove",
+    )
+    async with ctx.services.locks.hold(name):
+        await existing(ctx, name, ctx.record_of(name))
+        with home_of(ctx, name) as home:
+            if _unit_files(home).get(unit) is not EntryKind.FILE:
+                raise errors.NoSuchUnit(name=name, unit=unit)
+        with backend_errors(name), contextlib.suppress(errors.NoSuchUnit, errors.CapsuleNotRunning):
+            await _manager_job(ctx, name, unit, "stop")
+        with home_of(ctx, name) as home:
+            with contextlib.suppress(NotFound):
+                home.remove_file(WANTS_DIR, unit)
+            home.remove_file(UNIT_DIR, unit)
+        with backend_errors(name):
+            await _reload_if_running(ctx, name)
+        ctx.audit("remove-unit", name, "ok", unit=unit)
+        return {}
+
+
+async def _unit_job(ctx: CallContext, p: Params, verb: str) -> Wire:
+    name = checked_name(p)
+    unit = checked_unit(p)
+    await ctx.authorize(
+        act.MANAGE_UNITS,
+        name,
+        interactive=p["allowInteractiveAuthentication"],
+        unit=unit,
+        verb=verb,
+    )
+    async with ctx.services.locks.hold(name):
+        await existing(ctx, name, ctx.record_of(name))
+        try:
+            with backend_errors(name):
+                job = await _manager_job(ctx, name, unit, verb)
+        except errors.JobFailed:
+            ctx.audit(f"{verb}-unit", name, "failed", unit=unit)
+            raise
+        ctx.audit(f"{verb}-unit", name, "ok", unit=unit)
+        return {"unit": await _describe_unit(ctx, name, unit), "job": job}
+
+
+async def start_unit(ctx: CallContext, p: Params) -> Wire:
+    return await _unit_job(ctx, p, "start")
+
+
+async def stop_unit(ctx: CallContext, p: Params) -> Wire:
+    return await _unit_job(ctx, p, "stop")
+
+
+async def restart_unit(ctx: CallContext, p: Params) -> Wire:
+    return await _unit_job(ctx, p, "restart")
+
+
+async def _set_enabled(ctx: CallContext, p: Params, enabled: bool) -> Wire:
+    name = checked_name(p)
+    unit = checked_unit(p)
+    verb = "enable" if enabled else "disable"
+    await ctx.authorize(
+        act.MANAGE_UNITS,
+        name,
+        interactive=p["allowInteractiveAuthentication"],
+        unit=unit,
+        verb=verb,
+    )
+    async with ctx.services.locks.hold(name):
+        await existing(ctx, name, ctx.record_of(name))
+        with home_of(ctx, name) as home:
+            if _unit_files(home).get(unit) is not EntryKind.FILE:
+                raise errors.NoSuchUnit(name=name, unit=unit)
+            if enabled:
+                _link_wanted(home, name, unit)
+            else:
+                with contextlib.suppress(NotFound):
+                    home.remove_file(WANTS_DIR, unit)
+        with backend_errors(name):
+            await _reload_if_running(ctx, name)
+        ctx.audit(f"{verb}-unit", name, "ok", unit=unit)
+        return {"unit": await _describe_unit(ctx, name, unit)}
+
+
+async def enable_unit(ctx: CallContext, p: Params) -> Wire:
+    return await _set_enabled(ctx, p, True)
+
+
+async def disable_unit(ctx: CallContext, p: Params) -> Wire:
+    return await _set_enabled(ctx, p, False)
+
+
+def _checked_run(p: Params) -> tuple[list[str], str | None, list[str], str | None]:
+    command = cast(list[str], p["command"])
+    if not command or len(command) > MAX_RUN_ARGS:
+        raise errors.InvalidValue(parameter="command", reason=f"1..{MAX_RUN_ARGS} arguments")
+    if not os.path.isabs(command[0]):
+        raise errors.InvalidValue(parameter="command", reason="command[0] must be an absolute path")
+    if any("\0" in arg for arg in command):
+        raise errors.InvalidValue(parameter="command", reason="arguments may not contain NUL")
+    unit = cast(str | None, p["unit"])
+    if unit is not None:
+        if "." not in unit:
+            unit += ".service"
+        if not unit.endswith(".service") or (problem := unit_name_problem(unit)) is not None:
+            raise errors.InvalidUnit(
+                unit=unit, reason=problem or "a command runs as a .service", line=None
+            )
+    environment = cast(list[str] | None, p["environment"]) or []
+    if len(environment) > MAX_RUN_ENV:
+        raise errors.InvalidValue(parameter="environment", reason=f"at most {MAX_RUN_ENV}")
+    for assignment in environment:
+        key, sep, _ = assignment.partition("=")
+        if not sep or not key or not key.replace("_", "a").isalnum() or key[0].isdigit():
+            # Never echo the assignment: its value may be a secret.
+            raise errors.InvalidValue(parameter="environment", reason="entries must be KEY=VALUE")
+    cwd = cast(str | None, p["workingDirectory"])
+    if cwd is not None and (not os.path.isabs(cwd) or "\0" in cwd):
+        raise errors.InvalidValue(parameter="workingDirectory", reason="must be an absolute path")
+    return command, unit, environment, cwd
+
+
+async def run(ctx: CallContext, p: Params) -> Wire:
+    name = checked_name(p)
+    command, unit, environment, cwd = _checked_run(p)
+    await ctx.authorize(act.RUN, name, interactive=p["allowInteractiveAuthentication"])
+    await existing(ctx, name, ctx.record_of(name))
+    try:
+        with backend_errors(name):
+            async with ctx.backend.capsule_manager(name) as mgr:
+                started = await mgr.start_transient(
+                    unit or f"run-u{secrets.token_hex(8)}.service",
+                    command,
+                    environment=environment,
+                    working_directory=cwd,
+                    keep=ctx.more,
+                )
+                ctx.audit("run", name, "started", unit=started, command=command[0])
+                if not ctx.more:
+                    return {"unit": started, "exitStatus": None, "result": None}
+                await ctx.notify({"unit": started, "exitStatus": None, "result": None})
+                ended = await mgr.wait_exit(started)
+    except errors.JobFailed:
+        ctx.audit("run", name, "failed", command=command[0])
+        raise
+    ctx.audit("run", name, "exited", unit=started, exit_result=ended.result, status=ended.status)
+    # A signal is not an exit status; result ("signal", "core-dump") says what happened.
+    status = ended.status if ended.code == "exited" else None
+    return {"unit": started, "exitStatus": status, "result": ended.result}

@@ -1,0 +1,128 @@
+"""Streaming methods: Logs (journal of a capsule) and Watch (state changes).
+
+Both stream with `ctx.notify`, which waits for the transport to drain: a
+client that stops reading stalls only its own call, and the transport drops it
+when its write buffer stays full (bounded memory, invariant 4). Neither blocks
+the event loop: journal reads run in a worker thread or behind the journal's
+own fd, D-Bus signals arrive on the bus connection's reader task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import cast
+
+from capsuled import errors, journal
+from capsuled.methods.context import CallContext, backend_errors
+from capsuled.methods.lifecycle import checked_name, existing
+from capsuled.names import capsule_name_problem, unit_name_problem
+from capsuled.policy import actions as act
+from capsuled.varlink.errors import ExpectedMore
+
+Params = dict[str, object]
+Wire = dict[str, object]
+
+# How long a Watch trusts one "may this caller read capsule X" answer; group
+# changes take effect within this time without a query per event.
+WATCH_ACCESS_TTL_S = 5.0
+# A Watch on more names than this is refused: each name costs a filter entry.
+MAX_WATCH_NAMES = 1024
+
+
+async def logs(ctx: CallContext, p: Params) -> Wire:
+    name = checked_name(p)
+    unit = cast(str | None, p["unit"])
+    if unit is not None and (problem := unit_name_problem(unit)) is not None:
+        raise errors.InvalidUnit(unit=unit, reason=problem, line=None)
+    lines = cast(int | None, p["lines"])
+    if lines is None:
+        lines = journal.DEFAULT_LINES
+    if not 0 <= lines <= journal.MAX_LINES:
+        raise errors.InvalidValue(parameter="lines", reason=f"must be 0..{journal.MAX_LINES}")
+    follow = bool(p["follow"])
+    if follow and not ctx.more:
+        raise ExpectedMore()
+    record = await ctx.authorize(act.READ, name, interactive=p["allowInteractiveAuthentication"])
+    await existing(ctx, name, record)
+    since = cast(int | None, p["since"])
+    entries = await asyncio.to_thread(
+        journal.read_tail, name, unit=unit, lines=lines, since_usec=since
+    )
+    wire = [e.to_wire() for e in entries]
+    if not ctx.more:
+        return {"entries": wire}
+    if not follow:
+        if not wire:
+            return {"entries": []}
+        for entry in wire[:-1]:
+            await ctx.notify({"entries": [entry]})
+        return {"entries": [wire[-1]]}
+    for entry in wire:
+        await ctx.notify({"entries": [entry]})
+    follower = journal.Follower(
+        name, unit=unit, after_cursor=entries[-1].cursor if entries else None
+    )
+    try:
+        async for new in follower:
+            await ctx.notify({"entries": [new.to_wire()]})
+    finally:
+        await follower.aclose()
+    # The journal never ends a follow; only the client's hang-up (cancellation) does.
+    return {"entries": []}
+
+
+async def watch(ctx: CallContext, p: Params) -> Wire:
+    names = cast(list[str] | None, p["names"])
+    wanted: frozenset[str] | None = None
+    if names is not None:
+        if len(names) > MAX_WATCH_NAMES:
+            raise errors.InvalidValue(parameter="names", reason=f"at most {MAX_WATCH_NAMES}")
+        for n in names:
+            if (problem := capsule_name_problem(n)) is not None:
+                raise errors.InvalidName(name=n, reason=problem)
+        wanted = frozenset(names)
+
+    access: dict[str, tuple[bool, float]] = {}
+
+    async def visible(name: str) -> bool:
+        if wanted is not None and name not in wanted:
+            return False
+        now = time.monotonic()
+        cached = access.get(name)
+        if cached is not None and now - cached[1] < WATCH_ACCESS_TTL_S:
+            return cached[0]
+        record = ctx.record_of(name)
+        allowed = await ctx.may_read(name, record.owner if record else None)
+        if len(access) >= MAX_WATCH_NAMES:
+            access.clear()
+        access[name] = (allowed, now)
+        return allowed
+
+    with backend_errors(""):
+        async with ctx.backend.watch() as events:
+            # Subscribed first, then the snapshot: a change between the two is
+            # seen twice rather than lost, and the client knows we are listening.
+            for info in await ctx.backend.list_capsules():
+                if await visible(info.name):
+                    await ctx.notify(_event("capsule", info.name, None, info.state, info.sub_state))
+            async for event in events:
+                if await visible(event.name):
+                    await ctx.notify(
+                        _event("capsule", event.name, None, event.state, event.sub_state)
+                    )
+    # The signal stream only ends when PID 1's bus connection does.
+    raise errors.SystemdUnavailable()
+
+
+def _event(kind: str, capsule: str, unit: str | None, state: str, sub_state: str | None) -> Wire:
+    return {
+        "event": {
+            "kind": kind,
+            "capsule": capsule,
+            "unit": unit,
+            "state": state,
+            "subState": sub_state,
+            "timestamp": time.time_ns() // 1000,
+        }
+    }

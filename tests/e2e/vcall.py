@@ -1,0 +1,99 @@
+"""Raw Varlink calls made *inside* the testbed, as a given user.
+
+The client runs in the container as that user (so the helper sees the real
+uid on its socket) and speaks JSON+NUL with nothing but the standard library:
+end-to-end tests assert on the exact wire replies, independent of capsulectl.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Protocol
+
+INTERFACE = "org.capsuled.Manager"
+SOCKET = "/run/capsuled/org.capsuled.Manager"
+
+_CLIENT = r"""
+import json, socket, sys
+method, params, more, limit, timeout = json.loads(sys.argv[1])
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(timeout)
+s.connect(SOCKET)
+msg = {"method": method, "parameters": params}
+if more:
+    msg["more"] = True
+s.sendall(json.dumps(msg).encode() + b"\0")
+buf, n = b"", 0
+while True:
+    while b"\0" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            print(json.dumps({"closed": True}), flush=True)
+            sys.exit(0)
+        buf += chunk
+    raw, _, buf = buf.partition(b"\0")
+    reply = json.loads(raw)
+    print(json.dumps(reply), flush=True)
+    n += 1
+    if not reply.get("continues") or (limit and n >= limit):
+        break
+""".replace("SOCKET", repr(SOCKET))
+
+
+class Runner(Protocol):
+    def run(self, *argv: str, user: str = ..., timeout: float = ...) -> object: ...
+
+
+@dataclass
+class Replies:
+    replies: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def last(self) -> dict[str, object]:
+        return self.replies[-1]
+
+    @property
+    def error(self) -> str | None:
+        err = self.last.get("error")
+        return err if isinstance(err, str) else None
+
+    @property
+    def parameters(self) -> dict[str, object]:
+        params = self.last.get("parameters", {})
+        assert isinstance(params, dict)
+        return params
+
+
+def call(
+    bed: object,
+    user: str,
+    method: str,
+    params: dict[str, object] | None = None,
+    *,
+    more: bool = False,
+    limit: int = 0,
+    timeout: float = 120.0,
+) -> Replies:
+    """Call org.capsuled.Manager.METHOD (or a full method name) as USER inside the bed."""
+    full = method if "." in method else f"{INTERFACE}.{method}"
+    arg = json.dumps([full, params or {}, more, limit, timeout])
+    result = bed.run("python3", "-c", _CLIENT, arg, user=user, timeout=timeout + 10)  # type: ignore[attr-defined]
+    assert result.returncode == 0, f"client failed: {result.stderr}"
+    replies = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert replies, f"no reply to {full}: {result.stderr}"
+    return Replies(replies)
+
+
+def ok(bed: object, user: str, method: str, **params: object) -> dict[str, object]:
+    """Call and insist on success; the reply's parameters."""
+    r = call(bed, user, method, params)
+    assert r.error is None, f"{user} {method}({params}) -> {r.last}"
+    return r.parameters
+
+
+def fails(bed: object, user: str, method: str, **params: object) -> tuple[str, dict[str, object]]:
+    """Call and insist on an error reply; (error name, parameters)."""
+    r = call(bed, user, method, params)
+    assert r.error is not None, f"{user} {method}({params}) unexpectedly succeeded: {r.last}"
+    return r.error, r.parameters
