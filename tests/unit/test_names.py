@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from capsuled import names
 
@@ -153,3 +157,13 @@ def test_types_restriction() -> None:
     for refused in ("a.scope", "a.mount", "a.device", "a.swap", "a.automount"):
         problem = names.unit_name_problem(refused, types=installable)
         assert problem is not None and "cannot be used here" in problem
+
+
+# The whole of capsule_name_is_valid() reduces to this; checked against arbitrary text, with
+# the interesting characters over-represented.
+_CAPSULE_MODEL = re.compile(r"[A-Za-z0-9_-]{1,29}")
+
+
+@given(st.text(alphabet=st.sampled_from("aZ09_-./@: \u00e9\0\n") | st.characters(), max_size=40))
+def test_capsule_name_matches_the_model(name: str) -> None:
+    assert names.is_valid_capsule_name(name) == (_CAPSULE_MODEL.fullmatch(name) is not None)
