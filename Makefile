@@ -1,0 +1,43 @@
+# capsuled: developer entry points. Run as root on Debian 12 or 13; see README.md.
+#
+#   make demo    install what is needed, build the testbed, run the narrated walkthrough
+#   make test    install what is needed, ruff check, then every test (unit, protocol, e2e)
+#   make shell   an interactive shell as alice inside a fresh testbed (AS=bob for another user)
+#   make lint    ruff check + ruff format --check + mypy --strict
+#   make boot    boot the testbed once, reboot it, print the cold/warm times
+#   make clean-cache   forget the cached root filesystem (the next run rebuilds it, ~1 min)
+
+PYTHON ?= python3
+AS ?= alice
+# `python3 -m testbed` lives in tests/; pytest itself reads its paths from pyproject.toml.
+TESTBED := PYTHONPATH=tests:helper:client $(PYTHON) -m testbed
+CACHE ?= /var/cache/capsuled-testbed
+
+.PHONY: deps test lint demo shell boot rootfs clean-cache
+
+deps:
+	@PYTHON=$(PYTHON) tools/install-deps.sh
+
+test: deps
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m pytest tests -ra
+
+lint: deps
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy --strict helper client tests
+
+demo: deps
+	$(TESTBED) demo
+
+shell: deps
+	$(TESTBED) shell --user $(AS)
+
+boot: deps
+	$(TESTBED) boot
+
+rootfs: deps
+	$(TESTBED) build
+
+clean-cache:
+	rm -rf $(CACHE)
