@@ -195,9 +195,10 @@ def _make_dir_at(parent_fd: int, name: str) -> None:
 
 
 def _temp_name(final: str) -> str:
-    # Hidden and clearly ours; systemd's unit loader skips hidden files, so a leftover after a
-    # crash is never loaded as a unit.
-    return f".#capsuled.{secrets.token_hex(8)}.{final}"[:_NAME_MAX_BYTES]
+    # Hidden and clearly ours; systemd's unit loader skips hidden files (hidden_or_backup_file()),
+    # so a leftover after a crash is never loaded as a unit.  ``final`` is not embedded: a long
+    # non-ASCII name could push the temporary name past NAME_MAX bytes.
+    return f".#capsuled.{secrets.token_hex(8)}.tmp"
 
 
 def write_atomically_at(
