@@ -322,6 +322,7 @@ class Reader(Protocol):
     def add_disjunction(self) -> None: ...
     def seek_tail(self) -> None: ...
     def seek_cursor(self, cursor: str) -> None: ...
+    def seek_realtime(self, realtime: int) -> None: ...
     def test_cursor(self, cursor: str) -> bool: ...
     def query_unique(self, field: str) -> set[str | bytes]: ...
     def fileno(self) -> int: ...
@@ -336,7 +337,7 @@ class Reader(Protocol):
 
 
 def _open_reader(journal_dir: str | None) -> Reader:
-    from systemd import journal  # type: ignore[import-untyped]  # no stubs; see Reader
+    from systemd import journal  # untyped (pyproject mypy overrides); see Reader
 
     if journal_dir is not None:
         reader = cast(Reader, journal.Reader(path=journal_dir))
@@ -433,14 +434,19 @@ _T = TypeVar("_T")
 
 
 class Follower:
-    """Async iterator over the capsule's entries written after ``after_cursor``.
+    """Async iterator over the capsule's entries as they are written.
 
-    With ``after_cursor=None`` it starts at the end of the journal as it is when the first
-    entry is requested.  To continue a read_tail() without a gap, pass the cursor of its last
-    entry.  Journal access runs in worker threads, one hop at a time; the event loop only waits on
-    the journal's inotify fd (add_reader).  The reader is closed by aclose(), by leaving an
+    Where it starts: after the entry ``after_cursor`` names; else at the first entry at or after
+    ``since_usec``; else at the end of the journal as it is when start() (or the first
+    ``__anext__``) runs.  To continue read_tail() without a gap or a duplicate, pass the cursor
+    of its last entry; if it returned nothing, pass ``since_usec`` = a realtime taken before the
+    read_tail() call (nothing of the selection existed then, so everything from that time on is
+    new).
+
+    Journal access runs in worker threads, one hop at a time; the event loop only waits on the
+    journal's inotify fd (add_reader).  The reader is closed by close()/aclose(), by leaving an
     ``async with`` block, or when a pending ``__anext__`` is cancelled (the Follower is then
-    finished); if a worker thread is still using the reader, closing happens when it returns.
+    finished); if a worker thread is still using the reader, it is closed when the thread returns.
     """
 
     def __init__(
@@ -449,12 +455,15 @@ class Follower:
         *,
         unit: str | None,
         after_cursor: str | None,
+        since_usec: int | None = None,
         journal_dir: str | None = None,
     ) -> None:
         _check_names(capsule, unit)
         self._capsule = capsule
         self._unit = unit
         self._after_cursor = after_cursor
+        self._since_usec = since_usec if since_usec is not None else 0
+        self._starts_at_time = after_cursor is None and since_usec is not None
         self._journal_dir = journal_dir
         # New cgroups of the unit may appear while we follow, so a unit is selected by the
         # capsule's trusted _SYSTEMD_UNIT and narrowed by accepts(); the volume is what is being
@@ -472,6 +481,7 @@ class Follower:
         self._pending: collections.deque[Entry] = collections.deque()
         self._deliver_current = False
         self._closed = False
+        self._released = asyncio.Event()
 
     # -- worker-thread side: only ever one of these runs at a time --
 
@@ -488,6 +498,10 @@ class Follower:
             # is gone (vacuumed) and we landed on a later one, which is then new to the caller.
             if reader._next() and not reader.test_cursor(self._after_cursor):
                 self._deliver_current = True
+        elif self._starts_at_time:
+            # seek_realtime() positions before the first entry at or after that time; the next
+            # _next() lands on it.
+            reader.seek_realtime(self._since_usec)
         else:
             # sd-journal idiom for "only new entries": stand on the last existing entry.
             reader.seek_tail()
@@ -507,6 +521,8 @@ class Follower:
         for _ in range(FOLLOW_BATCH):
             if not reader._next():
                 return batch, False
+            if self._starts_at_time and reader._get_realtime() < self._since_usec:
+                continue  # realtime is not monotonic across journal files: seeking is a hint
             entry = _current_entry(reader, self._capsule, self._unit, self._names)
             if entry is not None:
                 batch.append(entry)
@@ -581,11 +597,19 @@ class Follower:
     def __aiter__(self) -> Self:
         return self
 
+    async def start(self) -> None:
+        """Open the journal and take the starting position (the first __anext__ does it too).
+
+        Raises:
+            OSError: the journal could not be opened.
+        """
+        if self._reader is None:
+            await self._in_thread(self._open)
+
     async def __anext__(self) -> Entry:
         if self._closed:
             raise StopAsyncIteration
-        if self._reader is None:
-            await self._in_thread(self._open)
+        await self.start()
         # The first pass after running dry only calls sd_journal_process() (files may have been
         # added or rotated since we opened); after that we wait for inotify or the recheck.
         wait_s = 0.0
@@ -614,6 +638,11 @@ class Follower:
         reader, self._reader, self._fd = self._reader, None, None
         if reader is not None:
             reader.close()
+        self._released.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until, after close(), the journal has really been released."""
+        await self._released.wait()
 
     async def aclose(self) -> None:
         """Async spelling of close(), for contextlib.aclosing() and async generators' habits."""
