@@ -143,7 +143,7 @@ CHILD_DIRECT = (
     "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
     "print('ready', flush=True); sys.stdin.read()"
 )
-CHILD_VARLINK = '''
+CHILD_VARLINK = r'''
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(120)
