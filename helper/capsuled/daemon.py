@@ -24,6 +24,7 @@ import sys
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from importlib import metadata, resources
+from typing import TypeVar
 
 from capsuled.dispatch import Dispatcher
 from capsuled.transport import Limits, Server
@@ -49,6 +50,8 @@ DEFAULT_IDLE_EXIT_S = 30.0
 SD_LISTEN_FDS_START = 3
 _LISTEN_VARS = ("LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDS", "LISTEN_FDNAMES")
 PROJECT_URL = "https://github.com/capsuled/capsuled"
+
+Ctx = TypeVar("Ctx")
 
 
 class ActivationError(Exception):
@@ -182,7 +185,7 @@ def sd_notify(state: str) -> None:
     """Tell the service manager about our state (READY=1, STATUS=..., STOPPING=1); no-op if none."""
     try:
         # Lazily: a C extension, absent in some venvs. No stubs exist for systemd-python.
-        from systemd import daemon as sd_daemon  # type: ignore[import-untyped]
+        from systemd import daemon as sd_daemon
     except ImportError:
         sd_daemon = None
     if sd_daemon is not None:
@@ -199,7 +202,7 @@ def sd_notify(state: str) -> None:
         log.warning("sd_notify failed: %s", exc)
 
 
-async def serve(options: Options, dispatcher: Dispatcher[object]) -> int:
+async def serve(options: Options, dispatcher: Dispatcher[Ctx]) -> int:
     """Serve until idle, told to stop, or (connected socket) the one connection ends."""
     fd = pick_fd(listen_fds())
     server = Server(dispatcher.handle, dispatcher.internal_error, options.limits)
@@ -261,7 +264,7 @@ def setup_logging(debug: bool = False) -> None:
     handler: logging.Handler | None = None
     if os.environ.get("JOURNAL_STREAM"):
         try:
-            from systemd.journal import JournalHandler  # type: ignore[import-untyped]  # no stubs
+            from systemd.journal import JournalHandler
         except ImportError:
             pass
         else:
@@ -274,10 +277,12 @@ def setup_logging(debug: bool = False) -> None:
     root.setLevel(level)
 
 
-def run(options: Options, dispatcher: Dispatcher[object] | None = None) -> int:
+def run(options: Options, dispatcher: Dispatcher[Ctx] | None = None) -> int:
     """Entry point of `capsuled serve`; returns the exit status."""
     try:
-        return asyncio.run(serve(options, dispatcher or build_dispatcher(options)))
+        if dispatcher is None:
+            return asyncio.run(serve(options, build_dispatcher(options)))
+        return asyncio.run(serve(options, dispatcher))
     except ActivationError as exc:
         log.error("%s", exc)
         return 1
