@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from jeepney import HeaderFields, Message, MessageType, new_signal  # type: ignore[import-untyped]
-from jeepney.wrappers import DBusAddress  # type: ignore[import-untyped]
+from jeepney import HeaderFields, Message, MessageType, new_signal
+from jeepney.wrappers import DBusAddress
 
 from capsuled.systemd import errors
 from capsuled.systemd import messages as m
@@ -104,15 +104,13 @@ def test_get_all_targets_properties_interface_of_the_unit() -> None:
 
 def test_transient_service_properties_match_systemd_run() -> None:
     props = dict(
-        m.transient_service_properties(
-            ["/bin/echo", "hi"], ["A=1"], "/tmp", description=None, add_ref=True
-        )
+        m.transient_service_properties(["/bin/echo", "hi"], ["A=1"], "/tmp", description=None)
     )
     assert props["Type"] == ("s", "exec")
     assert props["ExecStart"] == ("a(sasb)", [("/bin/echo", ["/bin/echo", "hi"], False)])
     assert props["Environment"] == ("as", ["A=1"])
     assert props["WorkingDirectory"] == ("s", "/tmp")
-    assert props["AddRef"] == ("b", True)
+    assert "AddRef" not in props  # refused on a peer-to-peer link (no sender to track)
     msg = wire(m.start_transient_unit("run-x.service", list(props.items())))
     assert msg.header.fields[HeaderFields.signature] == "ssa(sv)a(sa(sv))"
     assert msg.body[0:2] == ("run-x.service", "fail")

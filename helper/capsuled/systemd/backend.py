@@ -18,7 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from jeepney import HeaderFields, MatchRule, Message  # type: ignore[import-untyped]  # no py.typed
+from jeepney import HeaderFields, MatchRule, Message
 
 from . import messages as m
 from .bus import BusConnection, SignalQueue, open_peer, open_system_bus
@@ -51,6 +51,7 @@ UNIT_SUFFIXES: Final = (
 JOB_TIMEOUT_S: Final = 150.0
 CLEAN_TIMEOUT_S: Final = 120.0
 WATCH_QUEUE: Final = 1024
+MAX_TRACKED_EXITS: Final = 64  # transient units per manager connection awaiting wait_exit
 # Value to pass to set_limits to reset a limit to systemd's default ("infinity" for MemoryMax and
 # TasksMax, "unset" i.e. 100 for CPUWeight): systemd's UINT64_MAX.
 LIMIT_DEFAULT: Final = m.UINT64_MAX
@@ -165,18 +166,22 @@ class CapsuleManager(Protocol):
         argv: Sequence[str],
         environment: Sequence[str] = (),
         working_directory: str | None = None,
-        keep: bool = False,
+        track_exit: bool = False,
     ) -> str:
-        """Start a transient Type=exec service (like `systemd-run`); returns after it started.
+        """Start a transient Type=exec service (like `systemd-run`); returns once it started.
 
-        keep=True pins the unit to this connection (AddRef) so ``wait_exit`` can read its exit
-        status; without it a finished unit may be garbage-collected at once.
-        Raises JobFailed (e.g. the binary does not exist), UnitBusy (name in use).
+        track_exit=True records the unit's state signals from before the start on, so that
+        ``wait_exit`` gets the exit status even if the unit is garbage-collected the moment it
+        ends. Raises JobFailed (e.g. the binary does not exist), UnitBusy (name in use).
         """
         ...
 
     async def wait_exit(self, unit: str, timeout_s: float | None = None) -> ExitStatus:
-        """Wait until the service is inactive/failed and return how its main process ended."""
+        """Wait until the service has ended and return how its main process ended.
+
+        Without track_exit at start, a unit already gone raises NoSuchUnit.
+        Raises BackendTimeout after timeout_s (None: no bound; the caller cancels).
+        """
         ...
 
 
@@ -727,12 +732,15 @@ async def _capsule_events(queue: SignalQueue) -> AsyncIterator[CapsuleEvent]:
             continue
         state = m.prop_str(change.changed, "ActiveState")
         sub = m.prop_str(change.changed, "SubState")
-        if last.get(name) == (state, sub):
+        since = m.prop_int(change.changed, "StateChangeTimestamp")
+        # A unit merely loaded (by anyone's GetUnit/LoadUnit, or our own capsule_info) emits
+        # its inactive state with StateChangeTimestamp=0: that is no state change.
+        if since == 0 or last.get(name) == (state, sub):
             continue
         if len(last) > WATCH_QUEUE:  # bound the dedup table too
             last.clear()
         last[name] = (state, sub)
-        yield CapsuleEvent(name, state, sub, m.prop_int(change.changed, "StateChangeTimestamp"))
+        yield CapsuleEvent(name, state, sub, since)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,6 +759,7 @@ class DBusCapsuleManager:
         self._conn = conn
         self.name = name
         self._job_timeout_s = job_timeout_s
+        self._exit_trackers: dict[str, tuple[contextlib.ExitStack, SignalQueue]] = {}
 
     async def list_units(self) -> list[UnitInfo]:
         """ListUnits + ListUnitFiles, merged by unit name."""
@@ -799,31 +808,81 @@ class DBusCapsuleManager:
         argv: Sequence[str],
         environment: Sequence[str] = (),
         working_directory: str | None = None,
-        keep: bool = False,
+        track_exit: bool = False,
     ) -> str:
         """StartTransientUnit(mode=fail) + wait for the start job."""
-        props = m.transient_service_properties(argv, environment, working_directory, add_ref=keep)
-        await _run_job(self._conn, unit, m.start_transient_unit(unit, props), self._job_timeout_s)
+        props = m.transient_service_properties(argv, environment, working_directory)
+        call = m.start_transient_unit(unit, props)
+        if not track_exit:
+            await _run_job(self._conn, unit, call, self._job_timeout_s)
+            return unit
+        if unit in self._exit_trackers or len(self._exit_trackers) >= MAX_TRACKED_EXITS:
+            raise UnitBusy(unit)
+        stack = contextlib.ExitStack()
+        rule = m.unit_properties_changed_rule(m.unit_path(unit), sender=None)
+        queue = stack.enter_context(self._conn.signals(rule, maxsize=256))
+        self._exit_trackers[unit] = (stack, queue)
+        try:
+            await _run_job(self._conn, unit, call, self._job_timeout_s)
+        except BaseException:
+            self._drop_tracker(unit)
+            raise
         return unit
 
+    def _drop_tracker(self, unit: str) -> None:
+        tracker = self._exit_trackers.pop(unit, None)
+        if tracker is not None:
+            tracker[0].close()
+
     async def wait_exit(self, unit: str, timeout_s: float | None = None) -> ExitStatus:
-        """Wait for inactive/failed (woken by PropertiesChanged), then read ExecMain*."""
+        """From the tracked signals (or, untracked, by re-reading state on each signal)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                tracker = self._exit_trackers.get(unit)
+                if tracker is not None:
+                    return await self._exit_from_signals(unit, tracker[1])
+                return await self._exit_from_state(unit)
+        except TimeoutError as exc:
+            raise BackendTimeout(f"{unit} did not exit in {timeout_s}s") from exc
+        finally:
+            self._drop_tracker(unit)
+
+    async def _exit_from_signals(self, unit: str, queue: SignalQueue) -> ExitStatus:
+        # The queue has every PropertiesChanged of the unit since before StartTransientUnit;
+        # folding them in order gives the state even after the unit was garbage-collected.
+        # ExecMainCode stays 0 until the main process has exited (CLD_EXITED=1 ...).
+        props: dict[str, object] = {}
+        while True:
+            msg = await queue.get()
+            try:
+                change = m.parse_properties_changed(msg.body)
+            except BadReply:
+                continue
+            props.update(change.changed)
+            if (
+                m.prop_str(props, "ActiveState", "") in FINISHED_STATES
+                and (m.prop_int(props, "ExecMainCode") or 0) != 0
+                and "Result" in props
+            ):
+                return _exit_status(unit, props)
+
+    async def _exit_from_state(self, unit: str) -> ExitStatus:
         path = m.unit_path(unit)
         rule = m.unit_properties_changed_rule(path, sender=None)
         with self._conn.signals(rule, maxsize=64) as queue:
-            await _wait_state(self._conn, queue, unit, FINISHED_STATES, timeout_s or 365 * 86400.0)
-        props = m.parse_properties(
-            await self._conn.call(m.get_all_properties(path, m.SERVICE_IFACE), unit=unit)
-        )
-        code = {1: "exited", 2: "killed", 3: "dumped"}.get(
-            m.prop_int(props, "ExecMainCode") or 0, ""
-        )
-        return ExitStatus(
-            unit=unit,
-            result=m.prop_str(props, "Result"),
-            code=code,
-            status=m.prop_int(props, "ExecMainStatus") or 0,
-        )
+            await _wait_state(self._conn, queue, unit, FINISHED_STATES, 365 * 86400.0)
+        body = await self._conn.call(m.get_all_properties(path, m.SERVICE_IFACE), unit=unit)
+        return _exit_status(unit, m.parse_properties(body))
+
+
+def _exit_status(unit: str, props: dict[str, object]) -> ExitStatus:
+    code = m.prop_int(props, "ExecMainCode") or 0
+    return ExitStatus(
+        unit=unit,
+        result=m.prop_str(props, "Result"),
+        code={1: "exited", 2: "killed", 3: "dumped"}.get(code, ""),
+        status=m.prop_int(props, "ExecMainStatus") or 0,
+    )
 
 
 __all__ = [

@@ -30,13 +30,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Final
 
-from jeepney import (  # type: ignore[import-untyped]  # jeepney 0.9 ships no py.typed
+from jeepney import (
     HeaderFields,
     MatchRule,
     Message,
     MessageType,
 )
-from jeepney.low_level import calc_msg_size  # type: ignore[import-untyped]  # no py.typed
+from jeepney.low_level import calc_msg_size
 
 from . import messages
 from .errors import BackendError, BackendTimeout, SystemdUnavailable, error_from_dbus
@@ -298,13 +298,15 @@ async def _authenticate(
 ) -> None:
     # SASL EXTERNAL (D-Bus spec "Authentication Protocol"): the leading NUL byte is where the
     # kernel attaches credentials on BSD; on Linux the server uses SO_PEERCRED.
-    writer.write(b"\0AUTH EXTERNAL " + str(uid).encode().hex().encode() + b"\r\n")
+    # BEGIN is pipelined with AUTH, as sd-bus clients do. Sent after "OK", it tends to arrive in
+    # the same read as our first message, and an sd-bus *server* (a capsule's manager, 257)
+    # then leaves that message unprocessed until more data or a hang-up wakes it: the first
+    # call stalls (seen with Reload: "Reload requested" logged only when we disconnected).
+    writer.write(b"\0AUTH EXTERNAL " + str(uid).encode().hex().encode() + b"\r\nBEGIN\r\n")
     await writer.drain()
     line = await reader.readuntil(b"\r\n")
     if len(line) > MAX_AUTH_LINE_BYTES or not line.startswith(b"OK "):
         raise SystemdUnavailable(f"D-Bus authentication refused: {line[:80]!r}")
-    writer.write(b"BEGIN\r\n")
-    await writer.drain()
 
 
 async def open_peer(

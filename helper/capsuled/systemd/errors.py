@@ -128,6 +128,7 @@ ERROR_TABLE = {
     "org.freedesktop.systemd1.LoadFailed": _no_such_unit,
     "org.freedesktop.systemd1.UnitMasked": _no_such_unit,
     "org.freedesktop.systemd1.UnitBusy": _busy,
+    "org.freedesktop.systemd1.UnitExists": _busy,  # StartTransientUnit with a name in use
     "org.freedesktop.systemd1.UnitInactive": _busy,
     "org.freedesktop.systemd1.TransactionIsDestructive": _busy,
     "org.freedesktop.DBus.Error.AccessDenied": _denied,

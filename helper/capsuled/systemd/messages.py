@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from jeepney import (  # type: ignore[import-untyped]  # jeepney 0.9 ships no py.typed
+from jeepney import (
     DBusAddress,
     MatchRule,
     Message,
@@ -283,13 +283,13 @@ def transient_service_properties(
     environment: Sequence[str] = (),
     working_directory: str | None = None,
     description: str | None = None,
-    add_ref: bool = False,
 ) -> list[tuple[str, PropertyValue]]:
     """Properties for a transient Type=exec service, as `systemd-run` builds them.
 
     Type=exec: the start job fails when execve() does (missing binary), instead of "done".
-    AddRef=true pins the unit to this client's connection so a finished unit is not garbage
-    collected before we read its exit status (`systemd-run --wait` does the same).
+    No AddRef: a peer-to-peer link has no sender name to track, and the capsule manager
+    answers AddRef with InvalidArgs there (verified on 257); exit status is read from the
+    PropertiesChanged signals instead.
     """
     if not argv:
         raise ValueError("argv must not be empty")
@@ -302,8 +302,6 @@ def transient_service_properties(
         props.append(("Environment", ("as", list(environment))))
     if working_directory is not None:
         props.append(("WorkingDirectory", ("s", working_directory)))
-    if add_ref:
-        props.append(("AddRef", ("b", True)))
     return props
 
 
