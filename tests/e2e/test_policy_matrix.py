@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from e2e.conftest import remove_capsule
+from testbed import Testbed
 
 pytestmark = pytest.mark.e2e
 
@@ -247,22 +248,35 @@ class World:
     created: list[str]
 
 
-def root_ok(bed, *argv: str, input: str | None = None) -> str:
+def root_ok(bed: Testbed, *argv: str, input: str | None = None) -> str:
     result = bed.run(*argv, user="root", input=input)
     assert result.returncode == 0, f"{argv}: {result.stderr}"
     return str(result.stdout)
 
 
-def drive(bed, spec: dict[str, object]) -> dict[str, object]:
+@dataclass
+class Driven:
+    backend: object  # the Authorizer's backend_name (direct mode), None otherwise
+    results: list[object]  # one per step
+
+
+def drive(bed: Testbed, spec: dict[str, object]) -> Driven:
     result = bed.run("python3", "-c", DRIVER, user="root", input=json.dumps(spec), timeout=300)
     assert result.returncode == 0, f"driver failed:\n{result.stderr}"
     output = json.loads(result.stdout.strip().splitlines()[-1])
-    assert isinstance(output, dict)
-    return output
+    assert isinstance(output, dict) and isinstance(output["results"], list)
+    steps = spec["steps"]
+    assert isinstance(steps, list) and len(output["results"]) == len(steps)
+    return Driven(output.get("backend"), output["results"])
+
+
+def as_dict(value: object) -> dict[str, object]:
+    assert isinstance(value, dict), value
+    return value
 
 
 @pytest.fixture(scope="module")
-def world(bed) -> Iterator[World]:
+def world(bed: Testbed) -> Iterator[World]:
     """Users, groups, rules and quota for the matrix; undone afterwards."""
     token = secrets.token_hex(3)
     names = {
@@ -328,7 +342,7 @@ def compare(cells: list[tuple[str, str, str, str]], got: list[object], what: str
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_authorizer_matrix(bed, world: World, backend: str) -> None:
+def test_authorizer_matrix(bed: Testbed, world: World, backend: str) -> None:
     """The policy stack alone (polkitd included), subjects from real processes."""
     root_ok(bed, "gpasswd", "-a", "carol", "capsule")
     before = expected_cells(BEFORE_REMOVAL)
@@ -353,9 +367,8 @@ def test_authorizer_matrix(bed, world: World, backend: str) -> None:
 
     users = ["root", "alice", "bob", "mallory", "carol", "wendy", "quinn"]
     output = drive(bed, {"mode": "direct", "backend": backend, "users": users, "steps": steps})
-    assert output["backend"] == backend
-    results = output["results"]
-    assert isinstance(results, list) and len(results) == len(steps)
+    assert output.backend == backend
+    results = output.results
 
     n_before = len(before)
     mismatches = compare(before, results[:n_before], "before removal")
@@ -373,7 +386,7 @@ def test_authorizer_matrix(bed, world: World, backend: str) -> None:
     assert rest[len(after) + 4 :] == [None, "no", 0]
 
 
-def set_backend(bed, backend: str) -> None:
+def set_backend(bed: Testbed, backend: str) -> None:
     root_ok(
         bed,
         "sh",
@@ -395,7 +408,7 @@ def call(user: str, method: str, **parameters: object) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def capsules(bed, world: World) -> World:
+def capsules(bed: Testbed, world: World) -> World:
     """The owned capsules, created by their owners through capsuled."""
     steps = []
     for role in ("alice", "bob", "web", "carol"):
@@ -404,13 +417,13 @@ def capsules(bed, world: World) -> World:
         world.created.append(world.names[role])
         steps.append(call(owner, "Create", name=world.names[role]))
     output = drive(bed, {"mode": "varlink", "users": ["alice", "bob", "carol"], "steps": steps})
-    for reply in output["results"]:  # type: ignore[union-attr]  # a list, checked by drive
-        assert "error" not in reply, reply
+    for reply in output.results:
+        assert "error" not in as_dict(reply), reply
     return world
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_check_access_matrix(bed, capsules: World, backend: str) -> None:
+def test_check_access_matrix(bed: Testbed, capsules: World, backend: str) -> None:
     """The daemon: CheckAccess answers, and real calls refused or allowed to match."""
     world = capsules
     set_backend(bed, backend)
@@ -450,14 +463,13 @@ def test_check_access_matrix(bed, capsules: World, backend: str) -> None:
     steps.append({"op": "root", "argv": ["gpasswd", "-a", "carol", "capsule"]})
 
     users = ["root", "alice", "bob", "mallory", "carol", "wendy", "quinn"]
-    output = drive(bed, {"mode": "varlink", "users": users, "steps": steps})
-    results = output["results"]
-    assert isinstance(results, list) and len(results) == len(steps)
+    results = drive(bed, {"mode": "varlink", "users": users, "steps": steps}).results
 
-    info = results[0]
-    assert info.get("parameters", {}).get("policyBackend") == backend, info
+    info = as_dict(as_dict(results[0]).get("parameters"))
+    assert info.get("policyBackend") == backend, info
 
-    def answer(reply: dict[str, object]) -> object:
+    def answer(value: object) -> object:
+        reply = as_dict(value)
         params = reply.get("parameters")
         if "error" in reply or not isinstance(params, dict):
             return reply
@@ -471,7 +483,8 @@ def test_check_access_matrix(bed, capsules: World, backend: str) -> None:
     i += 1
     mismatches += compare(after, [answer(r) for r in results[i : i + len(after)]], "matrix")
     i += len(after)
-    for (step, want), reply in zip(real, results[i : i + len(real)], strict=True):
+    for (step, want), value in zip(real, results[i : i + len(real)], strict=True):
+        reply = as_dict(value)
         got = reply.get("error")
         if got != want:
             mismatches.append(f"{step['user']} {step['method']}: expected {want}, got {reply}")
@@ -479,6 +492,53 @@ def test_check_access_matrix(bed, capsules: World, backend: str) -> None:
             assert reply.get("parameters") == {"what": "capsules", "limit": 1}
         if want == NO_SUCH:
             # The same reply whether the capsule exists or not: only the name asked for.
-            assert reply.get("parameters") == {"name": step["parameters"]["name"]}  # type: ignore[index]
+            assert reply.get("parameters") == {"name": as_dict(step["parameters"])["name"]}
     assert mismatches == []
     assert results[-1] == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "reason"),
+    [
+        ('[quota]\nmax_capsules = 100\n[[rule]]\nresult = "yes"\n', "0666", "writable by group"),
+        ("[[rule]]\nactions = ['read']\n", "0644", "result is missing"),
+    ],
+    ids=["world-writable", "malformed"],
+)
+def test_refused_config_denies_all_but_root(
+    bed: Testbed, capsules: World, text: str, mode: str, reason: str
+) -> None:
+    """An unsafe or malformed drop-in: logged, and every non-root call refused, never allowed."""
+    path = f"{DROPIN_DIR}/60-matrix-refused-{secrets.token_hex(3)}.toml"
+    root_ok(bed, "sh", "-c", f"cat > {path} && chmod {mode} {path}", input=text)
+    root_ok(bed, "systemctl", "stop", "capsuled.service")
+    try:
+        name = capsules.names["alice"]
+        steps = [
+            call("alice", "CheckAccess", name=name, action="read"),
+            call("alice", "Describe", name=name),
+            call("alice", "CheckAccess", name=f"pm-new-{secrets.token_hex(3)}", action="create"),
+            call("mallory", "CheckAccess", name=name, action="read"),
+            call("root", "CheckAccess", name=name, action="remove"),
+            call("root", "Describe", name=name),
+        ]
+        results = drive(
+            bed, {"mode": "varlink", "users": ["alice", "mallory", "root"], "steps": steps}
+        ).results
+        replies = [as_dict(r) for r in results]
+        access = [
+            as_dict(as_dict(r.get("parameters", {})).get("access", {})).get("result")
+            for r in replies
+        ]
+        assert access[0] == "no"
+        assert replies[1].get("error") == NO_SUCH
+        assert access[2:5] == ["no", "no", "yes"]
+        assert "error" not in replies[5]
+        journal = bed.run("journalctl", "--no-pager", "-o", "cat", "-u", "capsuled.service").stdout
+        lines = [line for line in journal.splitlines() if path in line]
+        assert lines, journal[-2000:]
+        assert reason in lines[-1]
+        assert "denying every request from non-root callers" in lines[-1]
+    finally:
+        bed.run("rm", "-f", path)
+        bed.run("systemctl", "stop", "capsuled.service")
