@@ -34,7 +34,17 @@ Every entry the library hands back is checked again in Python against the same s
 (``accepts``) before it becomes an ``Entry``: a capsule named "web" must never see "web2".
 
 Bounds: at most ``MAX_LINES`` entries per read, messages capped at ``MESSAGE_MAX_BYTES`` bytes,
-the follower reads ``FOLLOW_BATCH`` entries per worker-thread hop.
+the follower reads ``FOLLOW_BATCH`` entries per worker-thread hop and holds at most that many.
+Each Follower holds one inotify instance (sd_journal_get_fd), and the kernel allows a user 128
+by default (fs.inotify.max_user_instances, shared by all of root's processes): callers must cap
+how many follow at once.  read_tail() opens no inotify instance.
+
+Assumes the capsule runs in capsule.slice, as upstream's capsule@.service says; an admin's
+Slice= override would hide the unit attribution (entries still show, with unit None).
+
+Short-lived processes: journald reads a stdout line's trusted fields from /proc/PID when the line
+arrives; a process that has already exited leaves them out (seen on 257 with ``/bin/echo``), and
+then the line belongs to no capsule, here as for ``journalctl -u``.
 
 systemd-python is imported lazily (inside functions) so that importing this module is cheap and
 works where the C extension is missing (the unit tests of the pure parts, the client).  We use
@@ -419,6 +429,8 @@ def read_tail(
         newest_first: list[Entry] = []
         reader.seek_tail()
         while len(newest_first) < lines and reader._previous():
+            # Walking back, the first entry older than since ends the read (journalctl -n with
+            # --since agrees except across a wall-clock jump backwards, where it may show more).
             if since_usec is not None and reader._get_realtime() < since_usec:
                 break
             entry = _current_entry(reader, capsule, unit, names)
