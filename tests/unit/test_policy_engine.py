@@ -109,6 +109,14 @@ def test_owner_grants_without_group_condition() -> None:
     assert decide(MALLORY, req(actions.MANAGE, owner=ALICE.uid), config) is AUTH
 
 
+def test_owner_grants_never_cover_create() -> None:
+    # The methods pass the caller as the would-be owner of a capsule being created.
+    config = replace(DEFAULT_CONFIG, owner=OwnerGrants(frozenset(actions.ALL), None))
+    assert decide(MALLORY, req(actions.CREATE, owner=MALLORY.uid), config) is AUTH
+    assert decide(MALLORY, req(actions.RUN, owner=MALLORY.uid), config) is YES
+    assert decide(ALICE, req(actions.CREATE, owner=ALICE.uid), config) is YES  # by [create]
+
+
 def test_owner_grants_are_limited_to_the_listed_actions() -> None:
     config = replace(DEFAULT_CONFIG, owner=OwnerGrants(frozenset({actions.READ}), "capsule"))
     assert decide(ALICE, req(actions.READ, owner=ALICE.uid), config) is YES

@@ -12,7 +12,7 @@ from typing import Final
 
 # list, describe, show logs and list units of a capsule
 READ: Final = "org.capsuled.read"
-# create a new capsule (detail `capsule` is the name asked for; there is no owner yet)
+# create a new capsule (detail `capsule` is the name asked for, `owner` the caller who would own it)
 CREATE: Final = "org.capsuled.create"
 # remove a capsule and its data
 REMOVE: Final = "org.capsuled.remove"

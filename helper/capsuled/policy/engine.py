@@ -57,7 +57,8 @@ class Request:
 
     action: str  # one of actions.ALL
     capsule: str
-    owner: int | None  # uid recorded as the capsule's owner; None: no owner (or not yet created)
+    # uid recorded as the capsule's owner; None: no owner. For CREATE: the caller, who would own it.
+    owner: int | None
     verb: str | None = None
     unit: str | None = None
 
@@ -187,8 +188,11 @@ def grant(identity: Identity, request: Request, config: PolicyConfig) -> Decisio
     if config.deny_all:
         return Decision.NO
     owner = config.owner
+    # Never for CREATE: the capsule does not exist yet, so nobody owns it; the methods pass the
+    # caller as the would-be owner, and `[owner] actions = ["*"]` must not let anybody create.
     if (
-        request.owner is not None
+        request.action != actions.CREATE
+        and request.owner is not None
         and request.owner == identity.uid
         and request.action in owner.actions
         and (owner.require_group is None or owner.require_group in identity.groups)

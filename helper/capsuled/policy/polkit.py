@@ -7,7 +7,8 @@ parameters.
 
 Details (a{ss}) for rules files (`action.lookup("capsule")`):
     capsule      the capsule name
-    owner        the owner's user name, or the decimal uid if it has none; absent if no owner
+    owner        the owner's user name, or the decimal uid if it has none; absent if no owner;
+                 for org.capsuled.create the caller (the would-be owner)
     owner-uid    the owner's decimal uid; absent if no owner
     verb         for org.capsuled.manage / manage-units, when given
     unit         for org.capsuled.manage-units, when given
