@@ -14,8 +14,7 @@ import re
 import sys
 import textwrap  # argparse loads it anyway
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, NamedTuple, TextIO
 
 from capsulectl import __version__, output
 
@@ -81,17 +80,20 @@ class UsageError(Exception):
     """A command line that makes no sense beyond what argparse can check."""
 
 
-@dataclass
 class Context:
     """What a verb needs: parsed options, output streams, and a lazily opened Client."""
 
-    args: argparse.Namespace
-    out: TextIO
-    err: TextIO
-    style: output.Style
-    doing: str = "use capsuled"  # for error lines: "you may not <doing>"
-    _client: Client | None = None
-    _agent: TtyAgent | None = field(default=None)
+    # A plain class, not a dataclass: importing dataclasses costs ~8 ms of start-up (inspect).
+    def __init__(
+        self, args: argparse.Namespace, out: TextIO, err: TextIO, style: output.Style
+    ) -> None:
+        self.args = args
+        self.out = out
+        self.err = err
+        self.style = style
+        self.doing = "use capsuled"  # for error lines: "you may not <doing>"
+        self._client: Client | None = None
+        self._agent: TtyAgent | None = None
 
     @property
     def json(self) -> bool:
@@ -259,7 +261,7 @@ def explain_client_error(exc: Exception, ctx: Context) -> tuple[str, int]:
 
 # --- argument types -----------------------------------------------------------------------------
 
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTPE]?)B?", re.IGNORECASE)
+_SIZE_RE = r"(\d+(?:\.\d+)?)\s*([KMGTPE]?)B?"  # compiled (and cached by re) on first use
 _SIZE_FACTORS = {
     "": 1,
     "K": 1024,
@@ -276,7 +278,7 @@ def parse_size(text: str) -> int:
     """MemoryMax= syntax: bytes with an optional 1024-based K/M/G/T/P/E suffix, or infinity (-1)."""
     if text.strip().lower() in _RESET_WORDS:
         return -1
-    m = _SIZE_RE.fullmatch(text.strip())
+    m = re.fullmatch(_SIZE_RE, text.strip(), re.IGNORECASE)
     if m is None:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 512M, 2G, infinity)")
     number, suffix = m.groups()
@@ -313,7 +315,7 @@ def parse_timeout(text: str) -> float | None:
     return None if value == 0 else value
 
 
-_REL_RE = re.compile(r"-?\s*(\d+)\s*(s|sec|m|min|h|d|w)\w*(\s+ago)?", re.IGNORECASE)
+_REL_RE = r"-?\s*(\d+)\s*(s|sec|m|min|h|d|w)\w*(\s+ago)?"
 _REL_USEC = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -336,7 +338,7 @@ def parse_since(text: str, now_usec: int) -> int:
         if t == "yesterday":
             day -= datetime.timedelta(days=1)
         return int(day.timestamp() * 1_000_000)
-    m = _REL_RE.fullmatch(t)
+    m = re.fullmatch(_REL_RE, t, re.IGNORECASE)
     if m is not None and (t.startswith("-") or m.group(3)):
         unit = m.group(2).lower()
         seconds = int(m.group(1)) * _REL_USEC.get(unit, _REL_USEC.get(unit[:1], 1))
@@ -611,7 +613,7 @@ CAN_I_SHORTCUTS: dict[str, tuple[str, str | None]] = {
 def verb_can_i(ctx: Context) -> int:
     a = ctx.args
     action, verb = CAN_I_SHORTCUTS.get(a.action, (a.action, None))
-    verb = a.verb or verb
+    verb = a.policy_verb or verb
     ctx.doing = f"ask about capsule {_q(a.name)}"
     reply = ctx.client.check_access(a.name, action, verb=verb, unit=a.unit)
     if ctx.json:
@@ -708,8 +710,9 @@ def _name_args(p: argparse.ArgumentParser, many: bool) -> None:
         p.add_argument("name", metavar="NAME", help="capsule name")
 
 
-@dataclass(frozen=True)
-class Verb:
+class Verb(NamedTuple):
+    """One subcommand: its handler, one-line summary, --help description and argument setup."""
+
     name: str
     handler: Callable[[Context], int]
     summary: str
@@ -843,7 +846,12 @@ def _verbs() -> list[Verb]:
             "enable, disable, status, logs",
         )
         name(p)
-        p.add_argument("--verb", metavar="VERB", help="for manage: start, stop, restart, autostart")
+        p.add_argument(
+            "--verb",
+            dest="policy_verb",
+            metavar="VERB",
+            help="for manage: start, stop, restart, autostart",
+        )
         p.add_argument("--unit", metavar="UNIT", help="for manage-units: the unit")
 
     def nothing(p: argparse.ArgumentParser) -> None:

@@ -7,13 +7,13 @@ format_timespan() and format_timestamp_relative(), so the numbers read like syst
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from capsulectl import wire
+if TYPE_CHECKING:
+    from capsulectl import wire
 
 __all__ = [
     "Style",
@@ -56,7 +56,7 @@ class Style:
     def __init__(self, colour: bool, encoding: str | None = "utf-8") -> None:
         self.colour = colour
         try:
-            "\u25cf\u00d7".encode(encoding or "ascii")
+            "\u25cf\u00d7".encode(encoding or "utf-8")  # in-memory streams have none
             self.dot, self.cross = "\u25cf", "\u00d7"  # systemd's bullet and cross mark
         except (UnicodeEncodeError, LookupError):
             self.dot, self.cross = "*", "x"  # systemd's fallbacks for non-UTF-8 terminals
@@ -194,6 +194,8 @@ def now_usec() -> int:
 
 def dump_json(value: object) -> str:
     """One compact JSON document on one line (a stream is one of these per line)."""
+    import json  # only --json needs it (the client's protocol core loads it anyway)
+
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 

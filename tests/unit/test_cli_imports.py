@@ -1,0 +1,83 @@
+"""capsulectl starts fast: importing the CLI, and running a verb, loads nothing heavy.
+
+Checked in a fresh interpreter, since this test process has long since imported everything.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_client_fake import FakeCapsuled, capsule, fake, ok
+
+__all__ = ["fake"]
+
+ROOT = Path(__file__).resolve().parents[2]
+# asyncio and jeepney are the server's; `varlink` costs 25 ms (design brief); systemd is
+# python-systemd.
+FORBIDDEN = ("asyncio", "jeepney", "varlink", "systemd", "capsuled.transport", "capsuled.dispatch")
+# Not even the protocol core is needed before a call is made.
+NOT_BEFORE_A_CALL = ("capsuled", "capsulectl.client", "json", "socket", "subprocess")
+
+
+def modules_after(code: str) -> set[str]:
+    """Modules that running code loads, beyond what the interpreter's start-up (site) loaded."""
+    env = {"PYTHONPATH": f"{ROOT / 'helper'}:{ROOT / 'client'}", "PATH": "/usr/bin:/bin"}
+    # The snapshot comes first so that json counts if our code loads it; it is imported for the
+    # report only after the difference is taken.
+    script = (
+        f"import sys\n_before = set(sys.modules)\n{code}\n_new = set(sys.modules) - _before\n"
+        "import json\nprint(json.dumps(sorted(_new)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+def offenders(modules: set[str], names: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == n or m.startswith(n + ".") for n in names))
+
+
+def test_importing_the_cli_loads_nothing_heavy() -> None:
+    modules = modules_after("import capsulectl.cli")
+    assert offenders(modules, FORBIDDEN) == []
+    assert offenders(modules, NOT_BEFORE_A_CALL) == []
+
+
+def test_version_loads_nothing_heavy() -> None:
+    modules = modules_after("from capsulectl.cli import main; main(['--version'])")
+    assert offenders(modules, FORBIDDEN) == []
+    assert offenders(modules, NOT_BEFORE_A_CALL) == []
+
+
+def test_a_real_call_loads_nothing_heavy(fake: FakeCapsuled) -> None:
+    fake.on("Describe", ok(capsule=capsule()))
+    modules = modules_after(
+        "from capsulectl.cli import main\n"
+        f"rc = main(['--address', {fake.address!r}, 'status', 'web'])\n"
+        "assert rc == 0, rc"
+    )
+    assert fake.methods() == ["Describe"]  # the call really happened
+    assert offenders(modules, FORBIDDEN) == []
+
+
+def test_the_api_loads_nothing_heavy() -> None:
+    modules = modules_after("from capsulectl import Client; Client")
+    assert offenders(modules, FORBIDDEN) == []
+
+
+@pytest.mark.parametrize("name", FORBIDDEN[:4])
+def test_the_check_would_notice(name: str) -> None:
+    # Guard against a check that cannot fail: a forbidden module imported on purpose is seen.
+    if name == "systemd":
+        pytest.importorskip("systemd")
+    assert offenders(modules_after(f"import {name}"), FORBIDDEN) != []
