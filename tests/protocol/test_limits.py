@@ -45,8 +45,8 @@ class OtherUidClient:
                 with RawClient(path) as c:
                     try:
                         reply: object = c.call(f"{T}.WhoAmI")
-                    except Closed:
-                        reply = {"closed": True}
+                    except (Closed, BrokenPipeError, ConnectionResetError):
+                        reply = {"closed": True}  # refused: closed before or after we sent
                     os.write(w, json.dumps(reply).encode())
                     os.close(w)
                     os.read(hold_r, 1)  # returns at EOF: the parent is done with us

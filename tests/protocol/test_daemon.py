@@ -1,0 +1,278 @@
+"""The daemon process: socket activation (listening and Accept=yes), LISTEN_* handling,
+sd_notify, idle exit, --listen, and the real `capsuled` entry point with its real IDL."""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from capsuled import daemon
+from protocol.harness import TIMEOUT_S, Closed, RawClient
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHONPATH = f"{ROOT / 'helper'}:{ROOT / 'client'}:{ROOT / 'tests'}"
+TESTSERVER = str(ROOT / "tests" / "protocol" / "testserver.py")
+ACTIVATE = "/usr/bin/systemd-socket-activate"
+CAPSULED = [sys.executable, "-c", "import sys; from capsuled.cli import main; sys.exit(main())"]
+T = "org.example.test"
+
+
+class Proc:
+    """A subprocess whose stderr lines can be waited for."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.p = subprocess.Popen(
+            argv, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env, cwd=ROOT
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._t = threading.Thread(target=self._pump, daemon=True)
+        self._t.start()
+
+    def _pump(self) -> None:
+        assert self.p.stderr is not None
+        for line in self.p.stderr:
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout: float = TIMEOUT_S) -> str:
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no {text!r} in stderr; saw {self.seen!r}") from None
+            self.seen.append(line)
+            if text in line:
+                return line
+
+    def wait_exit(self, timeout: float = TIMEOUT_S) -> int:
+        return self.p.wait(timeout)
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            self.p.wait(TIMEOUT_S)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def notify_socket(sockdir: Path) -> Iterator[tuple[socket.socket, str]]:
+    path = str(sockdir / "notify")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.settimeout(TIMEOUT_S)
+    yield s, path
+    s.close()
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH)
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "JOURNAL_STREAM"):
+        env.pop(key, None)
+    return env
+
+
+def _activate(*args: str) -> list[str]:
+    # systemd-socket-activate passes children only the variables given with -E.
+    return [ACTIVATE, *args, f"-EPYTHONPATH={PYTHONPATH}"]
+
+
+# --- listen_fds / pick_fd / sd_notify in-process --------------------------------------------
+
+
+def test_listen_env_for_another_process_is_ignored_and_cleared() -> None:
+    env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "varlink"}
+    assert daemon.listen_fds(env) == []
+    assert env == {}
+
+
+def test_invalid_listen_env_is_an_error_and_still_cleared() -> None:
+    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "many"}
+    with pytest.raises(daemon.ActivationError):
+        daemon.listen_fds(env)
+    assert env == {}
+
+
+def test_no_activation_means_no_fds() -> None:
+    assert daemon.listen_fds({}) == []
+    assert daemon.pick_fd([]) is None
+
+
+@pytest.mark.parametrize(
+    ("fds", "want"),
+    [
+        ([(3, "unknown")], 3),
+        ([(3, "other"), (4, "varlink")], 4),
+        ([(3, "varlink"), (4, "varlink")], 3),
+    ],
+)
+def test_pick_fd(fds: list[tuple[int, str]], want: int) -> None:
+    assert daemon.pick_fd(fds) == want
+
+
+def test_pick_fd_refuses_ambiguity() -> None:
+    with pytest.raises(daemon.ActivationError):
+        daemon.pick_fd([(3, "a"), (4, "b")])
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_sd_notify_without_systemd_python(
+    monkeypatch: pytest.MonkeyPatch, sockdir: Path, abstract: bool
+) -> None:
+    monkeypatch.setitem(sys.modules, "systemd", None)  # `from systemd import daemon` fails
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.settimeout(TIMEOUT_S)
+    if abstract:
+        name = f"capsuled-test-{os.getpid()}"
+        s.bind("\0" + name)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+    else:
+        path = str(sockdir / "n")
+        s.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+    with s:
+        daemon.sd_notify("READY=1\nSTATUS=x")
+        assert s.recv(4096) == b"READY=1\nSTATUS=x"
+
+
+def test_sd_notify_without_a_manager_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "systemd", None)
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    daemon.sd_notify("READY=1")  # must not raise
+
+
+# --- subprocesses -----------------------------------------------------------------------------
+
+
+def test_listen_path_serves_and_exits_when_idle(procs: list[Proc], sockdir: Path) -> None:
+    path = str(sockdir / "dev.sock")
+    proc = Proc([sys.executable, TESTSERVER, "--listen", path, "--idle-exit-sec", "0.5"], _env())
+    procs.append(proc)
+    proc.wait_for("Serving on")
+    assert os.stat(path).st_mode & 0o777 == 0o666
+    with RawClient(path) as c:
+        assert c.call(f"{T}.Ping", text="x") == {"parameters": {"text": "x"}}
+        # An open connection keeps the daemon alive past the idle period.
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait_exit(timeout=1.0)
+    assert proc.wait_exit() == 0
+    assert not os.path.exists(path)  # we created it, we remove it
+
+
+def test_socket_activation_listening(
+    procs: list[Proc], sockdir: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    nsock, npath = notify_socket
+    path = str(sockdir / "act.sock")
+    argv = [
+        *_activate("-l", path, "--fdname=varlink", f"-ENOTIFY_SOCKET={npath}"),
+        sys.executable,
+        TESTSERVER,
+        "--idle-exit-sec",
+        "0.5",
+    ]
+    proc = Proc(argv, _env())
+    procs.append(proc)
+    proc.wait_for("Listening on")
+    with RawClient(path) as c:
+        # systemd-socket-activate execs the daemon on the first connection.
+        assert c.call(f"{T}.Environment") == {"parameters": {"listen": []}}
+        assert nsock.recv(4096) == b"READY=1\nSTATUS=Serving on fd 3"
+        who = c.call(f"{T}.WhoAmI")["parameters"]
+        assert isinstance(who, dict) and who["pid"] == os.getpid()
+    assert proc.wait_exit() == 0  # idle exit: systemd would keep the socket and start us again
+    assert nsock.recv(4096).startswith(b"STOPPING=1")
+
+
+def test_socket_activation_picks_the_fd_named_varlink(procs: list[Proc], sockdir: Path) -> None:
+    other, mine = str(sockdir / "other.sock"), str(sockdir / "mine.sock")
+    argv = [
+        *_activate("-l", other, "-l", mine, "--fdname=other:varlink"),
+        sys.executable,
+        TESTSERVER,
+    ]
+    proc = Proc(argv, _env())
+    procs.append(proc)
+    proc.wait_for(f"Listening on {mine}")
+    with RawClient(mine) as c:
+        assert c.call(f"{T}.Ping", text="m") == {"parameters": {"text": "m"}}
+    proc.wait_for("Serving on fd 4")
+    with RawClient(other, timeout=0.3) as c:
+        c.send({"method": f"{T}.Ping"})
+        with pytest.raises(TimeoutError):
+            c.recv()  # the socket named "other" is not ours to serve
+
+
+def test_socket_activation_accept_serves_one_connection(procs: list[Proc], sockdir: Path) -> None:
+    path = str(sockdir / "accept.sock")
+    argv = [*_activate("-l", path, "--accept"), sys.executable, TESTSERVER]
+    proc = Proc(argv, _env())
+    procs.append(proc)
+    proc.wait_for("Listening on")
+    for _ in range(2):  # each connection gets its own daemon process
+        with RawClient(path) as c:
+            assert c.call(f"{T}.Environment") == {"parameters": {"listen": []}}
+            assert c.call(f"{T}.Ping", text="a") == {"parameters": {"text": "a"}}
+        line = proc.wait_for("died with code")
+        assert line.rstrip().endswith("code 0")  # exited by itself when the connection closed
+
+
+def test_no_socket_at_all_fails(procs: list[Proc]) -> None:
+    proc = Proc([sys.executable, TESTSERVER], _env())
+    procs.append(proc)
+    assert proc.wait_exit() == 1
+    proc.wait_for("no socket passed")
+
+
+def test_real_capsuled_serves_its_interface_verbatim(procs: list[Proc], sockdir: Path) -> None:
+    path = str(sockdir / "capsuled.sock")
+    idl = (ROOT / "helper" / "capsuled" / "org.capsuled.Manager.varlink").read_text("utf-8")
+    argv = [*_activate("-l", path, "--fdname=varlink"), *CAPSULED, "--idle-exit-sec", "0.5"]
+    proc = Proc(argv, _env())
+    procs.append(proc)
+    proc.wait_for("Listening on")
+    with RawClient(path) as c:
+        info = c.call("org.varlink.service.GetInfo")["parameters"]
+        assert isinstance(info, dict)
+        assert info["interfaces"] == ["org.varlink.service", "org.capsuled.Manager"]
+        assert (info["vendor"], info["product"]) == ("capsuled", "capsuled")
+        desc = c.call(
+            "org.varlink.service.GetInterfaceDescription", interface="org.capsuled.Manager"
+        )
+        assert desc == {"parameters": {"description": idl}}
+        c.send_raw(b"{}\0")
+        with pytest.raises(Closed):
+            c.recv()
+    assert proc.wait_exit() == 0
+
+
+def test_capsuled_version() -> None:
+    out = subprocess.run(
+        [*CAPSULED, "--version"], env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    assert out.returncode == 0 and out.stdout.startswith("capsuled ")
+
+
+def test_capsuled_rejects_a_per_uid_limit_above_three_quarters() -> None:
+    out = subprocess.run(
+        [*CAPSULED, "--max-connections", "4", "--max-connections-per-uid", "4"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert out.returncode == 2 and "3/4" in out.stderr
