@@ -542,3 +542,64 @@ def test_refused_config_denies_all_but_root(
     finally:
         bed.run("rm", "-f", path)
         bed.run("systemctl", "stop", "capsuled.service")
+
+
+# Runs as root inside the container: a check waiting on a (never answered) authentication agent
+# is cancelled the way the daemon cancels it when the client disconnects.
+CANCEL_PROBE = r"""
+import asyncio, json, os, pwd, subprocess
+from capsuled.policy.bus import BusConnection
+from capsuled.policy.engine import Identity, Request
+from capsuled.policy.polkit import PolkitBackend
+from capsuled.policy.subject import Subject
+
+class Recording(BusConnection):
+    seen = []
+    async def call(self, message):
+        reply = await super().call(message)
+        self.seen.append([message.header.fields[3], reply.header.message_type.name])
+        return reply
+
+async def main():
+    uid = pwd.getpwnam("mallory").pw_uid
+    sleeper = subprocess.Popen(["setpriv", "--reuid=mallory", "--regid=mallory",
+                                "--init-groups", "sleep", "300"])
+    subject = Subject(uid, uid, sleeper.pid, os.pidfd_open(sleeper.pid))
+    # pkttyagent on a pty whose input never comes: polkitd asks it and waits.
+    agent = subprocess.Popen(["script", "-qfc", f"pkttyagent --process {sleeper.pid}", "/dev/null"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    backend = PolkitBackend(Recording.open)
+    identity = Identity(uid, "mallory", frozenset())
+    request = Request("org.capsuled.run", "x", None)
+    pending = False
+    for _ in range(50):  # until the agent has registered: then the check stays pending
+        task = asyncio.create_task(backend.check(subject, identity, request, True))
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+        if not done:
+            pending = True
+            break
+    task.cancel()
+    try:
+        await task
+        cancelled = False
+    except asyncio.CancelledError:
+        cancelled = True
+    await backend.aclose()
+    agent.kill(); sleeper.kill()
+    print(json.dumps({"pending": pending, "cancelled": cancelled, "seen": Recording.seen}))
+
+asyncio.run(main())
+"""
+
+
+def test_polkit_check_is_cancelled_in_polkitd(bed: Testbed, world: World) -> None:
+    """A check waiting for an authentication agent, cancelled: polkitd accepts the cancellation."""
+    result = bed.python("root", CANCEL_PROBE, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["pending"] is True
+    assert out["cancelled"] is True
+    # Hello, then the checks that came back before the agent was up, then the cancellation
+    # of the one left waiting: polkitd answers an unknown cancellation id with an error.
+    assert out["seen"][0] == ["Hello", "method_return"]
+    assert out["seen"][-1] == ["CancelCheckAuthorization", "method_return"]
