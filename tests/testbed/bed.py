@@ -244,13 +244,15 @@ def _copy_source(checkout: Path, dest: Path) -> None:
     )
 
 
-def build_wheel(checkout: Path, out_dir: Path) -> Path:
+def build_wheel(checkout: Path, out_dir: Path, work_dir: Path | None = None) -> Path:
     """Build the project's wheel the way a packager would, without touching the checkout.
+
+    The source is copied to work_dir (a temporary directory if None) and built there.
 
     Raises:
         TestbedError: the build failed (its output is in the message).
     """
-    with tempfile.TemporaryDirectory(prefix="capsuled-src-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="capsuled-src-", dir=work_dir) as tmp:
         src = Path(tmp) / "src"
         _copy_source(checkout, src)
         proc = subprocess.run(
@@ -271,6 +273,7 @@ def build_wheel(checkout: Path, out_dir: Path) -> Path:
             capture_output=True,
             text=True,
             check=False,
+            preexec_fn=_set_pdeathsig,  # a killed test run takes the build down with it
         )
     if proc.returncode != 0:
         raise TestbedError(f"building the wheel failed:\n{proc.stdout}\n{proc.stderr}")
@@ -391,7 +394,9 @@ class Testbed:
         try:
             wheel_dir = self._run_dir / "wheel"
             wheel_dir.mkdir(exist_ok=True)
-            out.append(build_wheel(self.checkout, wheel_dir))
+            # Built inside the run directory, so a run killed mid-build leaves nothing that
+            # prune_stale_runs() does not remove.
+            out.append(build_wheel(self.checkout, wheel_dir, work_dir=self._run_dir))
         except BaseException as exc:  # handed to the booting thread, which re-raises it
             errors.append(exc)
         self.timings.wheel = time.monotonic() - started
