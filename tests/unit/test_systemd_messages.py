@@ -107,7 +107,10 @@ def test_transient_service_properties_match_systemd_run() -> None:
         m.transient_service_properties(["/bin/echo", "hi"], ["A=1"], "/tmp", description=None)
     )
     assert props["Type"] == ("s", "exec")
-    assert props["ExecStart"] == ("a(sasb)", [("/bin/echo", ["/bin/echo", "hi"], False)])
+    assert props["ExecStartEx"] == (
+        "a(sasas)",
+        [("/bin/echo", ["/bin/echo", "hi"], ["no-env-expand"])],
+    )
     assert props["Environment"] == ("as", ["A=1"])
     assert props["WorkingDirectory"] == ("s", "/tmp")
     assert "AddRef" not in props  # refused on a peer-to-peer link (no sender to track)
@@ -123,7 +126,7 @@ def test_transient_service_needs_argv() -> None:
 
 def test_transient_without_optional_fields() -> None:
     names = [k for k, _ in m.transient_service_properties(["/bin/true"])]
-    assert names == ["Description", "Type", "ExecStart"]
+    assert names == ["Description", "Type", "ExecStartEx", "CollectMode"]
 
 
 # -- match rules -------------------------------------------------------------------------------

@@ -813,20 +813,25 @@ class DBusCapsuleManager:
         """StartTransientUnit(mode=fail) + wait for the start job."""
         props = m.transient_service_properties(argv, environment, working_directory)
         call = m.start_transient_unit(unit, props)
-        if not track_exit:
-            await _run_job(self._conn, unit, call, self._job_timeout_s)
-            return unit
         if unit in self._exit_trackers or len(self._exit_trackers) >= MAX_TRACKED_EXITS:
             raise UnitBusy(unit)
+        # Track the unit's signals from before the start: with CollectMode=inactive-or-failed
+        # a unit that failed is gone before we could ask it for its Result.
         stack = contextlib.ExitStack()
         rule = m.unit_properties_changed_rule(m.unit_path(unit), sender=None)
         queue = stack.enter_context(self._conn.signals(rule, maxsize=256))
         self._exit_trackers[unit] = (stack, queue)
         try:
             await _run_job(self._conn, unit, call, self._job_timeout_s)
+        except JobFailed as exc:
+            self._drop_tracker(unit)
+            result = _fold_signals(queue).get("Result")
+            raise JobFailed(exc.result, result if isinstance(result, str) else None) from exc
         except BaseException:
             self._drop_tracker(unit)
             raise
+        if not track_exit:
+            self._drop_tracker(unit)
         return unit
 
     def _drop_tracker(self, unit: str) -> None:
@@ -873,6 +878,16 @@ class DBusCapsuleManager:
             await _wait_state(self._conn, queue, unit, FINISHED_STATES, 365 * 86400.0)
         body = await self._conn.call(m.get_all_properties(path, m.SERVICE_IFACE), unit=unit)
         return _exit_status(unit, m.parse_properties(body))
+
+
+def _fold_signals(queue: SignalQueue) -> dict[str, object]:
+    """Merge the changed properties of every queued PropertiesChanged, oldest first."""
+    props: dict[str, object] = {}
+    with contextlib.suppress(BackendError):
+        while (msg := queue.get_nowait()) is not None:
+            with contextlib.suppress(BadReply):
+                props.update(m.parse_properties_changed(msg.body).changed)
+    return props
 
 
 def _exit_status(unit: str, props: dict[str, object]) -> ExitStatus:

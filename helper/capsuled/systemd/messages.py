@@ -287,6 +287,7 @@ def transient_service_properties(
     """Properties for a transient Type=exec service, as `systemd-run` builds them.
 
     Type=exec: the start job fails when execve() does (missing binary), instead of "done".
+    ExecStartEx needs systemd >= 243.
     No AddRef: a peer-to-peer link has no sender name to track, and the capsule manager
     answers AddRef with InvalidArgs there (verified on 257); exit status is read from the
     PropertiesChanged signals instead.
@@ -296,8 +297,15 @@ def transient_service_properties(
     props: list[tuple[str, PropertyValue]] = [
         ("Description", ("s", description or " ".join(argv))),
         ("Type", ("s", "exec")),
-        ("ExecStart", ("a(sasb)", [(argv[0], list(argv), False)])),
+        # ExecStartEx with "no-env-expand" (the ":" prefix): argv reaches execve() verbatim.
+        # Plain ExecStart would expand "$FOO" and turn "$$" into "$" (systemd.service(5)
+        # "Command lines"), which a caller passing a list of arguments does not expect.
+        ("ExecStartEx", ("a(sasas)", [(argv[0], list(argv), ["no-env-expand"])])),
     ]
+    # CollectMode=inactive-or-failed (systemd-run --collect): a failed run does not linger and
+    # block its name; its exit status travels in the PropertiesChanged signals, its output in
+    # the journal.
+    props.append(("CollectMode", ("s", "inactive-or-failed")))
     if environment:
         props.append(("Environment", ("as", list(environment))))
     if working_directory is not None:
