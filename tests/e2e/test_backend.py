@@ -281,7 +281,7 @@ def test_capsule_manager_units_and_transient_runs(bed: Testbed, capsule_name: st
                     ("r-kill.service", ["/bin/sh", "-c", "kill -s KILL $$"]),
                     ("r-true.service", ["/bin/true"]),
                 ]:
-                    await mgr.start_transient(unit, argv, track_exit=True)
+                    await mgr.start_transient(unit, argv, keep=True)
                     s = await mgr.wait_exit(unit, timeout_s=30)
                     runs[unit] = [s.result, s.code, s.status]
                 r["runs"] = runs
@@ -289,7 +289,7 @@ def test_capsule_manager_units_and_transient_runs(bed: Testbed, capsule_name: st
                     mgr.start_transient("r-missing.service", ["/nonexistent/binary"]))
                 await mgr.start_transient(
                     "r-env.service", ["/bin/sh", "-c", 'test "$FOO" = bar && test "$PWD" = /tmp'],
-                    ["FOO=bar"], "/tmp", track_exit=True)
+                    ["FOO=bar"], "/tmp", keep=True)
                 r["env"] = (await mgr.wait_exit("r-env.service", timeout_s=30)).result
             return r
         """,

@@ -218,7 +218,7 @@ def test_capsule_manager_needs_running_capsule() -> None:
             assert await mgr.start_unit("job.service") == "done"
             with pytest.raises(errors.NoSuchUnit):
                 await mgr.start_unit("nope.service")
-            unit = await mgr.start_transient("run-1.service", ["/bin/false"], track_exit=True)
+            unit = await mgr.start_transient("run-1.service", ["/bin/false"], keep=True)
             status = await mgr.wait_exit(unit)
             assert (status.result, status.code, status.status) == ("exit-code", "exited", 1)
             with pytest.raises(errors.UnitBusy):

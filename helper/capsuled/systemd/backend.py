@@ -166,20 +166,22 @@ class CapsuleManager(Protocol):
         argv: Sequence[str],
         environment: Sequence[str] = (),
         working_directory: str | None = None,
-        track_exit: bool = False,
+        keep: bool = False,
     ) -> str:
         """Start a transient Type=exec service (like `systemd-run`); returns once it started.
 
-        track_exit=True records the unit's state signals from before the start on, so that
-        ``wait_exit`` gets the exit status even if the unit is garbage-collected the moment it
-        ends. Raises JobFailed (e.g. the binary does not exist), UnitBusy (name in use).
+        keep=True: keep the unit's state signals, recorded from before the start, so that
+        ``wait_exit`` gets the exit status even though the unit is garbage-collected the moment
+        it ends (CollectMode=inactive-or-failed). AddRef cannot do this on a peer-to-peer link.
+        The argv is passed verbatim (no $VAR expansion). Raises JobFailed (e.g. the binary does
+        not exist; unit_result from the signals), UnitBusy (name in use).
         """
         ...
 
     async def wait_exit(self, unit: str, timeout_s: float | None = None) -> ExitStatus:
         """Wait until the service has ended and return how its main process ended.
 
-        Without track_exit at start, a unit already gone raises NoSuchUnit.
+        Without keep at start, a unit already gone raises NoSuchUnit.
         Raises BackendTimeout after timeout_s (None: no bound; the caller cancels).
         """
         ...
@@ -808,7 +810,7 @@ class DBusCapsuleManager:
         argv: Sequence[str],
         environment: Sequence[str] = (),
         working_directory: str | None = None,
-        track_exit: bool = False,
+        keep: bool = False,
     ) -> str:
         """StartTransientUnit(mode=fail) + wait for the start job."""
         props = m.transient_service_properties(argv, environment, working_directory)
@@ -830,7 +832,7 @@ class DBusCapsuleManager:
         except BaseException:
             self._drop_tracker(unit)
             raise
-        if not track_exit:
+        if not keep:
             self._drop_tracker(unit)
         return unit
 

@@ -380,7 +380,7 @@ class FakeCapsuleManager:
         argv: Sequence[str],
         environment: Sequence[str] = (),
         working_directory: str | None = None,
-        track_exit: bool = False,
+        keep: bool = False,
     ) -> str:
         """/bin/false exits 1, a path containing "missing" fails to start, the rest exit 0."""
         if unit in self._capsule.units:
