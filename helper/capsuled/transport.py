@@ -379,11 +379,12 @@ class _Connection:
         task = asyncio.create_task(self._answer(call))
         try:
             await self._read_while_running(task, call)
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        except BaseException:
+            # Leaving early (hang-up, our own cancellation): stop the call and collect its
+            # outcome, so no exception is left "never retrieved".
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
         task.result()  # re-raise _Closing / protocol errors from the call itself
 
     async def _write(self, data: bytes) -> None:
