@@ -1,7 +1,8 @@
 """A seeded 10,000-case fuzz run of random and mutated messages against the real server.
 
-For every case the suite decides with its own oracle (written independently of capsuled.varlink)
-whether the bytes are a well-formed Varlink call, sends them followed by a sentinel call, and checks:
+For every case the suite decides with its own oracle (written independently of
+capsuled.varlink) whether the bytes are a well-formed Varlink call, sends them followed by a
+sentinel call, and checks:
 - malformed -> the connection is closed without one byte of reply (the sentinel is not answered);
 - well-formed oneway -> the first reply is the sentinel's;
 - well-formed otherwise -> the first message is a reply (a Varlink reply object).
