@@ -1,0 +1,271 @@
+"""capsuled.systemd.bus against an in-process fake D-Bus peer on a socketpair.
+
+The peer plays a capsule's manager (no bus daemon): it answers the SASL exchange, then replies,
+stays silent, or sends garbage, so the adapter's limits can be shown without systemd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+from jeepney import (
+    DBusAddress,
+    Message,
+    Parser,
+    new_error,
+    new_method_call,
+    new_method_return,
+    new_signal,
+)
+
+from capsuled.systemd import bus, errors
+from capsuled.systemd import messages as m
+
+T = TypeVar("T")
+AUTH_OK = b"OK 0123456789abcdef0123456789abcdef\r\n"
+
+
+class FakePeer:
+    """The far end of the socketpair: records what arrives, answers as told."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.auth_bytes = b""
+        self.parser = Parser()
+        self.received: list[Message] = []
+
+    async def handshake(self, answer: bytes = AUTH_OK) -> None:
+        self.auth_bytes = await self.reader.readuntil(b"BEGIN\r\n")
+        self.writer.write(answer)
+        await self.writer.drain()
+
+    async def next_call(self) -> Message:
+        while True:
+            msg = self.parser.get_next_message()
+            if msg is not None:
+                self.received.append(msg)
+                return msg
+            data = await self.reader.read(65536)
+            if not data:
+                raise EOFError
+            self.parser.add_data(data)
+
+    def send(self, msg: Message, serial: int = 1000) -> None:
+        self.writer.write(msg.serialise(serial))
+
+
+async def connected(
+    handshake_answer: bytes = AUTH_OK, max_message_bytes: int = bus.MAX_MESSAGE_BYTES
+) -> tuple[bus.BusConnection, FakePeer]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    reader, writer = await asyncio.open_unix_connection(sock=theirs)
+    peer = FakePeer(reader, writer)
+    hs = asyncio.create_task(peer.handshake(handshake_answer))
+    conn = await bus.open_peer(ours, uid=0, max_message_bytes=max_message_bytes)
+    await hs
+    return conn, peer
+
+
+def run(scenario: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with asyncio.timeout(10):
+            return await scenario()
+
+    return asyncio.run(main())
+
+
+def test_auth_is_external_uid0_with_pipelined_begin() -> None:
+    async def scenario() -> bytes:
+        conn, peer = await connected()
+        await conn.close()
+        return peer.auth_bytes
+
+    # "30" is "0" in hex: root. BEGIN follows AUTH in the same write (see bus._authenticate).
+    assert run(scenario) == b"\0AUTH EXTERNAL 30\r\nBEGIN\r\n"
+
+
+def test_rejected_auth_is_systemd_unavailable() -> None:
+    async def scenario() -> None:
+        with pytest.raises(errors.SystemdUnavailable, match="refused"):
+            await connected(b"REJECTED EXTERNAL\r\n")
+
+    run(scenario)
+
+
+def test_reply_and_error_reply() -> None:
+    async def scenario() -> None:
+        conn, peer = await connected()
+        call = asyncio.create_task(conn.call(m.list_units()))
+        msg = await peer.next_call()
+        peer.send(new_method_return(msg, "s", ("hi",)))
+        assert await call == ("hi",)
+        failing = asyncio.create_task(conn.call(m.start_unit("a.service"), unit="a.service"))
+        msg = await peer.next_call()
+        peer.send(new_error(msg, "org.freedesktop.systemd1.NoSuchUnit", "s", ("Unit a not found",)))
+        with pytest.raises(errors.NoSuchUnit) as exc:
+            await failing
+        assert exc.value.unit == "a.service"
+        await conn.close()
+
+    run(scenario)
+
+
+def test_no_more_than_64_calls_in_flight() -> None:
+    async def scenario() -> None:
+        conn, peer = await connected()
+        calls = [asyncio.create_task(conn.call(m.list_units())) for _ in range(70)]
+        first = [await peer.next_call() for _ in range(bus.MAX_IN_FLIGHT_CALLS)]
+        # The 65th is held back until a reply frees a slot.
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await peer.next_call()
+        peer.send(new_method_return(first[0], "s", ("x",)))
+        later = [await peer.next_call()]  # one reply, one slot
+        for msg in first[1:]:
+            peer.send(new_method_return(msg, "s", ("x",)))
+        later += [await peer.next_call() for _ in range(5)]
+        for msg in later:
+            peer.send(new_method_return(msg, "s", ("x",)))
+        assert [await c for c in calls] == [("x",)] * 70
+        await conn.close()
+
+    run(scenario)
+
+
+def test_oversized_message_closes_the_link_before_buffering() -> None:
+    async def scenario() -> None:
+        conn, peer = await connected(max_message_bytes=4096)
+        call = asyncio.create_task(conn.call(m.list_units()))
+        msg = await peer.next_call()
+        reply = new_method_return(msg, "s", ("x" * 8192,))
+        peer.send(reply)
+        with pytest.raises(errors.SystemdUnavailable, match="exceeds"):
+            await call
+        assert conn.closed
+        with pytest.raises(errors.SystemdUnavailable):
+            await conn.call(m.list_units())
+        await conn.close()
+
+    run(scenario)
+
+
+def test_header_claiming_gigabytes_is_refused_at_once() -> None:
+    async def scenario() -> None:
+        conn, peer = await connected()
+        call = asyncio.create_task(conn.call(m.list_units()))
+        await peer.next_call()
+        # Little-endian method return claiming a 1 GiB body; nothing else follows.
+        peer.writer.write(b"l\x02\x01\x01" + struct.pack("<III", 1 << 30, 1, 0))
+        with pytest.raises(errors.SystemdUnavailable, match="exceeds"):
+            await call
+        await conn.close()
+
+    run(scenario)
+
+
+def test_garbage_closes_the_link() -> None:
+    async def scenario() -> None:
+        conn, peer = await connected()
+        call = asyncio.create_task(conn.call(m.list_units()))
+        await peer.next_call()
+        peer.writer.write(b"X" * 64)
+        with pytest.raises(errors.SystemdUnavailable):
+            await call
+        await conn.close()
+
+    run(scenario)
+
+
+def test_peer_hangup_fails_pending_calls() -> None:
+    async def scenario() -> None:
+        conn, peer = await connected()
+        call = asyncio.create_task(conn.call(m.list_units()))
+        await peer.next_call()
+        peer.writer.close()
+        with pytest.raises(errors.SystemdUnavailable, match="closed"):
+            await call
+        await conn.close()
+
+    run(scenario)
+
+
+def test_silent_peer_times_out_and_forgets_the_call() -> None:
+    async def scenario() -> None:
+        conn, peer = await connected()
+        with pytest.raises(errors.BackendTimeout):
+            await conn.call(m.list_units(), timeout_s=0.05)
+        # A late reply to the abandoned serial is dropped; the link still works.
+        late = peer.received[0] if peer.received else await peer.next_call()
+        peer.send(new_method_return(late, "s", ("late",)))
+        call = asyncio.create_task(conn.call(m.list_units()))
+        msg = await peer.next_call()
+        peer.send(new_method_return(msg, "s", ("fresh",)))
+        assert await call == ("fresh",)
+        await conn.close()
+
+    run(scenario)
+
+
+def _signal(i: int) -> Message:
+    emitter = DBusAddress(m.MANAGER_PATH, interface=m.MANAGER_IFACE)
+    return new_signal(emitter, "JobRemoved", "uoss", (i, f"/job/{i}", "a.service", "done"))
+
+
+def test_signal_queue_is_bounded_and_reports_overflow() -> None:
+    async def scenario() -> list[int]:
+        conn, peer = await connected()
+        got: list[int] = []
+        with conn.signals(m.job_removed_rule(sender=None), maxsize=10) as queue:
+            for i in range(50):
+                peer.send(_signal(i), serial=i + 1)
+            # A call after the signals: its reply proves they were all dispatched.
+            call = asyncio.create_task(conn.call(m.list_units()))
+            msg = await peer.next_call()
+            peer.send(new_method_return(msg), serial=99)
+            await call
+            with pytest.raises(errors.WatchOverflow):
+                while True:
+                    got.append(int((await queue.get()).body[0]))
+        await conn.close()
+        return got
+
+    assert run(scenario) == list(range(10))
+
+
+def test_signals_of_other_rules_and_method_calls_are_ignored() -> None:
+    async def scenario() -> None:
+        conn, peer = await connected()
+        rule = m.job_removed_rule(sender=None)
+        rule.add_arg_condition(2, "b.service")
+        with conn.signals(rule, maxsize=4) as queue:
+            peer.send(_signal(1), serial=1)  # a.service: not ours
+            probe = DBusAddress("/x", bus_name="org.example", interface="org.example.I")
+            peer.send(new_method_call(probe, "Poke"), serial=2)  # we export nothing
+            call = asyncio.create_task(conn.call(m.list_units()))
+            msg = await peer.next_call()
+            peer.send(new_method_return(msg), serial=3)
+            await call
+            assert queue.get_nowait() is None
+        await conn.close()
+
+    run(scenario)
+
+
+def test_closed_connection_fails_waiting_signal_consumers() -> None:
+    async def scenario() -> None:
+        conn, peer = await connected()
+        with conn.signals(m.job_removed_rule(sender=None)) as queue:
+            waiter = asyncio.create_task(queue.get())
+            await asyncio.sleep(0)
+            peer.writer.close()
+            with pytest.raises(errors.SystemdUnavailable):
+                await waiter
+        await conn.close()
+
+    run(scenario)
