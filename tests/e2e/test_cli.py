@@ -142,7 +142,7 @@ def test_lifecycle_as_owner(bed, capsule_name) -> None:
     assert any(line.startswith("     Memory: ") and "(max: 256.0M)" in line for line in status)
     assert any(line.startswith("      Tasks: ") and "(limit: 50)" in line for line in status)
 
-    assert ok(bed, "alice", "can-i", "stop", name) == "yes (owner)\n"
+    assert ok(bed, "alice", "can-i", "stop", name).split()[:1] == ["yes"]
 
     ok(bed, "alice", "stop", name)
     assert systemd_active(bed, name) == "inactive"
@@ -311,9 +311,9 @@ def test_watch_prints_state_changes(bed, capsule_name) -> None:
 def test_json_equals_varlinkctl_reply(bed, capsule_name) -> None:
     name = capsule_name
     ok(bed, "alice", "create", name)  # stopped: nothing in the reply changes between the calls
-    assert one_json(ok(bed, "alice", "--json", "status", name)) == varlinkctl(
-        bed, "alice", "Describe", name=name
-    )
+    status = ctl(bed, "alice", "--json", "status", name)
+    assert status.returncode == 3  # the exit status does not depend on --json
+    assert one_json(status.stdout) == varlinkctl(bed, "alice", "Describe", name=name)
     assert one_json(ok(bed, "alice", "--json", "units", name)) == varlinkctl(
         bed, "alice", "ListUnits", name=name
     )
@@ -324,7 +324,7 @@ def test_json_equals_varlinkctl_reply(bed, capsule_name) -> None:
     # And against the stdlib-only raw client the other e2e tests use.
     raw = call(bed, "alice", "Describe", {"name": name})
     assert raw.error is None
-    assert one_json(ok(bed, "alice", "--json", "status", name)) == raw.parameters
+    assert one_json(status.stdout) == raw.parameters
 
 
 # --- refused users ------------------------------------------------------------------------------
