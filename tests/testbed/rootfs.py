@@ -35,7 +35,7 @@ VARIANT = "minbase"
 MIRROR = os.environ.get("CAPSULED_TESTBED_MIRROR", "http://deb.debian.org/debian")
 
 # Bump when the post-processing below changes what ends up in the tree.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 # What a capsuled host needs, from Debian's own packages (the design brief's dependency table).
 # debootstrap does not resolve virtual packages, hence python3-cffi-backend spelled out for
@@ -170,8 +170,11 @@ def _post_process(root: Path) -> None:
         link = root / "etc/systemd/system" / unit
         link.unlink(missing_ok=True)
         link.symlink_to("/dev/null")
-    # nspawn sets the hostname from --machine; an empty machine-id makes systemd generate one
-    # per boot (nspawn passes the machine's UUID) instead of every container sharing one.
+    # debootstrap copies the build host's /etc/hostname; without it nspawn names the container
+    # after --machine, so logs say which testbed they came from.
+    (root / "etc/hostname").unlink(missing_ok=True)
+    # An empty machine-id makes systemd generate one per boot (nspawn passes the machine's
+    # UUID) instead of every container sharing one.
     (root / "etc/machine-id").write_text("")
     subprocess.run(
         ["chroot", str(root), "apt-get", "clean"], check=False, stdout=subprocess.DEVNULL
