@@ -269,10 +269,18 @@ def test_capsule_manager_units_and_transient_runs(bed: Testbed, capsule_name: st
                 units = {{u.name: u for u in await mgr.list_units()}}
                 h = units["hello.service"]
                 r["listed"] = [h.unit_file_path, h.unit_file_state, h.active_state]
-                r["start"] = await mgr.start_unit("hello.service")
-                units = {{u.name: u for u in await mgr.list_units()}}
-                r["running"] = units["hello.service"].active_state
-                r["stop"] = await mgr.stop_unit("hello.service")
+                async with mgr.watch() as events:
+                    r["start"] = await mgr.start_unit("hello.service")
+                    units = {{u.name: u for u in await mgr.list_units()}}
+                    r["running"] = units["hello.service"].active_state
+                    r["stop"] = await mgr.stop_unit("hello.service")
+                    r["events"] = []
+                    async with asyncio.timeout(10):
+                        async for ev in events:
+                            if ev.unit == "hello.service":
+                                r["events"].append([ev.state, ev.sub_state])
+                                if ev.state == "inactive":
+                                    break
                 r["nounit"] = await expect_error(mgr.start_unit("nope.service"))
                 runs = {{}}
                 for unit, argv in [
@@ -302,6 +310,14 @@ def test_capsule_manager_units_and_transient_runs(bed: Testbed, capsule_name: st
         "inactive",
     ]
     assert (out["start"], out["running"], out["stop"]) == ("done", "active", "done")
+    # systemd may coalesce activating→active of a Type=simple unit into one signal.
+    events = out["events"]
+    assert isinstance(events, list)
+    assert [e for e in events if e[0] != "activating"] == [
+        ["active", "running"],
+        ["deactivating", "stop-sigterm"],
+        ["inactive", "dead"],
+    ]
     nounit = out["nounit"]
     assert isinstance(nounit, dict) and nounit["error"] == "NoSuchUnit"
     assert out["runs"] == {

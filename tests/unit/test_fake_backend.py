@@ -230,3 +230,26 @@ def test_capsule_manager_needs_running_capsule() -> None:
         assert info is not None and info.units_count == 2  # transient units are gone
 
     run(scenario())
+
+
+def test_manager_watch_reports_unit_transitions() -> None:
+    async def scenario() -> list[tuple[str, str, str]]:
+        fb = FakeBackend()
+        fb.add_unit("a", "web.service")
+        await fb.start("a")
+        async with fb.capsule_manager("a") as mgr, mgr.watch() as events:
+            await mgr.start_unit("web.service")
+            await mgr.stop_unit("web.service")
+            seen = []
+            async for ev in events:
+                seen.append((ev.unit, ev.state, ev.sub_state))
+                if ev.state == "inactive":
+                    return seen
+        raise AssertionError("unreachable")
+
+    assert run(scenario()) == [
+        ("web.service", "activating", "start"),
+        ("web.service", "active", "running"),
+        ("web.service", "deactivating", "stop-sigterm"),
+        ("web.service", "inactive", "dead"),
+    ]

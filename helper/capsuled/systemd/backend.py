@@ -93,7 +93,7 @@ class CapsuleInfo:
     tasks_max: int | None  # None: infinity
     cpu_weight: int | None  # None: unset (the default, 100)
     result: str  # unit Result: success, exit-code, signal, timeout, ...
-    units_count: int  # unit files in ~/.config/systemd/user (0 when none / no state dir)
+    units_count: int  # unit files (not templates) in ~/.config/systemd/user; 0 without state dir
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +104,16 @@ class CapsuleEvent:
     state: str
     sub_state: str
     since_usec: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class UnitEvent:
+    """A unit inside a capsule changed state (from its manager's PropertiesChanged)."""
+
+    unit: str
+    state: str
+    sub_state: str
+    since_usec: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +194,10 @@ class CapsuleManager(Protocol):
         Without keep at start, a unit already gone raises NoSuchUnit.
         Raises BackendTimeout after timeout_s (None: no bound; the caller cancels).
         """
+        ...
+
+    def watch(self) -> AbstractAsyncContextManager[AsyncIterator[UnitEvent]]:
+        """State changes of the capsule's units, from signals (bounded; WatchOverflow)."""
         ...
 
 
@@ -313,7 +327,8 @@ def autostart_names() -> set[str]:
 
 
 def count_unit_files(name: str) -> int:
-    """Unit files in the capsule's ~/.config/systemd/user, reached without following symlinks.
+    """Unit files in the capsule's ~/.config/systemd/user (templates "x@.service" excluded:
+    they are not units until instantiated), reached without following symlinks.
 
     The capsule owns every component below STATE_ROOT (invariant 2): each is opened with
     O_NOFOLLOW relative to its parent's fd, and a symlinked component just counts as nothing.
@@ -710,39 +725,65 @@ class DBusSystemdBackend:
             local, maxsize=WATCH_QUEUE, overflow_error=WatchOverflow("capsule watch fell behind")
         ) as queue:
             async with conn.match(rule), self._subscribed(conn):
-                yield _capsule_events(queue)
+                known = {
+                    u.name: (u.active_state, u.sub_state)
+                    for u in await self._loaded_capsule_units()
+                }
+                yield _capsule_events(queue, known)
 
 
 _CAPSULE_PATH_PREFIX: Final = m.unit_path("capsule@")  # ".../unit/capsule_40"
 
 
-async def _capsule_events(queue: SignalQueue) -> AsyncIterator[CapsuleEvent]:
-    last: dict[str, tuple[str, str]] = {}
+async def _unit_state_changes(
+    queue: SignalQueue, path_prefix: str, known: dict[str, tuple[str, str]]
+) -> AsyncIterator[tuple[str, str, str, int]]:
+    """(unit, ActiveState, SubState, StateChangeTimestamp) per real state change of a unit
+    whose object path starts with path_prefix; deduplicated against ``known`` (seeded from a
+    ListUnits taken after the queue was registered: a reload re-announces every unit's
+    unchanged state), malformed signals skipped."""
+    last = known
     while True:
         msg = await queue.get()
         path = msg.header.fields.get(HeaderFields.path, "")
-        if not (isinstance(path, str) and path.startswith(_CAPSULE_PATH_PREFIX)):
+        if not (isinstance(path, str) and path.startswith(path_prefix)):
             continue
-        name = capsule_from_unit(m.unit_from_path(path) or "")
-        if name is None:
+        unit = m.unit_from_path(path)
+        if unit is None:
             continue
         try:
             change = m.parse_properties_changed(msg.body)
+            if change.interface != m.UNIT_IFACE or "ActiveState" not in change.changed:
+                continue
+            state = m.prop_str(change.changed, "ActiveState")
+            sub = m.prop_str(change.changed, "SubState")
+            since = m.prop_int(change.changed, "StateChangeTimestamp") or 0
         except BadReply:
             continue
-        if change.interface != m.UNIT_IFACE or "ActiveState" not in change.changed:
-            continue
-        state = m.prop_str(change.changed, "ActiveState")
-        sub = m.prop_str(change.changed, "SubState")
-        since = m.prop_int(change.changed, "StateChangeTimestamp")
         # A unit merely loaded (by anyone's GetUnit/LoadUnit, or our own capsule_info) emits
         # its inactive state with StateChangeTimestamp=0: that is no state change.
-        if since == 0 or last.get(name) == (state, sub):
+        if since == 0 or last.get(unit) == (state, sub):
             continue
         if len(last) > WATCH_QUEUE:  # bound the dedup table too
             last.clear()
-        last[name] = (state, sub)
-        yield CapsuleEvent(name, state, sub, since)
+        last[unit] = (state, sub)
+        yield unit, state, sub, since
+
+
+async def _capsule_events(
+    queue: SignalQueue, known: dict[str, tuple[str, str]]
+) -> AsyncIterator[CapsuleEvent]:
+    async for unit, state, sub, since in _unit_state_changes(queue, _CAPSULE_PATH_PREFIX, known):
+        name = capsule_from_unit(unit)
+        if name is not None:
+            yield CapsuleEvent(name, state, sub, since)
+
+
+async def _unit_events(
+    queue: SignalQueue, known: dict[str, tuple[str, str]]
+) -> AsyncIterator[UnitEvent]:
+    async for unit, state, sub, since in _unit_state_changes(queue, m.UNIT_PATH_PREFIX, known):
+        yield UnitEvent(unit, state, sub, since)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -782,6 +823,15 @@ class DBusCapsuleManager:
             if unit not in out:
                 out[unit] = UnitInfo(unit, "", "not-loaded", "inactive", "dead", file_state, path)
         return [out[k] for k in sorted(out)]
+
+    @contextlib.asynccontextmanager
+    async def watch(self) -> AsyncIterator[AsyncIterator[UnitEvent]]:
+        """PropertiesChanged of every unit; a private link delivers them without any match."""
+        rule = m.unit_properties_changed_rule(sender=None)
+        overflow = WatchOverflow(f"unit watch of capsule {self.name} fell behind")
+        with self._conn.signals(rule, maxsize=WATCH_QUEUE, overflow_error=overflow) as queue:
+            units = m.parse_unit_list(await self._conn.call(m.list_units()))
+            yield _unit_events(queue, {u.name: (u.active_state, u.sub_state) for u in units})
 
     async def reload(self) -> None:
         """daemon-reload; the reply comes once the manager has reloaded."""
@@ -911,6 +961,7 @@ __all__ = [
     "DBusSystemdBackend",
     "ExitStatus",
     "SystemdBackend",
+    "UnitEvent",
     "UnitInfo",
     "capsule_unit",
 ]

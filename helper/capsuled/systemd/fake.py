@@ -23,6 +23,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from .backend import (
     FINISHED_STATES,
@@ -33,6 +34,7 @@ from .backend import (
     CapsuleInfo,
     CapsuleManager,
     ExitStatus,
+    UnitEvent,
     UnitInfo,
     capsule_unit,
 )
@@ -47,6 +49,7 @@ from .errors import (
 )
 
 FIRST_DYNAMIC_UID = 61184  # systemd's DYNAMIC_UID_MIN
+E = TypeVar("E")
 
 
 @dataclass
@@ -115,7 +118,7 @@ class FakeBackend:
         self.overlaps: list[str] = []
         self._busy: set[str] = set()
         self._uids = itertools.count(FIRST_DYNAMIC_UID)
-        self._watchers: set[_Watcher] = set()
+        self._watchers: set[_Watcher[CapsuleEvent]] = set()
 
     # -- test helpers ------------------------------------------------------------------------
 
@@ -286,7 +289,7 @@ class FakeBackend:
     async def watch(self) -> AsyncIterator[AsyncIterator[CapsuleEvent]]:
         """State changes as the fake makes them; bounded like the real one."""
         self._check()
-        watcher = _Watcher(WATCH_QUEUE)
+        watcher: _Watcher[CapsuleEvent] = _Watcher(WATCH_QUEUE)
         self._watchers.add(watcher)
         try:
             yield watcher.events()
@@ -297,18 +300,18 @@ class FakeBackend:
         """Nothing to close."""
 
 
-class _Watcher:
+class _Watcher(Generic[E]):
     def __init__(self, maxsize: int) -> None:
-        self._queue: asyncio.Queue[CapsuleEvent] = asyncio.Queue(maxsize)
+        self._queue: asyncio.Queue[E] = asyncio.Queue(maxsize)
         self._overflow = False
 
-    def push(self, event: CapsuleEvent) -> None:
+    def push(self, event: E) -> None:
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
             self._overflow = True
 
-    async def events(self) -> AsyncIterator[CapsuleEvent]:
+    async def events(self) -> AsyncIterator[E]:
         while True:
             if self._queue.empty() and self._overflow:
                 raise WatchOverflow("fake watch fell behind")
@@ -321,6 +324,22 @@ class FakeCapsuleManager:
     def __init__(self, capsule: FakeCapsule) -> None:
         self._capsule = capsule
         self.reloads = 0
+        self._watchers: set[_Watcher[UnitEvent]] = set()
+
+    def _set(self, unit: str, fake: FakeUnit, state: str, sub_state: str) -> None:
+        fake.active_state, fake.sub_state = state, sub_state
+        for watcher in list(self._watchers):
+            watcher.push(UnitEvent(unit, state, sub_state, time.time_ns() // 1000))
+
+    @contextlib.asynccontextmanager
+    async def watch(self) -> AsyncIterator[AsyncIterator[UnitEvent]]:
+        """Unit state changes this manager makes."""
+        watcher: _Watcher[UnitEvent] = _Watcher(WATCH_QUEUE)
+        self._watchers.add(watcher)
+        try:
+            yield watcher.events()
+        finally:
+            self._watchers.discard(watcher)
 
     async def list_units(self) -> list[UnitInfo]:
         """Units of the capsule, sorted."""
@@ -352,15 +371,18 @@ class FakeCapsuleManager:
         """NoSuchUnit / JobFailed / done."""
         fake = self._unit(unit)
         if fake.fail_start:
-            fake.active_state, fake.sub_state = "failed", "failed"
+            self._set(unit, fake, "failed", "failed")
             raise JobFailed("failed", "exit-code")
-        fake.active_state, fake.sub_state = "active", "running"
+        self._set(unit, fake, "activating", "start")
+        self._set(unit, fake, "active", "running")
         return "done"
 
     async def stop_unit(self, unit: str) -> str:
         """-> inactive."""
         fake = self._unit(unit)
-        fake.active_state, fake.sub_state = "inactive", "dead"
+        if fake.active_state != "inactive":
+            self._set(unit, fake, "deactivating", "stop-sigterm")
+            self._set(unit, fake, "inactive", "dead")
         return "done"
 
     async def restart_unit(self, unit: str) -> str:
