@@ -6,6 +6,7 @@ name per test (`capsule_name`) that is cleaned up afterwards whatever the test d
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Iterator
 
@@ -61,3 +62,17 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for machine, timings in _timings:
         terminalreporter.write_sep("-", "testbed")
         terminalreporter.write_line(f"{machine}: {timings.summary()}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]  # hook wrapper
+    """On a failed e2e test, attach the helper's recent journal: tracebacks live only there."""
+    report = yield
+    if report.when == "call" and report.failed and "bed" in getattr(item, "funcargs", {}):
+        bed = item.funcargs["bed"]
+        with contextlib.suppress(Exception):
+            log = bed.as_root(
+                "journalctl", "-u", "capsuled.service", "--no-pager", "-n", "80", "-o", "cat"
+            ).stdout
+            report.sections.append(("capsuled journal", log))
+    return report

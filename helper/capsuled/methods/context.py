@@ -76,6 +76,7 @@ class Services:
     version: str
     capsules_root: str = "/var/lib/private/capsules"
     locks: CapsuleLocks = field(default_factory=CapsuleLocks)
+    followers: int = 0  # Logs calls following the journal right now
 
 
 @dataclass(slots=True)

@@ -23,7 +23,7 @@ from typing import cast
 from capsuled import errors
 from capsuled.methods.context import CallContext, backend_errors
 from capsuled.methods.lifecycle import checked_name, existing
-from capsuled.names import unit_name_problem
+from capsuled.names import INSTALLABLE_UNIT_TYPES, unit_name_problem
 from capsuled.policy import actions as act
 from capsuled.safefs import CapsuleHome, EntryKind, NoHome, NotFound, SafeFsError
 from capsuled.systemd import errors as sd
@@ -43,9 +43,9 @@ MAX_RUN_ARGS = 4096
 MAX_RUN_ENV = 1024
 
 
-def checked_unit(p: Params, *, field: str = "unit") -> str:
+def checked_unit(p: Params, *, field: str = "unit", installable: bool = False) -> str:
     unit = cast(str, p[field])
-    problem = unit_name_problem(unit)
+    problem = unit_name_problem(unit, types=INSTALLABLE_UNIT_TYPES if installable else None)
     if problem is not None:
         raise errors.InvalidUnit(unit=unit, reason=problem, line=None)
     return unit
@@ -64,17 +64,13 @@ def home_of(ctx: CallContext, name: str) -> Iterator[CapsuleHome]:
 
 
 def _unit_files(home: CapsuleHome) -> dict[str, EntryKind]:
-    try:
-        return dict(home.list_dir(UNIT_DIR))
-    except NotFound:
-        return {}
+    # The capsule may plant any name here, and a crashed write leaves a hidden temp file:
+    # only names that are units count.
+    return {n: k for n, k in home.list_dir(UNIT_DIR) if unit_name_problem(n) is None}
 
 
 def _wanted(home: CapsuleHome) -> set[str]:
-    try:
-        return {n for n, kind in home.list_dir(WANTS_DIR) if kind is EntryKind.SYMLINK}
-    except NotFound:
-        return set()
+    return {n for n, kind in home.list_dir(WANTS_DIR) if kind is EntryKind.SYMLINK}
 
 
 def _is_transient(unit: UnitInfo) -> bool:
@@ -157,10 +153,10 @@ async def _reload_if_running(ctx: CallContext, name: str) -> bool:
 
 async def install_unit(ctx: CallContext, p: Params) -> Wire:
     name = checked_name(p)
-    unit = checked_unit(p)
+    unit = checked_unit(p, installable=True)
     content = cast(str, p["content"]).encode()
     try:
-        check_unit_file(content)
+        check_unit_file(content, unit_name=unit)
     except InvalidUnitFile as exc:
         raise errors.InvalidUnit(unit=unit, reason=exc.reason, line=exc.line) from None
     enable, start_now = bool(p["enable"]), bool(p["start"])

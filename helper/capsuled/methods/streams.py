@@ -26,6 +26,8 @@ Wire = dict[str, object]
 # How long a Watch trusts one "may this caller read capsule X" answer; group
 # changes take effect within this time without a query per event.
 WATCH_ACCESS_TTL_S = 5.0
+# Journal followers at once, for all callers (each costs an inotify instance).
+MAX_FOLLOWERS = 32
 # A Watch on more names than this is refused: each name costs a filter entry.
 MAX_WATCH_NAMES = 1024
 
@@ -46,6 +48,7 @@ async def logs(ctx: CallContext, p: Params) -> Wire:
     record = await ctx.authorize(act.READ, name, interactive=p["allowInteractiveAuthentication"])
     await existing(ctx, name, record)
     since = cast(int | None, p["since"])
+    started_usec = time.time_ns() // 1000
     entries = await asyncio.to_thread(
         journal.read_tail, name, unit=unit, lines=lines, since_usec=since
     )
@@ -58,16 +61,25 @@ async def logs(ctx: CallContext, p: Params) -> Wire:
         for entry in wire[:-1]:
             await ctx.notify({"entries": [entry]})
         return {"entries": [wire[-1]]}
-    for entry in wire:
-        await ctx.notify({"entries": [entry]})
-    follower = journal.Follower(
-        name, unit=unit, after_cursor=entries[-1].cursor if entries else None
-    )
+    if ctx.services.followers >= MAX_FOLLOWERS:
+        # Each follower holds an inotify instance; the kernel allows 128 per user, for all of root.
+        raise errors.QuotaExceeded(what="followers", limit=MAX_FOLLOWERS)
+    ctx.services.followers += 1
     try:
-        async for new in follower:
-            await ctx.notify({"entries": [new.to_wire()]})
+        for entry in wire:
+            await ctx.notify({"entries": [entry]})
+        # Resume after the last entry sent, or (none) from when we started reading: no gap,
+        # no duplicate.
+        async with journal.Follower(
+            name,
+            unit=unit,
+            after_cursor=entries[-1].cursor if entries else None,
+            since_usec=None if entries else max(started_usec, since or 0),
+        ) as follower:
+            async for new in follower:
+                await ctx.notify({"entries": [new.to_wire()]})
     finally:
-        await follower.aclose()
+        ctx.services.followers -= 1
     # The journal never ends a follow; only the client's hang-up (cancellation) does.
     return {"entries": []}
 
