@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-from capsulectl import wire
 from capsulectl.transport import (
     DEFAULT_ADDRESS,
     ConnectionLost,
@@ -40,6 +39,11 @@ from capsuled import errors as manager_errors
 from capsuled.varlink.connection import ClientConnection
 from capsuled.varlink.errors import ProtocolError, VarlinkError, error_from_name
 from capsuled.varlink.messages import Call, ErrorReply, Reply
+
+if TYPE_CHECKING:
+    # Only for the type checker: building ~20 TypedDict classes costs several ms of start-up, and
+    # at run time a cast() to a quoted name is free.
+    from capsulectl import wire
 
 __all__ = ["DEFAULT_TIMEOUT_S", "INTERFACE", "Client"]
 
@@ -221,43 +225,43 @@ class Client:
             params = reply.parameters
             if not isinstance(params.get("interfaces"), list):
                 raise ConnectionLost("GetInfo reply without interfaces")
-            return cast(wire.ServiceInfo, params)
+            return cast("wire.ServiceInfo", params)
         raise ConnectionLost("capsuled sent no reply")
 
     # --- org.capsuled.Manager --------------------------------------------------------------------
 
     def list(self) -> wire.ListReply:
         """The capsules the caller may read."""
-        return cast(wire.ListReply, self.call("List", {}, auth=False))
+        return cast("wire.ListReply", self.call("List", {}, auth=False))
 
     def describe(self, name: str) -> wire.CapsuleReply:
         """One capsule (raises NoSuchCapsule)."""
-        return cast(wire.CapsuleReply, self.call("Describe", {"name": name}))
+        return cast("wire.CapsuleReply", self.call("Describe", {"name": name}))
 
     def create(self, name: str, *, start: bool | None = None) -> wire.CapsuleReply:
         """Create a capsule owned by the caller; start=True leaves it running."""
-        return cast(wire.CapsuleReply, self.call("Create", {"name": name, "start": start}))
+        return cast("wire.CapsuleReply", self.call("Create", {"name": name, "start": start}))
 
     def start(self, name: str) -> wire.JobReply:
         """Start capsule@NAME.service and wait for the job."""
-        return cast(wire.JobReply, self.call("Start", {"name": name}))
+        return cast("wire.JobReply", self.call("Start", {"name": name}))
 
     def stop(self, name: str) -> wire.JobReply:
         """Stop capsule@NAME.service and wait for the job."""
-        return cast(wire.JobReply, self.call("Stop", {"name": name}))
+        return cast("wire.JobReply", self.call("Stop", {"name": name}))
 
     def restart(self, name: str) -> wire.JobReply:
         """Restart capsule@NAME.service and wait for the job."""
-        return cast(wire.JobReply, self.call("Restart", {"name": name}))
+        return cast("wire.JobReply", self.call("Restart", {"name": name}))
 
     def remove(self, name: str, *, keep_data: bool | None = None) -> wire.EmptyReply:
         """Stop, delete (unless keep_data) and forget a capsule."""
-        return cast(wire.EmptyReply, self.call("Remove", {"name": name, "keepData": keep_data}))
+        return cast("wire.EmptyReply", self.call("Remove", {"name": name, "keepData": keep_data}))
 
     def set_autostart(self, name: str, enabled: bool) -> wire.CapsuleReply:
         """Start the capsule at boot, or not."""
         params = {"name": name, "enabled": enabled}
-        return cast(wire.CapsuleReply, self.call("SetAutostart", params))
+        return cast("wire.CapsuleReply", self.call("SetAutostart", params))
 
     def set_limits(
         self,
@@ -274,18 +278,18 @@ class Client:
             "tasksMax": tasks_max,
             "cpuWeight": cpu_weight,
         }
-        return cast(wire.CapsuleReply, self.call("SetLimits", params))
+        return cast("wire.CapsuleReply", self.call("SetLimits", params))
 
     def check_access(
         self, name: str, action: str, *, verb: str | None = None, unit: str | None = None
     ) -> wire.CheckAccessReply:
         """What the policy would decide for the caller (nothing is done)."""
         params = {"name": name, "action": action, "verb": verb, "unit": unit}
-        return cast(wire.CheckAccessReply, self.call("CheckAccess", params, auth=False))
+        return cast("wire.CheckAccessReply", self.call("CheckAccess", params, auth=False))
 
     def list_units(self, name: str) -> wire.ListUnitsReply:
         """The user units of a capsule."""
-        return cast(wire.ListUnitsReply, self.call("ListUnits", {"name": name}))
+        return cast("wire.ListUnitsReply", self.call("ListUnits", {"name": name}))
 
     def install_unit(
         self,
@@ -298,31 +302,31 @@ class Client:
     ) -> wire.UnitReply:
         """Write a unit file into the capsule; optionally enable and start it."""
         params = {"name": name, "unit": unit, "content": content, "enable": enable, "start": start}
-        return cast(wire.UnitReply, self.call("InstallUnit", params))
+        return cast("wire.UnitReply", self.call("InstallUnit", params))
 
     def remove_unit(self, name: str, unit: str) -> wire.EmptyReply:
         """Stop, disable and delete a unit."""
-        return cast(wire.EmptyReply, self.call("RemoveUnit", {"name": name, "unit": unit}))
+        return cast("wire.EmptyReply", self.call("RemoveUnit", {"name": name, "unit": unit}))
 
     def start_unit(self, name: str, unit: str) -> wire.UnitJobReply:
         """Start a unit in the running capsule and wait for its job."""
-        return cast(wire.UnitJobReply, self.call("StartUnit", {"name": name, "unit": unit}))
+        return cast("wire.UnitJobReply", self.call("StartUnit", {"name": name, "unit": unit}))
 
     def stop_unit(self, name: str, unit: str) -> wire.UnitJobReply:
         """Stop a unit in the running capsule and wait for its job."""
-        return cast(wire.UnitJobReply, self.call("StopUnit", {"name": name, "unit": unit}))
+        return cast("wire.UnitJobReply", self.call("StopUnit", {"name": name, "unit": unit}))
 
     def restart_unit(self, name: str, unit: str) -> wire.UnitJobReply:
         """Restart a unit in the running capsule and wait for its job."""
-        return cast(wire.UnitJobReply, self.call("RestartUnit", {"name": name, "unit": unit}))
+        return cast("wire.UnitJobReply", self.call("RestartUnit", {"name": name, "unit": unit}))
 
     def enable_unit(self, name: str, unit: str) -> wire.UnitReply:
         """Make a unit start with the capsule."""
-        return cast(wire.UnitReply, self.call("EnableUnit", {"name": name, "unit": unit}))
+        return cast("wire.UnitReply", self.call("EnableUnit", {"name": name, "unit": unit}))
 
     def disable_unit(self, name: str, unit: str) -> wire.UnitReply:
         """Undo enable_unit."""
-        return cast(wire.UnitReply, self.call("DisableUnit", {"name": name, "unit": unit}))
+        return cast("wire.UnitReply", self.call("DisableUnit", {"name": name, "unit": unit}))
 
     @staticmethod
     def _run_params(
@@ -351,7 +355,7 @@ class Client:
     ) -> wire.RunReply:
         """Start a command as a transient service in the capsule; return once it started."""
         params = self._run_params(name, command, unit, environment, working_directory)
-        return cast(wire.RunReply, self.call("Run", params))
+        return cast("wire.RunReply", self.call("Run", params))
 
     def run_and_wait(
         self,
@@ -365,7 +369,7 @@ class Client:
         """Run with `more`: yields the started reply, then the last one carrying exitStatus."""
         params = self._run_params(name, command, unit, environment, working_directory)
         for reply in self._replies("Run", params, more=True, wait_later=True):
-            yield cast(wire.RunReply, reply)
+            yield cast("wire.RunReply", reply)
 
     def logs(
         self,
@@ -377,7 +381,7 @@ class Client:
     ) -> wire.LogsReply:
         """The newest journal entries of a capsule (or of one unit), oldest first."""
         params = {"name": name, "unit": unit, "lines": lines, "since": since}
-        return cast(wire.LogsReply, self.call("Logs", params))
+        return cast("wire.LogsReply", self.call("Logs", params))
 
     def follow_logs(
         self,
@@ -390,17 +394,17 @@ class Client:
         """Logs with `more` and follow: yields replies (one entry each) until the caller stops."""
         params = {"name": name, "unit": unit, "lines": lines, "since": since, "follow": True}
         for reply in self._replies("Logs", params, more=True, wait_later=True):
-            yield cast(wire.LogsReply, reply)
+            yield cast("wire.LogsReply", reply)
 
     def watch(self, names: Sequence[str] | None = None) -> Generator[wire.WatchReply, None, None]:
         """Stream state changes of capsules (all readable ones, or only `names`)."""
         params = {"names": list(names) if names else None}
         for reply in self._replies("Watch", params, more=True, auth=False, wait_later=True):
-            yield cast(wire.WatchReply, reply)
+            yield cast("wire.WatchReply", reply)
 
     def info(self) -> wire.InfoReply:
         """The helper's version, systemd's version, the policy backend and the caller's uid."""
-        return cast(wire.InfoReply, self.call("Info", {}, auth=False))
+        return cast("wire.InfoReply", self.call("Info", {}, auth=False))
 
 
 def _error(reply: ErrorReply) -> VarlinkError:
