@@ -8,7 +8,8 @@
 #   make clean-cache   forget the cached root filesystem (the next run rebuilds it, ~1 min)
 
 PYTHON ?= python3
-AS ?= alice
+# Plain "=": make has a built-in AS (the assembler); `make shell AS=bob` still overrides it.
+AS = alice
 # `python3 -m testbed` lives in tests/; pytest itself reads its paths from pyproject.toml.
 TESTBED := PYTHONPATH=tests:helper:client $(PYTHON) -m testbed
 CACHE ?= /var/cache/capsuled-testbed

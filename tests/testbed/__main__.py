@@ -28,7 +28,7 @@ Try:
     capsulectl status mine
     capsulectl logs mine -n 20
     capsulectl remove mine
-Become someone else with `exit` and `make shell USER=bob`. Leaving this shell deletes the
+Become someone else with `exit` and `make shell AS=bob`. Leaving this shell deletes the
 container and everything done in it.
 """
 

@@ -179,6 +179,12 @@ def _set_pdeathsig() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def _default_terminal_signals() -> None:
+    # The child must not inherit our "ignore Ctrl-C" (ignored signals survive exec).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 # --- host-side helpers ----------------------------------------------------------------------------
 
 
@@ -644,4 +650,15 @@ class Testbed:
         """Run argv with this terminal attached (for `make shell`); returns its exit status."""
         self._require_running()
         env = {"TERM": os.environ.get("TERM", "xterm")}
-        return subprocess.call(self.command(argv, user, env))
+        # Like a shell running a foreground job: Ctrl-C is for the program inside, not for us
+        # (it would tear the testbed down under the user's feet).
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        old_quit = signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+        try:
+            return subprocess.call(
+                self.command(argv, user, env),
+                preexec_fn=_default_terminal_signals,
+            )
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGQUIT, old_quit)
