@@ -39,7 +39,13 @@ from jeepney import (
 from jeepney.low_level import calc_msg_size
 
 from . import messages
-from .errors import BackendError, BackendTimeout, SystemdUnavailable, error_from_dbus
+from .errors import (
+    BackendError,
+    BackendTimeout,
+    SystemdUnavailable,
+    WatchOverflow,
+    error_from_dbus,
+)
 
 SYSTEM_BUS_ADDRESS: Final = "/run/dbus/system_bus_socket"
 MAX_IN_FLIGHT_CALLS: Final = 64
@@ -50,6 +56,7 @@ MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
 CALL_TIMEOUT_S: Final = 25.0
 AUTH_TIMEOUT_S: Final = 5.0
 MAX_AUTH_LINE_BYTES: Final = 1024
+STREAM_LIMIT_BYTES: Final = 64 * 1024
 DEFAULT_SIGNAL_QUEUE: Final = 256
 
 # What a peer may send that jeepney's decoder chokes on: treat as a broken link.
@@ -215,8 +222,6 @@ class BusConnection:
         (``add_match``) for the daemon to route the signal here at all. Register the queue
         *before* making the call whose signals you wait for.
         """
-        from .errors import WatchOverflow
-
         queue = SignalQueue(rule, maxsize, overflow_error or WatchOverflow("signal queue full"))
         if self._closed_error is not None:
             queue._fail(self._closed_error)
@@ -275,7 +280,7 @@ class BusConnection:
         # Method calls *to* us (a peer probing) get no answer: we export nothing.
 
     async def _receive_loop(self) -> None:
-        error: BackendError
+        error: BackendError = SystemdUnavailable("D-Bus receiver stopped")
         try:
             while True:
                 self._dispatch(await self._read_message())
@@ -285,8 +290,11 @@ class BusConnection:
             error = SystemdUnavailable(f"D-Bus connection lost: {exc}")
         except SystemdUnavailable as exc:
             error = exc
-        self._shut(error)
-        self._writer.close()
+        finally:
+            # Whatever ended the loop (even our own bug, which still propagates to the task),
+            # nobody may wait for a reply that can no longer come.
+            self._shut(error)
+            self._writer.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,9 +333,8 @@ async def open_peer(
     """
     try:
         async with asyncio.timeout(AUTH_TIMEOUT_S):
-            reader, writer = await asyncio.open_unix_connection(
-                sock=sock, limit=MAX_AUTH_LINE_BYTES * 4
-            )
+            # The limit bounds readuntil() (the SASL line); message reads use readexactly().
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=STREAM_LIMIT_BYTES)
             try:
                 await _authenticate(reader, writer, os.geteuid() if uid is None else uid)
             except BaseException:
