@@ -336,8 +336,9 @@ class _Connection:
                 await self._run_call(call)
                 deadline = loop.time() + self.limits.idle_timeout_s
         except RemoteProtocolError as exc:
-            # Peer garbage: close without a reply (UAPI.20; sd-varlink does the same).
-            log.info("protocol error from %s, closing: %s", self._who(), exc)
+            # Peer garbage: close without a reply (UAPI.20; sd-varlink does the same). Debug level,
+            # as in sd-varlink: any local user could otherwise fill the journal at will.
+            log.debug("protocol error from %s, closing: %s", self._who(), exc)
         except LocalProtocolError:
             log.error("protocol misuse on our side with %s, closing", self._who(), exc_info=True)
         except (_Closing, ConnectionError):

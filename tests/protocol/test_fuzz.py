@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -72,6 +73,13 @@ def _bad_constant(_: str) -> object:
     raise _Bad
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _Bad
+    return value
+
+
 def _strings_ok(v: object) -> bool:
     if isinstance(v, str):
         try:
@@ -90,7 +98,10 @@ def well_formed(raw: bytes) -> tuple[bool, bool]:
     """(is a well-formed call, is oneway)."""
     try:
         obj = json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_no_dupes, parse_constant=_bad_constant
+            raw.decode("utf-8"),
+            object_pairs_hook=_no_dupes,
+            parse_constant=_bad_constant,
+            parse_float=_finite,
         )
     except (_Bad, ValueError, RecursionError):
         return False, False

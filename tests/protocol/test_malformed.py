@@ -50,6 +50,7 @@ MALFORMED: dict[str, bytes] = {
     "duplicate nested key": P + b'{"text":"a","text":"b"}}',
     "NaN": b'{"method":"org.example.test.Echo","parameters":{"value":{"f":NaN}}}',
     "Infinity": b'{"method":"org.example.test.Echo","parameters":{"value":{"f":-Infinity}}}',
+    "float overflowing to infinity": P + b'{"text":1e400}}',
     "lone surrogate": b'{"method":"org.example.test.Ping","parameters":{"text":"\\ud800"}}',
     "huge integer": b'{"method":"org.example.test.Ping","parameters":{"text":'
     + b"9" * 5000

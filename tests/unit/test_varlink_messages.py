@@ -63,6 +63,8 @@ def test_parse_call(raw: bytes, call: Call) -> None:
         b'{"method":"a.b.C","method":"a.b.C"}',
         b'{"method":"a.b.C","parameters":{"a":NaN}}',
         b'{"method":"a.b.C","parameters":{"a":Infinity}}',
+        b'{"method":"a.b.C","parameters":{"a":1e400}}',
+        b'{"method":"a.b.C","parameters":{"a":-1E+999}}',
         b'{"method":"a.b.C","parameters":{"a":"\\udc00"}}',
         b'{"method":"a.b.C","parameters":{"\\ud800":1}}',
         b'{"method":"a.b.C","parameters":{"a":' + b"1" * 5000 + b"}}",

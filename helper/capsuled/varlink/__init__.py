@@ -1,7 +1,8 @@
 """The Varlink protocol core: bytes in, events out; events in, bytes out. No I/O (h11's shape).
 
 Imports only the standard library's pure parts (no asyncio, socket, os, logging), so the
-unprivileged client can use it cheaply and the layering test can check it."""
+unprivileged client can use it cheaply and the layering test can check it.
+"""
 
 from capsuled.varlink.connection import ClientConnection, ConnectionState, ServerConnection
 from capsuled.varlink.errors import (

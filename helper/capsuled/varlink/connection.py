@@ -13,7 +13,8 @@ call:
 
 Any illegal move raises LocalProtocolError and leaves the connection in the ERROR state; any
 malformed input raises RemoteProtocolError and does the same. After an error every method raises
-again."""
+again.
+"""
 
 from __future__ import annotations
 

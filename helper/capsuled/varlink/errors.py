@@ -13,7 +13,9 @@
         └── ExpectedMore              org.varlink.service.ExpectedMore()
 
 Every `VarlinkError` subclass that sets `name` in its own body registers itself, so a client can
-turn an error reply back into the right class with `error_class(name)` / `error_from_reply(...)`."""
+turn an error reply back into the right class with `error_class(name)` or
+`error_from_name(name, parameters)`.
+"""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 The buffer enforces the message size cap itself (systemd's VARLINK_BUFFER_MAX is 16 MiB), and it
 remembers how far it already searched for a NUL, so a message arriving one byte at a time costs
-linear time, not quadratic (h11's ReceiveBuffer does the same for CRLF)."""
+linear time, not quadratic (h11's ReceiveBuffer does the same for CRLF).
+"""
 
 from __future__ import annotations
 

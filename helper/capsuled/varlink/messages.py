@@ -7,7 +7,8 @@ exist: building one raises `LocalProtocolError`; parsing the peer's bytes relabe
 Parsing is strict, as systemd's sd-varlink is: the bytes must be UTF-8 holding one JSON object with
 only the keys the spec defines, flags must be booleans and at most one of oneway/more/upgrade may be
 set. Beyond sd-varlink we also refuse duplicate keys, NaN/Infinity and lone UTF-16 surrogates, none
-of which is JSON (RFC 8259) and each of which would let two parsers disagree about one message."""
+of which is JSON (RFC 8259) and each of which would let two parsers disagree about one message.
+"""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class Call:
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not is_valid_method_name(self.method):
-            raise LocalProtocolError(f"invalid method name {self.method!r}")
+            raise LocalProtocolError(f"invalid method name {_short(self.method)}")
         if not isinstance(self.parameters, dict):
             raise LocalProtocolError("call parameters must be an object")
         for flag in (self.oneway, self.more, self.upgrade):
@@ -100,7 +101,7 @@ class ErrorReply:
 
     def __post_init__(self) -> None:
         if not isinstance(self.error, str) or not is_valid_method_name(self.error):
-            raise LocalProtocolError(f"invalid error name {self.error!r}")
+            raise LocalProtocolError(f"invalid error name {_short(self.error)}")
         if not isinstance(self.parameters, dict):
             raise LocalProtocolError("error parameters must be an object")
 
@@ -141,6 +142,12 @@ def encode(msg: Message) -> bytes:
         raise LocalProtocolError(f"cannot encode message: {exc}") from exc
 
 
+def _short(value: object, limit: int = 80) -> str:
+    """repr() cut to `limit` characters: peer-chosen text goes into log lines."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class _Refused(Exception):
     """Raised from json hooks for input we refuse; caught in _load_object."""
 
@@ -148,6 +155,14 @@ class _Refused(Exception):
 def _refuse_constant(name: str) -> object:
     # json accepts NaN, Infinity and -Infinity by default; they are not JSON.
     raise _Refused(f"not JSON: {name}")
+
+
+def _finite_float(text: str) -> float:
+    # 1e400 parses to inf without going through parse_constant; it is no more JSON than Infinity.
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _Refused("number out of range")
+    return value
 
 
 def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -181,6 +196,7 @@ def _load_object(raw: bytes) -> dict[str, object]:
         value = json.loads(
             text,
             parse_constant=_refuse_constant,
+            parse_float=_finite_float,
             object_pairs_hook=_object_without_duplicates,
         )
     except (UnicodeDecodeError, ValueError, RecursionError, _Refused) as exc:
@@ -221,7 +237,7 @@ def parse_call(raw: bytes) -> Call:
     obj = _load_object(raw)
     unknown = obj.keys() - _CALL_KEYS
     if unknown:
-        raise RemoteProtocolError(f"unknown keys in call: {sorted(unknown)!r}")
+        raise RemoteProtocolError(f"unknown keys in call: {_short(sorted(unknown))}")
     method = obj.get("method")
     if not isinstance(method, str):
         raise RemoteProtocolError("method is missing or not a string")
@@ -246,7 +262,7 @@ def parse_reply(raw: bytes) -> Reply | ErrorReply:
     obj = _load_object(raw)
     unknown = obj.keys() - _REPLY_KEYS
     if unknown:
-        raise RemoteProtocolError(f"unknown keys in reply: {sorted(unknown)!r}")
+        raise RemoteProtocolError(f"unknown keys in reply: {_short(sorted(unknown))}")
     params = _parameters(obj)
     continues = _flag(obj, "continues")
     try:

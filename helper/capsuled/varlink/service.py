@@ -1,7 +1,8 @@
 """org.varlink.service: the interface every Varlink service provides (UAPI.20), without I/O.
 
 The IDL text below is the upstream definition; `GetInterfaceDescription("org.varlink.service")`
-returns it verbatim and our parser checks calls to it like any other interface."""
+returns it verbatim and our parser checks calls to it like any other interface.
+"""
 
 from __future__ import annotations
 
