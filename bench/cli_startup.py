@@ -1,0 +1,237 @@
+"""How fast capsulectl answers, next to systemctl: wall time per command, as a table with ratios.
+
+    python3 bench/cli_startup.py            # this host; `status` against an in-process fake
+    python3 bench/cli_startup.py --testbed  # inside the systemd 257 testbed, real capsuled
+    python3 bench/cli_startup.py -n 50 --imports
+
+On this host PID 1 is not systemd, so `systemctl status` cannot run and the capsulectl status
+measured here is the client alone (the fake answers at once). In the testbed both talk to real
+daemons; the cost of entering the container (nsenter + setpriv + env, measured with `true`) is
+subtracted from every row. Benchmarks report; they never assert (design brief).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# What pip's console-script wrapper for capsulectl runs (see the wheel's entry_points.txt).
+ENTRY = "import re, sys; from capsulectl.cli import main; sys.exit(main())"
+
+
+def measure(run: Callable[[], object], n: int) -> list[float]:
+    """Wall times in ms of n runs after one warm-up (which also writes .pyc files)."""
+    run()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def table(rows: Sequence[tuple[str, list[float], str | None]], offset_ms: float) -> None:
+    medians = {label: statistics.median(t) - offset_ms for label, t, _ in rows}
+    print(f"{'command':58} {'median':>8} {'min':>8} {'p90':>8}  ratio")
+    for label, times, versus in rows:
+        t = sorted(x - offset_ms for x in times)
+        p90 = t[min(len(t) - 1, int(len(t) * 0.9))]
+        ratio = ""
+        if versus is not None and medians.get(versus, 0) > 0:
+            ratio = f"{medians[label] / medians[versus]:5.1f}x {versus}"
+        print(f"{label:58} {medians[label]:8.1f} {t[0]:8.1f} {p90:8.1f}  {ratio}")
+    print("(milliseconds of wall time" + (f", minus {offset_ms:.1f} ms" if offset_ms else "") + ")")
+
+
+def host_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{ROOT / 'helper'}:{ROOT / 'client'}"
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed wheel has its .pyc files
+    return env
+
+
+def run_host(n: int) -> None:
+    sys.path[:0] = [
+        str(ROOT / "tests" / "unit"),
+        str(ROOT / "tests"),
+        str(ROOT / "helper"),
+        str(ROOT / "client"),
+    ]
+    # The unit tests' scripted server (tests/unit is put on sys.path just above).
+    from test_client_fake import FakeCapsuled, capsule, ok  # type: ignore[import-not-found]
+
+    env = host_env()
+    py = sys.executable
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = FakeCapsuled(Path(tmp) / "s")
+        fake.on("Describe", ok(capsule=capsule()))
+        fake.on("List", ok(capsules=[capsule(f"c{i}") for i in range(20)]))
+        address = fake.address
+
+        def cmd(*argv: str) -> Callable[[], object]:
+            return lambda: subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=False)
+
+        rows: list[tuple[str, list[float], str | None]] = [
+            (
+                "python3 -S -c pass (interpreter floor)",
+                measure(cmd(py, "-S", "-c", "pass"), n),
+                None,
+            ),
+            ("python3 -c pass (with site)", measure(cmd(py, "-c", "pass"), n), None),
+        ]
+        if shutil.which("systemctl"):
+            rows.append(("systemctl --version", measure(cmd("systemctl", "--version"), n), None))
+        ref = "systemctl --version" if shutil.which("systemctl") else None
+        rows += [
+            ("capsulectl --version", measure(cmd(py, "-c", ENTRY, "--version"), n), ref),
+            ("capsulectl --help", measure(cmd(py, "-c", ENTRY, "--help"), n), ref),
+            (
+                "capsulectl status web (fake capsuled)",
+                measure(cmd(py, "-c", ENTRY, "--address", address, "status", "web"), n),
+                ref,
+            ),
+            (
+                "capsulectl --json list (fake, 20 capsules)",
+                measure(cmd(py, "-c", ENTRY, "--address", address, "--json", "list"), n),
+                ref,
+            ),
+        ]
+        if Path("/run/systemd/system").exists():
+            rows.append(
+                (
+                    "systemctl status capsule@web.service",
+                    measure(cmd("systemctl", "status", "capsule@web.service"), n),
+                    None,
+                )
+            )
+        fake.close()
+    table(rows, 0.0)
+
+
+def import_summary() -> None:
+    """The modules a `status` call loads, costliest first (python -X importtime)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sys.path[:0] = [str(ROOT / "tests" / "unit"), str(ROOT / "tests")]
+        from test_client_fake import FakeCapsuled, capsule, ok
+
+        fake = FakeCapsuled(Path(tmp) / "s")
+        fake.on("Describe", ok(capsule=capsule()))
+        code = (
+            f"from capsulectl.cli import main; main(['--address', {fake.address!r}, "
+            "'status', 'web'])"
+        )
+        for _ in range(2):  # the first run writes .pyc files
+            done = subprocess.run(
+                [sys.executable, "-X", "importtime", "-c", code],
+                env=host_env(),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        fake.close()
+    rows = []
+    after_site = False
+    for line in done.stderr.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        parts = line.split("|")
+        self_us, cumulative_us, name = parts[0].split(":")[1].strip(), parts[1].strip(), parts[2]
+        if after_site:
+            rows.append((int(cumulative_us), int(self_us), name.rstrip()))
+        if name.strip() == "site":
+            after_site = True
+    print("\nimports of `capsulectl status` after site (python -X importtime), top 15 cumulative:")
+    print(f"{'cumulative ms':>13} {'self ms':>8}  module")
+    for cumulative, self_time, name in sorted(rows, reverse=True)[:15]:
+        print(f"{cumulative / 1000:13.1f} {self_time / 1000:8.1f} {name}")
+    top = [r for r in rows if not r[2][1:].startswith(" ")]  # depth is shown by indentation
+    print(f"total (top-level imports): {sum(r[0] for r in top) / 1000:.1f} ms")
+
+
+def run_testbed(n: int) -> None:
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "helper"), str(ROOT / "client")]
+    from testbed import Testbed
+
+    bed = Testbed.boot()
+    try:
+        bed.as_user("alice", "capsulectl", "create", "bench", "--start").check()
+
+        def inside(*argv: str) -> Callable[[], object]:
+            return lambda: bed.run(*argv, user="alice")
+
+        base = measure(inside("true"), n)
+        offset = statistics.median(base)
+        describe = [
+            "varlinkctl",
+            "call",
+            "/run/capsuled/org.capsuled.Manager",
+            "org.capsuled.Manager.Describe",
+            '{"name":"bench"}',
+        ]
+        rows: list[tuple[str, list[float], str | None]] = [
+            ("python3 -S -c pass", measure(inside("python3", "-S", "-c", "pass"), n), None),
+            ("python3 -c pass", measure(inside("python3", "-c", "pass"), n), None),
+            ("systemctl --version", measure(inside("systemctl", "--version"), n), None),
+            (
+                "capsulectl --version",
+                measure(inside("capsulectl", "--version"), n),
+                "systemctl --version",
+            ),
+            (
+                "systemctl status capsule@bench.service",
+                measure(inside("systemctl", "status", "capsule@bench.service"), n),
+                None,
+            ),
+            (
+                "varlinkctl call ... Describe bench",
+                measure(inside(*describe), n),
+                "systemctl status capsule@bench.service",
+            ),
+            (
+                "capsulectl status bench",
+                measure(inside("capsulectl", "status", "bench"), n),
+                "systemctl status capsule@bench.service",
+            ),
+            (
+                "capsulectl list",
+                measure(inside("capsulectl", "list"), n),
+                "systemctl status capsule@bench.service",
+            ),
+        ]
+        print(
+            f"inside {bed.machine} (systemd 257, real capsuled); entering it costs "
+            f"{offset:.1f} ms, subtracted"
+        )
+        table(rows, offset)
+    finally:
+        bed.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("-n", type=int, default=20, help="runs per command (default 20)")
+    p.add_argument("--testbed", action="store_true", help="measure inside the systemd testbed")
+    p.add_argument("--imports", action="store_true", help="also print an import-time summary")
+    args = p.parse_args(argv)
+    if args.testbed:
+        run_testbed(args.n)
+    else:
+        run_host(args.n)
+    if args.imports:
+        import_summary()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
