@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import secrets
@@ -9,6 +10,7 @@ import secrets
 import pytest
 
 from testbed import CommandTimeout, Testbed
+from testbed.demo import DEFAULT_STEPS, load_steps, run_demo
 
 pytestmark = pytest.mark.e2e
 
@@ -144,3 +146,11 @@ def test_reboot_keeps_state_and_comes_back_serving(bed: Testbed) -> None:
     assert bed.as_root("systemctl", "is-active", "capsuled.socket").stdout.strip() == "active"
     assert "capsule" in groups_of(bed, "alice")
     bed.as_user("alice", "varlinkctl", "info", SOCKET).check()
+
+
+def test_the_demo_walkthrough_behaves_as_narrated(bed: Testbed, capsule_name: str) -> None:
+    # `make demo` on the session's bed, under a fresh name: the demo cannot rot unnoticed.
+    out = io.StringIO()
+    status = run_demo(bed, load_steps(DEFAULT_STEPS, capsule=capsule_name), out)
+    assert status == 0, out.getvalue()
+    assert "behaved as expected" in out.getvalue()

@@ -45,14 +45,15 @@ def _text(table: dict[str, object], key: str, where: str, required: bool = True)
     return value
 
 
-def load_steps(path: Path) -> list[Step]:
-    """Parse and validate a steps file.
+def load_steps(path: Path, capsule: str | None = None) -> list[Step]:
+    """Parse and validate a steps file; capsule overrides the file's capsule name.
 
     Raises:
         StepError: a step is missing a field or has one of the wrong type.
     """
     data = tomllib.loads(path.read_text())
-    capsule = data.get("capsule", "demo")
+    if capsule is None:
+        capsule = data.get("capsule", "demo")
     raw_steps = data.get("step")
     if not isinstance(capsule, str) or not isinstance(raw_steps, list):
         raise StepError(f'{path}: needs capsule = "NAME" and [[step]] tables')
