@@ -216,15 +216,6 @@ class SystemdBackend(Protocol):
         """Capsules with a state dir, an autostart link, or a loaded non-inactive unit."""
         ...
 
-    async def _capsule_properties(self, conn: BusConnection, unit: str) -> dict[str, object]:
-        # One GetAll with an empty interface name: every interface's properties (~450 on 257)
-        # in one message. PID 1's per-message cost dominates: measured for 20 running
-        # capsules on a loaded 2-core host, 20 GetAll("") took 277 ms, 40 GetAll(Unit|Service)
-        # 291 ms, 220 pipelined Gets of just the 11 properties we use 750 ms; our own CPU was
-        # ~55 ms in all three.
-        body = await conn.call(m.get_all_properties(m.unit_path(unit), ""), unit=unit)
-        return m.parse_properties(body)
-
     async def capsule_info(self, name: str) -> CapsuleInfo | None:
         """One capsule, or None if systemd knows nothing of it (see list_capsules)."""
         ...
@@ -535,19 +526,13 @@ class DBusSystemdBackend:
         return [i for i in infos if i is not None]
 
     async def _capsule_properties(self, conn: BusConnection, unit: str) -> dict[str, object]:
-        # Only the properties we use, as pipelined Gets: GetAll("") returns ~450 properties
-        # on 257 and decoding them in Python made list_capsules 5x slower (measured: 20
-        # running capsules, 200 ms with GetAll vs ~40 ms this way).
-        path = m.unit_path(unit)
-        wanted = [(m.UNIT_IFACE, p) for p in CAPSULE_UNIT_PROPS] + [
-            (m.SERVICE_IFACE, p) for p in CAPSULE_SERVICE_PROPS
-        ]
-        bodies = await asyncio.gather(
-            *(conn.call(m.get_property(path, iface, prop), unit=unit) for iface, prop in wanted)
-        )
-        return {
-            prop: m.parse_get_property(body) for (_, prop), body in zip(wanted, bodies, strict=True)
-        }
+        # One GetAll with an empty interface name: every interface's properties (~450 on 257)
+        # in one message. PID 1's per-message cost dominates: measured for 20 running
+        # capsules on a loaded 2-core host, 20 GetAll("") took 277 ms, 40 GetAll(Unit|Service)
+        # 291 ms, 220 pipelined Gets of just the 11 properties we use 750 ms; our own CPU was
+        # ~55 ms in all three.
+        body = await conn.call(m.get_all_properties(m.unit_path(unit), ""), unit=unit)
+        return m.parse_properties(body)
 
     async def capsule_info(self, name: str) -> CapsuleInfo | None:
         """One capsule's state; None when it has no state dir, no autostart link and its unit
