@@ -96,6 +96,11 @@ class Context:
         self._agent: TtyAgent | None = None
 
     @property
+    def asked(self) -> bool:
+        """Whether calls may be repeated allowing interactive authentication."""
+        return not self.args.no_ask_password
+
+    @property
     def json(self) -> bool:
         return bool(self.args.json)
 
@@ -154,8 +159,11 @@ def _q(value: object) -> str:
     return f"'{value}'"
 
 
-def explain_error(exc: VarlinkError, doing: str) -> tuple[str, int]:
-    """The one line for stderr and the exit status for an error reply of capsuled."""
+def explain_error(exc: VarlinkError, doing: str, *, asked: bool = False) -> tuple[str, int]:
+    """The one line for stderr and the exit status for an error reply of capsuled.
+
+    `asked`: the call was already repeated allowing interactive authentication.
+    """
     from capsuled import errors as e
     from capsuled.varlink import errors as ve
 
@@ -175,9 +183,13 @@ def explain_error(exc: VarlinkError, doing: str) -> tuple[str, int]:
             EXIT_PERMISSION,
         )
     if isinstance(exc, e.InteractiveAuthenticationRequired):
+        hint = (
+            "no polkit agent answered: run one (see capsulectl --help) or ask an administrator"
+            if asked
+            else "run without --no-ask-password so a polkit agent can ask"
+        )
         return (
-            f"you may not {doing} without authenticating as an administrator "
-            "(run without --no-ask-password, with a polkit agent; see capsulectl --help)",
+            f"you may not {doing} without authenticating as an administrator ({hint})",
             EXIT_PERMISSION,
         )
     if isinstance(exc, e.CapsuleNotRunning):
@@ -364,7 +376,7 @@ def _for_each(ctx: Context, names: Sequence[str], doing: str, act: Callable[[str
         try:
             act(name)
         except VarlinkError as exc:
-            message, code = explain_error(exc, ctx.doing)
+            message, code = explain_error(exc, ctx.doing, asked=ctx.asked)
             ctx.error(message)
             status = status or code
     return status
@@ -1101,7 +1113,7 @@ def run_verb(ctx: Context, parser: argparse.ArgumentParser) -> int:
         ctx.error(f"capsulectl: {exc}")
         return EXIT_USAGE
     except VarlinkError as exc:
-        message, code = explain_error(exc, ctx.doing)
+        message, code = explain_error(exc, ctx.doing, asked=ctx.asked)
         ctx.error(message)
         return code
     except ClientError as exc:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -687,8 +688,21 @@ def test_auth_required_with_no_ask_password_is_5_without_retry(fake: FakeCapsule
     fake.on("Stop", err("InteractiveAuthenticationRequired"))
     r = capsulectl_(fake, "--no-ask-password", "stop", "web")
     assert r.code == 5
-    assert r.err.startswith("you may not stop capsule 'web' without authenticating")
+    assert r.err == (
+        "you may not stop capsule 'web' without authenticating as an administrator "
+        "(run without --no-ask-password so a polkit agent can ask)\n"
+    )
     assert len(fake.calls) == 1
+
+
+def test_auth_still_required_after_asking_says_no_agent_answered(fake: FakeCapsuled) -> None:
+    fake.on("Create", err("InteractiveAuthenticationRequired"))
+    r = capsulectl_(fake, "create", "web")
+    assert r.code == 5 and len(fake.calls) == 2
+    assert r.err == (
+        "you may not create capsule 'web' without authenticating as an administrator (no polkit "
+        "agent answered: run one (see capsulectl --help) or ask an administrator)\n"
+    )
 
 
 def test_auth_required_retries_interactively(fake: FakeCapsuled) -> None:
@@ -854,3 +868,54 @@ def test_format_relative(ago_s: int, text: str) -> None:
 def test_ascii_terminal_gets_ascii_glyphs() -> None:
     style = output.Style(colour=False, encoding="ascii")
     assert (style.dot, style.cross) == ("*", "x")
+
+
+# --- the terminal polkit agent --------------------------------------------------------------------
+
+
+def fake_pkttyagent(tmp_path: Path) -> Path:
+    """A pkttyagent stand-in: logs its argv, closes the notify fd (as registering does), waits."""
+    log = tmp_path / "agent-argv"
+    script = tmp_path / "pkttyagent"
+    # Python, not sh: dash cannot close a file descriptor above 9 by number.
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys, time\n"
+        f"open({str(log)!r}, 'w').write(' '.join(sys.argv[1:]))\n"
+        "os.close(int(sys.argv[2]))\n"
+        "time.sleep(60)\n"
+    )
+    script.chmod(0o755)
+    return log
+
+
+def test_tty_agent_starts_on_a_terminal_and_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from capsulectl.agent import TtyAgent
+
+    log = fake_pkttyagent(tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr("sys.stdin", Tty())
+    agent = TtyAgent()
+    agent.start()  # returns once the agent closed its notify fd, i.e. has "registered"
+    argv = log.read_text().split()
+    assert argv[0] == "--notify-fd" and argv[2] == "--fallback" and argv[1].isdigit()
+    proc = agent._proc
+    assert proc is not None and proc.poll() is None
+    agent.stop()
+    assert proc.poll() is not None
+
+
+def test_tty_agent_not_started_without_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from capsulectl.agent import TtyAgent
+
+    log = fake_pkttyagent(tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr("sys.stdin", io.StringIO())
+    agent = TtyAgent()
+    agent.start()
+    agent.stop()
+    assert not log.exists()
