@@ -365,3 +365,49 @@ def test_manager_socket_reached_through_symlink_is_refused(bed: Testbed, capsule
         assert refused["error"] == "ManagerUnavailable", key
         assert f"{component} is a symlink" in str(refused["reason"]), key
     assert out["restored"] == {"error": None}
+
+
+def test_forged_job_removed_from_another_user_is_ignored(bed: Testbed, capsule_name: str) -> None:
+    """Any bus client may broadcast a JobRemoved; only PID 1's own decides a job's result.
+
+    Both the AddMatch (sender='org.freedesktop.systemd1') and the local filter (PID 1's unique
+    name) check the sender; with both removed this test saw start() return "done".
+    """
+    unit = f"capsule@{capsule_name}.service"
+    dropin = f"/etc/systemd/system/{unit}.d"
+    bed.as_root("mkdir", "-p", dropin).check()
+    # The start job stays pending for a while, then fails: a forged "done" is the only way
+    # start() could report success.
+    bed.as_root(
+        "sh",
+        "-c",
+        f"printf '[Service]\\nExecStartPre=/bin/sh -c \"sleep 2; exit 1\"\\n' > {dropin}/slow.conf",
+    ).check()
+    bed.as_root("systemctl", "daemon-reload").check()
+    out = in_backend(
+        bed,
+        f"""
+        async def main(b):
+            unit = {unit!r}
+            async with b.watch() as events:
+                task = asyncio.create_task(b.start({capsule_name!r}))
+                async with asyncio.timeout(10):
+                    async for ev in events:
+                        if ev.name == {capsule_name!r} and ev.state == "activating":
+                            break
+                job = subprocess.run(["systemctl", "show", "-p", "Job", "--value", unit],
+                                     capture_output=True, text=True, check=True).stdout.strip()
+                forged = subprocess.run(
+                    ["setpriv", "--reuid=mallory", "--regid=mallory", "--init-groups",
+                     "busctl", "--system", "emit", "/org/freedesktop/systemd1",
+                     "org.freedesktop.systemd1.Manager", "JobRemoved", "uoss", job,
+                     f"/org/freedesktop/systemd1/job/{{job}}", unit, "done"])
+                r = await expect_error(task)
+            return {{"job": job, "forged_rc": forged.returncode, **r}}
+        """,
+    )
+    assert str(out["job"]).isdigit()
+    assert out["forged_rc"] == 0  # the bus let mallory broadcast it
+    assert (out["error"], out["result"]) == ("JobFailed", "failed")
+    bed.as_root("rm", "-rf", dropin).check()
+    bed.as_root("systemctl", "daemon-reload").check()
