@@ -28,20 +28,29 @@ ROOT = Path(__file__).resolve().parents[1]
 ENTRY = "import re, sys; from capsulectl.cli import main; sys.exit(main())"
 
 
-def measure(run: Callable[[], object], n: int) -> list[float]:
-    """Wall times in ms of n runs after one warm-up (which also writes .pyc files)."""
-    run()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
+Spec = tuple[str, Callable[[], object], str | None]  # label, one run, label to compare with
+
+
+def measure(specs: Sequence[Spec], n: int) -> list[tuple[str, list[float], str | None]]:
+    """Wall times in ms of n runs of each command, interleaved round by round.
+
+    Interleaving spreads the load of a busy machine over all commands alike, instead of letting
+    one command's runs all land in a busy spell. One warm-up each first (it also writes .pyc).
+    """
+    for _, run, _ in specs:
         run()
-        times.append((time.perf_counter() - start) * 1000)
-    return times
+    times: dict[str, list[float]] = {label: [] for label, _, _ in specs}
+    for _ in range(n):
+        for label, run, _ in specs:
+            start = time.perf_counter()
+            run()
+            times[label].append((time.perf_counter() - start) * 1000)
+    return [(label, times[label], versus) for label, _, versus in specs]
 
 
 def table(rows: Sequence[tuple[str, list[float], str | None]], offset_ms: float) -> None:
     medians = {label: statistics.median(t) - offset_ms for label, t, _ in rows}
-    print(f"{'command':58} {'median':>8} {'min':>8} {'p90':>8}  ratio")
+    print(f"{'command':58} {'median':>8} {'min':>8} {'p90':>8}  ratio (of medians)")
     for label, times, versus in rows:
         t = sorted(x - offset_ms for x in times)
         p90 = t[min(len(t) - 1, int(len(t) * 0.9))]
@@ -80,39 +89,32 @@ def run_host(n: int) -> None:
         def cmd(*argv: str) -> Callable[[], object]:
             return lambda: subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=False)
 
-        rows: list[tuple[str, list[float], str | None]] = [
-            (
-                "python3 -S -c pass (interpreter floor)",
-                measure(cmd(py, "-S", "-c", "pass"), n),
-                None,
-            ),
-            ("python3 -c pass (with site)", measure(cmd(py, "-c", "pass"), n), None),
-        ]
-        if shutil.which("systemctl"):
-            rows.append(("systemctl --version", measure(cmd("systemctl", "--version"), n), None))
         ref = "systemctl --version" if shutil.which("systemctl") else None
-        rows += [
-            ("capsulectl --version", measure(cmd(py, "-c", ENTRY, "--version"), n), ref),
-            ("capsulectl --help", measure(cmd(py, "-c", ENTRY, "--help"), n), ref),
+        specs: list[Spec] = [
+            ("python3 -S -c pass (interpreter floor)", cmd(py, "-S", "-c", "pass"), None),
+            ("python3 -c pass (with site)", cmd(py, "-c", "pass"), None),
+        ]
+        if ref is not None:
+            specs.append(("systemctl --version", cmd("systemctl", "--version"), None))
+        specs += [
+            ("capsulectl --version", cmd(py, "-c", ENTRY, "--version"), ref),
+            ("capsulectl --help", cmd(py, "-c", ENTRY, "--help"), ref),
             (
                 "capsulectl status web (fake capsuled)",
-                measure(cmd(py, "-c", ENTRY, "--address", address, "status", "web"), n),
+                cmd(py, "-c", ENTRY, "--address", address, "status", "web"),
                 ref,
             ),
             (
                 "capsulectl --json list (fake, 20 capsules)",
-                measure(cmd(py, "-c", ENTRY, "--address", address, "--json", "list"), n),
+                cmd(py, "-c", ENTRY, "--address", address, "--json", "list"),
                 ref,
             ),
         ]
         if Path("/run/systemd/system").exists():
-            rows.append(
-                (
-                    "systemctl status capsule@web.service",
-                    measure(cmd("systemctl", "status", "capsule@web.service"), n),
-                    None,
-                )
+            specs.append(
+                ("systemctl status capsule@web.service", cmd("systemctl", "status", "x"), None)
             )
+        rows = measure(specs, n)
         fake.close()
     table(rows, 0.0)
 
@@ -168,8 +170,6 @@ def run_testbed(n: int) -> None:
         def inside(*argv: str) -> Callable[[], object]:
             return lambda: bed.run(*argv, user="alice")
 
-        base = measure(inside("true"), n)
-        offset = statistics.median(base)
         describe = [
             "varlinkctl",
             "call",
@@ -177,36 +177,23 @@ def run_testbed(n: int) -> None:
             "org.capsuled.Manager.Describe",
             '{"name":"bench"}',
         ]
-        rows: list[tuple[str, list[float], str | None]] = [
-            ("python3 -S -c pass", measure(inside("python3", "-S", "-c", "pass"), n), None),
-            ("python3 -c pass", measure(inside("python3", "-c", "pass"), n), None),
-            ("systemctl --version", measure(inside("systemctl", "--version"), n), None),
-            (
-                "capsulectl --version",
-                measure(inside("capsulectl", "--version"), n),
-                "systemctl --version",
-            ),
-            (
-                "systemctl status capsule@bench.service",
-                measure(inside("systemctl", "status", "capsule@bench.service"), n),
-                None,
-            ),
-            (
-                "varlinkctl call ... Describe bench",
-                measure(inside(*describe), n),
-                "systemctl status capsule@bench.service",
-            ),
-            (
-                "capsulectl status bench",
-                measure(inside("capsulectl", "status", "bench"), n),
-                "systemctl status capsule@bench.service",
-            ),
-            (
-                "capsulectl list",
-                measure(inside("capsulectl", "list"), n),
-                "systemctl status capsule@bench.service",
-            ),
-        ]
+        status_ref = "systemctl status capsule@bench.service"
+        rows = measure(
+            [
+                ("true (cost of entering the container)", inside("true"), None),
+                ("python3 -S -c pass", inside("python3", "-S", "-c", "pass"), None),
+                ("python3 -c pass", inside("python3", "-c", "pass"), None),
+                ("systemctl --version", inside("systemctl", "--version"), None),
+                ("capsulectl --version", inside("capsulectl", "--version"), "systemctl --version"),
+                (status_ref, inside("systemctl", "status", "capsule@bench.service"), None),
+                ("varlinkctl call ... Describe bench", inside(*describe), status_ref),
+                ("capsulectl status bench", inside("capsulectl", "status", "bench"), status_ref),
+                ("capsulectl list", inside("capsulectl", "list"), status_ref),
+            ],
+            n,
+        )
+        offset = statistics.median(rows[0][1])
+        rows = rows[1:]
         print(
             f"inside {bed.machine} (systemd 257, real capsuled); entering it costs "
             f"{offset:.1f} ms, subtracted"
