@@ -166,10 +166,16 @@ def test_limits_persist_reset_and_forget(bed: Testbed, capsule_name: str) -> Non
             await b.start(n)
             await b.set_limits(n, memory_max=256 * 1024 * 1024, tasks_max=77, cpu_weight=300)
             i = await b.capsule_info(n)
-            return {{"set": [i.memory_max, i.tasks_max, i.cpu_weight]}}
+            return {{"set": [i.memory_max, i.tasks_max, i.cpu_weight],
+                     "too_big": await expect_error(b.set_limits(n, cpu_weight=20000)),
+                     "zero_tasks": await expect_error(b.set_limits(n, tasks_max=0))}}
         """,
     )
     assert out["set"] == [268435456, 77, 300]
+    for key in ("too_big", "zero_tasks"):
+        refused = out[key]
+        assert isinstance(refused, dict) and refused["error"] == "InvalidArgument", key
+        assert "out of range" in str(refused["text"]), key
     assert show(bed, capsule_name, "MemoryMax", "TasksMax", "CPUWeight") == {
         "MemoryMax": "268435456",
         "TasksMax": "77",

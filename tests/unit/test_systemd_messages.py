@@ -302,6 +302,7 @@ def test_reply_types_are_method_calls() -> None:
         ("org.freedesktop.DBus.Error.InteractiveAuthorizationRequired", errors.AccessDenied),
         ("org.freedesktop.DBus.Error.ServiceUnknown", errors.SystemdUnavailable),
         ("org.freedesktop.DBus.Error.NoReply", errors.BackendTimeout),
+        ("org.freedesktop.DBus.Error.InvalidArgs", errors.InvalidArgument),
         ("org.example.Whatever", errors.DBusCallFailed),
     ],
 )

@@ -55,6 +55,9 @@ MAX_TRACKED_EXITS: Final = 64  # transient units per manager connection awaiting
 # Value to pass to set_limits to reset a limit to systemd's default ("infinity" for MemoryMax and
 # TasksMax, "unset" i.e. 100 for CPUWeight): systemd's UINT64_MAX.
 LIMIT_DEFAULT: Final = m.UINT64_MAX
+# What PID 1 (257) accepts, else InvalidArgument: MemoryMax and TasksMax >= 1; CPUWeight 0
+# ("idle") or 1..10000 (CGROUP_WEIGHT_MAX).
+CPU_WEIGHT_MAX: Final = 10000
 FINISHED_STATES: Final = frozenset({"inactive", "failed"})
 
 

@@ -11,6 +11,7 @@
     │                               a capsule's manager socket is missing, unsafe or not answering
     ├── AccessDenied                D-Bus AccessDenied (or polkit said no)
     ├── BackendTimeout              systemd did not answer (or finish a job) in time
+    ├── InvalidArgument(text)       systemd refused a value (InvalidArgs: e.g. CPUWeight > 10000)
     ├── BadReply                    a reply did not have the shape we expected
     ├── WatchOverflow               a watcher did not keep up; events were lost
     └── DBusCallFailed(name, text)  any other D-Bus error reply (the name is kept for logs)
@@ -84,6 +85,14 @@ class BackendTimeout(BackendError):
     """systemd did not answer a call, or did not finish a job, within our bound."""
 
 
+class InvalidArgument(BackendError):
+    """systemd refused an argument as out of range or malformed (its message in ``text``)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
 class BadReply(BackendError):
     """A reply or signal body did not have the shape we expected."""
 
@@ -119,6 +128,10 @@ def _unavailable(_unit: str, text: str) -> BackendError:
     return SystemdUnavailable(text)
 
 
+def _invalid(_unit: str, text: str) -> BackendError:
+    return InvalidArgument(text)
+
+
 def _timeout(_unit: str, text: str) -> BackendError:
     return BackendTimeout(text)
 
@@ -134,6 +147,7 @@ ERROR_TABLE = {
     "org.freedesktop.DBus.Error.AccessDenied": _denied,
     "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired": _denied,
     "org.freedesktop.DBus.Error.AuthFailed": _denied,
+    "org.freedesktop.DBus.Error.InvalidArgs": _invalid,
     "org.freedesktop.DBus.Error.ServiceUnknown": _unavailable,
     "org.freedesktop.DBus.Error.NameHasNoOwner": _unavailable,
     "org.freedesktop.DBus.Error.NoServer": _unavailable,
