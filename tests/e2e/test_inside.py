@@ -401,3 +401,54 @@ def test_planted_hardlink_is_never_written_through(bed, capsule_name) -> None:
     assert "hardlink" in params["reason"]
     assert _victim_state(bed) == before
     assert bed.as_root("cat", f"{VICTIM_DIR}/hard").stdout == "precious\n"
+
+
+UNIT_WATCHER = r"""
+import json, socket, sys
+name = sys.argv[1]
+def connect():
+    s = socket.socket(socket.AF_UNIX); s.settimeout(60); s.connect(SOCKET); return s
+buf = b""
+def read(s):
+    global buf
+    while b"\0" not in buf:
+        chunk = s.recv(65536)
+        if not chunk: raise SystemExit("closed")
+        buf += chunk
+    raw, _, buf = buf.partition(b"\0")
+    return json.loads(raw)
+w = connect()
+m = {"method": "org.capsuled.Manager.Watch", "parameters": {"names": [name]}, "more": True}
+w.sendall(json.dumps(m).encode() + b"\0")
+events = [read(w)["parameters"]["event"]]
+c = connect()
+c.sendall(json.dumps({"method": "org.capsuled.Manager.Start",
+                      "parameters": {"name": name}}).encode() + b"\0")
+while True:
+    e = read(w)["parameters"]["event"]
+    events.append(e)
+    if e["kind"] == "unit" and e["unit"] == "web.service" and e["state"] == "active":
+        break
+print(json.dumps(events))
+""".replace("SOCKET", repr(SOCKET))
+
+
+def test_watch_follows_the_units_of_a_named_capsule(bed, capsule_name) -> None:
+    name = capsule_name
+    ok(bed, "alice", "Create", name=name)
+    ok(
+        bed,
+        "alice",
+        "InstallUnit",
+        name=name,
+        unit="web.service",
+        content=SERVICE.format(marker="w"),
+        enable=True,
+    )
+    r = bed.run("python3", "-c", UNIT_WATCHER, name, user="alice", timeout=90)
+    assert r.returncode == 0, r.stderr
+    events = json.loads(r.stdout)
+    kinds = [(e["kind"], e["state"]) for e in events]
+    assert ("capsule", "active") in kinds
+    assert kinds.index(("capsule", "active")) < kinds.index(("unit", "active"))
+    assert all(e["capsule"] == name for e in events)

@@ -78,6 +78,12 @@ def _is_transient(unit: UnitInfo) -> bool:
     return unit.unit_file_path is not None and "/systemd/transient/" in unit.unit_file_path
 
 
+def is_capsule_unit(unit: UnitInfo) -> bool:
+    """A unit the capsule's users put there (a file in its home, or Run), not a built-in one."""
+    path = unit.unit_file_path
+    return path is not None and ("/.config/systemd/user/" in path or _is_transient(unit))
+
+
 def _unit_wire(unit: str, live: UnitInfo | None, has_file: bool, enabled: bool) -> Wire:
     return {
         "name": unit,

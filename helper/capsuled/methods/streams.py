@@ -10,14 +10,19 @@ own fd, D-Bus signals arrive on the bus connection's reader task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import cast
 
 from capsuled import errors, journal
 from capsuled.methods.context import CallContext, backend_errors
+from capsuled.methods.inside import is_capsule_unit
 from capsuled.methods.lifecycle import checked_name, existing
 from capsuled.names import capsule_name_problem, unit_name_problem
 from capsuled.policy import actions as act
+from capsuled.systemd import errors as sd
+from capsuled.systemd.backend import CapsuleEvent
 from capsuled.varlink.errors import ExpectedMore
 
 Params = dict[str, object]
@@ -28,6 +33,11 @@ Wire = dict[str, object]
 WATCH_ACCESS_TTL_S = 5.0
 # Journal followers at once, for all callers (each costs an inotify instance).
 MAX_FOLLOWERS = 32
+# Events waiting for a slow Watch client; past this the backend's own bounded queue overflows
+# and the call ends with an error rather than buffering without bound.
+WATCH_QUEUE = 256
+# Capsules whose units one Watch follows (each is a connection to that capsule's manager).
+MAX_UNIT_WATCHES = 16
 # A Watch on more names than this is refused: each name costs a filter entry.
 MAX_WATCH_NAMES = 1024
 
@@ -111,20 +121,65 @@ async def watch(ctx: CallContext, p: Params) -> Wire:
         access[name] = (allowed, now)
         return allowed
 
-    with backend_errors(""):
-        async with ctx.backend.watch() as events:
-            # Subscribed first, then the snapshot: a change between the two is
-            # seen twice rather than lost, and the client knows we are listening.
-            for info in await ctx.backend.list_capsules():
-                if await visible(info.name):
-                    await ctx.notify(_event("capsule", info.name, None, info.state, info.sub_state))
-            async for event in events:
-                if await visible(event.name):
-                    await ctx.notify(
-                        _event("capsule", event.name, None, event.state, event.sub_state)
-                    )
-    # The signal stream only ends when PID 1's bus connection does.
-    raise errors.SystemdUnavailable()
+    queue: asyncio.Queue[Wire] = asyncio.Queue(maxsize=WATCH_QUEUE)
+    unit_watches: dict[str, asyncio.Task[None]] = {}
+    getting: asyncio.Task[Wire] | None = None
+
+    async def follow_units(name: str) -> None:
+        # Ends quietly when the capsule stops: its manager and socket go away with it.
+        with contextlib.suppress(sd.BackendError):
+            async with ctx.backend.capsule_manager(name) as mgr, mgr.watch() as unit_events:
+                # Units may have started before we connected: say where they are now.
+                for unit in await mgr.list_units():
+                    if is_capsule_unit(unit):
+                        await queue.put(
+                            _event("unit", name, unit.name, unit.active_state, unit.sub_state)
+                        )
+                async for ev in unit_events:
+                    await queue.put(_event("unit", name, ev.unit, ev.state, ev.sub_state))
+
+    def watch_units(name: str, state: str) -> None:
+        # Units are followed only for capsules named explicitly: each costs a connection.
+        if wanted is None or state != "active" or len(unit_watches) >= MAX_UNIT_WATCHES:
+            return
+        task = unit_watches.get(name)
+        if task is None or task.done():
+            unit_watches[name] = asyncio.create_task(follow_units(name))
+
+    async def pump(events: AsyncIterator[CapsuleEvent]) -> None:
+        async for event in events:
+            if await visible(event.name):
+                watch_units(event.name, event.state)
+                await queue.put(_event("capsule", event.name, None, event.state, event.sub_state))
+        raise sd.SystemdUnavailable("PID 1's signal stream ended")
+
+    try:
+        with backend_errors(""):
+            async with ctx.backend.watch() as events:
+                # Subscribed first, then the snapshot: a change between the two is seen
+                # twice rather than lost, and the client knows we are listening.
+                for info in await ctx.backend.list_capsules():
+                    if await visible(info.name):
+                        watch_units(info.name, info.state)
+                        await ctx.notify(
+                            _event("capsule", info.name, None, info.state, info.sub_state)
+                        )
+                pumping = unit_watches["\0pump"] = asyncio.create_task(pump(events))
+                while True:
+                    getting = asyncio.create_task(queue.get())
+                    await asyncio.wait({getting, pumping}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getting.done():
+                        getting.cancel()
+                        pumping.result()  # raises what ended the signal stream
+                    await ctx.notify(getting.result())
+                    getting = None
+    finally:
+        tasks: list[asyncio.Task[None] | asyncio.Task[Wire]] = [*unit_watches.values()]
+        if getting is not None:
+            tasks.append(getting)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _event(kind: str, capsule: str, unit: str | None, state: str, sub_state: str | None) -> Wire:
