@@ -20,6 +20,7 @@ from typing import Final, Protocol
 
 from jeepney import HeaderFields, MatchRule, Message
 
+from ..names import is_valid_capsule_name
 from . import messages as m
 from .bus import BusConnection, SignalQueue, open_peer, open_system_bus
 from .capsule_socket import UnsafeSocket, connect_capsule_manager
@@ -27,6 +28,7 @@ from .errors import (
     BackendError,
     BackendTimeout,
     BadReply,
+    InvalidArgument,
     JobFailed,
     ManagerUnavailable,
     NoSuchUnit,
@@ -51,6 +53,7 @@ UNIT_SUFFIXES: Final = (
 JOB_TIMEOUT_S: Final = 150.0
 CLEAN_TIMEOUT_S: Final = 120.0
 WATCH_QUEUE: Final = 1024
+MAX_SCANNED_ENTRIES: Final = 10000  # directory entries read when counting a capsule's units
 MAX_TRACKED_EXITS: Final = 64  # transient units per manager connection awaiting wait_exit
 # Value to pass to set_limits to reset a limit to systemd's default ("infinity" for MemoryMax and
 # TasksMax, "unset" i.e. 100 for CPUWeight): systemd's UINT64_MAX.
@@ -350,9 +353,15 @@ def count_unit_files(name: str) -> int:
                 return 0
             os.close(fd)
             fd = child
-        return sum(
-            1 for entry in os.listdir(fd) if entry.endswith(UNIT_SUFFIXES) and "@." not in entry
-        )
+        count = 0
+        with os.scandir(fd) as entries:
+            # Bounded: the capsule controls this directory and may fill it with junk.
+            for scanned, entry in enumerate(entries):
+                if scanned >= MAX_SCANNED_ENTRIES:
+                    break
+                if entry.name.endswith(UNIT_SUFFIXES) and "@." not in entry.name:
+                    count += 1
+        return count
     finally:
         os.close(fd)
 
@@ -525,8 +534,18 @@ class DBusSystemdBackend:
             name = capsule_from_unit(entry.name)
             if name is not None:
                 names.add(name)
-        infos = await asyncio.gather(*(self.capsule_info(n) for n in sorted(names)))
+        # A stray directory under /var/lib/private/capsules must not break the listing (PID 1
+        # would refuse its unit name with InvalidArgs): only names systemd would accept.
+        valid = sorted(n for n in names if is_valid_capsule_name(n))
+        infos = await asyncio.gather(*(self._info_if_known(n) for n in valid))
         return [i for i in infos if i is not None]
+
+    async def _info_if_known(self, name: str) -> CapsuleInfo | None:
+        # One capsule vanishing or unloadable mid-listing is not the listing's failure.
+        try:
+            return await self.capsule_info(name)
+        except (NoSuchUnit, InvalidArgument):
+            return None
 
     async def _capsule_properties(self, conn: BusConnection, unit: str) -> dict[str, object]:
         # One GetAll with an empty interface name: every interface's properties (~450 on 257)
