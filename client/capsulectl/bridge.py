@@ -12,7 +12,7 @@ import select
 import socket
 import sys
 
-from capsulectl.transport import ClientError, UnixTransport
+from capsulectl.transport import EXIT_BRIDGE_NOT_RUNNING, ClientError, NotRunning, UnixTransport
 
 __all__ = ["relay"]
 
@@ -30,6 +30,9 @@ def relay(address: str, stdin_fd: int = 0, stdout_fd: int = 1) -> int:
     """Copy bytes between the fds and the socket until the socket closes; return an exit status."""
     try:
         transport = UnixTransport(address, CONNECT_TIMEOUT_S)
+    except NotRunning:
+        # Said with the exit status, which ssh passes on: the client prints the one line.
+        return EXIT_BRIDGE_NOT_RUNNING
     except ClientError as exc:
         print(f"capsulectl --bridge: {exc}", file=sys.stderr)
         return 1

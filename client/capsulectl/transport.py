@@ -22,6 +22,7 @@ from typing import Protocol
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "EXIT_BRIDGE_NOT_RUNNING",
     "ClientError",
     "ConnectFailed",
     "ConnectionLost",
@@ -37,6 +38,10 @@ __all__ = [
 DEFAULT_ADDRESS = "unix:/run/capsuled/org.capsuled.Manager"
 RECV_CHUNK_BYTES = 64 * 1024
 SSH_EXIT_WAIT_S = 5.0
+# `capsulectl --bridge` exits with this (sysexits.h EX_UNAVAILABLE) when capsuled is not running
+# on its host; ssh exits with the remote command's status, so -H can say so in one line.
+EXIT_BRIDGE_NOT_RUNNING = 69
+EXIT_SSH_FAILED = 255  # ssh(1): "ssh exits with 255 if an error occurred"
 
 
 class ClientError(Exception):
@@ -217,9 +222,27 @@ class SshTransport:
         if not readable:
             raise Timeout(f"capsuled on {self.host} did not answer in time")
         try:
-            return os.read(self._stdout.fileno(), RECV_CHUNK_BYTES)
+            data = os.read(self._stdout.fileno(), RECV_CHUNK_BYTES)
         except OSError as exc:
             raise ConnectionLost(f"connection to {self.host} failed: {exc}") from exc
+        if not data:
+            self._raise_for_exit()
+        return data
+
+    def _raise_for_exit(self) -> None:
+        """At end of stream: turn ssh's (or the remote bridge's) exit status into our error."""
+        import subprocess
+
+        try:
+            status = self._proc.wait(timeout=SSH_EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            return  # still running with stdout closed: let the caller report the lost stream
+        if status == EXIT_BRIDGE_NOT_RUNNING:
+            raise NotRunning(f"ssh:{self.host}")
+        if status == EXIT_SSH_FAILED:
+            raise ConnectionLost(f"ssh to {self.host} failed (see its message above)")
+        if status != 0:
+            raise ConnectionLost(f"capsulectl --bridge on {self.host} exited with status {status}")
 
     def close(self) -> None:
         """Close the pipes and reap ssh (closing stdin ends the remote bridge)."""

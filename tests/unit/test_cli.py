@@ -919,3 +919,23 @@ def test_tty_agent_not_started_without_a_terminal(
     agent.start()
     agent.stop()
     assert not log.exists()
+
+
+def test_host_not_running_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    ssh = tmp_path / "ssh"
+    # Stand-in for ssh: run the "remote" command (after -T -- HOST) here, from the checkout.
+    ssh.write_text(
+        "#!/bin/sh\nshift 3; shift 1\n"
+        f'PYTHONPATH={ROOT}/helper:{ROOT}/client exec {sys.executable} -m capsulectl.cli "$@"\n'
+    )
+    ssh.chmod(0o755)
+    monkeypatch.setenv("CAPSULECTL_SSH", str(ssh))
+    monkeypatch.setenv("CAPSULECTL_ADDRESS", f"unix:{tmp_path}/none")
+    errs = io.StringIO()
+    assert cli.main(["-H", "alice@server", "list"], out=io.StringIO(), err=errs) == 1
+    assert errs.getvalue() == (
+        "capsuled is not running on alice@server: is capsuled.socket enabled?\n"
+    )
+    assert capfd.readouterr().err == ""  # and the remote bridge said nothing more

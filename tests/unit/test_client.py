@@ -475,7 +475,7 @@ def test_host_bridge_reports_remote_not_running(
     ssh, _ = fake_ssh(tmp_path)
     monkeypatch.setenv("CAPSULECTL_SSH", str(ssh))
     monkeypatch.setenv("CAPSULECTL_ADDRESS", f"unix:{tmp_path}/none")
-    with Client(host="server", timeout=10) as c, pytest.raises(ConnectionLost):
+    with Client(host="server", timeout=10) as c, pytest.raises(NotRunning):
         c.info()
 
 
