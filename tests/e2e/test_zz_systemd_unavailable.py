@@ -1,0 +1,35 @@
+"""With the system bus gone, the helper answers SystemdUnavailable, changes
+nothing, and recovers by itself once the bus is back.
+
+Named to run last: stopping D-Bus disturbs logind and polkitd, which this
+module restores but other modules should not have to care about.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from e2e.vcall import call, fails, ok
+
+pytestmark = pytest.mark.e2e
+
+
+def test_no_system_bus_is_systemd_unavailable_and_recovers(bed, capsule_name) -> None:
+    ok(bed, "root", "Create", name=capsule_name)
+    bed.as_root("systemctl", "stop", "dbus.socket", "dbus.service").check()
+    try:
+        assert fails(bed, "root", "Start", name=capsule_name) == (
+            "org.capsuled.Manager.SystemdUnavailable",
+            {},
+        )
+        assert (
+            bed.as_root("systemctl", "is-active", f"capsule@{capsule_name}.service").stdout.strip()
+            == "inactive"
+        )
+        # Info still answers: it is about the helper, systemd's part is just unknown.
+        assert ok(bed, "root", "Info")["systemdVersion"] is None
+    finally:
+        bed.as_root("systemctl", "start", "dbus.socket", "dbus.service").check()
+    r = call(bed, "root", "Start", {"name": capsule_name})
+    assert r.error is None, r.last
+    assert r.parameters["capsule"]["state"] == "active"
