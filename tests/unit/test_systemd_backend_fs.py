@@ -1,0 +1,192 @@
+"""The backend's filesystem facts and the capsule socket pinning, against temp directories with
+planted symlinks (invariant 2: the capsule controls everything below its own directory)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from capsuled.systemd import backend, capsule_socket
+
+CAPSULE_UID = 61234  # in systemd's dynamic uid range
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to a dynamic uid needs root")
+
+
+@pytest.fixture
+def state_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "private-capsules"
+    root.mkdir()
+    monkeypatch.setattr(backend, "STATE_ROOT", str(root))
+    monkeypatch.setattr(backend, "LEGACY_STATE_ROOT", str(tmp_path / "capsules"))
+    return root
+
+
+def unit_dir(state_root: Path, name: str) -> Path:
+    d = state_root / name / ".config" / "systemd" / "user"
+    d.mkdir(parents=True)
+    return d
+
+
+def test_count_unit_files_counts_units_not_templates_or_other_files(state_root: Path) -> None:
+    d = unit_dir(state_root, "a")
+    for f in ("web.service", "tick.timer", "tmpl@.service", "inst@x.service", "notes.txt"):
+        (d / f).touch()
+    (d / "web.service.d").mkdir()
+    (d / "capsule@.target.wants").mkdir()
+    assert backend.count_unit_files("a") == 3  # web, tick, inst@x
+
+
+@pytest.mark.parametrize("component", [".config", ".config/systemd", ".config/systemd/user"])
+def test_count_unit_files_never_follows_a_planted_symlink(
+    state_root: Path, tmp_path: Path, component: str
+) -> None:
+    outside = tmp_path / "outside"
+    (outside / ".config" / "systemd" / "user").mkdir(parents=True)
+    (outside / ".config" / "systemd" / "user" / "root.service").touch()
+    home = state_root / "a"
+    home.mkdir()
+    link = home / component
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside / component)
+    assert backend.count_unit_files("a") == 0
+
+
+def test_count_unit_files_when_capsule_dir_itself_is_a_symlink(
+    state_root: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "elsewhere"
+    (target / ".config" / "systemd" / "user").mkdir(parents=True)
+    (target / ".config" / "systemd" / "user" / "x.service").touch()
+    (state_root / "a").symlink_to(target)
+    assert backend.count_unit_files("a") == 0
+    assert not backend.has_state_dir("a")  # a symlink is no state directory
+
+
+def test_count_unit_files_is_bounded(state_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = unit_dir(state_root, "a")
+    for i in range(30):
+        (d / f"u{i}.service").touch()
+    monkeypatch.setattr(backend, "MAX_SCANNED_ENTRIES", 10)
+    assert backend.count_unit_files("a") == 10
+
+
+def test_state_dir_names_and_has_state_dir(state_root: Path) -> None:
+    (state_root / "a").mkdir()
+    (state_root / ".hidden").mkdir()
+    assert backend.state_dir_names() == {"a"}
+    assert backend.has_state_dir("a")
+    assert not backend.has_state_dir("b")
+
+
+def test_autostart_link_must_be_a_symlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backend, "SYSTEM_CONFIG_DIR", str(tmp_path))
+    wants = tmp_path / "multi-user.target.wants"
+    wants.mkdir()
+    (wants / "capsule@a.service").symlink_to("/usr/lib/systemd/system/capsule@.service")
+    (wants / "capsule@b.service").touch()  # a plain file is not what AddDependencyUnitFiles makes
+    (wants / "other.service").symlink_to("/x")
+    assert backend.autostart_enabled("a")
+    assert not backend.autostart_enabled("b")
+    assert not backend.autostart_enabled("c")
+    assert backend.autostart_names() == {"a", "b"}  # names only; existence is checked per name
+
+
+@pytest.mark.parametrize(
+    ("unit", "name"),
+    [
+        ("capsule@a.service", "a"),
+        ("capsule@a-b_c.service", "a-b_c"),
+        ("capsule@.service", None),
+        ("capsule@a.target", None),
+        ("foo@a.service", None),
+    ],
+)
+def test_capsule_from_unit(unit: str, name: str | None) -> None:
+    assert backend.capsule_from_unit(unit) == name
+    if name is not None:
+        assert backend.capsule_unit(name) == unit
+
+
+# -- pinning /run/capsules/NAME/systemd/private ------------------------------------------------
+
+
+@pytest.fixture
+def run_capsules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "run-capsules"
+    root.mkdir()
+    monkeypatch.setattr(capsule_socket, "RUN_CAPSULES", str(root))
+    return root
+
+
+def make_capsule_runtime(run_capsules: Path, name: str, uid: int = CAPSULE_UID) -> Path:
+    sd = run_capsules / name / "systemd"
+    sd.mkdir(parents=True)
+    os.mknod(sd / "private", stat.S_IFSOCK | 0o600)  # a socket inode, no listener needed
+    for p in (run_capsules / name, sd, sd / "private"):
+        os.chown(p, uid, uid, follow_symlinks=False)
+    return sd
+
+
+@needs_root
+def test_pin_accepts_a_capsule_owned_socket(run_capsules: Path) -> None:
+    make_capsule_runtime(run_capsules, "a")
+    fd, owner = capsule_socket.pin_capsule_socket("a")
+    try:
+        assert owner == CAPSULE_UID
+        assert stat.S_ISSOCK(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+
+
+@needs_root
+@pytest.mark.parametrize("component", ["private", "systemd"])
+def test_pin_refuses_symlinks(run_capsules: Path, tmp_path: Path, component: str) -> None:
+    sd = make_capsule_runtime(run_capsules, "a")
+    victim = make_capsule_runtime(tmp_path / "victim", "v")  # a socket elsewhere
+    path = sd / "private" if component == "private" else sd
+    if component == "private":
+        path.unlink()
+        path.symlink_to(victim / "private")
+    else:
+        os.rename(sd, run_capsules / "a" / "sd")
+        path.symlink_to(victim)
+    os.chown(path, CAPSULE_UID, CAPSULE_UID, follow_symlinks=False)
+    with pytest.raises(capsule_socket.UnsafeSocket, match=f"{component} is a symlink"):
+        capsule_socket.pin_capsule_socket("a")
+
+
+@needs_root
+def test_pin_refuses_system_uid_and_mixed_owners(run_capsules: Path) -> None:
+    make_capsule_runtime(run_capsules, "sys", uid=0)
+    with pytest.raises(capsule_socket.UnsafeSocket, match="system uid"):
+        capsule_socket.pin_capsule_socket("sys")
+    sd = make_capsule_runtime(run_capsules, "mixed")
+    os.chown(sd / "private", 0, 0)  # e.g. a root socket hardlinked in
+    with pytest.raises(capsule_socket.UnsafeSocket, match="owned by uid 0"):
+        capsule_socket.pin_capsule_socket("mixed")
+
+
+@needs_root
+def test_pin_refuses_wrong_type_and_missing(run_capsules: Path) -> None:
+    sd = make_capsule_runtime(run_capsules, "a")
+    (sd / "private").unlink()
+    (sd / "private").touch()
+    os.chown(sd / "private", CAPSULE_UID, CAPSULE_UID)
+    with pytest.raises(capsule_socket.UnsafeSocket, match="wrong file type"):
+        capsule_socket.pin_capsule_socket("a")
+    with pytest.raises(capsule_socket.UnsafeSocket, match="does not exist"):
+        capsule_socket.pin_capsule_socket("nope")
+    for bad in ("", "..", "a/b"):
+        with pytest.raises(capsule_socket.UnsafeSocket, match="invalid"):
+            capsule_socket.pin_capsule_socket(bad)
+
+
+@needs_root
+def test_expected_uid_must_match_owner(run_capsules: Path) -> None:
+    make_capsule_runtime(run_capsules, "a")
+    with pytest.raises(capsule_socket.UnsafeSocket, match="not the capsule's uid"):
+        capsule_socket.connect_capsule_manager("a", expected_uid=CAPSULE_UID + 1)
