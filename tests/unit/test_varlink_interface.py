@@ -249,3 +249,42 @@ def test_recursive_type_nesting_is_bounded() -> None:
         deep = {"n": deep}
     with pytest.raises(InvalidParameter):
         iface.validate_call("M", {"n": deep})
+
+
+BULK = parse_interface(
+    "interface org.example.bulk\n"
+    "method M(i: ?[]int, s: ?[string]string, b: ?[]bool, f: ?[]float) -> (s: []string)"
+)
+
+
+@pytest.mark.parametrize(
+    ("params", "path"),
+    [
+        ({"i": [1, 2, True, 4]}, "i.2"),
+        ({"i": [1, 2.0]}, "i.1"),
+        ({"i": [0, 2**64]}, "i.1"),
+        ({"i": [-(2**63) - 1]}, "i.0"),
+        ({"s": {"a": "x", "b": 1}}, "s.b"),
+        ({"b": [True, 0]}, "b.1"),
+        ({"f": [1.5, "2"]}, "f.1"),
+    ],
+)
+def test_bulk_arrays_still_find_the_bad_item(params: dict[str, object], path: str) -> None:
+    with pytest.raises(InvalidParameter) as err:
+        BULK.validate_call("M", params)
+    assert err.value.parameters == {"parameter": path}
+
+
+def test_bulk_arrays_accept_and_widen() -> None:
+    out = BULK.validate_call("M", {"i": [1, 2**64 - 1], "f": [1, 2.5], "b": [], "s": {}})
+    assert out == {"i": [1, 2**64 - 1], "s": {}, "b": [], "f": [1.0, 2.5]}
+    assert all(isinstance(x, float) for x in out["f"])  # type: ignore[attr-defined]
+
+
+def test_string_subclasses_pass_reply_validation() -> None:
+    import enum
+
+    class State(enum.StrEnum):
+        ACTIVE = "active"
+
+    BULK.validate_reply("M", {"s": [State.ACTIVE, "x"]})

@@ -339,14 +339,35 @@ def parse_interface(text: str) -> Interface:
 
 
 class _Invalid(Exception):
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(path, reason)
-        self.path = path
+    """Raised at the offending value; each enclosing level adds its key on the way out, so
+    the dotted path costs nothing unless validation fails."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
         self.reason = reason
+        self.keys: list[str] = []  # innermost first
+
+    @property
+    def path(self) -> str:
+        return ".".join(reversed(self.keys))
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
+def _bulk_primitive(kind: str, items: list[object]) -> list[object] | None:
+    """Fast path for arrays and maps of primitives straight from json.loads (exact types).
+
+    Returns the checked values, or None to fall back to the item-by-item path, which is the
+    authority (it also accepts subclasses, e.g. a StrEnum in a reply, and finds the bad item).
+    """
+    if not items:
+        return items
+    # Exact types on purpose (bool is a subclass of int); set(map(type, ...)), min and max run
+    # in C, about 20x faster than a Python-level loop over millions of items.
+    exact = {"int": int, "string": str, "bool": bool, "float": float}.get(kind)
+    if exact is None or set(map(type, items)) != {exact}:
+        return None
+    if exact is int and not (min(items) >= INT_MIN and max(items) <= INT_MAX):  # type: ignore[type-var, operator]  # all ints here
+        return None
+    return items
 
 
 class Interface:
@@ -382,7 +403,7 @@ class Interface:
         if m is None:
             raise MethodNotFound(method=f"{self.name}.{method}")
         try:
-            return self._struct(m.parameters, params, "")
+            return self._struct(m.parameters, params)
         except _Invalid as exc:
             raise InvalidParameter(parameter=exc.path) from None
         except RecursionError:
@@ -396,7 +417,7 @@ class Interface:
             KeyError: no such method. ValidationError: the parameters do not match.
         """
         try:
-            return self._struct(self.methods[method].returns, params, "")
+            return self._struct(self.methods[method].returns, params)
         except _Invalid as exc:
             raise ValidationError(exc.path, exc.reason) from None
 
@@ -407,53 +428,83 @@ class Interface:
             KeyError: no such error. ValidationError: the parameters do not match.
         """
         try:
-            return self._struct(self.errors[error].parameters, params, "")
+            return self._struct(self.errors[error].parameters, params)
         except _Invalid as exc:
             raise ValidationError(exc.path, exc.reason) from None
 
-    def _struct(self, t: Struct, value: object, path: str) -> dict[str, object]:
+    def _struct(self, t: Struct, value: object) -> dict[str, object]:
         if not isinstance(value, dict):
-            raise _Invalid(path, "expected an object")
-        declared = {n for n, _ in t.fields}
-        for key in value:
-            if key not in declared:
-                raise _Invalid(_join(path, str(key)), "unknown field")
+            raise _Invalid("expected an object")
+        if len(value) > len(t.fields) or any(k not in value for k, _ in t.fields):
+            declared = {n for n, _ in t.fields}
+            for key in value:
+                if key not in declared:
+                    exc = _Invalid("unknown field")
+                    exc.keys.append(str(key))
+                    raise exc
         out: dict[str, object] = {}
         for fname, ftype in t.fields:
-            sub = _join(path, fname)
             if fname not in value:
                 if isinstance(ftype, Maybe):
                     out[fname] = None
                     continue
-                raise _Invalid(sub, "missing")
-            out[fname] = self._value(ftype, value[fname], sub)
+                exc = _Invalid("missing")
+                exc.keys.append(fname)
+                raise exc
+            try:
+                out[fname] = self._value(ftype, value[fname])
+            except _Invalid as exc:
+                exc.keys.append(fname)
+                raise
         return out
 
-    def _value(self, t: VarlinkType, value: object, path: str) -> object:
+    def _value(self, t: VarlinkType, value: object) -> object:
         if isinstance(t, Maybe):
-            return None if value is None else self._value(t.inner, value, path)
+            return None if value is None else self._value(t.inner, value)
         if value is None:
-            raise _Invalid(path, "null for a non-optional type")
+            raise _Invalid("null for a non-optional type")
         if isinstance(t, Primitive):
-            return _primitive(t.kind, value, path)
+            return _primitive(t.kind, value)
         if isinstance(t, Named):
-            return self._value(self.types[t.name], value, path)
+            return self._value(self.types[t.name], value)
         if isinstance(t, Struct):
-            return self._struct(t, value, path)
+            return self._struct(t, value)
         if isinstance(t, Enum):
             if not isinstance(value, str) or value not in t.values:
-                raise _Invalid(path, f"expected one of {', '.join(t.values)}")
+                raise _Invalid(f"expected one of {', '.join(t.values)}")
             return value
         if isinstance(t, Array):
             if not isinstance(value, list):
-                raise _Invalid(path, "expected an array")
-            return [self._value(t.inner, v, _join(path, str(i))) for i, v in enumerate(value)]
+                raise _Invalid("expected an array")
+            if isinstance(t.inner, Primitive):
+                fast = _bulk_primitive(t.inner.kind, value)
+                if fast is not None:
+                    return list(fast)
+            items: list[object] = []
+            for i, v in enumerate(value):
+                try:
+                    items.append(self._value(t.inner, v))
+                except _Invalid as exc:
+                    exc.keys.append(str(i))
+                    raise
+            return items
         if not isinstance(value, dict):
-            raise _Invalid(path, "expected an object (map)")
-        return {k: self._value(t.inner, v, _join(path, str(k))) for k, v in value.items()}
+            raise _Invalid("expected an object (map)")
+        if isinstance(t.inner, Primitive):
+            fast = _bulk_primitive(t.inner.kind, list(value.values()))
+            if fast is not None:
+                return dict(value)
+        mapping: dict[str, object] = {}
+        for k, v in value.items():
+            try:
+                mapping[k] = self._value(t.inner, v)
+            except _Invalid as exc:
+                exc.keys.append(str(k))
+                raise
+        return mapping
 
 
-def _primitive(kind: str, value: object, path: str) -> object:
+def _primitive(kind: str, value: object) -> object:
     # bool is a subclass of int in Python: test it explicitly everywhere.
     if kind == "bool":
         if isinstance(value, bool):
@@ -462,17 +513,17 @@ def _primitive(kind: str, value: object, path: str) -> object:
         if isinstance(value, int) and not isinstance(value, bool):
             if INT_MIN <= value <= INT_MAX:
                 return value
-            raise _Invalid(path, "integer out of range")
+            raise _Invalid("integer out of range")
     elif kind == "float":
         if isinstance(value, float):
             return value
         if isinstance(value, int) and not isinstance(value, bool):
             if INT_MIN <= value <= INT_MAX:
                 return float(value)  # JSON has one number type; Varlink float accepts 1
-            raise _Invalid(path, "number out of range")
+            raise _Invalid("number out of range")
     elif kind == "string":
         if isinstance(value, str):
             return value
     elif kind == "object" and isinstance(value, dict):
         return value
-    raise _Invalid(path, f"expected {kind}")
+    raise _Invalid(f"expected {kind}")
