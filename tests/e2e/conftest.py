@@ -6,13 +6,12 @@ name per test (`capsule_name`) that is cleaned up afterwards whatever the test d
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
-from testbed import Testbed, TestbedUnavailable, install_signal_handlers
+from testbed import Testbed, TestbedError, TestbedUnavailable, install_signal_handlers
 from testbed.bed import Timings
 from testbed.ci import unavailable
 
@@ -57,22 +56,35 @@ def capsule_name(bed: Testbed) -> Iterator[str]:
         remove_capsule(bed, name)
 
 
+JOURNAL_LINES_ON_FAILURE = 80
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """On a failed e2e test, attach capsuled's recent journal: tracebacks live only there."""
+    report = yield
+    bed_fixture = getattr(item, "funcargs", {}).get("bed")
+    if report.failed and isinstance(bed_fixture, Testbed) and bed_fixture.leader:
+        try:
+            journal = bed_fixture.as_root(
+                "journalctl",
+                "--no-pager",
+                "--output=short-precise",
+                f"--lines={JOURNAL_LINES_ON_FAILURE}",
+                "--unit=capsuled.service",
+                "--unit=capsuled.socket",
+                timeout=15,
+            ).stdout
+        except TestbedError as exc:  # the container may be what broke
+            journal = f"(could not read the journal: {exc})"
+        report.sections.append(("capsuled journal (testbed)", journal))
+    return report
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Print how long the testbed took to come up (cold and warm cache are reported apart)."""
     for machine, timings in _timings:
         terminalreporter.write_sep("-", "testbed")
         terminalreporter.write_line(f"{machine}: {timings.summary()}")
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]  # hook wrapper
-    """On a failed e2e test, attach the helper's recent journal: tracebacks live only there."""
-    report = yield
-    if report.when == "call" and report.failed and "bed" in getattr(item, "funcargs", {}):
-        bed = item.funcargs["bed"]
-        with contextlib.suppress(Exception):
-            log = bed.as_root(
-                "journalctl", "-u", "capsuled.service", "--no-pager", "-n", "80", "-o", "cat"
-            ).stdout
-            report.sections.append(("capsuled journal", log))
-    return report
