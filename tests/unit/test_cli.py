@@ -939,3 +939,27 @@ def test_host_not_running_is_one_line(
         "capsuled is not running on alice@server: is capsuled.socket enabled?\n"
     )
     assert capfd.readouterr().err == ""  # and the remote bridge said nothing more
+
+
+@pytest.mark.parametrize(
+    ("argv", "verb"),
+    [
+        (["status", "web"], "status"),
+        (["--address", "status", "list"], "list"),  # an option's value is not the verb
+        (["-H", "host", "--json", "stop", "x"], "stop"),
+        (["--timeout=3", "units", "x"], "units"),
+        (["--json"], None),
+        (["bogus"], None),
+        (["--", "list"], None),
+    ],
+)
+def test_find_verb(argv: list[str], verb: str | None) -> None:
+    found = cli.find_verb(argv, cli._verbs())
+    assert (found.name if found else None) == verb
+
+
+def test_unknown_verb_lists_the_verbs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bogus"])
+    assert info.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
