@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -362,3 +363,68 @@ def test_autostart_survives_a_reboot(bed, capsule_name) -> None:
     assert capsule["autostart"] is True and capsule["state"] == "active"
     assert not ok(bed, "alice", "SetAutostart", name=name, enabled=False)["capsule"]["autostart"]
     assert bed.as_root("test", "-e", link).returncode == 1
+
+
+def test_sigkill_in_the_middle_of_create_then_a_retry_finishes(bed, capsule_name) -> None:
+    """A real SIGKILL while systemd's start job runs (made slow by a drop-in)."""
+    name = capsule_name
+    dropin = f"/run/systemd/system/capsule@{name}.service.d"
+    bed.as_root("mkdir", "-p", dropin).check()
+    bed.as_root(
+        "sh", "-c", f"printf '[Service]\\nExecStartPre=/bin/sleep 3\\n' > {dropin}/slow.conf"
+    ).check()
+    bed.as_root("systemctl", "daemon-reload").check()
+    replies: list[object] = []
+    creating = threading.Thread(
+        target=lambda: replies.append(call(bed, "alice", "Create", {"name": name}).last)
+    )
+    creating.start()
+    try:
+        record = f"/var/lib/capsuled/capsules/{name}.json"
+        deadline = time.monotonic() + 30
+        while bed.as_root("test", "-e", record).returncode != 0:
+            assert time.monotonic() < deadline, "Create never wrote its record"
+            time.sleep(0.05)
+        bed.as_root("systemctl", "kill", "-s", "KILL", "capsuled.service").check()
+    finally:
+        creating.join()
+    assert replies == [{"closed": True}]
+    assert '"creating"' in bed.as_root("cat", record).stdout
+    # The retry (socket activation starts a fresh helper) finishes the job.
+    capsule = ok(bed, "alice", "Create", name=name)["capsule"]
+    assert capsule["owner"] == uid_of(bed, "alice") and capsule["state"] == "inactive"
+    assert '"ready"' in bed.as_root("cat", record).stdout
+    bed.as_root("rm", "-rf", dropin)
+    bed.as_root("systemctl", "daemon-reload")
+
+
+def test_sigkill_in_the_middle_of_remove_then_a_retry_finishes(bed, capsule_name) -> None:
+    name = capsule_name
+    ok(bed, "alice", "Create", name=name, start=True)
+    dropin = f"/run/systemd/system/capsule@{name}.service.d"
+    bed.as_root("mkdir", "-p", dropin).check()
+    bed.as_root(
+        "sh", "-c", f"printf '[Service]\\nExecStopPost=/bin/sleep 3\\n' > {dropin}/slow.conf"
+    ).check()
+    bed.as_root("systemctl", "daemon-reload").check()
+    replies: list[object] = []
+    removing = threading.Thread(
+        target=lambda: replies.append(call(bed, "alice", "Remove", {"name": name}).last)
+    )
+    removing.start()
+    record = f"/var/lib/capsuled/capsules/{name}.json"
+    try:
+        deadline = time.monotonic() + 30
+        while '"removing"' not in bed.as_root("cat", record).stdout:
+            assert time.monotonic() < deadline, "Remove never marked its record"
+            time.sleep(0.05)
+        bed.as_root("systemctl", "kill", "-s", "KILL", "capsuled.service").check()
+    finally:
+        removing.join()
+    assert replies == [{"closed": True}]
+    assert data_dir_exists(bed, name)
+    assert ok(bed, "alice", "Remove", name=name) == {}
+    assert not data_dir_exists(bed, name)
+    assert bed.as_root("test", "-e", record).returncode == 1
+    bed.as_root("rm", "-rf", dropin)
+    bed.as_root("systemctl", "daemon-reload")
