@@ -12,9 +12,10 @@ set -euo pipefail
 PYTHON=${PYTHON:-python3}
 
 # debootstrap + systemd-container: the testbed; libsystemd-dev pkg-config gcc python3-dev: building
-# systemd-python (sdist only); util-linux: nsenter/setpriv; git: the checkout.
+# systemd-python (sdist only); util-linux: nsenter/setpriv; git: the checkout;
+# systemd-journal-remote: writes real journal files for the journal reader's unit tests.
 APT_PACKAGES=(debootstrap systemd-container util-linux mount libsystemd-dev pkg-config gcc
-              python3-dev python3-pip git make)
+              python3-dev python3-pip git make systemd-journal-remote)
 PIP_PACKAGES=(varlink jeepney systemd-python cryptography pytest hypothesis ruff mypy
               "setuptools>=61" wheel)
 PY_MODULES="varlink, jeepney, systemd.daemon, cryptography, pytest, hypothesis, ruff, mypy, setuptools, wheel"
