@@ -276,3 +276,11 @@ def test_capsuled_rejects_a_per_uid_limit_above_three_quarters() -> None:
         timeout=TIMEOUT_S,
     )
     assert out.returncode == 2 and "3/4" in out.stderr
+
+
+@pytest.mark.parametrize("verb", ["install", "uninstall"])
+def test_capsuled_hands_install_verbs_to_the_installer(verb: str) -> None:
+    out = subprocess.run(
+        [*CAPSULED, verb, "--help"], env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    assert out.returncode == 0 and f"usage: capsuled {verb}" in out.stdout
