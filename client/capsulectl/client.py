@@ -37,7 +37,7 @@ from capsulectl.transport import (
 )
 from capsuled import errors as manager_errors
 from capsuled.varlink.connection import ClientConnection
-from capsuled.varlink.errors import ProtocolError, VarlinkError, error_from_name
+from capsuled.varlink.errors import RemoteProtocolError, VarlinkError, error_from_name
 from capsuled.varlink.messages import Call, ErrorReply, Reply
 
 if TYPE_CHECKING:
@@ -168,7 +168,8 @@ class Client:
                 yield reply
                 if wait_later:
                     deadline = None
-        except ProtocolError as exc:
+        except RemoteProtocolError as exc:
+            # The stream cannot be trusted any more; LocalProtocolError (our bug) propagates.
             raise ConnectionLost(f"capsuled sent an invalid reply: {exc}") from exc
         finally:
             if not finished:

@@ -267,6 +267,36 @@ def test_run_and_logs(bed, capsule_name) -> None:
     assert ok(bed, "alice", "logs", name, "-n", "1").count("\n") <= 1
 
 
+def test_logs_follow_streams_new_entries(bed, capsule_name) -> None:
+    name = capsule_name
+    ok(bed, "alice", "create", name, "--start")
+    result: dict[str, object] = {}
+
+    def follow() -> None:
+        # -n 0: only entries written from now on; head exits after two of them, capsulectl at
+        # its next write.
+        result["r"] = bed.run(
+            "sh",
+            "-c",
+            f"capsulectl --json logs {name} -f -n 0 | head -n 2",
+            user="alice",
+            timeout=CMD_TIMEOUT_S,
+        )
+
+    t = threading.Thread(target=follow)
+    t.start()
+    for i in range(20):  # until the follower has seen two entries (it may subscribe late)
+        ok(bed, "alice", "run", name, "--wait", "--", "/bin/echo", f"tick-{i}")
+        t.join(timeout=3)
+        if not t.is_alive():
+            break
+    t.join(timeout=CMD_TIMEOUT_S)
+    r = result["r"]
+    replies = [json.loads(line) for line in r.stdout.splitlines()]  # type: ignore[attr-defined]
+    assert len(replies) == 2
+    assert all(len(reply["entries"]) == 1 for reply in replies)
+
+
 def test_run_needs_a_running_capsule(bed, capsule_name) -> None:
     ok(bed, "alice", "create", capsule_name)
     r = ctl(bed, "alice", "run", capsule_name, "/bin/true")
