@@ -99,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="per-connection write buffer high-water mark (default: %(default)s)",
     )
+    p.add_argument(
+        "--shutdown-grace-sec",
+        type=float,
+        default=10.0,
+        metavar="N",
+        help="on SIGTERM, let running calls finish for up to N seconds (default: %(default)s)",
+    )
     p.add_argument("--validate-replies", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="log debug messages")
     return p
@@ -143,5 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         idle_exit_s=args.idle_exit_sec,
         limits=limits,
         validate_replies=args.validate_replies,
+        shutdown_grace_s=args.shutdown_grace_sec,
     )
     return run(options)

@@ -47,6 +47,8 @@ log = logging.getLogger("capsuled.daemon")
 
 IDL_RESOURCE = "org.capsuled.Manager.varlink"
 DEFAULT_IDLE_EXIT_S = 30.0
+# On SIGTERM running calls get this long to finish (below systemd's TimeoutStopSec=90s).
+DEFAULT_SHUTDOWN_GRACE_S = 10.0
 SD_LISTEN_FDS_START = 3
 _LISTEN_VARS = ("LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDS", "LISTEN_FDNAMES")
 PROJECT_URL = "https://github.com/capsuled/capsuled"
@@ -66,6 +68,7 @@ class Options:
     idle_exit_s: float | None = None  # None: DEFAULT_IDLE_EXIT_S if activated, never with listen
     limits: Limits = field(default_factory=Limits)
     validate_replies: bool = False
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
 
 
 def load_interface() -> Interface:
@@ -212,7 +215,8 @@ async def serve(options: Options, dispatcher: Dispatcher[Ctx]) -> int:
         loop.add_signal_handler(signum, stop.set)
     listener: asyncio.Server | None = None
     created_path: str | None = None
-    waits: list[asyncio.Task[object]] = [asyncio.create_task(stop.wait())]
+    waiters: list[asyncio.Task[object]] = [asyncio.create_task(stop.wait())]
+    connection: asyncio.Task[None] | None = None  # the one connection of a connected socket
     if fd is not None:
         sock, listening = socket_from_fd(fd)
         idle = DEFAULT_IDLE_EXIT_S if options.idle_exit_s is None else options.idle_exit_s
@@ -227,23 +231,28 @@ async def serve(options: Options, dispatcher: Dispatcher[Ctx]) -> int:
     if listening:
         listener = await _start_listener(server, sock)
         if idle > 0:
-            waits.append(asyncio.create_task(server.wait_idle(idle)))
+            waiters.append(asyncio.create_task(server.wait_idle(idle)))
         status = f"Serving on {where}"
     else:
-        waits.append(asyncio.create_task(server.serve_connected(sock)))
+        connection = asyncio.create_task(server.serve_connected(sock))
         status = "Serving one connection"
     sd_notify(f"READY=1\nSTATUS={status}")
     log.info("%s", status)
     try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        ends: list[asyncio.Task[object] | asyncio.Task[None]] = [*waiters]
+        if connection is not None:
+            ends.append(connection)
+        await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
     finally:
         sd_notify("STOPPING=1\nSTATUS=Shutting down")
-        for task in waits:
+        for task in waiters:
             task.cancel()
         if listener is not None:
             listener.close()
-        await server.close_connections()
-        await asyncio.gather(*waits, return_exceptions=True)
+        await server.shutdown(options.shutdown_grace_s)  # also ends `connection`
+        await asyncio.gather(*waiters, return_exceptions=True)
+        if connection is not None:
+            await asyncio.gather(connection, return_exceptions=True)
         if created_path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(created_path)

@@ -182,7 +182,8 @@ class Server:
         self._per_uid: dict[int, int] = {}
         self._slots = _CallSlots(self.limits.max_inflight_calls, self.limits.inflight_calls_per_uid)
         self._changed = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._conns: dict[asyncio.Task[None], _Connection] = {}
+        self.draining = False  # set by shutdown(): finish the running call, take no new ones
         self._last_reject_log = -_REJECT_LOG_INTERVAL_S
         self.rejected = 0  # connections refused by a limit, for logs and tests
 
@@ -221,10 +222,24 @@ class Server:
 
     async def close_connections(self) -> None:
         """Cancel every connection task and wait for them to finish."""
-        tasks = list(self._tasks)
+        tasks = list(self._conns)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop gracefully (SIGTERM): close idle connections now, let running calls finish for
+        up to `grace_s`, then cancel what is left. Close the listener first."""
+        self.draining = True
+        for task, conn in list(self._conns.items()):
+            if not conn.busy:
+                task.cancel()
+        try:
+            async with asyncio.timeout(grace_s):
+                await self.wait_connections(0)
+        except TimeoutError:
+            log.warning("%d call(s) still running after %.0f s; cancelling", self._total, grace_s)
+        await self.close_connections()
 
     def _admit(self, peer: Peer) -> bool:
         if self._total >= self.limits.max_connections:
@@ -275,18 +290,19 @@ class Server:
             writer.transport.abort()
             return
         task = asyncio.current_task()
+        conn = _Connection(self, reader, writer, peer)
         if task is not None:
-            self._tasks.add(task)
+            self._conns[task] = conn
         try:
             writer.transport.set_write_buffer_limits(high=self.limits.write_buffer_bytes)
-            await _Connection(self, reader, writer, peer).run()
+            await conn.run()
         except asyncio.CancelledError:
             # close_connections() cancels us; end quietly. (Python 3.11's StreamReaderProtocol
             # callback calls task.exception() on a cancelled task and logs a spurious error.)
             pass
         finally:
             if task is not None:
-                self._tasks.discard(task)
+                self._conns.pop(task, None)
             writer.transport.abort()
             if peer.pidfd is not None:
                 os.close(peer.pidfd)
@@ -308,6 +324,7 @@ class _Connection:
         self.peer = peer
         self.conn = ServerConnection(self.limits.max_message_bytes)
         self.eof = False
+        self.busy = False  # a call is running: shutdown() lets it finish
 
     def _who(self) -> str:
         return f"uid={self.peer.uid} pid={self.peer.pid}"
@@ -316,7 +333,7 @@ class _Connection:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.idle_timeout_s
         try:
-            while True:
+            while not self.server.draining:
                 call = self.conn.next_call()
                 if call is None:
                     if self.eof:
@@ -333,7 +350,11 @@ class _Connection:
                         return
                     self._received(data)
                     continue
-                await self._run_call(call)
+                self.busy = True
+                try:
+                    await self._run_call(call)
+                finally:
+                    self.busy = False
                 deadline = loop.time() + self.limits.idle_timeout_s
         except RemoteProtocolError as exc:
             # Peer garbage: close without a reply (UAPI.20; sd-varlink does the same). Debug level,
@@ -341,7 +362,7 @@ class _Connection:
             log.debug("protocol error from %s, closing: %s", self._who(), exc)
         except LocalProtocolError:
             log.error("protocol misuse on our side with %s, closing", self._who(), exc_info=True)
-        except (_Closing, ConnectionError):
+        except (_Closing, OSError):  # OSError: ConnectionResetError and the like
             log.debug("connection to %s closed", self._who())
 
     def _received(self, data: bytes) -> None:
