@@ -12,7 +12,6 @@ import argparse
 import os
 import re
 import sys
-import textwrap  # argparse loads it anyway
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, TextIO
 
@@ -35,7 +34,6 @@ EXIT_PERMISSION = 5
 EXIT_BROKEN_PIPE = 141  # what a C tool killed by SIGPIPE reports through the shell
 
 ENV_ADDRESS = "CAPSULECTL_ADDRESS"
-DESCRIPTION_WIDTH = 78
 
 # The states in which `status` exits 0, as systemctl does for active and reloading units.
 RUNNING_STATES = frozenset({"active", "reloading", "refreshing"})
@@ -1042,6 +1040,18 @@ def _verbs() -> list[Verb]:
     ]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps one-paragraph descriptions, keeps multi-line epilogs (exit status tables) as written.
+
+    Wrapping happens only when help is printed, so textwrap stays off the start-up path.
+    """
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+
 GLOBAL_OPTIONS_WITH_VALUE = frozenset({"--address", "-H", "--host", "--timeout"})
 
 
@@ -1071,7 +1081,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """
     from capsulectl.transport import DEFAULT_ADDRESS
 
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = HelpFormatter
     parser = argparse.ArgumentParser(
         prog="capsulectl",
         description="Manage the systemd capsules that capsuled's policy lets you manage.",
@@ -1092,7 +1102,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(
             verb.name,
             help=verb.summary,
-            description=textwrap.fill(verb.description, DESCRIPTION_WIDTH),
+            description=verb.description,
             epilog=EXIT_STATUS_HELP,
             formatter_class=fmt,
         )
