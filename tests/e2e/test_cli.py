@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 
 from e2e.vcall import call
+from testbed import Testbed
+from testbed.bed import Result
 
 pytestmark = pytest.mark.e2e
 
@@ -21,19 +25,25 @@ CMD_TIMEOUT_S = 120.0
 APP_UNIT = "[Unit]\nDescription=test app\n\n[Service]\nExecStart=/bin/sleep infinity\n"
 
 
-def ctl(bed, user: str, *argv: str, input: str | None = None, env=None):
+def ctl(
+    bed: Testbed,
+    user: str,
+    *argv: str,
+    input: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Result:
     """capsulectl ARGV as USER inside the testbed (never prompting: stdin is not a terminal)."""
     return bed.run("capsulectl", *argv, user=user, input=input, env=env, timeout=CMD_TIMEOUT_S)
 
 
-def ok(bed, user: str, *argv: str, input: str | None = None) -> str:
+def ok(bed: Testbed, user: str, *argv: str, input: str | None = None) -> str:
     r = ctl(bed, user, *argv, input=input)
     assert r.returncode == 0, f"capsulectl {' '.join(argv)} as {user}: {r.returncode} {r.stderr}"
     assert r.stderr == "" or argv[0] == "run", r.stderr
     return r.stdout
 
 
-def one_json(text: str) -> dict[str, object]:
+def one_json(text: str) -> dict[str, Any]:  # Any: JSON the test takes apart by hand
     lines = text.splitlines()
     assert len(lines) == 1, text
     value = json.loads(lines[0])
@@ -41,15 +51,15 @@ def one_json(text: str) -> dict[str, object]:
     return value
 
 
-def uid_of(bed, user: str) -> int:
+def uid_of(bed: Testbed, user: str) -> int:
     return int(bed.as_root("id", "-u", user).check().stdout)
 
 
-def systemd_active(bed, name: str) -> str:
+def systemd_active(bed: Testbed, name: str) -> str:
     return bed.as_root("systemctl", "is-active", f"capsule@{name}.service").stdout.strip()
 
 
-def varlinkctl(bed, user: str, method: str, **params: object) -> dict[str, object]:
+def varlinkctl(bed: Testbed, user: str, method: str, **params: object) -> dict[str, Any]:
     """The reply parameters of a call made with systemd's own varlinkctl, as USER."""
     r = bed.run(
         "varlinkctl",
@@ -68,14 +78,14 @@ def varlinkctl(bed, user: str, method: str, **params: object) -> dict[str, objec
 # --- no capsule needed --------------------------------------------------------------------------
 
 
-def test_version_and_help(bed) -> None:
+def test_version_and_help(bed: Testbed) -> None:
     assert ok(bed, "alice", "--version").startswith("capsulectl ")
     text = ok(bed, "alice", "--help")
     assert "exit status:" in text and "pkttyagent" in text
     assert "5  permission denied" in ok(bed, "alice", "stop", "--help")
 
 
-def test_info_knows_the_caller(bed) -> None:
+def test_info_knows_the_caller(bed: Testbed) -> None:
     alice = uid_of(bed, "alice")
     text = ok(bed, "alice", "info")
     assert f"Caller: {alice} (alice)" in text
@@ -86,13 +96,13 @@ def test_info_knows_the_caller(bed) -> None:
     assert info["policyBackend"] in ("builtin", "polkit")
 
 
-def test_daemon_not_reachable_message(bed) -> None:
+def test_daemon_not_reachable_message(bed: Testbed) -> None:
     r = ctl(bed, "alice", "--address", "unix:/run/nothing-here", "list")
     assert r.returncode == 1
     assert r.stderr == "capsuled is not running: is capsuled.socket enabled?\n"
 
 
-def test_missing_capsule_is_exit_4(bed, capsule_name) -> None:
+def test_missing_capsule_is_exit_4(bed: Testbed, capsule_name: str) -> None:
     r = ctl(bed, "alice", "status", capsule_name)
     assert (r.returncode, r.stdout) == (4, "")
     assert r.stderr == f"capsule '{capsule_name}' does not exist\n"
@@ -101,7 +111,7 @@ def test_missing_capsule_is_exit_4(bed, capsule_name) -> None:
 # --- the lifecycle, as the owner ----------------------------------------------------------------
 
 
-def test_lifecycle_as_owner(bed, capsule_name) -> None:
+def test_lifecycle_as_owner(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     assert ok(bed, "alice", "create", name) == ""
     assert systemd_active(bed, name) == "inactive"
@@ -131,7 +141,7 @@ def test_lifecycle_as_owner(bed, capsule_name) -> None:
     assert systemd_active(bed, name) == "active"
 
     ok(bed, "alice", "enable", name)
-    assert one_json(ok(bed, "alice", "--json", "status", name))["capsule"]["autostart"] is True  # type: ignore[index]
+    assert one_json(ok(bed, "alice", "--json", "status", name))["capsule"]["autostart"] is True
     ok(bed, "alice", "disable", name)
     assert "  Autostart: no" in ok(bed, "alice", "status", name).splitlines()
 
@@ -154,7 +164,7 @@ def test_lifecycle_as_owner(bed, capsule_name) -> None:
     assert (r.returncode, r.stderr) == (4, f"capsule '{name}' does not exist\n")
 
 
-def test_create_start_and_remove_keep_data(bed, capsule_name) -> None:
+def test_create_start_and_remove_keep_data(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "create", name, "--start")
     assert systemd_active(bed, name) == "active"
@@ -166,7 +176,7 @@ def test_create_start_and_remove_keep_data(bed, capsule_name) -> None:
 # --- units, run, logs ---------------------------------------------------------------------------
 
 
-def test_units_inside_a_capsule(bed, capsule_name) -> None:
+def test_units_inside_a_capsule(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "create", name, "--start")
     ok(
@@ -184,12 +194,12 @@ def test_units_inside_a_capsule(bed, capsule_name) -> None:
     rows = [line.split() for line in ok(bed, "alice", "units", name).splitlines()]
     assert ["app.service", "loaded", "active", "running", "enabled", "test", "app"] in rows
     units = one_json(ok(bed, "alice", "--json", "units", name))["units"]
-    app = next(u for u in units if u["name"] == "app.service")  # type: ignore[union-attr,index]
-    assert app["enabled"] is True and app["hasFile"] is True  # type: ignore[index]
+    app = next(u for u in units if u["name"] == "app.service")
+    assert app["enabled"] is True and app["hasFile"] is True
 
     def unit_state() -> str:
         units = one_json(ok(bed, "alice", "--json", "units", name))["units"]
-        return next(u["activeState"] for u in units if u["name"] == "app.service")  # type: ignore[union-attr,index]
+        return str(next(u["activeState"] for u in units if u["name"] == "app.service"))
 
     ok(bed, "alice", "stop-unit", name, "app.service")
     assert unit_state() == "inactive"
@@ -210,7 +220,7 @@ def test_units_inside_a_capsule(bed, capsule_name) -> None:
     assert "app.service" not in ok(bed, "alice", "units", name, "-q").splitlines()
 
 
-def test_run_and_logs(bed, capsule_name) -> None:
+def test_run_and_logs(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "create", name, "--start")
 
@@ -263,14 +273,14 @@ def test_run_and_logs(bed, capsule_name) -> None:
             break
     assert "hello-from-json" in text
     entries = one_json(ok(bed, "alice", "--json", "logs", name, "-n", "1000"))["entries"]
-    assert any(e["message"] == "hello-from-json" for e in entries)  # type: ignore[union-attr,index]
+    assert any(e["message"] == "hello-from-json" for e in entries)
     assert ok(bed, "alice", "logs", name, "-n", "1").count("\n") <= 1
 
 
-def test_logs_follow_streams_new_entries(bed, capsule_name) -> None:
+def test_logs_follow_streams_new_entries(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "create", name, "--start")
-    result: dict[str, object] = {}
+    result: dict[str, Result] = {}
 
     def follow() -> None:
         # -n 0: only entries written from now on; head exits after two of them, capsulectl at
@@ -292,22 +302,22 @@ def test_logs_follow_streams_new_entries(bed, capsule_name) -> None:
             break
     t.join(timeout=CMD_TIMEOUT_S)
     r = result["r"]
-    replies = [json.loads(line) for line in r.stdout.splitlines()]  # type: ignore[attr-defined]
+    replies = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(replies) == 2
     assert all(len(reply["entries"]) == 1 for reply in replies)
 
 
-def test_run_needs_a_running_capsule(bed, capsule_name) -> None:
+def test_run_needs_a_running_capsule(bed: Testbed, capsule_name: str) -> None:
     ok(bed, "alice", "create", capsule_name)
     r = ctl(bed, "alice", "run", capsule_name, "/bin/true")
     assert r.returncode == 3
     assert r.stderr.startswith(f"capsule '{capsule_name}' is not running")
 
 
-def test_watch_prints_state_changes(bed, capsule_name) -> None:
+def test_watch_prints_state_changes(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "create", name)
-    result: dict[str, object] = {}
+    result: dict[str, Result] = {}
 
     def watch() -> None:
         # head exits after two events; capsulectl ends at its next write (broken pipe).
@@ -330,7 +340,7 @@ def test_watch_prints_state_changes(bed, capsule_name) -> None:
     ok(bed, "alice", "stop", name)
     t.join(timeout=CMD_TIMEOUT_S)
     r = result["r"]
-    events = [json.loads(line)["event"] for line in r.stdout.splitlines()]  # type: ignore[attr-defined]
+    events = [json.loads(line)["event"] for line in r.stdout.splitlines()]
     assert len(events) == 2
     assert all(e["capsule"] == name for e in events)
 
@@ -338,7 +348,7 @@ def test_watch_prints_state_changes(bed, capsule_name) -> None:
 # --- --json equals the raw Varlink reply --------------------------------------------------------
 
 
-def test_json_equals_varlinkctl_reply(bed, capsule_name) -> None:
+def test_json_equals_varlinkctl_reply(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "create", name)  # stopped: nothing in the reply changes between the calls
     status = ctl(bed, "alice", "--json", "status", name)
@@ -361,7 +371,7 @@ def test_json_equals_varlinkctl_reply(bed, capsule_name) -> None:
 
 
 @pytest.mark.parametrize("ask", [True, False])
-def test_mallory_may_not_create(bed, capsule_name, ask: bool) -> None:
+def test_mallory_may_not_create(bed: Testbed, capsule_name: str, ask: bool) -> None:
     argv = ["create", capsule_name] if ask else ["--no-ask-password", "create", capsule_name]
     r = ctl(bed, "mallory", *argv)
     assert r.returncode == 5, r.stderr
@@ -371,7 +381,7 @@ def test_mallory_may_not_create(bed, capsule_name, ask: bool) -> None:
     assert ctl(bed, "alice", "status", capsule_name).returncode == 4  # nothing was created
 
 
-def test_mallory_cannot_see_or_touch_alices_capsule(bed, capsule_name) -> None:
+def test_mallory_cannot_see_or_touch_alices_capsule(bed: Testbed, capsule_name: str) -> None:
     ok(bed, "alice", "create", capsule_name)
     for argv in (["status", capsule_name], ["stop", capsule_name], ["logs", capsule_name]):
         r = ctl(bed, "mallory", "--no-ask-password", *argv)
@@ -385,7 +395,7 @@ def test_mallory_cannot_see_or_touch_alices_capsule(bed, capsule_name) -> None:
 # --- -H through the bridge ----------------------------------------------------------------------
 
 
-def test_host_option_goes_through_the_bridge(bed) -> None:
+def test_host_option_goes_through_the_bridge(bed: Testbed) -> None:
     # No sshd in the testbed: a stand-in "ssh" drops "-T -- HOST" and runs the remote command
     # (capsulectl --bridge) right here, as the same user, which is what sshd would do.
     fake_ssh = "sh -c 'shift 3; exec \"$@\"' ssh"
