@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from capsuled.systemd import backend, capsule_socket
+from capsuled.systemd import backend, capsule_socket, hostfs
 
 CAPSULE_UID = 61234  # in systemd's dynamic uid range
 
@@ -20,8 +20,8 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to a dynamic ui
 def state_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "private-capsules"
     root.mkdir()
-    monkeypatch.setattr(backend, "STATE_ROOT", str(root))
-    monkeypatch.setattr(backend, "LEGACY_STATE_ROOT", str(tmp_path / "capsules"))
+    monkeypatch.setattr(hostfs, "STATE_ROOT", str(root))
+    monkeypatch.setattr(hostfs, "LEGACY_STATE_ROOT", str(tmp_path / "capsules"))
     return root
 
 
@@ -37,7 +37,7 @@ def test_count_unit_files_counts_units_not_templates_or_other_files(state_root: 
         (d / f).touch()
     (d / "web.service.d").mkdir()
     (d / "capsule@.target.wants").mkdir()
-    assert backend.count_unit_files("a") == 3  # web, tick, inst@x
+    assert hostfs.count_unit_files("a") == 3  # web, tick, inst@x
 
 
 @pytest.mark.parametrize("component", [".config", ".config/systemd", ".config/systemd/user"])
@@ -52,7 +52,7 @@ def test_count_unit_files_never_follows_a_planted_symlink(
     link = home / component
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(outside / component)
-    assert backend.count_unit_files("a") == 0
+    assert hostfs.count_unit_files("a") == 0
 
 
 def test_count_unit_files_when_capsule_dir_itself_is_a_symlink(
@@ -62,37 +62,37 @@ def test_count_unit_files_when_capsule_dir_itself_is_a_symlink(
     (target / ".config" / "systemd" / "user").mkdir(parents=True)
     (target / ".config" / "systemd" / "user" / "x.service").touch()
     (state_root / "a").symlink_to(target)
-    assert backend.count_unit_files("a") == 0
-    assert not backend.has_state_dir("a")  # a symlink is no state directory
+    assert hostfs.count_unit_files("a") == 0
+    assert not hostfs.has_state_dir("a")  # a symlink is no state directory
 
 
 def test_count_unit_files_is_bounded(state_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     d = unit_dir(state_root, "a")
     for i in range(30):
         (d / f"u{i}.service").touch()
-    monkeypatch.setattr(backend, "MAX_SCANNED_ENTRIES", 10)
-    assert backend.count_unit_files("a") == 10
+    monkeypatch.setattr(hostfs, "MAX_SCANNED_ENTRIES", 10)
+    assert hostfs.count_unit_files("a") == 10
 
 
 def test_state_dir_names_and_has_state_dir(state_root: Path) -> None:
     (state_root / "a").mkdir()
     (state_root / ".hidden").mkdir()
-    assert backend.state_dir_names() == {"a"}
-    assert backend.has_state_dir("a")
-    assert not backend.has_state_dir("b")
+    assert hostfs.state_dir_names() == {"a"}
+    assert hostfs.has_state_dir("a")
+    assert not hostfs.has_state_dir("b")
 
 
 def test_autostart_link_must_be_a_symlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backend, "SYSTEM_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setattr(hostfs, "SYSTEM_CONFIG_DIR", str(tmp_path))
     wants = tmp_path / "multi-user.target.wants"
     wants.mkdir()
     (wants / "capsule@a.service").symlink_to("/usr/lib/systemd/system/capsule@.service")
     (wants / "capsule@b.service").touch()  # a plain file is not what AddDependencyUnitFiles makes
     (wants / "other.service").symlink_to("/x")
-    assert backend.autostart_enabled("a")
-    assert not backend.autostart_enabled("b")
-    assert not backend.autostart_enabled("c")
-    assert backend.autostart_names() == {"a", "b"}  # names only; existence is checked per name
+    assert hostfs.autostart_enabled("a")
+    assert not hostfs.autostart_enabled("b")
+    assert not hostfs.autostart_enabled("c")
+    assert hostfs.autostart_names() == {"a", "b"}  # names only; existence is checked per name
 
 
 @pytest.mark.parametrize(

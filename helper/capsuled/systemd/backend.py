@@ -15,10 +15,7 @@ import os
 import stat
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from typing import Final, Protocol
-
-from jeepney import HeaderFields, MatchRule, Message
 
 from ..names import is_valid_capsule_name
 from . import messages as m
@@ -26,7 +23,6 @@ from .bus import BusConnection, SignalQueue, open_peer, open_system_bus
 from .capsule_socket import UnsafeSocket, connect_capsule_manager
 from .errors import (
     BackendError,
-    BackendTimeout,
     BadReply,
     InvalidArgument,
     JobFailed,
@@ -37,113 +33,35 @@ from .errors import (
     UnitBusy,
     WatchOverflow,
 )
-
-MIN_SYSTEMD_VERSION: Final = 256
-STATE_ROOT: Final = "/var/lib/private/capsules"  # DynamicUser= StateDirectory= lives here
-LEGACY_STATE_ROOT: Final = "/var/lib/capsules"  # symlinks into private/ (or real dirs, <256?)
-SYSTEM_CONFIG_DIR: Final = "/etc/systemd/system"
-AUTOSTART_TARGET: Final = "multi-user.target"
-# Where capsule units live inside a capsule's home (relative to the state dir).
-USER_UNIT_DIR: Final = (".config", "systemd", "user")
-UNIT_SUFFIXES: Final = (
-    ".service", ".socket", ".target", ".timer", ".path", ".slice", ".mount",
-    ".automount", ".swap", ".scope", ".device",
-)  # fmt: skip
-# systemd's capsule@.service has TimeoutStopSec=120s; give a job that much and a margin.
-JOB_TIMEOUT_S: Final = 150.0
-CLEAN_TIMEOUT_S: Final = 120.0
-WATCH_QUEUE: Final = 1024
-MAX_SCANNED_ENTRIES: Final = 10000  # directory entries read when counting a capsule's units
-MAX_TRACKED_EXITS: Final = 64  # transient units per manager connection awaiting wait_exit
-# Value to pass to set_limits to reset a limit to systemd's default ("infinity" for MemoryMax and
-# TasksMax, "unset" i.e. 100 for CPUWeight): systemd's UINT64_MAX.
-LIMIT_DEFAULT: Final = m.UINT64_MAX
-# What PID 1 (257) accepts, else InvalidArgument: MemoryMax and TasksMax >= 1; CPUWeight 0
-# ("idle") or 1..10000 (CGROUP_WEIGHT_MAX).
-CPU_WEIGHT_MAX: Final = 10000
-FINISHED_STATES: Final = frozenset({"inactive", "failed"})
-
-
-def capsule_unit(name: str) -> str:
-    """capsule@NAME.service."""
-    return f"capsule@{name}.service"
-
-
-def capsule_from_unit(unit: str) -> str | None:
-    """NAME from capsule@NAME.service, else None."""
-    if unit.startswith("capsule@") and unit.endswith(".service"):
-        name = unit[len("capsule@") : -len(".service")]
-        return name or None
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Values
-
-
-@dataclass(frozen=True, slots=True)
-class CapsuleInfo:
-    """What systemd knows about one capsule (None fields: unknown, unset or not running)."""
-
-    name: str
-    state: str  # ActiveState: active, inactive, failed, activating, deactivating, maintenance...
-    sub_state: str  # SubState: running, dead, failed, start, cleaning...
-    uid: int | None  # the dynamic uid while running
-    since_usec: int | None  # StateChangeTimestamp (CLOCK_REALTIME, µs)
-    has_state_dir: bool
-    autostart: bool  # multi-user.target.wants/capsule@NAME.service exists
-    memory_current: int | None
-    tasks_current: int | None
-    cpu_usage_nsec: int | None
-    memory_max: int | None  # None: infinity
-    tasks_max: int | None  # None: infinity
-    cpu_weight: int | None  # None: unset (the default, 100)
-    result: str  # unit Result: success, exit-code, signal, timeout, ...
-    units_count: int  # unit files (not templates) in ~/.config/systemd/user; 0 without state dir
-
-
-@dataclass(frozen=True, slots=True)
-class CapsuleEvent:
-    """A capsule's state changed (from PID 1's PropertiesChanged signal)."""
-
-    name: str
-    state: str
-    sub_state: str
-    since_usec: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class UnitEvent:
-    """A unit inside a capsule changed state (from its manager's PropertiesChanged)."""
-
-    unit: str
-    state: str
-    sub_state: str
-    since_usec: int
-
-
-@dataclass(frozen=True, slots=True)
-class UnitInfo:
-    """A unit inside a capsule's manager."""
-
-    name: str
-    description: str
-    load_state: str  # loaded, not-found, masked, ... ("not-loaded" for a file no one loaded)
-    active_state: str
-    sub_state: str
-    unit_file_state: str | None  # enabled, disabled, static, linked, ... (None: no unit file)
-    unit_file_path: str | None  # as the capsule sees it (HOME=/var/lib/capsules/NAME)
-
-
-@dataclass(frozen=True, slots=True)
-class ExitStatus:
-    """How a (transient) service ended."""
-
-    unit: str
-    result: str  # success, exit-code, signal, core-dump, timeout, ...
-    code: str  # exited, killed, dumped ("" if it never ran)
-    status: int  # exit status, or signal number when killed/dumped
-
+from .hostfs import (
+    AUTOSTART_TARGET,
+    autostart_enabled,
+    autostart_link,
+    autostart_names,
+    count_unit_files,
+    has_state_dir,
+    process_uid,
+    state_dir_names,
+)
+from .jobs import active_state, run_job, unit_result, unit_state_changes, wait_state
+from .manager import DBusCapsuleManager
+from .values import (
+    CLEAN_TIMEOUT_S,
+    CPU_WEIGHT_MAX,
+    FINISHED_STATES,
+    JOB_TIMEOUT_S,
+    LIMIT_DEFAULT,
+    MAX_TRACKED_EXITS,
+    MIN_SYSTEMD_VERSION,
+    WATCH_QUEUE,
+    CapsuleEvent,
+    CapsuleInfo,
+    ExitStatus,
+    UnitEvent,
+    UnitInfo,
+    capsule_from_unit,
+    capsule_unit,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Protocols
@@ -278,178 +196,6 @@ class SystemdBackend(Protocol):
     async def close(self) -> None:
         """Drop the bus connection (reopened on next use)."""
         ...
-
-
-# ---------------------------------------------------------------------------------------------
-# Filesystem facts (root-owned paths above the capsule's own directory)
-
-
-def _is_real_dir(path: str) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def has_state_dir(name: str) -> bool:
-    """/var/lib/private/capsules/NAME (or a real /var/lib/capsules/NAME) is a directory."""
-    return _is_real_dir(os.path.join(STATE_ROOT, name)) or _is_real_dir(
-        os.path.join(LEGACY_STATE_ROOT, name)
-    )
-
-
-def autostart_link(name: str) -> str:
-    """The wants symlink AddDependencyUnitFiles creates for a capsule."""
-    return os.path.join(SYSTEM_CONFIG_DIR, f"{AUTOSTART_TARGET}.wants", capsule_unit(name))
-
-
-def autostart_enabled(name: str) -> bool:
-    """The autostart link exists (as a symlink; a file planted there would not be ours)."""
-    try:
-        return stat.S_ISLNK(os.lstat(autostart_link(name)).st_mode)
-    except OSError:
-        return False
-
-
-def state_dir_names() -> set[str]:
-    """Names of the capsule state directories on disk (unvalidated; the caller filters)."""
-    names: set[str] = set()
-    for root in (STATE_ROOT, LEGACY_STATE_ROOT):
-        with contextlib.suppress(OSError), os.scandir(root) as it:
-            names.update(e.name for e in it if not e.name.startswith("."))
-    return names
-
-
-def autostart_names() -> set[str]:
-    """Capsules with an autostart link."""
-    wants = os.path.join(SYSTEM_CONFIG_DIR, f"{AUTOSTART_TARGET}.wants")
-    names: set[str] = set()
-    with contextlib.suppress(OSError), os.scandir(wants) as it:
-        for entry in it:
-            name = capsule_from_unit(entry.name)
-            if name is not None:
-                names.add(name)
-    return names
-
-
-def count_unit_files(name: str) -> int:
-    """Unit files in the capsule's ~/.config/systemd/user (templates "x@.service" excluded:
-    they are not units until instantiated), reached without following symlinks.
-
-    The capsule owns every component below STATE_ROOT (invariant 2): each is opened with
-    O_NOFOLLOW relative to its parent's fd, and a symlinked component just counts as nothing.
-    Entries themselves are counted by name (lstat-free: a symlink to a unit is a valid unit).
-    """
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(os.path.join(STATE_ROOT, name), flags)
-    except OSError:
-        return 0
-    try:
-        for component in USER_UNIT_DIR:
-            try:
-                child = os.open(component, flags, dir_fd=fd)
-            except OSError:
-                return 0
-            os.close(fd)
-            fd = child
-        count = 0
-        with os.scandir(fd) as entries:
-            # Bounded: the capsule controls this directory and may fill it with junk.
-            for scanned, entry in enumerate(entries):
-                if scanned >= MAX_SCANNED_ENTRIES:
-                    break
-                if entry.name.endswith(UNIT_SUFFIXES) and "@." not in entry.name:
-                    count += 1
-        return count
-    finally:
-        os.close(fd)
-
-
-def process_uid(pid: int) -> int | None:
-    """Owner of /proc/PID (the process's effective uid), None if gone."""
-    try:
-        return os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Jobs and state waits (shared by PID 1 and the capsule managers)
-
-
-def _job_rule(conn: BusConnection, unit: str) -> MatchRule:
-    # Local filter only (arg2 = unit); the bus-side match is the broad job_removed_rule().
-    rule = m.job_removed_rule(sender=conn.signal_sender)
-    rule.add_arg_condition(2, unit)
-    return rule
-
-
-async def _wait_job(queue: SignalQueue, job: str, timeout_s: float) -> str:
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                event = m.parse_job_removed((await queue.get()).body)
-                if event.job == job:
-                    return event.result
-    except TimeoutError as exc:
-        raise BackendTimeout(f"job {job} did not finish in {timeout_s:.0f}s") from exc
-
-
-async def _unit_result(conn: BusConnection, unit: str) -> str | None:
-    with contextlib.suppress(BackendError):
-        body = await conn.call(m.get_property(m.unit_path(unit), m.SERVICE_IFACE, "Result"))
-        value = m.parse_get_property(body)
-        return value if isinstance(value, str) else None
-    return None
-
-
-async def _run_job(conn: BusConnection, unit: str, call: Message, timeout_s: float) -> str:
-    """Queue a job and wait for its JobRemoved; "done" or raise JobFailed."""
-    # The queue exists before the call: JobRemoved may arrive right after (even before we
-    # read) the reply, and nothing may slip between call and wait.
-    with conn.signals(_job_rule(conn, unit), maxsize=64) as queue:
-        job = m.parse_object_path(await conn.call(call, unit=unit))
-        result = await _wait_job(queue, job, timeout_s)
-    if result != "done":
-        raise JobFailed(result, await _unit_result(conn, unit))
-    return result
-
-
-async def _active_state(conn: BusConnection, unit: str) -> str:
-    body = await conn.call(
-        m.get_property(m.unit_path(unit), m.UNIT_IFACE, "ActiveState"), unit=unit
-    )
-    value = m.parse_get_property(body)
-    if not isinstance(value, str):
-        raise BadReply("ActiveState is not a string")
-    return value
-
-
-async def _wait_state(
-    conn: BusConnection,
-    queue: SignalQueue,
-    unit: str,
-    done: frozenset[str],
-    timeout_s: float,
-) -> str:
-    """Wait until the unit's ActiveState is in ``done``, woken by PropertiesChanged.
-
-    ``queue`` must have been registered before whatever started the change. We re-read the
-    state on every signal instead of trusting the signal's payload: signals of other interfaces
-    (Service) arrive on the same path, and a re-read is 0.3 ms.
-    """
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                state = await _active_state(conn, unit)
-                if state in done:
-                    return state
-                await queue.get()
-                while queue.get_nowait() is not None:
-                    pass
-    except TimeoutError as exc:
-        raise BackendTimeout(f"{unit} did not reach {sorted(done)} in {timeout_s:.0f}s") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,19 +340,19 @@ class DBusSystemdBackend:
         """StartUnit(mode=replace) and wait for JobRemoved."""
         unit = capsule_unit(name)
         conn = await self._bus()
-        return await _run_job(conn, unit, m.start_unit(unit), self._job_timeout_s)
+        return await run_job(conn, unit, m.start_unit(unit), self._job_timeout_s)
 
     async def stop(self, name: str) -> str:
         """StopUnit(mode=replace) and wait for JobRemoved."""
         unit = capsule_unit(name)
         conn = await self._bus()
-        return await _run_job(conn, unit, m.stop_unit(unit), self._job_timeout_s)
+        return await run_job(conn, unit, m.stop_unit(unit), self._job_timeout_s)
 
     async def restart(self, name: str) -> str:
         """RestartUnit(mode=replace) and wait for JobRemoved."""
         unit = capsule_unit(name)
         conn = await self._bus()
-        return await _run_job(conn, unit, m.restart_unit(unit), self._job_timeout_s)
+        return await run_job(conn, unit, m.restart_unit(unit), self._job_timeout_s)
 
     async def reset_failed(self, name: str) -> None:
         """ResetFailedUnit; NoSuchUnit (not loaded: nothing failed) is swallowed."""
@@ -625,7 +371,7 @@ class DBusSystemdBackend:
         # PID 1 emits PropertiesChanged on the bus only while somebody is subscribed.
         with conn.signals(local, maxsize=64) as queue:
             async with conn.match(rule), self._subscribed(conn):
-                state = await _active_state(conn, unit)
+                state = await active_state(conn, unit)
                 if state not in FINISHED_STATES:
                     raise UnitBusy(unit)
                 try:
@@ -634,9 +380,9 @@ class DBusSystemdBackend:
                     if getattr(exc, "name", "") == "org.freedesktop.systemd1.NothingToClean":
                         return
                     raise
-                state = await _wait_state(conn, queue, unit, FINISHED_STATES, self._clean_timeout_s)
+                state = await wait_state(conn, queue, unit, FINISHED_STATES, self._clean_timeout_s)
         if state == "failed":
-            raise JobFailed("failed", await _unit_result(conn, unit))
+            raise JobFailed("failed", await unit_result(conn, unit))
 
     @contextlib.asynccontextmanager
     async def _subscribed(self, conn: BusConnection) -> AsyncIterator[None]:
@@ -762,225 +508,24 @@ class DBusSystemdBackend:
 _CAPSULE_PATH_PREFIX: Final = m.unit_path("capsule@")  # ".../unit/capsule_40"
 
 
-async def _unit_state_changes(
-    queue: SignalQueue, path_prefix: str, known: dict[str, tuple[str, str]]
-) -> AsyncIterator[tuple[str, str, str, int]]:
-    """(unit, ActiveState, SubState, StateChangeTimestamp) per real state change of a unit
-    whose object path starts with path_prefix; deduplicated against ``known`` (seeded from a
-    ListUnits taken after the queue was registered: a reload re-announces every unit's
-    unchanged state), malformed signals skipped."""
-    last = known
-    while True:
-        msg = await queue.get()
-        path = msg.header.fields.get(HeaderFields.path, "")
-        if not (isinstance(path, str) and path.startswith(path_prefix)):
-            continue
-        unit = m.unit_from_path(path)
-        if unit is None:
-            continue
-        try:
-            change = m.parse_properties_changed(msg.body)
-            if change.interface != m.UNIT_IFACE or "ActiveState" not in change.changed:
-                continue
-            state = m.prop_str(change.changed, "ActiveState")
-            sub = m.prop_str(change.changed, "SubState")
-            since = m.prop_int(change.changed, "StateChangeTimestamp") or 0
-        except BadReply:
-            continue
-        # A unit merely loaded (by anyone's GetUnit/LoadUnit, or our own capsule_info) emits
-        # its inactive state with StateChangeTimestamp=0: that is no state change.
-        if since == 0 or last.get(unit) == (state, sub):
-            continue
-        if len(last) > WATCH_QUEUE:  # bound the dedup table too
-            last.clear()
-        last[unit] = (state, sub)
-        yield unit, state, sub, since
-
-
 async def _capsule_events(
     queue: SignalQueue, known: dict[str, tuple[str, str]]
 ) -> AsyncIterator[CapsuleEvent]:
-    async for unit, state, sub, since in _unit_state_changes(queue, _CAPSULE_PATH_PREFIX, known):
+    async for unit, state, sub, since in unit_state_changes(queue, _CAPSULE_PATH_PREFIX, known):
         name = capsule_from_unit(unit)
         if name is not None:
             yield CapsuleEvent(name, state, sub, since)
 
 
-async def _unit_events(
-    queue: SignalQueue, known: dict[str, tuple[str, str]]
-) -> AsyncIterator[UnitEvent]:
-    async for unit, state, sub, since in _unit_state_changes(queue, m.UNIT_PATH_PREFIX, known):
-        yield UnitEvent(unit, state, sub, since)
-
-
-# ---------------------------------------------------------------------------------------------
-# A capsule's manager (peer-to-peer)
-
-
-class DBusCapsuleManager:
-    """CapsuleManager over the capsule's private socket.
-
-    On a private link the manager sends JobRemoved and PropertiesChanged unconditionally
-    (bus_foreach_bus() in src/core/dbus.c: "Send to all direct buses, unconditionally"), so there
-    is neither AddMatch (no bus daemon) nor Subscribe.
-    """
-
-    def __init__(self, conn: BusConnection, name: str, job_timeout_s: float) -> None:
-        self._conn = conn
-        self.name = name
-        self._job_timeout_s = job_timeout_s
-        self._exit_trackers: dict[str, tuple[contextlib.ExitStack, SignalQueue]] = {}
-
-    async def list_units(self) -> list[UnitInfo]:
-        """ListUnits + ListUnitFiles, merged by unit name."""
-        units_body, files_body = await asyncio.gather(
-            self._conn.call(m.list_units()), self._conn.call(m.list_unit_files())
-        )
-        files = {
-            os.path.basename(path): (path, state)
-            for path, state in m.parse_unit_file_list(files_body)
-        }
-        out: dict[str, UnitInfo] = {}
-        for u in m.parse_unit_list(units_body):
-            path, file_state = files.get(u.name, (None, None))
-            out[u.name] = UnitInfo(
-                u.name, u.description, u.load_state, u.active_state, u.sub_state, file_state, path
-            )
-        for unit, (path, file_state) in files.items():
-            if unit not in out:
-                out[unit] = UnitInfo(unit, "", "not-loaded", "inactive", "dead", file_state, path)
-        return [out[k] for k in sorted(out)]
-
-    @contextlib.asynccontextmanager
-    async def watch(self) -> AsyncIterator[AsyncIterator[UnitEvent]]:
-        """PropertiesChanged of every unit; a private link delivers them without any match."""
-        rule = m.unit_properties_changed_rule(sender=None)
-        overflow = WatchOverflow(f"unit watch of capsule {self.name} fell behind")
-        with self._conn.signals(rule, maxsize=WATCH_QUEUE, overflow_error=overflow) as queue:
-            units = m.parse_unit_list(await self._conn.call(m.list_units()))
-            yield _unit_events(queue, {u.name: (u.active_state, u.sub_state) for u in units})
-
-    async def reload(self) -> None:
-        """daemon-reload; the reply comes once the manager has reloaded."""
-        await self._conn.call(m.reload())
-
-    async def start_unit(self, unit: str) -> str:
-        """StartUnit + wait."""
-        return await _run_job(self._conn, unit, m.start_unit(unit), self._job_timeout_s)
-
-    async def stop_unit(self, unit: str) -> str:
-        """StopUnit + wait."""
-        return await _run_job(self._conn, unit, m.stop_unit(unit), self._job_timeout_s)
-
-    async def restart_unit(self, unit: str) -> str:
-        """RestartUnit + wait."""
-        return await _run_job(self._conn, unit, m.restart_unit(unit), self._job_timeout_s)
-
-    async def reset_failed_unit(self, unit: str) -> None:
-        """ResetFailedUnit; not loaded is fine."""
-        with contextlib.suppress(NoSuchUnit):
-            await self._conn.call(m.reset_failed_unit(unit), unit=unit)
-
-    async def start_transient(
-        self,
-        unit: str,
-        argv: Sequence[str],
-        environment: Sequence[str] = (),
-        working_directory: str | None = None,
-        keep: bool = False,
-    ) -> str:
-        """StartTransientUnit(mode=fail) + wait for the start job."""
-        props = m.transient_service_properties(argv, environment, working_directory)
-        call = m.start_transient_unit(unit, props)
-        if unit in self._exit_trackers or len(self._exit_trackers) >= MAX_TRACKED_EXITS:
-            raise UnitBusy(unit)
-        # Track the unit's signals from before the start: with CollectMode=inactive-or-failed
-        # a unit that failed is gone before we could ask it for its Result.
-        stack = contextlib.ExitStack()
-        rule = m.unit_properties_changed_rule(m.unit_path(unit), sender=None)
-        queue = stack.enter_context(self._conn.signals(rule, maxsize=256))
-        self._exit_trackers[unit] = (stack, queue)
-        try:
-            await _run_job(self._conn, unit, call, self._job_timeout_s)
-        except JobFailed as exc:
-            self._drop_tracker(unit)
-            result = _fold_signals(queue).get("Result")
-            raise JobFailed(exc.result, result if isinstance(result, str) else None) from exc
-        except BaseException:
-            self._drop_tracker(unit)
-            raise
-        if not keep:
-            self._drop_tracker(unit)
-        return unit
-
-    def _drop_tracker(self, unit: str) -> None:
-        tracker = self._exit_trackers.pop(unit, None)
-        if tracker is not None:
-            tracker[0].close()
-
-    async def wait_exit(self, unit: str, timeout_s: float | None = None) -> ExitStatus:
-        """From the tracked signals (or, untracked, by re-reading state on each signal)."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                tracker = self._exit_trackers.get(unit)
-                if tracker is not None:
-                    return await self._exit_from_signals(unit, tracker[1])
-                return await self._exit_from_state(unit)
-        except TimeoutError as exc:
-            raise BackendTimeout(f"{unit} did not exit in {timeout_s}s") from exc
-        finally:
-            self._drop_tracker(unit)
-
-    async def _exit_from_signals(self, unit: str, queue: SignalQueue) -> ExitStatus:
-        # The queue has every PropertiesChanged of the unit since before StartTransientUnit;
-        # folding them in order gives the state even after the unit was garbage-collected.
-        # ExecMainCode stays 0 until the main process has exited (CLD_EXITED=1 ...).
-        props: dict[str, object] = {}
-        while True:
-            msg = await queue.get()
-            try:
-                change = m.parse_properties_changed(msg.body)
-            except BadReply:
-                continue
-            props.update(change.changed)
-            if (
-                m.prop_str(props, "ActiveState", "") in FINISHED_STATES
-                and (m.prop_int(props, "ExecMainCode") or 0) != 0
-                and "Result" in props
-            ):
-                return _exit_status(unit, props)
-
-    async def _exit_from_state(self, unit: str) -> ExitStatus:
-        path = m.unit_path(unit)
-        rule = m.unit_properties_changed_rule(path, sender=None)
-        with self._conn.signals(rule, maxsize=64) as queue:
-            await _wait_state(self._conn, queue, unit, FINISHED_STATES, 365 * 86400.0)
-        body = await self._conn.call(m.get_all_properties(path, m.SERVICE_IFACE), unit=unit)
-        return _exit_status(unit, m.parse_properties(body))
-
-
-def _fold_signals(queue: SignalQueue) -> dict[str, object]:
-    """Merge the changed properties of every queued PropertiesChanged, oldest first."""
-    props: dict[str, object] = {}
-    with contextlib.suppress(BackendError):
-        while (msg := queue.get_nowait()) is not None:
-            with contextlib.suppress(BadReply):
-                props.update(m.parse_properties_changed(msg.body).changed)
-    return props
-
-
-def _exit_status(unit: str, props: dict[str, object]) -> ExitStatus:
-    code = m.prop_int(props, "ExecMainCode") or 0
-    return ExitStatus(
-        unit=unit,
-        result=m.prop_str(props, "Result"),
-        code={1: "exited", 2: "killed", 3: "dumped"}.get(code, ""),
-        status=m.prop_int(props, "ExecMainStatus") or 0,
-    )
-
-
 __all__ = [
+    "CLEAN_TIMEOUT_S",
+    "CPU_WEIGHT_MAX",
+    "FINISHED_STATES",
+    "JOB_TIMEOUT_S",
     "LIMIT_DEFAULT",
+    "MAX_TRACKED_EXITS",
+    "MIN_SYSTEMD_VERSION",
+    "WATCH_QUEUE",
     "CapsuleEvent",
     "CapsuleInfo",
     "CapsuleManager",
@@ -990,5 +535,6 @@ __all__ = [
     "SystemdBackend",
     "UnitEvent",
     "UnitInfo",
+    "capsule_from_unit",
     "capsule_unit",
 ]
