@@ -1,0 +1,110 @@
+"""The testbed's root filesystem cache and CI semantics, with debootstrap replaced by a stub."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+
+from testbed import rootfs
+from testbed.ci import in_ci, unavailable
+from testbed.errors import TestbedUnavailable
+
+
+@pytest.fixture
+def builds() -> list[Path]:
+    """The targets the stub debootstrap was asked to fill."""
+    return []
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, builds: list[Path]) -> Path:
+    monkeypatch.setenv("CAPSULED_TESTBED_CACHE", str(tmp_path))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+
+    def fake_debootstrap(target: Path) -> None:
+        builds.append(target)
+        (target / "usr/lib/systemd").mkdir(parents=True)
+        (target / "etc/systemd/system").mkdir(parents=True)
+
+    monkeypatch.setattr(rootfs, "_debootstrap", fake_debootstrap)
+    monkeypatch.setattr(rootfs, "_post_process", lambda root: None)
+    return tmp_path
+
+
+def test_first_use_builds_and_stamps_then_reuses(cache: Path, builds: list[Path]) -> None:
+    first = rootfs.ensure_root()
+    first.release()
+    assert first.built_now and (cache / first.key / "ready").is_file()
+    assert first.path == cache / first.key / "root"
+    second = rootfs.ensure_root()
+    second.release()
+    assert not second.built_now and len(builds) == 1
+
+
+def test_a_half_built_entry_is_rebuilt(cache: Path) -> None:
+    key = rootfs.cache_key()
+    (cache / key / "root/usr/lib/systemd").mkdir(parents=True)  # no ready stamp
+    (cache / key / "root/leftover").write_text("from a build that died")
+    got = rootfs.ensure_root()
+    got.release()
+    assert got.built_now
+    assert not (got.path / "leftover").exists()
+
+
+def test_a_failed_build_leaves_no_staging_directory(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(target: Path) -> None:
+        (target / "partial").write_text("x")
+        raise TestbedUnavailable("debootstrap failed with status 1")
+
+    monkeypatch.setattr(rootfs, "_debootstrap", broken)
+    with pytest.raises(TestbedUnavailable):
+        rootfs.ensure_root()
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_the_key_follows_the_package_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = rootfs.cache_key()
+    monkeypatch.setattr(rootfs, "PACKAGES", (*rootfs.PACKAGES, "strace"))
+    assert rootfs.cache_key() != before
+    monkeypatch.setattr(rootfs, "PACKAGES", tuple(reversed(rootfs.PACKAGES)))
+    assert rootfs.cache_key() != before  # strace is still in
+    monkeypatch.setattr(rootfs, "PACKAGES", tuple(p for p in rootfs.PACKAGES if p != "strace"))
+    assert rootfs.cache_key() == before  # order does not matter
+
+
+def test_stale_keys_are_pruned_unless_in_use(cache: Path) -> None:
+    for stale in ("0123456789abcdef", "fedcba9876543210"):
+        (cache / stale / "root").mkdir(parents=True)
+        (cache / stale / "ready").write_text("{}")
+    busy = os.open(cache / "fedcba9876543210.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(busy, fcntl.LOCK_SH)  # another run boots from it
+    (cache / ".build-0123-999999999").mkdir()  # a builder that no longer exists
+    try:
+        got = rootfs.ensure_root()
+        got.release()
+    finally:
+        os.close(busy)
+    left = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    assert left == sorted([got.key, "fedcba9876543210"])
+
+
+def test_not_root_is_a_missing_prerequisite(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(TestbedUnavailable, match="root"):
+        rootfs.ensure_root()
+
+
+@pytest.mark.parametrize(("value", "ci"), [("true", True), ("1", True), ("", False), ("no", False)])
+def test_ci_fails_where_elsewhere_skips(
+    monkeypatch: pytest.MonkeyPatch, value: str, ci: bool
+) -> None:
+    monkeypatch.setenv("CI", value)
+    assert in_ci() is ci
+    expected = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(expected, match="no nspawn"):
+        unavailable("no nspawn")
