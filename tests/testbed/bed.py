@@ -110,6 +110,7 @@ class Timings:
     install: float = 0.0
     ready: float = 0.0  # Testbed.boot() called -> capsuled installed, users created
     reboots: list[float] = field(default_factory=list)  # reboot() called -> ready again
+    degraded: list[str] = field(default_factory=list)  # failed units, per degraded boot
 
     def summary(self) -> str:
         """One line a person can read."""
@@ -124,6 +125,8 @@ class Timings:
         )
         if self.reboots:
             line += "; reboot() " + ", ".join(f"{r:.2f} s" for r in self.reboots)
+        for failed in self.degraded:
+            line += f"\nDEGRADED boot, failed units:\n{failed}"
         return line
 
 
@@ -467,6 +470,7 @@ class Testbed:
             if state == "degraded":
                 failed = self.run("systemctl", "--failed", "--no-legend", "--plain").stdout
                 _log(f"{self.machine} is degraded; failed units:\n{failed}")
+                self.timings.degraded.append(failed.strip())
                 return
             if state in ("maintenance", "stopping"):
                 break
