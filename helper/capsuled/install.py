@@ -230,6 +230,7 @@ def install_files(
 ) -> list[PlannedFile]:
     """Write every planned file under root and the manifest; returns what was written."""
     written: list[PlannedFile] = []
+    root.mkdir(parents=True, exist_ok=True)  # a packager's DESTDIR need not exist yet
     for item in plan(prefix, bindir):
         target = _under(root, item.dest)
         _make_dirs(root, target.parent)

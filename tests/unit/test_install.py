@@ -160,3 +160,9 @@ def test_plan_reads_the_checkout_when_not_installed() -> None:
     planned = {str(f.dest) for f in install.plan(PurePosixPath(PREFIX), PurePosixPath("/b"))}
     assert f"{PREFIX}/lib/systemd/system/capsuled.socket" in planned
     assert "/usr/share/polkit-1/actions/org.capsuled.policy" in planned
+
+
+def test_root_is_created_if_missing(tmp_path: Path) -> None:
+    destdir = tmp_path / "debian" / "capsuled"
+    assert run_install(destdir, "--prefix", "/usr") == 0
+    assert (destdir / "usr/lib/systemd/system/capsuled.service").is_file()
