@@ -236,6 +236,8 @@ def install_files(
         _make_dirs(root, target.parent)
         if item.config and target.exists():
             out.append(f"kept existing {item.dest} (an admin's configuration is never overwritten)")
+            if target.read_bytes() == item.content:
+                written.append(item)  # still the shipped default: uninstall may remove it
             continue
         _write_file(target, item.content)
         written.append(item)

@@ -166,3 +166,10 @@ def test_root_is_created_if_missing(tmp_path: Path) -> None:
     destdir = tmp_path / "debian" / "capsuled"
     assert run_install(destdir, "--prefix", "/usr") == 0
     assert (destdir / "usr/lib/systemd/system/capsuled.service").is_file()
+
+
+def test_reinstall_then_uninstall_removes_an_unmodified_default_config(tmp_path: Path) -> None:
+    run_install(tmp_path)
+    assert run_install(tmp_path) == 0  # an upgrade: the default config is kept as it is
+    assert install.main_uninstall(["--root", str(tmp_path)]) == 0
+    assert not (tmp_path / "etc/capsuled/capsuled.toml").exists()
