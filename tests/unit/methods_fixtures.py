@@ -413,3 +413,10 @@ NAMED_METHODS = (
 MUTATING_BACKEND_CALLS = frozenset(
     {"start", "stop", "restart", "clean", "set_autostart", "set_limits", "forget", "reset_failed"}
 )
+
+
+def items(reply: dict[str, object], key: str) -> list[dict[str, object]]:
+    """A reply's list of structs (the IDL check already ran; this narrows the type)."""
+    value = reply[key]
+    assert isinstance(value, list) and all(isinstance(v, dict) for v in value)
+    return value

@@ -22,6 +22,7 @@ from methods_fixtures import (
     SpyBackend,
     World,
     config,
+    items,
     make_world,
     params_for,
 )
@@ -175,7 +176,9 @@ def test_list_shows_only_what_the_caller_may_read(world: World) -> None:
 
 
 def test_list_shows_capsules_made_outside_capsuled_with_null_owner(world: World) -> None:
-    (orphan,) = [c for c in world.run("List", uid=ROOT).reply["capsules"] if c["name"] == "orphan"]  # type: ignore[attr-defined]  # a list of dicts, checked by the IDL
+    (orphan,) = [
+        c for c in items(world.run("List", uid=ROOT).reply, "capsules") if c["name"] == "orphan"
+    ]
     assert orphan["owner"] is None and orphan["ownerName"] is None
 
 
@@ -195,7 +198,7 @@ def test_list_with_more_never_sends_hidden_capsules(world: World) -> None:
 
 def test_list_includes_a_capsule_known_only_from_a_record(world: World) -> None:
     world.own("half", ALICE, Phase.CREATING)
-    (half,) = [c for c in world.run("List").reply["capsules"] if c["name"] == "half"]  # type: ignore[attr-defined]  # a list of dicts, checked by the IDL
+    (half,) = [c for c in items(world.run("List").reply, "capsules") if c["name"] == "half"]
     assert (half["state"], half["hasData"], half["owner"]) == ("inactive", False, ALICE)
 
 
