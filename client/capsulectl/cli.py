@@ -1055,6 +1055,28 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 GLOBAL_OPTIONS_WITH_VALUE = frozenset({"--address", "-H", "--host", "--timeout"})
 
 
+# Options whose values may start with "-": journalctl's `--since -1h` must work here too.
+DASH_VALUE_OPTIONS = frozenset({"--since", "-S"})
+
+
+def attach_dash_values(arglist: Sequence[str]) -> list[str]:
+    """Rewrite `--since -1h` as `--since=-1h`: argparse would take "-1h" for an option."""
+    out: list[str] = []
+    i = 0
+    while i < len(arglist):
+        arg = arglist[i]
+        if arg == "--":
+            out.extend(arglist[i:])
+            break
+        if arg in DASH_VALUE_OPTIONS and i + 1 < len(arglist) and arglist[i + 1].startswith("-"):
+            out.append(f"--since={arglist[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def find_verb(arglist: Sequence[str], verbs: Sequence[Verb]) -> Verb | None:
     """The verb named on the command line: the first word that is not a global option."""
     by_name = {v.name: v for v in verbs}
@@ -1122,6 +1144,7 @@ def main(
     if arglist == ["--version"]:  # the most common probe: answer before building the parser
         print(f"capsulectl {__version__}", file=out)
         return EXIT_OK
+    arglist = attach_dash_values(arglist)
     verb = find_verb(arglist, _verbs())
     parser = build_parser(verb.name if verb is not None else None)
     args = parser.parse_args(arglist)

@@ -477,6 +477,15 @@ def test_logs_plain(fake: FakeCapsuled) -> None:
     assert capsulectl_(fake, "logs", "web", "--json").json_lines == [{"entries": entries}]
 
 
+def test_logs_since_accepts_journalctl_relative_times(fake: FakeCapsuled) -> None:
+    fake.on("Logs", ok(entries=[]))
+    assert capsulectl_(fake, "logs", "web", "--since", "-1h").code == 0
+    assert capsulectl_(fake, "logs", "web", "-S", "-5min", "-n", "3").code == 0
+    sent = [c["parameters"] for c in fake.calls]
+    assert all(isinstance(p, dict) and isinstance(p["since"], int) for p in sent)
+    assert sent[1]["lines"] == 3  # type: ignore[index] # checked to be a dict just above
+
+
 def test_logs_follow_streams_one_json_per_line(fake: FakeCapsuled) -> None:
     replies = [{"entries": [log_entry("a")]}, {"entries": [log_entry("b")]}]
     fake.on("Logs", [cont(**replies[0]), ok(**replies[1])])
@@ -939,6 +948,22 @@ def test_host_not_running_is_one_line(
         "capsuled is not running on alice@server: is capsuled.socket enabled?\n"
     )
     assert capfd.readouterr().err == ""  # and the remote bridge said nothing more
+
+
+@pytest.mark.parametrize(
+    ("argv", "rewritten"),
+    [
+        (["logs", "x", "--since", "-1h"], ["logs", "x", "--since=-1h"]),
+        (["logs", "x", "-S", "-1h", "-f"], ["logs", "x", "--since=-1h", "-f"]),
+        (["logs", "x", "--since", "today"], ["logs", "x", "--since", "today"]),
+        (
+            ["run", "x", "--", "/bin/cmd", "--since", "-1"],
+            ["run", "x", "--", "/bin/cmd", "--since", "-1"],
+        ),
+    ],
+)
+def test_attach_dash_values(argv: list[str], rewritten: list[str]) -> None:
+    assert cli.attach_dash_values(argv) == rewritten
 
 
 @pytest.mark.parametrize(
