@@ -83,6 +83,10 @@ TransportFactory = Callable[[float | None], Transport]
 class Client:
     """A connection to capsuled; calls are sequential, the socket is opened on first use.
 
+    `address` is "unix:PATH" or a path (default unix:/run/capsuled/org.capsuled.Manager; the
+    CLI's $CAPSULECTL_ADDRESS is the CLI's business); `host` reaches another machine's capsuled
+    through `ssh -T HOST capsulectl --bridge`. One Client serves one thread at a time.
+
     `interactive=True` repeats a call refused with InteractiveAuthenticationRequired once with
     allowInteractiveAuthentication=true, so a polkit agent can ask for a password; `on_interactive`
     runs before that retry (the CLI starts pkttyagent there). The default, False, never prompts:
