@@ -7,7 +7,6 @@ format_timespan() and format_timestamp_relative(), so the numbers read like syst
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, TextIO
@@ -88,8 +87,6 @@ class Style:
             return self.red(text)
         return text
 
-
-PLAIN = Style(colour=False)
 
 # --- numbers and times (systemd's formats) -------------------------------------------------------
 
@@ -376,8 +373,3 @@ def user_name(uid: int) -> str | None:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return None
-
-
-def terminal_encoding(stream: TextIO) -> str | None:
-    """The encoding the stream writes in (None if unknown)."""
-    return getattr(stream, "encoding", None) or os.device_encoding(1)
