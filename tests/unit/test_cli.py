@@ -25,7 +25,8 @@ from test_client_fake import (
 )
 
 import capsulectl
-from capsulectl import cli, output
+from capsulectl import argtypes, cli, failures, output
+from capsulectl.verbs import verb_table
 
 __all__ = ["fake"]
 
@@ -152,7 +153,7 @@ def test_status_of_stopped_capsule_exits_3(fake: FakeCapsuled) -> None:
     )
     fake.on("Describe", ok(capsule=stopped))
     r = capsulectl_(fake, "status", "web")
-    assert r.code == cli.EXIT_NOT_RUNNING
+    assert r.code == failures.EXIT_NOT_RUNNING
     assert r.out.splitlines() == [
         "● web - capsule (owner alice)",
         "     Loaded: capsule@web.service (data in /var/lib/capsules/web)",
@@ -181,7 +182,7 @@ def test_status_json_equals_reply_and_keeps_exit_code(fake: FakeCapsuled) -> Non
 def test_status_of_several_reports_missing_one(fake: FakeCapsuled) -> None:
     fake.on("Describe", ok(capsule=capsule("a")), err("NoSuchCapsule", name="b"))
     r = capsulectl_(fake, "status", "a", "b")
-    assert r.code == cli.EXIT_NO_SUCH
+    assert r.code == failures.EXIT_NO_SUCH
     assert r.err == "capsule 'b' does not exist\n"
     assert r.out.startswith("● a - capsule")
 
@@ -289,7 +290,7 @@ def test_mutating_verb_is_silent_and_json_is_the_reply(
 def test_lifecycle_verbs_take_several_names_and_go_on_after_an_error(fake: FakeCapsuled) -> None:
     fake.on("Stop", err("NoSuchCapsule", name="a"), ok(capsule=capsule("b"), job="done"))
     r = capsulectl_(fake, "stop", "a", "b")
-    assert r.code == cli.EXIT_NO_SUCH and r.err == "capsule 'a' does not exist\n"
+    assert r.code == failures.EXIT_NO_SUCH and r.err == "capsule 'a' does not exist\n"
     assert [c["parameters"] for c in fake.calls] == [{"name": "a"}, {"name": "b"}]
 
 
@@ -319,7 +320,7 @@ def test_set_limits_refuses_bad_sizes(fake: FakeCapsuled, bad: str) -> None:
     ],
 )
 def test_parse_size(text: str, value: int) -> None:
-    assert cli.parse_size(text) == value
+    assert argtypes.parse_size(text) == value
 
 
 # --- units / install-unit -----------------------------------------------------------------------
@@ -776,7 +777,7 @@ def test_version_matches_the_distribution() -> None:
 
 def test_every_verb_has_help_with_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     parser = cli.build_parser()
-    verbs = [v.name for v in cli._verbs()]
+    verbs = [v.name for v in verb_table()]
     assert len(verbs) == 23
     for verb in verbs:
         with pytest.raises(SystemExit) as info:
@@ -810,7 +811,7 @@ def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     ],
 )
 def test_parse_since(text: str, expected_s: int) -> None:
-    assert cli.parse_since(text, 1_000_000 * 1_000_000) == expected_s * 1_000_000
+    assert argtypes.parse_since(text, 1_000_000 * 1_000_000) == expected_s * 1_000_000
 
 
 def test_bash_completion_is_valid_bash() -> None:
@@ -819,7 +820,7 @@ def test_bash_completion_is_valid_bash() -> None:
     script = ROOT / "client" / "capsulectl" / "completion" / "capsulectl.bash"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    for verb in cli._verbs():
+    for verb in verb_table():
         assert verb.name in text, verb.name
 
 
@@ -979,7 +980,7 @@ def test_attach_dash_values(argv: list[str], rewritten: list[str]) -> None:
     ],
 )
 def test_find_verb(argv: list[str], verb: str | None) -> None:
-    found = cli.find_verb(argv, cli._verbs())
+    found = cli.find_verb(argv, verb_table())
     assert (found.name if found else None) == verb
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from capsulectl import cli
+from capsulectl.verbs import verb_table
 
 SCRIPT = (
     Path(__file__).resolve().parents[2] / "client" / "capsulectl" / "completion" / "capsulectl.bash"
@@ -56,7 +56,7 @@ def test_script_is_valid_bash() -> None:
 
 def test_completes_every_verb(tmp_path: Path) -> None:
     got, queries = complete(tmp_path, "")
-    assert sorted(got) == sorted(v.name for v in cli._verbs())
+    assert sorted(got) == sorted(v.name for v in verb_table())
     assert queries == []  # verbs need no round trip to capsuled
 
 
