@@ -222,7 +222,10 @@ async def serve(options: Options, dispatcher: Dispatcher[Ctx]) -> int:
         idle = DEFAULT_IDLE_EXIT_S if options.idle_exit_s is None else options.idle_exit_s
         where = f"fd {fd}"
     elif options.listen is not None:
-        sock, listening = bind_listen(options.listen), True
+        try:
+            sock, listening = bind_listen(options.listen), True
+        except OSError as exc:
+            raise ActivationError(f"cannot listen on {options.listen}: {exc}") from None
         created_path = options.listen
         idle = 0.0 if options.idle_exit_s is None else options.idle_exit_s
         where = options.listen

@@ -238,6 +238,15 @@ def test_no_socket_at_all_fails(procs: list[Proc]) -> None:
     proc.wait_for("no socket passed")
 
 
+def test_listen_on_an_impossible_path_fails_cleanly(procs: list[Proc], sockdir: Path) -> None:
+    path = str(sockdir / "missing-dir" / "x.sock")
+    proc = Proc([sys.executable, TESTSERVER, "--listen", path], _env())
+    procs.append(proc)
+    assert proc.wait_exit() == 1
+    line = proc.wait_for("cannot listen on")
+    assert "Traceback" not in "".join(proc.seen) and path in line
+
+
 def test_real_capsuled_serves_its_interface_verbatim(procs: list[Proc], sockdir: Path) -> None:
     path = str(sockdir / "capsuled.sock")
     idl = (ROOT / "helper" / "capsuled" / "org.capsuled.Manager.varlink").read_text("utf-8")
