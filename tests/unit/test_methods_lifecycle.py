@@ -33,6 +33,7 @@ from capsuled.policy import actions as act
 from capsuled.policy.engine import Decision, Quota, Rule, Who
 from capsuled.records import Phase
 from capsuled.systemd import errors as sd
+from capsuled.systemd.backend import CapsuleInfo
 from capsuled.varlink.errors import PermissionDenied, VarlinkError
 
 LIFECYCLE_NAMED = ("Describe", "Start", "Stop", "Restart", "Remove", "SetAutostart", "SetLimits")
@@ -743,3 +744,101 @@ def test_a_mutating_call_failing_otherwise_is_audited_with_the_error(world: Worl
     (record,) = world.audit_records
     assert record["CAPSULE"] == "alpha"
     assert record["CAPSULED_RESULT"] == errors.SystemdUnavailable.name
+
+
+def test_concurrent_creates_of_one_name_make_one_capsule(tmp_path: Path) -> None:
+    async def main() -> None:
+        world, backend, _ = _gated_world(tmp_path, [])
+        assert backend.gate is not None
+        tasks = [
+            asyncio.create_task(world.call("Create", {"name": "fresh"}, uid=uid))
+            for uid in (ALICE, BOB)
+        ]
+        await asyncio.wait_for(backend.arrived.get(), 1.0)
+        backend.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 1.0)
+        assert isinstance(results[1], errors.CapsuleExists)
+        assert not isinstance(results[0], BaseException)
+        record = world.records.get("fresh")
+        assert record is not None and (record.owner, record.phase) == (ALICE, Phase.READY)
+        assert backend.overlaps == []
+
+    asyncio.run(main())
+
+
+class SlowInfoBackend(SpyBackend):
+    """capsule_info() waits on `gate_info`: every concurrent Create is past it before any quota
+    check, as with a real D-Bus round trip."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__()
+        self.gate_info = asyncio.Event()
+        self._waiting = waiting
+        self.all_waiting = asyncio.Event()
+
+    async def capsule_info(self, name: str) -> CapsuleInfo | None:
+        self._waiting -= 1
+        if self._waiting == 0:
+            self.all_waiting.set()
+        await self.gate_info.wait()
+        return await super().capsule_info(name)
+
+
+def test_concurrent_creates_cannot_exceed_the_capsule_quota(tmp_path: Path) -> None:
+    async def main() -> None:
+        world = make_world(tmp_path, policy=config(quota=Quota(1, None, None, None)))
+        backend = SlowInfoBackend(waiting=2)
+        world.services.backend = world.backend = backend
+        tasks = [
+            asyncio.create_task(world.call("Create", {"name": name})) for name in ("one", "two")
+        ]
+        await asyncio.wait_for(backend.all_waiting.wait(), 1.0)
+        backend.gate_info.set()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 1.0)
+        refused = [r for r in results if isinstance(r, errors.QuotaExceeded)]
+        assert len(refused) == 1, results
+        assert len(world.records.owned_by(ALICE)) == 1
+
+    asyncio.run(main())
+
+
+def test_a_caller_cancelled_while_waiting_for_the_lock_leaves_no_entry(tmp_path: Path) -> None:
+    async def main() -> None:
+        world, backend, locks = _gated_world(tmp_path, ["alpha"])
+        assert backend.gate is not None and locks.arrivals is not None
+        first = asyncio.create_task(world.call("Start", {"name": "alpha"}))
+        await asyncio.wait_for(backend.arrived.get(), 1.0)
+        second = asyncio.create_task(world.call("Stop", {"name": "alpha"}))
+        await asyncio.wait_for(locks.arrivals.get(), 1.0)
+        await asyncio.wait_for(locks.arrivals.get(), 1.0)
+        second.cancel()  # the client hung up while queued behind the first call
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        backend.gate.set()
+        await asyncio.wait_for(first, 1.0)
+        assert len(locks) == 0
+        assert ("stop", "alpha") not in backend.calls
+        # The capsule is usable afterwards: nothing stayed locked.
+        await asyncio.wait_for(world.call("Stop", {"name": "alpha"}), 1.0)
+
+    asyncio.run(main())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: CheckAccess passes verb and unit unchecked into the policy request (polkit "
+    "details); a NUL there makes a malformed D-Bus message on the shared polkit connection",
+)
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        ({"unit": "a\x00b.service"}, errors.InvalidUnit),
+        ({"unit": "../etc.service"}, errors.InvalidUnit),
+        ({"verb": "st\x00art"}, errors.InvalidValue),
+    ],
+)
+def test_check_access_validates_verb_and_unit(
+    world: World, extra: dict[str, str], error: type[VarlinkError]
+) -> None:
+    params: dict[str, object] = {"name": "alpha", "action": "manage-units", **extra}
+    assert isinstance(world.error("CheckAccess", params, uid=MALLORY), error)
