@@ -18,19 +18,22 @@ from methods_fixtures import (
     MALLORY,
     MUTATING_BACKEND_CALLS,
     ROOT,
+    FakeJournal,
     ObservedLocks,
     SpyBackend,
     World,
     config,
     items,
+    lookup,
     make_world,
     params_for,
 )
 
-from capsuled import errors
+from capsuled import errors, journal
 from capsuled.audit import MESSAGE_IDS
+from capsuled.policy import Authorizer, SubjectLike
 from capsuled.policy import actions as act
-from capsuled.policy.engine import Decision, Quota, Rule, Who
+from capsuled.policy.engine import Decision, Identity, Quota, Request, Rule, Who
 from capsuled.records import Phase
 from capsuled.systemd import errors as sd
 from capsuled.systemd.backend import CapsuleInfo
@@ -842,3 +845,82 @@ def test_check_access_validates_verb_and_unit(
 ) -> None:
     params: dict[str, object] = {"name": "alpha", "action": "manage-units", **extra}
     assert isinstance(world.error("CheckAccess", params, uid=MALLORY), error)
+
+
+# --- what each method asks the policy -------------------------------------------------------
+
+
+class RecordingPolicy:
+    """A policy backend that allows everything and records each request it is asked."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[Request, bool]] = []
+
+    async def check(
+        self, subject: SubjectLike, identity: Identity, request: Request, allow_interactive: bool
+    ) -> Decision:
+        self.asked.append((request, allow_interactive))
+        return Decision.YES
+
+    async def aclose(self) -> None:
+        return None
+
+
+POLICY_REQUESTS: dict[str, tuple[str, str | None, str | None]] = {
+    "Describe": (act.READ, None, None),
+    "Start": (act.MANAGE, "start", None),
+    "Stop": (act.MANAGE, "stop", None),
+    "Restart": (act.MANAGE, "restart", None),
+    "SetAutostart": (act.MANAGE, "autostart", None),
+    "Remove": (act.REMOVE, None, None),
+    "SetLimits": (act.SET_LIMITS, None, None),
+    "ListUnits": (act.READ, None, None),
+    "InstallUnit": (act.MANAGE_UNITS, "install", "new.service"),
+    "RemoveUnit": (act.MANAGE_UNITS, "remove", "web.service"),
+    "StartUnit": (act.MANAGE_UNITS, "start", "web.service"),
+    "StopUnit": (act.MANAGE_UNITS, "stop", "web.service"),
+    "RestartUnit": (act.MANAGE_UNITS, "restart", "web.service"),
+    "EnableUnit": (act.MANAGE_UNITS, "enable", "web.service"),
+    "DisableUnit": (act.MANAGE_UNITS, "disable", "web.service"),
+    "Run": (act.RUN, None, None),
+    "Logs": (act.READ, None, None),
+}
+
+
+def _recording_world(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[World, RecordingPolicy]:
+    world = make_world(tmp_path).standard()
+    policy = RecordingPolicy()
+    world.services.authorizer = Authorizer(
+        config(), policy, lookup=lookup, is_alive=lambda _subject: True
+    )
+    monkeypatch.setattr(journal, "read_tail", FakeJournal([]).read_tail)
+    return world, policy
+
+
+@pytest.mark.parametrize("interactive", [None, False, True])
+@pytest.mark.parametrize("method", sorted(POLICY_REQUESTS))
+def test_each_method_asks_the_policy_once_with_its_details(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, interactive: bool | None
+) -> None:
+    world, policy = _recording_world(tmp_path, monkeypatch)
+    params = params_for(method, "alpha")
+    if interactive is not None:
+        params["allowInteractiveAuthentication"] = interactive
+    world.run(method, params, uid=BOB)  # bob owns nothing here: the backend decides
+    action, verb, unit = POLICY_REQUESTS[method]
+    assert policy.asked == [(Request(action, "alpha", ALICE, verb, unit), interactive is True)]
+
+
+@pytest.mark.parametrize("interactive", [False, True])
+def test_create_asks_the_policy_with_the_caller_as_owner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interactive: bool
+) -> None:
+    world, policy = _recording_world(tmp_path, monkeypatch)
+    world.run(
+        "Create", {"name": "fresh", "allowInteractiveAuthentication": interactive}, uid=MALLORY
+    )
+    assert policy.asked == [(Request(act.CREATE, "fresh", MALLORY), interactive)]
