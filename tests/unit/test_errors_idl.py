@@ -24,7 +24,9 @@ from methods_fixtures import (
 
 from capsuled import errors, journal
 from capsuled.methods import HANDLERS, REQUIRES_MORE
-from capsuled.varlink.errors import VarlinkError, error_class
+from capsuled.methods.context import backend_errors
+from capsuled.systemd import errors as sd
+from capsuled.varlink.errors import PermissionDenied, VarlinkError, error_class
 from capsuled.varlink.interface import Interface, parse_interface
 from capsuled.varlink.messages import Call
 
@@ -155,3 +157,68 @@ def test_the_dispatcher_serves_the_idl_verbatim(tmp_path: Path) -> None:
     call = Call("org.varlink.service.GetInterfaceDescription", {"interface": INTERFACE})
     reply = asyncio.run(world.dispatcher.handle(call, peer(ROOT), notify))
     assert reply == {"description": TEXT}
+
+
+# --- backend errors -> Varlink errors (methods/context.py, the one table) ---------------------
+
+BACKEND_MAPPING: list[tuple[sd.BackendError, VarlinkError]] = [
+    (sd.SystemdUnavailable("no bus"), errors.SystemdUnavailable()),
+    (sd.SystemdTooOld(252), errors.SystemdTooOld(version=252)),
+    (sd.NoSuchUnit("capsule@c.service"), errors.NoSuchCapsule(name="c")),
+    (
+        sd.JobFailed("failed", "exit-code"),
+        errors.JobFailed(result="failed", unitResult="exit-code"),
+    ),
+    (sd.JobFailed("timeout"), errors.JobFailed(result="timeout", unitResult=None)),
+    (sd.UnitBusy("capsule@c.service"), errors.CapsuleRunning(name="c")),
+    (sd.ManagerUnavailable("c", "not running"), errors.CapsuleNotRunning(name="c")),
+    (sd.AccessDenied("polkit said no"), PermissionDenied()),
+    (sd.BackendTimeout("no answer"), errors.SystemdUnavailable()),
+    (sd.BadReply("odd body"), errors.InternalError()),
+    (sd.WatchOverflow("behind"), errors.InternalError()),
+    (sd.DBusCallFailed("org.example.Error", "text"), errors.InternalError()),
+]
+
+
+def test_every_backend_error_has_a_mapping_case() -> None:
+    def subclasses(cls: type[sd.BackendError]) -> set[type[sd.BackendError]]:
+        found = set(cls.__subclasses__())
+        for sub in list(found):
+            found |= subclasses(sub)
+        return found
+
+    covered = {type(exc) for exc, _ in BACKEND_MAPPING} | {sd.InvalidArgument}
+    assert subclasses(sd.BackendError) == covered
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"), BACKEND_MAPPING, ids=[type(e).__name__ for e, _ in BACKEND_MAPPING]
+)
+def test_backend_errors_map_to_declared_varlink_errors(
+    idl: Interface, exc: sd.BackendError, expected: VarlinkError
+) -> None:
+    with pytest.raises(VarlinkError) as raised, backend_errors("c"):
+        raise exc
+    got = raised.value
+    assert (type(got), got.parameters) == (type(expected), expected.parameters)
+    assert got.__cause__ is exc  # the journal keeps the lower layer's reason
+    interface, _, short = got.name.rpartition(".")
+    if interface == INTERFACE:
+        idl.validate_error(short, got.parameters)
+
+
+def test_other_exceptions_pass_through_the_mapping() -> None:
+    with pytest.raises(KeyError), backend_errors("c"):
+        raise KeyError("not ours to translate")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: systemd.errors.InvalidArgument (PID 1's InvalidArgs, e.g. a limit it refuses) "
+    "is not in methods/context.varlink_error_for and is answered as InternalError",
+)
+def test_systemd_refusing_a_value_is_invalid_value(idl: Interface) -> None:
+    with pytest.raises(VarlinkError) as raised, backend_errors("c"):
+        raise sd.InvalidArgument("Value specified in CPUWeight is out of range")
+    assert isinstance(raised.value, errors.InvalidValue)
+    idl.validate_error("InvalidValue", raised.value.parameters)
