@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from capsuled.varlink.connection import ClientConnection, ConnectionState, ServerConnection
 from capsuled.varlink.errors import LocalProtocolError, RemoteProtocolError
@@ -155,3 +159,32 @@ def test_client_refuses_unsolicited_and_illegal_replies() -> None:
 def test_client_refuses_upgrade() -> None:
     with pytest.raises(LocalProtocolError):
         ClientConnection().send(Call("a.b.C", upgrade=True))
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=6,
+)
+_CALLS = st.builds(
+    Call,
+    method=st.sampled_from(["a.b.C", "org.example.test.Ping", "io.systemd-x.Y"]),
+    parameters=st.dictionaries(st.text(max_size=6), _JSON, max_size=4),
+    more=st.booleans(),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(calls=st.lists(_CALLS, min_size=1, max_size=6), cuts=st.lists(st.integers(0, 10_000)))
+def test_any_chunking_yields_the_same_calls(calls: list[Call], cuts: list[int]) -> None:
+    data = b"".join(encode(c) for c in calls)
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    conn = ServerConnection()
+    got = []
+    for start, end in itertools.pairwise(points):
+        conn.receive_data(data[start:end])
+        while (call := conn.next_call()) is not None:
+            got.append(call)
+    assert got == calls
