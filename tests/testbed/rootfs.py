@@ -194,7 +194,7 @@ def _build(cache: Path, key: str) -> float:
     staging = cache / f".build-{key}-{os.getpid()}"
     _remove_tree(staging)
     (staging / "root").mkdir(parents=True)
-    _log(f"building root filesystem {key} (debootstrap {SUITE}, ~1 min) in {staging}")
+    _log(f"building root filesystem {key} (debootstrap {SUITE}, 1-4 min) in {staging}")
     try:
         _debootstrap(staging / "root")
         _post_process(staging / "root")
