@@ -1,7 +1,7 @@
 """The org.capsuled.Manager.* errors, one class per `error` in the IDL.
 
     VarlinkError                          (capsuled.varlink.errors: a reply, not a crash)
-    ├── org.varlink.service.*             (capsuled.varlink.errors: InvalidParameter, PermissionDenied, ...)
+    ├── org.varlink.service.*             (capsuled.varlink.errors: InvalidParameter, ...)
     └── ManagerError                      (this module: interface-scoped errors)
         ├── NoSuchCapsule, CapsuleExists, InvalidName, QuotaExceeded
         ├── CapsuleRunning, CapsuleNotRunning, JobFailed

@@ -217,28 +217,28 @@ def test_info_answers_everybody(world: World) -> None:
 
 
 @pytest.mark.parametrize(
-    ("uid", "name", "action", "expected"),
+    ("uid", "name", "action", "expected", "reason"),
     [
-        (ROOT, "beta", "remove", "yes"),
-        (ALICE, "alpha", "org.capsuled.manage", "yes"),
-        (ALICE, "beta", "manage", "no"),
-        (ALICE, "fresh", "create", "yes"),
-        (MALLORY, "fresh", "create", "no"),
-        (MALLORY, "alpha", "read", "no"),
+        (ROOT, "beta", "remove", "yes", "root"),
+        (ALICE, "alpha", "org.capsuled.manage", "yes", "owner"),
+        (ALICE, "beta", "manage", "no", "builtin"),
+        (ALICE, "fresh", "create", "yes", "create-group"),
+        (MALLORY, "fresh", "create", "no", "builtin"),
+        (MALLORY, "alpha", "read", "no", "builtin"),
     ],
 )
 def test_check_access_tells_the_decision(
-    world: World, uid: int, name: str, action: str, expected: str
+    world: World, uid: int, name: str, action: str, expected: str, reason: str
 ) -> None:
     reply = world.run("CheckAccess", {"name": name, "action": action}, uid=uid).reply
-    assert reply["access"] == {"result": expected, "reason": None}
+    assert reply["access"] == {"result": expected, "reason": reason}
     assert world.backend.calls == []
 
 
 def test_check_access_auth_admin(tmp_path: Path) -> None:
     world = make_world(tmp_path, policy=config(default=Decision.AUTH_ADMIN)).standard()
     reply = world.run("CheckAccess", {"name": "alpha", "action": "manage"}, uid=BOB).reply
-    assert reply["access"] == {"result": "auth_admin", "reason": None}
+    assert reply["access"] == {"result": "auth_admin", "reason": "builtin"}
 
 
 @pytest.mark.parametrize("action", ["", "manage-everything", "org.capsuled.", "org.capsuled.root"])

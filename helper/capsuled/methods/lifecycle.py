@@ -336,7 +336,7 @@ async def check_access(ctx: CallContext, p: Params) -> Wire:
         ) from None
     record = ctx.record_of(name)
     owner = ctx.peer.uid if action == act.CREATE else (record.owner if record else None)
-    decision = await ctx.services.authorizer.check(
+    decision, reason = await ctx.services.authorizer.explain(
         ctx.peer,
         action,
         capsule=name,
@@ -344,4 +344,4 @@ async def check_access(ctx: CallContext, p: Params) -> Wire:
         verb=cast(str | None, p["verb"]),
         unit=cast(str | None, p["unit"]),
     )
-    return {"access": {"result": str(decision), "reason": None}}
+    return {"access": {"result": str(decision), "reason": reason}}

@@ -150,10 +150,34 @@ class Authorizer:
         Raises:
             ValueError: `action` is not one of ours (a bug in the caller, or CheckAccess input).
         """
+        decision, _ = await self.explain(
+            subject,
+            action,
+            capsule=capsule,
+            owner=owner,
+            verb=verb,
+            unit=unit,
+            allow_interactive=allow_interactive,
+        )
+        return decision
+
+    async def explain(
+        self,
+        subject: SubjectLike,
+        action: str,
+        *,
+        capsule: str,
+        owner: int | None,
+        verb: str | None = None,
+        unit: str | None = None,
+        allow_interactive: bool = False,
+    ) -> tuple[Decision, str]:
+        """`check`, plus which step decided: root, peer-gone, owner, create-group,
+        config-refused, or the backend's name (builtin, polkit). CheckAccess reports it."""
         request = Request(actions.resolve(action), capsule, owner, verb, unit)
         if subject.uid == 0:
             # As systemd's bus-polkit.c does for the daemon's own uid: no query, no liveness check.
-            return Decision.YES
+            return Decision.YES, "root"
         if not self._is_alive(subject):
             log.info(
                 "refusing %s on %s for uid %d: peer process %d exited before the check",
@@ -162,12 +186,15 @@ class Authorizer:
                 subject.uid,
                 subject.pid,
             )
-            return Decision.NO
+            return Decision.NO, "peer-gone"
         identity = self._lookup(subject.uid)
         granted = grant(identity, request, self.config)
         if granted is not None:
-            return granted
-        return await self._backend.check(subject, identity, request, allow_interactive)
+            if self.config.deny_all:
+                return granted, "config-refused"
+            return granted, "create-group" if request.action == actions.CREATE else "owner"
+        decision = await self._backend.check(subject, identity, request, allow_interactive)
+        return decision, self._backend.name
 
     async def authorize(
         self,
