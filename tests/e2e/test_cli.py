@@ -260,7 +260,9 @@ def test_run_and_logs(bed: Testbed, capsule_name: str) -> None:
         "--",
         "/bin/sh",
         "-c",
-        "echo hello-from-$GREETING",
+        # Still alive when journald reads the line: a process that has already exited
+        # cannot be attributed to its cgroup, so its line would carry no capsule fields.
+        "echo hello-from-$GREETING; sleep 1",
     )
     assert r.returncode == 0, r.stderr
     replies = [json.loads(line) for line in r.stdout.splitlines()]
