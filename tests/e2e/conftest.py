@@ -2,6 +2,8 @@
 
 One container per test run (session fixture `bed`), isolation between tests by a fresh capsule
 name per test (`capsule_name`) that is cleaned up afterwards whatever the test did.
+`old_bed` is a second one, Debian bookworm with systemd 252 (older than capsules), booted only
+when a test asks for it.
 """
 
 from __future__ import annotations
@@ -14,25 +16,39 @@ import pytest
 from testbed import Testbed, TestbedError, TestbedUnavailable, install_signal_handlers
 from testbed.bed import Timings
 from testbed.ci import unavailable
+from testbed.rootfs import root_spec
 
 _timings: list[tuple[str, Timings]] = []
 
 
-@pytest.fixture(scope="session")
-def bed() -> Iterator[Testbed]:
-    """The booted testbed with capsuled installed and users alice, bob, carol, mallory."""
-    # SIGTERM/SIGHUP unwind like Ctrl-C, so this fixture's teardown runs in every case; an
+def _booted(suite: str, run_install: bool) -> Iterator[Testbed]:
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so the fixture's teardown runs in every case; an
     # atexit hook in testbed.bed and PR_SET_PDEATHSIG on nspawn cover the rest.
     install_signal_handlers()
     try:
-        testbed = Testbed.boot()
+        testbed = Testbed.boot(spec=root_spec(suite), run_install=run_install)
     except TestbedUnavailable as exc:
-        unavailable(f"systemd testbed unavailable: {exc}")
+        unavailable(f"systemd testbed ({suite}) unavailable: {exc}")
     _timings.append((testbed.machine, testbed.timings))
     try:
         yield testbed
     finally:
         testbed.close()
+
+
+@pytest.fixture(scope="session")
+def bed() -> Iterator[Testbed]:
+    """The booted testbed with capsuled installed and users alice, bob, carol, mallory."""
+    yield from _booted("trixie", run_install=True)
+
+
+@pytest.fixture(scope="session")
+def old_bed() -> Iterator[Testbed]:
+    """Bookworm, systemd 252: capsuled's wheel pip-installed, `capsuled install` NOT run.
+
+    The same users as `bed` (the group `capsule` made by groupadd, since install refuses here).
+    """
+    yield from _booted("bookworm", run_install=False)
 
 
 def remove_capsule(bed: Testbed, name: str) -> None:
@@ -65,21 +81,28 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """On a failed e2e test, attach capsuled's recent journal: tracebacks live only there."""
     report = yield
-    bed_fixture = getattr(item, "funcargs", {}).get("bed")
-    if report.failed and isinstance(bed_fixture, Testbed) and bed_fixture.leader:
+    if not report.failed:
+        return report
+    funcargs = getattr(item, "funcargs", {})
+    for fixture in ("bed", "old_bed"):
+        testbed = funcargs.get(fixture)
+        if not isinstance(testbed, Testbed) or not testbed.leader:
+            continue
         try:
-            journal = bed_fixture.as_root(
+            journal = testbed.as_root(
                 "journalctl",
                 "--no-pager",
                 "--output=short-precise",
                 f"--lines={JOURNAL_LINES_ON_FAILURE}",
                 "--unit=capsuled.service",
                 "--unit=capsuled.socket",
+                # old_bed runs the daemon by hand in transient units named capsuled-*.
+                "--unit=capsuled-*.service",
                 timeout=15,
             ).stdout
         except TestbedError as exc:  # the container may be what broke
             journal = f"(could not read the journal: {exc})"
-        report.sections.append(("capsuled journal (testbed)", journal))
+        report.sections.append((f"capsuled journal ({fixture}: {testbed.machine})", journal))
     return report
 
 

@@ -1,6 +1,7 @@
 """`python3 -m testbed build|boot|demo|shell` (as root; PYTHONPATH=tests:helper:client).
 
     build   build (or check) the cached root filesystem, print how long it took
+            (--suite bookworm: the systemd 252 tree of the "too old" tests)
     boot    boot a testbed with capsuled installed, reboot it once, print the times, tear down
     demo    the narrated walkthrough of demo.toml (what `make demo` runs)
     shell   an interactive login shell inside a fresh testbed (default user: alice)
@@ -17,7 +18,7 @@ from pathlib import Path
 from testbed.bed import USERS, Testbed, install_signal_handlers
 from testbed.demo import DEFAULT_STEPS, StepError, load_steps, run_demo
 from testbed.errors import TestbedError
-from testbed.rootfs import ensure_root
+from testbed.rootfs import SUITE, ensure_root, root_spec
 
 SHELL_BANNER = """\
 You are {user} inside a throwaway Debian trixie container running systemd 257, with capsuled
@@ -33,8 +34,8 @@ container and everything done in it.
 """
 
 
-def _build() -> int:
-    root = ensure_root()
+def _build(suite: str) -> int:
+    root = ensure_root(root_spec(suite))
     try:
         state = f"built in {root.build_seconds:.1f} s" if root.built_now else "already cached"
         print(f"root filesystem {root.key}: {root.path} ({state})")
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python3 -m testbed", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("build", help="build or check the cached root filesystem")
+    build = sub.add_parser("build", help="build or check the cached root filesystem")
+    build.add_argument("--suite", default=SUITE, choices=[SUITE, "bookworm"])
     sub.add_parser("boot", help="boot, reboot once, print the times")
     demo = sub.add_parser("demo", help="the narrated walkthrough")
     demo.add_argument("--steps", type=Path, default=DEFAULT_STEPS, help="steps file (TOML)")
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     install_signal_handlers()
     try:
         if args.command == "build":
-            return _build()
+            return _build(args.suite)
         if args.command == "boot":
             return _boot()
         if args.command == "demo":

@@ -1,4 +1,8 @@
-"""Boot the cached Debian trixie tree with systemd-nspawn and run commands inside it.
+"""Boot a cached Debian tree with systemd-nspawn and run commands inside it.
+
+The tree is trixie (systemd 257) unless a RootSpec says otherwise; bookworm (systemd 252) is
+booted for the "systemd too old" tests, with capsuled's wheel installed but `capsuled install`
+left to the test (it must refuse there).
 
 Every boot gets its own overlay mount, managed here rather than by `--volatile=overlay`:
 
@@ -36,7 +40,7 @@ from pathlib import Path
 from types import FrameType
 
 from testbed.errors import CommandTimeout, TestbedError, TestbedUnavailable
-from testbed.rootfs import CachedRoot, ensure_root
+from testbed.rootfs import SUITE, CachedRoot, RootSpec, ensure_root
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -328,8 +332,11 @@ class Testbed:
 
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, root: CachedRoot, checkout: Path) -> None:
-        self.machine = f"capsuled-tb-{secrets.token_hex(4)}"
+    def __init__(self, root: CachedRoot, checkout: Path, suite: str = SUITE) -> None:
+        # The suite in the name of any non-default bed, so logs and `ps` tell them apart.
+        flavour = "" if suite == SUITE else f"{suite}-"
+        self.machine = f"capsuled-tb-{flavour}{secrets.token_hex(4)}"
+        self.suite = suite
         self.checkout = checkout
         self.timings = Timings(rootfs_build=root.build_seconds, rootfs_cached=not root.built_now)
         self._root = root
@@ -343,8 +350,19 @@ class Testbed:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     @classmethod
-    def boot(cls, checkout: Path = CHECKOUT, install: bool = True) -> Testbed:
+    def boot(
+        cls,
+        checkout: Path = CHECKOUT,
+        install: bool = True,
+        *,
+        spec: RootSpec | None = None,
+        run_install: bool = True,
+    ) -> Testbed:
         """Build or reuse the cached tree, boot it, install capsuled and the test users.
+
+        spec picks the tree (default: trixie). With install, the wheel is pip-installed and the
+        users created; run_install=False then skips `capsuled install` (the group `capsule` is
+        created directly instead), for a host where the test itself runs it.
 
         Raises:
             TestbedUnavailable: a prerequisite is missing on this host.
@@ -357,8 +375,8 @@ class Testbed:
             raise TestbedUnavailable("the testbed needs root (debootstrap, mount, systemd-nspawn)")
         started = time.monotonic()
         prune_stale_runs()
-        root = ensure_root()
-        bed = cls(root, checkout)
+        root = ensure_root(spec)
+        bed = cls(root, checkout, suite=spec.suite if spec else SUITE)
         with _LIVE_LOCK:
             _LIVE.add(bed)
         try:
@@ -375,7 +393,7 @@ class Testbed:
                 builder.join()
                 if errors:
                     raise errors[0]
-                bed._install(wheel[0])
+                bed._install(wheel[0], run_install=run_install)
         except BaseException:
             bed.close()
             raise
@@ -479,7 +497,7 @@ class Testbed:
             time.sleep(POLL_INTERVAL_S)
         raise TestbedError(f"{self.machine} did not reach running (last state: {state!r})")
 
-    def _install(self, wheel: Path) -> None:
+    def _install(self, wheel: Path, run_install: bool = True) -> None:
         """Install capsuled exactly as an admin would on a host, then add the test users."""
         started = time.monotonic()
         dest = self._merged / WHEEL_DIR_INSIDE.lstrip("/")
@@ -498,7 +516,11 @@ class Testbed:
             "--quiet",
             f"{WHEEL_DIR_INSIDE}/{wheel.name}",
         ).check()
-        self.as_root("capsuled", "install").check()
+        if run_install:
+            self.as_root("capsuled", "install").check()
+        else:
+            # What capsuled's sysusers.d file would have made; the users need it.
+            self.as_root("groupadd", "--system", CAPSULE_GROUP).check()
         for user, groups in USERS.items():
             argv = ["useradd", "--create-home", "--shell", "/bin/bash", "--user-group"]
             if groups:

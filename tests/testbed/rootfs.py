@@ -1,4 +1,7 @@
-"""The testbed's root filesystem: a Debian trixie tree built once and cached outside the checkout.
+"""The testbed's root filesystems: Debian trees built once and cached outside the checkout.
+
+Two flavours, each a RootSpec: trixie (systemd 257, the testbed every e2e test boots) and a
+smaller bookworm (systemd 252, older than capsules) for the "too old" tests.
 
 Layout under CACHE_DIR (default /var/cache/capsuled-testbed, override with
 CAPSULED_TESTBED_CACHE):
@@ -10,7 +13,8 @@ CAPSULED_TESTBED_CACHE):
     .build-KEY-PID/   a build in progress (or one that died; pruned when PID is gone)
 
 KEY hashes everything that shapes the tree (suite, variant, package list, mirror and
-BUILDER_VERSION), so changing any of them builds a new tree and stale ones are pruned.
+BUILDER_VERSION), so changing any of them builds a new tree and stale ones of the same suite
+are pruned (the ready stamp names the suite; a stamp without one is from trixie-only days).
 """
 
 from __future__ import annotations
@@ -57,6 +61,23 @@ PACKAGES: tuple[str, ...] = (
     "procps",  # ps/pgrep for tests and the demo
 )
 
+# Debian 12's systemd 252 predates capsules (256): what capsuled needs at run time, minus
+# polkitd (policy falls back to the builtin backend), libpam-systemd (no logins here) and
+# python3-varlink (bookworm has none, and the daemon never imports `varlink`; only tests do).
+BOOKWORM_PACKAGES: tuple[str, ...] = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "libnss-systemd",
+    "python3",
+    "python3-pip",
+    "python3-jeepney",
+    "python3-systemd",
+    "python3-cryptography",
+    "python3-cffi-backend",
+    "procps",
+)
+
 # Timers that do network or housekeeping work a throwaway container never needs; masking them
 # keeps boots quiet and short.
 MASKED_UNITS: tuple[str, ...] = (
@@ -71,18 +92,45 @@ MASKED_UNITS: tuple[str, ...] = (
 DEBOOTSTRAP_TIMEOUT_S = 900
 
 
+@dataclass(frozen=True, slots=True)
+class RootSpec:
+    """Everything one cached tree is built from."""
+
+    suite: str
+    packages: tuple[str, ...]
+    masked: tuple[str, ...]
+    variant: str = VARIANT
+
+
+def root_spec(suite: str = SUITE) -> RootSpec:
+    """The spec for suite ("trixie" or "bookworm"), read from the module constants now.
+
+    Raises:
+        ValueError: a suite the testbed has no package list for.
+    """
+    # Looked up at call time, not frozen at import, so a changed PACKAGES changes the key.
+    if suite == SUITE:
+        return RootSpec(SUITE, PACKAGES, MASKED_UNITS, VARIANT)
+    if suite == "bookworm":
+        return RootSpec("bookworm", BOOKWORM_PACKAGES, MASKED_UNITS, VARIANT)
+    raise ValueError(f"no testbed root filesystem for suite {suite!r} (trixie, bookworm)")
+
+
 def cache_dir() -> Path:
     """Where cached trees live; outside the checkout so `git status` never sees them."""
     return Path(os.environ.get("CAPSULED_TESTBED_CACHE", "/var/cache/capsuled-testbed"))
 
 
-def cache_key() -> str:
-    """A digest of every input that shapes the tree."""
+def cache_key(spec: RootSpec | None = None) -> str:
+    """A digest of every input that shapes the tree (default: the trixie tree)."""
+    spec = spec or root_spec()
+    # The same inputs, in the same shape, as before suites were a parameter: the trixie key
+    # (and with it every cached trixie tree) is unchanged.
     inputs = {
-        "suite": SUITE,
-        "variant": VARIANT,
-        "packages": sorted(PACKAGES),
-        "masked": sorted(MASKED_UNITS),
+        "suite": spec.suite,
+        "variant": spec.variant,
+        "packages": sorted(spec.packages),
+        "masked": sorted(spec.masked),
         "mirror": MIRROR,
         "builder": BUILDER_VERSION,
     }
@@ -133,14 +181,14 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _debootstrap(target: Path) -> None:
+def _debootstrap(target: Path, spec: RootSpec) -> None:
     if shutil.which("debootstrap") is None:
         raise TestbedUnavailable("debootstrap is not installed (apt-get install debootstrap)")
     argv = [
         "debootstrap",
-        f"--variant={VARIANT}",
-        "--include=" + ",".join(PACKAGES),
-        SUITE,
+        f"--variant={spec.variant}",
+        "--include=" + ",".join(spec.packages),
+        spec.suite,
         str(target),
         MIRROR,
     ]
@@ -164,9 +212,9 @@ def _debootstrap(target: Path) -> None:
         )
 
 
-def _post_process(root: Path) -> None:
+def _post_process(root: Path, spec: RootSpec) -> None:
     """Make the tree boot fast and quietly; nothing here is capsuled-specific."""
-    for unit in MASKED_UNITS:
+    for unit in spec.masked:
         link = root / "etc/systemd/system" / unit
         link.unlink(missing_ok=True)
         link.symlink_to("/dev/null")
@@ -189,22 +237,26 @@ def _fsync_tree(path: Path) -> None:
     subprocess.run(["sync", "-f", str(path)], check=False)
 
 
-def _build(cache: Path, key: str) -> float:
+def _build(cache: Path, key: str, spec: RootSpec) -> float:
     started = time.monotonic()
     staging = cache / f".build-{key}-{os.getpid()}"
     _remove_tree(staging)
     (staging / "root").mkdir(parents=True)
-    _log(f"building root filesystem {key} (debootstrap {SUITE}, 1-4 min) in {staging}")
+    _log(f"building root filesystem {key} (debootstrap {spec.suite}, 1-4 min) in {staging}")
     try:
-        _debootstrap(staging / "root")
-        _post_process(staging / "root")
+        _debootstrap(staging / "root", spec)
+        _post_process(staging / "root", spec)
         _fsync_tree(staging)
         final = cache / key
         _remove_tree(final)  # a half-built or broken entry with this key
         staging.rename(final)
-        (final / "ready").write_text(
-            json.dumps({"key": key, "packages": list(PACKAGES), "built": time.time()}) + "\n"
-        )
+        stamp = {
+            "key": key,
+            "suite": spec.suite,
+            "packages": list(spec.packages),
+            "built": time.time(),
+        }
+        (final / "ready").write_text(json.dumps(stamp) + "\n")
         _fsync_tree(final)
     except BaseException:
         _remove_tree(staging)
@@ -214,8 +266,22 @@ def _build(cache: Path, key: str) -> float:
     return seconds
 
 
-def _prune(cache: Path, keep: str) -> None:
-    """Remove other keys nobody holds, and builds whose builder died."""
+def _suite_of(entry: Path) -> str | None:
+    """The suite an entry's ready stamp names; None if it has no readable stamp (unfinished)."""
+    try:
+        stamp = json.loads((entry / "ready").read_text())
+    except (OSError, ValueError):
+        return None
+    suite = stamp.get("suite", SUITE) if isinstance(stamp, dict) else SUITE
+    return suite if isinstance(suite, str) else SUITE
+
+
+def _prune(cache: Path, keep: str, suite: str) -> None:
+    """Remove other keys of the same suite nobody holds, and builds whose builder died.
+
+    An entry without a ready stamp is garbage whatever its suite: its builder holds the lock
+    exclusively until the stamp is written, so if we can take the lock, nobody will finish it.
+    """
     for entry in cache.iterdir():
         name = entry.name
         if name.startswith(".build-"):
@@ -226,6 +292,9 @@ def _prune(cache: Path, keep: str) -> None:
             continue
         if not entry.is_dir() or name == keep:
             continue
+        entry_suite = _suite_of(entry)
+        if entry_suite is not None and entry_suite != suite:
+            continue  # the other flavour's tree: used by other tests, not stale
         lock_path = cache / f"{name}.lock"
         with _open_lock(lock_path) as fd:
             try:
@@ -246,17 +315,18 @@ def _open_lock(path: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def ensure_root() -> CachedRoot:
-    """Return the cached tree for the current key, building it first if needed.
+def ensure_root(spec: RootSpec | None = None) -> CachedRoot:
+    """Return the cached tree for spec (default: trixie), building it first if needed.
 
     Raises:
         TestbedUnavailable: not root, or debootstrap failed.
     """
     if os.geteuid() != 0:
         raise TestbedUnavailable("the testbed needs root (debootstrap, mount, systemd-nspawn)")
+    spec = spec or root_spec()
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    key = cache_key()
+    key = cache_key(spec)
     entry = cache / key
     fd = os.open(cache / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -268,10 +338,10 @@ def ensure_root() -> CachedRoot:
             # concurrent run may have finished the build meanwhile.
             fcntl.flock(fd, fcntl.LOCK_EX)
             if not _is_ready(entry):
-                seconds = _build(cache, key)
+                seconds = _build(cache, key, spec)
                 built_now = True
             fcntl.flock(fd, fcntl.LOCK_SH)
-        _prune(cache, keep=key)
+        _prune(cache, keep=key, suite=spec.suite)
     except BaseException:
         os.close(fd)
         raise

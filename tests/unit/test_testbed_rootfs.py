@@ -24,13 +24,13 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, builds: list[Path]) -
     monkeypatch.setenv("CAPSULED_TESTBED_CACHE", str(tmp_path))
     monkeypatch.setattr(os, "geteuid", lambda: 0)
 
-    def fake_debootstrap(target: Path) -> None:
+    def fake_debootstrap(target: Path, spec: rootfs.RootSpec) -> None:
         builds.append(target)
         (target / "usr/lib/systemd").mkdir(parents=True)
         (target / "etc/systemd/system").mkdir(parents=True)
 
     monkeypatch.setattr(rootfs, "_debootstrap", fake_debootstrap)
-    monkeypatch.setattr(rootfs, "_post_process", lambda root: None)
+    monkeypatch.setattr(rootfs, "_post_process", lambda root, spec: None)
     return tmp_path
 
 
@@ -57,7 +57,7 @@ def test_a_half_built_entry_is_rebuilt(cache: Path) -> None:
 def test_a_failed_build_leaves_no_staging_directory(
     cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(target: Path) -> None:
+    def broken(target: Path, spec: rootfs.RootSpec) -> None:
         (target / "partial").write_text("x")
         raise TestbedUnavailable("debootstrap failed with status 1")
 
@@ -91,6 +91,34 @@ def test_stale_keys_are_pruned_unless_in_use(cache: Path) -> None:
         os.close(busy)
     left = sorted(p.name for p in cache.iterdir() if p.is_dir())
     assert left == sorted([got.key, "fedcba9876543210"])
+
+
+def test_each_suite_has_its_own_key_and_neither_prunes_the_other(
+    cache: Path, builds: list[Path]
+) -> None:
+    trixie = rootfs.ensure_root()
+    trixie.release()  # nobody holds it now: only its suite keeps it from being pruned
+    bookworm = rootfs.ensure_root(rootfs.root_spec("bookworm"))
+    bookworm.release()
+    assert trixie.key != bookworm.key and len(builds) == 2
+    again = rootfs.ensure_root()
+    again.release()
+    assert not again.built_now
+    assert (cache / bookworm.key / "ready").is_file() and (cache / trixie.key / "ready").is_file()
+
+
+def test_a_stale_tree_of_the_same_suite_is_still_pruned(cache: Path) -> None:
+    stale = cache / "0123456789abcdef"
+    (stale / "root").mkdir(parents=True)
+    (stale / "ready").write_text('{"suite": "bookworm"}')
+    got = rootfs.ensure_root(rootfs.root_spec("bookworm"))
+    got.release()
+    assert not stale.exists()
+
+
+def test_an_unknown_suite_is_refused() -> None:
+    with pytest.raises(ValueError, match="sid"):
+        rootfs.root_spec("sid")
 
 
 def test_not_root_is_a_missing_prerequisite(monkeypatch: pytest.MonkeyPatch) -> None:
