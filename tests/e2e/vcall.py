@@ -16,10 +16,10 @@ SOCKET = "/run/capsuled/org.capsuled.Manager"
 
 _CLIENT = r"""
 import json, socket, sys
-method, params, more, limit, timeout = json.loads(sys.argv[1])
+method, params, more, limit, timeout, path = json.loads(sys.argv[1])
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.settimeout(timeout)
-s.connect(SOCKET)
+s.connect(path)
 msg = {"method": method, "parameters": params}
 if more:
     msg["more"] = True
@@ -38,7 +38,7 @@ while True:
     n += 1
     if not reply.get("continues") or (limit and n >= limit):
         break
-""".replace("SOCKET", repr(SOCKET))
+"""
 
 
 class Runner(Protocol):
@@ -74,10 +74,14 @@ def call(
     more: bool = False,
     limit: int = 0,
     timeout: float = 120.0,
+    socket: str = SOCKET,
 ) -> Replies:
-    """Call org.capsuled.Manager.METHOD (or a full method name) as USER inside the bed."""
+    """Call org.capsuled.Manager.METHOD (or a full method name) as USER inside the bed.
+
+    socket: the helper's socket path inside the bed (default: where capsuled.socket listens).
+    """
     full = method if "." in method else f"{INTERFACE}.{method}"
-    arg = json.dumps([full, params or {}, more, limit, timeout])
+    arg = json.dumps([full, params or {}, more, limit, timeout, socket])
     result = bed.run("python3", "-c", _CLIENT, arg, user=user, timeout=timeout + 10)  # type: ignore[attr-defined]
     assert result.returncode == 0, f"client failed: {result.stderr}"
     replies = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
