@@ -11,6 +11,7 @@ pip install is a local admin install (file-hierarchy(7)); a distribution package
     PREFIX/lib/sysusers.d/capsuled.conf           group `capsule`
     PREFIX/lib/tmpfiles.d/capsuled.conf           the capsule directories the service may write
     PREFIX/share/capsuled/install-manifest.json   what was written, for uninstall
+    PREFIX/share/bash-completion/completions/capsulectl   the client's bash completion
     /usr/share/polkit-1/actions/*.policy          the only directory polkitd reads actions from
     /usr/share/doc/capsuled/examples/             example polkit rules and the default config
                                                   (polkit(8): a mechanism ships no active rules)
@@ -54,6 +55,10 @@ ETC_DIR = PurePosixPath("/etc/capsuled")
 CONFIG_NAME = "capsuled.toml"
 POLKIT_ACTIONS_DIR = PurePosixPath("/usr/share/polkit-1/actions")
 EXAMPLES_DIR = PurePosixPath("/usr/share/doc/capsuled/examples")
+# bash-completion loads completions/NAME on first use of NAME, from every XDG_DATA_DIRS entry
+# (/usr/local/share first by default), so PREFIX/share suits pip and packages alike.
+COMPLETION_DIR = PurePosixPath("share/bash-completion/completions")
+COMPLETION_SOURCE = ("completion", "capsulectl.bash")  # inside the capsulectl package
 
 _CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -91,6 +96,16 @@ def _files(kind: str) -> Iterator[Traversable]:
             yield entry
 
 
+def _completion_script() -> Traversable | None:
+    """capsulectl's bash completion from the installed wheel, or the checkout's copy."""
+    try:
+        found: Traversable = resources.files("capsulectl")
+    except ModuleNotFoundError:
+        found = _CHECKOUT / "client/capsulectl"
+    script = found.joinpath(*COMPLETION_SOURCE)
+    return script if script.is_file() else None
+
+
 def plan(prefix: PurePosixPath, bindir: PurePosixPath) -> list[PlannedFile]:
     """Every file `install` writes, in order."""
     lib = prefix / "lib"
@@ -115,6 +130,9 @@ def plan(prefix: PurePosixPath, bindir: PurePosixPath) -> list[PlannedFile]:
         planned.append(PlannedFile(EXAMPLES_DIR / entry.name, data))
         if entry.name == CONFIG_NAME:
             planned.append(PlannedFile(ETC_DIR / CONFIG_NAME, data, config=True))
+    completion = _completion_script()
+    if completion is not None:  # the same wheel ships it; only a trimmed checkout lacks it
+        planned.append(PlannedFile(prefix / COMPLETION_DIR / "capsulectl", completion.read_bytes()))
     return planned
 
 

@@ -173,3 +173,28 @@ def test_reinstall_then_uninstall_removes_an_unmodified_default_config(tmp_path:
     assert run_install(tmp_path) == 0  # an upgrade: the default config is kept as it is
     assert install.main_uninstall(["--root", str(tmp_path)]) == 0
     assert not (tmp_path / "etc/capsuled/capsuled.toml").exists()
+
+
+COMPLETION = "usr/local/share/bash-completion/completions/capsulectl"
+COMPLETION_IN_CHECKOUT = Path(__file__).resolve().parents[2] / "client/capsulectl/completion"
+
+
+def test_bash_completion_is_installed_under_the_prefix_and_in_the_manifest(
+    tmp_path: Path,
+) -> None:
+    assert run_install(tmp_path) == 0
+    staged = tmp_path / COMPLETION
+    # bash-completion loads completions/NAME for command NAME: the file is named after it.
+    assert staged.read_bytes() == (COMPLETION_IN_CHECKOUT / "capsulectl.bash").read_bytes()
+    assert stat.S_IMODE(staged.stat().st_mode) == 0o644
+    manifest = json.loads((tmp_path / "usr/local/share/capsuled/install-manifest.json").read_text())
+    assert f"/{COMPLETION}" in {f["path"] for f in manifest["files"]}
+
+
+def test_bash_completion_follows_prefix_and_uninstall_removes_it(tmp_path: Path) -> None:
+    assert run_install(tmp_path, "--prefix", "/usr") == 0
+    staged = tmp_path / "usr/share/bash-completion/completions/capsulectl"
+    assert staged.is_file()
+    assert not (tmp_path / COMPLETION).exists()
+    assert install.main_uninstall(["--root", str(tmp_path), "--prefix", "/usr"]) == 0
+    assert not staged.exists()
