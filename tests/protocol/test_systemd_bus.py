@@ -10,6 +10,7 @@ import asyncio
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -61,13 +62,17 @@ class FakePeer:
 
 
 async def connected(
-    handshake_answer: bytes = AUTH_OK, max_message_bytes: int = bus.MAX_MESSAGE_BYTES
+    handshake_answer: bytes = AUTH_OK, max_message_bytes: int | None = None
 ) -> tuple[bus.BusConnection, FakePeer]:
+    """open_peer on a socketpair; ``max_message_bytes`` None keeps open_peer's default."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     reader, writer = await asyncio.open_unix_connection(sock=theirs)
     peer = FakePeer(reader, writer)
     hs = asyncio.create_task(peer.handshake(handshake_answer))
-    conn = await bus.open_peer(ours, uid=0, max_message_bytes=max_message_bytes)
+    if max_message_bytes is None:
+        conn = await bus.open_peer(ours, uid=0)
+    else:
+        conn = await bus.open_peer(ours, uid=0, max_message_bytes=max_message_bytes)
     await hs
     return conn, peer
 
@@ -151,6 +156,65 @@ def test_oversized_message_closes_the_link_before_buffering() -> None:
         with pytest.raises(errors.SystemdUnavailable):
             await conn.call(m.list_units())
         await conn.close()
+
+    run(scenario)
+
+
+def _reply_of_size(call: Message, size: int) -> bytes:
+    """A method return to ``call`` whose serialised form is exactly ``size`` bytes."""
+    probe = new_method_return(call, "s", ("",)).serialise(1000)
+    # A string body grows byte for byte; the header does not change with its length.
+    data = new_method_return(call, "s", ("x" * (size - len(probe)),)).serialise(1000)
+    assert len(data) == size
+    return data
+
+
+def test_peer_link_caps_messages_at_1_mib_by_default() -> None:
+    # A capsule's process can bind its own socket at systemd/private (same uid: pinning
+    # passes); jeepney parses at ~0.4 s/MiB in the event loop, so 32 MiB stalled us ~12 s.
+    async def scenario() -> None:
+        assert bus.MAX_PEER_MESSAGE_BYTES == 1024 * 1024
+        conn, peer = await connected()
+        call = asyncio.create_task(conn.call(m.list_units()))
+        peer.writer.write(_reply_of_size(await peer.next_call(), bus.MAX_PEER_MESSAGE_BYTES))
+        assert len((await call)[0]) > 1000 * 1000  # exactly at the cap: accepted
+        call = asyncio.create_task(conn.call(m.list_units()))
+        peer.writer.write(_reply_of_size(await peer.next_call(), bus.MAX_PEER_MESSAGE_BYTES + 8))
+        with pytest.raises(errors.SystemdUnavailable, match="exceeds"):
+            await call
+        assert conn.closed
+        await conn.close()
+
+    run(scenario)
+
+
+def test_system_bus_keeps_the_larger_cap(tmp_path: Path) -> None:
+    # PID 1 on the system bus is trusted: a 2 MiB reply (a big host's ListUnits) is fine there.
+    async def scenario() -> None:
+        assert bus.MAX_SYSTEM_BUS_MESSAGE_BYTES > 2 * bus.MAX_PEER_MESSAGE_BYTES
+        peers: asyncio.Queue[FakePeer] = asyncio.Queue()
+
+        async def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await peers.put(FakePeer(r, w))
+
+        address = str(tmp_path / "bus")
+        server = await asyncio.start_unix_server(accept, address)
+        opening = asyncio.create_task(bus.open_system_bus(address))
+        peer = await peers.get()
+        await peer.handshake()
+        hello = await peer.next_call()
+        peer.send(new_method_return(hello, "s", (":1.42",)))
+        conn = await opening
+        assert conn.unique_name == ":1.42"
+        call = asyncio.create_task(conn.call(m.list_units()))
+        size = 2 * bus.MAX_PEER_MESSAGE_BYTES
+        peer.writer.write(_reply_of_size(await peer.next_call(), size))
+        assert len((await call)[0]) > size - 1000
+        assert not conn.closed
+        await conn.close()
+        peer.writer.close()
+        server.close()
+        await server.wait_closed()
 
     run(scenario)
 

@@ -19,7 +19,13 @@ from typing import Final, Protocol
 
 from ..names import is_valid_capsule_name
 from . import messages as m
-from .bus import BusConnection, SignalQueue, open_peer, open_system_bus
+from .bus import (
+    MAX_PEER_MESSAGE_BYTES,
+    BusConnection,
+    SignalQueue,
+    open_peer,
+    open_system_bus,
+)
 from .capsule_socket import UnsafeSocket, connect_capsule_manager
 from .errors import (
     BackendError,
@@ -473,7 +479,8 @@ class DBusSystemdBackend:
         except OSError as exc:
             raise ManagerUnavailable(name, exc.strerror or str(exc)) from exc
         try:
-            peer = await open_peer(sock, uid=0)
+            # Untrusted-peer cap: anything in the capsule can answer on this socket (bus.py).
+            peer = await open_peer(sock, uid=0, max_message_bytes=MAX_PEER_MESSAGE_BYTES)
         except SystemdUnavailable as exc:
             raise ManagerUnavailable(name, str(exc)) from exc
         try:

@@ -16,6 +16,14 @@ Two ways to open one:
 jeepney's own parser trusts its bus. Ours may face a peer we do not trust (a process in the
 capsule can replace the manager's socket), so the message size is capped here, before buffering
 (the lesson of h11), and a malformed message closes the link instead of crashing the daemon.
+
+The cap is per connection, because the two kinds of peer are trusted differently. jeepney
+parses a message synchronously in the event loop at roughly 0.37 s of CPU per MiB (measured on
+systemd 257's testbed host): a 32 MiB message from a hostile "manager" stalled the whole daemon
+for ~12 s. A process inside a capsule runs as the capsule's uid, so it can bind its own socket
+at ``/run/capsules/NAME/systemd/private`` and pass the ownership pinning; its messages are
+therefore capped at ``MAX_PEER_MESSAGE_BYTES`` (1 MiB, a stall of well under half a second).
+The system bus carries PID 1, which we trust, and keeps ``MAX_SYSTEM_BUS_MESSAGE_BYTES``.
 """
 
 from __future__ import annotations
@@ -50,8 +58,14 @@ from .errors import (
 SYSTEM_BUS_ADDRESS: Final = "/run/dbus/system_bus_socket"
 MAX_IN_FLIGHT_CALLS: Final = 64
 # The D-Bus spec's maximum message is 128 MiB; nothing we ask for comes near. ListUnits on a
-# large host is a few MiB.
-MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
+# large host is a few MiB; only trusted senders (PID 1, the bus daemon) reach us on this link,
+# so the cap only guards against a runaway, not an attacker.
+MAX_SYSTEM_BUS_MESSAGE_BYTES: Final = 32 * 1024 * 1024
+# A capsule's manager link: the peer may be any process in the capsule (see the module
+# docstring). 1 MiB is ample: a user manager's ListUnits is tens of KiB (~200 bytes per unit;
+# a capsule would need ~5000 loaded units to come near), ListUnitFiles is smaller, and the
+# signals we consume (JobRemoved, PropertiesChanged) are a few KiB.
+MAX_PEER_MESSAGE_BYTES: Final = 1024 * 1024
 # sd-bus's default method call timeout (BUS_DEFAULT_TIMEOUT) is 25 s.
 CALL_TIMEOUT_S: Final = 25.0
 AUTH_TIMEOUT_S: Final = 5.0
@@ -117,7 +131,7 @@ class BusConnection:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_message_bytes: int,
         call_timeout_s: float = CALL_TIMEOUT_S,
     ) -> None:
         self._reader = reader
@@ -321,12 +335,14 @@ async def open_peer(
     sock: socket.socket,
     *,
     uid: int | None = None,
-    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    max_message_bytes: int = MAX_PEER_MESSAGE_BYTES,
     call_timeout_s: float = CALL_TIMEOUT_S,
 ) -> BusConnection:
     """Authenticate on an already connected socket and return a peer-to-peer connection.
 
     Takes ownership of ``sock``. No Hello: there is no bus daemon on the other end.
+    ``max_message_bytes`` defaults to the untrusted-peer cap; a message over it closes the
+    link (calls waiting on it raise SystemdUnavailable) and nothing else.
 
     Raises:
         SystemdUnavailable: the peer refused authentication or hung up.
@@ -360,7 +376,7 @@ async def open_system_bus(address: str = SYSTEM_BUS_ADDRESS) -> BusConnection:
     except OSError as exc:
         sock.close()
         raise SystemdUnavailable(f"cannot connect to the system bus at {address}: {exc}") from exc
-    conn = await open_peer(sock)
+    conn = await open_peer(sock, max_message_bytes=MAX_SYSTEM_BUS_MESSAGE_BYTES)
     try:
         body = await conn.call(messages.hello(), timeout_s=AUTH_TIMEOUT_S)
     except BaseException:
