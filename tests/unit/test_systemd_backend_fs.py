@@ -162,12 +162,31 @@ def test_pin_refuses_symlinks(run_capsules: Path, tmp_path: Path, component: str
 @needs_root
 def test_pin_refuses_system_uid_and_mixed_owners(run_capsules: Path) -> None:
     make_capsule_runtime(run_capsules, "sys", uid=0)
-    with pytest.raises(capsule_socket.UnsafeSocket, match="system uid"):
+    with pytest.raises(capsule_socket.UnsafeSocket, match="not a dynamic user"):
         capsule_socket.pin_capsule_socket("sys")
     sd = make_capsule_runtime(run_capsules, "mixed")
     os.chown(sd / "private", 0, 0)  # e.g. a root socket hardlinked in
     with pytest.raises(capsule_socket.UnsafeSocket, match="owned by uid 0"):
         capsule_socket.pin_capsule_socket("mixed")
+
+
+@needs_root
+@pytest.mark.parametrize("uid", [1000, 4242, 61183, 65520, 65534])
+def test_pin_refuses_owners_outside_the_dynamic_range(run_capsules: Path, uid: int) -> None:
+    # DynamicUser= reuses a static user named c-NAME if one exists: a capsule manager running
+    # as a real account (1000, 4242) is refused, stricter than systemd's uid_is_system() check.
+    make_capsule_runtime(run_capsules, "static", uid=uid)
+    with pytest.raises(capsule_socket.UnsafeSocket, match=f"uid {uid}, not a dynamic user"):
+        capsule_socket.pin_capsule_socket("static")
+
+
+@needs_root
+@pytest.mark.parametrize("uid", [61184, 65519])
+def test_pin_accepts_both_ends_of_the_dynamic_range(run_capsules: Path, uid: int) -> None:
+    make_capsule_runtime(run_capsules, "edge", uid=uid)
+    fd, owner = capsule_socket.pin_capsule_socket("edge")
+    os.close(fd)
+    assert owner == uid
 
 
 @needs_root

@@ -3,12 +3,14 @@
 ``/run/capsules/NAME`` belongs to the capsule's dynamic user: anything in the capsule may replace
 ``systemd/private`` with a symlink to a root-only socket, or bind its own socket there. We do what
 systemd's pin_capsule_socket() (src/libsystemd/sd-bus/sd-bus.c, chase() with
-CHASE_SAFE|CHASE_PROHIBIT_SYMLINKS, then "refuse system uid owners") does:
+CHASE_SAFE|CHASE_PROHIBIT_SYMLINKS, then "refuse system uid owners") does, and a little more:
 
 - walk ``/run/capsules`` -> NAME -> ``systemd`` -> ``private`` one component at a time with
   O_PATH|O_NOFOLLOW from directory fds, so no component can be a symlink;
-- require every component below /run/capsules to be owned by the capsule's uid (which must not be a
-  system uid), and the last to be a socket;
+- require every component below /run/capsules to be owned by the capsule's uid, and the last to
+  be a socket;
+- require that uid to be a *dynamic* one (DYNAMIC_UID_MIN..DYNAMIC_UID_MAX), which is stricter
+  than systemd (see ``is_dynamic_uid``);
 - connect through ``/proc/self/fd/N`` of the pinned inode, so a rename between check and connect
   cannot redirect us;
 - after connecting, require SO_PEERCRED's uid to be the capsule's uid too.
@@ -23,11 +25,24 @@ import stat
 import struct
 from typing import Final
 
+from ..safefs import DYNAMIC_UID_MAX, DYNAMIC_UID_MIN
+
 RUN_CAPSULES: Final = "/run/capsules"
-# Highest uid that is a system user (SYSTEM_UID_MAX on Debian); dynamic users live in
-# 61184..65519, so this is only a floor.
-SYSTEM_UID_MAX: Final = 999
-NOBODY_UID: Final = 65534
+
+
+def is_dynamic_uid(uid: int) -> bool:
+    """True for uids systemd allocates to DynamicUser= services (61184..65519).
+
+    Deliberately stricter than systemd's pin_capsule_socket() (src/shared/bus-util.c, 257),
+    which only refuses uid_is_system()/gid_is_system() owners. With DynamicUser=, systemd
+    reuses a *static* user that already exists under the service's User= name (c-NAME) instead
+    of allocating a dynamic one (src/core/dynamic-user.c, dynamic_user_realize(): "Let's see if
+    a proper, static user or group by this name exists"), so a capsule may run as a real
+    account (uid >= 1000) with a home, a login and files elsewhere. capsuled acts as root on behalf of other users: a capsule whose manager
+    runs as such an account is not something we drive. This also excludes nobody (65534), which
+    lies above DYNAMIC_UID_MAX.
+    """
+    return DYNAMIC_UID_MIN <= uid <= DYNAMIC_UID_MAX
 
 
 class UnsafeSocket(Exception):
@@ -61,7 +76,8 @@ def pin_capsule_socket(
     """Open an O_PATH fd on /run/capsules/NAME/<suffix...>; return (fd, owner uid).
 
     Raises:
-        UnsafeSocket: missing, a symlink on the way, a system-uid owner, or mixed owners.
+        UnsafeSocket: missing, a symlink on the way, an owner outside the dynamic uid range,
+            or mixed owners.
     """
     if not name or "/" in name or name in (".", ".."):
         raise UnsafeSocket("invalid capsule name")
@@ -80,8 +96,11 @@ def pin_capsule_socket(
         if not stat.S_ISDIR(st.st_mode):
             raise UnsafeSocket(f"{RUN_CAPSULES}/{name} is not a directory")
         owner = st.st_uid
-        if owner <= SYSTEM_UID_MAX or owner == NOBODY_UID:
-            raise UnsafeSocket(f"{RUN_CAPSULES}/{name} is owned by system uid {owner}")
+        if not is_dynamic_uid(owner):
+            raise UnsafeSocket(
+                f"{RUN_CAPSULES}/{name} is owned by uid {owner}, not a dynamic user "
+                f"({DYNAMIC_UID_MIN}..{DYNAMIC_UID_MAX})"
+            )
         for component in suffix[:-1]:
             fds.append(_open_component(fds[-1], component, owner, stat.S_IFDIR))
         sock_fd = _open_component(fds[-1], suffix[-1], owner, stat.S_IFSOCK)
