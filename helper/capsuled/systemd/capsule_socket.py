@@ -38,9 +38,10 @@ def is_dynamic_uid(uid: int) -> bool:
     reuses a *static* user that already exists under the service's User= name (c-NAME) instead
     of allocating a dynamic one (src/core/dynamic-user.c, dynamic_user_realize(): "Let's see if
     a proper, static user or group by this name exists"), so a capsule may run as a real
-    account (uid >= 1000) with a home, a login and files elsewhere. capsuled acts as root on behalf of other users: a capsule whose manager
-    runs as such an account is not something we drive. This also excludes nobody (65534), which
-    lies above DYNAMIC_UID_MAX.
+    account (uid >= 1000) with a home, a login and files elsewhere. capsuled acts as root for
+    other users: a "capsule" whose manager runs as such an account is not one we drive (its
+    socket could be any login session's). This also excludes nobody (65534), above
+    DYNAMIC_UID_MAX.
     """
     return DYNAMIC_UID_MIN <= uid <= DYNAMIC_UID_MAX
 
