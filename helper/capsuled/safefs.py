@@ -31,7 +31,8 @@ Exception tree (OSError is translated once, here, always ``raise ... from exc``)
      │    └── NoHome       the capsule's home directory does not exist (never started)
      ├── UnsafePath        a symlink, non-directory, non-regular file, hardlinked file or
      │                     foreign owner where we refuse to go on
-     └── FileTooLarge      read_file() found more than max_bytes
+     ├── FileTooLarge      read_file() found more than max_bytes
+     └── TooManyEntries    list_dir() found more than max_entries entries
 
 All calls block (they are a few syscalls each); an asyncio caller runs them in a thread.
 """
@@ -60,6 +61,11 @@ UID_NOBODY = 65534
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
+
+# list_dir()'s default bound. The capsule fills its own directories at will (a million files in
+# ~/.config/systemd/user stalled a listing for 30 s and 426 MiB); a user manager with thousands
+# of unit files is already far beyond any real capsule, so past this we refuse rather than scan.
+MAX_LIST_ENTRIES = 4096
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted by the capsule must not hang the helper in open(); the fstat check
@@ -95,6 +101,14 @@ class FileTooLarge(SafeFsError):
     """read_file() found more bytes than the caller allowed."""
 
 
+class TooManyEntries(SafeFsError):
+    """list_dir() found more entries than the caller allowed; ``max_entries`` is that bound."""
+
+    def __init__(self, path: str, max_entries: int) -> None:
+        super().__init__(path, f"holds more than {max_entries} entries")
+        self.max_entries = max_entries
+
+
 class EntryKind(StrEnum):
     """What a directory entry is, judged without following it (lstat semantics)."""
 
@@ -119,6 +133,18 @@ def _kind_of_mode(mode: int) -> EntryKind:
         return EntryKind.DIRECTORY
     if stat.S_ISLNK(mode):
         return EntryKind.SYMLINK
+    return EntryKind.OTHER
+
+
+def _entry_kind(entry: os.DirEntry[str]) -> EntryKind:
+    # DirEntry answers from getdents' d_type without a syscall on most file systems (lstat only
+    # where d_type is DT_UNKNOWN); follow_symlinks=False everywhere, so nothing is followed.
+    if entry.is_symlink():
+        return EntryKind.SYMLINK
+    if entry.is_file(follow_symlinks=False):
+        return EntryKind.FILE
+    if entry.is_dir(follow_symlinks=False):
+        return EntryKind.DIRECTORY
     return EntryKind.OTHER
 
 
@@ -500,14 +526,22 @@ class CapsuleHome:
             raise FileTooLarge(display, f"larger than {max_bytes} bytes")
         return b"".join(chunks)
 
-    def list_dir(self, rel_dir: Sequence[str]) -> list[tuple[str, EntryKind]]:
+    def list_dir(
+        self, rel_dir: Sequence[str], *, max_entries: int = MAX_LIST_ENTRIES
+    ) -> list[tuple[str, EntryKind]]:
         """Entries of ``rel_dir`` with their kinds (not followed), sorted by name.
 
         A missing directory is an empty list: "no units" and "no .config" are the same answer.
+        Reads at most ``max_entries + 1`` entries: the capsule may have put millions there, and
+        a partial listing would silently hide units, so more than ``max_entries`` is an error.
+        To ask about one name, use ``entry_kind`` instead.
 
         Raises:
             UnsafePath: a symlink or non-directory on the way.
+            TooManyEntries: the directory holds more than ``max_entries`` entries.
         """
+        if max_entries < 0:
+            raise ValueError("max_entries must not be negative")
         try:
             dir_fd = self.open_dir(rel_dir, create=False)
         except NotFound:
@@ -516,8 +550,9 @@ class CapsuleHome:
             entries: list[tuple[str, EntryKind]] = []
             with os.scandir(dir_fd) as it:
                 for entry in it:
-                    st = entry.stat(follow_symlinks=False)
-                    entries.append((entry.name, _kind_of_mode(st.st_mode)))
+                    if len(entries) >= max_entries:
+                        raise TooManyEntries(self.path_of(rel_dir), max_entries)
+                    entries.append((entry.name, _entry_kind(entry)))
         except OSError as exc:
             raise SafeFsError(self.path_of(rel_dir), exc.strerror or str(exc)) from exc
         finally:

@@ -405,6 +405,74 @@ def test_list_dir_reports_kinds_without_following(bed: Bed) -> None:
 
 
 @needs_root
+def test_list_dir_refuses_more_than_max_entries(bed: Bed) -> None:
+    unit_path(bed).mkdir(parents=True)
+    for i in range(5):
+        (unit_path(bed) / f"u{i}.service").write_bytes(b"x")
+    chown_tree(bed.home, NOBODY)
+    with bed.open() as home:
+        assert len(home.list_dir(UNIT_DIR, max_entries=5)) == 5
+        with pytest.raises(safefs.TooManyEntries) as info:
+            home.list_dir(UNIT_DIR, max_entries=4)
+    assert info.value.max_entries == 4
+    assert isinstance(info.value, safefs.SafeFsError)
+    assert info.value.path.endswith(".config/systemd/user")
+
+
+@needs_root
+def test_list_dir_default_bound(bed: Bed) -> None:
+    unit_path(bed).mkdir(parents=True)
+    for i in range(safefs.MAX_LIST_ENTRIES + 1):
+        (unit_path(bed) / f"u{i}.service").touch()
+    chown_tree(bed.home, NOBODY)
+    with bed.open() as home, pytest.raises(safefs.TooManyEntries):
+        home.list_dir(UNIT_DIR)
+
+
+class _Junk:
+    """A DirEntry stand-in for a directory that never ends."""
+
+    def __init__(self, i: int) -> None:
+        self.name = f"junk{i}"
+
+    def is_symlink(self) -> bool:
+        return False
+
+    def is_file(self, *, follow_symlinks: bool = True) -> bool:
+        return True
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+        return False
+
+
+@needs_root
+def test_list_dir_stops_reading_past_the_bound(bed: Bed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only max_entries + 1 entries are read, however many the directory holds."""
+    unit_path(bed).mkdir(parents=True)
+    chown_tree(bed.home, NOBODY)
+    read = 0
+
+    class Endless:
+        def __enter__(self) -> Iterator[_Junk]:
+            return self.entries()
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        @staticmethod
+        def entries() -> Iterator[_Junk]:
+            nonlocal read
+            while True:
+                read += 1
+                yield _Junk(read)
+
+    monkeypatch.setattr(os, "scandir", lambda fd: Endless())
+    with bed.open() as home, pytest.raises(safefs.TooManyEntries):
+        home.list_dir(UNIT_DIR, max_entries=100)
+    assert read == 101
+
+
+@needs_root
 def test_entry_kind(bed: Bed) -> None:
     unit_path(bed).mkdir(parents=True)
     (unit_path(bed) / "l.service").symlink_to(bed.outside / "secret")
