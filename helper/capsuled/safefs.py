@@ -14,8 +14,9 @@ never be tricked into writing, deleting or chowning outside it.  The rules, all 
   with ``O_CREAT|O_EXCL|O_NOFOLLOW``, fchmod'ed, fchown'ed, written, fsync'ed, then ``renameat``'ed
   over the target; rename replaces the directory *entry*, so a hardlink or symlink at the target
   is never written through.  The directory is fsync'ed afterwards.
-- Ownership and mode are only ever changed through an fd we just created (``fchown``/``fchmod``) or,
-  for symlinks, with ``AT_SYMLINK_NOFOLLOW`` on a name we just created.  Never through a path.
+- Ownership and mode are only ever changed through an fd: one we just created (``fchown``/
+  ``fchmod``) or, for symlinks, an ``O_PATH|O_NOFOLLOW`` fd checked to be a singly linked symlink
+  (``fchownat(fd, "", AT_EMPTY_PATH)``).  Never through a path or a name.
 - Removal is ``unlinkat`` of the entry: it never touches what a link points to.
 
 Ownership: new files and directories get the owner of the home directory itself, detected with
@@ -39,6 +40,7 @@ All calls block (they are a few syscalls each); an asyncio caller runs them in a
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import secrets
@@ -316,6 +318,58 @@ def _rename_into_place(dir_fd: int, temp: str, final: str, where: str) -> None:
         os.fsync(dir_fd)
     except OSError as exc:
         raise SafeFsError(where, f"cannot sync directory: {exc.strerror}") from exc
+
+
+# fcntl.h; Python's os module has no AT_EMPTY_PATH (3.11..3.13), and os.chown(fd) is fchown(),
+# which fails with EBADF on an O_PATH fd.
+_AT_SYMLINK_NOFOLLOW = 0x100
+_AT_EMPTY_PATH = 0x1000
+
+
+def _fchownat_empty_path(fd: int, uid: int, gid: int) -> None:
+    """fchownat(fd, "", uid, gid, AT_EMPTY_PATH|AT_SYMLINK_NOFOLLOW): chown the inode ``fd``
+    refers to, even a symlink opened with O_PATH|O_NOFOLLOW (Linux >= 2.6.39).
+
+    Raises:
+        OSError: from the syscall.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    fchownat = libc.fchownat
+    fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
+    fchownat.restype = ctypes.c_int
+    if fchownat(fd, b"", uid, gid, _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _chown_new_symlink(dir_fd: int, name: str, owner: Owner, display: str) -> None:
+    """Give the symlink we just created as ``name`` to ``owner``, without trusting the name.
+
+    The directory belongs to the capsule, which sees our temporary name appear (readdir,
+    inotify: the random part is no secret) and may swap another entry in under it before we
+    chown. ``lchownat`` by name would then chown whatever it put there, e.g. a hardlink to a
+    root-owned file where fs.protected_hardlinks=0. So we pin the entry with O_PATH|O_NOFOLLOW,
+    check it is still a symlink with one link (anything the capsule can swap in that passes is
+    a symlink it could have made itself, and chowning a symlink never touches its target), and
+    chown that inode through the fd.
+
+    Raises:
+        UnsafePath: the entry is no longer a singly linked symlink.
+        SafeFsError: any OSError.
+    """
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        raise SafeFsError(display, f"cannot open our new symlink: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISLNK(st.st_mode) or st.st_nlink != 1:
+            raise UnsafePath(display, "our new symlink was replaced while being created")
+        _fchownat_empty_path(fd, owner.uid, owner.gid)
+    except OSError as exc:
+        raise SafeFsError(display, f"cannot set owner: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
 
 
 def _unlink_quietly(dir_fd: int, name: str) -> None:
@@ -631,8 +685,9 @@ class CapsuleHome:
     def symlink(self, rel_dir: Sequence[str], linkname: str, target: str) -> None:
         """Create or replace the symlink ``rel_dir/linkname -> target`` atomically.
 
-        The link is made under a temporary name, lchown'ed to the home's owner, then renamed
-        into place.  An existing symlink is replaced; any other existing entry is refused.
+        The link is made under a temporary name, chowned to the home's owner through an O_PATH
+        fd (``_chown_new_symlink``), then renamed into place.  An existing symlink is replaced;
+        any other existing entry is refused.
 
         Raises:
             UnsafePath: a symlink/non-directory on the way, or a non-symlink entry at linkname.
@@ -655,10 +710,10 @@ class CapsuleHome:
                     raise UnsafePath(display, f"exists and is a {kind.value} entry, not a symlink")
             temp = self._create_temp_symlink(dir_fd, linkname, target, display)
             try:
-                os.chown(temp, self.owner.uid, self.owner.gid, dir_fd=dir_fd, follow_symlinks=False)
-            except OSError as exc:
+                _chown_new_symlink(dir_fd, temp, self.owner, display)
+            except SafeFsError:
                 _unlink_quietly(dir_fd, temp)
-                raise SafeFsError(display, f"cannot set owner: {exc.strerror}") from exc
+                raise
             _rename_into_place(dir_fd, temp, linkname, display)
 
     @staticmethod

@@ -517,6 +517,32 @@ def test_symlink_pointing_outside_is_never_followed_by_chown(bed: Bed) -> None:
 
 
 @needs_root
+@pytest.mark.parametrize("planted", ["hardlink", "file"])
+def test_temp_symlink_swapped_before_chown_is_refused(
+    bed: Bed, monkeypatch: pytest.MonkeyPatch, planted: str
+) -> None:
+    """The capsule sees our temporary name appear (inotify) and swaps in, before we chown it,
+    a hardlink to a root-owned file (possible where fs.protected_hardlinks=0) or a file."""
+    create = CapsuleHome._create_temp_symlink
+
+    def create_then_swap(dir_fd: int, final: str, target: str, display: str) -> str:
+        temp = create(dir_fd, final, target, display)
+        os.unlink(temp, dir_fd=dir_fd)
+        if planted == "hardlink":
+            os.link(bed.outside / "secret", temp, dst_dir_fd=dir_fd)
+        else:
+            os.close(os.open(temp, os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=dir_fd))
+        return temp
+
+    monkeypatch.setattr(CapsuleHome, "_create_temp_symlink", staticmethod(create_then_swap))
+    with bed.open() as home, pytest.raises(UnsafePath, match="replaced"):
+        home.symlink(UNIT_DIR, "x.service", "/dev/null")
+    secret = (bed.outside / "secret").lstat()
+    assert (secret.st_uid, secret.st_gid, secret.st_nlink) == (0, 0, 1)  # not chowned, temp gone
+    assert os.listdir(unit_path(bed)) == []
+
+
+@needs_root
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
 def test_works_without_cap_fowner(bed: Bed) -> None:
     """chmod happens before chown, so CAP_CHOWN + CAP_DAC_OVERRIDE suffice (no CAP_FOWNER)."""
