@@ -212,11 +212,6 @@ def test_other_exceptions_pass_through_the_mapping() -> None:
         raise KeyError("not ours to translate")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: systemd.errors.InvalidArgument (PID 1's InvalidArgs, e.g. a limit it refuses) "
-    "is not in methods/context.varlink_error_for and is answered as InternalError",
-)
 def test_systemd_refusing_a_value_is_invalid_value(idl: Interface) -> None:
     with pytest.raises(VarlinkError) as raised, backend_errors("c"):
         raise sd.InvalidArgument("Value specified in CPUWeight is out of range")

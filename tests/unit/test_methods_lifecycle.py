@@ -405,11 +405,6 @@ def test_cpu_weight_reset_above_a_low_ceiling(tmp_path: Path) -> None:
     assert exc.parameters == {"what": "cpuWeight", "limit": 50}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SetLimits treats cpuWeight=-1 as unlimited; for CPUWeight= it resets to the "
-    "default weight 100, which a ceiling of 500 allows (memoryMax/tasksMax -1 is infinity)",
-)
 def test_cpu_weight_reset_below_the_ceiling_is_allowed(tmp_path: Path) -> None:
     world = make_world(tmp_path, policy=config(quota=CEILINGS)).standard()
     world.run("SetLimits", {"name": "alpha", "cpuWeight": 200})
@@ -720,11 +715,6 @@ def test_every_mutating_call_writes_one_audit_record(
     assert record["MESSAGE_ID"] == MESSAGE_IDS[action]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SetAutostart audits action 'autostart', not audit.AuditAction.SET_AUTOSTART "
-    "('set-autostart'), so its record gets the catch-all MESSAGE_ID",
-)
 def test_set_autostart_is_audited_under_its_own_message_id(world: World) -> None:
     world.run("SetAutostart", {"name": "alpha", "enabled": True})
     (record,) = world.audit_records
@@ -741,11 +731,6 @@ def test_reads_are_not_audited(world: World) -> None:
     assert world.audit_records == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a refused mutating call writes no audit record (audit.py defines "
-    "RESULT_DENIED for it; invariant 6: every mutating call is audited)",
-)
 @pytest.mark.parametrize("method", ["Start", "Remove", "Create"])
 def test_a_refused_mutating_call_is_audited_as_denied(world: World, method: str) -> None:
     world.error(method, params_for(method, "alpha"), uid=MALLORY)
@@ -755,11 +740,6 @@ def test_a_refused_mutating_call_is_audited_as_denied(world: World, method: str)
     assert record["CAPSULED_RESULT"] == "denied"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a mutating call that fails with anything but JobFailed (here "
-    "SystemdUnavailable) writes no audit record",
-)
 def test_a_mutating_call_failing_otherwise_is_audited_with_the_error(world: World) -> None:
     world.backend.unavailable = True
     world.error("Stop", {"name": "alpha"})
@@ -846,11 +826,6 @@ def test_a_caller_cancelled_while_waiting_for_the_lock_leaves_no_entry(tmp_path:
     asyncio.run(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: CheckAccess passes verb and unit unchecked into the policy request (polkit "
-    "details); a NUL there makes a malformed D-Bus message on the shared polkit connection",
-)
 @pytest.mark.parametrize(
     ("extra", "error"),
     [

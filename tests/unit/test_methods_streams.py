@@ -188,11 +188,11 @@ def test_logs_follow_sends_old_then_new_entries_and_resumes_after_the_last(
             fake_journal.new.put_nowait(entry(6))
             fake_journal.new.put_nowait(entry(7))
             assert messages([await s.next(), await s.next()]) == [["line 6"], ["line 7"]]
-            assert world.services.followers == 1
+            assert world.services.followers == {ALICE: 1}
             assert fake_journal.followers == [
                 {"capsule": "alpha", "unit": None, "after": entry(5).cursor, "since": None}
             ]
-        assert world.services.followers == 0  # the hang-up released the follower
+        assert world.services.followers == {}  # the hang-up released the follower
 
     asyncio.run(main())
 
@@ -215,11 +215,22 @@ def test_logs_follow_with_no_old_entries_starts_from_the_call(
 
 
 def test_logs_followers_are_bounded(world: World, fake_journal: FakeJournal) -> None:
-    world.services.followers = streams.MAX_FOLLOWERS
+    # In all: other users hold every follower.
+    world.services.followers = {4242: streams.MAX_FOLLOWERS}
     exc = world.error("Logs", {"name": "alpha", "follow": True}, more=True)
     assert isinstance(exc, errors.QuotaExceeded)
     assert exc.parameters == {"what": "followers", "limit": streams.MAX_FOLLOWERS}
-    assert world.services.followers == streams.MAX_FOLLOWERS
+    assert world.services.followers == {4242: streams.MAX_FOLLOWERS}
+    assert fake_journal.followers == []
+
+
+def test_logs_followers_are_bounded_per_caller(world: World, fake_journal: FakeJournal) -> None:
+    # One user cannot take them all: past their share they are refused, others are not.
+    world.services.followers = {ALICE: streams.MAX_FOLLOWERS_PER_UID}
+    exc = world.error("Logs", {"name": "alpha", "follow": True}, more=True)
+    assert isinstance(exc, errors.QuotaExceeded)
+    assert exc.parameters == {"what": "followers", "limit": streams.MAX_FOLLOWERS_PER_UID}
+    assert world.services.followers == {ALICE: streams.MAX_FOLLOWERS_PER_UID}
     assert fake_journal.followers == []
 
 

@@ -7,12 +7,15 @@ missing here answers org.varlink.service.MethodNotImplemented (the Dispatcher do
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 
 from capsuled import errors
+from capsuled.audit import RESULT_DENIED, AuditAction
 from capsuled.dispatch import Dispatcher
 from capsuled.methods import inside, lifecycle, streams
 from capsuled.methods.context import CallContext, Notify, Services
+from capsuled.varlink.errors import InvalidParameter, VarlinkError
 from capsuled.varlink.interface import Interface
 from capsuled.varlink.messages import Call
 from capsuled.varlink.service import ServiceInfo
@@ -47,6 +50,53 @@ HANDLERS: Mapping[str, Handler] = {
 # Streaming-only methods: a plain call gets org.varlink.service.ExpectedMore.
 REQUIRES_MORE = frozenset({"Watch"})
 
+# Mutating methods and the audit action each is recorded under (invariant 6). Handlers audit
+# their own outcome with details; `audited` makes sure a refusal, a failure or a hang-up in
+# the middle is recorded too.
+AUDITED: Mapping[str, AuditAction] = {
+    "Create": AuditAction.CREATE,
+    "Remove": AuditAction.REMOVE,
+    "Start": AuditAction.START,
+    "Stop": AuditAction.STOP,
+    "Restart": AuditAction.RESTART,
+    "SetAutostart": AuditAction.SET_AUTOSTART,
+    "SetLimits": AuditAction.SET_LIMITS,
+    "InstallUnit": AuditAction.INSTALL_UNIT,
+    "RemoveUnit": AuditAction.REMOVE_UNIT,
+    "StartUnit": AuditAction.START_UNIT,
+    "StopUnit": AuditAction.STOP_UNIT,
+    "RestartUnit": AuditAction.RESTART_UNIT,
+    "EnableUnit": AuditAction.ENABLE_UNIT,
+    "DisableUnit": AuditAction.DISABLE_UNIT,
+    "Run": AuditAction.RUN,
+}
+
+
+INPUT_ERRORS = (errors.InvalidName, errors.InvalidUnit, errors.InvalidValue, InvalidParameter)
+
+
+def audited(action: AuditAction, handler: Handler) -> Handler:
+    """Record a mutating call's outcome if its handler could not: refused, failed, cancelled."""
+
+    async def handle(ctx: CallContext, p: dict[str, object]) -> dict[str, object]:
+        raw_name = p.get("name")
+        name = raw_name if isinstance(raw_name, str) else None
+        try:
+            return await handler(ctx, p)
+        except VarlinkError as exc:
+            # A call refused for its input changed nothing and proved nothing about anyone;
+            # recording it would let any user write junk (bad names) into the audit trail.
+            if not ctx.audited and (ctx.denied or not isinstance(exc, INPUT_ERRORS)):
+                ctx.audit(action, name, RESULT_DENIED if ctx.denied else exc.name)
+            raise
+        except asyncio.CancelledError:
+            # The client hung up mid-call: systemd may still finish a job we queued.
+            if not ctx.audited:
+                ctx.audit(action, name, "cancelled")
+            raise
+
+    return handle
+
 
 def build_dispatcher(
     interface: Interface,
@@ -60,9 +110,13 @@ def build_dispatcher(
     def make_context(call: Call, peer: object, notify: Notify) -> CallContext:
         return CallContext(peer=peer, more=call.more, notify=notify, services=services)  # type: ignore[arg-type]  # Peer satisfies PeerLike structurally
 
+    handlers = {
+        method: audited(AUDITED[method], handler) if method in AUDITED else handler
+        for method, handler in HANDLERS.items()
+    }
     return Dispatcher(
         interface,
-        HANDLERS,
+        handlers,
         make_context=make_context,
         requires_more=REQUIRES_MORE,
         internal_error=errors.InternalError,

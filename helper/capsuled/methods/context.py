@@ -76,7 +76,20 @@ class Services:
     version: str
     capsules_root: str = "/var/lib/private/capsules"
     locks: CapsuleLocks = field(default_factory=CapsuleLocks)
-    followers: int = 0  # Logs calls following the journal right now
+    # Logs calls following the journal right now, per caller uid.
+    followers: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Authorization:
+    """What authorize() allowed, so `locked` can tell if the owner changed meanwhile."""
+
+    action: str
+    owner: int | None
+    interactive: bool
+    verb: str | None
+    unit: str | None
+    pinned_owner: bool  # the owner was given by the caller (Create), not read from records
 
 
 @dataclass(slots=True)
@@ -85,6 +98,11 @@ class CallContext:
     more: bool
     notify: Notify
     services: Services
+    # Set by audit() and authorize(): the method table's audit wrapper writes a record for a
+    # mutating call only if the handler did not, and says "denied" for a refusal.
+    audited: bool = False
+    denied: bool = False
+    _authorized: dict[str, _Authorization] = field(default_factory=dict)
 
     @property
     def backend(self) -> SystemdBackend:
@@ -117,6 +135,7 @@ class CallContext:
             NoSuchCapsule: the caller may not read the capsule (whether or not it exists).
             PermissionDenied, InteractiveAuthenticationRequired: it may read it, not do this.
         """
+        pinned = owner is not None
         record = self.record_of(name)
         if owner is None and record is not None:
             owner = record.owner
@@ -131,12 +150,35 @@ class CallContext:
                 allow_interactive=bool(interactive),
             )
         except (PermissionDenied, InteractionRequired) as refusal:
+            self.denied = True
             if action != act.CREATE and not await self.may_read(name, owner):
                 raise errors.NoSuchCapsule(name=name) from None
             if isinstance(refusal, InteractionRequired):
                 raise errors.InteractiveAuthenticationRequired() from None
             raise
+        self._authorized[name] = _Authorization(
+            action, owner, bool(interactive), verb, unit, pinned
+        )
         return record
+
+    @contextlib.asynccontextmanager
+    async def locked(self, name: str) -> AsyncIterator[None]:
+        """Hold the capsule's lock; if its owner changed while we waited for it (removed and
+        created again by someone else), decide again before anything happens."""
+        async with self.services.locks.hold(name):
+            allowed = self._authorized.get(name)
+            if allowed is not None and not allowed.pinned_owner:
+                record = self.record_of(name)
+                owner = record.owner if record is not None else None
+                if owner != allowed.owner:
+                    await self.authorize(
+                        allowed.action,
+                        name,
+                        interactive=allowed.interactive,
+                        verb=allowed.verb,
+                        unit=allowed.unit,
+                    )
+            yield
 
     async def may_read(self, name: str, owner: int | None) -> bool:
         decision = await self.services.authorizer.check(
@@ -145,6 +187,7 @@ class CallContext:
         return decision is Decision.YES
 
     def audit(self, action: str, name: str | None, result: str, **fields: str | int | None) -> None:
+        self.audited = True
         self.services.audit.record(
             action, caller_uid=self.peer.uid, capsule=name, result=result, **fields
         )
@@ -164,6 +207,9 @@ def varlink_error_for(exc: sd.BackendError, name: str) -> VarlinkError:
         return errors.CapsuleNotRunning(name=name)
     if isinstance(exc, sd.AccessDenied):
         return PermissionDenied()
+    if isinstance(exc, sd.InvalidArgument):
+        # systemd refused a value we passed on (e.g. a limit out of its range).
+        return errors.InvalidValue(parameter="value", reason=exc.text)
     return errors.InternalError()
 
 

@@ -16,18 +16,19 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 import secrets
 from collections.abc import Iterator
 from typing import cast
 
 from capsuled import errors
 from capsuled.methods.context import CallContext, backend_errors
-from capsuled.methods.lifecycle import checked_name, existing
+from capsuled.methods.lifecycle import checked_name, existing, require_systemd
 from capsuled.names import INSTALLABLE_UNIT_TYPES, unit_name_problem
 from capsuled.policy import actions as act
-from capsuled.safefs import CapsuleHome, EntryKind, NoHome, NotFound, SafeFsError
+from capsuled.safefs import CapsuleHome, EntryKind, NoHome, SafeFsError
 from capsuled.systemd import errors as sd
-from capsuled.systemd.backend import UnitInfo
+from capsuled.systemd.backend import CapsuleManager, UnitInfo
 from capsuled.unitfile import InvalidUnitFile, check_unit_file
 
 Params = dict[str, object]
@@ -41,6 +42,7 @@ CAPSULE_HOME_IN_CAPSULE = "/var/lib/capsules"
 # Unit file size cap (see unitfile.UNIT_FILE_MAX_BYTES for why this size).
 MAX_RUN_ARGS = 4096
 MAX_RUN_ENV = 1024
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def checked_unit(p: Params, *, field: str = "unit", installable: bool = False) -> str:
@@ -173,18 +175,26 @@ async def install_unit(ctx: CallContext, p: Params) -> Wire:
         unit=unit,
         verb="install",
     )
-    async with ctx.services.locks.hold(name):
+    await require_systemd(ctx)
+    async with ctx.locked(name):
         info = await existing(ctx, name, ctx.record_of(name))
         running = info is not None and info.state == "active"
         if start_now and not running:
             raise errors.CapsuleNotRunning(name=name)
         with home_of(ctx, name) as home:
+            if enable:
+                # Before writing anything: a planted link on the way refuses the whole call.
+                os.close(home.open_dir(WANTS_DIR, create=True))
             home.write_file_atomically(UNIT_DIR, unit, content)
             if enable:
                 _link_wanted(home, name, unit)
-        with backend_errors(name):
-            await _reload_if_running(ctx, name)
-            job = await _manager_job(ctx, name, unit, "start") if start_now else None
+        try:
+            with backend_errors(name):
+                await _reload_if_running(ctx, name)
+                job = await _manager_job(ctx, name, unit, "start") if start_now else None
+        except errors.JobFailed:
+            ctx.audit("install-unit", name, "failed", unit=unit, enable=int(enable))
+            raise
         ctx.audit("install-unit", name, "ok", unit=unit, enable=int(enable), job=job)
         return {"unit": await _describe_unit(ctx, name, unit)}
 
@@ -204,16 +214,17 @@ async def remove_unit(ctx: CallContext, p: Params) -> Wire:
         unit=unit,
         verb="remove",
     )
-    async with ctx.services.locks.hold(name):
+    await require_systemd(ctx)
+    async with ctx.locked(name):
         await existing(ctx, name, ctx.record_of(name))
         with home_of(ctx, name) as home:
-            if _unit_files(home).get(unit) is not EntryKind.FILE:
+            has_file = home.entry_kind(UNIT_DIR, unit) is EntryKind.FILE
+            if not has_file and home.entry_kind(WANTS_DIR, unit) is not EntryKind.SYMLINK:
                 raise errors.NoSuchUnit(name=name, unit=unit)
         with backend_errors(name), contextlib.suppress(errors.NoSuchUnit, errors.CapsuleNotRunning):
             await _manager_job(ctx, name, unit, "stop")
         with home_of(ctx, name) as home:
-            with contextlib.suppress(NotFound):
-                home.remove_file(WANTS_DIR, unit)
+            home.remove_file(WANTS_DIR, unit)
             home.remove_file(UNIT_DIR, unit)
         with backend_errors(name):
             await _reload_if_running(ctx, name)
@@ -231,7 +242,8 @@ async def _unit_job(ctx: CallContext, p: Params, verb: str) -> Wire:
         unit=unit,
         verb=verb,
     )
-    async with ctx.services.locks.hold(name):
+    await require_systemd(ctx)
+    async with ctx.locked(name):
         await existing(ctx, name, ctx.record_of(name))
         try:
             with backend_errors(name):
@@ -266,16 +278,19 @@ async def _set_enabled(ctx: CallContext, p: Params, enabled: bool) -> Wire:
         unit=unit,
         verb=verb,
     )
-    async with ctx.services.locks.hold(name):
+    await require_systemd(ctx)
+    async with ctx.locked(name):
         await existing(ctx, name, ctx.record_of(name))
         with home_of(ctx, name) as home:
-            if _unit_files(home).get(unit) is not EntryKind.FILE:
-                raise errors.NoSuchUnit(name=name, unit=unit)
             if enabled:
+                if home.entry_kind(UNIT_DIR, unit) is not EntryKind.FILE:
+                    raise errors.NoSuchUnit(name=name, unit=unit)
                 _link_wanted(home, name, unit)
-            else:
-                with contextlib.suppress(NotFound):
-                    home.remove_file(WANTS_DIR, unit)
+            # Disabling needs no file: a link left dangling by hand must be removable too.
+            elif not home.remove_file(WANTS_DIR, unit) and (
+                home.entry_kind(UNIT_DIR, unit) is not EntryKind.FILE
+            ):
+                raise errors.NoSuchUnit(name=name, unit=unit)
         with backend_errors(name):
             await _reload_if_running(ctx, name)
         ctx.audit(f"{verb}-unit", name, "ok", unit=unit)
@@ -302,33 +317,58 @@ def _checked_run(p: Params) -> tuple[list[str], str | None, list[str], str | Non
     if unit is not None:
         if "." not in unit:
             unit += ".service"
-        if not unit.endswith(".service") or (problem := unit_name_problem(unit)) is not None:
-            raise errors.InvalidUnit(
-                unit=unit, reason=problem or "a command runs as a .service", line=None
-            )
+        problem = unit_name_problem(unit)
+        if problem is None and not unit.endswith(".service"):
+            problem = "a command runs as a .service"
+        if problem is not None:
+            raise errors.InvalidUnit(unit=unit, reason=problem, line=None)
     environment = cast(list[str] | None, p["environment"]) or []
     if len(environment) > MAX_RUN_ENV:
         raise errors.InvalidValue(parameter="environment", reason=f"at most {MAX_RUN_ENV}")
     for assignment in environment:
-        key, sep, _ = assignment.partition("=")
-        if not sep or not key or not key.replace("_", "a").isalnum() or key[0].isdigit():
-            # Never echo the assignment: its value may be a secret.
-            raise errors.InvalidValue(parameter="environment", reason="entries must be KEY=VALUE")
+        key, sep, value = assignment.partition("=")
+        # systemd's env_name_is_valid(): ASCII letters, digits, '_', not starting with a digit.
+        # Never echo the assignment: its value may be a secret.
+        if not sep or not ENV_NAME.fullmatch(key) or "\0" in value:
+            raise errors.InvalidValue(
+                parameter="environment", reason="entries must be KEY=VALUE, without NUL"
+            )
     cwd = cast(str | None, p["workingDirectory"])
     if cwd is not None and (not os.path.isabs(cwd) or "\0" in cwd):
         raise errors.InvalidValue(parameter="workingDirectory", reason="must be an absolute path")
     return command, unit, environment, cwd
 
 
+async def _start_transient(
+    mgr: CapsuleManager,
+    unit: str,
+    command: list[str],
+    *,
+    environment: list[str],
+    working_directory: str | None,
+    keep: bool,
+) -> str:
+    try:
+        return await mgr.start_transient(
+            unit, command, environment=environment, working_directory=working_directory, keep=keep
+        )
+    except sd.UnitBusy:
+        raise errors.InvalidUnit(
+            unit=unit, reason="a unit of this name is already loaded", line=None
+        ) from None
+
+
 async def run(ctx: CallContext, p: Params) -> Wire:
     name = checked_name(p)
     command, unit, environment, cwd = _checked_run(p)
     await ctx.authorize(act.RUN, name, interactive=p["allowInteractiveAuthentication"])
+    await require_systemd(ctx)
     await existing(ctx, name, ctx.record_of(name))
     try:
         with backend_errors(name):
             async with ctx.backend.capsule_manager(name) as mgr:
-                started = await mgr.start_transient(
+                started = await _start_transient(
+                    mgr,
                     unit or f"run-u{secrets.token_hex(8)}.service",
                     command,
                     environment=environment,

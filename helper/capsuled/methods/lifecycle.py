@@ -8,14 +8,16 @@ parameters arrive validated against the IDL -> cross-field checks -> the one
 
 from __future__ import annotations
 
+import grp
 import pwd
 from typing import cast
 
 from capsuled import errors
 from capsuled.methods.context import CallContext, backend_errors
-from capsuled.names import capsule_name_problem
+from capsuled.names import CAPSULE_USER_PREFIX, capsule_name_problem, unit_name_problem
 from capsuled.policy import actions as act
-from capsuled.records import Phase, Record, new_record
+from capsuled.records import CorruptRecord, Phase, Record, new_record
+from capsuled.safefs import DYNAMIC_UID_MAX, DYNAMIC_UID_MIN
 from capsuled.systemd import errors as sd
 from capsuled.systemd.backend import LIMIT_DEFAULT, CapsuleInfo
 
@@ -26,6 +28,12 @@ Wire = dict[str, object]
 MIN_SYSTEMD_VERSION = 256
 # Values SetLimits accepts besides -1 ("reset to systemd's default").
 CPU_WEIGHT_RANGE = range(1, 10001)  # CGROUP_WEIGHT_MIN..CGROUP_WEIGHT_MAX
+DEFAULT_CPU_WEIGHT = 100  # CGROUP_WEIGHT_DEFAULT
+# Verbs CheckAccess accepts, per action (what the methods pass as the polkit detail).
+MANAGE_VERBS = frozenset({"start", "stop", "restart", "autostart"})
+MANAGE_UNITS_VERBS = frozenset(
+    {"install", "remove", "start", "stop", "restart", "enable", "disable"}
+)
 
 
 def checked_name(p: Params, field: str = "name") -> str:
@@ -149,15 +157,21 @@ async def create(ctx: CallContext, p: Params) -> Wire:
         act.CREATE, name, interactive=p["allowInteractiveAuthentication"], owner=uid
     )
     await require_systemd(ctx)
-    async with ctx.services.locks.hold(name):
-        record = ctx.record_of(name)
+    async with ctx.locked(name):
+        try:
+            record = ctx.records.get(name)
+        except CorruptRecord:
+            # Not ours to overwrite: records.py leaves such a file for an admin.
+            raise errors.CapsuleExists(name=name) from None
         with backend_errors(name):
             info = await ctx.backend.capsule_info(name)
         resuming = record is not None and record.phase is Phase.CREATING and record.owner == uid
         if not resuming and (record is not None or info is not None):
             raise errors.CapsuleExists(name=name)
+        if (problem := static_identity_problem(name)) is not None:
+            raise errors.InvalidName(name=name, reason=problem)
+        quota = ctx.services.authorizer.quota(ctx.peer)
         if not resuming:
-            quota = ctx.services.authorizer.quota(ctx.peer)
             owned = len(ctx.records.owned_by(uid))
             if quota.max_capsules is not None and owned >= quota.max_capsules:
                 ctx.audit("create", name, "quota-exceeded")
@@ -167,9 +181,15 @@ async def create(ctx: CallContext, p: Params) -> Wire:
             ctx.records.put(record)
         assert record is not None
         try:
-            # Starting the capsule once makes systemd create its state directory with
-            # the ownership it wants (65534 + ID mapping on 257, the dynamic uid before).
             with backend_errors(name):
+                # The caller's ceilings hold from the first start, not only for SetLimits.
+                ceilings = (quota.max_memory_bytes, quota.max_tasks, quota.max_cpu_weight)
+                if any(c is not None for c in ceilings):
+                    await ctx.backend.set_limits(
+                        name, memory_max=ceilings[0], tasks_max=ceilings[1], cpu_weight=ceilings[2]
+                    )
+                # Starting the capsule once makes systemd create its state directory with
+                # the ownership it wants (65534 + ID mapping on 257, the dynamic uid before).
                 await ctx.backend.start(name)
                 if not p["start"]:
                     await ctx.backend.stop(name)
@@ -182,12 +202,32 @@ async def create(ctx: CallContext, p: Params) -> Wire:
         return {"capsule": await describe_wire(ctx, name)}
 
 
+def static_identity_problem(name: str) -> str | None:
+    """Why NAME must not become a capsule because c-NAME already names a static user or group.
+
+    With DynamicUser=, systemd reuses an existing user of that name instead of allocating a
+    dynamic one (systemd.exec(5)), so capsule@NAME.service would run as - and Run would
+    execute as - that real account.
+    """
+    account = CAPSULE_USER_PREFIX + name
+    for kind, lookup in (("user", pwd.getpwnam), ("group", grp.getgrnam)):
+        try:
+            entry = lookup(account)
+        except KeyError:
+            continue
+        ident = entry[2]
+        if not DYNAMIC_UID_MIN <= ident <= DYNAMIC_UID_MAX:
+            return f"{account} is an existing {kind} (id {ident}), not a dynamic one"
+    return None
+
+
 async def _undo_create(ctx: CallContext, name: str) -> None:
     """A capsule whose manager would not start is not created: leave nothing behind."""
     try:
         await ctx.backend.stop(name)
         await ctx.backend.reset_failed(name)
         await ctx.backend.clean(name)
+        await ctx.backend.forget(name)
     except sd.BackendError:
         # The record stays in phase "creating": Remove or a retried Create finishes the job.
         return
@@ -198,7 +238,7 @@ async def remove(ctx: CallContext, p: Params) -> Wire:
     name = checked_name(p)
     await ctx.authorize(act.REMOVE, name, interactive=p["allowInteractiveAuthentication"])
     await require_systemd(ctx)
-    async with ctx.services.locks.hold(name):
+    async with ctx.locked(name):
         record = ctx.record_of(name)
         await existing(ctx, name, record)
         if record is not None:
@@ -224,7 +264,7 @@ async def _run_job(ctx: CallContext, p: Params, verb: str) -> Wire:
         act.MANAGE, name, interactive=p["allowInteractiveAuthentication"], verb=verb
     )
     await require_systemd(ctx)
-    async with ctx.services.locks.hold(name):
+    async with ctx.locked(name):
         await existing(ctx, name, ctx.record_of(name))
         job = {"start": ctx.backend.start, "stop": ctx.backend.stop, "restart": ctx.backend.restart}
         try:
@@ -256,11 +296,11 @@ async def set_autostart(ctx: CallContext, p: Params) -> Wire:
         act.MANAGE, name, interactive=p["allowInteractiveAuthentication"], verb="autostart"
     )
     await require_systemd(ctx)
-    async with ctx.services.locks.hold(name):
+    async with ctx.locked(name):
         await existing(ctx, name, ctx.record_of(name))
         with backend_errors(name):
             await ctx.backend.set_autostart(name, enabled)
-        ctx.audit("autostart", name, "ok", enabled=int(enabled))
+        ctx.audit("set-autostart", name, "ok", enabled=int(enabled))
         return {"capsule": await describe_wire(ctx, name)}
 
 
@@ -284,7 +324,9 @@ def _checked_limits(ctx: CallContext, p: Params) -> dict[str, int | None]:
         "cpuWeight": (cpu_weight, quota.max_cpu_weight),
     }
     for what, (value, ceiling) in ceilings.items():
-        # -1 means "no limit", which is above any ceiling.
+        if value == -1 and what == "cpuWeight":
+            value = DEFAULT_CPU_WEIGHT  # a reset goes back to systemd's default weight
+        # Otherwise -1 means "no limit", which is above any ceiling.
         if value is not None and ceiling is not None and (value == -1 or value > ceiling):
             raise errors.QuotaExceeded(what=what, limit=ceiling)
     return {"memoryMax": memory_max, "tasksMax": tasks_max, "cpuWeight": cpu_weight}
@@ -295,7 +337,7 @@ async def set_limits(ctx: CallContext, p: Params) -> Wire:
     await ctx.authorize(act.SET_LIMITS, name, interactive=p["allowInteractiveAuthentication"])
     limits = _checked_limits(ctx, p)
     await require_systemd(ctx)
-    async with ctx.services.locks.hold(name):
+    async with ctx.locked(name):
         await existing(ctx, name, ctx.record_of(name))
         # -1 on the wire is "back to systemd's default", the backend's LIMIT_DEFAULT.
         backend_value = {k: (LIMIT_DEFAULT if v == -1 else v) for k, v in limits.items()}
@@ -334,6 +376,15 @@ async def check_access(ctx: CallContext, p: Params) -> Wire:
         raise errors.InvalidValue(
             parameter="action", reason=f"one of {', '.join(act.BY_SHORT_NAME)}"
         ) from None
+    # Both become polkit details (D-Bus strings): nothing unchecked goes there.
+    verb, unit = cast(str | None, p["verb"]), cast(str | None, p["unit"])
+    if verb is not None and verb not in MANAGE_VERBS | MANAGE_UNITS_VERBS:
+        raise errors.InvalidValue(
+            parameter="verb",
+            reason=f"one of {', '.join(sorted(MANAGE_VERBS | MANAGE_UNITS_VERBS))}",
+        )
+    if unit is not None and (problem := unit_name_problem(unit)) is not None:
+        raise errors.InvalidUnit(unit=unit, reason=problem, line=None)
     record = ctx.record_of(name)
     owner = ctx.peer.uid if action == act.CREATE else (record.owner if record else None)
     decision, reason = await ctx.services.authorizer.explain(
@@ -341,7 +392,7 @@ async def check_access(ctx: CallContext, p: Params) -> Wire:
         action,
         capsule=name,
         owner=owner,
-        verb=cast(str | None, p["verb"]),
-        unit=cast(str | None, p["unit"]),
+        verb=verb,
+        unit=unit,
     )
     return {"access": {"result": str(decision), "reason": reason}}

@@ -33,6 +33,8 @@ Wire = dict[str, object]
 WATCH_ACCESS_TTL_S = 5.0
 # Journal followers at once, for all callers (each costs an inotify instance).
 MAX_FOLLOWERS = 32
+# ...and for one caller, so a single user cannot take them all.
+MAX_FOLLOWERS_PER_UID = 4
 # Events waiting for a slow Watch client; past this the backend's own bounded queue overflows
 # and the call ends with an error rather than buffering without bound.
 WATCH_QUEUE = 256
@@ -71,10 +73,14 @@ async def logs(ctx: CallContext, p: Params) -> Wire:
         for entry in wire[:-1]:
             await ctx.notify({"entries": [entry]})
         return {"entries": [wire[-1]]}
-    if ctx.services.followers >= MAX_FOLLOWERS:
+    followers = ctx.services.followers
+    uid = ctx.peer.uid
+    if sum(followers.values()) >= MAX_FOLLOWERS:
         # Each follower holds an inotify instance; the kernel allows 128 per user, for all of root.
         raise errors.QuotaExceeded(what="followers", limit=MAX_FOLLOWERS)
-    ctx.services.followers += 1
+    if followers.get(uid, 0) >= MAX_FOLLOWERS_PER_UID:
+        raise errors.QuotaExceeded(what="followers", limit=MAX_FOLLOWERS_PER_UID)
+    followers[uid] = followers.get(uid, 0) + 1
     try:
         for entry in wire:
             await ctx.notify({"entries": [entry]})
@@ -89,7 +95,9 @@ async def logs(ctx: CallContext, p: Params) -> Wire:
             async for new in follower:
                 await ctx.notify({"entries": [new.to_wire()]})
     finally:
-        ctx.services.followers -= 1
+        followers[uid] -= 1
+        if not followers[uid]:
+            del followers[uid]
     # The journal never ends a follow; only the client's hang-up (cancellation) does.
     return {"entries": []}
 
