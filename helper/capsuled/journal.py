@@ -34,7 +34,8 @@ Every entry the library hands back is checked again in Python against the same s
 (``accepts``) before it becomes an ``Entry``: a capsule named "web" must never see "web2".
 
 Bounds: at most ``MAX_LINES`` entries per read, messages capped at ``MESSAGE_MAX_BYTES`` bytes,
-the follower reads ``FOLLOW_BATCH`` entries per worker-thread hop and holds at most that many.
+a tail read's messages together capped at ``TAIL_MAX_BYTES`` (as JSON text), the follower
+reads ``FOLLOW_BATCH`` entries per worker-thread hop and holds at most that many.
 Each Follower holds one inotify instance (sd_journal_get_fd), and the kernel allows a user 128
 by default (fs.inotify.max_user_instances, shared by all of root's processes): callers must cap
 how many follow at once.  read_tail() opens no inotify instance.
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -73,6 +75,17 @@ DEFAULT_LINES = 100
 # also sd-journal's default data threshold, so nothing we show was shortened by the library.
 MESSAGE_MAX_BYTES = 64 * 1024
 TRUNCATION_MARK = "\u2026 [truncated]"
+
+# The most one message can weigh as JSON text (message_wire_bytes): every byte of a capped
+# message may be a control character that JSON escapes as \u00XX (6 bytes).
+MESSAGE_MAX_WIRE_BYTES = 6 * MESSAGE_MAX_BYTES + len(TRUNCATION_MARK.encode())
+
+# read_tail()'s default budget for the messages it returns, counted as JSON text. MAX_LINES
+# entries of MESSAGE_MAX_BYTES could be 640 MiB (far beyond a Varlink reply's 16 MiB cap, and a
+# lot of memory for a root daemon); 4 MiB of messages plus the other fields of MAX_LINES entries
+# (cursor, unit, identifier...: a few hundred bytes each, ~3 MiB) keeps a plain Logs reply
+# under the cap. The newest entries are kept: a tail cut by the budget has fewer lines.
+TAIL_MAX_BYTES = 4 * 1024 * 1024
 
 # Entries read per hop to the worker thread while following: bounds the time one hop holds the
 # reader and the memory a burst costs before the consumer takes them.
@@ -170,6 +183,12 @@ def decode_message(raw: bytes | None) -> str:
     head = raw[: MESSAGE_MAX_BYTES - 3].decode("utf-8", errors="replace")
     tail = raw[MESSAGE_MAX_BYTES - 3 : MESSAGE_MAX_BYTES].decode("utf-8", errors="ignore")
     return head + tail + TRUNCATION_MARK
+
+
+def message_wire_bytes(message: str) -> int:
+    """Bytes ``message`` takes as a JSON string on the wire (UTF-8, escapes, no quotes)."""
+    # ensure_ascii=False as capsuled.varlink.messages encodes replies.
+    return len(json.dumps(message, ensure_ascii=False).encode("utf-8")) - 2
 
 
 def _text(raw: bytes | None) -> str | None:
@@ -407,18 +426,26 @@ def read_tail(
     lines: int,
     since_usec: int | None,
     journal_dir: str | None = None,
+    max_bytes: int = TAIL_MAX_BYTES,
 ) -> list[Entry]:
     """The newest ``lines`` entries of the capsule (or of one unit in it), oldest first.
+
+    At most ``max_bytes`` of message text (``message_wire_bytes``) in all: the read stops at
+    the first (walking back: newest first) entry that would not fit, so what is returned is
+    still the newest entries without a gap, just fewer of them.
 
     Blocking (file I/O on the journal): call it through asyncio.to_thread.
 
     Raises:
-        ValueError: lines outside 0..MAX_LINES, or an invalid name.
+        ValueError: lines outside 0..MAX_LINES, max_bytes below MESSAGE_MAX_WIRE_BYTES (one
+            entry must always fit), or an invalid name.
         OSError: the journal could not be opened.
     """
     _check_names(capsule, unit)
     if not 0 <= lines <= MAX_LINES:
         raise ValueError(f"lines must be between 0 and {MAX_LINES}")
+    if max_bytes < MESSAGE_MAX_WIRE_BYTES:
+        raise ValueError(f"max_bytes must be at least {MESSAGE_MAX_WIRE_BYTES}")
     if lines == 0:
         return []
     reader = _open_reader(journal_dir)
@@ -427,6 +454,7 @@ def read_tail(
         _apply_groups(reader, groups)
         names = _match_fields(groups)
         newest_first: list[Entry] = []
+        budget = max_bytes
         reader.seek_tail()
         while len(newest_first) < lines and reader._previous():
             # Walking back, the first entry older than since ends the read (journalctl -n with
@@ -435,6 +463,9 @@ def read_tail(
                 break
             entry = _current_entry(reader, capsule, unit, names)
             if entry is not None:
+                budget -= message_wire_bytes(entry.message)
+                if budget < 0:
+                    break
                 newest_first.append(entry)
         newest_first.reverse()
         return newest_first

@@ -23,6 +23,8 @@ from capsuled import journal
 from capsuled.journal import (
     MAX_LINES,
     MESSAGE_MAX_BYTES,
+    MESSAGE_MAX_WIRE_BYTES,
+    TAIL_MAX_BYTES,
     TRUNCATION_MARK,
     Entry,
     Follower,
@@ -32,6 +34,7 @@ from capsuled.journal import (
     entry_from_fields,
     groups_accept,
     is_manager_cgroup,
+    message_wire_bytes,
     read_tail,
     unit_cgroups,
     unit_match_groups,
@@ -360,6 +363,15 @@ def test_invalid_arguments_are_refused_before_touching_the_journal() -> None:
         read_tail("web", unit=None, lines=MAX_LINES + 1, since_usec=None, journal_dir="/x")
     with pytest.raises(ValueError):
         read_tail("web", unit=None, lines=-1, since_usec=None, journal_dir="/x")
+    with pytest.raises(ValueError, match="max_bytes"):
+        read_tail(
+            "web",
+            unit=None,
+            lines=10,
+            since_usec=None,
+            journal_dir="/x",
+            max_bytes=MESSAGE_MAX_WIRE_BYTES - 1,
+        )
     assert read_tail("web", unit=None, lines=0, since_usec=None, journal_dir="/x") == []
     with pytest.raises(ValueError):
         Follower("web2\n", unit=None, after_cursor=None)
@@ -588,6 +600,50 @@ def test_read_tail_returns_the_newest_lines_oldest_first(tj: JournalFiles) -> No
         "line 48",
         "line 49",
     ]
+
+
+def test_message_wire_bytes_counts_json_escapes() -> None:
+    assert message_wire_bytes("abc") == 3
+    assert message_wire_bytes("\u00e9") == 2  # UTF-8, not escaped (ensure_ascii=False)
+    assert message_wire_bytes("\x01") == 6  # \u0001
+    assert message_wire_bytes('"\n') == 4
+    worst = decode_message(b"\x01" * (MESSAGE_MAX_BYTES + 1))
+    assert message_wire_bytes(worst) == MESSAGE_MAX_WIRE_BYTES
+
+
+def test_the_default_tail_budget_keeps_a_full_reply_under_the_varlink_cap() -> None:
+    # 4 MiB of messages + ~300 bytes of other fields for each of MAX_LINES entries < 16 MiB.
+    assert TAIL_MAX_BYTES == 4 * 1024 * 1024
+    assert TAIL_MAX_BYTES + MAX_LINES * 1024 < 16 * 1024 * 1024
+
+
+def test_read_tail_keeps_the_newest_entries_within_the_byte_budget(tj: JournalFiles) -> None:
+    size = MESSAGE_MAX_BYTES  # at the per-message cap: whole messages of exactly this size
+    tj.append(*(unit_output("web", "n.service", f"{i:04}" + "m" * (size - 4)) for i in range(20)))
+
+    def read(max_bytes: int) -> list[Entry]:
+        return read_tail(
+            "web",
+            unit=None,
+            lines=20,
+            since_usec=None,
+            journal_dir=str(tj.directory),
+            max_bytes=max_bytes,
+        )
+
+    # Seven messages fit exactly; one byte less and only six do. Newest kept, oldest first.
+    assert [e.message[:4] for e in read(7 * size)] == [f"{i:04}" for i in range(13, 20)]
+    assert [e.message[:4] for e in read(7 * size - 1)] == [f"{i:04}" for i in range(14, 20)]
+    assert len(read(20 * size)) == 20
+
+
+def test_read_tail_default_budget_bounds_a_huge_tail(tj: JournalFiles) -> None:
+    # 100 capped messages of 64 KiB (6.4 MiB) with the default budget: the newest 64 that fit.
+    tj.append(*(unit_output("web", "n.service", "y" * (3 * MESSAGE_MAX_BYTES)) for _ in range(100)))
+    entries = tail(tj, "web", lines=MAX_LINES)
+    per_entry = message_wire_bytes(entries[-1].message)
+    assert len(entries) == TAIL_MAX_BYTES // per_entry
+    assert sum(message_wire_bytes(e.message) for e in entries) <= TAIL_MAX_BYTES
 
 
 def test_read_tail_since(tj: JournalFiles) -> None:
