@@ -3,11 +3,13 @@ planted symlinks (invariant 2: the capsule controls everything below its own dir
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from pathlib import Path
 
 import pytest
+from jeepney import HeaderFields, Message
 
 from capsuled.systemd import backend, capsule_socket, hostfs
 
@@ -93,6 +95,36 @@ def test_autostart_link_must_be_a_symlink(tmp_path: Path, monkeypatch: pytest.Mo
     assert not hostfs.autostart_enabled("b")
     assert not hostfs.autostart_enabled("c")
     assert hostfs.autostart_names() == {"a", "b"}  # names only; existence is checked per name
+
+
+class RecordingBus:
+    """Stands in for the system bus connection: records the D-Bus members called."""
+
+    def __init__(self) -> None:
+        self.members: list[str] = []
+
+    async def call(self, msg: Message, *, unit: str = "") -> tuple[object, ...]:
+        self.members.append(str(msg.header.fields[HeaderFields.member]))
+        return ([("unlink", f"/etc/.../{unit}", "")],)
+
+
+def test_removing_autostart_goes_through_pid1_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /etc is read-only under capsuled.service (ProtectSystem=strict): the link is PID 1's to
+    # remove (DisableUnitFiles, verified on 257), and we never unlink it ourselves, even when
+    # it is still there after the call.
+    monkeypatch.setattr(hostfs, "SYSTEM_CONFIG_DIR", str(tmp_path))
+    wants = tmp_path / "multi-user.target.wants"
+    wants.mkdir()
+    link = wants / "capsule@a.service"
+    link.symlink_to("/usr/lib/systemd/system/capsule@.service")
+    bus = RecordingBus()
+    sd = backend.DBusSystemdBackend()
+    monkeypatch.setattr(sd, "_bus", lambda: asyncio.sleep(0, bus))
+    asyncio.run(sd.set_autostart("a", False))
+    assert bus.members == ["DisableUnitFilesWithFlags", "Reload"]
+    assert link.is_symlink()
 
 
 @pytest.mark.parametrize(

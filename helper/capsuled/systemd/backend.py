@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import stat
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Final, Protocol
@@ -42,7 +40,6 @@ from .errors import (
 from .hostfs import (
     AUTOSTART_TARGET,
     autostart_enabled,
-    autostart_link,
     autostart_names,
     count_unit_files,
     has_state_dir,
@@ -418,13 +415,13 @@ class DBusSystemdBackend:
 
     async def _remove_autostart(self, conn: BusConnection, name: str) -> None:
         unit = capsule_unit(name)
-        # DisableUnitFiles finds the link by name even though capsule@.service has no
-        # [Install] (verified on 257); the unlink below is the fallback for older managers.
+        # Through PID 1 only: /etc is read-only for us (ProtectSystem=strict in capsuled.service).
+        # DisableUnitFiles removes every symlink of that name in the unit search path even
+        # though capsule@.service has no [Install] (install.c matches links by name; verified on
+        # 257: reply [("unlink", ".../multi-user.target.wants/capsule@NAME.service", "")]), on
+        # every version we run on (>= 256). A former os.unlink() fallback here could only fail
+        # with EROFS under the service's sandbox, so it is gone.
         await conn.call(m.disable_unit_files_with_flags([unit]), unit=unit)
-        with contextlib.suppress(FileNotFoundError):
-            link = autostart_link(name)
-            if stat.S_ISLNK(os.lstat(link).st_mode):
-                os.unlink(link)
 
     async def set_limits(
         self,
