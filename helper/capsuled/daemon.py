@@ -208,7 +208,9 @@ def sd_notify(state: str) -> None:
 async def serve(options: Options, dispatcher: Dispatcher[Ctx]) -> int:
     """Serve until idle, told to stop, or (connected socket) the one connection ends."""
     fd = pick_fd(listen_fds())
-    server = Server(dispatcher.handle, dispatcher.internal_error, options.limits)
+    server = Server(
+        dispatcher.handle, dispatcher.internal_error, options.limits, dispatcher.busy_error
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -49,6 +49,7 @@ class Dispatcher(Generic[Ctx]):
         internal_error: type[VarlinkError],
         info: ServiceInfo,
         validate_replies: bool = False,
+        busy_error: type[VarlinkError] | None = None,
     ) -> None:
         unknown = (set(handlers) | requires_more) - set(interface.methods)
         if unknown:
@@ -58,6 +59,8 @@ class Dispatcher(Generic[Ctx]):
         self.make_context = make_context
         self.requires_more = requires_more
         self.internal_error = internal_error
+        # What the transport answers when no call or stream slot is free.
+        self.busy_error = busy_error or internal_error
         self.info = info
         self.validate_replies = validate_replies
         self._service = service_interface()

@@ -7,6 +7,7 @@
         ├── CapsuleRunning, CapsuleNotRunning, JobFailed
         ├── SystemdTooOld, SystemdUnavailable, InteractiveAuthenticationRequired
         ├── NoSuchUnit, InvalidUnit, UnsafeCapsuleHome, InvalidValue
+        ├── Busy
         └── InternalError
 
 A unit test checks that this set and the IDL's `error` declarations are the same.
@@ -105,6 +106,12 @@ class InvalidValue(ManagerError):
     """A well-typed parameter has an unacceptable value."""
 
     name = f"{INTERFACE}.InvalidValue"
+
+
+class Busy(ManagerError):
+    """Too many calls or streams are running (for this caller, or in all); try again later."""
+
+    name = f"{INTERFACE}.Busy"
 
 
 class InternalError(ManagerError):

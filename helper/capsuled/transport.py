@@ -28,8 +28,9 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from capsuled.varlink.connection import ConnectionState, ServerConnection
 from capsuled.varlink.errors import LocalProtocolError, RemoteProtocolError, VarlinkError
@@ -68,6 +69,13 @@ class Limits:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     write_buffer_bytes: int = 1024 * 1024
     send_timeout_s: float = 30.0
+    # How long a call may wait for an in-flight slot before it is answered busy_error.
+    slot_wait_s: float = 10.0
+    # A call that streams (its first `continues` reply) gives its in-flight slot back and
+    # holds a stream slot instead: a Watch or a followed Logs may last for hours and must
+    # not starve short calls. Streams are capped separately, in total and per UID.
+    max_streams: int = 128
+    max_streams_per_uid: int = 16
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.max_inflight_calls < 1:
@@ -78,7 +86,9 @@ class Limits:
             raise ValueError("max_connections_per_uid must be at most 3/4 of max_connections")
         if self.inflight_calls_per_uid > _three_quarters(self.max_inflight_calls):
             raise ValueError("max_inflight_calls_per_uid must be at most 3/4 of max_inflight_calls")
-        if min(self.idle_timeout_s, self.send_timeout_s) <= 0:
+        if not 1 <= self.max_streams_per_uid <= self.max_streams:
+            raise ValueError("stream limits must be at least 1, per UID at most the total")
+        if min(self.idle_timeout_s, self.send_timeout_s, self.slot_wait_s) <= 0:
             raise ValueError("timeouts must be positive")
         if self.max_message_bytes < 1 or self.write_buffer_bytes < 1:
             raise ValueError("sizes must be positive")
@@ -147,19 +157,55 @@ class _CallSlots:
         self._per_uid = per_uid
         self._uids: dict[int, _UidSlot] = {}
 
-    @contextlib.asynccontextmanager
-    async def hold(self, uid: int) -> AsyncIterator[None]:
+    async def acquire(self, uid: int) -> None:
+        """Wait for a slot (the caller bounds the wait); pair with release()."""
         slot = self._uids.get(uid)
         if slot is None:
             slot = self._uids[uid] = _UidSlot(self._per_uid)
         slot.users += 1
         try:
-            async with slot.sem, self._total:
-                yield
-        finally:
-            slot.users -= 1
-            if slot.users == 0:
-                del self._uids[uid]
+            await slot.sem.acquire()
+            try:
+                await self._total.acquire()
+            except BaseException:
+                slot.sem.release()
+                raise
+        except BaseException:
+            self._forget(uid, slot)
+            raise
+
+    def release(self, uid: int) -> None:
+        slot = self._uids[uid]
+        self._total.release()
+        slot.sem.release()
+        self._forget(uid, slot)
+
+    def _forget(self, uid: int, slot: _UidSlot) -> None:
+        slot.users -= 1
+        if slot.users == 0:
+            del self._uids[uid]
+
+
+class _StreamSlots:
+    """Counts long-lived streams in total and per UID; never waits: full means refused."""
+
+    def __init__(self, total: int, per_uid: int) -> None:
+        self._limit, self._per_uid_limit = total, per_uid
+        self._total = 0
+        self._uids: dict[int, int] = {}
+
+    def try_take(self, uid: int) -> bool:
+        if self._total >= self._limit or self._uids.get(uid, 0) >= self._per_uid_limit:
+            return False
+        self._total += 1
+        self._uids[uid] = self._uids.get(uid, 0) + 1
+        return True
+
+    def give_back(self, uid: int) -> None:
+        self._total -= 1
+        self._uids[uid] -= 1
+        if not self._uids[uid]:
+            del self._uids[uid]
 
 
 class _Closing(Exception):
@@ -174,13 +220,18 @@ class Server:
         handle: Handle,
         internal_error: type[VarlinkError],
         limits: Limits | None = None,
+        busy_error: type[VarlinkError] | None = None,
     ) -> None:
         self.handle = handle
         self.internal_error = internal_error
+        # The reply when no call or stream slot is free (the interface's own error; the core
+        # knows no interface). Without one, the generic error.
+        self.busy_error = busy_error or internal_error
         self.limits = limits or Limits()
         self._total = 0
         self._per_uid: dict[int, int] = {}
         self._slots = _CallSlots(self.limits.max_inflight_calls, self.limits.inflight_calls_per_uid)
+        self._streams = _StreamSlots(self.limits.max_streams, self.limits.max_streams_per_uid)
         self._changed = asyncio.Event()
         self._conns: dict[asyncio.Task[None], _Connection] = {}
         self.draining = False  # set by shutdown(): finish the running call, take no new ones
@@ -325,6 +376,8 @@ class _Connection:
         self.conn = ServerConnection(self.limits.max_message_bytes)
         self.eof = False
         self.busy = False  # a call is running: shutdown() lets it finish
+        # Which slot the running call holds (calls on one connection run one at a time).
+        self._holding: Literal["call", "stream"] | None = None
 
     def _who(self) -> str:
         return f"uid={self.peer.uid} pid={self.peer.pid}"
@@ -425,17 +478,45 @@ class _Connection:
             raise _Closing() from exc
 
     async def _notify(self, params: dict[str, object]) -> None:
+        if self._holding == "call":
+            # From its first `continues` on, this call is a stream: it gives back its call
+            # slot and needs a stream slot, or it ends here with busy_error.
+            server = self.server
+            server._slots.release(self.peer.uid)
+            self._holding = None
+            if not server._streams.try_take(self.peer.uid):
+                raise server.busy_error()
+            self._holding = "stream"
         try:
             await self._write(self.conn.send(Reply(params, continues=True)))
         except _Closing as exc:
             raise PeerGone("the peer went away") from exc
 
+    async def _hold_call_slot(self) -> None:
+        server = self.server
+        try:
+            async with asyncio.timeout(self.limits.slot_wait_s):
+                await server._slots.acquire(self.peer.uid)
+        except TimeoutError:
+            raise server.busy_error() from None
+        self._holding = "call"
+
+    def _release_slot(self) -> None:
+        if self._holding == "call":
+            self.server._slots.release(self.peer.uid)
+        elif self._holding == "stream":
+            self.server._streams.give_back(self.peer.uid)
+        self._holding = None
+
     async def _answer(self, call: Call) -> None:
         server = self.server
         reply: Reply | ErrorReply
         try:
-            async with server._slots.hold(self.peer.uid):
+            try:
+                await self._hold_call_slot()
                 result = await server.handle(call, self.peer, self._notify)
+            finally:
+                self._release_slot()
             reply = Reply(result)
         except VarlinkError as exc:
             reply = _error_reply(exc, server.internal_error)

@@ -38,6 +38,12 @@ class TestFailed(VarlinkError):
     name = "org.example.test.TestFailed"
 
 
+class TestBusy(VarlinkError):
+    """The test server's answer when no call or stream slot is free."""
+
+    name = "org.example.test.Busy"
+
+
 class TestInternalError(VarlinkError):
     """The test interface's generic error for unexpected exceptions."""
 
@@ -195,7 +201,7 @@ class ThreadServer:
 
     async def _make_server(self) -> Server:
         d = build_dispatcher(self.state)
-        return Server(d.handle, d.internal_error, self.limits)
+        return Server(d.handle, d.internal_error, self.limits, TestBusy)
 
     async def _listen(self) -> asyncio.Server:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

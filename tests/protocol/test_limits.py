@@ -213,3 +213,54 @@ def test_peer_of_a_socketpair_is_ourselves(server: ThreadServer) -> None:
             os.close(peer.pidfd)
         a.close()
         b.close()
+
+
+BUSY = {"error": "org.example.test.Busy", "parameters": {}}
+
+
+def _streaming(srv: ThreadServer) -> RawClient:
+    """A client whose Forever stream has started (it holds a stream slot, not a call slot)."""
+    c = RawClient(srv.path)
+    c.send({"method": f"{T}.Forever", "parameters": {"size": 1}, "more": True})
+    first = c.recv()
+    assert first.get("continues") is True, first
+    return c
+
+
+def test_long_streams_do_not_starve_short_calls(make_server: object) -> None:
+    # 4 call slots (3 per uid), but 6 streams: a stream gives its call slot back.
+    srv: ThreadServer = make_server(max_inflight_calls=4, max_streams=8, max_streams_per_uid=6)  # type: ignore[operator]
+    streams = [_streaming(srv) for _ in range(6)]
+    try:
+        with RawClient(srv.path) as c:
+            assert c.call(f"{T}.Ping", text="still here") == {"parameters": {"text": "still here"}}
+    finally:
+        for s in streams:
+            s.close()
+
+
+def test_streams_are_capped_per_uid_with_busy(make_server: object) -> None:
+    srv: ThreadServer = make_server(max_streams=8, max_streams_per_uid=2)  # type: ignore[operator]
+    streams = [_streaming(srv) for _ in range(2)]
+    try:
+        with RawClient(srv.path) as third:
+            third.send({"method": f"{T}.Forever", "parameters": {"size": 1}, "more": True})
+            assert third.recv() == BUSY
+            # The refused stream gave its slot back: plain calls still work on that connection.
+            assert third.call(f"{T}.Ping") == {"parameters": {"text": None}}
+    finally:
+        streams[0].close()
+    # A slot came free: a new stream is accepted.
+    _streaming(srv).close()
+    streams[1].close()
+
+
+def test_a_call_waiting_too_long_for_a_slot_is_answered_busy(make_server: object) -> None:
+    srv: ThreadServer = make_server(max_inflight_calls=1, slot_wait_s=0.2)  # type: ignore[operator]
+    with RawClient(srv.path) as blocked, RawClient(srv.path) as waiting:
+        blocked.send({"method": f"{T}.Block", "parameters": {"key": "slot"}})
+        assert srv.state.started_event("slot").wait(TIMEOUT_S)
+        assert waiting.call(f"{T}.Ping") == BUSY
+        srv.release("slot")
+        assert blocked.recv() == {"parameters": {}}
+        assert waiting.call(f"{T}.Ping") == {"parameters": {"text": None}}

@@ -120,6 +120,7 @@ def build_dispatcher(
         make_context=make_context,
         requires_more=REQUIRES_MORE,
         internal_error=errors.InternalError,
+        busy_error=errors.Busy,
         info=info,
         validate_replies=validate_replies,
     )
