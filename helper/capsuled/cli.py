@@ -100,6 +100,29 @@ def _parser() -> argparse.ArgumentParser:
         help="per-connection write buffer high-water mark (default: %(default)s)",
     )
     p.add_argument(
+        "--slot-wait-sec",
+        type=float,
+        default=d.slot_wait_s,
+        metavar="N",
+        help="answer Busy to a call that waited N seconds for an in-flight slot "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-streams",
+        type=int,
+        default=d.max_streams,
+        metavar="N",
+        help="streaming calls (Watch, followed Logs, Run with more) at once, all users; "
+        "they hold no in-flight slot (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-streams-per-uid",
+        type=int,
+        default=d.max_streams_per_uid,
+        metavar="N",
+        help="streaming calls at once for one UID (default: %(default)s)",
+    )
+    p.add_argument(
         "--shutdown-grace-sec",
         type=float,
         default=10.0,
@@ -141,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             max_message_bytes=args.max_message_bytes,
             write_buffer_bytes=args.write_buffer_bytes,
             send_timeout_s=args.send_timeout_sec,
+            slot_wait_s=args.slot_wait_sec,
+            max_streams=args.max_streams,
+            max_streams_per_uid=args.max_streams_per_uid,
         )
     except ValueError as exc:
         parser.error(str(exc))
