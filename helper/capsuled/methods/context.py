@@ -14,29 +14,18 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from capsuled import errors
 from capsuled.audit import AuditLog
 from capsuled.policy import Authorizer, Decision, InteractionRequired
 from capsuled.policy import actions as act
+from capsuled.policy.subject import SubjectLike as PeerLike
 from capsuled.records import CorruptRecord, Record, RecordStore
 from capsuled.systemd import errors as sd
 from capsuled.systemd.backend import SystemdBackend
 from capsuled.varlink.errors import PermissionDenied, VarlinkError
 
 Notify = Callable[[dict[str, object]], Awaitable[None]]
-
-
-class PeerLike(Protocol):
-    @property
-    def uid(self) -> int: ...
-    @property
-    def gid(self) -> int: ...
-    @property
-    def pid(self) -> int: ...
-    @property
-    def pidfd(self) -> int | None: ...
 
 
 class CapsuleLocks:
