@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 
 from e2e.vcall import SOCKET, call, fails, ok
+from testbed import Result, Testbed
 
 pytestmark = pytest.mark.e2e
 
 NO_SUCH = "org.capsuled.Manager.NoSuchCapsule"
+T = TypeVar("T")
 
 SERVICE = """\
 [Unit]
@@ -23,7 +27,7 @@ ExecStart=/bin/sh -c 'echo hello-{marker}; exec sleep infinity'
 """
 
 
-def poll(predicate, timeout_s: float = 20.0, what: str = "condition"):
+def poll(predicate: Callable[[], T], timeout_s: float = 20.0, what: str = "condition") -> T:
     """Re-check a condition that systemd makes true asynchronously (journal flush, job end)."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -35,7 +39,7 @@ def poll(predicate, timeout_s: float = 20.0, what: str = "condition"):
         time.sleep(0.2)
 
 
-def capsule_systemctl(bed, name: str, *argv: str):
+def capsule_systemctl(bed: Testbed, name: str, *argv: str) -> Result:
     """`systemctl --user` run as the capsule's own uid against its manager: what systemd
     itself says, without capsuled (`systemctl --capsule` needs a user bus in the capsule,
     which the testbed, like a server without dbus-user-session, does not have)."""
@@ -53,11 +57,11 @@ def capsule_systemctl(bed, name: str, *argv: str):
     )
 
 
-def unit_state(bed, name: str, unit: str) -> str:
+def unit_state(bed: Testbed, name: str, unit: str) -> str:
     return capsule_systemctl(bed, name, "is-active", unit).stdout.strip()
 
 
-def test_enabled_service_starts_with_the_capsule_and_logs(bed, capsule_name) -> None:
+def test_enabled_service_starts_with_the_capsule_and_logs(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     marker = name.replace("-", "")
     ok(bed, "alice", "Create", name=name)
@@ -94,7 +98,7 @@ def test_enabled_service_starts_with_the_capsule_and_logs(bed, capsule_name) -> 
     # The same, as systemd itself says it.
     assert unit_state(bed, name, "web.service") == "active"
 
-    def marker_logged():
+    def marker_logged() -> list[dict[str, Any]]:
         entries = ok(bed, "alice", "Logs", name=name, unit="web.service")["entries"]
         return [e for e in entries if f"hello-{marker}" in e["message"]]
 
@@ -108,7 +112,7 @@ def test_enabled_service_starts_with_the_capsule_and_logs(bed, capsule_name) -> 
     assert fails(bed, "bob", "ListUnits", name=name)[0] == NO_SUCH
 
 
-def test_unit_verbs_as_owner_and_refused(bed, capsule_name) -> None:
+def test_unit_verbs_as_owner_and_refused(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "Create", name=name, start=True)
     ok(
@@ -168,7 +172,7 @@ def test_unit_verbs_as_owner_and_refused(bed, capsule_name) -> None:
     )
 
 
-def test_bad_units_are_refused_and_change_nothing(bed, capsule_name) -> None:
+def test_bad_units_are_refused_and_change_nothing(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "Create", name=name)
     err, params = fails(bed, "alice", "InstallUnit", name=name, unit="../x.service", content="")
@@ -207,7 +211,7 @@ def test_bad_units_are_refused_and_change_nothing(bed, capsule_name) -> None:
     )
 
 
-def test_run_reports_exit_status_and_refuses_others(bed, capsule_name) -> None:
+def test_run_reports_exit_status_and_refuses_others(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "Create", name=name)
     assert fails(bed, "alice", "Run", name=name, command=["/bin/true"])[0] == (
@@ -284,7 +288,7 @@ print(json.dumps(events))
 """.replace("SOCKET", repr(SOCKET))
 
 
-def test_watch_delivers_start_and_stop_in_order(bed, capsule_name) -> None:
+def test_watch_delivers_start_and_stop_in_order(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "Create", name=name)
     r = bed.run("python3", "-c", WATCHER, name, user="alice", timeout=90)
@@ -302,7 +306,7 @@ def test_watch_delivers_start_and_stop_in_order(bed, capsule_name) -> None:
     assert fails(bed, "alice", "Watch", names=[name])[0] == "org.varlink.service.ExpectedMore"
 
 
-def test_watch_hides_capsules_the_caller_may_not_read(bed, capsule_name) -> None:
+def test_watch_hides_capsules_the_caller_may_not_read(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "Create", name=name)
     # mallory watches everything she may read: the snapshot has nothing of alice's capsule.
@@ -317,13 +321,13 @@ def test_watch_hides_capsules_the_caller_may_not_read(bed, capsule_name) -> None
 VICTIM_DIR = "/etc/victim"
 
 
-def _plant(bed, name: str, shell: str) -> None:
+def _plant(bed: Testbed, name: str, shell: str) -> None:
     """Run shell inside the running capsule, as its own user (the attacker's position)."""
     r = call(bed, "alice", "Run", {"name": name, "command": ["/bin/sh", "-c", shell]}, more=True)
     assert r.last["parameters"]["exitStatus"] == 0, r.last
 
 
-def _victim_state(bed) -> str:
+def _victim_state(bed: Testbed) -> str:
     return bed.as_root(
         "sh",
         "-c",
@@ -345,7 +349,9 @@ def _victim_state(bed) -> str:
     ],
     ids=["config", "systemd", "user", "unit-path", "wants-link"],
 )
-def test_planted_symlinks_never_make_root_write_outside(bed, capsule_name, plant: str) -> None:
+def test_planted_symlinks_never_make_root_write_outside(
+    bed: Testbed, capsule_name: str, plant: str
+) -> None:
     name = capsule_name
     bed.as_root("sh", "-c", f"mkdir -p {VICTIM_DIR} && echo precious > {VICTIM_DIR}/file").check()
     ok(bed, "alice", "Create", name=name, start=True)
@@ -379,7 +385,7 @@ def test_planted_symlinks_never_make_root_write_outside(bed, capsule_name, plant
     assert bed.as_root("test", "-e", f"{VICTIM_DIR}/evil.service").returncode == 1
 
 
-def test_planted_hardlink_is_never_written_through(bed, capsule_name) -> None:
+def test_planted_hardlink_is_never_written_through(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     bed.as_root("sh", "-c", f"mkdir -p {VICTIM_DIR} && echo precious > {VICTIM_DIR}/hard").check()
     ok(bed, "alice", "Create", name=name)
@@ -434,7 +440,7 @@ print(json.dumps(events))
 """.replace("SOCKET", repr(SOCKET))
 
 
-def test_watch_follows_the_units_of_a_named_capsule(bed, capsule_name) -> None:
+def test_watch_follows_the_units_of_a_named_capsule(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "Create", name=name)
     ok(

@@ -14,25 +14,26 @@ import time
 import pytest
 
 from e2e.vcall import call, fails, ok
+from testbed import Testbed
 
 pytestmark = pytest.mark.e2e
 
 NO_SUCH = "org.capsuled.Manager.NoSuchCapsule"
 
 
-def uid_of(bed, user: str) -> int:
+def uid_of(bed: Testbed, user: str) -> int:
     return int(bed.as_root("id", "-u", user).check().stdout)
 
 
-def systemd_state(bed, name: str) -> str:
+def systemd_state(bed: Testbed, name: str) -> str:
     return bed.as_root("systemctl", "is-active", f"capsule@{name}.service").stdout.strip()
 
 
-def data_dir_exists(bed, name: str) -> bool:
+def data_dir_exists(bed: Testbed, name: str) -> bool:
     return bed.as_root("test", "-d", f"/var/lib/private/capsules/{name}").returncode == 0
 
 
-def test_owner_walks_the_whole_lifecycle(bed, capsule_name) -> None:
+def test_owner_walks_the_whole_lifecycle(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     alice = uid_of(bed, "alice")
 
@@ -79,7 +80,7 @@ def test_owner_walks_the_whole_lifecycle(bed, capsule_name) -> None:
     assert name not in [c["name"] for c in ok(bed, "alice", "List")["capsules"]]
 
 
-def test_list_streams_one_capsule_per_reply(bed, capsule_name) -> None:
+def test_list_streams_one_capsule_per_reply(bed: Testbed, capsule_name: str) -> None:
     ok(bed, "alice", "Create", name=capsule_name)
     second = capsule_name[:-1] + ("x" if capsule_name[-1] != "x" else "y")
     ok(bed, "alice", "Create", name=second)
@@ -94,7 +95,7 @@ def test_list_streams_one_capsule_per_reply(bed, capsule_name) -> None:
         ok(bed, "root", "Remove", name=second)
 
 
-def test_users_who_may_not_read_cannot_tell_it_exists(bed, capsule_name) -> None:
+def test_users_who_may_not_read_cannot_tell_it_exists(bed: Testbed, capsule_name: str) -> None:
     ok(bed, "alice", "Create", name=capsule_name)
     absent = "nobody-has-this"
     for user in ("mallory", "bob"):
@@ -112,14 +113,14 @@ def test_users_who_may_not_read_cannot_tell_it_exists(bed, capsule_name) -> None
     assert data_dir_exists(bed, capsule_name)
 
 
-def test_non_member_may_not_create(bed, capsule_name) -> None:
+def test_non_member_may_not_create(bed: Testbed, capsule_name: str) -> None:
     err, _ = fails(bed, "mallory", "Create", name=capsule_name)
     assert err == "org.capsuled.Manager.InteractiveAuthenticationRequired"
     assert not data_dir_exists(bed, capsule_name)
     assert systemd_state(bed, capsule_name) == "inactive"
 
 
-def test_root_manages_any_capsule(bed, capsule_name) -> None:
+def test_root_manages_any_capsule(bed: Testbed, capsule_name: str) -> None:
     ok(bed, "alice", "Create", name=capsule_name)
     assert ok(bed, "root", "Start", name=capsule_name)["capsule"]["state"] == "active"
     assert ok(bed, "root", "Stop", name=capsule_name)["capsule"]["state"] == "inactive"
@@ -129,7 +130,7 @@ def test_root_manages_any_capsule(bed, capsule_name) -> None:
     "bad",
     ["", "x" * 30, "a/b", "..", "a.b", "émile", "a b", "web\n", "a:b"],
 )
-def test_invalid_names_never_reach_systemd(bed, bad: str) -> None:
+def test_invalid_names_never_reach_systemd(bed: Testbed, bad: str) -> None:
     err, params = fails(bed, "alice", "Create", name=bad)
     assert err == "org.capsuled.Manager.InvalidName"
     assert params["name"] == bad and params["reason"]
@@ -138,7 +139,7 @@ def test_invalid_names_never_reach_systemd(bed, bad: str) -> None:
     assert f"capsule@{bad}.service" not in units.stdout if bad else True
 
 
-def test_longest_valid_name_works(bed) -> None:
+def test_longest_valid_name_works(bed: Testbed) -> None:
     name = "n" * 29
     try:
         assert ok(bed, "alice", "Create", name=name)["capsule"]["name"] == name
@@ -146,7 +147,7 @@ def test_longest_valid_name_works(bed) -> None:
         ok(bed, "root", "Remove", name=name)
 
 
-def test_create_twice_is_capsule_exists(bed, capsule_name) -> None:
+def test_create_twice_is_capsule_exists(bed: Testbed, capsule_name: str) -> None:
     ok(bed, "alice", "Create", name=capsule_name)
     assert fails(bed, "alice", "Create", name=capsule_name) == (
         "org.capsuled.Manager.CapsuleExists",
@@ -157,7 +158,7 @@ def test_create_twice_is_capsule_exists(bed, capsule_name) -> None:
     )
 
 
-def test_concurrent_creates_of_one_name_yield_one_capsule(bed, capsule_name) -> None:
+def test_concurrent_creates_of_one_name_yield_one_capsule(bed: Testbed, capsule_name: str) -> None:
     results: list[str | None] = []
 
     def create(user: str) -> None:
@@ -174,7 +175,9 @@ def test_concurrent_creates_of_one_name_yield_one_capsule(bed, capsule_name) -> 
     )
 
 
-def test_capsule_made_with_plain_systemctl_is_listed_unowned(bed, capsule_name) -> None:
+def test_capsule_made_with_plain_systemctl_is_listed_unowned(
+    bed: Testbed, capsule_name: str
+) -> None:
     bed.as_root("systemctl", "start", f"capsule@{capsule_name}.service").check()
     listed = {c["name"]: c for c in ok(bed, "root", "List")["capsules"]}
     assert listed[capsule_name]["owner"] is None
@@ -185,7 +188,9 @@ def test_capsule_made_with_plain_systemctl_is_listed_unowned(bed, capsule_name) 
     assert systemd_state(bed, capsule_name) == "active"
 
 
-def test_failed_manager_start_is_an_error_with_the_unit_result(bed, capsule_name) -> None:
+def test_failed_manager_start_is_an_error_with_the_unit_result(
+    bed: Testbed, capsule_name: str
+) -> None:
     name = capsule_name
     ok(bed, "alice", "Create", name=name)
     dropin = f"/run/systemd/system/capsule@{name}.service.d"
@@ -205,7 +210,9 @@ def test_failed_manager_start_is_an_error_with_the_unit_result(bed, capsule_name
     assert ok(bed, "alice", "Start", name=name)["capsule"]["state"] == "active"
 
 
-def test_remove_of_a_running_capsule_stops_it_and_deletes_its_data(bed, capsule_name) -> None:
+def test_remove_of_a_running_capsule_stops_it_and_deletes_its_data(
+    bed: Testbed, capsule_name: str
+) -> None:
     name = capsule_name
     ok(bed, "alice", "Create", name=name, start=True)
     assert systemd_state(bed, name) == "active"
@@ -214,7 +221,9 @@ def test_remove_of_a_running_capsule_stops_it_and_deletes_its_data(bed, capsule_
     assert not data_dir_exists(bed, name)
 
 
-def test_remove_keep_data_keeps_the_directory_and_forgets_the_owner(bed, capsule_name) -> None:
+def test_remove_keep_data_keeps_the_directory_and_forgets_the_owner(
+    bed: Testbed, capsule_name: str
+) -> None:
     name = capsule_name
     ok(bed, "alice", "Create", name=name)
     ok(bed, "alice", "Remove", name=name, keepData=True)
@@ -224,7 +233,7 @@ def test_remove_keep_data_keeps_the_directory_and_forgets_the_owner(bed, capsule
     assert ok(bed, "root", "Describe", name=name)["capsule"]["owner"] is None
 
 
-def test_set_limits_is_persistent_and_visible_in_systemctl(bed, capsule_name) -> None:
+def test_set_limits_is_persistent_and_visible_in_systemctl(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "Create", name=name)
     capsule = ok(
@@ -260,7 +269,7 @@ def test_set_limits_is_persistent_and_visible_in_systemctl(bed, capsule_name) ->
     )
 
 
-def test_set_limits_is_held_to_the_quota_ceiling(bed, capsule_name) -> None:
+def test_set_limits_is_held_to_the_quota_ceiling(bed: Testbed, capsule_name: str) -> None:
     dropin = "/etc/capsuled/capsuled.toml.d/50-e2e-carol.toml"
     bed.as_root("mkdir", "-p", "/etc/capsuled/capsuled.toml.d").check()
     bed.as_root(
@@ -293,7 +302,7 @@ def test_set_limits_is_held_to_the_quota_ceiling(bed, capsule_name) -> None:
         bed.as_root("systemctl", "stop", "capsuled.service")
 
 
-def test_audit_records_carry_structured_fields(bed, capsule_name) -> None:
+def test_audit_records_carry_structured_fields(bed: Testbed, capsule_name: str) -> None:
     ok(bed, "alice", "Create", name=capsule_name)
     ok(bed, "alice", "Start", name=capsule_name)
     alice = uid_of(bed, "alice")
@@ -315,7 +324,7 @@ def test_audit_records_carry_structured_fields(bed, capsule_name) -> None:
     assert records[-1]["CAPSULED_RESULT"] == "ok"
 
 
-def test_a_create_killed_half_way_is_finished_by_a_retry(bed, capsule_name) -> None:
+def test_a_create_killed_half_way_is_finished_by_a_retry(bed: Testbed, capsule_name: str) -> None:
     """What a SIGKILL between the record and systemd leaves behind: a retry finishes it."""
     alice = uid_of(bed, "alice")
     record = {"format": 1, "name": capsule_name, "owner": alice, "phase": "creating", "created": 1}
@@ -334,7 +343,7 @@ def test_a_create_killed_half_way_is_finished_by_a_retry(bed, capsule_name) -> N
     )
 
 
-def test_a_remove_killed_half_way_is_finished_by_a_retry(bed, capsule_name) -> None:
+def test_a_remove_killed_half_way_is_finished_by_a_retry(bed: Testbed, capsule_name: str) -> None:
     ok(bed, "alice", "Create", name=capsule_name)
     bed.as_root(
         "sed", "-i", 's/"ready"/"removing"/', f"/var/lib/capsuled/capsules/{capsule_name}.json"
@@ -344,14 +353,14 @@ def test_a_remove_killed_half_way_is_finished_by_a_retry(bed, capsule_name) -> N
     assert not data_dir_exists(bed, capsule_name)
 
 
-def test_info_tells_the_caller_who_it_is(bed) -> None:
+def test_info_tells_the_caller_who_it_is(bed: Testbed) -> None:
     info = ok(bed, "mallory", "Info")
     assert info["callerUid"] == uid_of(bed, "mallory")
     assert info["systemdVersion"] >= 256
     assert info["policyBackend"] in ("builtin", "polkit")
 
 
-def test_autostart_survives_a_reboot(bed, capsule_name) -> None:
+def test_autostart_survives_a_reboot(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "Create", name=name)
     assert ok(bed, "alice", "SetAutostart", name=name, enabled=True)["capsule"]["autostart"]
@@ -365,7 +374,9 @@ def test_autostart_survives_a_reboot(bed, capsule_name) -> None:
     assert bed.as_root("test", "-e", link).returncode == 1
 
 
-def test_sigkill_in_the_middle_of_create_then_a_retry_finishes(bed, capsule_name) -> None:
+def test_sigkill_in_the_middle_of_create_then_a_retry_finishes(
+    bed: Testbed, capsule_name: str
+) -> None:
     """A real SIGKILL while systemd's start job runs (made slow by a drop-in)."""
     name = capsule_name
     dropin = f"/run/systemd/system/capsule@{name}.service.d"
@@ -398,7 +409,9 @@ def test_sigkill_in_the_middle_of_create_then_a_retry_finishes(bed, capsule_name
     bed.as_root("systemctl", "daemon-reload")
 
 
-def test_sigkill_in_the_middle_of_remove_then_a_retry_finishes(bed, capsule_name) -> None:
+def test_sigkill_in_the_middle_of_remove_then_a_retry_finishes(
+    bed: Testbed, capsule_name: str
+) -> None:
     name = capsule_name
     ok(bed, "alice", "Create", name=name, start=True)
     dropin = f"/run/systemd/system/capsule@{name}.service.d"

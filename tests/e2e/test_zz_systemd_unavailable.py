@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 
 from e2e.vcall import call, fails, ok
+from testbed import Testbed
 
 pytestmark = pytest.mark.e2e
 
 
-def test_no_system_bus_is_systemd_unavailable_and_recovers(bed, capsule_name) -> None:
+def test_no_system_bus_is_systemd_unavailable_and_recovers(bed: Testbed, capsule_name: str) -> None:
     ok(bed, "root", "Create", name=capsule_name)
     bed.as_root("systemctl", "stop", "dbus.socket", "dbus.service").check()
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 INTERFACE = "org.capsuled.Manager"
 SOCKET = "/run/capsuled/org.capsuled.Manager"
@@ -47,10 +47,11 @@ class Runner(Protocol):
 
 @dataclass
 class Replies:
-    replies: list[dict[str, object]] = field(default_factory=list)
+    # Parsed JSON from the wire: tests index into it freely and assert on what they find.
+    replies: list[dict[str, Any]] = field(default_factory=list)
 
     @property
-    def last(self) -> dict[str, object]:
+    def last(self) -> dict[str, Any]:
         return self.replies[-1]
 
     @property
@@ -59,7 +60,7 @@ class Replies:
         return err if isinstance(err, str) else None
 
     @property
-    def parameters(self) -> dict[str, object]:
+    def parameters(self) -> dict[str, Any]:
         params = self.last.get("parameters", {})
         assert isinstance(params, dict)
         return params
@@ -89,14 +90,14 @@ def call(
     return Replies(replies)
 
 
-def ok(bed: object, user: str, method: str, **params: object) -> dict[str, object]:
+def ok(bed: object, user: str, method: str, **params: object) -> dict[str, Any]:
     """Call and insist on success; the reply's parameters."""
     r = call(bed, user, method, params)
     assert r.error is None, f"{user} {method}({params}) -> {r.last}"
     return r.parameters
 
 
-def fails(bed: object, user: str, method: str, **params: object) -> tuple[str, dict[str, object]]:
+def fails(bed: object, user: str, method: str, **params: object) -> tuple[str, dict[str, Any]]:
     """Call and insist on an error reply; (error name, parameters)."""
     r = call(bed, user, method, params)
     assert r.error is not None, f"{user} {method}({params}) unexpectedly succeeded: {r.last}"
