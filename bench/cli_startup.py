@@ -19,46 +19,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from _table import Spec, measure, table
+
+if TYPE_CHECKING:
+    from testbed import Testbed
 
 ROOT = Path(__file__).resolve().parents[1]
 # What pip's console-script wrapper for capsulectl runs (see the wheel's entry_points.txt).
 ENTRY = "import re, sys; from capsulectl.cli import main; sys.exit(main())"
-
-
-Spec = tuple[str, Callable[[], object], str | None]  # label, one run, label to compare with
-
-
-def measure(specs: Sequence[Spec], n: int) -> list[tuple[str, list[float], str | None]]:
-    """Wall times in ms of n runs of each command, interleaved round by round.
-
-    Interleaving spreads the load of a busy machine over all commands alike, instead of letting
-    one command's runs all land in a busy spell. One warm-up each first (it also writes .pyc).
-    """
-    for _, run, _ in specs:
-        run()
-    times: dict[str, list[float]] = {label: [] for label, _, _ in specs}
-    for _ in range(n):
-        for label, run, _ in specs:
-            start = time.perf_counter()
-            run()
-            times[label].append((time.perf_counter() - start) * 1000)
-    return [(label, times[label], versus) for label, _, versus in specs]
-
-
-def table(rows: Sequence[tuple[str, list[float], str | None]], offset_ms: float) -> None:
-    medians = {label: statistics.median(t) - offset_ms for label, t, _ in rows}
-    print(f"{'command':58} {'median':>8} {'min':>8} {'p90':>8}  ratio (of medians)")
-    for label, times, versus in rows:
-        t = sorted(x - offset_ms for x in times)
-        p90 = t[min(len(t) - 1, int(len(t) * 0.9))]
-        ratio = ""
-        if versus is not None and medians.get(versus, 0) > 0:
-            ratio = f"{medians[label] / medians[versus]:5.1f}x {versus}"
-        print(f"{label:58} {medians[label]:8.1f} {t[0]:8.1f} {p90:8.1f}  {ratio}")
-    print("(milliseconds of wall time" + (f", minus {offset_ms:.1f} ms" if offset_ms else "") + ")")
 
 
 def host_env() -> dict[str, str]:
@@ -185,46 +157,51 @@ def import_summary() -> None:
     print(f"total (top-level imports): {sum(top) / 1000:.1f} ms")
 
 
+def testbed_table(bed: Testbed, n: int) -> None:
+    """Client start-up inside a booted testbed (bench/run.py calls this with its own bed)."""
+    bed.as_user("alice", "capsulectl", "create", "bench", "--start").check()
+
+    def inside(*argv: str) -> Callable[[], object]:
+        return lambda: bed.run(*argv, user="alice")
+
+    describe = [
+        "varlinkctl",
+        "call",
+        "/run/capsuled/org.capsuled.Manager",
+        "org.capsuled.Manager.Describe",
+        '{"name":"bench"}',
+    ]
+    status_ref = "systemctl status capsule@bench.service"
+    rows = measure(
+        [
+            ("true (cost of entering the container)", inside("true"), None),
+            ("python3 -S -c pass", inside("python3", "-S", "-c", "pass"), None),
+            ("python3 -c pass", inside("python3", "-c", "pass"), None),
+            ("systemctl --version", inside("systemctl", "--version"), None),
+            ("capsulectl --version", inside("capsulectl", "--version"), "systemctl --version"),
+            (status_ref, inside("systemctl", "status", "capsule@bench.service"), None),
+            ("varlinkctl call ... Describe bench", inside(*describe), status_ref),
+            ("capsulectl status bench", inside("capsulectl", "status", "bench"), status_ref),
+            ("capsulectl list", inside("capsulectl", "list"), status_ref),
+        ],
+        n,
+    )
+    offset = statistics.median(rows[0][1])
+    rows = rows[1:]
+    print(
+        f"inside {bed.machine} (systemd 257, real capsuled, all as alice); entering it costs "
+        f"{offset:.1f} ms, subtracted"
+    )
+    table(rows, offset)
+
+
 def run_testbed(n: int) -> None:
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "helper"), str(ROOT / "client")]
     from testbed import Testbed
 
     bed = Testbed.boot()
     try:
-        bed.as_user("alice", "capsulectl", "create", "bench", "--start").check()
-
-        def inside(*argv: str) -> Callable[[], object]:
-            return lambda: bed.run(*argv, user="alice")
-
-        describe = [
-            "varlinkctl",
-            "call",
-            "/run/capsuled/org.capsuled.Manager",
-            "org.capsuled.Manager.Describe",
-            '{"name":"bench"}',
-        ]
-        status_ref = "systemctl status capsule@bench.service"
-        rows = measure(
-            [
-                ("true (cost of entering the container)", inside("true"), None),
-                ("python3 -S -c pass", inside("python3", "-S", "-c", "pass"), None),
-                ("python3 -c pass", inside("python3", "-c", "pass"), None),
-                ("systemctl --version", inside("systemctl", "--version"), None),
-                ("capsulectl --version", inside("capsulectl", "--version"), "systemctl --version"),
-                (status_ref, inside("systemctl", "status", "capsule@bench.service"), None),
-                ("varlinkctl call ... Describe bench", inside(*describe), status_ref),
-                ("capsulectl status bench", inside("capsulectl", "status", "bench"), status_ref),
-                ("capsulectl list", inside("capsulectl", "list"), status_ref),
-            ],
-            n,
-        )
-        offset = statistics.median(rows[0][1])
-        rows = rows[1:]
-        print(
-            f"inside {bed.machine} (systemd 257, real capsuled); entering it costs "
-            f"{offset:.1f} ms, subtracted"
-        )
-        table(rows, offset)
+        testbed_table(bed, n)
     finally:
         bed.close()
 
