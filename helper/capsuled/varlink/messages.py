@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from typing import Self
 
 from capsuled.varlink.errors import LocalProtocolError, RemoteProtocolError
 
@@ -46,26 +46,96 @@ def is_valid_method_name(name: str) -> bool:
     return _QUALIFIED_RE.fullmatch(name) is not None
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
+class _Value:
+    """Base of the message classes: immutable values with __slots__, equal field by field.
+
+    Hand-written rather than `@dataclass(frozen=True, slots=True)`: `dataclasses` imports `inspect`,
+    and the two cost the client ~10 ms per run (python -X importtime, `capsulectl status`), a
+    quarter of its start-up. What this keeps of the dataclass behaviour: keyword or positional
+    construction, equality only between instances of the same class, the field-by-field repr,
+    `__match_args__`, hashing of the field tuple (which raises, as `parameters` is a dict), no
+    assignment or deletion after construction, and copy/pickle by re-construction. Assignment
+    raises AttributeError (dataclasses' FrozenInstanceError is a subclass of it).
+    """
+
+    __slots__ = ()
+    # Each subclass lists its fields in order (the order of its positional arguments) here;
+    # equality, hash, repr and copying all read them from this one tuple.
+    __match_args__: tuple[str, ...] = ()
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__match_args__)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Value) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__match_args__)
+        return f"{type(self).__qualname__}({items})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}: {type(self).__name__} is frozen")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}: {type(self).__name__} is frozen")
+
+    def __reduce__(self) -> tuple[type[Self], tuple[object, ...]]:
+        # copy, deepcopy and pickle rebuild through __init__, so a copy is validated too.
+        return (type(self), self._fields())
+
+    def _init_field(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+
+
+# A marker for "no parameters given": each value then gets its own empty dict, as
+# `field(default_factory=dict)` did. Compared by identity only; never handed out or mutated.
+_NO_PARAMETERS: dict[str, object] = {}
+
+
+def _own_parameters(parameters: dict[str, object]) -> dict[str, object]:
+    return {} if parameters is _NO_PARAMETERS else parameters
+
+
+class Call(_Value):
     """A method call. At most one of oneway/more/upgrade may be set."""
 
-    method: str
-    parameters: dict[str, object] = field(default_factory=dict)
-    oneway: bool = False
-    more: bool = False
-    upgrade: bool = False
+    __slots__ = ("method", "more", "oneway", "parameters", "upgrade")
+    __match_args__ = ("method", "parameters", "oneway", "more", "upgrade")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.method, str) or not is_valid_method_name(self.method):
-            raise LocalProtocolError(f"invalid method name {_short(self.method)}")
-        if not isinstance(self.parameters, dict):
+    method: str
+    parameters: dict[str, object]
+    oneway: bool
+    more: bool
+    upgrade: bool
+
+    def __init__(
+        self,
+        method: str,
+        parameters: dict[str, object] = _NO_PARAMETERS,
+        oneway: bool = False,
+        more: bool = False,
+        upgrade: bool = False,
+    ) -> None:
+        parameters = _own_parameters(parameters)
+        if not isinstance(method, str) or not is_valid_method_name(method):
+            raise LocalProtocolError(f"invalid method name {_short(method)}")
+        if not isinstance(parameters, dict):
             raise LocalProtocolError("call parameters must be an object")
-        for flag in (self.oneway, self.more, self.upgrade):
+        for flag in (oneway, more, upgrade):
             if not isinstance(flag, bool):
                 raise LocalProtocolError("call flags must be booleans")
-        if self.oneway + self.more + self.upgrade > 1:
+        if oneway + more + upgrade > 1:
             raise LocalProtocolError("at most one of oneway, more, upgrade may be set")
+        self._init_field("method", method)
+        self._init_field("parameters", parameters)
+        self._init_field("oneway", oneway)
+        self._init_field("more", more)
+        self._init_field("upgrade", upgrade)
 
     @property
     def interface(self) -> str:
@@ -78,32 +148,44 @@ class Call:
         return self.method.rpartition(".")[2]
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(_Value):
     """A successful reply; `continues` means more replies to the same call follow."""
 
-    parameters: dict[str, object] = field(default_factory=dict)
-    continues: bool = False
+    __slots__ = ("continues", "parameters")
+    __match_args__ = ("parameters", "continues")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.parameters, dict):
+    parameters: dict[str, object]
+    continues: bool
+
+    def __init__(
+        self, parameters: dict[str, object] = _NO_PARAMETERS, continues: bool = False
+    ) -> None:
+        parameters = _own_parameters(parameters)
+        if not isinstance(parameters, dict):
             raise LocalProtocolError("reply parameters must be an object")
-        if not isinstance(self.continues, bool):
+        if not isinstance(continues, bool):
             raise LocalProtocolError("continues must be a boolean")
+        self._init_field("parameters", parameters)
+        self._init_field("continues", continues)
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorReply:
+class ErrorReply(_Value):
     """An error reply; always final."""
 
-    error: str
-    parameters: dict[str, object] = field(default_factory=dict)
+    __slots__ = ("error", "parameters")
+    __match_args__ = ("error", "parameters")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.error, str) or not is_valid_method_name(self.error):
-            raise LocalProtocolError(f"invalid error name {_short(self.error)}")
-        if not isinstance(self.parameters, dict):
+    error: str
+    parameters: dict[str, object]
+
+    def __init__(self, error: str, parameters: dict[str, object] = _NO_PARAMETERS) -> None:
+        parameters = _own_parameters(parameters)
+        if not isinstance(error, str) or not is_valid_method_name(error):
+            raise LocalProtocolError(f"invalid error name {_short(error)}")
+        if not isinstance(parameters, dict):
             raise LocalProtocolError("error parameters must be an object")
+        self._init_field("error", error)
+        self._init_field("parameters", parameters)
 
 
 Message = Call | Reply | ErrorReply
