@@ -16,6 +16,7 @@ from typing import TypeVar
 import pytest
 from jeepney import (
     DBusAddress,
+    HeaderFields,
     Message,
     Parser,
     new_error,
@@ -164,7 +165,7 @@ def _reply_of_size(call: Message, size: int) -> bytes:
     """A method return to ``call`` whose serialised form is exactly ``size`` bytes."""
     probe = new_method_return(call, "s", ("",)).serialise(1000)
     # A string body grows byte for byte; the header does not change with its length.
-    data = new_method_return(call, "s", ("x" * (size - len(probe)),)).serialise(1000)
+    data = bytes(new_method_return(call, "s", ("x" * (size - len(probe)),)).serialise(1000))
     assert len(data) == size
     return data
 
@@ -177,7 +178,7 @@ def test_peer_link_caps_messages_at_1_mib_by_default() -> None:
         conn, peer = await connected()
         call = asyncio.create_task(conn.call(m.list_units()))
         peer.writer.write(_reply_of_size(await peer.next_call(), bus.MAX_PEER_MESSAGE_BYTES))
-        assert len((await call)[0]) > 1000 * 1000  # exactly at the cap: accepted
+        assert len(str((await call)[0])) > 1000 * 1000  # exactly at the cap: accepted
         call = asyncio.create_task(conn.call(m.list_units()))
         peer.writer.write(_reply_of_size(await peer.next_call(), bus.MAX_PEER_MESSAGE_BYTES + 8))
         with pytest.raises(errors.SystemdUnavailable, match="exceeds"):
@@ -209,12 +210,76 @@ def test_system_bus_keeps_the_larger_cap(tmp_path: Path) -> None:
         call = asyncio.create_task(conn.call(m.list_units()))
         size = 2 * bus.MAX_PEER_MESSAGE_BYTES
         peer.writer.write(_reply_of_size(await peer.next_call(), size))
-        assert len((await call)[0]) > size - 1000
+        assert len(str((await call)[0])) > size - 1000
         assert not conn.closed
         await conn.close()
         peer.writer.close()
         server.close()
         await server.wait_closed()
+
+    run(scenario)
+
+
+def test_unsolicited_messages_are_dropped_without_parsing_their_body(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Near-cap replies to serials we never sent and method calls to us cost only a header parse.
+    parsed: list[int] = []
+    from_buffer = Message.from_buffer
+
+    def counting(buf: bytes, fds: tuple[int, ...] = ()) -> Message:
+        parsed.append(len(buf))
+        return from_buffer(buf, fds)
+
+    monkeypatch.setattr(Message, "from_buffer", staticmethod(counting))
+
+    async def scenario() -> None:
+        conn, peer = await connected()
+        call = asyncio.create_task(conn.call(m.list_units()))
+        msg = await peer.next_call()
+        stray = new_method_return(msg, "s", ("",))
+        stray.header.fields[HeaderFields.reply_serial] = 4242  # nobody waits for this
+        probe = DBusAddress("/x", bus_name="org.example", interface="org.example.I")
+        for junk in (stray, new_method_call(probe, "Poke", "s", ("",))):
+            junk.body = ("z" * (bus.MAX_PEER_MESSAGE_BYTES - 512),)
+            peer.send(junk)
+        peer.send(_signal(1), serial=7)  # no signal queue registered: dropped too
+        peer.send(new_method_return(msg, "s", ("mine",)))
+        assert await call == ("mine",)
+        await conn.close()
+
+    run(scenario)
+    # Parsed: the fake peer's view of our call, and our awaited reply; never a 1 MiB junk body.
+    assert parsed and max(parsed) < 4096
+
+
+def test_peer_signal_over_its_lower_cap_closes_the_link() -> None:
+    async def scenario() -> None:
+        conn, peer = await connected()
+        emitter = DBusAddress(m.MANAGER_PATH, interface=m.MANAGER_IFACE)
+        big = new_signal(emitter, "JobRemoved", "s", ("j" * bus.MAX_PEER_SIGNAL_BYTES,))
+        call = asyncio.create_task(conn.call(m.list_units()))
+        await peer.next_call()
+        peer.send(big)
+        with pytest.raises(errors.SystemdUnavailable, match=r"signal of .* exceeds"):
+            await call
+        assert conn.closed
+        await conn.close()
+
+    run(scenario)
+
+
+def test_header_fields_over_the_cap_are_refused_before_the_body() -> None:
+    async def scenario() -> None:
+        conn, peer = await connected()
+        call = asyncio.create_task(conn.call(m.list_units()))
+        await peer.next_call()
+        # Little-endian method return: 8-byte body, header fields array claiming 1 MiB.
+        fields_len = bus.MAX_HEADER_FIELDS_BYTES + 1
+        peer.writer.write(b"l\x02\x01\x01" + struct.pack("<III", 8, 1, fields_len))
+        with pytest.raises(errors.SystemdUnavailable, match=r"header of .* exceeds"):
+            await call
+        await conn.close()
 
     run(scenario)
 

@@ -24,6 +24,11 @@ for ~12 s. A process inside a capsule runs as the capsule's uid, so it can bind 
 at ``/run/capsules/NAME/systemd/private`` and pass the ownership pinning; its messages are
 therefore capped at ``MAX_PEER_MESSAGE_BYTES`` (1 MiB, a stall of well under half a second).
 The system bus carries PID 1, which we trust, and keeps ``MAX_SYSTEM_BUS_MESSAGE_BYTES``.
+
+Within the cap, only the header (bounded by ``MAX_HEADER_FIELDS_BYTES``) is parsed before we
+know somebody wants the message: a reply to a serial we are not waiting for, or a method call
+to us, is dropped unparsed, and signals on a peer link are capped lower
+(``MAX_PEER_SIGNAL_BYTES``), so what a hostile peer can send unasked costs little CPU.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Final
 
 from jeepney import (
+    Header,
     HeaderFields,
     MatchRule,
     Message,
@@ -66,6 +72,12 @@ MAX_SYSTEM_BUS_MESSAGE_BYTES: Final = 32 * 1024 * 1024
 # a capsule would need ~5000 loaded units to come near), ListUnitFiles is smaller, and the
 # signals we consume (JobRemoved, PropertiesChanged) are a few KiB.
 MAX_PEER_MESSAGE_BYTES: Final = 1024 * 1024
+# Signals nobody asked for arrive unprompted, so they get a lower cap on a peer link: a
+# PropertiesChanged of a unit or a JobRemoved is a few KiB.
+MAX_PEER_SIGNAL_BYTES: Final = 128 * 1024
+# The header fields array (path, interface, member, error name, destination, sender, signature,
+# reply serial) is a few hundred bytes in practice; jeepney parses it in Python too.
+MAX_HEADER_FIELDS_BYTES: Final = 64 * 1024
 # sd-bus's default method call timeout (BUS_DEFAULT_TIMEOUT) is 25 s.
 CALL_TIMEOUT_S: Final = 25.0
 AUTH_TIMEOUT_S: Final = 5.0
@@ -133,10 +145,12 @@ class BusConnection:
         writer: asyncio.StreamWriter,
         max_message_bytes: int,
         call_timeout_s: float = CALL_TIMEOUT_S,
+        max_signal_bytes: int | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._max_message_bytes = max_message_bytes
+        self._max_signal_bytes = max_message_bytes if max_signal_bytes is None else max_signal_bytes
         self.call_timeout_s = call_timeout_s
         self._serials = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Message]] = {}
@@ -266,19 +280,41 @@ class BusConnection:
 
     # -- receiver --------------------------------------------------------------------------
 
-    async def _read_message(self) -> Message:
+    async def _read_message(self) -> Message | None:
+        """The next message, or None for one nobody wants (dropped with its body unparsed)."""
         fixed = await self._reader.readexactly(16)
         try:
             size = calc_msg_size(fixed)
+            # Bytes 12..16: the header fields array's length, in the message's byte order.
+            (fields_len,) = struct.unpack("<I" if fixed[:1] == b"l" else ">I", fixed[12:16])
         except _DECODE_ERRORS as exc:
             raise SystemdUnavailable(f"malformed D-Bus header: {exc}") from exc
         if not 16 <= size <= self._max_message_bytes:
             raise SystemdUnavailable(f"D-Bus message of {size} bytes exceeds our cap")
-        rest = await self._reader.readexactly(size - 16)
+        if fields_len > MAX_HEADER_FIELDS_BYTES:
+            raise SystemdUnavailable(f"D-Bus header of {fields_len} bytes exceeds our cap")
+        buf = fixed + await self._reader.readexactly(size - 16)
         try:
-            return Message.from_buffer(fixed + rest)
+            header, _pos = Header.from_buffer(buf)
+            if not self._wanted(header, size):
+                return None
+            return Message.from_buffer(buf)
         except _DECODE_ERRORS as exc:
             raise SystemdUnavailable(f"malformed D-Bus message: {exc}") from exc
+
+    def _wanted(self, header: Header, size: int) -> bool:
+        """Whether a message with this header is worth parsing its body (see module doc)."""
+        kind = header.message_type
+        if kind in (MessageType.method_return, MessageType.error):
+            serial = header.fields.get(HeaderFields.reply_serial)
+            fut = self._pending.get(serial) if isinstance(serial, int) else None
+            return fut is not None and not fut.done()
+        if kind is MessageType.signal:
+            if size > self._max_signal_bytes:
+                raise SystemdUnavailable(f"D-Bus signal of {size} bytes exceeds our cap")
+            return bool(self._queues)
+        # Method calls *to* us (a peer probing) get no answer: we export nothing.
+        return False
 
     def _dispatch(self, msg: Message) -> None:
         kind = msg.header.message_type
@@ -297,7 +333,9 @@ class BusConnection:
         error: BackendError = SystemdUnavailable("D-Bus receiver stopped")
         try:
             while True:
-                self._dispatch(await self._read_message())
+                msg = await self._read_message()
+                if msg is not None:
+                    self._dispatch(msg)
         except asyncio.IncompleteReadError:
             error = SystemdUnavailable("D-Bus peer closed the connection")
         except (ConnectionError, OSError) as exc:
@@ -337,6 +375,7 @@ async def open_peer(
     uid: int | None = None,
     max_message_bytes: int = MAX_PEER_MESSAGE_BYTES,
     call_timeout_s: float = CALL_TIMEOUT_S,
+    max_signal_bytes: int = MAX_PEER_SIGNAL_BYTES,
 ) -> BusConnection:
     """Authenticate on an already connected socket and return a peer-to-peer connection.
 
@@ -360,7 +399,9 @@ async def open_peer(
         raise SystemdUnavailable("D-Bus authentication timed out") from exc
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
         raise SystemdUnavailable(f"D-Bus authentication failed: {exc}") from exc
-    return BusConnection(reader, writer, max_message_bytes, call_timeout_s)
+    return BusConnection(
+        reader, writer, max_message_bytes, call_timeout_s, min(max_signal_bytes, max_message_bytes)
+    )
 
 
 async def open_system_bus(address: str = SYSTEM_BUS_ADDRESS) -> BusConnection:
@@ -376,7 +417,11 @@ async def open_system_bus(address: str = SYSTEM_BUS_ADDRESS) -> BusConnection:
     except OSError as exc:
         sock.close()
         raise SystemdUnavailable(f"cannot connect to the system bus at {address}: {exc}") from exc
-    conn = await open_peer(sock, max_message_bytes=MAX_SYSTEM_BUS_MESSAGE_BYTES)
+    conn = await open_peer(
+        sock,
+        max_message_bytes=MAX_SYSTEM_BUS_MESSAGE_BYTES,
+        max_signal_bytes=MAX_SYSTEM_BUS_MESSAGE_BYTES,
+    )
     try:
         body = await conn.call(messages.hello(), timeout_s=AUTH_TIMEOUT_S)
     except BaseException:
