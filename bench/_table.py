@@ -86,27 +86,32 @@ def ratio(ours: float, theirs: float) -> str:
 
 
 def pair_table(
-    title: str, pairs: Sequence[Pair], unit: str = "ms", footnotes: Sequence[str] = ()
+    title: str,
+    pairs: Sequence[Pair],
+    unit: str = "ms",
+    footnotes: Sequence[str] = (),
+    show_commands: bool = True,
 ) -> None:
     """The runner's table: operation, capsuled median (p90), systemd median (p90), ratio."""
     print(f"\n== {title}")
-    head = (
-        f"{'operation':30} {'capsuled ' + unit + ' med (p90)':>22} "
-        f"{'systemd ' + unit + ' med (p90)':>22} {'ratio':>7}"
-    )
+    labels = [p.operation + (f" [{p.note}]" if p.note else "") for p in pairs]
+    width = max(30, *(len(label) for label in labels))
+    ours_head, theirs_head = f"capsuled {unit} med (p90)", f"systemd {unit} med (p90)"
+    cols = max(22, len(ours_head) + 1, len(theirs_head) + 1)
+    head = f"{'operation':{width}} {ours_head:>{cols}} {theirs_head:>{cols}} {'ratio':>7}"
     print(head)
     print("-" * len(head))
-    for p in pairs:
+    for p, op in zip(pairs, labels, strict=True):
         ours = f"{p.capsuled.median:8.1f} ({p.capsuled.p90:7.1f})"
         if p.systemd is None:
             theirs, r = f"{'-':>18}", "-"
         else:
             theirs = f"{p.systemd.median:8.1f} ({p.systemd.p90:7.1f})"
             r = ratio(p.capsuled.median, p.systemd.median)
-        op = p.operation + (f" [{p.note}]" if p.note else "")
-        print(f"{op:30} {ours:>22} {theirs:>22} {r:>7}")
-    print("commands compared:")
-    for p in pairs:
+        print(f"{op:{width}} {ours:>{cols}} {theirs:>{cols}} {r:>7}")
+    if show_commands:
+        print("commands compared:")
+    for p in pairs if show_commands else ():
         against = f"\n      vs {p.systemd.command}" if p.systemd is not None else ""
         print(f"  {p.operation}: {p.capsuled.command}{against}")
     for line in footnotes:

@@ -1,0 +1,135 @@
+"""The helper's memory in the testbed: VmRSS of capsuled.service's MainPID, next to systemd's own
+small system daemons (systemd-logind, systemd-machined) as a reference for "a resident helper".
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from _table import Pair, Side, pair_table
+
+if TYPE_CHECKING:
+    from testbed import Testbed
+
+SOCKET = "/run/capsuled/org.capsuled.Manager"
+CONNECTIONS = 100
+# Small resident system daemons of systemd's own, compared row by row.
+REFERENCES = ("systemd-logind.service", "systemd-machined.service", "systemd-journald.service")
+# Printed for context only: other daemons a capsuled host runs.
+CONTEXT = ("dbus.service", "polkit.service")
+
+# Opens `count` connections at once (as the calling user), makes three calls on each, then
+# closes them all: the helper holds them all at the same time, which is what VmHWM shows.
+CLIENT = r"""
+import json, socket, sys
+path, name, count = json.loads(sys.argv[1])
+calls = [("Info", {}), ("List", {}), ("Describe", {"name": name})]
+conns = []
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    conns.append([s, b""])
+errors = 0
+for method, params in calls:
+    msg = json.dumps({"method": "org.capsuled.Manager." + method, "parameters": params})
+    for c in conns:
+        c[0].sendall(msg.encode() + b"\0")
+    for c in conns:
+        while b"\0" not in c[1]:
+            chunk = c[0].recv(1 << 16)
+            if not chunk:
+                raise SystemExit("connection closed by capsuled")
+            c[1] += chunk
+        raw, _, c[1] = c[1].partition(b"\0")
+        errors += "error" in json.loads(raw)
+for c in conns:
+    c[0].close()
+print(json.dumps({"errors": errors}))
+"""
+
+
+def main_pid(bed: Testbed, unit: str) -> int:
+    out = bed.as_root("systemctl", "show", "-p", "MainPID", "--value", unit).check().stdout
+    return int(out.strip() or 0)
+
+
+def status_kib(bed: Testbed, pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of pid, in KiB, from /proc/PID/status inside the bed."""
+    out = bed.as_root("cat", f"/proc/{pid}/status").check().stdout
+    fields: dict[str, int] = {}
+    for line in out.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def mib(kib: int) -> float:
+    return kib / 1024
+
+
+def run(bed: Testbed, name: str) -> None:
+    # A fresh activation: stop the service (the socket stays), then one call starts it.
+    bed.as_root("systemctl", "stop", "capsuled.service").check()
+    one = json.dumps([SOCKET, name, 1])
+    bed.run("python3", "-c", CLIENT, one, user="alice").check()
+    pid = main_pid(bed, "capsuled.service")
+    idle = status_kib(bed, pid)
+
+    many = json.dumps([SOCKET, name, CONNECTIONS])
+    done = bed.run("python3", "-c", CLIENT, many, user="alice", timeout=300).check()
+    errors = json.loads(done.stdout)["errors"]
+    same_pid = main_pid(bed, "capsuled.service") == pid
+    after = status_kib(bed, pid)
+
+    # polkitd is bus-activated and the builtin policy never asks it: one call starts it, for the
+    # context line. (systemd-machined is not in the testbed: it comes with systemd-container.)
+    bed.as_root(
+        "busctl",
+        "get-property",
+        "org.freedesktop.PolicyKit1",
+        "/org/freedesktop/PolicyKit1/Authority",
+        "org.freedesktop.PolicyKit1.Authority",
+        "BackendName",
+    )
+    refs: dict[str, dict[str, int]] = {}
+    for unit in (*REFERENCES, *CONTEXT):
+        ref_pid = main_pid(bed, unit)
+        if ref_pid:
+            refs[unit] = status_kib(bed, ref_pid)
+
+    ours = [
+        ("capsuled idle, just activated", idle["VmRSS"]),
+        (f"capsuled after {CONNECTIONS} connections", after["VmRSS"]),
+    ]
+    pairs = [
+        Pair(
+            f"{label} / {unit.split('.')[0]}",
+            Side(f"VmRSS of capsuled.service's MainPID {pid}", [mib(kib)]),
+            Side(f"VmRSS of {unit}'s MainPID", [mib(ref["VmRSS"])]),
+        )
+        for label, kib in ours
+        for unit, ref in refs.items()
+        if unit in REFERENCES
+    ]
+    context = ", ".join(
+        f"{unit.split('.')[0]} {mib(ref['VmRSS']):.1f} MiB"
+        for unit, ref in refs.items()
+        if unit in CONTEXT
+    )
+    missing = [unit for unit in REFERENCES if unit not in refs]
+    pair_table(
+        "Memory in the testbed, MiB (VmRSS from /proc/PID/status; one reading, no p90)",
+        pairs,
+        unit="MiB",
+        footnotes=[
+            f"capsuled peak (VmHWM) after {CONNECTIONS} connections held at once, 3 calls each "
+            f"(Info, List, Describe): {mib(after['VmHWM']):.1f} MiB; {errors} error replies"
+            + ("" if same_pid else "; NOTE: capsuled restarted in between (MainPID changed)"),
+            f"for context, VmRSS: {context or 'none running'}",
+            *([f"not running in the testbed: {', '.join(missing)}"] if missing else []),
+            "RSS counts shared pages (libpython, libc) in full for every process.",
+        ],
+        show_commands=False,
+    )

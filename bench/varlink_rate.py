@@ -1,0 +1,248 @@
+"""Raw Varlink speed of capsuled in the testbed, next to systemd's own D-Bus API.
+
+Measured inside the testbed against the real, socket-activated capsuled (real SystemdBackend,
+builtin policy), as alice. The client is a few lines of Python on a raw socket (JSON + NUL), so
+the figures are the helper's and the kernel's, not capsulectl's. The systemd side is PID 1's
+D-Bus API through the system bus, from Python (jeepney) on one connection the same way, and
+`busctl` as a whole command next to `varlinkctl`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from _bed import Cmd, Comparison, compare
+from _table import Pair, Side, pair_table
+
+if TYPE_CHECKING:
+    from testbed import Testbed
+
+SOCKET = "/run/capsuled/org.capsuled.Manager"
+BATCHES = 5  # throughput is measured in this many batches, for a median and a p90
+WINDOW = 100  # calls in flight when pipelining: under the system bus's ~128 pending replies
+
+# Runs inside the bed as the calling user; prints one JSON object of results.
+CLIENT = r"""
+import json, socket, sys, time
+from jeepney import DBusAddress, new_method_call, MessageType
+from jeepney.io.blocking import open_dbus_connection
+
+path, name, k, batches, window = json.loads(sys.argv[1])
+
+class Varlink:
+    def __init__(self):
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.connect(path)
+        self.buf = b""
+    def send(self, method, params):
+        self.s.sendall(json.dumps({"method": method, "parameters": params}).encode() + b"\0")
+    def send_many(self, method, params, count):
+        one = json.dumps({"method": method, "parameters": params}).encode() + b"\0"
+        self.s.sendall(one * count)
+    def reply(self):
+        while True:
+            i = self.buf.find(b"\0")
+            if i >= 0:
+                raw, self.buf = self.buf[:i], self.buf[i + 1:]
+                return json.loads(raw)
+            chunk = self.s.recv(1 << 16)
+            if not chunk:
+                raise SystemExit("capsuled closed the connection")
+            self.buf += chunk
+
+class Bus:
+    def __init__(self):
+        self.c = open_dbus_connection(bus="SYSTEM")
+    def send_many(self, msg, count):
+        for _ in range(count):
+            self.c.send(msg)
+    def reply(self):
+        while True:
+            m = self.c.receive()
+            if m.header.message_type in (MessageType.method_return, MessageType.error):
+                return m.header.message_type == MessageType.error
+
+def seq(call, count):
+    out, errors = [], 0
+    for _ in range(count):
+        t = time.perf_counter()
+        errors += call()
+        out.append((time.perf_counter() - t) * 1e6)
+    return out, errors
+
+def pipelined(send_many, reply, count):
+    rates, errors = [], 0
+    per = max(1, count // batches)
+    for _ in range(batches):
+        t = time.perf_counter()
+        left = per
+        while left:
+            w = min(window, left)
+            send_many(w)
+            for _ in range(w):
+                errors += reply()
+            left -= w
+        rates.append(per / (time.perf_counter() - t))
+    return rates, errors
+
+v = Varlink()
+def vcall(method, params):
+    def call():
+        v.send(method, params)
+        return "error" in v.reply()
+    return call
+def vreply():
+    return "error" in v.reply()
+
+bus = Bus()
+unit = "capsule@" + name + ".service"
+esc = "".join(c if c.isalnum() else "_%02x" % ord(c) for c in unit)
+props = "org.freedesktop.DBus.Properties"
+manager = DBusAddress("/org/freedesktop/systemd1", bus_name="org.freedesktop.systemd1",
+                      interface=props)
+unit_addr = DBusAddress("/org/freedesktop/systemd1/unit/" + esc,
+                        bus_name="org.freedesktop.systemd1", interface=props)
+version = new_method_call(manager, "Get", "ss", ("org.freedesktop.systemd1.Manager", "Version"))
+state = new_method_call(unit_addr, "Get", "ss", ("org.freedesktop.systemd1.Unit", "ActiveState"))
+get_all = new_method_call(unit_addr, "GetAll", "s", ("",))
+def bcall(msg):
+    def call():
+        return bus.c.send_and_get_reply(msg).header.message_type == MessageType.error
+    return call
+
+res = {}
+for key, call in [
+    ("info", vcall("org.capsuled.Manager.Info", {})),
+    ("describe", vcall("org.capsuled.Manager.Describe", {"name": name})),
+    ("version", bcall(version)),
+    ("state", bcall(state)),
+    ("get_all", bcall(get_all)),
+]:
+    seq(call, min(k, 50))  # warm-up
+    res[key] = seq(call, k)
+info = {"method": "org.capsuled.Manager.Info", "parameters": {}}
+res["info_pipe"] = pipelined(
+    lambda w: v.send_many("org.capsuled.Manager.Info", {}, w), vreply, k)
+res["version_pipe"] = pipelined(lambda w: bus.send_many(version, w), bus.reply, k)
+print(json.dumps(res))
+"""
+
+
+def batch_rates(latencies_us: list[float]) -> list[float]:
+    """Calls/s of each of BATCHES consecutive slices of sequential call latencies."""
+    size = max(1, len(latencies_us) // BATCHES)
+    chunks = [latencies_us[i : i + size] for i in range(0, size * BATCHES, size)]
+    return [len(c) * 1e6 / sum(c) for c in chunks if c]
+
+
+def run(bed: Testbed, name: str, n: int, calls: int) -> None:
+    arg = json.dumps([SOCKET, name, calls, BATCHES, WINDOW])
+    result = bed.run("python3", "-c", CLIENT, arg, user="alice", timeout=600).check()
+    res: dict[str, tuple[list[float], int]] = {
+        k: (list(v[0]), int(v[1])) for k, v in json.loads(result.stdout).items()
+    }
+    errors = [f"  ! {k}: {e} error replies" for k, (_, e) in res.items() if e]
+    unit = f"capsule@{name}.service"
+    path = "/org/freedesktop/systemd1/unit/" + "".join(
+        c if c.isalnum() else f"_{ord(c):02x}" for c in unit
+    )
+
+    def side(key: str, text: str) -> Side:
+        return Side(text, res[key][0])
+
+    latency = [
+        Pair(
+            "Info, sequential",
+            side("info", "Varlink org.capsuled.Manager.Info"),
+            side("version", "D-Bus Properties.Get Manager.Version on PID 1"),
+        ),
+        Pair(
+            "Describe, sequential",
+            side("describe", f"Varlink org.capsuled.Manager.Describe {name}"),
+            side("state", f"D-Bus Properties.Get {unit} ActiveState"),
+            "c",
+        ),
+        Pair(
+            "Describe vs PID 1's part of it",
+            side("describe", f"Varlink org.capsuled.Manager.Describe {name}"),
+            side("get_all", f'D-Bus Properties.GetAll("") of {unit} (what Describe asks PID 1)'),
+            "c",
+        ),
+    ]
+    pair_table(
+        f"Round trips on one connection, as alice, {calls} calls each, µs per call",
+        latency,
+        unit="µs",
+        footnotes=[
+            "both clients are plain Python in the bed (raw socket + json; jeepney for D-Bus);",
+            "D-Bus calls pass through the bus daemon; Varlink calls go straight to the helper",
+            "[c] Describe does more than one property read: the policy check (owner record), one",
+            '    GetAll("") of the unit from PID 1 (all ~450 properties of every interface, parsed',
+            "    by jeepney in the helper), a look at the state dir and autostart link, the reply.",
+            *errors,
+        ],
+    )
+    rate = [
+        Pair(
+            "Info, sequential",
+            Side("", batch_rates(res["info"][0])),
+            Side("", batch_rates(res["version"][0])),
+        ),
+        Pair(
+            f"Info, pipelined ({WINDOW} in flight)",
+            side("info_pipe", ""),
+            side("version_pipe", ""),
+        ),
+    ]
+    pair_table(
+        f"Throughput on one connection, as alice, calls/s (higher is better; {BATCHES} batches)",
+        rate,
+        unit="calls/s",
+        footnotes=[
+            "sequential: one call, wait for its reply, next (the latencies above, in batches);",
+            f"pipelined: {WINDOW} calls written at once, then their {WINDOW} replies read;",
+            "the systemd column is Properties.Get Manager.Version on the system bus the same way",
+        ],
+        show_commands=False,
+    )
+
+    # The same one round trip as whole commands: systemd's own clients, both written in C.
+    cmds = compare(
+        bed,
+        [
+            Comparison(
+                "one Describe / ActiveState",
+                Cmd(
+                    bed,
+                    "alice",
+                    (
+                        "varlinkctl",
+                        "call",
+                        SOCKET,
+                        "org.capsuled.Manager.Describe",
+                        json.dumps({"name": name}),
+                    ),
+                ),
+                Cmd(
+                    bed,
+                    "alice",
+                    (
+                        "busctl",
+                        "get-property",
+                        "org.freedesktop.systemd1",
+                        path,
+                        "org.freedesktop.systemd1.Unit",
+                        "ActiveState",
+                    ),
+                ),
+            )
+        ],
+        n,
+    )
+    entry = ", ".join(f"{u} {ms:.1f} ms" for u, ms in sorted(cmds.entry_ms.items()))
+    pair_table(
+        f"One round trip as a whole command (both clients are systemd's, in C), n={n}, ms",
+        cmds.pairs,
+        footnotes=[f"entering the container subtracted: {entry}", *cmds.failures],
+    )
