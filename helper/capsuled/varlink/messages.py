@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Self
+from typing import TYPE_CHECKING, Self, dataclass_transform
 
 from capsuled.varlink.errors import LocalProtocolError, RemoteProtocolError
 
@@ -46,6 +46,9 @@ def is_valid_method_name(name: str) -> bool:
     return _QUALIFIED_RE.fullmatch(name) is not None
 
 
+# dataclass_transform (PEP 681) tells type checkers what the runtime does: the subclasses are frozen
+# value classes, so assigning to a field is a type error as it was with @dataclass(frozen=True).
+@dataclass_transform(frozen_default=True)
 class _Value:
     """Base of the message classes: immutable values with __slots__, equal field by field.
 
@@ -55,7 +58,8 @@ class _Value:
     construction, equality only between instances of the same class, the field-by-field repr,
     `__match_args__`, hashing of the field tuple (which raises, as `parameters` is a dict), no
     assignment or deletion after construction, and copy/pickle by re-construction. Assignment
-    raises AttributeError (dataclasses' FrozenInstanceError is a subclass of it).
+    raises AttributeError (dataclasses' FrozenInstanceError is a subclass of it), also for a name
+    that is not a field, where the 3.11 slots dataclass raised a stray TypeError from super().
     """
 
     __slots__ = ()
@@ -78,11 +82,15 @@ class _Value:
         items = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__match_args__)
         return f"{type(self).__qualname__}({items})"
 
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}: {type(self).__name__} is frozen")
+    if not TYPE_CHECKING:
+        # Hidden from type checkers, which would otherwise accept any `value.anything = x`;
+        # dataclass_transform above already makes them refuse assignment to the fields.
 
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}: {type(self).__name__} is frozen")
+        def __setattr__(self, name: str, value: object) -> None:
+            raise AttributeError(f"cannot assign to field {name!r}")
+
+        def __delattr__(self, name: str) -> None:
+            raise AttributeError(f"cannot delete field {name!r}")
 
     def __reduce__(self) -> tuple[type[Self], tuple[object, ...]]:
         # copy, deepcopy and pickle rebuild through __init__, so a copy is validated too.
