@@ -81,3 +81,40 @@ def test_the_check_would_notice(name: str) -> None:
     if name == "systemd":
         pytest.importorskip("systemd")
     assert offenders(modules_after(f"import {name}"), FORBIDDEN) != []
+
+
+# The client never parses IDL (interface, service) and needs no dataclasses: dataclasses pulls
+# in inspect, and the two with the IDL parser were ~17 ms of a 42 ms `capsulectl status`.
+NOT_IN_THE_CLIENT = (
+    "dataclasses",
+    "inspect",
+    "capsuled.varlink.interface",
+    "capsuled.varlink.service",
+)
+
+
+def test_building_a_call_loads_no_idl_parser_or_dataclasses() -> None:
+    modules = modules_after(
+        "import capsulectl.cli\n"
+        "from capsuled.varlink.connection import ClientConnection\n"
+        "from capsuled.varlink.messages import Call\n"
+        "ClientConnection().send(Call('org.example.Test.Ping', {'x': 1}, more=True))"
+    )
+    assert "capsuled.varlink.messages" in modules  # the call really was built
+    assert offenders(modules, NOT_IN_THE_CLIENT) == []
+
+
+def test_a_real_call_loads_no_idl_parser_or_dataclasses(fake: FakeCapsuled) -> None:
+    fake.on("Describe", ok(capsule=capsule()))
+    modules = modules_after(
+        "from capsulectl.cli import main\n"
+        f"rc = main(['--address', {fake.address!r}, 'status', 'web'])\n"
+        "assert rc == 0, rc"
+    )
+    assert fake.methods() == ["Describe"]
+    assert offenders(modules, NOT_IN_THE_CLIENT) == []
+
+
+@pytest.mark.parametrize("code", ["import dataclasses", "import capsuled.varlink.interface"])
+def test_the_idl_check_would_notice(code: str) -> None:
+    assert offenders(modules_after(code), NOT_IN_THE_CLIENT) != []
