@@ -32,13 +32,15 @@ __all__ = [
 # UAPI.20 grammar: interface  [A-Za-z]([-]*[A-Za-z0-9])*([.][A-Za-z0-9]([-]*[A-Za-z0-9])*)+
 #                  member     [A-Z][A-Za-z0-9]*
 _INTERFACE = r"[A-Za-z](?:-*[A-Za-z0-9])*(?:\.[A-Za-z0-9](?:-*[A-Za-z0-9])*)+"
-_INTERFACE_RE = re.compile(_INTERFACE, re.ASCII)
+# Compiled at import: every Call and ErrorReply checks its name. The bare interface pattern is
+# needed only by the IDL parser, so re compiles (and caches) it on first use instead: ~0.5 ms the
+# client does not spend.
 _QUALIFIED_RE = re.compile(rf"{_INTERFACE}\.[A-Z][A-Za-z0-9]*", re.ASCII)
 
 
 def is_valid_interface_name(name: str) -> bool:
     """True if `name` is a Varlink interface name such as org.varlink.service."""
-    return _INTERFACE_RE.fullmatch(name) is not None
+    return re.fullmatch(_INTERFACE, name, re.ASCII) is not None
 
 
 def is_valid_method_name(name: str) -> bool:
