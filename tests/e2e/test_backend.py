@@ -417,3 +417,29 @@ def test_forged_job_removed_from_another_user_is_ignored(bed: Testbed, capsule_n
     assert (out["error"], out["result"]) == ("JobFailed", "failed")
     bed.as_root("rm", "-rf", dropin).check()
     bed.as_root("systemctl", "daemon-reload").check()
+
+
+def test_running_daemon_holds_only_the_capabilities_and_limits_it_needs(bed: Testbed) -> None:
+    """The hardening of units/capsuled.service, as the kernel applies it to the live daemon."""
+    bed.as_user("mallory", "varlinkctl", "info", "/run/capsuled/org.capsuled.Manager").check()
+    pid = bed.as_root("systemctl", "show", "-p", "MainPID", "--value", "capsuled.service")
+    status = bed.as_root("cat", f"/proc/{pid.check().stdout.strip()}/status").check().stdout
+    caps = dict(line.split(":\t", 1) for line in status.splitlines() if line.startswith("Cap"))
+    # CAP_CHOWN (0), CAP_DAC_OVERRIDE (1), CAP_FOWNER (3): no SETUID/SETGID, no DAC_READ_SEARCH.
+    assert int(caps["CapBnd"], 16) == int(caps["CapEff"], 16) == 0b1011
+    props = bed.as_root(
+        "systemctl",
+        "show",
+        "capsuled.service",
+        "-p",
+        "MemoryMax,TasksMax,LimitNOFILE,PrivateIPC,SystemCallFilter",
+    ).check()
+    shown = dict(line.split("=", 1) for line in props.stdout.splitlines())
+    assert shown["MemoryMax"] == str(512 * 1024 * 1024)
+    assert shown["TasksMax"] == "64"
+    assert shown["LimitNOFILE"] == "16384"
+    assert shown["PrivateIPC"] == "yes"
+    allowed = set(shown["SystemCallFilter"].split())  # an allow-list: ~@setuid removed these
+    setuid_group = {"setuid", "setgid", "setreuid", "setresuid", "setresgid", "setgroups"}
+    assert allowed and not allowed & setuid_group
+    assert "fchownat" in allowed  # safefs chowns a new symlink through fchownat(AT_EMPTY_PATH)
