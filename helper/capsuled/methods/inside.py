@@ -108,13 +108,12 @@ async def _live_units(ctx: CallContext, name: str) -> dict[str, UnitInfo] | None
 
 
 async def _describe_unit(ctx: CallContext, name: str, unit: str) -> Wire:
+    # Two lookups of one name, never a listing: the capsule decides how big its dirs are.
     with home_of(ctx, name) as home:
-        files = _unit_files(home)
-        wanted = _wanted(home)
+        has_file = home.entry_kind(UNIT_DIR, unit) is EntryKind.FILE
+        enabled = home.entry_kind(WANTS_DIR, unit) is EntryKind.SYMLINK
     live = await _live_units(ctx, name)
-    return _unit_wire(
-        unit, (live or {}).get(unit), files.get(unit) is EntryKind.FILE, unit in wanted
-    )
+    return _unit_wire(unit, (live or {}).get(unit), has_file, enabled)
 
 
 async def list_units(ctx: CallContext, p: Params) -> Wire:
