@@ -4,6 +4,8 @@
     python3 bench/cli_startup.py --testbed  # inside the systemd 257 testbed, real capsuled
     python3 bench/cli_startup.py -n 50 --imports
 
+bench/run.py runs the testbed table below together with the other benchmarks.
+
 On this host PID 1 is not systemd, so `systemctl status` cannot run and the capsulectl status
 measured here is the client alone (the fake answers at once). In the testbed both talk to real
 daemons; the cost of entering the container (nsenter + setpriv + env, measured with `true`) is
