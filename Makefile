@@ -5,6 +5,7 @@
 #   make shell   an interactive shell as alice inside a fresh testbed (AS=bob for another user)
 #   make lint    ruff check + ruff format --check + mypy --strict
 #   make boot    boot the testbed once, reboot it, print the cold/warm times
+#   make bench   benchmarks against the systemd commands doing the same (tables, ratios)
 #   make clean-cache   forget the cached root filesystem (the next run rebuilds it, ~1 min)
 
 PYTHON ?= python3
@@ -14,7 +15,7 @@ AS = alice
 TESTBED := PYTHONPATH=tests:helper:client $(PYTHON) -m testbed
 CACHE ?= /var/cache/capsuled-testbed
 
-.PHONY: deps test lint demo shell boot rootfs clean-cache
+.PHONY: deps test lint demo shell boot rootfs clean-cache bench
 
 deps:
 	@PYTHON=$(PYTHON) tools/install-deps.sh
@@ -33,6 +34,9 @@ demo: deps
 
 shell: deps
 	$(TESTBED) shell --user $(AS)
+
+bench: deps
+	$(PYTHON) bench/run.py
 
 boot: deps
 	$(TESTBED) boot
