@@ -4,12 +4,14 @@ and the capsule's home as hostile territory (invariant 2)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
 
+from e2e.rules import shared_read_rule
 from e2e.vcall import SOCKET, call, fails, ok
 from testbed import Result, Testbed
 
@@ -306,13 +308,63 @@ def test_watch_delivers_start_and_stop_in_order(bed: Testbed, capsule_name: str)
     assert fails(bed, "alice", "Watch", names=[name])[0] == "org.varlink.service.ExpectedMore"
 
 
-def test_watch_hides_capsules_the_caller_may_not_read(bed: Testbed, capsule_name: str) -> None:
-    name = capsule_name
-    ok(bed, "alice", "Create", name=name)
-    # mallory watches everything she may read: the snapshot has nothing of alice's capsule.
-    # A one-shot Watch would block, so read only until the (empty) snapshot is over: none.
-    r = call(bed, "mallory", "List", more=True)
-    assert name not in json.dumps(r.replies)
+HIDDEN_WATCHER = r"""
+import json, socket, sys
+private, shared = sys.argv[1], sys.argv[2]
+w = socket.socket(socket.AF_UNIX); w.settimeout(60); w.connect(SOCKET)
+m = {"method": "org.capsuled.Manager.Watch", "parameters": {"names": [private, shared]},
+     "more": True}
+w.sendall(json.dumps(m).encode() + b"\0")
+buf = b""
+def read():
+    global buf
+    while b"\0" not in buf:
+        chunk = w.recv(65536)
+        if not chunk: raise SystemExit("closed")
+        buf += chunk
+    raw, _, buf = buf.partition(b"\0")
+    return json.loads(raw)["parameters"]["event"]
+events = [read()]        # the snapshot: only what we may read
+print(json.dumps(events[0]), flush=True)
+sys.stdin.readline()     # the test starts the private capsule, then the shared one
+while True:
+    e = read()
+    events.append(e)
+    if e["capsule"] == shared and e["kind"] == "capsule" and e["state"] == "active":
+        break
+print(json.dumps(events))
+""".replace("SOCKET", repr(SOCKET))
+
+
+def test_watch_never_shows_a_capsule_the_caller_may_not_read(
+    bed: Testbed, capsule_name: str
+) -> None:
+    private, shared = capsule_name, "shared-" + capsule_name
+    ok(bed, "alice", "Create", name=private)
+    ok(bed, "alice", "Create", name=shared)
+    try:
+        with shared_read_rule(
+            bed, lambda: call(bed, "bob", "Describe", {"name": shared}).error is None
+        ):
+            proc = subprocess.Popen(
+                bed.command(("python3", "-c", HIDDEN_WATCHER, private, shared), "bob"),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert proc.stdin is not None and proc.stdout is not None
+            snapshot = json.loads(proc.stdout.readline())
+            assert snapshot["capsule"] == shared
+            # Both change state; bob's stream must carry only the one he may read.
+            ok(bed, "alice", "Start", name=private)
+            ok(bed, "alice", "Start", name=shared)
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            out, _ = proc.communicate(timeout=60)
+            events = json.loads(out)
+            assert events and {e["capsule"] for e in events} == {shared}
+    finally:
+        ok(bed, "root", "Remove", name=shared)
 
 
 # --- invariant 2: the capsule's home is hostile ------------------------------------------

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from e2e.rules import shared_read_rule
 from e2e.vcall import call, fails, ok
 from testbed import Testbed
 
@@ -443,36 +444,23 @@ def test_sigkill_in_the_middle_of_remove_then_a_retry_finishes(
     bed.as_root("systemctl", "daemon-reload")
 
 
-SHARED_RULES = """
-// e2e: group capsule may look at capsules named shared-*, and is told no for managing them.
-polkit.addRule(function(action, subject) {
-    var capsule = action.lookup("capsule") || "";
-    if (capsule.indexOf("shared-") != 0 || !subject.isInGroup("capsule")) return;
-    if (action.id == "org.capsuled.read") return polkit.Result.YES;
-    if (action.id == "org.capsuled.manage") return polkit.Result.NO;
-});
-"""
-
-
 def test_a_reader_told_no_gets_permission_denied(bed: Testbed) -> None:
     """Read allowed, manage refused outright (not auth_admin): PermissionDenied, not masked."""
     assert ok(bed, "root", "Info")["policyBackend"] == "polkit"
     name = "shared-e2e"
-    rules = "/etc/polkit-1/rules.d/40-capsuled-e2e.rules"
     ok(bed, "alice", "Create", name=name)
-    bed.as_root("sh", "-c", f"cat > {rules}", input=SHARED_RULES).check()
     try:
-        # polkitd re-reads its rules when the directory changes; ask until it has.
-        deadline = time.monotonic() + 30
-        while call(bed, "bob", "Describe", {"name": name}).error is not None:
-            assert time.monotonic() < deadline, "polkitd never loaded the rule"
-            time.sleep(0.2)
-        assert ok(bed, "bob", "Describe", name=name)["capsule"]["owner"] == uid_of(bed, "alice")
-        assert fails(bed, "bob", "Start", name=name) == ("org.varlink.service.PermissionDenied", {})
-        assert systemd_state(bed, name) == "inactive"
-        # The owner is untouched by the rule; mallory (not in the group) still sees nothing.
-        assert ok(bed, "alice", "Start", name=name)["capsule"]["state"] == "active"
-        assert fails(bed, "mallory", "Stop", name=name)[0] == NO_SUCH
+        with shared_read_rule(
+            bed, lambda: call(bed, "bob", "Describe", {"name": name}).error is None
+        ):
+            assert ok(bed, "bob", "Describe", name=name)["capsule"]["owner"] == uid_of(bed, "alice")
+            assert fails(bed, "bob", "Start", name=name) == (
+                "org.varlink.service.PermissionDenied",
+                {},
+            )
+            assert systemd_state(bed, name) == "inactive"
+            # The owner is untouched by the rule; mallory (not in the group) still sees nothing.
+            assert ok(bed, "alice", "Start", name=name)["capsule"]["state"] == "active"
+            assert fails(bed, "mallory", "Stop", name=name)[0] == NO_SUCH
     finally:
-        bed.as_root("rm", "-f", rules)
         ok(bed, "root", "Remove", name=name)
