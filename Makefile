@@ -1,7 +1,7 @@
 # capsuled: developer entry points. Run as root on Debian 12 or 13; see README.md.
 #
 #   make demo    install what is needed, build the testbed, run the narrated walkthrough
-#   make test    install what is needed, ruff check, then every test (unit, protocol, e2e)
+#   make test    install what is needed, ruff + mypy --strict, then every test (unit, protocol, e2e)
 #   make shell   an interactive shell as alice inside a fresh testbed (AS=bob for another user)
 #   make lint    ruff check + ruff format --check + mypy --strict
 #   make boot    boot the testbed once, reboot it, print the cold/warm times
@@ -22,6 +22,8 @@ deps:
 
 test: deps
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy --strict helper client tests
 	$(PYTHON) -m pytest tests -ra
 
 lint: deps
