@@ -1,6 +1,6 @@
 """`capsuled`: serve (the default), install, uninstall.
 
-capsuled [serve] [--listen PATH] [--idle-exit-sec N] [--max-connections N] ...
+capsuled [serve] [--listen PATH] [--config-dir DIR] [--idle-exit-sec N] [--max-connections N] ...
 capsuled install ...     (capsuled.install, imported only when asked for)
 capsuled uninstall ...
 capsuled --version
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from capsuled.varlink.framing import MAX_MESSAGE_BYTES
 
@@ -129,6 +130,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="on SIGTERM, let running calls finish for up to N seconds (default: %(default)s)",
     )
+    p.add_argument(
+        "--config-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="read the policy from DIR/capsuled.toml and DIR/capsuled.toml.d/ "
+        "(default: /etc/capsuled)",
+    )
     p.add_argument("--validate-replies", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="log debug messages")
     return p
@@ -177,5 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         limits=limits,
         validate_replies=args.validate_replies,
         shutdown_grace_s=args.shutdown_grace_sec,
+        config_dir=args.config_dir,
     )
     return run(options)

@@ -9,6 +9,10 @@ always removed from os.environ so no child inherits it (sd_listen_fds(unset_envi
 With a listening socket the daemon exits after `idle_exit_s` without any connection, like systemd's
 own bus-activated helpers (30 s, DEFAULT_EXIT_USEC); systemd keeps the socket and starts us again
 on the next connection.
+
+SIGHUP re-reads the policy (PolicyReloader), as Type=notify-reload expects: RELOADING=1 with
+MONOTONIC_USEC, the swap, then READY=1 (sd_notify(3)), so `systemctl reload` returns once the new
+policy is in force.
 """
 
 from __future__ import annotations
@@ -21,21 +25,31 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from importlib import metadata, resources
-from typing import TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from capsuled.dispatch import Dispatcher
-from capsuled.transport import Limits, Server
+from capsuled.transport import Handle, Limits, Server
 from capsuled.varlink.interface import Interface, parse_interface
 from capsuled.varlink.service import ServiceInfo
+
+if TYPE_CHECKING:
+    from capsuled.methods.context import Services
+    from capsuled.policy import Authorizer
+    from capsuled.transport import NotifyFn, Peer
+    from capsuled.varlink.messages import Call
 
 __all__ = [
     "DEFAULT_IDLE_EXIT_S",
     "ActivationError",
     "Options",
-    "build_dispatcher",
+    "PolicyReloader",
+    "Wiring",
+    "build_wiring",
     "listen_fds",
     "load_interface",
     "run",
@@ -69,6 +83,7 @@ class Options:
     limits: Limits = field(default_factory=Limits)
     validate_replies: bool = False
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    config_dir: Path | None = None  # None: policy.DEFAULT_CONFIG_DIR (/etc/capsuled)
 
 
 def load_interface() -> Interface:
@@ -86,20 +101,29 @@ def service_info() -> ServiceInfo:
     return ServiceInfo(vendor="capsuled", product="capsuled", version=version, url=PROJECT_URL)
 
 
-def build_dispatcher(options: Options) -> Dispatcher[object]:
-    """Wiring: the one place that builds the services and the Dispatcher."""
+@dataclass(frozen=True, slots=True)
+class Wiring:
+    """What `capsuled serve` runs: the method table, and the reloader holding its Services."""
+
+    dispatcher: Dispatcher[object]
+    reloader: PolicyReloader
+
+
+def build_wiring(options: Options) -> Wiring:
+    """Wiring: the one place that builds the services, the Dispatcher and the policy reloader."""
     # Imported here so `capsuled --version`/`install` do not pay for jeepney and policy.
     from capsuled import methods
     from capsuled.audit import AuditLog
     from capsuled.methods.context import Services
-    from capsuled.policy import Authorizer
+    from capsuled.policy import DEFAULT_CONFIG_DIR, Authorizer
     from capsuled.records import RecordStore
     from capsuled.systemd.backend import DBusSystemdBackend
 
+    config_dir = DEFAULT_CONFIG_DIR if options.config_dir is None else options.config_dir
     info = service_info()
     services = Services(
         backend=DBusSystemdBackend(),
-        authorizer=Authorizer.from_config(),
+        authorizer=Authorizer.from_config(config_dir),
         records=RecordStore(),
         audit=AuditLog(),
         version=info.version,
@@ -107,7 +131,85 @@ def build_dispatcher(options: Options) -> Dispatcher[object]:
     dispatcher = methods.build_dispatcher(
         load_interface(), services, info, validate_replies=options.validate_replies
     )
-    return dispatcher  # type: ignore[return-value]  # Dispatcher[CallContext] is served as Dispatcher[object]
+    return Wiring(
+        dispatcher=dispatcher,  # type: ignore[arg-type]  # Dispatcher[CallContext] is served as Dispatcher[object]
+        reloader=PolicyReloader(services, lambda: Authorizer.from_config(config_dir)),
+    )
+
+
+@dataclass(slots=True)
+class _Generation:
+    """The calls that started while one authorizer was current."""
+
+    calls: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class PolicyReloader:
+    """SIGHUP: load the policy again and swap it into the Services every handler reads.
+
+    A configuration that is refused gives deny-all for non-root, exactly as at start-up, never
+    "keep the old one" (which is what most daemons do on a failed reload): the administrator may
+    be editing the policy to take a grant away, and the old policy cannot come back anyway the
+    next time socket activation starts us. So the answer never depends on whether the daemon
+    happened to be running when the file was broken.
+
+    The swap is one attribute assignment on the event loop, so every check starting after it
+    uses the new policy. A check already awaiting the old authorizer (a polkit round trip) keeps
+    it: the old one is closed only when every call that started before the swap has ended.
+    """
+
+    def __init__(self, services: Services, load: Callable[[], Authorizer]) -> None:
+        self._services = services
+        self._load = load
+        self._current = _Generation()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def track(self, handle: Handle) -> Handle:
+        """Wrap the transport's per-call handler so calls are counted against their policy."""
+
+        async def counted(call: Call, peer: Peer, notify: NotifyFn) -> dict[str, object]:
+            generation = self._current
+            generation.calls += 1
+            try:
+                return await handle(call, peer, notify)
+            finally:
+                generation.calls -= 1
+                if generation.calls == 0:
+                    generation.idle.set()
+
+        return counted
+
+    def reload(self, status: str) -> None:
+        """Reload now; `status` is the STATUS= to report again once serving with the new policy."""
+        # sd_notify(3): RELOADING=1 must carry CLOCK_MONOTONIC so systemd (>= 253) can tell this
+        # reload from an earlier one; READY=1 ends it and `systemctl reload` returns.
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=Reloading the policy")
+        new = self._load()  # logs why, and is deny-all for non-root, if the config is refused
+        old, retired = self._services.authorizer, self._current
+        self._services.authorizer, self._current = new, _Generation()
+        log.info(
+            "policy reloaded: backend %s%s",
+            new.backend_name,
+            ", configuration refused: denying every non-root request"
+            if new.config.deny_all
+            else "",
+        )
+        task = asyncio.create_task(self._retire(old, retired), name="capsuled-policy-retire")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        sd_notify(f"READY=1\nSTATUS={status}")
+
+    async def _retire(self, old: Authorizer, generation: _Generation) -> None:
+        if generation.calls > 0:
+            await generation.idle.wait()
+        await old.aclose()
+
+    async def aclose(self) -> None:
+        """Wait for retired authorizers to close (after the server stopped: no call holds one)."""
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[tuple[int, str]]:
@@ -205,12 +307,18 @@ def sd_notify(state: str) -> None:
         log.warning("sd_notify failed: %s", exc)
 
 
-async def serve(options: Options, dispatcher: Dispatcher[Ctx]) -> int:
-    """Serve until idle, told to stop, or (connected socket) the one connection ends."""
+async def serve(
+    options: Options, dispatcher: Dispatcher[Ctx], reloader: PolicyReloader | None = None
+) -> int:
+    """Serve until idle, told to stop, or (connected socket) the one connection ends.
+
+    With a reloader, SIGHUP reloads the policy; without one SIGHUP keeps its default (exit).
+    """
     fd = pick_fd(listen_fds())
-    server = Server(
-        dispatcher.handle, dispatcher.internal_error, options.limits, dispatcher.busy_error
-    )
+    handle: Handle = dispatcher.handle
+    if reloader is not None:
+        handle = reloader.track(handle)
+    server = Server(handle, dispatcher.internal_error, options.limits, dispatcher.busy_error)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -243,6 +351,10 @@ async def serve(options: Options, dispatcher: Dispatcher[Ctx]) -> int:
         status = "Serving one connection"
     sd_notify(f"READY=1\nSTATUS={status}")
     log.info("%s", status)
+    if reloader is not None:
+        # Installed only now: before READY=1 systemd sends no reload, and a SIGHUP during start-up
+        # would find a policy that was just read anyway.
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload, status)
     try:
         ends: list[asyncio.Task[object] | asyncio.Task[None]] = [*waiters]
         if connection is not None:
@@ -250,6 +362,8 @@ async def serve(options: Options, dispatcher: Dispatcher[Ctx]) -> int:
         await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
     finally:
         sd_notify("STOPPING=1\nSTATUS=Shutting down")
+        if reloader is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
         for task in waiters:
             task.cancel()
         if listener is not None:
@@ -258,6 +372,8 @@ async def serve(options: Options, dispatcher: Dispatcher[Ctx]) -> int:
         await asyncio.gather(*waiters, return_exceptions=True)
         if connection is not None:
             await asyncio.gather(connection, return_exceptions=True)
+        if reloader is not None:
+            await reloader.aclose()
         if created_path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(created_path)
@@ -295,8 +411,14 @@ def run(options: Options, dispatcher: Dispatcher[Ctx] | None = None) -> int:
     """Entry point of `capsuled serve`; returns the exit status."""
     try:
         if dispatcher is None:
-            return asyncio.run(serve(options, build_dispatcher(options)))
+            return asyncio.run(_serve_wired(options))
         return asyncio.run(serve(options, dispatcher))
     except ActivationError as exc:
         log.error("%s", exc)
         return 1
+
+
+async def _serve_wired(options: Options) -> int:
+    # Built inside the running loop: the reloader's events and tasks belong to it.
+    wiring = build_wiring(options)
+    return await serve(options, wiring.dispatcher, wiring.reloader)

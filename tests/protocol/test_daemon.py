@@ -1,20 +1,35 @@
 """The daemon process: socket activation (listening and Accept=yes), LISTEN_* handling,
-sd_notify, idle exit, --listen, and the real `capsuled` entry point with its real IDL."""
+sd_notify, idle exit, --listen, policy reload on SIGHUP, and the real `capsuled` entry point with
+its real IDL."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import queue
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from capsuled import daemon
+from capsuled.audit import AuditLog
+from capsuled.methods.context import Services
+from capsuled.policy import Authorizer, Decision, SubjectLike
+from capsuled.policy.engine import DEFAULT_CONFIG, Identity, Request
+from capsuled.records import RecordStore
+from capsuled.systemd.fake import FakeBackend
+from capsuled.transport import NotifyFn, Peer
+from capsuled.varlink.messages import Call
 from protocol.harness import TIMEOUT_S, Closed, RawClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -293,3 +308,198 @@ def test_capsuled_hands_install_verbs_to_the_installer(verb: str) -> None:
         [*CAPSULED, verb, "--help"], env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
     )
     assert out.returncode == 0 and f"usage: capsuled {verb}" in out.stdout
+
+
+# --- policy reload (SIGHUP) ---------------------------------------------------------------------
+
+NOBODY = 65534
+# The system interpreter: the one running pytest may live where nobody cannot reach (~root).
+SYSTEM_PYTHON = "/usr/bin/python3"
+BUILTIN = '[policy]\nbackend = "builtin"\n'
+LET_NOBODY_READ = BUILTIN + '[[rule]]\nusers = ["nobody"]\nactions = ["read"]\nresult = "yes"\n'
+
+# Run as nobody: one CheckAccess on a fresh connection; prints the reply and the server's pid
+# (SO_PEERCRED), which tells whether the same daemon process answered.
+_CHECK_AS_NOBODY = r"""
+import json, socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(float(sys.argv[2]))
+s.connect(sys.argv[1])
+pid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+call = {"method": "org.capsuled.Manager.CheckAccess",
+        "parameters": {"name": "web-1", "action": "read"}}
+s.sendall(json.dumps(call).encode() + b"\0")
+buf = b""
+while b"\0" not in buf:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    buf += chunk
+print(json.dumps({"pid": pid, "reply": json.loads(buf.partition(b"\0")[0] or b"null")}))
+"""
+
+
+def _check_as_nobody(path: str) -> tuple[int, object]:
+    out = subprocess.run(
+        [SYSTEM_PYTHON, "-I", "-c", _CHECK_AS_NOBODY, path, str(TIMEOUT_S)],
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=True,
+        cwd="/",
+    )
+    got = json.loads(out.stdout)
+    assert isinstance(got, dict)
+    return got["pid"], got["reply"]
+
+
+def _access(result: str, reason: str) -> dict[str, object]:
+    return {"parameters": {"access": {"result": result, "reason": reason}}}
+
+
+def _write_config(config_dir: Path, text: str) -> None:
+    # Temp name + rename: the daemon never sees a half-written file (as an editor saving would).
+    tmp = config_dir / ".capsuled.toml.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    tmp.chmod(0o644)
+    tmp.rename(config_dir / "capsuled.toml")
+
+
+@pytest.fixture
+def config_dir() -> Iterator[Path]:
+    # Root-owned and 0700 (mkdtemp): the policy loader refuses group- or world-writable ones.
+    d = Path(tempfile.mkdtemp(prefix="capsuled-config-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK), reason="connects as uid nobody"
+)
+def test_sighup_reloads_the_policy_in_the_same_process(
+    procs: list[Proc],
+    sockdir: Path,
+    config_dir: Path,
+    notify_socket: tuple[socket.socket, str],
+) -> None:
+    nsock, npath = notify_socket
+    path = str(sockdir / "capsuled.sock")
+    _write_config(config_dir, BUILTIN)
+    env = dict(_env(), NOTIFY_SOCKET=npath)
+    proc = Proc([*CAPSULED, "--listen", path, "--config-dir", str(config_dir)], env)
+    procs.append(proc)
+    proc.wait_for("Serving on")
+    assert nsock.recv(4096) == f"READY=1\nSTATUS=Serving on {path}".encode()
+    # The shipped [defaults]: nobody would have to authenticate to read.
+    assert _check_as_nobody(path) == (proc.p.pid, _access("auth_admin", "builtin"))
+
+    _write_config(config_dir, LET_NOBODY_READ)
+    before_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    proc.p.send_signal(signal.SIGHUP)
+    reloading = nsock.recv(4096).decode().split("\n")
+    assert reloading[0] == "RELOADING=1"
+    key, _, usec = reloading[1].partition("=")
+    after_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert key == "MONOTONIC_USEC" and before_us <= int(usec) <= after_us
+    # READY=1 ends the reload (what `systemctl reload` waits for), with the old STATUS= back.
+    assert nsock.recv(4096) == f"READY=1\nSTATUS=Serving on {path}".encode()
+    line = proc.wait_for("policy reloaded")
+    assert "backend builtin" in line and "refused" not in line
+    assert _check_as_nobody(path) == (proc.p.pid, _access("yes", "builtin"))
+
+    # A refused configuration denies, as at start-up: the previous (allowing) one is not kept.
+    _write_config(config_dir, LET_NOBODY_READ + "[policy\n")
+    proc.p.send_signal(signal.SIGHUP)
+    proc.wait_for("policy configuration refused")
+    line = proc.wait_for("policy reloaded")
+    assert "configuration refused" in line
+    assert _check_as_nobody(path) == (proc.p.pid, _access("no", "config-refused"))
+
+    _write_config(config_dir, LET_NOBODY_READ)
+    proc.p.send_signal(signal.SIGHUP)
+    assert "refused" not in proc.wait_for("policy reloaded")
+    assert _check_as_nobody(path) == (proc.p.pid, _access("yes", "builtin"))
+    proc.p.terminate()
+    assert proc.wait_exit() == 0
+
+
+class _ClosingBackend:
+    """A policy backend that only records whether it was closed."""
+
+    name = "builtin"
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+
+    async def check(
+        self, subject: SubjectLike, identity: Identity, request: Request, allow_interactive: bool
+    ) -> Decision:
+        return Decision.NO
+
+    async def aclose(self) -> None:
+        self.closed.set()
+
+
+def test_reload_closes_the_old_policy_after_the_calls_that_started_under_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    sent: list[str] = []
+    monkeypatch.setattr(daemon, "sd_notify", sent.append)
+
+    async def scenario() -> None:
+        old_backend, new_backend = _ClosingBackend(), _ClosingBackend()
+        old = Authorizer(DEFAULT_CONFIG, old_backend)
+        new = Authorizer(DEFAULT_CONFIG, new_backend)
+        services = Services(
+            backend=FakeBackend(),
+            authorizer=old,
+            records=RecordStore(tmp_path),
+            audit=AuditLog(),
+            version="test",
+        )
+        reloader = daemon.PolicyReloader(services, lambda: new)
+        entered, release = asyncio.Event(), asyncio.Event()
+        seen: list[Authorizer] = []
+
+        async def handle(call: Call, peer: Peer, notify: NotifyFn) -> dict[str, object]:
+            seen.append(services.authorizer)
+            if len(seen) == 1:  # the first call stays in flight until released
+                entered.set()
+                await release.wait()
+            return {}
+
+        async def notify(params: dict[str, object]) -> None:
+            pass
+
+        counted = reloader.track(handle)
+        peer = Peer(uid=NOBODY, gid=NOBODY, pid=os.getpid(), pidfd=None)
+
+        async def first_call() -> dict[str, object]:
+            return await counted(Call("org.capsuled.Manager.List"), peer, notify)
+
+        in_flight = asyncio.create_task(first_call())
+        await entered.wait()
+        reloader.reload("Serving")
+        assert services.authorizer is new
+        await counted(Call("org.capsuled.Manager.List"), peer, notify)
+        assert seen == [old, new]  # the call after the swap saw the new policy
+        # Let every runnable task run (a scheduler turn, not a timed wait): the retiring task
+        # must still be parked while the first call is in flight.
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not old_backend.closed.is_set()
+        release.set()
+        async with asyncio.timeout(TIMEOUT_S):
+            await in_flight
+            await old_backend.closed.wait()  # closed once the call that began under it ended
+        await reloader.aclose()
+        assert not new_backend.closed.is_set()
+
+    asyncio.run(scenario())
+    assert sent[0].startswith("RELOADING=1\nMONOTONIC_USEC=")
+    assert sent[1] == "READY=1\nSTATUS=Serving"
