@@ -26,12 +26,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from capsuled.procstat import read_start_time
 from capsuled.varlink.connection import ConnectionState, ServerConnection
 from capsuled.varlink.errors import LocalProtocolError, RemoteProtocolError, VarlinkError
 from capsuled.varlink.framing import MAX_MESSAGE_BYTES
@@ -55,6 +57,10 @@ class Peer:
     gid: int
     pid: int
     pidfd: int | None  # owned by the connection; closed when it ends
+    # Field 22 of /proc/PID/stat, read at accept; None if the peer was already gone. Without a
+    # pidfd (kernel < 6.5) it is what tells the peer from a later process reusing its pid, and it
+    # is the start-time polkit (< 124) identifies the subject by.
+    start_time: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +127,8 @@ Handle = Callable[[Call, Peer, NotifyFn], Awaitable[dict[str, object]]]
 
 
 def peer_credentials(sock: socket.socket) -> Peer:
-    """Read the peer's uid/gid/pid (SO_PEERCRED) and, where the kernel has it, a pidfd.
+    """Read the peer's uid/gid/pid (SO_PEERCRED), where the kernel has it a pidfd, and the peer's
+    start time (at accept, not at check time: by then the pid may belong to someone else).
 
     Raises:
         OSError: SO_PEERCRED failed (not a Unix socket, or already gone).
@@ -138,7 +145,20 @@ def peer_credentials(sock: socket.socket) -> Peer:
         if fd >= 0:
             os.set_inheritable(fd, False)
             pidfd = fd
-    return Peer(uid=uid, gid=gid, pid=pid, pidfd=pidfd)
+    try:
+        start_time: int | None = read_start_time(pid)
+    except ProcessLookupError:
+        start_time = None  # gone already: every check for this peer is refused
+    if start_time is not None and pidfd is not None:
+        # Read after the pidfd: if its process still lives, the pid was not reused in between,
+        # so the start time is the peer's.
+        try:
+            signal.pidfd_send_signal(pidfd, 0)
+        except ProcessLookupError:
+            start_time = None
+        except PermissionError:
+            pass  # it exists (EPERM cannot happen as root)
+    return Peer(uid=uid, gid=gid, pid=pid, pidfd=pidfd, start_time=start_time)
 
 
 class _UidSlot:

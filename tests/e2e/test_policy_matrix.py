@@ -136,10 +136,9 @@ def webteam_polkit_rule() -> str:
 # Runs as root inside the container. Each user gets a child process (setpriv --init-groups, so
 # it carries the groups it had when it started); steps run in order; one result per step.
 DRIVER = r"""
-import asyncio, json, os, pwd, socket, struct, subprocess, sys
+import asyncio, json, os, pwd, socket, subprocess, sys
 
 spec = json.load(sys.stdin)
-SO_PEERPIDFD = 77
 CHILD_DIRECT = (
     "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
     "print('ready', flush=True); sys.stdin.read()"
@@ -183,7 +182,8 @@ async def main():
     out = []
     children, subjects = {}, {}
     if spec["mode"] == "direct":
-        from capsuled.policy import Authorizer, Subject
+        from capsuled.policy import Authorizer
+        from capsuled.transport import peer_credentials
         auth = Authorizer.from_config(backend=spec["backend"])
         path = f"/run/policy-matrix-{os.getpid()}.sock"
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -193,10 +193,10 @@ async def main():
         for user in spec["users"]:
             children[user] = spawn(user, CHILD_DIRECT, path)
             conn, _ = srv.accept()
-            pid, peer_uid, gid = struct.unpack(
-                "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-            pidfd = struct.unpack("i", conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
-            subjects[user] = (Subject(uid=peer_uid, gid=gid, pid=pid, pidfd=pidfd), conn)
+            # As the daemon does at accept: SO_PEERCRED, SO_PEERPIDFD, the start time.
+            peer = peer_credentials(conn)
+            assert peer.pidfd is not None and peer.start_time is not None
+            subjects[user] = (peer, conn)
         os.unlink(path)
     else:
         auth = None
@@ -551,7 +551,7 @@ import asyncio, json, os, pwd, subprocess
 from capsuled.policy.bus import BusConnection
 from capsuled.policy.engine import Identity, Request
 from capsuled.policy.polkit import PolkitBackend
-from capsuled.policy.subject import Subject
+from capsuled.policy.subject import Subject, process_start_time
 
 class Recording(BusConnection):
     seen = []
@@ -564,7 +564,8 @@ async def main():
     uid = pwd.getpwnam("mallory").pw_uid
     sleeper = subprocess.Popen(["setpriv", "--reuid=mallory", "--regid=mallory",
                                 "--init-groups", "sleep", "300"])
-    subject = Subject(uid, uid, sleeper.pid, os.pidfd_open(sleeper.pid))
+    pidfd = os.pidfd_open(sleeper.pid)
+    subject = Subject(uid, uid, sleeper.pid, pidfd, process_start_time(sleeper.pid))
     # pkttyagent on a pty whose input never comes: polkitd asks it and waits.
     agent = subprocess.Popen(["script", "-qfc", f"pkttyagent --process {sleeper.pid}", "/dev/null"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)

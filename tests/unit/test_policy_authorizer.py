@@ -66,7 +66,9 @@ class RecordingBackend:
 
 
 def subject(uid: int, pidfd: int | None = None) -> Subject:
-    return Subject(uid=uid, gid=uid, pid=os.getpid(), pidfd=pidfd)
+    """This test process as the peer, as peer_credentials records it."""
+    pid = os.getpid()
+    return Subject(uid=uid, gid=uid, pid=pid, pidfd=pidfd, start_time=process_start_time(pid))
 
 
 def make(
@@ -198,8 +200,66 @@ def test_live_peer_by_pidfd() -> None:
         os.close(pidfd)
 
 
-def test_without_pidfd_liveness_is_left_to_the_backend() -> None:
-    assert process_is_alive(Subject(uid=1, gid=1, pid=2**22 + 1, pidfd=None))
+class FakeProc:
+    """A /proc of start times the test edits: exit (del) and pid reuse (a new value)."""
+
+    def __init__(self, **start_times: int) -> None:
+        self.start_times = {int(pid.lstrip("p")): t for pid, t in start_times.items()}
+
+    def __call__(self, pid: int) -> int:
+        try:
+            return self.start_times[pid]
+        except KeyError:
+            raise ProcessLookupError(pid) from None
+
+
+def test_without_pidfd_the_start_time_recorded_at_connect_decides() -> None:
+    proc = FakeProc(p4242=1000)
+    peer = Subject(uid=1, gid=1, pid=4242, pidfd=None, start_time=1000)
+    assert process_is_alive(peer, proc)
+    proc.start_times[4242] = 1007  # the peer exited and a later process got its pid
+    assert not process_is_alive(peer, proc)
+    del proc.start_times[4242]  # exited, pid not reused (yet)
+    assert not process_is_alive(peer, proc)
+    # Gone already at accept (nothing recorded): nothing can prove it is the same process.
+    proc.start_times[4242] = 1000
+    assert not process_is_alive(Subject(uid=1, gid=1, pid=4242, pidfd=None), proc)
+
+
+def test_with_a_pidfd_the_pidfd_decides_not_the_start_time() -> None:
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        mismatch = FakeProc(**{f"p{os.getpid()}": 1})
+        me = Subject(uid=1, gid=1, pid=os.getpid(), pidfd=pidfd, start_time=2)
+        assert process_is_alive(me, mismatch)
+    finally:
+        os.close(pidfd)
+
+
+def test_without_pidfd_a_child_that_exited_is_refused() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    assert child.stdin is not None
+    try:
+        peer = Subject(
+            uid=ALICE_UID,
+            gid=ALICE_UID,
+            pid=child.pid,
+            pidfd=None,
+            start_time=process_start_time(child.pid),
+        )
+        assert process_is_alive(peer)
+        auth, _, backend = make(Decision.YES)
+        assert run(auth.check(peer, "read", capsule="c", owner=BOB_UID)) is Decision.YES
+    finally:
+        child.stdin.close()
+        child.wait()
+    # Reaped: /proc/PID is gone, or belongs to a newer process with a later start time.
+    assert not process_is_alive(peer)
+    asked_before = len(backend.asked)
+    assert run(auth.check(peer, "read", capsule="c", owner=BOB_UID)) is Decision.NO
+    assert len(backend.asked) == asked_before
 
 
 def test_process_start_time_reads_field_22(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 Everything here reads the system at call time on purpose: a user removed from a group loses what the
 group granted at the next call, without a helper restart, and a peer that exited (or whose pid was
-reused) between connecting and the check is refused.
+reused) between connecting and the check is refused. The one thing read at connect time is the
+peer's start time (capsuled.transport.peer_credentials): it is what "the same process" means when
+the kernel gives no pidfd.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import grp
 import os
 import pwd
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from capsuled.policy.engine import Identity
+from capsuled.procstat import read_start_time
 
 
 class SubjectLike(Protocol):
@@ -28,6 +32,8 @@ class SubjectLike(Protocol):
     def pid(self) -> int: ...
     @property
     def pidfd(self) -> int | None: ...
+    @property
+    def start_time(self) -> int | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +44,27 @@ class Subject:
     gid: int
     pid: int
     pidfd: int | None
+    # /proc/PID/stat field 22 read when the connection was accepted; None: the peer was gone.
+    start_time: int | None = None
 
 
-def process_is_alive(subject: SubjectLike) -> bool:
-    """False if the peer process is gone (a pidfd never refers to a recycled pid)."""
+def process_is_alive(
+    subject: SubjectLike, start_time_of: Callable[[int], int] = read_start_time
+) -> bool:
+    """False if the peer process is gone or its pid now belongs to another process.
+
+    With a pidfd the kernel answers (a pidfd never refers to a recycled pid). Without one (kernel
+    < 6.5) the pid's current start time must equal the one recorded at connect: a process that
+    reuses the pid starts later, so it cannot pass for the peer (polkit 122 does the same).
+    `start_time_of` reads /proc; tests pass a fake.
+    """
     if subject.pidfd is None:
-        # Kernel without SO_PEERPIDFD (< 6.5): nothing reliable to check here; the polkit backend
-        # falls back to pid + start-time, as polkit 122 does.
-        return True
+        if subject.start_time is None:
+            return False  # gone before we could record who it was: nothing to compare with
+        try:
+            return start_time_of(subject.pid) == subject.start_time
+        except ProcessLookupError:
+            return False
     try:
         # Signal 0 checks existence only; on a pidfd it cannot hit a recycled pid.
         signal.pidfd_send_signal(subject.pidfd, 0)
@@ -85,20 +104,9 @@ def user_name(uid: int) -> str | None:
 
 
 def process_start_time(pid: int) -> int:
-    """Field 22 of /proc/PID/stat (start time in clock ticks since boot), as polkit wants it.
+    """Field 22 of /proc/PID/stat now (see capsuled.procstat).
 
     Raises:
         ProcessLookupError: the process is gone, or its stat line cannot be parsed.
     """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read(4096)
-    except FileNotFoundError as exc:
-        raise ProcessLookupError(pid) from exc
-    # comm (field 2) may contain spaces and ')' itself: split after the *last* ')'. The fields
-    # after it start at field 3 (state), so field 22 is index 19.
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError) as exc:
-        raise ProcessLookupError(pid) from exc
+    return read_start_time(pid)
