@@ -352,8 +352,8 @@ async def serve(
     sd_notify(f"READY=1\nSTATUS={status}")
     log.info("%s", status)
     if reloader is not None:
-        # Installed only now: before READY=1 systemd sends no reload, and a SIGHUP during start-up
-        # would find a policy that was just read anyway.
+        # After READY=1: systemd sends no reload before it (notify-reload), and the status it
+        # restores is known only now. A SIGHUP from elsewhere during start-up still ends us.
         loop.add_signal_handler(signal.SIGHUP, reloader.reload, status)
     try:
         ends: list[asyncio.Task[object] | asyncio.Task[None]] = [*waiters]
