@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -604,3 +605,80 @@ def test_polkit_check_is_cancelled_in_polkitd(bed: Testbed, world: World) -> Non
     # of the one left waiting: polkitd answers an unknown cancellation id with an error.
     assert out["seen"][0] == ["Hello", "method_return"]
     assert out["seen"][-1] == ["CancelCheckAuthorization", "method_return"]
+
+
+OWNER_RULE_FILE = "/etc/polkit-1/rules.d/45-capsuled-e2e-owner.rules"
+# For mallory only: a read rule that would answer differently for owned capsules if it ever saw an
+# owner, and a manage rule keyed on the owner.
+OWNER_RULES = """
+polkit.addRule(function(action, subject) {
+    if (subject.user != "mallory" || action.id.indexOf("org.capsuled.") != 0) return;
+    var owner = action.lookup("owner");
+    if (action.id == "org.capsuled.read") {
+        if (owner) return polkit.Result.NO;
+        if (/^web-/.test(action.lookup("capsule"))) return polkit.Result.YES;
+    }
+    if (action.id == "org.capsuled.manage" && owner == "bob") return polkit.Result.YES;
+});
+"""
+
+
+def test_polkit_rules_never_see_the_owner_of_a_capsule_the_caller_may_not_read(
+    bed: Testbed, world: World
+) -> None:
+    """Owner details reach polkit rules only for capsules the caller may read (polkit backend)."""
+    names = world.names
+
+    def check(action: str, role: str) -> dict[str, object]:
+        return {
+            "op": "check",
+            "user": "mallory",
+            "action": action,
+            "capsule": names[role],
+            "owner": OWNERS[role],
+        }
+
+    probe: dict[str, object] = {
+        "op": "check",
+        "user": "mallory",
+        "action": "read",
+        "capsule": "web-probe",
+        "owner": None,
+    }
+
+    def rule_loaded() -> bool:
+        spec: dict[str, object] = {
+            "mode": "direct",
+            "backend": "polkit",
+            "users": ["mallory"],
+            "steps": [probe],
+        }
+        return drive(bed, spec).results == ["yes"]
+
+    def wait_until(loaded: bool) -> None:
+        deadline = time.monotonic() + 30
+        while rule_loaded() != loaded:
+            assert time.monotonic() < deadline, f"polkitd never {'loaded' if loaded else 'dropped'}"
+
+    root_ok(bed, "sh", "-c", f"cat > {OWNER_RULE_FILE}", input=OWNER_RULES)
+    try:
+        wait_until(loaded=True)
+        steps = [
+            check("read", "alice"),  # exists, owned by alice
+            check("read", "none"),  # does not exist
+            check("manage", "web"),  # owned by bob, readable (web-*): the owner rule applies
+            check("manage", "bob"),  # owned by bob, not readable: the owner stays hidden
+            check("manage", "none"),
+        ]
+        spec: dict[str, object] = {
+            "mode": "direct",
+            "backend": "polkit",
+            "users": ["mallory"],
+            "steps": steps,
+        }
+        results = drive(bed, spec).results
+        # "no" for alice's capsule would tell mallory it exists; she gets the default for both.
+        assert results == ["auth_admin", "auth_admin", "yes", "auth_admin", "auth_admin"]
+    finally:
+        bed.run("rm", "-f", OWNER_RULE_FILE)
+        wait_until(loaded=False)

@@ -20,11 +20,14 @@ from capsuled.policy.polkit import (
     decision_from_reply,
     polkit_details,
 )
-from capsuled.policy.subject import Subject
+from capsuled.policy.subject import Subject, process_start_time
 
-ME = Subject(uid=1000, gid=1000, pid=os.getpid(), pidfd=None)
+ME = Subject(uid=1000, gid=1000, pid=os.getpid(), pidfd=None, start_time=4242)
 ALICE = Identity(1000, "alice", frozenset({"alice"}))
-REQUEST = Request(actions.MANAGE, "web-a", 1001, verb="start")
+# The caller's own capsule: one CheckAuthorization, owner details included.
+REQUEST = Request(actions.MANAGE, "web-a", 1000, verb="start")
+# Someone else's: a read check (no owner details) decides whether the owner is shown.
+OTHERS = Request(actions.MANAGE, "web-b", 1001, verb="start")
 
 
 def make_check(**kw: object) -> Message:
@@ -78,8 +81,8 @@ def test_the_pidfd_travels_as_a_unix_fd() -> None:
 
 def test_details() -> None:
     assert polkit_details(Request(actions.CREATE, "new", None), None) == {"capsule": "new"}
-    assert polkit_details(REQUEST, "bob") == {
-        "capsule": "web-a",
+    assert polkit_details(OTHERS, "bob") == {
+        "capsule": "web-b",
         "owner": "bob",
         "owner-uid": "1001",
         "verb": "start",
@@ -91,6 +94,15 @@ def test_details() -> None:
         "owner-uid": "4242",
         "verb": "stop",
         "unit": "a.service",
+    }
+
+
+def test_read_details_never_name_the_owner() -> None:
+    read = Request(actions.READ, "web-b", 1001)
+    assert polkit_details(read, "bob") == {"capsule": "web-b"}
+    assert polkit_details(OTHERS, "bob", owner_visible=False) == {
+        "capsule": "web-b",
+        "verb": "start",
     }
 
 
@@ -275,6 +287,91 @@ def test_polkit_error_reply_refuses() -> None:
 
 def test_gone_process_is_refused_without_asking() -> None:
     link = FakeLink()
-    gone = Subject(uid=1000, gid=1000, pid=2**22 + 1, pidfd=None)
+    # No start time: the peer was already gone when its connection was accepted.
+    gone = Subject(uid=1000, gid=1000, pid=2**22 + 1, pidfd=None, start_time=None)
     assert asyncio.run(backend_for(link).check(gone, ALICE, REQUEST, False)) is Decision.NO
     assert link.calls == []
+
+
+def test_the_start_time_recorded_at_connect_is_sent_not_a_fresh_one() -> None:
+    # A process that reuses the peer's pid starts later; polkit 122 would judge it by the start
+    # time we send, so it must be the peer's (recorded at accept), not whatever /proc says now.
+    link = FakeLink()
+    link.release.set()
+    recorded = process_start_time(os.getpid()) - 1
+    subject = Subject(uid=1000, gid=1000, pid=os.getpid(), pidfd=None, start_time=recorded)
+    assert asyncio.run(backend_for(link).check(subject, ALICE, REQUEST, False)) is Decision.YES
+    ((_, sent), *_rest) = link.calls[0].body
+    assert sent["start-time"] == ("t", recorded)
+    assert sent["pid"] == ("u", os.getpid())
+
+
+class ScriptedLink(FakeLink):
+    """Answers each CheckAuthorization by its action id."""
+
+    def __init__(self, answers: dict[str, tuple[bool, bool]]) -> None:
+        super().__init__()
+        self.answers = answers
+
+    async def call(self, message: Message) -> Message:
+        self.calls.append(message)
+        return reply_to(message, *self.answers[message.body[1]])
+
+
+def asked(link: FakeLink) -> list[tuple[str, dict[str, str], int]]:
+    return [(c.body[1], c.body[2], c.body[3]) for c in link.calls]
+
+
+def test_read_is_asked_without_owner_details() -> None:
+    link = ScriptedLink({actions.READ: (False, True)})
+    read = Request(actions.READ, "web-b", 1001)
+    assert asyncio.run(backend_for(link).check(ME, ALICE, read, True)) is Decision.AUTH_ADMIN
+    # One interactive check; the agent it may start sees no owner either.
+    assert asked(link) == [(actions.READ, {"capsule": "web-b"}, ALLOW_USER_INTERACTION)]
+
+
+def test_read_details_are_the_same_whether_the_capsule_exists_or_not() -> None:
+    def details(owner: int | None) -> list[tuple[str, dict[str, str], int]]:
+        link = ScriptedLink({actions.READ: (False, False)})
+        asyncio.run(backend_for(link).check(ME, ALICE, Request(actions.READ, "x", owner), False))
+        return asked(link)
+
+    assert details(1001) == details(None) == details(0)
+
+
+def test_an_unreadable_capsules_owner_is_not_shown() -> None:
+    link = ScriptedLink({actions.READ: (False, True), actions.MANAGE: (False, True)})
+    assert asyncio.run(backend_for(link).check(ME, ALICE, OTHERS, True)) is Decision.AUTH_ADMIN
+    assert asked(link) == [
+        (actions.READ, {"capsule": "web-b"}, 0),  # never interactive: no dialog for the probe
+        (actions.MANAGE, {"capsule": "web-b", "verb": "start"}, ALLOW_USER_INTERACTION),
+    ]
+
+
+def test_a_readable_capsules_owner_is_shown() -> None:
+    link = ScriptedLink({actions.READ: (True, False), actions.MANAGE: (True, False)})
+    assert asyncio.run(backend_for(link).check(ME, ALICE, OTHERS, False)) is Decision.YES
+    (_, first, _), (action, second, _) = asked(link)
+    assert first == {"capsule": "web-b"}
+    assert action == actions.MANAGE
+    assert second["owner-uid"] == "1001"
+    assert second["owner"]  # the user name, or "1001" where uid 1001 has none
+
+
+def test_own_capsule_and_create_need_no_read_probe() -> None:
+    for request in (REQUEST, Request(actions.CREATE, "new", 1000)):
+        link = ScriptedLink({request.action: (True, False)})
+        assert asyncio.run(backend_for(link).check(ME, ALICE, request, False)) is Decision.YES
+        ((action, details, _),) = asked(link)
+        assert (action, details["owner-uid"]) == (request.action, "1000")
+
+
+def test_a_failed_read_probe_refuses_without_asking_more() -> None:
+    class ErrorLink(FakeLink):
+        async def call(self, message: Message) -> Message:
+            self.calls.append(message)
+            return new_error(message, "org.freedesktop.DBus.Error.ServiceUnknown")
+
+    link = ErrorLink()
+    assert asyncio.run(backend_for(link).check(ME, ALICE, OTHERS, False)) is Decision.NO
+    assert [c.body[1] for c in link.calls] == [actions.READ]

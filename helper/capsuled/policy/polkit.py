@@ -2,16 +2,30 @@
 
 The subject is ("unix-process", {pid, start-time, uid, pidfd}): polkitd >= 124 identifies the
 process by the pidfd (no pid-reuse race); 122 needs pid + start-time (field 22 of /proc/PID/stat).
-The uid is SO_PEERCRED's: polkitd believes the uid a root caller passes, so it must never come from
-parameters.
+The start time is the one read when the connection was accepted (capsuled.transport.Peer), never at
+check time: by then the pid may belong to another process, and its start time would make polkitd
+judge that process. The uid is SO_PEERCRED's: polkitd believes the uid a root caller passes, so it
+must never come from parameters.
 
 Details (a{ss}) for rules files (`action.lookup("capsule")`):
     capsule      the capsule name
-    owner        the owner's user name, or the decimal uid if it has none; absent if no owner;
-                 for org.capsuled.create the caller (the would-be owner)
-    owner-uid    the owner's decimal uid; absent if no owner
+    owner        the owner's user name, or the decimal uid if it has none; see below
+    owner-uid    the owner's decimal uid; see below
     verb         for org.capsuled.manage / manage-units, when given
     unit         for org.capsuled.manage-units, when given
+
+Owner details are sent only where they tell the caller nothing it may not know (design brief: a
+caller who may not read a capsule gets the same answer whether it exists or not):
+    - org.capsuled.read: never. The read decision is what hides a capsule's existence (the
+      methods answer NoSuchCapsule to whoever it refuses), so no rule may key it on the owner:
+      "owner absent" would mean "does not exist". polkitd also hands the details to the caller's
+      own authentication agent, which would show the owner's name. Grant read by capsule name,
+      user or group instead; owners read their capsules through capsuled's owner grants anyway.
+    - org.capsuled.create: the caller (who would become the owner);
+    - any other action: when the capsule has an owner and the caller is that owner, or polkitd says
+      yes to org.capsuled.read for this capsule without interaction (asked first, without owner
+      details). So an owner-keyed rule ("group X may manage capsules of members of X") works for
+      callers who may read the capsule, and never reveals who owns the others.
 
 Answers: authorized -> yes; challenge -> auth_admin; otherwise -> no. polkitd missing, failing, slow
 or answering an error (e.g. our .policy not installed) -> no, logged: never allow by accident.
@@ -31,9 +45,10 @@ from typing import Final, Protocol
 
 from jeepney import DBusAddress, HeaderFields, Message, MessageType, new_method_call
 
+from capsuled.policy import actions
 from capsuled.policy.bus import BusClosed, BusConnection
 from capsuled.policy.engine import Decision, Identity, Request
-from capsuled.policy.subject import SubjectLike, process_start_time, user_name
+from capsuled.policy.subject import SubjectLike, user_name
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +65,16 @@ INTERACTIVE_CHECK_TIMEOUT_S: Final = 300.0
 ALLOW_USER_INTERACTION: Final = 0x1
 
 
-def polkit_details(request: Request, owner_name: str | None) -> dict[str, str]:
-    """The a{ss} details polkit rules see (see the module docstring)."""
+def polkit_details(
+    request: Request, owner_name: str | None, *, owner_visible: bool = True
+) -> dict[str, str]:
+    """The a{ss} details polkit rules see (see the module docstring).
+
+    `owner_visible` False leaves the owner out (PolkitBackend decides; org.capsuled.read never
+    carries it whatever is passed).
+    """
     details = {"capsule": request.capsule}
-    if request.owner is not None:
+    if request.owner is not None and owner_visible and request.action != actions.READ:
         details["owner"] = owner_name if owner_name is not None else str(request.owner)
         details["owner-uid"] = str(request.owner)
     if request.verb is not None:
@@ -130,6 +151,10 @@ class BusLink(Protocol):
 Connect = Callable[[], Awaitable[BusLink]]
 
 
+class _Refused(Exception):
+    """polkitd gave no usable answer; the whole check is a refusal (nothing more is asked)."""
+
+
 class PolkitBackend:
     """Step 4 of a decision from polkitd."""
 
@@ -156,21 +181,46 @@ class PolkitBackend:
         self, subject: SubjectLike, identity: Identity, request: Request, allow_interactive: bool
     ) -> Decision:
         """Ask polkitd; any failure is a refusal."""
+        if subject.start_time is None:
+            # peer_credentials found no process to record: it was gone before the check.
+            log.info("polkit: peer process %d is gone; refusing", subject.pid)
+            return Decision.NO
+        try:
+            owner_visible = await self._owner_visible(subject, request)
+            return await self._ask(subject, request, owner_visible, allow_interactive)
+        except _Refused:
+            return Decision.NO
+
+    async def _owner_visible(self, subject: SubjectLike, request: Request) -> bool:
+        """Whether the owner details may go to polkitd with this request (module docstring)."""
+        if request.owner is None or request.action == actions.READ:
+            return False
+        if request.action == actions.CREATE or request.owner == subject.uid:
+            return True  # the owner is the caller itself
+        read = Request(actions.READ, request.capsule, None)
+        return await self._ask(subject, read, False, False) is Decision.YES
+
+    async def _ask(
+        self, subject: SubjectLike, request: Request, owner_visible: bool, allow_interactive: bool
+    ) -> Decision:
+        """One CheckAuthorization.
+
+        Raises:
+            _Refused: polkitd could not answer (already logged).
+        """
+        assert subject.start_time is not None  # check() refused the peer otherwise
         async with self._slots:
-            try:
-                start_time = process_start_time(subject.pid)
-            except ProcessLookupError:
-                log.info("polkit: peer process %d is gone; refusing", subject.pid)
-                return Decision.NO
-            owner_name = user_name(request.owner) if request.owner is not None else None
+            owner_name = None
+            if owner_visible and request.owner is not None:
+                owner_name = user_name(request.owner)
             cancellation_id = f"capsuled-{os.getpid()}-{next(self._ids)}"
             message = check_authorization(
                 pid=subject.pid,
-                start_time=start_time,
+                start_time=subject.start_time,
                 uid=subject.uid,
                 pidfd=subject.pidfd,
                 action=request.action,
-                details=polkit_details(request, owner_name),
+                details=polkit_details(request, owner_name, owner_visible=owner_visible),
                 allow_interactive=allow_interactive,
                 cancellation_id=cancellation_id,
             )
@@ -180,7 +230,7 @@ class PolkitBackend:
             except (OSError, ValueError, TimeoutError) as exc:
                 # jeepney's AuthenticationError is a ValueError.
                 log.error("polkit: cannot reach the system bus (%s); refusing", exc)
-                return Decision.NO
+                raise _Refused from None
             try:
                 async with asyncio.timeout(timeout_s):
                     reply = await conn.call(message)
@@ -190,15 +240,15 @@ class PolkitBackend:
             except TimeoutError:
                 self._cancel_later(conn, cancellation_id)
                 log.error("polkit: no answer for %s in %ss; refusing", request.action, timeout_s)
-                return Decision.NO
+                raise _Refused from None
             except BusClosed as exc:
                 log.error("polkit: %s; refusing", exc)
-                return Decision.NO
+                raise _Refused from None
             try:
                 return decision_from_reply(reply)
             except ValueError as exc:
                 log.error("polkit: %s; refusing %s", exc, request.action)
-                return Decision.NO
+                raise _Refused from None
 
     async def _connection(self) -> BusLink:
         async with self._conn_lock:
