@@ -47,8 +47,8 @@ def _check_send(call: Call, msg: Reply | ErrorReply) -> bool:
     return not msg.continues
 
 
-class ServerConnection:
-    """The server side of one Varlink connection."""
+class _Connection:
+    """What both ends share: the receive buffer, the pending calls in order, the ERROR state."""
 
     __slots__ = ("_buffer", "_pending", "_state")
 
@@ -64,12 +64,12 @@ class ServerConnection:
 
     @property
     def pending(self) -> int:
-        """Number of received calls still owed a (final) reply."""
+        """Number of calls still owed a (final) reply."""
         return len(self._pending)
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes received but not yet returned as calls."""
+        """Bytes received but not yet returned as messages."""
         return len(self._buffer)
 
     def _check_open(self) -> None:
@@ -80,6 +80,12 @@ class ServerConnection:
         """Feed bytes read from the socket."""
         self._check_open()
         self._buffer.feed(data)
+
+
+class ServerConnection(_Connection):
+    """The server side of one Varlink connection."""
+
+    __slots__ = ()
 
     def next_call(self) -> Call | None:
         """Return the next complete call, or None if more bytes are needed.
@@ -122,29 +128,10 @@ class ServerConnection:
         return data
 
 
-class ClientConnection:
+class ClientConnection(_Connection):
     """The client side of one Varlink connection."""
 
-    __slots__ = ("_buffer", "_pending", "_state")
-
-    def __init__(self, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        self._buffer = MessageBuffer(max_message_bytes)
-        self._pending: deque[Call] = deque()
-        self._state = ConnectionState.OPEN
-
-    @property
-    def state(self) -> ConnectionState:
-        """OPEN, or ERROR after any protocol error."""
-        return self._state
-
-    @property
-    def pending(self) -> int:
-        """Number of sent calls still waiting for their final reply."""
-        return len(self._pending)
-
-    def _check_open(self) -> None:
-        if self._state is ConnectionState.ERROR:
-            raise LocalProtocolError("connection is in the ERROR state")
+    __slots__ = ()
 
     def send(self, call: Call) -> bytes:
         """Turn a call into bytes and remember that it awaits a reply (unless oneway)."""
@@ -160,11 +147,6 @@ class ClientConnection:
         if not call.oneway:
             self._pending.append(call)
         return data
-
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes read from the socket."""
-        self._check_open()
-        self._buffer.feed(data)
 
     def next_reply(self) -> Reply | ErrorReply | None:
         """Return the next complete reply, or None if more bytes are needed.
