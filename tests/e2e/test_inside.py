@@ -254,9 +254,9 @@ def test_run_reports_exit_status_and_refuses_others(bed: Testbed, capsule_name: 
         assert fails(bed, user, "Run", name=name, command=["/bin/true"])[0] == NO_SUCH
 
 
-WATCHER = r"""
+# What every in-bed watcher script starts with: connect, send a call, read one reply.
+WATCH_CLIENT = r"""
 import json, socket, sys
-name = sys.argv[1]
 def connect():
     s = socket.socket(socket.AF_UNIX); s.settimeout(60); s.connect(SOCKET); return s
 def send(s, method, params, more=False):
@@ -272,6 +272,13 @@ def read(s):
         buf += chunk
     raw, _, buf = buf.partition(b"\0")
     return json.loads(raw)
+""".replace("SOCKET", repr(SOCKET))
+
+
+WATCHER = (
+    WATCH_CLIENT
+    + r"""
+name = sys.argv[1]
 w = connect()
 send(w, "Watch", {"names": [name]}, more=True)
 events = [read(w)["parameters"]["event"]]   # the snapshot: we are subscribed
@@ -287,7 +294,8 @@ for verb in ("Start", "Stop"):
         if e["kind"] == "capsule" and e["state"] == want:
             break
 print(json.dumps(events))
-""".replace("SOCKET", repr(SOCKET))
+"""
+)
 
 
 def test_watch_delivers_start_and_stop_in_order(bed: Testbed, capsule_name: str) -> None:
@@ -308,32 +316,25 @@ def test_watch_delivers_start_and_stop_in_order(bed: Testbed, capsule_name: str)
     assert fails(bed, "alice", "Watch", names=[name])[0] == "org.varlink.service.ExpectedMore"
 
 
-HIDDEN_WATCHER = r"""
-import json, socket, sys
+HIDDEN_WATCHER = (
+    WATCH_CLIENT
+    + r"""
 private, shared = sys.argv[1], sys.argv[2]
-w = socket.socket(socket.AF_UNIX); w.settimeout(60); w.connect(SOCKET)
-m = {"method": "org.capsuled.Manager.Watch", "parameters": {"names": [private, shared]},
-     "more": True}
-w.sendall(json.dumps(m).encode() + b"\0")
-buf = b""
-def read():
-    global buf
-    while b"\0" not in buf:
-        chunk = w.recv(65536)
-        if not chunk: raise SystemExit("closed")
-        buf += chunk
-    raw, _, buf = buf.partition(b"\0")
-    return json.loads(raw)["parameters"]["event"]
-events = [read()]        # the snapshot: only what we may read
+w = connect()
+send(w, "Watch", {"names": [private, shared]}, more=True)
+def event():
+    return read(w)["parameters"]["event"]
+events = [event()]       # the snapshot: only what we may read
 print(json.dumps(events[0]), flush=True)
 sys.stdin.readline()     # the test starts the private capsule, then the shared one
 while True:
-    e = read()
+    e = event()
     events.append(e)
     if e["capsule"] == shared and e["kind"] == "capsule" and e["state"] == "active":
         break
 print(json.dumps(events))
-""".replace("SOCKET", repr(SOCKET))
+"""
+)
 
 
 def test_watch_never_shows_a_capsule_the_caller_may_not_read(
@@ -462,34 +463,23 @@ def test_planted_hardlink_is_never_written_through(bed: Testbed, capsule_name: s
     assert bed.as_root("cat", f"{VICTIM_DIR}/hard").stdout == "precious\n"
 
 
-UNIT_WATCHER = r"""
-import json, socket, sys
+UNIT_WATCHER = (
+    WATCH_CLIENT
+    + r"""
 name = sys.argv[1]
-def connect():
-    s = socket.socket(socket.AF_UNIX); s.settimeout(60); s.connect(SOCKET); return s
-buf = b""
-def read(s):
-    global buf
-    while b"\0" not in buf:
-        chunk = s.recv(65536)
-        if not chunk: raise SystemExit("closed")
-        buf += chunk
-    raw, _, buf = buf.partition(b"\0")
-    return json.loads(raw)
 w = connect()
-m = {"method": "org.capsuled.Manager.Watch", "parameters": {"names": [name]}, "more": True}
-w.sendall(json.dumps(m).encode() + b"\0")
+send(w, "Watch", {"names": [name]}, more=True)
 events = [read(w)["parameters"]["event"]]
 c = connect()
-c.sendall(json.dumps({"method": "org.capsuled.Manager.Start",
-                      "parameters": {"name": name}}).encode() + b"\0")
+send(c, "Start", {"name": name})
 while True:
     e = read(w)["parameters"]["event"]
     events.append(e)
     if e["kind"] == "unit" and e["unit"] == "web.service" and e["state"] == "active":
         break
 print(json.dumps(events))
-""".replace("SOCKET", repr(SOCKET))
+"""
+)
 
 
 def test_watch_follows_the_units_of_a_named_capsule(bed: Testbed, capsule_name: str) -> None:
