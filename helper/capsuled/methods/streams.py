@@ -131,6 +131,7 @@ async def watch(ctx: CallContext, p: Params) -> Wire:
 
     queue: asyncio.Queue[Wire] = asyncio.Queue(maxsize=WATCH_QUEUE)
     unit_watches: dict[str, asyncio.Task[None]] = {}
+    pumping: asyncio.Task[None] | None = None
     getting: asyncio.Task[Wire] | None = None
 
     async def follow_units(name: str) -> None:
@@ -172,7 +173,7 @@ async def watch(ctx: CallContext, p: Params) -> Wire:
                         await ctx.notify(
                             _event("capsule", info.name, None, info.state, info.sub_state)
                         )
-                pumping = unit_watches["\0pump"] = asyncio.create_task(pump(events))
+                pumping = asyncio.create_task(pump(events))
                 while True:
                     getting = asyncio.create_task(queue.get())
                     await asyncio.wait({getting, pumping}, return_when=asyncio.FIRST_COMPLETED)
@@ -183,8 +184,7 @@ async def watch(ctx: CallContext, p: Params) -> Wire:
                     getting = None
     finally:
         tasks: list[asyncio.Task[None] | asyncio.Task[Wire]] = [*unit_watches.values()]
-        if getting is not None:
-            tasks.append(getting)
+        tasks += [task for task in (pumping, getting) if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
