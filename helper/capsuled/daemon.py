@@ -10,7 +10,8 @@ With a listening socket the daemon exits after `idle_exit_s` without any connect
 own bus-activated helpers (30 s, DEFAULT_EXIT_USEC); systemd keeps the socket and starts us again
 on the next connection.
 
-SIGHUP re-reads the policy (PolicyReloader), as Type=notify-reload expects: RELOADING=1 with
+SIGHUP re-reads the policy (PolicyReloader), as Type=notify-reload expects (the handler is in
+place before READY=1, which systemd >= 260 checks): RELOADING=1 with
 MONOTONIC_USEC, the swap, then READY=1 (sd_notify(3)), so `systemctl reload` returns once the new
 policy is in force.
 """
@@ -349,12 +350,13 @@ async def serve(
     else:
         connection = asyncio.create_task(server.serve_connected(sock))
         status = "Serving one connection"
+    if reloader is not None:
+        # Before READY=1: for Type=notify-reload, systemd >= 260 checks at READY=1 that the
+        # reload signal is caught (SigCgt in /proc/PID/status) and otherwise kills the service
+        # ("lacks handler for reload signal HUP", result 'protocol'; seen on Debian's 262).
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload, status)
     sd_notify(f"READY=1\nSTATUS={status}")
     log.info("%s", status)
-    if reloader is not None:
-        # After READY=1: systemd sends no reload before it (notify-reload), and the status it
-        # restores is known only now. A SIGHUP from elsewhere during start-up still ends us.
-        loop.add_signal_handler(signal.SIGHUP, reloader.reload, status)
     try:
         ends: list[asyncio.Task[object] | asyncio.Task[None]] = [*waiters]
         if connection is not None:

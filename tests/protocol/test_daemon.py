@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from capsuled import daemon
+from capsuled import daemon, methods
 from capsuled.audit import AuditLog
 from capsuled.methods.context import Services
 from capsuled.policy import Authorizer, Decision, SubjectLike
@@ -503,3 +503,41 @@ def test_reload_closes_the_old_policy_after_the_calls_that_started_under_it(
     asyncio.run(scenario())
     assert sent[0].startswith("RELOADING=1\nMONOTONIC_USEC=")
     assert sent[1] == "READY=1\nSTATUS=Serving"
+
+
+def test_sighup_is_caught_before_ready_is_sent(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sockdir: Path
+) -> None:
+    # systemd >= 260 checks, when READY=1 arrives from a Type=notify-reload service, that the
+    # reload signal is caught, and kills the service otherwise (seen on Debian's 262).
+    caught_at_ready: list[bool] = []
+
+    async def scenario() -> None:
+        ready = asyncio.Event()
+
+        def notify(state: str) -> None:
+            if state.startswith("READY=1"):
+                caught_at_ready.append(signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL)
+                ready.set()
+
+        monkeypatch.setattr(daemon, "sd_notify", notify)
+        services = Services(
+            backend=FakeBackend(),
+            authorizer=Authorizer(DEFAULT_CONFIG, _ClosingBackend()),
+            records=RecordStore(tmp_path),
+            audit=AuditLog(),
+            version="test",
+        )
+        reloader = daemon.PolicyReloader(services, lambda: services.authorizer)
+        dispatcher = methods.build_dispatcher(
+            daemon.load_interface(), services, daemon.service_info()
+        )
+        options = daemon.Options(listen=str(sockdir / "ready.sock"), idle_exit_s=0.0)
+        serving = asyncio.create_task(daemon.serve(options, dispatcher, reloader))
+        async with asyncio.timeout(TIMEOUT_S):
+            await ready.wait()
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert await serving == 0
+
+    asyncio.run(scenario())
+    assert caught_at_ready == [True]
