@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -186,6 +186,17 @@ def _set_pdeathsig() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def _nspawn_preexec(cgroup: Path | None) -> Callable[[], None]:
+    def preexec() -> None:
+        if cgroup is not None:
+            # "0": the writing process itself; nspawn and all it starts stay in there.
+            with open(cgroup / "cgroup.procs", "w") as f:
+                f.write("0")
+        _set_pdeathsig()
+
+    return preexec
+
+
 def _default_terminal_signals() -> None:
     # The child must not inherit our "ignore Ctrl-C" (ignored signals survive exec).
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -220,6 +231,56 @@ def _umount(path: Path) -> None:
         subprocess.run(["umount", "--lazy", str(path)], check=False)
 
 
+# Every bed runs in a cgroup of its own on the cgroup2 tree. With --keep-unit on a host whose PID 1
+# is not systemd, nspawn puts the container's cgroups at `payload/` below the cgroup it was started
+# from: two beds started from the same cgroup would share `payload/system.slice/X.service`, and
+# `systemctl kill X` in one would kill X in the other.
+CGROUP_PARENT = "capsuled-testbed"
+
+
+def cgroup2_root() -> Path | None:
+    """Where the cgroup2 tree is mounted (the "unified" tree on a hybrid host), or None."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    found = [Path(line.split()[1]) for line in mounts if line.split()[2:3] == ["cgroup2"]]
+    return min(found, key=lambda p: len(p.parts)) if found else None
+
+
+def bed_cgroup(machine: str) -> Path | None:
+    """The cgroup a bed named `machine` runs in (created), or None without a cgroup2 tree."""
+    root = cgroup2_root()
+    if root is None:
+        return None
+    path = root / CGROUP_PARENT / machine
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def remove_cgroup(path: Path) -> None:
+    """Kill whatever still runs in `path` and remove it with its children (deepest first)."""
+    if not path.is_dir():
+        return
+    kill = path / "cgroup.kill"  # Linux >= 5.14
+    if kill.exists():
+        with contextlib.suppress(OSError):
+            kill.write_text("1")
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    while "populated 1" in _read(path / "cgroup.events") and time.monotonic() < deadline:
+        time.sleep(POLL_INTERVAL_S)
+    for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda w: -len(w[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def prune_stale_runs() -> None:
     """Remove the leftovers of runs whose test process died without tearing down (SIGKILL)."""
     if not RUNS_DIR.is_dir():
@@ -237,6 +298,9 @@ def prune_stale_runs() -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(nspawn_pid, signal.SIGKILL)
         _log(f"removing stale run {run_dir}")
+        root = cgroup2_root()
+        if root is not None:
+            remove_cgroup(root / CGROUP_PARENT / run_dir.name)
         _umount(run_dir / "merged")
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -346,6 +410,7 @@ class Testbed:
         self._leader = 0
         self._closed = False
         self._boot_count = 0
+        self._cgroup: Path | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -455,6 +520,10 @@ class Testbed:
         # The host mounts cgroup v1 controllers beside a v2 "unified" tree; systemd 257 in the
         # container needs a pure v2 hierarchy.
         env["SYSTEMD_NSPAWN_UNIFIED_HIERARCHY"] = "1"
+        if self._cgroup is None:
+            self._cgroup = bed_cgroup(self.machine)
+            if self._cgroup is None:
+                _log("no cgroup2 tree on this host: beds booted at once may see each other's units")
         with open(log_path, "wb") as log:
             self._nspawn = subprocess.Popen(
                 argv,
@@ -463,7 +532,7 @@ class Testbed:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # Ctrl-C reaches pytest only; we tear down in order
-                preexec_fn=_set_pdeathsig,
+                preexec_fn=_nspawn_preexec(self._cgroup),
             )
         self._write_owner()
         self._leader = _find_leader(self._nspawn, log_path)
@@ -569,6 +638,8 @@ class Testbed:
                 deadline = time.monotonic() + KILL_TIMEOUT_S
                 while _pid_alive(self._leader) and time.monotonic() < deadline:
                     time.sleep(POLL_INTERVAL_S)
+            if self._cgroup is not None:
+                remove_cgroup(self._cgroup)
             _umount(self._merged)
             shutil.rmtree(self._run_dir, ignore_errors=True)
             self._root.release()
@@ -587,6 +658,11 @@ class Testbed:
     def leader(self) -> int:
         """Host PID of the container's PID 1."""
         return self._leader
+
+    @property
+    def cgroup(self) -> Path | None:
+        """The host cgroup this bed runs in (None where the host has no cgroup2 tree)."""
+        return self._cgroup
 
     @property
     def root_dir(self) -> Path:
