@@ -6,6 +6,7 @@ import io
 import json
 import re
 import secrets
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +170,44 @@ def test_the_demo_walkthrough_behaves_as_narrated(bed: Testbed, capsule_name: st
     status = run_demo(bed, load_steps(DEFAULT_STEPS, capsule=capsule_name), out)
     assert status == 0, out.getvalue()
     assert "behaved as expected" in out.getvalue()
+
+
+def _main_pid(testbed: Testbed) -> int:
+    shown = testbed.as_root("systemctl", "show", "-P", "MainPID", "capsuled.service").check()
+    return int(shown.stdout.strip())
+
+
+def test_two_beds_at_once_never_see_each_other(bed: Testbed) -> None:
+    # A second bed beside the session's: each in a cgroup of its own on the host, so a kill of a
+    # unit in one leaves the same unit in the other alone (with --keep-unit, nspawn puts each
+    # container's cgroups below the cgroup it was started from).
+    with Testbed.boot(install=True) as other:
+        for testbed in (bed, other):
+            testbed.as_user("alice", "varlinkctl", "info", SOCKET).check()  # activates capsuled
+        ours, theirs = _main_pid(bed), _main_pid(other)
+        assert ours > 0 and theirs > 0
+        assert bed.cgroup is not None and other.cgroup is not None and bed.cgroup != other.cgroup
+        leader_cgroup = Path(f"/proc/{other.leader}/cgroup").read_text()
+        assert str(other.cgroup.relative_to(other.cgroup.parents[1])) in leader_cgroup
+        other.as_root("systemctl", "kill", "--signal=SIGKILL", "capsuled.service").check()
+        state = other.as_root("systemctl", "show", "-P", "MainPID", "capsuled.service")
+        assert state.stdout.strip() != str(theirs)
+        assert _main_pid(bed) == ours
+        bed.as_user("bob", "varlinkctl", "info", SOCKET).check()
+    assert not other.cgroup.exists()  # close() removed it
+
+
+CRASHES = 8  # more than systemd's default start limit (5 starts within 10 s)
+
+
+def test_a_run_of_crashes_leaves_the_socket_serving(bed: Testbed) -> None:
+    # Kill the helper again and again within a few seconds; each next connection must still start
+    # a fresh one (a start limit would take capsuled.socket down for everyone until root acts).
+    pids: set[int] = set()
+    for _ in range(CRASHES):
+        bed.as_user("mallory", "varlinkctl", "info", SOCKET).check()
+        pids.add(_main_pid(bed))
+        bed.as_root("systemctl", "kill", "--signal=SIGKILL", "capsuled.service").check()
+    assert len(pids) == CRASHES
+    assert bed.as_root("systemctl", "is-active", "capsuled.socket").stdout.strip() == "active"
+    bed.as_user("mallory", "varlinkctl", "info", SOCKET).check()
