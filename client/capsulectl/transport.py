@@ -199,7 +199,8 @@ class SshTransport:
             )
         except OSError as exc:
             raise ConnectFailed(f"ssh:{host}", exc) from exc
-        assert self._proc.stdin is not None and self._proc.stdout is not None  # PIPE given above
+        assert self._proc.stdin is not None
+        assert self._proc.stdout is not None
         self._stdin = self._proc.stdin
         self._stdout = self._proc.stdout
 

@@ -87,7 +87,8 @@ def test_start_restart_stop_and_list(bed: Testbed, capsule_name: str) -> None:
         True,
     )
     assert running["uid"] == out["run_owner"]  # the dynamic uid owns /run/capsules/NAME
-    assert isinstance(out["listed"], list) and capsule_name in out["listed"]
+    assert isinstance(out["listed"], list)
+    assert capsule_name in out["listed"]
     stopped = out["stopped"]
     assert isinstance(stopped, dict)
     assert (stopped["state"], stopped["uid"], stopped["has_state_dir"]) == ("inactive", None, True)
@@ -128,7 +129,8 @@ def test_failing_manager_raises_job_failed_with_unit_result(
     )
     assert (out["error"], out["result"], out["unit_result"]) == ("JobFailed", "failed", "exit-code")
     info = out["info"]
-    assert isinstance(info, dict) and (info["state"], info["result"]) == ("failed", "exit-code")
+    assert isinstance(info, dict)
+    assert (info["state"], info["result"]) == ("failed", "exit-code")
     assert out["after_reset"] == "inactive"
     bed.as_root("rm", "-rf", dropin).check()
     bed.as_root("systemctl", "daemon-reload").check()
@@ -150,7 +152,8 @@ def test_clean_refuses_running_then_deletes_state(bed: Testbed, capsule_name: st
         """,
     )
     busy = out["busy"]
-    assert isinstance(busy, dict) and busy["error"] == "UnitBusy"
+    assert isinstance(busy, dict)
+    assert busy["error"] == "UnitBusy"
     assert out["dir_while_running"] is True
     assert out["after"] is None
     for path in (f"/var/lib/private/capsules/{capsule_name}", f"/var/lib/capsules/{capsule_name}"):
@@ -174,7 +177,8 @@ def test_limits_persist_reset_and_forget(bed: Testbed, capsule_name: str) -> Non
     assert out["set"] == [268435456, 77, 300]
     for key in ("too_big", "zero_tasks"):
         refused = out[key]
-        assert isinstance(refused, dict) and refused["error"] == "InvalidArgument", key
+        assert isinstance(refused, dict), key
+        assert refused["error"] == "InvalidArgument", key
         assert "out of range" in str(refused["text"]), key
     assert show(bed, capsule_name, "MemoryMax", "TasksMax", "CPUWeight") == {
         "MemoryMax": "268435456",
@@ -213,7 +217,8 @@ def test_autostart_is_a_wants_link_and_survives_reboot(bed: Testbed, capsule_nam
         """,
     )
     info = out["info"]
-    assert isinstance(info, dict) and info["autostart"] is True  # exists before its first start
+    assert isinstance(info, dict)
+    assert info["autostart"] is True
     target = bed.as_root("readlink", link).check().stdout.strip()
     assert target == "/usr/lib/systemd/system/capsule@.service"
     assert bed.as_root("systemctl", "is-enabled", unit).stdout.strip() == "enabled"
@@ -309,7 +314,8 @@ def test_capsule_manager_units_and_transient_runs(bed: Testbed, capsule_name: st
         """,
     )
     stopped = out["stopped"]
-    assert isinstance(stopped, dict) and stopped["error"] == "ManagerUnavailable"
+    assert isinstance(stopped, dict)
+    assert stopped["error"] == "ManagerUnavailable"
     assert out["listed"] == [
         f"/var/lib/capsules/{capsule_name}/.config/systemd/user/hello.service",
         "static",
@@ -325,7 +331,8 @@ def test_capsule_manager_units_and_transient_runs(bed: Testbed, capsule_name: st
         ["inactive", "dead"],
     ]
     nounit = out["nounit"]
-    assert isinstance(nounit, dict) and nounit["error"] == "NoSuchUnit"
+    assert isinstance(nounit, dict)
+    assert nounit["error"] == "NoSuchUnit"
     assert out["runs"] == {
         "r-false.service": ["exit-code", "exited", 1],
         "r-seven.service": ["exit-code", "exited", 7],
@@ -441,5 +448,6 @@ def test_running_daemon_holds_only_the_capabilities_and_limits_it_needs(bed: Tes
     assert shown["PrivateIPC"] == "yes"
     allowed = set(shown["SystemCallFilter"].split())  # an allow-list: ~@setuid removed these
     setuid_group = {"setuid", "setgid", "setreuid", "setresuid", "setresgid", "setgroups"}
-    assert allowed and not allowed & setuid_group
+    assert allowed
+    assert not allowed & setuid_group
     assert "fchownat" in allowed  # safefs chowns a new symlink through fchownat(AT_EMPTY_PATH)

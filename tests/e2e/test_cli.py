@@ -81,7 +81,8 @@ def varlinkctl(bed: Testbed, user: str, method: str, **params: object) -> dict[s
 def test_version_and_help(bed: Testbed) -> None:
     assert ok(bed, "alice", "--version").startswith("capsulectl ")
     text = ok(bed, "alice", "--help")
-    assert "exit status:" in text and "pkttyagent" in text
+    assert "exit status:" in text
+    assert "pkttyagent" in text
     assert "5  permission denied" in ok(bed, "alice", "stop", "--help")
 
 
@@ -128,7 +129,8 @@ def test_lifecycle_as_owner(bed: Testbed, capsule_name: str) -> None:
     r = ctl(bed, "alice", "status", name)
     assert r.returncode == 0, r.stderr
     active = next(line for line in r.stdout.splitlines() if "Active:" in line)
-    assert active.startswith("     Active: active (running) since ") and active.endswith(" ago")
+    assert active.startswith("     Active: active (running) since ")
+    assert active.endswith(" ago")
     dynamic_uid = int(bed.as_root("id", "-u", f"c-{name}").check().stdout)
     assert f"        UID: {dynamic_uid} (c-{name})" in r.stdout.splitlines()
 
@@ -199,7 +201,8 @@ def test_units_inside_a_capsule(bed: Testbed, capsule_name: str) -> None:
     assert ["app.service", "loaded", "active", "running", "enabled", "test", "app"] in rows
     units = one_json(ok(bed, "alice", "--json", "units", name))["units"]
     app = next(u for u in units if u["name"] == "app.service")
-    assert app["enabled"] is True and app["hasFile"] is True
+    assert app["enabled"] is True
+    assert app["hasFile"] is True
 
     def unit_state() -> str:
         units = one_json(ok(bed, "alice", "--json", "units", name))["units"]
@@ -266,11 +269,13 @@ def test_run_and_logs(bed: Testbed, capsule_name: str) -> None:
     )
     assert r.returncode == 0, r.stderr
     replies = [json.loads(line) for line in r.stdout.splitlines()]
-    assert replies[-1]["exitStatus"] == 0 and replies[-1]["result"] == "success"
+    assert replies[-1]["exitStatus"] == 0
+    assert replies[-1]["result"] == "success"
     assert all(reply["unit"] == "greeter2.service" for reply in replies)
 
     r = ctl(bed, "alice", "run", name, "/bin/true")
-    assert r.returncode == 0 and r.stderr.startswith("Running as unit: ")
+    assert r.returncode == 0
+    assert r.stderr.startswith("Running as unit: ")
 
     # journald may take a moment to hand the line over: ask a bounded number of times.
     for _ in range(50):

@@ -128,11 +128,13 @@ def test_unit_verbs_as_owner_and_refused(bed: Testbed, capsule_name: str) -> Non
     )
     assert unit_state(bed, name, "job.service") == ("active")
     stopped = ok(bed, "alice", "StopUnit", name=name, unit="job.service")
-    assert stopped["job"] == "done" and stopped["unit"]["activeState"] == "inactive"
+    assert stopped["job"] == "done"
+    assert stopped["unit"]["activeState"] == "inactive"
     started = ok(bed, "alice", "StartUnit", name=name, unit="job.service")
     assert started["unit"]["activeState"] == "active"
     restarted = ok(bed, "alice", "RestartUnit", name=name, unit="job.service")
-    assert restarted["job"] == "done" and restarted["unit"]["activeState"] == "active"
+    assert restarted["job"] == "done"
+    assert restarted["unit"]["activeState"] == "active"
     assert ok(bed, "alice", "EnableUnit", name=name, unit="job.service")["unit"]["enabled"]
     link = (
         f"/var/lib/private/capsules/{name}/.config/systemd/user/capsule@.target.wants/job.service"
@@ -178,7 +180,8 @@ def test_bad_units_are_refused_and_change_nothing(bed: Testbed, capsule_name: st
     name = capsule_name
     ok(bed, "alice", "Create", name=name)
     err, params = fails(bed, "alice", "InstallUnit", name=name, unit="../x.service", content="")
-    assert err == "org.capsuled.Manager.InvalidUnit" and params["unit"] == "../x.service"
+    assert err == "org.capsuled.Manager.InvalidUnit"
+    assert params["unit"] == "../x.service"
     err, params = fails(
         bed,
         "alice",
@@ -187,7 +190,8 @@ def test_bad_units_are_refused_and_change_nothing(bed: Testbed, capsule_name: st
         unit="bad.service",
         content="[Service]\nExecStart=/bin/true\nthis is not a key\n",
     )
-    assert err == "org.capsuled.Manager.InvalidUnit" and params["line"] == 3
+    assert err == "org.capsuled.Manager.InvalidUnit"
+    assert params["line"] == 3
     err, _ = fails(
         bed,
         "alice",
@@ -249,7 +253,8 @@ def test_run_reports_exit_status_and_refuses_others(bed: Testbed, capsule_name: 
     )
     assert r.last["parameters"]["exitStatus"] == 0
     err, params = fails(bed, "alice", "Run", name=name, command=["relative"])
-    assert err == "org.capsuled.Manager.InvalidValue" and params["parameter"] == "command"
+    assert err == "org.capsuled.Manager.InvalidValue"
+    assert params["parameter"] == "command"
     for user in ("bob", "mallory"):
         assert fails(bed, user, "Run", name=name, command=["/bin/true"])[0] == NO_SUCH
 
@@ -353,7 +358,8 @@ def test_watch_never_shows_a_capsule_the_caller_may_not_read(
                 stdout=subprocess.PIPE,
                 text=True,
             )
-            assert proc.stdin is not None and proc.stdout is not None
+            assert proc.stdin is not None
+            assert proc.stdout is not None
             snapshot = json.loads(proc.stdout.readline())
             assert snapshot["capsule"] == shared
             # Both change state; bob's stream must carry only the one he may read.
@@ -363,7 +369,8 @@ def test_watch_never_shows_a_capsule_the_caller_may_not_read(
             proc.stdin.flush()
             out, _ = proc.communicate(timeout=60)
             events = json.loads(out)
-            assert events and {e["capsule"] for e in events} == {shared}
+            assert events
+            assert {e["capsule"] for e in events} == {shared}
     finally:
         ok(bed, "root", "Remove", name=shared)
 

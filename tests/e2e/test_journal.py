@@ -109,7 +109,8 @@ def test_each_capsule_sees_its_own_marker_and_never_the_others(
         lines = [e for e in tail if e["message"] == own]
         assert len(lines) == 1, messages(tail)
         assert lines[0]["unit"] == "marker.service"
-        assert isinstance(lines[0]["pid"], int) and lines[0]["pid"] > 1
+        assert isinstance(lines[0]["pid"], int)
+        assert lines[0]["pid"] > 1
         assert other not in messages(tail)
         # PID 1's messages about the capsule service itself are part of the capsule's log.
         assert any(

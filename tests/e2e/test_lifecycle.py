@@ -40,8 +40,10 @@ def test_owner_walks_the_whole_lifecycle(bed: Testbed, capsule_name: str) -> Non
 
     created = ok(bed, "alice", "Create", name=name)["capsule"]
     assert created["name"] == name
-    assert created["owner"] == alice and created["ownerName"] == "alice"
-    assert created["state"] == "inactive" and created["hasData"] is True
+    assert created["owner"] == alice
+    assert created["ownerName"] == "alice"
+    assert created["state"] == "inactive"
+    assert created["hasData"] is True
     assert systemd_state(bed, name) == "inactive"
     assert data_dir_exists(bed, name)
 
@@ -50,7 +52,8 @@ def test_owner_walks_the_whole_lifecycle(bed: Testbed, capsule_name: str) -> Non
     assert started["capsule"]["state"] == "active"
     assert started["capsule"]["subState"] == "running"
     dynamic_uid = started["capsule"]["uid"]
-    assert isinstance(dynamic_uid, int) and dynamic_uid >= 61184
+    assert isinstance(dynamic_uid, int)
+    assert dynamic_uid >= 61184
     assert systemd_state(bed, name) == "active"
     shown = bed.as_root("id", "-u", f"c-{name}").check().stdout.strip()
     assert int(shown) == dynamic_uid
@@ -60,14 +63,17 @@ def test_owner_walks_the_whole_lifecycle(bed: Testbed, capsule_name: str) -> Non
     assert started["capsule"]["tasksCurrent"] in (None,) or started["capsule"]["tasksCurrent"] >= 1
 
     described = ok(bed, "alice", "Describe", name=name)["capsule"]
-    assert described["state"] == "active" and described["owner"] == alice
+    assert described["state"] == "active"
+    assert described["owner"] == alice
 
     restarted = ok(bed, "alice", "Restart", name=name)
-    assert restarted["job"] == "done" and restarted["capsule"]["state"] == "active"
+    assert restarted["job"] == "done"
+    assert restarted["capsule"]["state"] == "active"
     assert systemd_state(bed, name) == "active"
 
     stopped = ok(bed, "alice", "Stop", name=name)
-    assert stopped["job"] == "done" and stopped["capsule"]["state"] == "inactive"
+    assert stopped["job"] == "done"
+    assert stopped["capsule"]["state"] == "inactive"
     assert stopped["capsule"]["uid"] is None
     assert systemd_state(bed, name) == "inactive"
 
@@ -91,7 +97,8 @@ def test_list_streams_one_capsule_per_reply(bed: Testbed, capsule_name: str) -> 
         assert all(reply.get("continues") for reply in r.replies[:-1])
         assert not r.last.get("continues")
         names = [reply["parameters"]["capsules"][0]["name"] for reply in r.replies]
-        assert capsule_name in names and second in names
+        assert capsule_name in names
+        assert second in names
     finally:
         ok(bed, "root", "Remove", name=second)
 
@@ -134,7 +141,8 @@ def test_root_manages_any_capsule(bed: Testbed, capsule_name: str) -> None:
 def test_invalid_names_never_reach_systemd(bed: Testbed, bad: str) -> None:
     err, params = fails(bed, "alice", "Create", name=bad)
     assert err == "org.capsuled.Manager.InvalidName"
-    assert params["name"] == bad and params["reason"]
+    assert params["name"] == bad
+    assert params["reason"]
     # systemd never saw it: no unit of that name was ever loaded.
     units = bed.as_root("systemctl", "list-units", "--all", "--plain", "--no-legend", "capsule@*")
     assert f"capsule@{bad}.service" not in units.stdout if bad else True
@@ -241,11 +249,14 @@ def test_set_limits_is_persistent_and_visible_in_systemctl(bed: Testbed, capsule
         bed, "alice", "SetLimits", name=name, memoryMax=256 * 1024 * 1024, tasksMax=64, cpuWeight=50
     )["capsule"]
     assert capsule["memoryMax"] == 256 * 1024 * 1024
-    assert capsule["tasksMax"] == 64 and capsule["cpuWeight"] == 50
+    assert capsule["tasksMax"] == 64
+    assert capsule["cpuWeight"] == 50
     shown = bed.as_root(
         "systemctl", "show", "-p", "MemoryMax,TasksMax,CPUWeight", f"capsule@{name}.service"
     ).stdout
-    assert "MemoryMax=268435456" in shown and "TasksMax=64" in shown and "CPUWeight=50" in shown
+    assert "MemoryMax=268435456" in shown
+    assert "TasksMax=64" in shown
+    assert "CPUWeight=50" in shown
     # Persistent: written under /etc (system.control), not /run.
     assert (
         bed.as_root(
@@ -254,12 +265,15 @@ def test_set_limits_is_persistent_and_visible_in_systemctl(bed: Testbed, capsule
         == 0
     )
     reset = ok(bed, "alice", "SetLimits", name=name, tasksMax=-1)["capsule"]
-    assert reset["tasksMax"] is None and reset["memoryMax"] == 256 * 1024 * 1024
+    assert reset["tasksMax"] is None
+    assert reset["memoryMax"] == 256 * 1024 * 1024
     # Invalid values change nothing.
     err, params = fails(bed, "alice", "SetLimits", name=name, cpuWeight=0)
-    assert err == "org.capsuled.Manager.InvalidValue" and params["parameter"] == "cpuWeight"
+    assert err == "org.capsuled.Manager.InvalidValue"
+    assert params["parameter"] == "cpuWeight"
     err, params = fails(bed, "alice", "SetLimits", name=name, tasksMax=True)
-    assert err == "org.varlink.service.InvalidParameter" and params["parameter"] == "tasksMax"
+    assert err == "org.varlink.service.InvalidParameter"
+    assert params["parameter"] == "tasksMax"
     # Removing the capsule drops its limits: a new capsule of that name starts clean.
     ok(bed, "alice", "Remove", name=name)
     assert (
@@ -337,7 +351,8 @@ def test_a_create_killed_half_way_is_finished_by_a_retry(bed: Testbed, capsule_n
     ).check()
     bed.as_root("systemctl", "kill", "-s", "KILL", "capsuled.service")
     capsule = ok(bed, "alice", "Create", name=capsule_name)["capsule"]
-    assert capsule["owner"] == alice and capsule["hasData"]
+    assert capsule["owner"] == alice
+    assert capsule["hasData"]
     # Another user cannot hijack a half-created capsule.
     assert fails(bed, "bob", "Create", name=capsule_name)[0] == (
         "org.capsuled.Manager.CapsuleExists"
@@ -370,7 +385,8 @@ def test_autostart_survives_a_reboot(bed: Testbed, capsule_name: str) -> None:
     bed.reboot()
     assert systemd_state(bed, name) == "active"
     capsule = ok(bed, "alice", "Describe", name=name)["capsule"]
-    assert capsule["autostart"] is True and capsule["state"] == "active"
+    assert capsule["autostart"] is True
+    assert capsule["state"] == "active"
     assert not ok(bed, "alice", "SetAutostart", name=name, enabled=False)["capsule"]["autostart"]
     assert bed.as_root("test", "-e", link).returncode == 1
 
@@ -404,7 +420,8 @@ def test_sigkill_in_the_middle_of_create_then_a_retry_finishes(
     assert '"creating"' in bed.as_root("cat", record).stdout
     # The retry (socket activation starts a fresh helper) finishes the job.
     capsule = ok(bed, "alice", "Create", name=name)["capsule"]
-    assert capsule["owner"] == uid_of(bed, "alice") and capsule["state"] == "inactive"
+    assert capsule["owner"] == uid_of(bed, "alice")
+    assert capsule["state"] == "inactive"
     assert '"ready"' in bed.as_root("cat", record).stdout
     bed.as_root("rm", "-rf", dropin)
     bed.as_root("systemctl", "daemon-reload")

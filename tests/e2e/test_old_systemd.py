@@ -79,7 +79,8 @@ def test_the_old_bed_runs_systemd_252_without_python_varlink(old_bed: Testbed) -
 def test_install_refuses_naming_both_versions_and_installs_nothing(old_bed: Testbed) -> None:
     res = old_bed.as_root("capsuled", "install")
     assert res.returncode != 0
-    assert str(OLD_VERSION) in res.stderr and "256" in res.stderr, res.stderr
+    assert str(OLD_VERSION) in res.stderr, res.stderr
+    assert "256" in res.stderr, res.stderr
     assert res.stderr.count("\n") == 1, res.stderr  # one clear line, no traceback
     units = old_bed.as_root("find", "/usr/local/lib/systemd/system", "-name", "capsuled*")
     assert units.stdout.strip() == ""

@@ -265,9 +265,11 @@ def drive(bed: Testbed, spec: dict[str, object]) -> Driven:
     result = bed.run("python3", "-c", DRIVER, user="root", input=json.dumps(spec), timeout=300)
     assert result.returncode == 0, f"driver failed:\n{result.stderr}"
     output = json.loads(result.stdout.strip().splitlines()[-1])
-    assert isinstance(output, dict) and isinstance(output["results"], list)
+    assert isinstance(output, dict)
+    assert isinstance(output["results"], list)
     steps = spec["steps"]
-    assert isinstance(steps, list) and len(output["results"]) == len(steps)
+    assert isinstance(steps, list)
+    assert len(output["results"]) == len(steps)
     return Driven(output.get("backend"), output["results"])
 
 

@@ -43,7 +43,9 @@ def test_container_runs_systemd_257_as_pid_1(bed: Testbed) -> None:
 
 def test_commands_get_a_clean_login_like_environment(bed: Testbed) -> None:
     env = dict(line.split("=", 1) for line in bed.as_user("bob", "env").check().stdout.splitlines())
-    assert env["HOME"] == "/home/bob" and env["USER"] == "bob" and env["LOGNAME"] == "bob"
+    assert env["HOME"] == "/home/bob"
+    assert env["USER"] == "bob"
+    assert env["LOGNAME"] == "bob"
     assert "PYTEST_CURRENT_TEST" not in env  # nothing leaks in from the host
     assert bed.as_user("bob", "pwd").stdout.strip() == "/home/bob"
     res = bed.as_user("carol", "sh", "-c", "cat; echo err >&2; exit 7", input="hello")
@@ -69,7 +71,8 @@ def test_capsuled_socket_is_installed_like_on_a_host(bed: Testbed) -> None:
     link = bed.as_root("readlink", f"/run/varlink/registry/{INTERFACE}").check().stdout
     assert link.strip() == SOCKET
     unit = bed.as_root("systemctl", "cat", "capsuled.service").check().stdout
-    assert "ExecStart=/usr/local/bin/capsuled" in unit and "@BINDIR@" not in unit
+    assert "ExecStart=/usr/local/bin/capsuled" in unit
+    assert "@BINDIR@" not in unit
     for path in ("/etc/capsuled/capsuled.toml", "/usr/share/polkit-1/actions/org.capsuled.policy"):
         assert bed.as_root("stat", "-c", "%a %U", path).check().stdout.strip() == "644 root"
 
@@ -185,8 +188,11 @@ def test_two_beds_at_once_never_see_each_other(bed: Testbed) -> None:
         for testbed in (bed, other):
             testbed.as_user("alice", "varlinkctl", "info", SOCKET).check()  # activates capsuled
         ours, theirs = _main_pid(bed), _main_pid(other)
-        assert ours > 0 and theirs > 0
-        assert bed.cgroup is not None and other.cgroup is not None and bed.cgroup != other.cgroup
+        assert ours > 0
+        assert theirs > 0
+        assert bed.cgroup is not None
+        assert other.cgroup is not None
+        assert bed.cgroup != other.cgroup
         leader_cgroup = Path(f"/proc/{other.leader}/cgroup").read_text()
         assert str(other.cgroup.relative_to(other.cgroup.parents[1])) in leader_cgroup
         other.as_root("systemctl", "kill", "--signal=SIGKILL", "capsuled.service").check()

@@ -47,7 +47,8 @@ def test_interface_description_is_the_file_verbatim(client: RawClient) -> None:
 def test_service_description_and_unknown_interface(client: RawClient) -> None:
     reply = client.call(f"{SVC}.GetInterfaceDescription", interface=SVC)
     desc = reply["parameters"]
-    assert isinstance(desc, dict) and "interface org.varlink.service" in desc["description"]
+    assert isinstance(desc, dict)
+    assert "interface org.varlink.service" in desc["description"]
     assert client.call(f"{SVC}.GetInterfaceDescription", interface="org.nope") == {
         "error": f"{SVC}.InterfaceNotFound",
         "parameters": {"interface": "org.nope"},

@@ -208,7 +208,8 @@ def test_socket_activation_listening(
         assert c.call(f"{T}.Environment") == {"parameters": {"listen": []}}
         assert nsock.recv(4096) == b"READY=1\nSTATUS=Serving on fd 3"
         who = c.call(f"{T}.WhoAmI")["parameters"]
-        assert isinstance(who, dict) and who["pid"] == os.getpid()
+        assert isinstance(who, dict)
+        assert who["pid"] == os.getpid()
     assert proc.wait_exit() == 0  # idle exit: systemd would keep the socket and start us again
     assert nsock.recv(4096).startswith(b"STOPPING=1")
 
@@ -259,7 +260,8 @@ def test_listen_on_an_impossible_path_fails_cleanly(procs: list[Proc], sockdir: 
     procs.append(proc)
     assert proc.wait_exit() == 1
     line = proc.wait_for("cannot listen on")
-    assert "Traceback" not in "".join(proc.seen) and path in line
+    assert "Traceback" not in "".join(proc.seen)
+    assert path in line
 
 
 def test_real_capsuled_serves_its_interface_verbatim(procs: list[Proc], sockdir: Path) -> None:
@@ -288,7 +290,8 @@ def test_capsuled_version() -> None:
     out = subprocess.run(
         [*CAPSULED, "--version"], env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
     )
-    assert out.returncode == 0 and out.stdout.startswith("capsuled ")
+    assert out.returncode == 0
+    assert out.stdout.startswith("capsuled ")
 
 
 def test_capsuled_rejects_a_per_uid_limit_above_three_quarters() -> None:
@@ -299,7 +302,8 @@ def test_capsuled_rejects_a_per_uid_limit_above_three_quarters() -> None:
         text=True,
         timeout=TIMEOUT_S,
     )
-    assert out.returncode == 2 and "3/4" in out.stderr
+    assert out.returncode == 2
+    assert "3/4" in out.stderr
 
 
 @pytest.mark.parametrize("verb", ["install", "uninstall"])
@@ -307,7 +311,8 @@ def test_capsuled_hands_install_verbs_to_the_installer(verb: str) -> None:
     out = subprocess.run(
         [*CAPSULED, verb, "--help"], env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
     )
-    assert out.returncode == 0 and f"usage: capsuled {verb}" in out.stdout
+    assert out.returncode == 0
+    assert f"usage: capsuled {verb}" in out.stdout
 
 
 # --- policy reload (SIGHUP) ---------------------------------------------------------------------
@@ -405,11 +410,13 @@ def test_sighup_reloads_the_policy_in_the_same_process(
     assert reloading[0] == "RELOADING=1"
     key, _, usec = reloading[1].partition("=")
     after_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    assert key == "MONOTONIC_USEC" and before_us <= int(usec) <= after_us
+    assert key == "MONOTONIC_USEC"
+    assert before_us <= int(usec) <= after_us
     # READY=1 ends the reload (what `systemctl reload` waits for), with the old STATUS= back.
     assert nsock.recv(4096) == f"READY=1\nSTATUS=Serving on {path}".encode()
     line = proc.wait_for("policy reloaded")
-    assert "backend builtin" in line and "refused" not in line
+    assert "backend builtin" in line
+    assert "refused" not in line
     assert _check_as_nobody(path) == (proc.p.pid, _access("yes", "builtin"))
 
     # A refused configuration denies, as at start-up: the previous (allowing) one is not kept.

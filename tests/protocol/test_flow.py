@@ -86,11 +86,15 @@ def test_internal_error_hides_the_exception_and_logs_it(
         client.send_raw(raw)
         reply = client.recv_raw()
         assert json.loads(reply) == INTERNAL
-        assert SECRET.encode() not in reply and b"Traceback" not in reply
+        assert SECRET.encode() not in reply
+        assert b"Traceback" not in reply
         # The connection lives on.
         assert client.call(f"{T}.Ping", text="x") == {"parameters": {"text": "x"}}
     logged = [r for r in caplog.records if r.exc_info]
-    assert logged and SECRET in str(logged[0].exc_info[1])  # type: ignore[index]
+    assert logged
+    exc_info = logged[0].exc_info
+    assert exc_info is not None
+    assert SECRET in str(exc_info[1])
 
 
 @pytest.mark.parametrize("kind", ["unencodable", "badreply", "undeclared-error"])

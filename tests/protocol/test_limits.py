@@ -81,7 +81,7 @@ def test_limits_are_validated() -> None:
     assert Limits(max_connections=4).connections_per_uid == 3
     with pytest.raises(ValueError, match="3/4"):
         Limits(max_connections=4, max_connections_per_uid=4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="timeouts must be positive"):
         Limits(idle_timeout_s=0)
 
 
@@ -91,7 +91,8 @@ def test_total_connection_limit(make_server: object) -> None:
     assert all(_admitted(c) for c in held)
     with OtherUidClient(NOBODY, srv.path) as nobody:
         who = nobody.reply["parameters"]
-        assert isinstance(who, dict) and (who["uid"], who["gid"]) == (NOBODY, NOBODY)
+        assert isinstance(who, dict)
+        assert (who["uid"], who["gid"]) == (NOBODY, NOBODY)
         assert srv.server.connections == 4
         # nobody is far below its per-UID limit: only the total limit can refuse this one.
         with OtherUidClient(NOBODY, srv.path) as refused:

@@ -95,7 +95,8 @@ def test_message_exactly_at_the_cap_is_served(server: ThreadServer) -> None:
         c.send_raw(raw + b"\0")
         reply = c.recv()
     text = reply["parameters"]
-    assert isinstance(text, dict) and len(text["text"]) == MAX_MESSAGE_BYTES - OVERHEAD
+    assert isinstance(text, dict)
+    assert len(text["text"]) == MAX_MESSAGE_BYTES - OVERHEAD
 
 
 def test_message_one_byte_over_the_cap_is_refused(server: ThreadServer) -> None:

@@ -418,5 +418,6 @@ MUTATING_BACKEND_CALLS = frozenset(
 def items(reply: dict[str, object], key: str) -> list[dict[str, object]]:
     """A reply's list of structs (the IDL check already ran; this narrows the type)."""
     value = reply[key]
-    assert isinstance(value, list) and all(isinstance(v, dict) for v in value)
+    assert isinstance(value, list)
+    assert all(isinstance(v, dict) for v in value)
     return value

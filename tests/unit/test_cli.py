@@ -83,7 +83,8 @@ def test_list_prints_a_table_sorted_by_name(fake: FakeCapsuled) -> None:
     }
     fake.on("List", ok(**reply))
     r = capsulectl_(fake, "list")
-    assert r.code == 0 and r.err == ""
+    assert r.code == 0
+    assert r.err == ""
     assert r.out.splitlines() == [
         "NAME ACTIVE   SUB     OWNER AUTOSTART MEMORY TASKS UNITS",
         "db   inactive dead    alice yes       -      -     2",
@@ -98,7 +99,8 @@ def test_list_json_is_the_reply(fake: FakeCapsuled) -> None:
     reply = {"capsules": [capsule("web")]}
     fake.on("List", ok(**reply))
     r = capsulectl_(fake, "--json", "list")
-    assert r.code == 0 and r.json_lines == [reply]
+    assert r.code == 0
+    assert r.json_lines == [reply]
 
 
 def test_list_quiet_and_no_legend(fake: FakeCapsuled) -> None:
@@ -111,7 +113,8 @@ def test_list_quiet_and_no_legend(fake: FakeCapsuled) -> None:
 def test_no_verb_lists(fake: FakeCapsuled) -> None:
     fake.on("List", ok(capsules=[]))
     r = capsulectl_(fake)
-    assert r.code == 0 and r.out.endswith("0 capsules listed.\n")
+    assert r.code == 0
+    assert r.out.endswith("0 capsules listed.\n")
 
 
 STATUS_RUNNING = [
@@ -176,7 +179,8 @@ def test_status_json_equals_reply_and_keeps_exit_code(fake: FakeCapsuled) -> Non
     reply = {"capsule": capsule(state="inactive", subState="dead")}
     fake.on("Describe", ok(**reply))
     r = capsulectl_(fake, "status", "web", "--json")
-    assert r.code == 3 and r.json_lines == [reply]
+    assert r.code == 3
+    assert r.json_lines == [reply]
 
 
 def test_status_of_several_reports_missing_one(fake: FakeCapsuled) -> None:
@@ -284,26 +288,31 @@ def test_mutating_verb_is_silent_and_json_is_the_reply(
     assert (r.code, r.out, r.err) == (0, "", "")
     assert fake.calls == [call(method, **sent)]
     r = capsulectl_(fake, *argv, "--json")
-    assert r.code == 0 and r.json_lines == [reply]
+    assert r.code == 0
+    assert r.json_lines == [reply]
 
 
 def test_lifecycle_verbs_take_several_names_and_go_on_after_an_error(fake: FakeCapsuled) -> None:
     fake.on("Stop", err("NoSuchCapsule", name="a"), ok(capsule=capsule("b"), job="done"))
     r = capsulectl_(fake, "stop", "a", "b")
-    assert r.code == failures.EXIT_NO_SUCH and r.err == "capsule 'a' does not exist\n"
+    assert r.code == failures.EXIT_NO_SUCH
+    assert r.err == "capsule 'a' does not exist\n"
     assert [c["parameters"] for c in fake.calls] == [{"name": "a"}, {"name": "b"}]
 
 
 def test_set_limits_needs_a_limit(fake: FakeCapsuled) -> None:
     r = capsulectl_(fake, "set-limits", "web")
-    assert r.code == 2 and "at least one" in r.err and fake.calls == []
+    assert r.code == 2
+    assert "at least one" in r.err
+    assert fake.calls == []
 
 
 @pytest.mark.parametrize("bad", ["12X", "-5", "lots", ""])
 def test_set_limits_refuses_bad_sizes(fake: FakeCapsuled, bad: str) -> None:
     with pytest.raises(SystemExit) as info:
         capsulectl_(fake, "set-limits", "web", "--memory-max", bad)
-    assert info.value.code == 2 and fake.calls == []
+    assert info.value.code == 2
+    assert fake.calls == []
 
 
 @pytest.mark.parametrize(
@@ -369,7 +378,9 @@ def test_install_unit_from_stdin_needs_a_name(
     fake: FakeCapsuled, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     r = capsulectl_(fake, "install-unit", "web", "-")
-    assert r.code == 2 and "--name" in r.err and fake.calls == []
+    assert r.code == 2
+    assert "--name" in r.err
+    assert fake.calls == []
 
     class Stdin:
         buffer = io.BytesIO(b"[Service]\n")
@@ -383,7 +394,9 @@ def test_install_unit_from_stdin_needs_a_name(
 
 def test_install_unit_missing_file(fake: FakeCapsuled, tmp_path: Path) -> None:
     r = capsulectl_(fake, "install-unit", "web", str(tmp_path / "nope.service"))
-    assert r.code == 1 and r.err.startswith("cannot read ") and fake.calls == []
+    assert r.code == 1
+    assert r.err.startswith("cannot read ")
+    assert fake.calls == []
 
 
 def test_install_unit_reports_invalid_unit(fake: FakeCapsuled, tmp_path: Path) -> None:
@@ -445,7 +458,8 @@ def test_run_wait_exits_with_the_command_status(fake: FakeCapsuled) -> None:
     assert "Finished with result: exit-code" in r.err
     assert fake.calls[0]["more"] is True
     r = capsulectl_(fake, "run", "web", "--wait", "--json", "--", "/bin/false")
-    assert r.code == 3 and r.json_lines == replies
+    assert r.code == 3
+    assert r.json_lines == replies
 
 
 def test_run_wait_signal_without_status_fails(fake: FakeCapsuled) -> None:
@@ -491,7 +505,8 @@ def test_logs_follow_streams_one_json_per_line(fake: FakeCapsuled) -> None:
     replies = [{"entries": [log_entry("a")]}, {"entries": [log_entry("b")]}]
     fake.on("Logs", [cont(**replies[0]), ok(**replies[1])])
     r = capsulectl_(fake, "logs", "web", "-f", "--json")
-    assert r.code == 0 and r.json_lines == replies
+    assert r.code == 0
+    assert r.json_lines == replies
     assert fake.calls == [
         {"method": M + "Logs", "more": True, "parameters": {"name": "web", "follow": True}}
     ]
@@ -553,7 +568,8 @@ def test_can_i_exit_code(fake: FakeCapsuled, result: str, code: int) -> None:
     r = capsulectl_(fake, "can-i", "start", "web")
     assert (r.code, r.out) == (code, result + "\n")
     r = capsulectl_(fake, "can-i", "start", "web", "--json")
-    assert r.code == code and r.json_lines == [reply]
+    assert r.code == code
+    assert r.json_lines == [reply]
 
 
 def test_info(fake: FakeCapsuled) -> None:
@@ -708,7 +724,8 @@ def test_auth_required_with_no_ask_password_is_5_without_retry(fake: FakeCapsule
 def test_auth_still_required_after_asking_says_no_agent_answered(fake: FakeCapsuled) -> None:
     fake.on("Create", err("InteractiveAuthenticationRequired"))
     r = capsulectl_(fake, "create", "web")
-    assert r.code == 5 and len(fake.calls) == 2
+    assert r.code == 5
+    assert len(fake.calls) == 2
     assert r.err == (
         "you may not create capsule 'web' without authenticating as an administrator (no polkit "
         "agent answered: run one (see capsulectl --help) or ask an administrator)\n"
@@ -752,7 +769,8 @@ def test_timeout(fake: FakeCapsuled) -> None:
         out=io.StringIO(),
         err=errs,
     )
-    assert code == 1 and "did not answer within 0.2s" in errs.getvalue()
+    assert code == 1
+    assert "did not answer within 0.2s" in errs.getvalue()
 
 
 def test_global_options_after_the_verb(fake: FakeCapsuled) -> None:
@@ -761,7 +779,8 @@ def test_global_options_after_the_verb(fake: FakeCapsuled) -> None:
     code = cli.main(
         ["list", "--json", "--address", fake.address], out=(o := io.StringIO()), err=errs
     )
-    assert code == 0 and json.loads(o.getvalue()) == {"capsules": []}
+    assert code == 0
+    assert json.loads(o.getvalue()) == {"capsules": []}
 
 
 # --- the command line itself --------------------------------------------------------------------
@@ -785,14 +804,16 @@ def test_every_verb_has_help_with_exit_codes(capsys: pytest.CaptureFixture[str])
         assert info.value.code == 0
         text = capsys.readouterr().out
         assert f"usage: capsulectl {verb}" in text
-        assert "4  no such capsule" in text and "5  permission denied" in text
+        assert "4  no such capsule" in text
+        assert "5  permission denied" in text
 
 
 def test_main_help_documents_pkttyagent_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     text = capsys.readouterr().out
-    assert "pkttyagent" in text and "3  the capsule is not running" in text
+    assert "pkttyagent" in text
+    assert "3  the capsule is not running" in text
 
 
 def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -910,9 +931,12 @@ def test_tty_agent_starts_on_a_terminal_and_stops(
     agent = TtyAgent()
     agent.start()  # returns once the agent closed its notify fd, i.e. has "registered"
     argv = log.read_text().split()
-    assert argv[0] == "--notify-fd" and argv[2] == "--fallback" and argv[1].isdigit()
+    assert argv[0] == "--notify-fd"
+    assert argv[2] == "--fallback"
+    assert argv[1].isdigit()
     proc = agent._proc
-    assert proc is not None and proc.poll() is None
+    assert proc is not None
+    assert proc.poll() is None
     agent.stop()
     assert proc.poll() is not None
 

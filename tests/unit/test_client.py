@@ -201,7 +201,8 @@ def test_calls_share_one_connection(fake: FakeCapsuled) -> None:
     with client(fake) as c:
         c.describe("web")
         c.describe("web")
-    assert fake.connections == 1 and len(fake.calls) == 2
+    assert fake.connections == 1
+    assert len(fake.calls) == 2
 
 
 def test_get_info_calls_the_service_interface(fake: FakeCapsuled) -> None:
@@ -238,7 +239,8 @@ def test_unknown_error_name_still_raises_a_varlink_error(fake: FakeCapsuled) -> 
     fake.on("Stop", err("com.example.Weird", x=1))
     with client(fake) as c, pytest.raises(ve.VarlinkError) as info:
         c.stop("web")
-    assert info.value.name == "com.example.Weird" and info.value.parameters == {"x": 1}
+    assert info.value.name == "com.example.Weird"
+    assert info.value.parameters == {"x": 1}
 
 
 def test_connection_survives_an_error_reply(fake: FakeCapsuled) -> None:

@@ -63,7 +63,8 @@ def test_each_class_carries_its_wire_name(short: str) -> None:
     cls = manager_error_classes()[short]
     assert cls.name == f"{INTERFACE}.{short}"
     assert error_class(cls.name) is cls  # a client turns the reply back into this class
-    assert cls.__doc__ and cls.__doc__.strip()
+    assert cls.__doc__
+    assert cls.__doc__.strip()
 
 
 def test_the_error_module_draws_every_class_in_its_tree() -> None:

@@ -80,10 +80,12 @@ def test_failed_start_raises_job_failed_and_leaves_failed_state() -> None:
         run(fb.start("bad"))
     assert (exc.value.result, exc.value.unit_result) == ("failed", "exit-code")
     info = run(fb.capsule_info("bad"))
-    assert info is not None and (info.state, info.result) == ("failed", "exit-code")
+    assert info is not None
+    assert (info.state, info.result) == ("failed", "exit-code")
     run(fb.reset_failed("bad"))
     after = run(fb.capsule_info("bad"))
-    assert after is not None and after.state == "inactive"
+    assert after is not None
+    assert after.state == "inactive"
 
 
 def test_clean_refuses_running_and_removes_dir() -> None:
@@ -113,7 +115,8 @@ def test_limits_none_unchanged_default_resets_forget_clears() -> None:
     assert (info.memory_max, info.tasks_max, info.cpu_weight) == (1 << 30, None, 200)
     run(fb.set_autostart("a", True))
     info = run(fb.capsule_info("a"))
-    assert info is not None and info.autostart
+    assert info is not None
+    assert info.autostart
     run(fb.forget("a"))
     info = run(fb.capsule_info("a"))
     assert info is not None
@@ -227,7 +230,8 @@ def test_capsule_manager_needs_running_capsule() -> None:
                 await mgr.start_transient("run-2.service", ["/missing/binary"])
         await fb.stop("a")
         info = await fb.capsule_info("a")
-        assert info is not None and info.units_count == 2  # transient units are gone
+        assert info is not None
+        assert info.units_count == 2
 
     run(scenario())
 

@@ -62,7 +62,8 @@ def test_written_files_are_world_readable_and_not_writable_by_others(tmp_path: P
     run_install(tmp_path)
     for path in tmp_path.rglob("*"):
         mode = stat.S_IMODE(path.lstat().st_mode)
-        assert mode & stat.S_IWGRP == 0 and mode & stat.S_IWOTH == 0, path
+        assert mode & stat.S_IWGRP == 0, path
+        assert mode & stat.S_IWOTH == 0, path
         assert mode & stat.S_IROTH, path
         if os.geteuid() == 0:
             assert path.lstat().st_uid == 0, path
@@ -95,7 +96,8 @@ def test_uninstall_keeps_modified_config_and_drop_ins(
     dropin.write_text("# site\n")
     capsys.readouterr()
     assert install.main_uninstall(["--root", str(tmp_path)]) == 0
-    assert config.is_file() and dropin.is_file()
+    assert config.is_file()
+    assert dropin.is_file()
     assert not (tmp_path / UNIT_DIR / "capsuled.socket").exists()
     out = capsys.readouterr().out
     assert "kept /etc/capsuled/capsuled.toml: modified by an admin" in out
@@ -134,9 +136,12 @@ def test_parse_systemd_version(text: str, version: int | None) -> None:
 
 def test_install_is_refused_on_old_or_absent_systemd() -> None:
     too_old = install.host_problem(252, booted=True)
-    assert too_old and "systemd 252 is too old" in too_old and "256" in too_old
+    assert too_old
+    assert "systemd 252 is too old" in too_old
+    assert "256" in too_old
     not_running = install.host_problem(257, booted=False)
-    assert not_running and "not running as PID 1" in not_running
+    assert not_running
+    assert "not running as PID 1" in not_running
     assert install.host_problem(None, booted=True)
     assert install.host_problem(256, booted=True) is None
     assert install.host_problem(257, booted=True) is None
@@ -152,7 +157,8 @@ def test_live_install_refuses_with_one_line_and_writes_nothing(
     monkeypatch.setattr(install, "install_files", lambda *a: written.append(a))
     assert install.main_install([]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("capsuled install: systemd 252 is too old") and err.count("\n") == 1
+    assert err.startswith("capsuled install: systemd 252 is too old")
+    assert err.count("\n") == 1
     assert written == []
 
 

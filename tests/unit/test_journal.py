@@ -180,7 +180,8 @@ def test_entry_of_pid1_about_the_capsule_has_no_unit() -> None:
         timestamp_usec=1,
         cursor="c",
     )
-    assert entry.unit is None and entry.pid == 1
+    assert entry.unit is None
+    assert entry.pid == 1
 
 
 @pytest.mark.parametrize(
@@ -355,13 +356,13 @@ def test_unit_groups_match_exactly_the_units_cgroups() -> None:
 
 
 def test_invalid_arguments_are_refused_before_touching_the_journal() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid capsule name"):
         read_tail("we/b", unit=None, lines=10, since_usec=None, journal_dir="/nonexistent")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid unit name"):
         read_tail("web", unit="../x.service", lines=10, since_usec=None, journal_dir="/x")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="lines must be between"):
         read_tail("web", unit=None, lines=MAX_LINES + 1, since_usec=None, journal_dir="/x")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="lines must be between"):
         read_tail("web", unit=None, lines=-1, since_usec=None, journal_dir="/x")
     with pytest.raises(ValueError, match="max_bytes"):
         read_tail(
@@ -373,7 +374,7 @@ def test_invalid_arguments_are_refused_before_touching_the_journal() -> None:
             max_bytes=MESSAGE_MAX_WIRE_BYTES - 1,
         )
     assert read_tail("web", unit=None, lines=0, since_usec=None, journal_dir="/x") == []
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid capsule name"):
         Follower("web2\n", unit=None, after_cursor=None)
 
 
@@ -775,7 +776,8 @@ def test_cancelling_a_waiting_follower_closes_it(tj: JournalFiles) -> None:
         with pytest.raises(asyncio.CancelledError):
             await waiting
         await asyncio.wait_for(f.wait_closed(), STEP_S)
-        assert f._reader is None and not f._watching
+        assert f._reader is None
+        assert not f._watching
         with pytest.raises(StopAsyncIteration):
             await anext(f)
 
@@ -795,7 +797,8 @@ def test_cancelled_while_a_worker_thread_holds_the_reader(tj: JournalFiles) -> N
         # The open is still running in its thread: the reader must not be closed under it,
         # and must be closed once it returns.
         await asyncio.wait_for(f.wait_closed(), STEP_S)
-        assert f._reader is None and not f._hop_running
+        assert f._reader is None
+        assert not f._hop_running
 
     asyncio.run(scenario())
 

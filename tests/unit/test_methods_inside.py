@@ -70,7 +70,8 @@ def test_list_units_of_a_running_capsule(world: World, uid: int) -> None:
     world.backend.capsules["alpha"].units["web.service"].active_state = "active"
     world.backend.capsules["alpha"].units["web.service"].sub_state = "running"
     (unit,) = items(world.run("ListUnits", {"name": "alpha"}, uid=uid).reply, "units")
-    assert unit["name"] == "web.service" and unit["hasFile"] is True
+    assert unit["name"] == "web.service"
+    assert unit["hasFile"] is True
     assert (unit["activeState"], unit["subState"], unit["enabled"]) == ("active", "running", False)
 
 
@@ -124,7 +125,8 @@ def test_install_unit_writes_the_file_like_the_capsules_own(world: World, uid: i
     path = world.unit_file("alpha", "new.service")
     assert path.read_text() == GOOD_UNIT
     st = path.lstat()
-    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o644
+    assert stat.S_ISREG(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o644
     assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY)
     assert unit_of(reply) == {
         "name": "new.service",
@@ -172,7 +174,8 @@ def test_install_unit_into_a_stopped_capsule(world: World) -> None:
 def test_install_unit_start_needs_a_running_capsule_and_changes_nothing(world: World) -> None:
     params = {**params_for("InstallUnit", "beta"), "start": True, "enable": True}
     exc = world.error("InstallUnit", params, uid=BOB)
-    assert isinstance(exc, errors.CapsuleNotRunning) and exc.parameters == {"name": "beta"}
+    assert isinstance(exc, errors.CapsuleNotRunning)
+    assert exc.parameters == {"name": "beta"}
     assert tree(world.home("beta")) == {}
 
 
@@ -203,7 +206,8 @@ def test_unit_jobs(world: World, method: str, state: str, uid: int) -> None:
     if method == "StopUnit":
         world.run("StartUnit", params_for("StartUnit", "alpha"))
     reply = world.run(method, params_for(method, "alpha"), uid=uid).reply
-    assert reply["job"] == "done" and unit_of(reply)["activeState"] == state
+    assert reply["job"] == "done"
+    assert unit_of(reply)["activeState"] == state
     assert world.backend.capsules["alpha"].units["web.service"].active_state == state
 
 
@@ -231,7 +235,9 @@ def test_run_without_more_returns_once_started(world: World, uid: int) -> None:
     out = world.run("Run", {"name": "alpha", "command": ["/bin/true"]}, uid=uid)
     assert out.replies == []
     unit = out.reply["unit"]
-    assert isinstance(unit, str) and unit.startswith("run-u") and unit.endswith(".service")
+    assert isinstance(unit, str)
+    assert unit.startswith("run-u")
+    assert unit.endswith(".service")
     assert (out.reply["exitStatus"], out.reply["result"]) == (None, None)
 
 
@@ -315,7 +321,8 @@ def test_a_unit_rule_allows_only_the_units_it_names(tmp_path: Path) -> None:
 @pytest.mark.parametrize("uid", [ROOT, MALLORY], ids=["root", "non-member"])
 def test_invalid_names_never_reach_systemd(world: World, method: str, bad: str, uid: int) -> None:
     exc = world.error(method, params_for(method, bad), uid=uid)
-    assert isinstance(exc, errors.InvalidName) and exc.parameters["name"] == bad
+    assert isinstance(exc, errors.InvalidName)
+    assert exc.parameters["name"] == bad
     assert world.backend.seen == []
 
 
@@ -342,7 +349,8 @@ def test_invalid_unit_names_are_refused_before_anything(
     before = tree(world.home("alpha"))
     exc = world.error(method, {**params_for(method, "alpha"), "unit": bad}, uid=uid)
     assert isinstance(exc, errors.InvalidUnit)
-    assert exc.parameters["unit"] == bad and exc.parameters["line"] is None
+    assert exc.parameters["unit"] == bad
+    assert exc.parameters["line"] is None
     assert world.backend.seen == []
     assert tree(world.home("alpha")) == before
 
@@ -350,7 +358,8 @@ def test_invalid_unit_names_are_refused_before_anything(
 @pytest.mark.parametrize("unit", ["x.mount", "x.scope", "x.device", "x.swap", "x.automount"])
 def test_install_unit_refuses_types_a_capsule_cannot_use(world: World, unit: str) -> None:
     exc = world.error("InstallUnit", {"name": "alpha", "unit": unit, "content": "[Unit]\n"})
-    assert isinstance(exc, errors.InvalidUnit) and exc.parameters["unit"] == unit
+    assert isinstance(exc, errors.InvalidUnit)
+    assert exc.parameters["unit"] == unit
 
 
 @pytest.mark.parametrize(
@@ -382,8 +391,10 @@ def test_install_unit_refuses_unparseable_content_with_its_line(
     before = tree(world.home("alpha"))
     exc = world.error("InstallUnit", {"name": "alpha", "unit": "new.service", "content": content})
     assert isinstance(exc, errors.InvalidUnit)
-    assert exc.parameters["unit"] == "new.service" and exc.parameters["line"] == line
-    assert isinstance(exc.parameters["reason"], str) and exc.parameters["reason"]
+    assert exc.parameters["unit"] == "new.service"
+    assert exc.parameters["line"] == line
+    assert isinstance(exc.parameters["reason"], str)
+    assert exc.parameters["reason"]
     assert world.backend.seen == []
     assert tree(world.home("alpha")) == before
 
@@ -402,7 +413,8 @@ def test_install_unit_accepts_content_at_the_size_cap(world: World) -> None:
 def test_acting_inside_a_stopped_capsule(world: World, method: str) -> None:
     world.make_home("beta", {"web.service": GOOD_UNIT})
     exc = world.error(method, params_for(method, "beta"), uid=BOB)
-    assert isinstance(exc, errors.CapsuleNotRunning) and exc.parameters == {"name": "beta"}
+    assert isinstance(exc, errors.CapsuleNotRunning)
+    assert exc.parameters == {"name": "beta"}
 
 
 @pytest.mark.parametrize("method", UNIT_METHODS)
@@ -464,7 +476,8 @@ def test_unit_methods_on_an_absent_capsule_for_root(world: World) -> None:
 )
 def test_run_invalid_values(world: World, extra: dict[str, object], parameter: str) -> None:
     exc = world.error("Run", {"name": "alpha", "command": ["/bin/true"], **extra})
-    assert isinstance(exc, errors.InvalidValue) and exc.parameters["parameter"] == parameter
+    assert isinstance(exc, errors.InvalidValue)
+    assert exc.parameters["parameter"] == parameter
     assert world.backend.seen == []
 
 
@@ -480,7 +493,8 @@ def test_run_invalid_values(world: World, extra: dict[str, object], parameter: s
 )
 def test_run_invalid_unit(world: World, unit: str) -> None:
     exc = world.error("Run", {"name": "alpha", "command": ["/bin/true"], "unit": unit})
-    assert isinstance(exc, errors.InvalidUnit) and exc.parameters["line"] is None
+    assert isinstance(exc, errors.InvalidUnit)
+    assert exc.parameters["line"] is None
     assert world.backend.seen == []
 
 
@@ -517,10 +531,12 @@ def test_run_environment_never_reaches_the_audit_log(world: World, more: bool) -
         ["started", "exited"] if more else ["started"]
     )
     for record in world.audit_records:
-        assert record["CAPSULE"] == "alpha" and record["CAPSULED_ACTION"] == "run"
+        assert record["CAPSULE"] == "alpha"
+        assert record["CAPSULED_ACTION"] == "run"
         assert record["CAPSULED_CALLER_UID"] == str(ALICE)
         for value in record.values():
-            assert SECRET not in value and "TOKEN" not in value
+            assert SECRET not in value
+            assert "TOKEN" not in value
 
 
 def test_run_with_a_unit_name_in_use_names_the_unit(world: World) -> None:
@@ -533,7 +549,8 @@ def test_run_refuses_nul_in_the_environment(world: World) -> None:
     exc = world.error(
         "Run", {"name": "alpha", "command": ["/bin/true"], "environment": ["A=x\x00y"]}
     )
-    assert isinstance(exc, errors.InvalidValue) and exc.parameters["parameter"] == "environment"
+    assert isinstance(exc, errors.InvalidValue)
+    assert exc.parameters["parameter"] == "environment"
 
 
 @pytest.mark.parametrize("name", ["\u00c9T\u00c9", "A\u00b2", "X\u0663"])
@@ -541,7 +558,8 @@ def test_run_refuses_non_ascii_environment_names(world: World, name: str) -> Non
     exc = world.error(
         "Run", {"name": "alpha", "command": ["/bin/true"], "environment": [f"{name}=1"]}
     )
-    assert isinstance(exc, errors.InvalidValue) and exc.parameters["parameter"] == "environment"
+    assert isinstance(exc, errors.InvalidValue)
+    assert exc.parameters["parameter"] == "environment"
 
 
 # --- systemd too old ----------------------------------------------------------------------------
@@ -551,7 +569,8 @@ def test_run_refuses_non_ascii_environment_names(world: World, name: str) -> Non
 def test_systemd_too_old_refuses_acting_inside(tmp_path: Path, method: str) -> None:
     world = make_world(tmp_path, version=252).standard()
     exc = world.error(method, params_for(method, "alpha"))
-    assert isinstance(exc, errors.SystemdTooOld) and exc.parameters == {"version": 252}
+    assert isinstance(exc, errors.SystemdTooOld)
+    assert exc.parameters == {"version": 252}
 
 
 def test_systemd_unavailable_inside(world: World) -> None:
@@ -596,7 +615,8 @@ def test_a_planted_directory_symlink_is_refused_and_nothing_outside_changes(
     before = tree(outside)
     exc = world.error(method, params_for(method, "alpha"))
     assert isinstance(exc, errors.UnsafeCapsuleHome)
-    assert exc.parameters["name"] == "alpha" and where.split("/")[-1] in str(exc.parameters["path"])
+    assert exc.parameters["name"] == "alpha"
+    assert where.split("/")[-1] in str(exc.parameters["path"])
     assert tree(outside) == before
     assert all(p.stat().st_uid == 0 for p in outside.iterdir())
 
@@ -686,4 +706,5 @@ def test_install_unit_whose_start_fails_is_audited(world: World) -> None:
     assert isinstance(world.error("InstallUnit", params), errors.JobFailed)
     assert world.unit_file("alpha", "new.service").exists()  # the change that happened
     (record,) = world.audit_records
-    assert record["CAPSULED_ACTION"] == "install-unit" and record["CAPSULED_RESULT"] == "failed"
+    assert record["CAPSULED_ACTION"] == "install-unit"
+    assert record["CAPSULED_RESULT"] == "failed"

@@ -76,22 +76,27 @@ def _stopped(w: World) -> None:
 def _check_describe(w: World, reply: dict[str, object]) -> None:
     capsule = capsule_of(reply)
     assert (capsule["name"], capsule["owner"], capsule["state"]) == ("alpha", ALICE, "active")
-    assert capsule["units"] == 1 and capsule["hasData"] is True
+    assert capsule["units"] == 1
+    assert capsule["hasData"] is True
 
 
 def _check_start(w: World, reply: dict[str, object]) -> None:
-    assert reply["job"] == "done" and capsule_of(reply)["state"] == "active"
+    assert reply["job"] == "done"
+    assert capsule_of(reply)["state"] == "active"
     assert w.backend.capsules["alpha"].state == "active"
 
 
 def _check_stop(w: World, reply: dict[str, object]) -> None:
-    assert reply["job"] == "done" and capsule_of(reply)["state"] == "inactive"
+    assert reply["job"] == "done"
+    assert capsule_of(reply)["state"] == "inactive"
     assert capsule_of(reply)["uid"] is None
 
 
 def _check_restart(w: World, reply: dict[str, object]) -> None:
-    assert reply["job"] == "done" and capsule_of(reply)["state"] == "active"
-    assert ("stop", "alpha") in w.backend.calls and ("start", "alpha") in w.backend.calls
+    assert reply["job"] == "done"
+    assert capsule_of(reply)["state"] == "active"
+    assert ("stop", "alpha") in w.backend.calls
+    assert ("start", "alpha") in w.backend.calls
 
 
 def _check_remove(w: World, reply: dict[str, object]) -> None:
@@ -102,11 +107,13 @@ def _check_remove(w: World, reply: dict[str, object]) -> None:
 
 
 def _check_autostart(w: World, reply: dict[str, object]) -> None:
-    assert capsule_of(reply)["autostart"] is True and w.backend.capsules["alpha"].autostart
+    assert capsule_of(reply)["autostart"] is True
+    assert w.backend.capsules["alpha"].autostart
 
 
 def _check_limits(w: World, reply: dict[str, object]) -> None:
-    assert capsule_of(reply)["memoryMax"] == GIB and w.backend.capsules["alpha"].memory_max == GIB
+    assert capsule_of(reply)["memoryMax"] == GIB
+    assert w.backend.capsules["alpha"].memory_max == GIB
 
 
 SUCCESS: dict[
@@ -137,13 +144,15 @@ def test_create_records_the_caller_as_owner_and_leaves_it_stopped(world: World, 
     assert (capsule["name"], capsule["owner"], capsule["state"]) == ("fresh", uid, "inactive")
     assert capsule["hasData"] is True  # started once so that systemd made the state directory
     record = world.records.get("fresh")
-    assert record is not None and (record.owner, record.phase) == (uid, Phase.READY)
+    assert record is not None
+    assert (record.owner, record.phase) == (uid, Phase.READY)
     assert world.backend.calls == [("start", "fresh"), ("stop", "fresh")]
 
 
 def test_create_with_start_leaves_it_running(world: World) -> None:
     capsule = capsule_of(world.run("Create", {"name": "fresh", "start": True}).reply)
-    assert capsule["state"] == "active" and isinstance(capsule["uid"], int)
+    assert capsule["state"] == "active"
+    assert isinstance(capsule["uid"], int)
     assert world.backend.calls == [("start", "fresh")]
 
 
@@ -183,7 +192,8 @@ def test_list_shows_capsules_made_outside_capsuled_with_null_owner(world: World)
     (orphan,) = [
         c for c in items(world.run("List", uid=ROOT).reply, "capsules") if c["name"] == "orphan"
     ]
-    assert orphan["owner"] is None and orphan["ownerName"] is None
+    assert orphan["owner"] is None
+    assert orphan["ownerName"] is None
 
 
 def test_list_with_more_sends_one_capsule_per_reply(world: World) -> None:
@@ -197,7 +207,8 @@ def test_list_with_more_never_sends_hidden_capsules(world: World) -> None:
     out = world.run("List", uid=ALICE, more=True)
     assert [names_in(r) for r in [*out.replies, out.reply]] == [["alpha"], ["gamma"]]
     out = world.run("List", uid=MALLORY, more=True)
-    assert out.replies == [] and out.reply == {"capsules": []}
+    assert out.replies == []
+    assert out.reply == {"capsules": []}
 
 
 def test_list_includes_a_capsule_known_only_from_a_record(world: World) -> None:
@@ -244,7 +255,8 @@ def test_check_access_auth_admin(tmp_path: Path) -> None:
 @pytest.mark.parametrize("action", ["", "manage-everything", "org.capsuled.", "org.capsuled.root"])
 def test_check_access_unknown_action_is_invalid_value(world: World, action: str) -> None:
     exc = world.error("CheckAccess", {"name": "alpha", "action": action})
-    assert isinstance(exc, errors.InvalidValue) and exc.parameters["parameter"] == "action"
+    assert isinstance(exc, errors.InvalidValue)
+    assert exc.parameters["parameter"] == "action"
 
 
 # --- refusals -------------------------------------------------------------------------------
@@ -329,7 +341,8 @@ BAD_NAMES = ["", "a.b", "x" * 30, "caf\u00e9", "a/b", "..", "a b", "a@b"]
 def test_invalid_names_never_reach_systemd(world: World, method: str, bad: str, uid: int) -> None:
     exc = world.error(method, params_for(method, bad), uid=uid)
     assert isinstance(exc, errors.InvalidName)
-    assert exc.parameters["name"] == bad and isinstance(exc.parameters["reason"], str)
+    assert exc.parameters["name"] == bad
+    assert isinstance(exc.parameters["reason"], str)
     assert world.backend.seen == []
     assert world.audit_records == []
 
@@ -349,7 +362,8 @@ def test_longest_valid_name_is_accepted(world: World) -> None:
 def test_create_of_an_existing_capsule(world: World, uid: int, name: str) -> None:
     before = world.records.get(name)
     exc = world.error("Create", {"name": name}, uid=uid)
-    assert isinstance(exc, errors.CapsuleExists) and exc.parameters == {"name": name}
+    assert isinstance(exc, errors.CapsuleExists)
+    assert exc.parameters == {"name": name}
     assert not set(world.backend.seen) & MUTATING_BACKEND_CALLS
     assert world.records.get(name) == before
 
@@ -436,7 +450,8 @@ def test_set_limits_invalid_values(
     world: World, values: dict[str, int], parameter: str, uid: int
 ) -> None:
     exc = world.error("SetLimits", {"name": "alpha", **values}, uid=uid)
-    assert isinstance(exc, errors.InvalidValue) and exc.parameters["parameter"] == parameter
+    assert isinstance(exc, errors.InvalidValue)
+    assert exc.parameters["parameter"] == parameter
     assert "set_limits" not in world.backend.seen
 
 
@@ -461,7 +476,8 @@ def test_a_failed_start_is_job_failed_with_the_unit_result(world: World, method:
     assert isinstance(exc, errors.JobFailed)
     assert exc.parameters == {"result": "failed", "unitResult": "exit-code"}
     (record,) = world.audit_records
-    assert record["CAPSULED_RESULT"] == "failed" and record["CAPSULED_JOB_RESULT"] == "failed"
+    assert record["CAPSULED_RESULT"] == "failed"
+    assert record["CAPSULED_JOB_RESULT"] == "failed"
     # The capsule is still known, failed; Describe says so.
     capsule = capsule_of(world.run("Describe", {"name": "alpha"}).reply)
     assert (capsule["state"], capsule["result"]) == ("failed", "exit-code")
@@ -475,9 +491,11 @@ def test_systemd_too_old_refuses_mutating_calls(tmp_path: Path, method: str) -> 
     world = make_world(tmp_path, version=252).standard()
     name = "fresh" if method == "Create" else "alpha"
     exc = world.error(method, params_for(method, name))
-    assert isinstance(exc, errors.SystemdTooOld) and exc.parameters == {"version": 252}
+    assert isinstance(exc, errors.SystemdTooOld)
+    assert exc.parameters == {"version": 252}
     assert not set(world.backend.seen) & MUTATING_BACKEND_CALLS
-    assert world.records.get("fresh") is None and world.records.get("alpha") is not None
+    assert world.records.get("fresh") is None
+    assert world.records.get("alpha") is not None
 
 
 def test_info_still_answers_on_old_systemd(tmp_path: Path) -> None:
@@ -494,7 +512,8 @@ def test_systemd_unavailable(world: World, method: str) -> None:
     name = "fresh" if method == "Create" else "alpha"
     params = {} if method == "List" else params_for(method, name)
     exc = world.error(method, params, uid=ROOT)
-    assert isinstance(exc, errors.SystemdUnavailable) and exc.parameters == {}
+    assert isinstance(exc, errors.SystemdUnavailable)
+    assert exc.parameters == {}
     assert world.records.get("fresh") is None
 
 
@@ -514,13 +533,16 @@ def test_clean_refused_while_running_is_capsule_running_and_remove_can_be_retrie
 
     backend.clean = busy  # type: ignore[method-assign]  # a PID 1 that refuses CleanUnit
     exc = world.error("Remove", {"name": "alpha"})
-    assert isinstance(exc, errors.CapsuleRunning) and exc.parameters == {"name": "alpha"}
+    assert isinstance(exc, errors.CapsuleRunning)
+    assert exc.parameters == {"name": "alpha"}
     record = world.records.get("alpha")
-    assert record is not None and record.phase is Phase.REMOVING
+    assert record is not None
+    assert record.phase is Phase.REMOVING
     # The owner still owns it and a retry finishes the job.
     backend.clean = clean.__get__(backend)  # type: ignore[method-assign]  # the real fake again
     world.run("Remove", {"name": "alpha"})
-    assert world.records.get("alpha") is None and "alpha" not in backend.capsules
+    assert world.records.get("alpha") is None
+    assert "alpha" not in backend.capsules
 
 
 # --- crash consistency ----------------------------------------------------------------------
@@ -534,9 +556,11 @@ def test_create_resumes_its_own_half_done_create(tmp_path: Path, started: bool) 
     if started:
         world.backend.add_capsule("half")  # killed after systemd made the state directory
     capsule = capsule_of(world.run("Create", {"name": "half"}).reply)
-    assert capsule["owner"] == ALICE and capsule["hasData"] is True
+    assert capsule["owner"] == ALICE
+    assert capsule["hasData"] is True
     record = world.records.get("half")
-    assert record is not None and record.phase is Phase.READY
+    assert record is not None
+    assert record.phase is Phase.READY
 
 
 def test_create_does_not_take_over_another_users_half_done_create(world: World) -> None:
@@ -544,7 +568,8 @@ def test_create_does_not_take_over_another_users_half_done_create(world: World) 
     exc = world.error("Create", {"name": "half"}, uid=BOB)
     assert isinstance(exc, errors.CapsuleExists)
     record = world.records.get("half")
-    assert record is not None and (record.owner, record.phase) == (ALICE, Phase.CREATING)
+    assert record is not None
+    assert (record.owner, record.phase) == (ALICE, Phase.CREATING)
     assert not set(world.backend.seen) & MUTATING_BACKEND_CALLS
 
 
@@ -587,7 +612,8 @@ def test_create_whose_rollback_fails_leaves_a_record_a_retry_finishes(world: Wor
     world.backend.clean = broken  # type: ignore[method-assign]  # cleaning fails too
     assert isinstance(world.error("Create", {"name": "fresh"}), errors.JobFailed)
     record = world.records.get("fresh")
-    assert record is not None and record.phase is Phase.CREATING
+    assert record is not None
+    assert record.phase is Phase.CREATING
     # The owner sees it (and nobody else can take the name); Remove finishes the job.
     assert "fresh" in names_in(world.run("List").reply)
     assert isinstance(world.error("Create", {"name": "fresh"}, uid=BOB), errors.CapsuleExists)
@@ -630,7 +656,8 @@ def _gated_world(tmp_path: Path, names: list[str]) -> tuple[World, GatedBackend,
 def test_two_starts_of_one_capsule_are_serialised(tmp_path: Path) -> None:
     async def main() -> None:
         world, backend, locks = _gated_world(tmp_path, ["alpha"])
-        assert backend.gate is not None and locks.arrivals is not None
+        assert backend.gate is not None
+        assert locks.arrivals is not None
         first = asyncio.create_task(world.call("Start", {"name": "alpha"}))
         assert await asyncio.wait_for(backend.arrived.get(), 1.0) == "alpha"
         second = asyncio.create_task(world.call("Start", {"name": "alpha"}))
@@ -638,7 +665,8 @@ def test_two_starts_of_one_capsule_are_serialised(tmp_path: Path) -> None:
         assert await asyncio.wait_for(locks.arrivals.get(), 1.0) == "alpha"
         assert await asyncio.wait_for(locks.arrivals.get(), 1.0) == "alpha"
         done, _ = await asyncio.wait({second}, timeout=0.05)
-        assert not done and backend.arrived.empty()
+        assert not done
+        assert backend.arrived.empty()
         backend.gate.set()
         await asyncio.wait_for(asyncio.gather(first, second), 1.0)
         assert backend.order == [
@@ -672,7 +700,8 @@ def test_starts_of_different_capsules_run_in_parallel(tmp_path: Path) -> None:
 def test_remove_waits_for_a_start_in_flight(tmp_path: Path) -> None:
     async def main() -> None:
         world, backend, locks = _gated_world(tmp_path, ["alpha"])
-        assert backend.gate is not None and locks.arrivals is not None
+        assert backend.gate is not None
+        assert locks.arrivals is not None
         start = asyncio.create_task(world.call("Start", {"name": "alpha"}))
         await asyncio.wait_for(backend.arrived.get(), 1.0)
         remove = asyncio.create_task(world.call("Remove", {"name": "alpha"}))
@@ -718,7 +747,8 @@ def test_every_mutating_call_writes_one_audit_record(
 def test_set_autostart_is_audited_under_its_own_message_id(world: World) -> None:
     world.run("SetAutostart", {"name": "alpha", "enabled": True})
     (record,) = world.audit_records
-    assert record["CAPSULE"] == "alpha" and record["CAPSULED_RESULT"] == "ok"
+    assert record["CAPSULE"] == "alpha"
+    assert record["CAPSULED_RESULT"] == "ok"
     assert record["CAPSULED_ACTION"] == "set-autostart"
     assert record["MESSAGE_ID"] == MESSAGE_IDS["set-autostart"]
 
@@ -762,7 +792,8 @@ def test_concurrent_creates_of_one_name_make_one_capsule(tmp_path: Path) -> None
         assert isinstance(results[1], errors.CapsuleExists)
         assert not isinstance(results[0], BaseException)
         record = world.records.get("fresh")
-        assert record is not None and (record.owner, record.phase) == (ALICE, Phase.READY)
+        assert record is not None
+        assert (record.owner, record.phase) == (ALICE, Phase.READY)
         assert backend.overlaps == []
 
     asyncio.run(main())
@@ -807,7 +838,8 @@ def test_concurrent_creates_cannot_exceed_the_capsule_quota(tmp_path: Path) -> N
 def test_a_caller_cancelled_while_waiting_for_the_lock_leaves_no_entry(tmp_path: Path) -> None:
     async def main() -> None:
         world, backend, locks = _gated_world(tmp_path, ["alpha"])
-        assert backend.gate is not None and locks.arrivals is not None
+        assert backend.gate is not None
+        assert locks.arrivals is not None
         first = asyncio.create_task(world.call("Start", {"name": "alpha"}))
         await asyncio.wait_for(backend.arrived.get(), 1.0)
         second = asyncio.create_task(world.call("Stop", {"name": "alpha"}))

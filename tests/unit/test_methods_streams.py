@@ -4,7 +4,7 @@ systemd's signals by FakeBackend's watchers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -36,11 +36,11 @@ def world(tmp_path: Path) -> World:
 
 
 @pytest.fixture
-def fake_journal(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeJournal]:
+def fake_journal(monkeypatch: pytest.MonkeyPatch) -> FakeJournal:
     fake = FakeJournal([entry(n) for n in range(1, 6)])
     monkeypatch.setattr(journal, "read_tail", fake.read_tail)
     monkeypatch.setattr(journal, "Follower", fake.follower)
-    yield fake
+    return fake
 
 
 class Stream:
@@ -100,7 +100,8 @@ def messages(replies: list[dict[str, object]]) -> list[list[object]]:
 @pytest.mark.parametrize("uid", [ALICE, ROOT], ids=["owner", "root"])
 def test_logs_returns_the_newest_entries(world: World, fake_journal: FakeJournal, uid: int) -> None:
     out = world.run("Logs", {"name": "alpha", "lines": 2}, uid=uid)
-    assert out.replies == [] and messages([out.reply]) == [["line 4", "line 5"]]
+    assert out.replies == []
+    assert messages([out.reply]) == [["line 4", "line 5"]]
     assert out.reply["entries"] == [entry(4).to_wire(), entry(5).to_wire()]
     assert fake_journal.asked == [{"capsule": "alpha", "unit": None, "lines": 2, "since": None}]
 
@@ -128,13 +129,15 @@ def test_logs_with_more_sends_one_entry_per_reply(world: World, fake_journal: Fa
 def test_logs_with_more_and_nothing_to_send(world: World, fake_journal: FakeJournal) -> None:
     fake_journal.entries = []
     out = world.run("Logs", {"name": "alpha"}, more=True)
-    assert out.replies == [] and out.reply == {"entries": []}
+    assert out.replies == []
+    assert out.reply == {"entries": []}
 
 
 @pytest.mark.parametrize("lines", [-1, journal.MAX_LINES + 1])
 def test_logs_lines_out_of_range(world: World, fake_journal: FakeJournal, lines: int) -> None:
     exc = world.error("Logs", {"name": "alpha", "lines": lines})
-    assert isinstance(exc, errors.InvalidValue) and exc.parameters["parameter"] == "lines"
+    assert isinstance(exc, errors.InvalidValue)
+    assert exc.parameters["parameter"] == "lines"
     assert fake_journal.asked == []
 
 
@@ -142,14 +145,16 @@ def test_logs_lines_out_of_range(world: World, fake_journal: FakeJournal, lines:
 def test_logs_invalid_unit(world: World, fake_journal: FakeJournal, unit: str) -> None:
     exc = world.error("Logs", {"name": "alpha", "unit": unit})
     assert isinstance(exc, errors.InvalidUnit)
-    assert exc.parameters["unit"] == unit and exc.parameters["line"] is None
+    assert exc.parameters["unit"] == unit
+    assert exc.parameters["line"] is None
     assert fake_journal.asked == []
 
 
 @pytest.mark.parametrize("bad", ["", "a.b", "x" * 30, "a/b"])
 def test_logs_invalid_name(world: World, fake_journal: FakeJournal, bad: str) -> None:
     assert isinstance(world.error("Logs", {"name": bad}, uid=ROOT), errors.InvalidName)
-    assert fake_journal.asked == [] and world.backend.seen == []
+    assert fake_journal.asked == []
+    assert world.backend.seen == []
 
 
 def test_logs_follow_needs_more(world: World, fake_journal: FakeJournal) -> None:
@@ -164,8 +169,10 @@ def test_logs_of_a_capsule_the_caller_may_not_read(
 ) -> None:
     for name in ("alpha", "ghost"):
         exc = world.error("Logs", {"name": name}, uid=uid)
-        assert isinstance(exc, errors.NoSuchCapsule) and exc.parameters == {"name": name}
-    assert fake_journal.asked == [] and world.backend.seen == []
+        assert isinstance(exc, errors.NoSuchCapsule)
+        assert exc.parameters == {"name": name}
+    assert fake_journal.asked == []
+    assert world.backend.seen == []
 
 
 def test_logs_of_an_absent_capsule(world: World, fake_journal: FakeJournal) -> None:
@@ -208,8 +215,10 @@ def test_logs_follow_with_no_old_entries_starts_from_the_call(
             fake_journal.new.put_nowait(entry(1))
             assert messages([await s.next()]) == [["line 1"]]
             (follower,) = fake_journal.followers
-            assert follower["after"] is None and follower["unit"] == "web.service"
-            assert isinstance(follower["since"], int) and follower["since"] > 5
+            assert follower["after"] is None
+            assert follower["unit"] == "web.service"
+            assert isinstance(follower["since"], int)
+            assert follower["since"] > 5
 
     asyncio.run(main())
 
@@ -244,7 +253,9 @@ def test_logs_is_not_audited(world: World, fake_journal: FakeJournal) -> None:
 
 def capsule_event(reply: dict[str, object]) -> tuple[object, ...]:
     event = reply["event"]
-    assert isinstance(event, dict) and event["kind"] == "capsule" and event["unit"] is None
+    assert isinstance(event, dict)
+    assert event["kind"] == "capsule"
+    assert event["unit"] is None
     assert isinstance(event["timestamp"], int)
     return (event["capsule"], event["state"], event["subState"])
 
@@ -334,14 +345,16 @@ def test_watch_sees_a_capsule_created_while_watching(world: World) -> None:
 @pytest.mark.parametrize("bad", ["", "a.b", "x" * 30])
 def test_watch_invalid_names(world: World, bad: str) -> None:
     exc = world.error("Watch", {"names": ["alpha", bad]}, more=True)
-    assert isinstance(exc, errors.InvalidName) and exc.parameters["name"] == bad
+    assert isinstance(exc, errors.InvalidName)
+    assert exc.parameters["name"] == bad
     assert world.backend.seen == []
 
 
 def test_watch_too_many_names(world: World) -> None:
     names: list[object] = [f"c{i}" for i in range(streams.MAX_WATCH_NAMES + 1)]
     exc = world.error("Watch", {"names": names}, more=True)
-    assert isinstance(exc, errors.InvalidValue) and exc.parameters["parameter"] == "names"
+    assert isinstance(exc, errors.InvalidValue)
+    assert exc.parameters["parameter"] == "names"
 
 
 def test_watch_without_systemd(world: World) -> None:

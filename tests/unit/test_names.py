@@ -64,7 +64,8 @@ def test_capsule_name_max_is_29() -> None:
 def test_capsule_name_invalid_char_reported_before_length() -> None:
     # valid_user_group_name() checks characters before length; so do we.
     problem = names.capsule_name_problem("." * 40)
-    assert problem is not None and "'.'" in problem
+    assert problem is not None
+    assert "'.'" in problem
 
 
 ACCEPTED_UNITS = [
@@ -156,7 +157,8 @@ def test_types_restriction() -> None:
     assert names.unit_name_problem("a.slice", types=installable) is None
     for refused in ("a.scope", "a.mount", "a.device", "a.swap", "a.automount"):
         problem = names.unit_name_problem(refused, types=installable)
-        assert problem is not None and "cannot be used here" in problem
+        assert problem is not None
+        assert "cannot be used here" in problem
 
 
 # The whole of capsule_name_is_valid() reduces to this; checked against arbitrary text, with

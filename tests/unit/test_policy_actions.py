@@ -75,7 +75,7 @@ def test_short_names_and_resolution() -> None:
     assert actions.short_name(actions.SET_LIMITS) == "set-limits"
     assert set(actions.BY_SHORT_NAME.values()) == set(actions.ALL)
     for bad in ("", "org.capsuled.", "org.capsuled.Manager", "READ", "org.capsuled.frob"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="unknown action"):
             actions.resolve(bad)
 
 

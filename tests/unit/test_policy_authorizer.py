@@ -88,7 +88,8 @@ def test_root_is_allowed_without_lookup_or_backend() -> None:
     for action in actions.ALL:
         got = run(auth.check(subject(0), action, capsule="c", owner=ALICE_UID))
         assert got is Decision.YES
-    assert directory.lookups == 0 and backend.asked == []
+    assert directory.lookups == 0
+    assert backend.asked == []
 
 
 def test_owner_in_group_is_allowed_without_the_backend() -> None:
@@ -113,7 +114,8 @@ def test_others_go_to_the_backend_with_every_detail() -> None:
     )
     assert got is Decision.YES
     ((identity, request, interactive),) = backend.asked
-    assert identity.uid == BOB_UID and "capsule" in identity.groups
+    assert identity.uid == BOB_UID
+    assert "capsule" in identity.groups
     assert request == Request(actions.MANAGE_UNITS, "c", ALICE_UID, "start", "a.service")
     assert interactive is True
 
@@ -133,7 +135,7 @@ def test_group_removal_takes_effect_at_the_next_call() -> None:
 
 def test_unknown_action_is_a_value_error() -> None:
     auth, _, _ = make()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown action"):
         run(auth.check(subject(ALICE_UID), "org.capsuled.frobnicate", capsule="c", owner=None))
 
 
@@ -183,7 +185,8 @@ def test_dead_peer_is_refused_before_anything_else(dead_pidfd: tuple[int, int]) 
     auth, directory, backend = make(Decision.YES)
     dead = Subject(uid=ALICE_UID, gid=ALICE_UID, pid=pid, pidfd=pidfd)
     assert run(auth.check(dead, "read", capsule="c", owner=ALICE_UID)) is Decision.NO
-    assert directory.lookups == 0 and backend.asked == []
+    assert directory.lookups == 0
+    assert backend.asked == []
     with pytest.raises(PermissionDenied):
         run(auth.authorize(dead, "read", capsule="c", owner=ALICE_UID))
     assert not process_is_alive(dead)
@@ -279,7 +282,8 @@ def test_process_start_time_with_a_hostile_comm() -> None:
     child = subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
-    assert child.stdin is not None and child.stdout is not None
+    assert child.stdin is not None
+    assert child.stdout is not None
     try:
         child.stdout.readline()  # prctl(PR_SET_NAME) has run
         with open(f"/proc/{child.pid}/stat", "rb") as f:
@@ -294,9 +298,11 @@ def test_process_start_time_with_a_hostile_comm() -> None:
 
 def test_lookup_identity_reads_the_user_database() -> None:
     root = lookup_identity(0)
-    assert root.user == "root" and "root" in root.groups
+    assert root.user == "root"
+    assert "root" in root.groups
     unknown = lookup_identity(2**31 - 2)
-    assert unknown.user is None and unknown.groups == frozenset()
+    assert unknown.user is None
+    assert unknown.groups == frozenset()
 
 
 def test_from_config_backend_choice(tmp_path: Path) -> None:
@@ -305,7 +311,7 @@ def test_from_config_backend_choice(tmp_path: Path) -> None:
     assert isinstance(auth._backend, BuiltinBackend)
     auth = Authorizer.from_config(tmp_path / "none", backend="polkit")
     assert auth.backend_name == "polkit"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown policy backend"):
         Authorizer.from_config(tmp_path / "none", backend="ldap")
 
 

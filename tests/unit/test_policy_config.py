@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,12 +34,12 @@ MALLORY = Identity(1002, "mallory", frozenset({"mallory"}))
 
 
 @pytest.fixture
-def etc(tmp_path: Path) -> Iterator[Path]:
+def etc(tmp_path: Path) -> Path:
     """An empty, safe /etc/capsuled look-alike."""
     d = tmp_path / "capsuled"
     d.mkdir(mode=0o755)
     os.chmod(d, 0o755)  # whatever the umask
-    yield d
+    return d
 
 
 def write(path: Path, text: str, mode: int = 0o644) -> Path:
@@ -154,13 +153,17 @@ result = "auth_admin"
     assert all(c.defaults[a] is Decision.NO for a in actions.ALL if a != actions.READ)
     assert c.quota == Quota(2, 512 << 20, None, 200)
     (qr,) = c.quota_rules
-    assert qr.who.users == frozenset({"alice"}) and qr.who.uids == frozenset({1001})
+    assert qr.who.users == frozenset({"alice"})
+    assert qr.who.uids == frozenset({1001})
     assert qr.limits == (("max_memory_bytes", 2 << 30),)
     (rule,) = c.rules
     assert rule.actions == frozenset({actions.MANAGE_UNITS})
-    assert rule.who.uids == frozenset({1004}) and rule.who.groups == frozenset({"webteam"})
-    assert rule.capsules == ("web-*",) and rule.units == ("*.service",)
-    assert rule.verbs == frozenset({"start"}) and rule.result is Decision.AUTH_ADMIN
+    assert rule.who.uids == frozenset({1004})
+    assert rule.who.groups == frozenset({"webteam"})
+    assert rule.capsules == ("web-*",)
+    assert rule.units == ("*.service",)
+    assert rule.verbs == frozenset({"start"})
+    assert rule.result is Decision.AUTH_ADMIN
 
 
 MALFORMED = [

@@ -127,7 +127,7 @@ def test_error_and_malformed_replies_are_value_errors() -> None:
     call = make_check()
     with pytest.raises(ValueError, match="NotAuthorized"):
         decision_from_reply(new_error(call, "org.freedesktop.PolicyKit1.Error.NotAuthorized"))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unexpected CheckAuthorization reply"):
         decision_from_reply(new_method_return(call, "s", ("x",)))
 
 

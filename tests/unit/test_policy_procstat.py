@@ -29,7 +29,7 @@ def test_a_comm_that_forges_fields() -> None:
     "stat", [b"", b"4242 (x S 1 2", b"4242 (x) S 1 2 3", b"1 (x) " + b"y " * 30]
 )
 def test_malformed_lines_are_value_errors(stat: bytes) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"comm field|too short|invalid literal"):
         parse_start_time(stat)
 
 

@@ -18,7 +18,9 @@ def test_round_trip_and_phases(tmp_path: Path) -> None:
     assert store.get("web") == record
     store.put(record.with_phase(Phase.READY))
     got = store.get("web")
-    assert got is not None and got.phase is Phase.READY and got.owner == 1000
+    assert got is not None
+    assert got.phase is Phase.READY
+    assert got.owner == 1000
     assert [r.name for r in store.owned_by(1000)] == ["web"]
     assert store.owned_by(1001) == []
 

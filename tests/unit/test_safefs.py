@@ -70,7 +70,7 @@ def chown_tree(top: Path, uid: int) -> None:
 
 
 @pytest.fixture
-def bed(tmp_path: Path) -> Iterator[Bed]:
+def bed(tmp_path: Path) -> Bed:
     root = tmp_path / "private" / "capsules"
     home = root / "cap"
     home.mkdir(parents=True)
@@ -81,7 +81,7 @@ def bed(tmp_path: Path) -> Iterator[Bed]:
     (outside / "secret").write_bytes(b"root secret\n")
     (outside / "systemd" / "user" / "foo.service").write_bytes(b"[Service]\nExecStart=/x\n")
     os.chmod(outside / "secret", 0o600)
-    yield Bed(root, home, outside)
+    return Bed(root, home, outside)
 
 
 def unit_path(bed: Bed) -> Path:
@@ -146,7 +146,7 @@ def test_missing_home_is_nohome(bed: Bed) -> None:
 
 
 def test_invalid_capsule_name_is_a_caller_bug(bed: Bed) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid capsule name"):
         CapsuleHome.open("../cap", str(bed.root))
 
 
@@ -189,7 +189,7 @@ def test_closed_home_refuses_use(bed: Bed) -> None:
     home = bed.open()
     home.close()
     home.close()  # idempotent
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="closed"):
         home.list_dir(())
 
 

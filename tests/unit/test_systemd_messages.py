@@ -120,7 +120,7 @@ def test_transient_service_properties_match_systemd_run() -> None:
 
 
 def test_transient_service_needs_argv() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="argv must not be empty"):
         m.transient_service_properties([])
 
 
@@ -314,8 +314,10 @@ def test_error_table(name: str, cls: type[errors.BackendError]) -> None:
 
 def test_error_carries_unit_and_name() -> None:
     err = errors.error_from_dbus("org.freedesktop.systemd1.NoSuchUnit", "t", "capsule@x.service")
-    assert isinstance(err, errors.NoSuchUnit) and err.unit == "capsule@x.service"
+    assert isinstance(err, errors.NoSuchUnit)
+    assert err.unit == "capsule@x.service"
     other = errors.error_from_dbus("org.example.E", "boom")
-    assert isinstance(other, errors.DBusCallFailed) and other.name == "org.example.E"
+    assert isinstance(other, errors.DBusCallFailed)
+    assert other.name == "org.example.E"
     assert errors.JobFailed("failed", "exit-code").unit_result == "exit-code"
     assert errors.SystemdTooOld(255).version == 255

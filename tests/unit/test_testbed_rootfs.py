@@ -37,11 +37,13 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, builds: list[Path]) -
 def test_first_use_builds_and_stamps_then_reuses(cache: Path, builds: list[Path]) -> None:
     first = rootfs.ensure_root()
     first.release()
-    assert first.built_now and (cache / first.key / "ready").is_file()
+    assert first.built_now
+    assert (cache / first.key / "ready").is_file()
     assert first.path == cache / first.key / "root"
     second = rootfs.ensure_root()
     second.release()
-    assert not second.built_now and len(builds) == 1
+    assert not second.built_now
+    assert len(builds) == 1
 
 
 def test_a_half_built_entry_is_rebuilt(cache: Path) -> None:
@@ -100,11 +102,13 @@ def test_each_suite_has_its_own_key_and_neither_prunes_the_other(
     trixie.release()  # nobody holds it now: only its suite keeps it from being pruned
     bookworm = rootfs.ensure_root(rootfs.root_spec("bookworm"))
     bookworm.release()
-    assert trixie.key != bookworm.key and len(builds) == 2
+    assert trixie.key != bookworm.key
+    assert len(builds) == 2
     again = rootfs.ensure_root()
     again.release()
     assert not again.built_now
-    assert (cache / bookworm.key / "ready").is_file() and (cache / trixie.key / "ready").is_file()
+    assert (cache / bookworm.key / "ready").is_file()
+    assert (cache / trixie.key / "ready").is_file()
 
 
 def test_a_stale_tree_of_the_same_suite_is_still_pruned(cache: Path) -> None:

@@ -44,7 +44,8 @@ def test_every_split_point(cut: int) -> None:
 
 def test_replies_go_to_pending_calls_in_order() -> None:
     conn, calls = _server(PLAIN + MORE + ONEWAY + PLAIN)
-    assert len(calls) == 4 and conn.pending == 3  # the oneway call is owed nothing
+    assert len(calls) == 4
+    assert conn.pending == 3
     assert conn.send(Reply({"n": 1})) == b'{"parameters":{"n":1}}\0'
     assert conn.send(Reply({"i": 0}, continues=True)).endswith(b'"continues":true}\0')
     assert conn.pending == 2
@@ -82,7 +83,8 @@ def test_unencodable_reply_leaves_the_call_pending() -> None:
     conn, _ = _server(PLAIN)
     with pytest.raises(LocalProtocolError):
         conn.send(Reply({"x": object()}))
-    assert conn.state is ConnectionState.OPEN and conn.pending == 1
+    assert conn.state is ConnectionState.OPEN
+    assert conn.pending == 1
     conn.send(ErrorReply("a.b.InternalError", {}))
     assert conn.pending == 0
 

@@ -31,9 +31,11 @@ def test_subclasses_register_only_with_a_name() -> None:
 
 def test_error_from_name() -> None:
     err = e.error_from_name("org.varlink.service.InvalidParameter", {"parameter": "x"})
-    assert isinstance(err, e.InvalidParameter) and err.parameters == {"parameter": "x"}
+    assert isinstance(err, e.InvalidParameter)
+    assert err.parameters == {"parameter": "x"}
     unknown = e.error_from_name("org.example.unit.Unknown", {"a": 1})
-    assert unknown.name == "org.example.unit.Unknown" and unknown.parameters == {"a": 1}
+    assert unknown.name == "org.example.unit.Unknown"
+    assert unknown.parameters == {"a": 1}
     assert e.error_class("org.example.unit.Unknown") is None  # ad-hoc classes do not register
     assert "org.example.unit.Unknown" in str(unknown)
 

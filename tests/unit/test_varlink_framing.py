@@ -93,5 +93,5 @@ def test_full_size_cap() -> None:
 
 
 def test_invalid_cap() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be positive"):
         MessageBuffer(0)

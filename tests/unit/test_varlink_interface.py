@@ -180,7 +180,9 @@ def test_validate_call_fills_absent_optionals_with_none() -> None:
 def test_float_widens_ints_only() -> None:
     out = VALIDATION.validate_call("M", {"t": dict(GOOD_T, c=3)})
     t = out["t"]
-    assert isinstance(t, dict) and t["c"] == 3.0 and isinstance(t["c"], float)
+    assert isinstance(t, dict)
+    assert t["c"] == 3.0
+    assert isinstance(t["c"], float)
 
 
 @pytest.mark.parametrize(

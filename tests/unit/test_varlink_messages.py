@@ -120,7 +120,8 @@ def test_parse_reply_refuses(raw: bytes) -> None:
 )
 def test_encode_round_trips(msg: Call | Reply | ErrorReply) -> None:
     raw = encode(msg)
-    assert raw.endswith(b"\0") and raw.count(b"\0") == 1
+    assert raw.endswith(b"\0")
+    assert raw.count(b"\0") == 1
     back = parse_call(raw[:-1]) if isinstance(msg, Call) else parse_reply(raw[:-1])
     assert back == msg
 

@@ -38,7 +38,8 @@ def test_each_value_gets_its_own_default_parameters() -> None:
     first, second = Call("a.b.C"), Call("a.b.C")
     assert first.parameters is not second.parameters
     first.parameters["x"] = 1
-    assert second.parameters == {} and Reply().parameters == {}
+    assert second.parameters == {}
+    assert Reply().parameters == {}
     assert ErrorReply("a.b.E").parameters == {}
 
 
