@@ -77,6 +77,19 @@ def test_capsuled_socket_is_installed_like_on_a_host(bed: Testbed) -> None:
         assert bed.as_root("stat", "-c", "%a %U", path).check().stdout.strip() == "644 root"
 
 
+def test_the_wheel_ships_no_test_doubles(bed: Testbed) -> None:
+    # FakeBackend lives under tests/: the installed product must work (and import) without it.
+    found = bed.as_root(
+        "python3", "-c", "import capsuled, pathlib; print(pathlib.Path(capsuled.__file__).parent)"
+    ).check()
+    package = found.stdout.strip()
+    assert package.startswith("/usr/local/lib/python3"), package
+    listing = bed.as_root("find", package, "-name", "*.py").check().stdout
+    assert "fake" not in listing
+    assert "doubles" not in listing
+    assert "/systemd/backend.py" in listing
+
+
 def test_bash_completion_is_installed_from_the_wheel(bed: Testbed) -> None:
     path = "/usr/local/share/bash-completion/completions/capsulectl"
     assert bed.as_root("stat", "-c", "%a %U", path).check().stdout.strip() == "644 root"

@@ -27,9 +27,9 @@ from capsuled.methods.context import Services
 from capsuled.policy import Authorizer, Decision, SubjectLike
 from capsuled.policy.engine import DEFAULT_CONFIG, Identity, Request
 from capsuled.records import RecordStore
-from capsuled.systemd.fake import FakeBackend
 from capsuled.transport import NotifyFn, Peer
 from capsuled.varlink.messages import Call
+from doubles.backend import FakeBackend
 from protocol.harness import TIMEOUT_S, Closed, RawClient
 
 ROOT = Path(__file__).resolve().parents[2]

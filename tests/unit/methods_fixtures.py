@@ -31,12 +31,12 @@ from capsuled.policy import actions as act
 from capsuled.policy.builtin import BuiltinBackend
 from capsuled.policy.engine import Decision, Identity, PolicyConfig, Quota, Rule
 from capsuled.records import Phase, Record, RecordStore, new_record
-from capsuled.systemd.fake import FakeBackend
 from capsuled.transport import Peer
 from capsuled.varlink.errors import VarlinkError
 from capsuled.varlink.interface import Interface, parse_interface
 from capsuled.varlink.messages import Call
 from capsuled.varlink.service import ServiceInfo
+from doubles.backend import FakeBackend
 
 IDL_PATH = (
     Path(__file__).resolve().parents[2] / "helper" / "capsuled" / "org.capsuled.Manager.varlink"

@@ -19,7 +19,7 @@ from capsuled.systemd.backend import (
     DBusSystemdBackend,
     SystemdBackend,
 )
-from capsuled.systemd.fake import FIRST_DYNAMIC_UID, FakeBackend, FakeCapsuleManager
+from doubles.backend import FIRST_DYNAMIC_UID, FakeBackend, FakeCapsuleManager
 
 T = TypeVar("T")
 

@@ -32,8 +32,8 @@ from capsuled.audit import MESSAGE_IDS
 from capsuled.policy import actions as act
 from capsuled.policy.engine import Decision, Rule, Who
 from capsuled.systemd.backend import UnitInfo
-from capsuled.systemd.fake import FakeCapsuleManager
 from capsuled.varlink.errors import PermissionDenied, VarlinkError
+from doubles.backend import FakeCapsuleManager
 
 UNIT_METHODS = ("RemoveUnit", "StartUnit", "StopUnit", "RestartUnit", "EnableUnit", "DisableUnit")
 INSIDE_METHODS = ("ListUnits", "InstallUnit", *UNIT_METHODS, "Run")

@@ -1,8 +1,9 @@
 """The systemd backend: what capsuled asks of PID 1 and of a capsule's own manager.
 
 ``SystemdBackend`` (and ``CapsuleManager``) are Protocols; ``DBusSystemdBackend`` implements them
-over ``bus.py``, ``fake.FakeBackend`` in memory. Capsule names and unit names are validated by the
-caller (capsuled.names) before they get here.
+over ``bus.py``. The in-memory ``FakeBackend`` for tests is tests/doubles/backend.py, not part of
+the product. Capsule names and unit names are validated by the caller (capsuled.names) before
+they get here.
 
 Errors: capsuled.systemd.errors (BackendError tree); nothing here knows Varlink.
 """

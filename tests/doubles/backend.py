@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from .backend import (
+from capsuled.systemd.backend import (
     FINISHED_STATES,
     LIMIT_DEFAULT,
     MIN_SYSTEMD_VERSION,
@@ -38,7 +38,7 @@ from .backend import (
     UnitInfo,
     capsule_unit,
 )
-from .errors import (
+from capsuled.systemd.errors import (
     JobFailed,
     ManagerUnavailable,
     NoSuchUnit,
