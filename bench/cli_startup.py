@@ -43,14 +43,9 @@ def host_env() -> dict[str, str]:
 
 
 def run_host(n: int) -> None:
-    sys.path[:0] = [
-        str(ROOT / "tests" / "unit"),
-        str(ROOT / "tests"),
-        str(ROOT / "helper"),
-        str(ROOT / "client"),
-    ]
-    # The unit tests' scripted server (tests/unit is put on sys.path just above).
-    from test_client_fake import FakeCapsuled, capsule, ok  # type: ignore[import-not-found]
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "helper"), str(ROOT / "client")]
+    # The unit tests' scripted server (tests/ is put on sys.path just above).
+    from doubles.scripted_capsuled import FakeCapsuled, capsule, ok
 
     env = host_env()
     py = sys.executable
@@ -119,8 +114,8 @@ def import_summary() -> None:
     several times, and the minimum is the closest to the cost itself.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        sys.path[:0] = [str(ROOT / "tests" / "unit"), str(ROOT / "tests")]
-        from test_client_fake import FakeCapsuled, capsule, ok
+        sys.path[:0] = [str(ROOT / "tests")]
+        from doubles.scripted_capsuled import FakeCapsuled, capsule, ok
 
         fake = FakeCapsuled(Path(tmp) / "s")
         fake.on("Describe", ok(capsule=capsule()))

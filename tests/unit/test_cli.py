@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_client_fake import (
+
+import capsulectl
+from capsulectl import argtypes, cli, failures, output
+from capsulectl.verbs import verb_table
+from doubles.scripted_capsuled import (
     SILENT,
     FakeCapsuled,
     capsule,
@@ -23,10 +27,6 @@ from test_client_fake import (
     ok,
     unit,
 )
-
-import capsulectl
-from capsulectl import argtypes, cli, failures, output
-from capsulectl.verbs import verb_table
 
 __all__ = ["fake"]
 

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_client_fake import FakeCapsuled, capsule, fake, ok
+
+from doubles.scripted_capsuled import FakeCapsuled, capsule, fake, ok
 
 __all__ = ["fake"]
 

@@ -8,7 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_client_fake import (
+
+from capsulectl import Client
+from capsulectl.transport import (
+    ConnectionLost,
+    InvalidAddress,
+    NotRunning,
+    Timeout,
+    parse_address,
+)
+from capsuled import errors as e
+from capsuled.varlink import errors as ve
+from doubles.scripted_capsuled import (
     CLOSE,
     SILENT,
     FakeCapsuled,
@@ -21,17 +32,6 @@ from test_client_fake import (
     raw,
     unit,
 )
-
-from capsulectl import Client
-from capsulectl.transport import (
-    ConnectionLost,
-    InvalidAddress,
-    NotRunning,
-    Timeout,
-    parse_address,
-)
-from capsuled import errors as e
-from capsuled.varlink import errors as ve
 
 __all__ = ["fake"]  # the fixture, re-exported for pytest
 

@@ -1,8 +1,10 @@
-"""A scripted stand-in for capsuled: a threaded Unix-socket server speaking raw JSON + NUL.
+"""FakeCapsuled: a scripted stand-in for capsuled, a threaded Unix-socket server speaking raw
+JSON + NUL, plus builders of the wire values it answers with.
 
 It shares no code with capsuled or capsulectl (plain `json` and `socket`), so the client is checked
 against the wire format itself. Each test scripts replies per method and asserts on the exact calls
-recorded. The tests at the bottom check the fake itself.
+recorded. Its own tests are in tests/unit/test_scripted_capsuled.py. A test module that uses the
+`fake` fixture imports it from here and names it in `__all__` (pytest finds fixtures by name).
 """
 
 from __future__ import annotations
@@ -160,7 +162,8 @@ def raw(data: bytes) -> RawReply:
 
 @pytest.fixture
 def fake(tmp_path: Path) -> Iterator[FakeCapsuled]:
-    # A short directory: sun_path holds at most 107 bytes and pytest's tmp_path can be long.
+    """A scripted capsuled listening in tmp_path; closed after the test."""
+    # A short name: sun_path holds at most 107 bytes and pytest's tmp_path can be long.
     server = FakeCapsuled(tmp_path / "s")
     try:
         yield server
@@ -221,34 +224,3 @@ def log_entry(message: str = "hello", **overrides: object) -> dict[str, object]:
     }
     value.update(overrides)
     return value
-
-
-# --- the fake itself ----------------------------------------------------------------------------
-
-
-def _roundtrip(path: Path, message: bytes) -> bytes:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(WAIT_S)
-        s.connect(str(path))
-        s.sendall(message)
-        buf = b""
-        while not buf.endswith(b"\0"):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
-        return buf
-
-
-def test_fake_answers_scripted_replies_in_order(fake: FakeCapsuled) -> None:
-    fake.on("Info", ok(version="1"), ok(version="2"))
-    call = b'{"method":"org.capsuled.Manager.Info"}\0'
-    assert json.loads(_roundtrip(fake.path, call)[:-1]) == {"parameters": {"version": "1"}}
-    assert json.loads(_roundtrip(fake.path, call)[:-1]) == {"parameters": {"version": "2"}}
-    assert json.loads(_roundtrip(fake.path, call)[:-1]) == {"parameters": {"version": "2"}}
-    assert fake.methods() == ["Info", "Info", "Info"]
-
-
-def test_fake_reports_unscripted_methods(fake: FakeCapsuled) -> None:
-    reply = json.loads(_roundtrip(fake.path, b'{"method":"org.capsuled.Manager.Nope"}\0')[:-1])
-    assert reply["error"] == "org.varlink.service.MethodNotFound"
