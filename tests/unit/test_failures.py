@@ -1,0 +1,182 @@
+"""What a failed capsulectl prints and exits with (capsulectl/failures.py): one line on stderr, a
+stable exit status, for error replies and for a capsuled that cannot be reached."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from cli_fixtures import capsulectl_, plain_env
+
+from capsulectl import cli
+from doubles.scripted_capsuled import (
+    SILENT,
+    FakeCapsuled,
+    capsule,
+    err,
+    fake,
+    ok,
+)
+
+__all__ = ["fake", "plain_env"]  # fixtures, re-exported for pytest
+
+
+# --- errors: one line, stable exit codes --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "method", "error", "code", "line"),
+    [
+        (
+            ["status", "web"],
+            "Describe",
+            err("NoSuchCapsule", name="web"),
+            4,
+            "capsule 'web' does not exist",
+        ),
+        (
+            ["stop", "web"],
+            "Stop",
+            err("org.varlink.service.PermissionDenied"),
+            5,
+            "you may not stop capsule 'web' (ask an administrator to add you to a rule, "
+            "see capsuled(8))",
+        ),
+        (
+            ["start-unit", "web", "a.service"],
+            "StartUnit",
+            err("NoSuchUnit", name="web", unit="a.service"),
+            4,
+            "capsule 'web' has no unit 'a.service' (see: capsulectl units web)",
+        ),
+        (
+            ["create", "web"],
+            "Create",
+            err("CapsuleExists", name="web"),
+            1,
+            "capsule 'web' already exists",
+        ),
+        (
+            ["create", "we b"],
+            "Create",
+            err("InvalidName", name="we b", reason="bad character"),
+            2,
+            "'we b' is not a valid capsule name: bad character",
+        ),
+        (
+            ["create", "web"],
+            "Create",
+            err("QuotaExceeded", what="capsules", limit=3),
+            1,
+            "cannot create capsule 'web': your quota allows 3 for capsules (ask an administrator "
+            "to raise it, see capsuled(8))",
+        ),
+        (
+            ["remove", "web"],
+            "Remove",
+            err("CapsuleRunning", name="web"),
+            1,
+            "capsule 'web' is running (stop it first: capsulectl stop web)",
+        ),
+        (
+            ["start", "web"],
+            "Start",
+            err("JobFailed", result="failed", unitResult="exit-code"),
+            1,
+            "failed to start capsule 'web' (failed, exit-code); see: capsulectl logs",
+        ),
+        (
+            ["start", "web"],
+            "Start",
+            err("SystemdTooOld", version=252),
+            1,
+            "systemd 252 is too old for capsules (they need systemd 256 or newer)",
+        ),
+        (
+            ["start", "web"],
+            "Start",
+            err("InternalError"),
+            1,
+            "capsuled failed to start capsule 'web' (an internal error; "
+            "see: journalctl -u capsuled)",
+        ),
+        (
+            ["start", "web"],
+            "Start",
+            err("org.varlink.service.MethodNotFound", method="x"),
+            1,
+            "this capsuled cannot start capsule 'web' (org.varlink.service.MethodNotFound: is it "
+            "older than capsulectl?)",
+        ),
+        (
+            ["install-unit", "web", "/dev/null", "--name", "a.service"],
+            "InstallUnit",
+            err("UnsafeCapsuleHome", name="web", path=".config", reason="a symlink"),
+            1,
+            "refused to install unit 'a.service' in capsule 'web': .config in the capsule's home "
+            "is unsafe (a symlink); nothing was changed",
+        ),
+    ],
+)
+def test_error_is_one_line_with_its_exit_code(
+    fake: FakeCapsuled,
+    argv: list[str],
+    method: str,
+    error: dict[str, object],
+    code: int,
+    line: str,
+) -> None:
+    fake.on(method, error)
+    r = capsulectl_(fake, *argv)
+    assert (r.code, r.err, r.out) == (code, line + "\n", "")
+
+
+def test_auth_required_with_no_ask_password_is_5_without_retry(fake: FakeCapsuled) -> None:
+    fake.on("Stop", err("InteractiveAuthenticationRequired"))
+    r = capsulectl_(fake, "--no-ask-password", "stop", "web")
+    assert r.code == 5
+    assert r.err == (
+        "you may not stop capsule 'web' without authenticating as an administrator "
+        "(run without --no-ask-password so a polkit agent can ask)\n"
+    )
+    assert len(fake.calls) == 1
+
+
+def test_auth_still_required_after_asking_says_no_agent_answered(fake: FakeCapsuled) -> None:
+    fake.on("Create", err("InteractiveAuthenticationRequired"))
+    r = capsulectl_(fake, "create", "web")
+    assert r.code == 5
+    assert len(fake.calls) == 2
+    assert r.err == (
+        "you may not create capsule 'web' without authenticating as an administrator (no polkit "
+        "agent answered: run one (see capsulectl --help) or ask an administrator)\n"
+    )
+
+
+def test_auth_required_retries_interactively(fake: FakeCapsuled) -> None:
+    fake.on("Stop", err("InteractiveAuthenticationRequired"), ok(capsule=capsule(), job="done"))
+    r = capsulectl_(fake, "stop", "web")
+    assert (r.code, r.err) == (0, "")
+    assert fake.calls[1]["parameters"] == {"name": "web", "allowInteractiveAuthentication": True}
+
+
+def test_not_running_daemon(tmp_path: Path) -> None:
+    errs = io.StringIO()
+    code = cli.main(
+        ["--address", str(tmp_path / "none"), "status", "web"], out=io.StringIO(), err=errs
+    )
+    assert code == 1
+    assert errs.getvalue() == "capsuled is not running: is capsuled.socket enabled?\n"
+
+
+def test_timeout(fake: FakeCapsuled) -> None:
+    fake.on("Describe", SILENT)
+    errs = io.StringIO()
+    code = cli.main(
+        ["--address", fake.address, "--timeout", "0.2", "status", "web"],
+        out=io.StringIO(),
+        err=errs,
+    )
+    assert code == 1
+    assert "did not answer within 0.2s" in errs.getvalue()
