@@ -6,6 +6,8 @@ statuses are the LSB/systemctl ones documented in `capsulectl --help`.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -21,6 +23,7 @@ __all__ = [
     "EXIT_USAGE",
     "explain_client_error",
     "explain_error",
+    "explanations",
     "quote",
 ]
 
@@ -38,95 +41,169 @@ def quote(value: object) -> str:
     return f"'{value}'"
 
 
-def explain_error(exc: VarlinkError, doing: str, *, asked: bool = False) -> tuple[str, int]:
-    """The one line for stderr and the exit status for an error reply of capsuled.
+class Facts:
+    """What a line of the table may use: the reply's name and parameters (`p`), the capsule and
+    unit names as the messages quote them, what we were doing, whether we already asked.
 
-    `asked`: the call was already repeated allowing interactive authentication.
+    A plain class, not a dataclass: importing dataclasses costs start-up (see context.Context).
+    """
+
+    def __init__(self, exc: VarlinkError, doing: str, asked: bool) -> None:
+        self.error = exc.name
+        self.p = exc.parameters
+        self.doing = doing
+        self.asked = asked
+        self.name = quote(self.p.get("name", "?"))
+        self.unit = quote(self.p.get("unit", "?"))
+
+
+Line = Callable[[Facts], str]
+
+
+def _auth_required(f: Facts) -> str:
+    hint = (
+        "no polkit agent answered: run one (see capsulectl --help) or ask an administrator"
+        if f.asked
+        else "run without --no-ask-password so a polkit agent can ask"
+    )
+    return f"you may not {f.doing} without authenticating as an administrator ({hint})"
+
+
+def _invalid_unit(f: Facts) -> str:
+    where = f" (line {f.p['line']})" if f.p.get("line") is not None else ""
+    return f"unit {f.unit} is not acceptable: {f.p.get('reason')}{where}"
+
+
+def _job_failed(f: Facts) -> str:
+    detail = f.p.get("result")
+    if f.p.get("unitResult"):
+        detail = f"{detail}, {f.p.get('unitResult')}"
+    return f"failed to {f.doing} ({detail}); see: capsulectl logs"
+
+
+def _too_new(f: Facts) -> str:
+    return f"this capsuled cannot {f.doing} ({f.error}: is it older than capsulectl?)"
+
+
+def _generic(f: Facts) -> str:
+    return f"failed to {f.doing}: {f.error}"
+
+
+@functools.cache
+def explanations() -> dict[type[VarlinkError], tuple[Line, int]]:
+    """Every error class capsuled can answer with -> (its line, its exit status).
+
+    Built on first use: the classes live in the protocol core, which the CLI loads only once it
+    makes a call. tests/unit/test_failures.py checks that every class of capsuled.errors and
+    capsuled.varlink.errors has an entry.
     """
     from capsuled import errors as e
     from capsuled.varlink import errors as ve
 
-    p = exc.parameters
-    name = quote(p.get("name", "?"))
-    unit = quote(p.get("unit", "?"))
-    if isinstance(exc, e.NoSuchCapsule):
-        return f"capsule {name} does not exist", EXIT_NO_SUCH
-    if isinstance(exc, e.NoSuchUnit):
-        return (
-            f"capsule {name} has no unit {unit} (see: capsulectl units {p.get('name')})",
+    return {
+        e.NoSuchCapsule: (lambda f: f"capsule {f.name} does not exist", EXIT_NO_SUCH),
+        e.NoSuchUnit: (
+            lambda f: (
+                f"capsule {f.name} has no unit {f.unit} (see: capsulectl units {f.p.get('name')})"
+            ),
             EXIT_NO_SUCH,
-        )
-    if isinstance(exc, ve.PermissionDenied):
-        return (
-            f"you may not {doing} (ask an administrator to add you to a rule, see capsuled(8))",
+        ),
+        ve.PermissionDenied: (
+            lambda f: (
+                f"you may not {f.doing} "
+                "(ask an administrator to add you to a rule, see capsuled(8))"
+            ),
             EXIT_PERMISSION,
-        )
-    if isinstance(exc, e.InteractiveAuthenticationRequired):
-        hint = (
-            "no polkit agent answered: run one (see capsulectl --help) or ask an administrator"
-            if asked
-            else "run without --no-ask-password so a polkit agent can ask"
-        )
-        return (
-            f"you may not {doing} without authenticating as an administrator ({hint})",
-            EXIT_PERMISSION,
-        )
-    if isinstance(exc, e.CapsuleNotRunning):
-        return (
-            f"capsule {name} is not running (start it first: capsulectl start {p.get('name')})",
+        ),
+        e.InteractiveAuthenticationRequired: (_auth_required, EXIT_PERMISSION),
+        e.CapsuleNotRunning: (
+            lambda f: (
+                f"capsule {f.name} is not running "
+                f"(start it first: capsulectl start {f.p.get('name')})"
+            ),
             EXIT_NOT_RUNNING,
-        )
-    if isinstance(exc, e.CapsuleRunning):
-        return (
-            f"capsule {name} is running (stop it first: capsulectl stop {p.get('name')})",
+        ),
+        e.CapsuleRunning: (
+            lambda f: (
+                f"capsule {f.name} is running (stop it first: capsulectl stop {f.p.get('name')})"
+            ),
             EXIT_FAILURE,
-        )
-    if isinstance(exc, e.CapsuleExists):
-        return f"capsule {name} already exists", EXIT_FAILURE
-    if isinstance(exc, e.InvalidName):
-        return f"{name} is not a valid capsule name: {p.get('reason')}", EXIT_USAGE
-    if isinstance(exc, e.InvalidUnit):
-        where = f" (line {p['line']})" if p.get("line") is not None else ""
-        return f"unit {unit} is not acceptable: {p.get('reason')}{where}", EXIT_USAGE
-    if isinstance(exc, e.InvalidValue):
-        return f"invalid {p.get('parameter')}: {p.get('reason')}", EXIT_USAGE
-    if isinstance(exc, ve.InvalidParameter):
-        return f"capsuled refused parameter {quote(p.get('parameter'))} to {doing}", EXIT_USAGE
-    if isinstance(exc, e.QuotaExceeded):
-        return (
-            f"cannot {doing}: your quota allows {p.get('limit')} for {p.get('what')} "
-            "(ask an administrator to raise it, see capsuled(8))",
+        ),
+        e.CapsuleExists: (lambda f: f"capsule {f.name} already exists", EXIT_FAILURE),
+        e.InvalidName: (
+            lambda f: f"{f.name} is not a valid capsule name: {f.p.get('reason')}",
+            EXIT_USAGE,
+        ),
+        e.InvalidUnit: (_invalid_unit, EXIT_USAGE),
+        e.InvalidValue: (
+            lambda f: f"invalid {f.p.get('parameter')}: {f.p.get('reason')}",
+            EXIT_USAGE,
+        ),
+        ve.InvalidParameter: (
+            lambda f: f"capsuled refused parameter {quote(f.p.get('parameter'))} to {f.doing}",
+            EXIT_USAGE,
+        ),
+        e.QuotaExceeded: (
+            lambda f: (
+                f"cannot {f.doing}: your quota allows {f.p.get('limit')} for "
+                f"{f.p.get('what')} (ask an administrator to raise it, see capsuled(8))"
+            ),
             EXIT_FAILURE,
-        )
-    if isinstance(exc, e.JobFailed):
-        detail = p.get("result")
-        if p.get("unitResult"):
-            detail = f"{detail}, {p.get('unitResult')}"
-        return f"failed to {doing} ({detail}); see: capsulectl logs", EXIT_FAILURE
-    if isinstance(exc, e.SystemdTooOld):
-        return (
-            f"systemd {p.get('version')} is too old for capsules (they need systemd 256 or newer)",
+        ),
+        e.JobFailed: (_job_failed, EXIT_FAILURE),
+        e.SystemdTooOld: (
+            lambda f: (
+                f"systemd {f.p.get('version')} is too old for capsules "
+                "(they need systemd 256 or newer)"
+            ),
             EXIT_FAILURE,
-        )
-    if isinstance(exc, e.SystemdUnavailable):
-        return "capsuled cannot reach systemd (see: journalctl -u capsuled)", EXIT_FAILURE
-    if isinstance(exc, e.UnsafeCapsuleHome):
-        return (
-            f"refused to {doing}: {p.get('path')} in the capsule's home is unsafe "
-            f"({p.get('reason')}); nothing was changed",
+        ),
+        e.SystemdUnavailable: (
+            lambda f: "capsuled cannot reach systemd (see: journalctl -u capsuled)",
             EXIT_FAILURE,
-        )
-    if isinstance(exc, e.InternalError):
-        return (
-            f"capsuled failed to {doing} (an internal error; see: journalctl -u capsuled)",
+        ),
+        e.UnsafeCapsuleHome: (
+            lambda f: (
+                f"refused to {f.doing}: {f.p.get('path')} in the capsule's home is unsafe "
+                f"({f.p.get('reason')}); nothing was changed"
+            ),
             EXIT_FAILURE,
-        )
-    if isinstance(exc, ve.MethodNotFound | ve.MethodNotImplemented | ve.InterfaceNotFound):
-        return (
-            f"this capsuled cannot {doing} ({exc.name}: is it older than capsulectl?)",
+        ),
+        e.Busy: (
+            lambda f: (
+                f"cannot {f.doing} now: capsuled is busy (too many calls or streams "
+                "running, yours or everyone's); try again later"
+            ),
             EXIT_FAILURE,
-        )
-    return f"failed to {doing}: {exc.name}", EXIT_FAILURE
+        ),
+        e.InternalError: (
+            lambda f: (
+                f"capsuled failed to {f.doing} (an internal error; see: journalctl -u capsuled)"
+            ),
+            EXIT_FAILURE,
+        ),
+        ve.MethodNotFound: (_too_new, EXIT_FAILURE),
+        ve.MethodNotImplemented: (_too_new, EXIT_FAILURE),
+        ve.InterfaceNotFound: (_too_new, EXIT_FAILURE),
+        # The client asks for "more" wherever a method needs it: only a server that disagrees
+        # with our IDL answers this, and the error's own name says the most about it.
+        ve.ExpectedMore: (_generic, EXIT_FAILURE),
+    }
+
+
+def explain_error(exc: VarlinkError, doing: str, *, asked: bool = False) -> tuple[str, int]:
+    """The one line for stderr and the exit status for an error reply of capsuled.
+
+    `asked`: the call was already repeated allowing interactive authentication. An error the
+    table does not know (a newer capsuled's, or a foreign server's) gets a line naming it.
+    """
+    table = explanations()
+    for cls in type(exc).__mro__:
+        entry = table.get(cls)
+        if entry is not None:
+            line, code = entry
+            return line(Facts(exc, doing, asked)), code
+    return _generic(Facts(exc, doing, asked)), EXIT_FAILURE
 
 
 def explain_client_error(

@@ -3,13 +3,18 @@ stable exit status, for error replies and for a capsuled that cannot be reached.
 
 from __future__ import annotations
 
+import inspect
 import io
 from pathlib import Path
 
 import pytest
 from cli_fixtures import capsulectl_, plain_env
 
-from capsulectl import cli
+from capsulectl import cli, failures
+from capsuled import errors
+from capsuled.varlink import errors as varlink_errors
+from capsuled.varlink.errors import VarlinkError, error_class, error_from_name
+from capsuled.varlink.interface import Maybe, Primitive, VarlinkType, parse_interface
 from doubles.scripted_capsuled import (
     SILENT,
     FakeCapsuled,
@@ -180,3 +185,76 @@ def test_timeout(fake: FakeCapsuled) -> None:
     )
     assert code == 1
     assert "did not answer within 0.2s" in errs.getvalue()
+
+
+# --- the table: every error capsuled can answer with has its own line --------------------------
+
+IDL_PATH = Path(errors.__file__).parent / "org.capsuled.Manager.varlink"
+
+
+def declared_error_classes() -> set[type[VarlinkError]]:
+    """The wire error classes (those naming one) of capsuled.errors and capsuled.varlink.errors."""
+    return {
+        cls
+        for module in (errors, varlink_errors)
+        for cls in vars(module).values()
+        if inspect.isclass(cls) and issubclass(cls, VarlinkError) and "name" in cls.__dict__
+    }
+
+
+def test_every_error_class_has_an_explanation() -> None:
+    assert set(failures.explanations()) == declared_error_classes()
+
+
+def test_the_check_sees_the_classes() -> None:
+    # Guard against a comparison of two empty sets: the IDL's errors are among them.
+    names = {cls.name for cls in declared_error_classes()}
+    idl = parse_interface(IDL_PATH.read_text(encoding="utf-8"))
+    assert {f"{errors.INTERFACE}.{short}" for short in idl.errors} <= names
+    assert varlink_errors.PermissionDenied.name in names
+
+
+def sample(t: VarlinkType, field: str) -> object:
+    """A value of IDL type t that shows up recognisably in a message."""
+    if isinstance(t, Maybe):
+        return sample(t.inner, field)
+    if isinstance(t, Primitive) and t.kind == "int":
+        return 7
+    return f"<{field}>"
+
+
+IDL_ERRORS = parse_interface(IDL_PATH.read_text(encoding="utf-8")).errors
+
+
+@pytest.mark.parametrize("short", sorted(IDL_ERRORS))
+@pytest.mark.parametrize("optional", ["given", "null"])
+def test_each_idl_error_gets_one_specific_line(short: str, optional: str) -> None:
+    fields = IDL_ERRORS[short].parameters.fields
+    params = {
+        f: None if optional == "null" and isinstance(t, Maybe) else sample(t, f) for f, t in fields
+    }
+    cls = error_class(f"{errors.INTERFACE}.{short}")
+    assert cls is not None
+    line, code = failures.explain_error(cls(**params), "frob capsule 'web'", asked=False)
+    assert "\n" not in line
+    assert "?" not in line  # no parameter missing
+    assert "None" not in line
+    assert errors.INTERFACE not in line  # a sentence, not the generic "failed to ...: NAME"
+    assert code in (1, 2, 3, 4, 5)
+
+
+def test_busy_says_try_again() -> None:
+    line, code = failures.explain_error(errors.Busy(), "watch capsules")
+    assert (line, code) == (
+        "cannot watch capsules now: capsuled is busy (too many calls or streams running, yours "
+        "or everyone's); try again later",
+        1,
+    )
+
+
+def test_an_unknown_error_is_named() -> None:
+    exc = error_from_name("org.example.Future.NewError", {"x": 1})
+    assert failures.explain_error(exc, "start capsule 'web'") == (
+        "failed to start capsule 'web': org.example.Future.NewError",
+        1,
+    )
