@@ -1,5 +1,6 @@
 """`capsulectl`: the command line. Global options, the parser, and the one place where every
-failure becomes a line on stderr and an exit status; the verbs themselves are in verbs.py.
+failure becomes a line on stderr and an exit status; the verbs themselves (each one's help,
+arguments and handler) are declared in verbs.py.
 
 Start-up stays cheap: only argparse and the standard library's small modules load before a verb
 runs; the protocol core loads when the first call is made, and nothing here imports asyncio,
@@ -17,6 +18,7 @@ from typing import TextIO
 
 from capsulectl import __version__, output
 from capsulectl.argtypes import parse_timeout
+from capsulectl.context import ENV_ADDRESS, Context, UsageError
 from capsulectl.failures import (
     EXIT_BROKEN_PIPE,
     EXIT_OK,
@@ -24,7 +26,7 @@ from capsulectl.failures import (
     explain_client_error,
     explain_error,
 )
-from capsulectl.verbs import ENV_ADDRESS, Context, UsageError, Verb, verb_table
+from capsulectl.verbs import Verb, verb_table
 
 __all__ = ["build_parser", "main"]
 
@@ -205,9 +207,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             epilog=EXIT_STATUS_HELP,
             formatter_class=fmt,
         )
-        verb.setup(p)
+        verb.arguments(p)
         _add_global_options(p, top=False)
-        p.set_defaults(handler=verb.handler)
+        p.set_defaults(handler=verb.run)
     return parser
 
 

@@ -3,6 +3,7 @@ where the verb is found."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import sys
@@ -13,7 +14,8 @@ import pytest
 from cli_fixtures import ROOT, plain_env
 
 import capsulectl
-from capsulectl import cli
+from capsulectl import cli, verbs
+from capsulectl.context import Context
 from capsulectl.verbs import verb_table
 from doubles.scripted_capsuled import (
     FakeCapsuled,
@@ -154,3 +156,54 @@ def test_unknown_verb_lists_the_verbs(capsys: pytest.CaptureFixture[str]) -> Non
         cli.main(["bogus"])
     assert info.value.code == 2
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+# --- a verb is one declaration in verbs.py ------------------------------------------------------
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(actions) == 1
+    return dict(actions[0].choices)
+
+
+def test_the_parser_has_the_declared_verbs_in_order() -> None:
+    declared = [v.name for v in verb_table()]
+    assert list(subcommands(cli.build_parser())) == declared
+    assert len(set(declared)) == len(declared)
+    for verb in verb_table():
+        assert verb.summary
+        assert verb.description
+    # The shared shapes name no verb.
+    assert not {type(v) for v in verb_table()} & {verbs.Verb, verbs.OnCapsules, verbs.OnUnit}
+
+
+def test_declaring_a_verb_is_the_whole_edit(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(verbs, "_VERBS", list(verbs._VERBS))  # the new verb leaves with the test
+
+    class Greet(verbs.Verb):
+        name = "greet"
+        summary = "say hello"
+        description = "Says hello to someone."
+
+        def arguments(self, p: argparse.ArgumentParser) -> None:
+            p.add_argument("--who", default="world")
+
+        def run(self, ctx: Context) -> int:
+            ctx.print(f"hello {ctx.args.who}")
+            return 7
+
+    assert [v.name for v in verb_table()][-1] == "greet"
+    out = io.StringIO()
+    assert cli.main(["greet", "--who", "alice", "--json"], out=out) == 7
+    assert out.getvalue() == "hello alice\n"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "say hello" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["greet", "--help"])
+    text = capsys.readouterr().out
+    assert "Says hello to someone." in text
+    assert "5  permission denied" in text
