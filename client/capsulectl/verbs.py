@@ -533,7 +533,10 @@ class Logs(Verb):
     name = "logs"
     summary = "show a capsule's journal"
     description = (
-        "Shows journal entries of the capsule (CAPSULE=NAME), or of one unit in it, oldest first."
+        "Shows the capsule's journal entries, oldest first: what journalctl -u "
+        "capsule@NAME.service shows, or with -u UNIT the output of that user unit and its "
+        "manager's messages about it. Entries are chosen by fields journald records itself or "
+        "only trusted senders set, never by CAPSULE=, which any process can send."
     )
 
     def arguments(self, p: argparse.ArgumentParser) -> None:
@@ -617,10 +620,11 @@ class Watch(Verb):
 class CanI(Verb):
     name = "can-i"
     summary = "ask what the policy would decide for you"
+    # The engine answers yes, no or auth_admin: polkit's challenge does not say which kind of
+    # authentication it wants, so an auth_self rule also reads auth_admin (policy/engine.py).
     description = (
-        "Prints the policy's answer (yes, no, auth_admin, auth_self) and why, without doing "
-        "anything. Exits 0 only for yes: auth_admin/auth_self exit 1 too (the action would need "
-        "a password)."
+        "Prints the policy's answer (yes, no or auth_admin) and why, without doing anything. "
+        "Exits 0 only for yes: auth_admin exits 1 too (the action would need a password)."
     )
 
     # Verbs people say, mapped to the policy action (and its verb detail) that guards them.
