@@ -14,6 +14,8 @@ from protocol.harness import TIMEOUT_S, Closed, RawClient, ThreadServer
 
 T = "org.example.test"
 NOBODY = 65534
+# A connection from another uid is made by a child that switches to it: only root can.
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="connects as uid nobody")
 
 
 def _admitted(c: RawClient) -> bool:
@@ -85,6 +87,7 @@ def test_limits_are_validated() -> None:
         Limits(idle_timeout_s=0)
 
 
+@needs_root
 def test_total_connection_limit(make_server: object) -> None:
     srv: ThreadServer = make_server(max_connections=4, max_connections_per_uid=3)  # type: ignore[operator]
     held = [RawClient(srv.path) for _ in range(3)]
@@ -106,6 +109,7 @@ def test_total_connection_limit(make_server: object) -> None:
         c.close()
 
 
+@needs_root
 def test_per_uid_limit_leaves_room_for_other_users(make_server: object) -> None:
     srv: ThreadServer = make_server(max_connections=8, max_connections_per_uid=2)  # type: ignore[operator]
     mine = [RawClient(srv.path) for _ in range(2)]
@@ -156,6 +160,7 @@ def test_a_running_call_is_not_idle(make_server: object) -> None:
         assert blocked.recv() == {"parameters": {}}
 
 
+@needs_root
 def test_calls_running_at_once_are_bounded_per_uid(make_server: object) -> None:
     srv: ThreadServer = make_server(max_inflight_calls=4)  # type: ignore[operator]  # 3 per uid
     conns = [RawClient(srv.path) for _ in range(4)]

@@ -38,6 +38,8 @@ from doubles.backend import FakeCapsuleManager
 UNIT_METHODS = ("RemoveUnit", "StartUnit", "StopUnit", "RestartUnit", "EnableUnit", "DisableUnit")
 INSIDE_METHODS = ("ListUnits", "InstallUnit", *UNIT_METHODS, "Run")
 WANTS_TARGET = "/var/lib/capsules/alpha/.config/systemd/user/"
+# `outside` stands for root's /etc only when root made it; chown to uid 0 needs root too.
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="root-owned files need root")
 
 
 @pytest.fixture
@@ -606,6 +608,7 @@ def plant(link: Path, target: Path) -> None:
     os.lchown(link, NOBODY, NOBODY)
 
 
+@needs_root
 @pytest.mark.parametrize("where", [".config", ".config/systemd", ".config/systemd/user"])
 @pytest.mark.parametrize("method", ["InstallUnit", "RemoveUnit", "EnableUnit", "ListUnits"])
 def test_a_planted_directory_symlink_is_refused_and_nothing_outside_changes(
@@ -635,6 +638,7 @@ def test_a_planted_unit_symlink_is_refused(world: World, outside: Path) -> None:
     assert tree(outside) == before
 
 
+@needs_root
 def test_a_planted_hardlink_is_refused(world: World, outside: Path) -> None:
     unit = world.unit_file("alpha", "web.service")
     unit.unlink()
@@ -647,6 +651,7 @@ def test_a_planted_hardlink_is_refused(world: World, outside: Path) -> None:
     assert (outside / "passwd").stat().st_uid == 0
 
 
+@needs_root
 def test_a_home_with_a_foreign_owner_is_refused(world: World) -> None:
     os.chown(world.home("alpha"), 0, 0)
     exc = world.error("InstallUnit", params_for("InstallUnit", "alpha"))
