@@ -1,9 +1,11 @@
-# capsuled: developer entry points. Run as root on Debian 12 or 13; see README.md.
+# capsuled: developer entry points, on Debian 12 or 13; see README.md. `check` and `lint` need
+# neither root nor a network (the tools must already be installed); the others run as root.
 #
-#   make demo    install what is needed, build the testbed, run the narrated walkthrough
-#   make test    install what is needed, ruff + mypy --strict, then every test (unit, protocol, e2e)
-#   make shell   an interactive shell as alice inside a fresh testbed (AS=bob for another user)
+#   make check   the inner loop: lint, then the unit and protocol tests (no apt, no pip, no testbed)
 #   make lint    ruff check + ruff format --check + mypy --strict
+#   make demo    install what is needed, build the testbed, run the narrated walkthrough
+#   make test    install what is needed, lint, then every test (unit, protocol, e2e)
+#   make shell   an interactive shell as alice inside a fresh testbed (AS=bob for another user)
 #   make boot    boot the testbed once, reboot it, print the cold/warm times
 #   make bench   benchmarks against the systemd commands doing the same (tables, ratios)
 #   make clean-cache   forget the cached root filesystem (the next run rebuilds it, ~1 min)
@@ -15,18 +17,20 @@ AS = alice
 TESTBED := PYTHONPATH=tests:helper:client $(PYTHON) -m testbed
 CACHE ?= /var/cache/capsuled-testbed
 
-.PHONY: deps test lint demo shell boot rootfs clean-cache bench
+.PHONY: deps test check lint demo shell boot rootfs clean-cache bench
 
 deps:
 	@PYTHON=$(PYTHON) tools/install-deps.sh
 
 test: deps
-	$(PYTHON) -m ruff check .
-	$(PYTHON) -m ruff format --check .
-	$(PYTHON) -m mypy --strict helper client tests
+	@$(MAKE) --no-print-directory lint
 	$(PYTHON) -m pytest tests -ra
 
-lint: deps
+# No `deps` here: install-deps.sh needs root (apt, the testbed's tools); these need only Python.
+check: lint
+	$(PYTHON) -m pytest tests/unit tests/protocol -q
+
+lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy --strict helper client tests
