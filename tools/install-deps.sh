@@ -16,9 +16,12 @@ PYTHON=${PYTHON:-python3}
 # systemd-journal-remote: writes real journal files for the journal reader's unit tests.
 APT_PACKAGES=(debootstrap systemd-container util-linux mount libsystemd-dev pkg-config gcc
               python3-dev python3-pip git make systemd-journal-remote)
-PIP_PACKAGES=(varlink jeepney systemd-python cryptography pytest hypothesis ruff mypy
-              "setuptools>=61" wheel)
-PY_MODULES="varlink, jeepney, systemd.daemon, cryptography, pytest, hypothesis, ruff, mypy, setuptools, wheel"
+# Python: what capsuled imports at run time (pyproject.toml's dependencies), then its `test`
+# extra, then the linters and the wheel build's backend.
+PIP_PACKAGES=(jeepney systemd-python
+              varlink cryptography pytest hypothesis
+              ruff mypy "setuptools>=61" wheel)
+PY_MODULES="jeepney, systemd.daemon, varlink, cryptography, pytest, hypothesis, ruff, mypy, setuptools, wheel"
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-deps: run as root (the testbed needs debootstrap, mount and systemd-nspawn)" >&2
