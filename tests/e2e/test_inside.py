@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import pytest
 
 from e2e.rules import shared_read_rule
-from e2e.vcall import SOCKET, call, fails, ok
+from e2e.vcall import call, fails, ok
 from testbed import Result, Testbed
 
 pytestmark = pytest.mark.e2e
@@ -259,54 +259,10 @@ def test_run_reports_exit_status_and_refuses_others(bed: Testbed, capsule_name: 
         assert fails(bed, user, "Run", name=name, command=["/bin/true"])[0] == NO_SUCH
 
 
-# What every in-bed watcher script starts with: connect, send a call, read one reply.
-WATCH_CLIENT = r"""
-import json, socket, sys
-def connect():
-    s = socket.socket(socket.AF_UNIX); s.settimeout(60); s.connect(SOCKET); return s
-def send(s, method, params, more=False):
-    m = {"method": "org.capsuled.Manager." + method, "parameters": params}
-    if more: m["more"] = True
-    s.sendall(json.dumps(m).encode() + b"\0")
-buf = b""
-def read(s):
-    global buf
-    while b"\0" not in buf:
-        chunk = s.recv(65536)
-        if not chunk: raise SystemExit("closed")
-        buf += chunk
-    raw, _, buf = buf.partition(b"\0")
-    return json.loads(raw)
-""".replace("SOCKET", repr(SOCKET))
-
-
-WATCHER = (
-    WATCH_CLIENT
-    + r"""
-name = sys.argv[1]
-w = connect()
-send(w, "Watch", {"names": [name]}, more=True)
-events = [read(w)["parameters"]["event"]]   # the snapshot: we are subscribed
-c = connect()
-for verb in ("Start", "Stop"):
-    send(c, verb, {"name": name})
-    r = json.loads(c.recv(1 << 20).rstrip(b"\0"))
-    assert "error" not in r, r
-    want = "active" if verb == "Start" else "inactive"
-    while True:
-        e = read(w)["parameters"]["event"]
-        events.append(e)
-        if e["kind"] == "capsule" and e["state"] == want:
-            break
-print(json.dumps(events))
-"""
-)
-
-
 def test_watch_delivers_start_and_stop_in_order(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "Create", name=name)
-    r = bed.run("python3", "-c", WATCHER, name, user="alice", timeout=90)
+    r = bed.run_module("alice", "e2e.inbed.watch", "start-stop", name, timeout=90)
     assert r.returncode == 0, r.stderr
     # A named capsule's units are followed too; this test is about the capsule itself.
     events = [e for e in json.loads(r.stdout) if e["kind"] == "capsule"]
@@ -321,27 +277,6 @@ def test_watch_delivers_start_and_stop_in_order(bed: Testbed, capsule_name: str)
     assert fails(bed, "alice", "Watch", names=[name])[0] == "org.varlink.service.ExpectedMore"
 
 
-HIDDEN_WATCHER = (
-    WATCH_CLIENT
-    + r"""
-private, shared = sys.argv[1], sys.argv[2]
-w = connect()
-send(w, "Watch", {"names": [private, shared]}, more=True)
-def event():
-    return read(w)["parameters"]["event"]
-events = [event()]       # the snapshot: only what we may read
-print(json.dumps(events[0]), flush=True)
-sys.stdin.readline()     # the test starts the private capsule, then the shared one
-while True:
-    e = event()
-    events.append(e)
-    if e["capsule"] == shared and e["kind"] == "capsule" and e["state"] == "active":
-        break
-print(json.dumps(events))
-"""
-)
-
-
 def test_watch_never_shows_a_capsule_the_caller_may_not_read(
     bed: Testbed, capsule_name: str
 ) -> None:
@@ -353,7 +288,7 @@ def test_watch_never_shows_a_capsule_the_caller_may_not_read(
             bed, lambda: call(bed, "bob", "Describe", {"name": shared}).error is None
         ):
             proc = subprocess.Popen(
-                bed.command(("python3", "-c", HIDDEN_WATCHER, private, shared), "bob"),
+                bed.module_command("bob", "e2e.inbed.watch", "hidden", private, shared),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -470,25 +405,6 @@ def test_planted_hardlink_is_never_written_through(bed: Testbed, capsule_name: s
     assert bed.as_root("cat", f"{VICTIM_DIR}/hard").stdout == "precious\n"
 
 
-UNIT_WATCHER = (
-    WATCH_CLIENT
-    + r"""
-name = sys.argv[1]
-w = connect()
-send(w, "Watch", {"names": [name]}, more=True)
-events = [read(w)["parameters"]["event"]]
-c = connect()
-send(c, "Start", {"name": name})
-while True:
-    e = read(w)["parameters"]["event"]
-    events.append(e)
-    if e["kind"] == "unit" and e["unit"] == "web.service" and e["state"] == "active":
-        break
-print(json.dumps(events))
-"""
-)
-
-
 def test_watch_follows_the_units_of_a_named_capsule(bed: Testbed, capsule_name: str) -> None:
     name = capsule_name
     ok(bed, "alice", "Create", name=name)
@@ -501,7 +417,7 @@ def test_watch_follows_the_units_of_a_named_capsule(bed: Testbed, capsule_name: 
         content=SERVICE.format(marker="w"),
         enable=True,
     )
-    r = bed.run("python3", "-c", UNIT_WATCHER, name, user="alice", timeout=90)
+    r = bed.run_module("alice", "e2e.inbed.watch", "units", name, timeout=90)
     assert r.returncode == 0, r.stderr
     events = json.loads(r.stdout)
     kinds = [(e["kind"], e["state"]) for e in events]

@@ -21,57 +21,6 @@ from testbed.bed import Testbed
 
 pytestmark = pytest.mark.e2e
 
-# Runs inside the container: follows both capsules, starts the marker units, waits (on journal
-# events, bounded by STEP_S) until each follower has seen its capsule's marker, then reads the
-# tails.  Prints one JSON document for the test to judge.
-INSIDE = r"""
-import asyncio, json, subprocess, sys
-from capsuled.journal import Follower, read_tail
-
-A, B, UNIT, STEP_S = {a!r}, {b!r}, "marker.service", 20.0
-
-def marker(name):
-    return "hello-marker-" + name
-
-async def until_marker(follower, name):
-    seen = []
-    async def scan():
-        async for entry in follower:
-            seen.append(entry.to_wire())
-            if entry.message == marker(name):
-                return
-    await asyncio.wait_for(scan(), STEP_S)
-    return seen
-
-async def main():
-    out = {{}}
-    followers = {{name: Follower(name, unit=None, after_cursor=None) for name in (A, B)}}
-    unit_follower = Follower(A, unit=UNIT, after_cursor=None)
-    for f in (*followers.values(), unit_follower):
-        await f.start()
-    # B first: if A's reader could see B's lines, they would arrive before A's own marker.
-    for name in (B, A):
-        subprocess.run(
-            ["systemd-run", "--quiet", "--capsule=" + name, "--unit=" + UNIT,
-             "/bin/sh", "-c", "echo " + marker(name) + "; exec sleep 300"],
-            check=True,
-        )
-    for name, f in followers.items():
-        out["followed_" + name] = await until_marker(f, name)
-    out["followed_unit"] = await until_marker(unit_follower, A)
-    for f in (*followers.values(), unit_follower):
-        await f.aclose()
-        await asyncio.wait_for(f.wait_closed(), STEP_S)
-    for name in (A, B):
-        out["tail_" + name] = [e.to_wire() for e in await asyncio.to_thread(
-            read_tail, name, unit=None, lines=200, since_usec=None)]
-        out["unit_tail_" + name] = [e.to_wire() for e in await asyncio.to_thread(
-            read_tail, name, unit=UNIT, lines=200, since_usec=None)]
-    json.dump(out, sys.stdout)
-
-asyncio.run(main())
-"""
-
 
 def other_name(name: str) -> str:
     """A second capsule whose name has the first one as a prefix (web -> web2)."""
@@ -89,7 +38,8 @@ def test_each_capsule_sees_its_own_marker_and_never_the_others(
     try:
         for name in (a, b):
             bed.as_root("systemctl", "start", f"capsule@{name}.service").check()
-        result = bed.python("root", INSIDE.format(a=a, b=b), timeout=120)
+        # Follows both, starts a marker unit in each, reads the tails: e2e/inbed/journal_prefixes.py
+        result = bed.run_module("root", "e2e.inbed.journal_prefixes", a, b, timeout=120)
         assert result.returncode == 0, result.stderr
         out = json.loads(result.stdout)
     finally:

@@ -134,115 +134,6 @@ def webteam_polkit_rule() -> str:
     return text.replace('        "org.capsuled.remove",\n', "")
 
 
-# Runs as root inside the container. Each user gets a child process (setpriv --init-groups, so
-# it carries the groups it had when it started); steps run in order; one result per step.
-DRIVER = r"""
-import asyncio, json, os, pwd, socket, subprocess, sys
-
-spec = json.load(sys.stdin)
-CHILD_DIRECT = (
-    "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
-    "print('ready', flush=True); sys.stdin.read()"
-)
-CHILD_VARLINK = r'''
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(120)
-s.connect("/run/capsuled/org.capsuled.Manager")
-print("ready", flush=True)
-buf = b""
-for line in sys.stdin:
-    s.sendall(line.strip().encode() + b"\0")
-    while b"\0" not in buf:
-        chunk = s.recv(65536)
-        if not chunk:
-            print(json.dumps({"closed": True}), flush=True)
-            sys.exit(0)
-        buf += chunk
-    raw, _, buf = buf.partition(b"\0")
-    print(raw.decode(), flush=True)
-'''
-
-
-def spawn(user, code, *args):
-    argv = [] if user == "root" else [
-        "setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
-    p = subprocess.Popen(argv + [sys.executable, "-c", code, *args],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    line = p.stdout.readline().strip()
-    if line != "ready":
-        raise SystemExit(f"child for {user} did not start: {line!r}")
-    return p
-
-
-def uid(user):
-    return None if user is None else pwd.getpwnam(user).pw_uid
-
-
-async def main():
-    out = []
-    children, subjects = {}, {}
-    if spec["mode"] == "direct":
-        from capsuled.policy import Authorizer
-        from capsuled.transport import peer_credentials
-        auth = Authorizer.from_config(backend=spec["backend"])
-        path = f"/run/policy-matrix-{os.getpid()}.sock"
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        srv.bind(path)
-        os.chmod(path, 0o777)
-        srv.listen(64)
-        for user in spec["users"]:
-            children[user] = spawn(user, CHILD_DIRECT, path)
-            conn, _ = srv.accept()
-            # As the daemon does at accept: SO_PEERCRED, SO_PEERPIDFD, the start time.
-            peer = peer_credentials(conn)
-            assert peer.pidfd is not None and peer.start_time is not None
-            subjects[user] = (peer, conn)
-        os.unlink(path)
-    else:
-        auth = None
-        for user in spec["users"]:
-            children[user] = spawn(user, CHILD_VARLINK)
-    for step in spec["steps"]:
-        op = step["op"]
-        if op == "root":
-            r = subprocess.run(step["argv"], capture_output=True, text=True)
-            out.append(r.returncode)
-        elif op == "kill":
-            p = children.pop(step["user"])
-            p.kill()
-            p.wait()
-            out.append(None)
-        elif op == "check":
-            d = await auth.check(subjects[step["user"]][0], step["action"],
-                                 capsule=step["capsule"], owner=uid(step["owner"]))
-            out.append(str(d))
-        elif op == "quota":
-            q = auth.quota(subjects[step["user"]][0])
-            out.append([q.max_capsules, q.max_memory_bytes, q.max_tasks, q.max_cpu_weight])
-        elif op == "call":
-            p = children[step["user"]]
-            p.stdin.write(json.dumps({"method": step["method"],
-                                      "parameters": step["parameters"]}) + "\n")
-            p.stdin.flush()
-            out.append(json.loads(p.stdout.readline()))
-        else:
-            raise SystemExit(f"unknown op {op}")
-    for p in children.values():
-        p.stdin.close()
-        p.wait()
-    if auth is not None:
-        backend_name = auth.backend_name
-        await auth.aclose()
-    else:
-        backend_name = None
-    print(json.dumps({"backend": backend_name, "results": out}))
-
-
-asyncio.run(main())
-"""
-
-
 @dataclass
 class World:
     names: dict[str, str]  # capsule role -> real name
@@ -262,7 +153,8 @@ class Driven:
 
 
 def drive(bed: Testbed, spec: dict[str, object]) -> Driven:
-    result = bed.run("python3", "-c", DRIVER, user="root", input=json.dumps(spec), timeout=300)
+    # Children per user, steps in order, one result each: e2e/inbed/policy_driver.py.
+    result = bed.run_module("root", "e2e.inbed.policy_driver", input=json.dumps(spec), timeout=300)
     assert result.returncode == 0, f"driver failed:\n{result.stderr}"
     output = json.loads(result.stdout.strip().splitlines()[-1])
     assert isinstance(output, dict)
@@ -547,58 +439,9 @@ def test_refused_config_denies_all_but_root(
         bed.run("systemctl", "stop", "capsuled.service")
 
 
-# Runs as root inside the container: a check waiting on a (never answered) authentication agent
-# is cancelled the way the daemon cancels it when the client disconnects.
-CANCEL_PROBE = r"""
-import asyncio, json, os, pwd, subprocess
-from capsuled.policy.bus import BusConnection
-from capsuled.policy.engine import Identity, Request
-from capsuled.policy.polkit import PolkitBackend
-from capsuled.policy.subject import Subject, process_start_time
-
-class Recording(BusConnection):
-    seen = []
-    async def call(self, message):
-        reply = await super().call(message)
-        self.seen.append([message.header.fields[3], reply.header.message_type.name])
-        return reply
-
-async def main():
-    uid = pwd.getpwnam("mallory").pw_uid
-    sleeper = subprocess.Popen(["setpriv", "--reuid=mallory", "--regid=mallory",
-                                "--init-groups", "sleep", "300"])
-    pidfd = os.pidfd_open(sleeper.pid)
-    subject = Subject(uid, uid, sleeper.pid, pidfd, process_start_time(sleeper.pid))
-    # pkttyagent on a pty whose input never comes: polkitd asks it and waits.
-    agent = subprocess.Popen(["script", "-qfc", f"pkttyagent --process {sleeper.pid}", "/dev/null"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    backend = PolkitBackend(Recording.open)
-    identity = Identity(uid, "mallory", frozenset())
-    request = Request("org.capsuled.run", "x", None)
-    pending = False
-    for _ in range(50):  # until the agent has registered: then the check stays pending
-        task = asyncio.create_task(backend.check(subject, identity, request, True))
-        done, _ = await asyncio.wait({task}, timeout=0.2)
-        if not done:
-            pending = True
-            break
-    task.cancel()
-    try:
-        await task
-        cancelled = False
-    except asyncio.CancelledError:
-        cancelled = True
-    await backend.aclose()
-    agent.kill(); sleeper.kill()
-    print(json.dumps({"pending": pending, "cancelled": cancelled, "seen": Recording.seen}))
-
-asyncio.run(main())
-"""
-
-
 def test_polkit_check_is_cancelled_in_polkitd(bed: Testbed, world: World) -> None:
     """A check waiting for an authentication agent, cancelled: polkitd accepts the cancellation."""
-    result = bed.python("root", CANCEL_PROBE, timeout=120)
+    result = bed.run_module("root", "e2e.inbed.polkit_cancel", timeout=120)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["pending"] is True

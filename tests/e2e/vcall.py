@@ -1,48 +1,18 @@
 """Raw Varlink calls made *inside* the testbed, as a given user.
 
-The client runs in the container as that user (so the helper sees the real
-uid on its socket) and speaks JSON+NUL with nothing but the standard library:
-end-to-end tests assert on the exact wire replies, independent of capsulectl.
+The client (e2e/inbed/vcall.py) runs in the container as that user, so the helper sees the real
+uid on its socket, and speaks JSON+NUL with nothing but the standard library: end-to-end tests
+assert on the exact wire replies, independent of capsulectl.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-INTERFACE = "org.capsuled.Manager"
-SOCKET = "/run/capsuled/org.capsuled.Manager"
-
-_CLIENT = r"""
-import json, socket, sys
-method, params, more, limit, timeout, path = json.loads(sys.argv[1])
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.settimeout(timeout)
-s.connect(path)
-msg = {"method": method, "parameters": params}
-if more:
-    msg["more"] = True
-s.sendall(json.dumps(msg).encode() + b"\0")
-buf, n = b"", 0
-while True:
-    while b"\0" not in buf:
-        chunk = s.recv(65536)
-        if not chunk:
-            print(json.dumps({"closed": True}), flush=True)
-            sys.exit(0)
-        buf += chunk
-    raw, _, buf = buf.partition(b"\0")
-    reply = json.loads(raw)
-    print(json.dumps(reply), flush=True)
-    n += 1
-    if not reply.get("continues") or (limit and n >= limit):
-        break
-"""
-
-
-class Runner(Protocol):
-    def run(self, *argv: str, user: str = ..., timeout: float = ...) -> object: ...
+from e2e.inbed.wire import INTERFACE, SOCKET
+from testbed import Testbed
 
 
 @dataclass
@@ -67,7 +37,7 @@ class Replies:
 
 
 def call(
-    bed: object,
+    bed: Testbed,
     user: str,
     method: str,
     params: dict[str, object] | None = None,
@@ -83,21 +53,21 @@ def call(
     """
     full = method if "." in method else f"{INTERFACE}.{method}"
     arg = json.dumps([full, params or {}, more, limit, timeout, socket])
-    result = bed.run("python3", "-c", _CLIENT, arg, user=user, timeout=timeout + 10)  # type: ignore[attr-defined]
+    result = bed.run_module(user, "e2e.inbed.vcall", arg, timeout=timeout + 10)
     assert result.returncode == 0, f"client failed: {result.stderr}"
     replies = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     assert replies, f"no reply to {full}: {result.stderr}"
     return Replies(replies)
 
 
-def ok(bed: object, user: str, method: str, **params: object) -> dict[str, Any]:
+def ok(bed: Testbed, user: str, method: str, **params: object) -> dict[str, Any]:
     """Call and insist on success; the reply's parameters."""
     r = call(bed, user, method, params)
     assert r.error is None, f"{user} {method}({params}) -> {r.last}"
     return r.parameters
 
 
-def fails(bed: object, user: str, method: str, **params: object) -> tuple[str, dict[str, Any]]:
+def fails(bed: Testbed, user: str, method: str, **params: object) -> tuple[str, dict[str, Any]]:
     """Call and insist on an error reply; (error name, parameters)."""
     r = call(bed, user, method, params)
     assert r.error is not None, f"{user} {method}({params}) unexpectedly succeeded: {r.last}"

@@ -59,6 +59,8 @@ USERS: Mapping[str, tuple[str, ...]] = {
 
 WHEEL_DIR_INSIDE = "/var/tmp/capsuled-wheel"
 SOURCE_INSIDE = "/src"
+# Where run_module() finds e2e/inbed/ and contract/: the checkout's tests/, bound read-only.
+TESTS_INSIDE = f"{SOURCE_INSIDE}/tests"
 
 LEADER_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 120.0
@@ -747,6 +749,34 @@ class Testbed:
     def python(self, user: str, code: str, timeout: float = 60.0) -> Result:
         """Run `python3 -c code` inside as user."""
         return self.run("python3", "-c", code, user=user, timeout=timeout)
+
+    def module_command(self, user: str, module: str, *args: str) -> list[str]:
+        """The host argv that runs `python3 -m MODULE ARGS` inside as user (see run_module)."""
+        return self.command(("python3", "-m", module, *args), user, {"PYTHONPATH": TESTS_INSIDE})
+
+    def run_module(
+        self,
+        user: str,
+        module: str,
+        *args: str,
+        input: str | None = None,  # the name subprocess.run uses
+        timeout: float = 60.0,
+    ) -> Result:
+        """Run `python3 -m MODULE ARGS` inside as user, MODULE from the checkout's tests/.
+
+        The bed's own python3 runs it: the installed wheel's capsuled, not the checkout's, and
+        no pytest (tests/e2e/inbed/__init__.py says what such a module may use).
+        """
+        return self.run(
+            "python3",
+            "-m",
+            module,
+            *args,
+            user=user,
+            input=input,
+            timeout=timeout,
+            env={"PYTHONPATH": TESTS_INSIDE},
+        )
 
     def interactive(self, *argv: str, user: str = "root") -> int:
         """Run argv with this terminal attached (for `make shell`); returns its exit status."""

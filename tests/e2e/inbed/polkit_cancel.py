@@ -1,0 +1,85 @@
+"""A polkit check waiting on an authentication agent that never answers, cancelled the way the
+daemon cancels it when the client disconnects (as root; test_policy_matrix.py).
+
+    python3 -m e2e.inbed.polkit_cancel
+
+Prints {"pending": the check was left waiting, "cancelled": cancelling it raised
+CancelledError, "seen": [[member, reply type], ...] for every call on polkit's connection}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import subprocess
+import sys
+from typing import ClassVar
+
+from jeepney import Message
+
+from capsuled.policy import actions
+from capsuled.policy.bus import BusConnection
+from capsuled.policy.engine import Identity, Request
+from capsuled.policy.polkit import PolkitBackend
+from capsuled.policy.subject import Subject, process_start_time
+
+USER = "mallory"
+ATTEMPTS = 50  # checks tried until the agent has registered and one stays pending
+PENDING_S = 0.2  # a check not answered within this is waiting for the agent
+
+
+class Recording(BusConnection):
+    """polkit's connection, recording each call's member and its reply's type."""
+
+    seen: ClassVar[list[list[str]]] = []
+
+    async def call(self, message: Message) -> Message:
+        reply = await super().call(message)
+        self.seen.append([message.header.fields[3], reply.header.message_type.name])
+        return reply
+
+
+async def probe() -> dict[str, object]:
+    uid = pwd.getpwnam(USER).pw_uid
+    sleeper = subprocess.Popen(
+        ["setpriv", f"--reuid={USER}", f"--regid={USER}", "--init-groups", "sleep", "300"]
+    )
+    pidfd = os.pidfd_open(sleeper.pid)
+    subject = Subject(uid, uid, sleeper.pid, pidfd, process_start_time(sleeper.pid))
+    # pkttyagent on a pty whose input never comes: polkitd asks it and waits.
+    agent = subprocess.Popen(
+        ["script", "-qfc", f"pkttyagent --process {sleeper.pid}", "/dev/null"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    backend = PolkitBackend(Recording.open)
+    identity = Identity(uid, USER, frozenset())
+    request = Request(actions.RUN, "x", None)
+    pending = False
+    for _ in range(ATTEMPTS):  # until the agent has registered: then the check stays pending
+        task = asyncio.create_task(backend.check(subject, identity, request, True))
+        done, _ = await asyncio.wait({task}, timeout=PENDING_S)
+        if not done:
+            pending = True
+            break
+    task.cancel()
+    try:
+        await task
+        cancelled = False
+    except asyncio.CancelledError:
+        cancelled = True
+    await backend.aclose()
+    agent.kill()
+    sleeper.kill()
+    return {"pending": pending, "cancelled": cancelled, "seen": Recording.seen}
+
+
+def main() -> int:
+    print(json.dumps(asyncio.run(probe())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
