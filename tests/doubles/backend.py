@@ -6,7 +6,17 @@ It keeps the semantics tests rely on, as verified against systemd 257:
 - clean refuses a running capsule (UnitBusy) and deletes the dir;
 - limits: None leaves a value unchanged, LIMIT_DEFAULT resets it (reads back as None);
 - forget drops limits and the autostart link;
-- a capsule manager is reachable only while the capsule is active.
+- a capsule manager is reachable only while the capsule is active;
+- limits outside PID 1's ranges (MemoryMax or TasksMax 0, CPUWeight above 10000) are refused
+  with InvalidArgument, as systemd refuses them;
+- a transient unit runs (listed "transient", under $XDG_RUNTIME_DIR/systemd/transient/, its
+  name busy) until wait_exit() sees it end or stop_unit() stops it; then it is garbage-collected
+  (unlisted, its name free again). A binary that does not exist fails the start (JobFailed);
+  a binary named *false exits 1, any other exits 0.
+
+tests/contract/backend.py holds the fake and DBusSystemdBackend to the same checks (the latter in
+the testbed, against systemd 257): a semantic above that the contract does not cover is a claim,
+not a fact.
 
 Knobs for tests: ``fail_start`` (names whose start fails with JobFailed("failed", "exit-code")),
 ``version_value``, ``unavailable`` (every call raises SystemdUnavailable), ``gate`` (an
@@ -20,12 +30,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from capsuled.systemd.backend import (
+    CPU_WEIGHT_MAX,
     FINISHED_STATES,
     LIMIT_DEFAULT,
     MIN_SYSTEMD_VERSION,
@@ -39,6 +51,7 @@ from capsuled.systemd.backend import (
     capsule_unit,
 )
 from capsuled.systemd.errors import (
+    InvalidArgument,
     JobFailed,
     ManagerUnavailable,
     NoSuchUnit,
@@ -52,15 +65,23 @@ FIRST_DYNAMIC_UID = 61184  # systemd's DYNAMIC_UID_MIN
 E = TypeVar("E")
 
 
+TRANSIENT = "transient"  # a transient unit's UnitFileState, as a user manager reports it
+
+
 @dataclass
 class FakeUnit:
     """A unit inside a fake capsule."""
 
     active_state: str = "inactive"
     sub_state: str = "dead"
-    unit_file_state: str | None = "disabled"  # None: transient, no file
+    unit_file_state: str | None = "disabled"  # TRANSIENT: started by start_transient, no file
     fail_start: bool = False
-    exit: ExitStatus | None = None
+    exit: ExitStatus | None = None  # how a transient unit will end
+
+    @property
+    def has_file(self) -> bool:
+        """A unit file in the capsule's home (not a transient unit's)."""
+        return self.unit_file_state not in (None, TRANSIENT)
 
 
 @dataclass
@@ -97,7 +118,7 @@ class FakeCapsule:
             tasks_max=self.tasks_max,
             cpu_weight=self.cpu_weight,
             result=self.result,
-            units_count=sum(1 for u in self.units.values() if u.unit_file_state is not None),
+            units_count=sum(1 for u in self.units.values() if u.has_file),
         )
 
     @property
@@ -129,6 +150,8 @@ class FakeBackend:
         capsule = self._capsule(name)
         capsule.has_state_dir = has_state_dir
         if state != "inactive":
+            if state not in FINISHED_STATES:
+                capsule.uid = next(self._uids)  # a running capsule has its dynamic user
             self._set_state(capsule, state, "running" if state == "active" else state)
         return capsule
 
@@ -222,9 +245,7 @@ class FakeBackend:
                 capsule.uid = None
                 for unit in capsule.units.values():
                     unit.active_state, unit.sub_state = "inactive", "dead"
-                capsule.units = {
-                    k: u for k, u in capsule.units.items() if u.unit_file_state is not None
-                }
+                capsule.units = {k: u for k, u in capsule.units.items() if u.has_file}
             return "done"
 
     async def restart(self, name: str) -> str:
@@ -252,7 +273,17 @@ class FakeBackend:
         tasks_max: int | None = None,
         cpu_weight: int | None = None,
     ) -> None:
-        """None: unchanged; LIMIT_DEFAULT: back to the default (reads as None)."""
+        """None: unchanged; LIMIT_DEFAULT: back to the default (reads as None).
+
+        Raises InvalidArgument where PID 1 does (257: "Value specified in X is out of range").
+        """
+        for key, value, low, high in (
+            ("MemoryMax", memory_max, 1, LIMIT_DEFAULT),
+            ("TasksMax", tasks_max, 1, LIMIT_DEFAULT),
+            ("CPUWeight", cpu_weight, 0, CPU_WEIGHT_MAX),
+        ):
+            if value is not None and value != LIMIT_DEFAULT and not low <= value <= high:
+                raise InvalidArgument(f"Value specified in {key} is out of range")
         async with self._mutating("set_limits", name) as capsule:
             if memory_max is not None:
                 capsule.memory_max = None if memory_max == LIMIT_DEFAULT else memory_max
@@ -341,9 +372,16 @@ class FakeCapsuleManager:
         finally:
             self._watchers.discard(watcher)
 
+    def _unit_file_path(self, unit: str, fake: FakeUnit) -> str | None:
+        name = self._capsule.name
+        if fake.unit_file_state == TRANSIENT:
+            return f"/run/capsules/{name}/systemd/transient/{unit}"  # $XDG_RUNTIME_DIR/systemd
+        if fake.unit_file_state is None:
+            return None
+        return f"/var/lib/capsules/{name}/.config/systemd/user/{unit}"
+
     async def list_units(self) -> list[UnitInfo]:
-        """Units of the capsule, sorted."""
-        home = f"/var/lib/capsules/{self._capsule.name}/.config/systemd/user"
+        """Units of the capsule, sorted (a real manager lists its own built-in units too)."""
         return [
             UnitInfo(
                 name,
@@ -352,7 +390,7 @@ class FakeCapsuleManager:
                 u.active_state,
                 u.sub_state,
                 u.unit_file_state,
-                f"{home}/{name}" if u.unit_file_state is not None else None,
+                self._unit_file_path(name, u),
             )
             for name, u in sorted(self._capsule.units.items())
         ]
@@ -378,11 +416,13 @@ class FakeCapsuleManager:
         return "done"
 
     async def stop_unit(self, unit: str) -> str:
-        """-> inactive."""
+        """-> inactive; a transient unit is then garbage-collected."""
         fake = self._unit(unit)
         if fake.active_state != "inactive":
             self._set(unit, fake, "deactivating", "stop-sigterm")
             self._set(unit, fake, "inactive", "dead")
+        if fake.unit_file_state == TRANSIENT:
+            del self._capsule.units[unit]
         return "done"
 
     async def restart_unit(self, unit: str) -> str:
@@ -404,23 +444,25 @@ class FakeCapsuleManager:
         working_directory: str | None = None,
         keep: bool = False,
     ) -> str:
-        """/bin/false exits 1, a path containing "missing" fails to start, the rest exit 0."""
+        """Runs until wait_exit() or stop_unit(); see the module docstring for how it ends."""
         if unit in self._capsule.units:
             raise UnitBusy(unit)
-        if "missing" in argv[0]:
+        # The capsule sees the host's /usr: a binary missing here fails exec there (Type=exec).
+        if not os.access(argv[0], os.X_OK):
             raise JobFailed("failed", "exit-code")
-        failed = argv[0].endswith("false")
+        failed = os.path.basename(argv[0]).endswith("false")
         self._capsule.units[unit] = FakeUnit(
-            active_state="failed" if failed else "inactive",
-            sub_state="failed" if failed else "dead",
-            unit_file_state=None,
+            active_state="active",
+            sub_state="running",
+            unit_file_state=TRANSIENT,
             exit=ExitStatus(unit, "exit-code" if failed else "success", "exited", int(failed)),
         )
         return unit
 
     async def wait_exit(self, unit: str, timeout_s: float | None = None) -> ExitStatus:
-        """The exit status start_transient decided."""
+        """The transient unit ends now, as start_transient decided; it is then collected."""
         fake = self._unit(unit)
         if fake.exit is None:
             raise NoSuchUnit(unit)
+        del self._capsule.units[unit]
         return fake.exit

@@ -1,5 +1,9 @@
-"""FakeBackend keeps the semantics the real backend has on systemd 257 (tests/e2e/test_backend.py
-checks the same facts against PID 1), so method tests written against it mean something."""
+"""FakeBackend's own model and knobs, so method tests written against it mean something.
+
+What it shares with systemd 257 is held by the contract suite (tests/contract/backend.py), which
+runs against this fake and, in the testbed, against PID 1; these tests pin the fake-only parts
+(fail_start, gate, overlaps, unavailable, the uids it hands out) and the protocol's shape.
+"""
 
 from __future__ import annotations
 
@@ -224,7 +228,9 @@ def test_capsule_manager_needs_running_capsule() -> None:
             unit = await mgr.start_transient("run-1.service", ["/bin/false"], keep=True)
             status = await mgr.wait_exit(unit)
             assert (status.result, status.code, status.status) == ("exit-code", "exited", 1)
-            with pytest.raises(errors.UnitBusy):
+            # Ended, the unit is collected as systemd collects it: its name is free again.
+            assert await mgr.start_transient("run-1.service", ["/bin/true"]) == "run-1.service"
+            with pytest.raises(errors.UnitBusy):  # ... and busy while it runs
                 await mgr.start_transient("run-1.service", ["/bin/true"])
             with pytest.raises(errors.JobFailed):
                 await mgr.start_transient("run-2.service", ["/missing/binary"])

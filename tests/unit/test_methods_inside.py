@@ -6,7 +6,6 @@ temporary directory (owned by nobody, as systemd 257 leaves them).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import stat
 from pathlib import Path
@@ -31,9 +30,7 @@ from capsuled import errors
 from capsuled.audit import MESSAGE_IDS
 from capsuled.policy import actions as act
 from capsuled.policy.engine import Decision, Rule, Who
-from capsuled.systemd.backend import UnitInfo
 from capsuled.varlink.errors import PermissionDenied, VarlinkError
-from doubles.backend import FakeCapsuleManager
 
 UNIT_METHODS = ("RemoveUnit", "StartUnit", "StopUnit", "RestartUnit", "EnableUnit", "DisableUnit")
 INSIDE_METHODS = ("ListUnits", "InstallUnit", *UNIT_METHODS, "Run")
@@ -95,24 +92,10 @@ def test_list_units_of_a_capsule_without_a_home_is_empty(world: World) -> None:
     assert world.run("ListUnits", {"name": "bare"}).reply == {"units": []}
 
 
-def test_list_units_shows_transient_units_from_run(
-    world: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # FakeCapsuleManager reports no path for a transient unit; a user manager reports
-    # $XDG_RUNTIME_DIR/systemd/transient/UNIT, which is how ListUnits tells them apart.
-    listed = FakeCapsuleManager.list_units
-
-    async def list_units(self: FakeCapsuleManager) -> list[UnitInfo]:
-        return [
-            u
-            if u.unit_file_state is not None
-            else dataclasses.replace(
-                u, unit_file_path=f"/run/capsules/alpha/systemd/transient/{u.name}"
-            )
-            for u in await listed(self)
-        ]
-
-    monkeypatch.setattr(FakeCapsuleManager, "list_units", list_units)
+def test_list_units_shows_transient_units_from_run(world: World) -> None:
+    # A user manager reports a running transient unit's file as
+    # $XDG_RUNTIME_DIR/systemd/transient/UNIT (so does the fake), which is how ListUnits tells
+    # it from the capsule's own units.
     world.run("Run", {"name": "alpha", "command": ["/bin/true"], "unit": "job"})
     units = items(world.run("ListUnits", {"name": "alpha"}).reply, "units")
     assert [(u["name"], u["hasFile"]) for u in units] == [

@@ -456,12 +456,13 @@ def test_set_limits_invalid_values(
 
 
 def test_set_limits_extremes_are_accepted(world: World) -> None:
+    # PID 1 refuses MemoryMax=0 (systemd 257, tests/contract/backend.py): 1 is the lowest.
     capsule = capsule_of(
         world.run(
-            "SetLimits", {"name": "alpha", "memoryMax": 0, "tasksMax": 1, "cpuWeight": 10000}
+            "SetLimits", {"name": "alpha", "memoryMax": 1, "tasksMax": 1, "cpuWeight": 10000}
         ).reply
     )
-    assert (capsule["memoryMax"], capsule["tasksMax"], capsule["cpuWeight"]) == (0, 1, 10000)
+    assert (capsule["memoryMax"], capsule["tasksMax"], capsule["cpuWeight"]) == (1, 1, 10000)
 
 
 # --- systemd's failures ----------------------------------------------------------------------
