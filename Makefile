@@ -1,7 +1,7 @@
 # capsuled: developer entry points, on Debian 12 or 13; see README.md. `check` and `lint` need
 # neither root nor a network (the tools must already be installed); the others run as root.
 #
-#   make check   the inner loop: lint, then the unit and protocol tests (no apt, no pip, no testbed)
+#   make check   the inner loop: lint, unit, protocol and contract tests (no apt, no pip, no testbed)
 #   make lint    ruff check + ruff format --check + mypy --strict
 #   make demo    install what is needed, build the testbed, run the narrated walkthrough
 #   make test    install what is needed, lint, then every test (unit, protocol, e2e)
@@ -28,7 +28,7 @@ test: deps
 
 # No `deps` here: install-deps.sh needs root (apt, the testbed's tools); these need only Python.
 check: lint
-	$(PYTHON) -m pytest tests/unit tests/protocol -q
+	$(PYTHON) -m pytest tests/unit tests/protocol tests/contract -q
 
 lint:
 	$(PYTHON) -m ruff check .
