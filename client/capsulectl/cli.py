@@ -2,10 +2,10 @@
 failure becomes a line on stderr and an exit status; the verbs themselves (each one's help,
 arguments and handler) are declared in verbs.py.
 
-Start-up stays cheap: only argparse and the standard library's small modules load before a verb
-runs; the protocol core loads when the first call is made, and nothing here imports asyncio,
-jeepney, the `varlink` package or systemd (tests/unit/test_cli_imports.py checks it in a fresh
-interpreter).
+Start-up stays cheap: `--version` is answered before the verbs are imported; only argparse and
+the standard library's small modules load before a verb runs; the protocol core loads when the
+first call is made, and nothing here imports asyncio, jeepney, the `varlink` package or systemd
+(tests/unit/test_cli_imports.py checks it in a fresh interpreter).
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from capsulectl import __version__, output
-from capsulectl.argtypes import parse_timeout
-from capsulectl.context import ENV_ADDRESS, Context, UsageError
+from capsulectl import __version__
 from capsulectl.failures import (
     EXIT_BROKEN_PIPE,
     EXIT_OK,
@@ -26,7 +24,11 @@ from capsulectl.failures import (
     explain_client_error,
     explain_error,
 )
-from capsulectl.verbs import Verb, verb_table
+
+if TYPE_CHECKING:
+    # The verbs, their context and the output formats load after `--version` has been answered.
+    from capsulectl.context import Context
+    from capsulectl.verbs import Verb
 
 __all__ = ["build_parser", "main"]
 
@@ -72,6 +74,8 @@ def _add_global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
     On subparsers every default is SUPPRESS, so an option not given after the verb does not
     overwrite the one given before it.
     """
+
+    from capsulectl.argtypes import parse_timeout
 
     def d(value: object) -> object:
         return value if top else argparse.SUPPRESS
@@ -181,6 +185,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     then lists them all).
     """
     from capsulectl.transport import DEFAULT_ADDRESS
+    from capsulectl.verbs import verb_table
 
     fmt = HelpFormatter
     parser = argparse.ArgumentParser(
@@ -223,6 +228,10 @@ def main(
     if arglist == ["--version"]:  # the most common probe: answer before building the parser
         print(f"capsulectl {__version__}", file=out)
         return EXIT_OK
+    from capsulectl import output
+    from capsulectl.context import ENV_ADDRESS, Context
+    from capsulectl.verbs import verb_table
+
     arglist = attach_dash_values(arglist)
     verb = find_verb(arglist, verb_table())
     parser = build_parser(verb.name if verb is not None else None)
@@ -242,6 +251,7 @@ def main(
 
 def run_verb(ctx: Context, parser: argparse.ArgumentParser) -> int:
     """Run the verb; turn every failure into one line on stderr and its exit status."""
+    from capsulectl.context import UsageError
     from capsulectl.transport import ClientError
     from capsuled.varlink.errors import VarlinkError
 

@@ -60,6 +60,12 @@ def test_version_loads_nothing_heavy() -> None:
     assert offenders(modules, NOT_BEFORE_A_CALL) == []
 
 
+def test_version_is_answered_before_the_verbs_load() -> None:
+    modules = modules_after("from capsulectl.cli import main; main(['--version'])")
+    assert "capsulectl.cli" in modules  # the check would see them
+    assert offenders(modules, ("capsulectl.verbs", "capsulectl.context", "capsulectl.output")) == []
+
+
 def test_a_real_call_loads_nothing_heavy(fake: FakeCapsuled) -> None:
     fake.on("Describe", ok(capsule=capsule()))
     modules = modules_after(
