@@ -40,8 +40,9 @@ from capsuled.varlink.service import ServiceInfo
 
 if TYPE_CHECKING:
     from capsuled.methods.context import Services
+    from capsuled.peer import Peer
     from capsuled.policy import Authorizer
-    from capsuled.transport import NotifyFn, Peer
+    from capsuled.transport import NotifyFn
     from capsuled.varlink.messages import Call
 
 __all__ = [

@@ -9,8 +9,9 @@ boundary in transport.py, which turns it into `internal_error` without leaking t
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
 
+from capsuled.peer import Peer
 from capsuled.varlink.errors import (
     ExpectedMore,
     InterfaceNotFound,
@@ -22,9 +23,6 @@ from capsuled.varlink.errors import (
 from capsuled.varlink.interface import Interface
 from capsuled.varlink.messages import Call
 from capsuled.varlink.service import SERVICE_INTERFACE_NAME, ServiceInfo, service_interface
-
-if TYPE_CHECKING:
-    from capsuled.transport import Peer
 
 __all__ = ["Dispatcher", "Handler", "Notify"]
 

@@ -26,41 +26,23 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from capsuled.procstat import read_start_time
+from capsuled.peer import Peer, peer_credentials
 from capsuled.varlink.connection import ConnectionState, ServerConnection
 from capsuled.varlink.errors import LocalProtocolError, RemoteProtocolError, VarlinkError
 from capsuled.varlink.framing import MAX_MESSAGE_BYTES
 from capsuled.varlink.messages import Call, ErrorReply, Reply
 
-__all__ = ["Limits", "Peer", "PeerGone", "Server", "peer_credentials"]
+__all__ = ["Limits", "PeerGone", "Server"]
 
 log = logging.getLogger("capsuled.transport")
 
-# Linux >= 6.5 (include/uapi/asm-generic/socket.h); Python's socket module has no name for it yet.
-SO_PEERPIDFD = 77
 READ_CHUNK_BYTES = 64 * 1024
 _REJECT_LOG_INTERVAL_S = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """Who is on the other end, from the socket only (SO_PEERCRED, SO_PEERPIDFD)."""
-
-    uid: int
-    gid: int
-    pid: int
-    pidfd: int | None  # owned by the connection; closed when it ends
-    # Field 22 of /proc/PID/stat, read at accept; None if the peer was already gone. Without a
-    # pidfd (kernel < 6.5) it is what tells the peer from a later process reusing its pid, and it
-    # is the start-time polkit (< 124) identifies the subject by.
-    start_time: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,41 +106,6 @@ class PeerGone(ConnectionError):
 
 NotifyFn = Callable[[dict[str, object]], Awaitable[None]]
 Handle = Callable[[Call, Peer, NotifyFn], Awaitable[dict[str, object]]]
-
-
-def peer_credentials(sock: socket.socket) -> Peer:
-    """Read the peer's uid/gid/pid (SO_PEERCRED), where the kernel has it a pidfd, and the peer's
-    start time (at accept, not at check time: by then the pid may belong to someone else).
-
-    Raises:
-        OSError: SO_PEERCRED failed (not a Unix socket, or already gone).
-    """
-    fmt = "iII"  # struct ucred: pid_t pid; uid_t uid; gid_t gid
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
-    pid, uid, gid = struct.unpack(fmt, raw)
-    pidfd: int | None = None
-    try:
-        fd = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
-    except OSError:
-        pass  # ENOPROTOOPT before Linux 6.5; polkit then falls back to pid + start time
-    else:
-        if fd >= 0:
-            os.set_inheritable(fd, False)
-            pidfd = fd
-    try:
-        start_time: int | None = read_start_time(pid)
-    except ProcessLookupError:
-        start_time = None  # gone already: every check for this peer is refused
-    if start_time is not None and pidfd is not None:
-        # Read after the pidfd: if its process still lives, the pid was not reused in between,
-        # so the start time is the peer's.
-        try:
-            signal.pidfd_send_signal(pidfd, 0)
-        except ProcessLookupError:
-            start_time = None
-        except PermissionError:
-            pass  # it exists (EPERM cannot happen as root)
-    return Peer(uid=uid, gid=gid, pid=pid, pidfd=pidfd, start_time=start_time)
 
 
 class _UidSlot:

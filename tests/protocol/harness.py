@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from capsuled.dispatch import Dispatcher, Notify
-from capsuled.transport import Limits, Peer, Server
+from capsuled.peer import Peer
+from capsuled.transport import Limits, Server
 from capsuled.varlink.errors import VarlinkError
 from capsuled.varlink.interface import parse_interface
 from capsuled.varlink.messages import Call

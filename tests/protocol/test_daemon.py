@@ -24,10 +24,11 @@ import pytest
 from capsuled import daemon, methods
 from capsuled.audit import AuditLog
 from capsuled.methods.context import Services
-from capsuled.policy import Authorizer, Decision, SubjectLike
+from capsuled.peer import Peer
+from capsuled.policy import Authorizer, Decision
 from capsuled.policy.engine import DEFAULT_CONFIG, Identity, Request
 from capsuled.records import RecordStore
-from capsuled.transport import NotifyFn, Peer
+from capsuled.transport import NotifyFn
 from capsuled.varlink.messages import Call
 from doubles.backend import FakeBackend
 from protocol.harness import TIMEOUT_S, Closed, RawClient
@@ -444,7 +445,7 @@ class _ClosingBackend:
         self.closed = asyncio.Event()
 
     async def check(
-        self, subject: SubjectLike, identity: Identity, request: Request, allow_interactive: bool
+        self, subject: Peer, identity: Identity, request: Request, allow_interactive: bool
     ) -> Decision:
         return Decision.NO
 

@@ -209,7 +209,7 @@ def _link(fd: str) -> str:
 
 def test_peer_of_a_socketpair_is_ourselves(server: ThreadServer) -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    from capsuled.transport import peer_credentials
+    from capsuled.peer import peer_credentials
 
     peer = peer_credentials(a)
     try:

@@ -12,9 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from capsuled.policy.subject import process_is_alive
-from capsuled.procstat import read_start_time
-from capsuled.transport import Peer, peer_credentials
+from capsuled.peer import Peer, peer_credentials, process_is_alive, read_start_time
 
 # Connects, says so, and stays until its stdin closes.
 CHILD = (

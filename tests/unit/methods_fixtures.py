@@ -26,12 +26,12 @@ from capsuled.audit import AuditLog
 from capsuled.dispatch import Dispatcher
 from capsuled.methods import build_dispatcher
 from capsuled.methods.context import CallContext, CapsuleLocks, Services
+from capsuled.peer import Peer
 from capsuled.policy import Authorizer
 from capsuled.policy import actions as act
 from capsuled.policy.builtin import BuiltinBackend
 from capsuled.policy.engine import Decision, Identity, PolicyConfig, Quota, Rule
 from capsuled.records import Phase, Record, RecordStore, new_record
-from capsuled.transport import Peer
 from capsuled.varlink.errors import VarlinkError
 from capsuled.varlink.interface import Interface, parse_interface
 from capsuled.varlink.messages import Call

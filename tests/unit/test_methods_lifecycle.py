@@ -31,7 +31,8 @@ from methods_fixtures import (
 
 from capsuled import errors, journal
 from capsuled.audit import MESSAGE_IDS
-from capsuled.policy import Authorizer, SubjectLike
+from capsuled.peer import Peer
+from capsuled.policy import Authorizer
 from capsuled.policy import actions as act
 from capsuled.policy.engine import Decision, Identity, Quota, Request, Rule, Who
 from capsuled.records import Phase
@@ -886,7 +887,7 @@ class RecordingPolicy:
         self.asked: list[tuple[Request, bool]] = []
 
     async def check(
-        self, subject: SubjectLike, identity: Identity, request: Request, allow_interactive: bool
+        self, subject: Peer, identity: Identity, request: Request, allow_interactive: bool
     ) -> Decision:
         self.asked.append((request, allow_interactive))
         return Decision.YES

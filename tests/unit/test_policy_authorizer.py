@@ -11,19 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from capsuled.peer import Peer, process_is_alive, read_start_time
 from capsuled.policy import (
     Authorizer,
     Decision,
     InteractionRequired,
     Quota,
-    Subject,
-    SubjectLike,
     actions,
     polkit_available,
 )
 from capsuled.policy.builtin import BuiltinBackend
 from capsuled.policy.engine import DEFAULT_CONFIG, DENY_ALL, Identity, PolicyConfig, Request
-from capsuled.policy.subject import lookup_identity, process_is_alive, process_start_time
+from capsuled.policy.identity import lookup_identity
 from capsuled.varlink.errors import PermissionDenied
 
 ALICE_UID, BOB_UID, MALLORY_UID = 1000, 1001, 1002
@@ -56,7 +55,7 @@ class RecordingBackend:
         self.asked: list[tuple[Identity, Request, bool]] = []
 
     async def check(
-        self, subject: SubjectLike, identity: Identity, request: Request, allow_interactive: bool
+        self, subject: Peer, identity: Identity, request: Request, allow_interactive: bool
     ) -> Decision:
         self.asked.append((identity, request, allow_interactive))
         return self.answer
@@ -65,10 +64,10 @@ class RecordingBackend:
         return None
 
 
-def subject(uid: int, pidfd: int | None = None) -> Subject:
+def subject(uid: int, pidfd: int | None = None) -> Peer:
     """This test process as the peer, as peer_credentials records it."""
     pid = os.getpid()
-    return Subject(uid=uid, gid=uid, pid=pid, pidfd=pidfd, start_time=process_start_time(pid))
+    return Peer(uid=uid, gid=uid, pid=pid, pidfd=pidfd, start_time=read_start_time(pid))
 
 
 def make(
@@ -183,7 +182,7 @@ def dead_pidfd() -> Iterator[tuple[int, int]]:
 def test_dead_peer_is_refused_before_anything_else(dead_pidfd: tuple[int, int]) -> None:
     pid, pidfd = dead_pidfd
     auth, directory, backend = make(Decision.YES)
-    dead = Subject(uid=ALICE_UID, gid=ALICE_UID, pid=pid, pidfd=pidfd)
+    dead = Peer(uid=ALICE_UID, gid=ALICE_UID, pid=pid, pidfd=pidfd)
     assert run(auth.check(dead, "read", capsule="c", owner=ALICE_UID)) is Decision.NO
     assert directory.lookups == 0
     assert backend.asked == []
@@ -195,7 +194,7 @@ def test_dead_peer_is_refused_before_anything_else(dead_pidfd: tuple[int, int]) 
 def test_live_peer_by_pidfd() -> None:
     pidfd = os.pidfd_open(os.getpid())
     try:
-        alive = Subject(uid=ALICE_UID, gid=ALICE_UID, pid=os.getpid(), pidfd=pidfd)
+        alive = Peer(uid=ALICE_UID, gid=ALICE_UID, pid=os.getpid(), pidfd=pidfd)
         assert process_is_alive(alive)
         auth, _, _ = make(Decision.NO)
         assert run(auth.check(alive, "read", capsule="c", owner=ALICE_UID)) is Decision.YES
@@ -218,7 +217,7 @@ class FakeProc:
 
 def test_without_pidfd_the_start_time_recorded_at_connect_decides() -> None:
     proc = FakeProc(p4242=1000)
-    peer = Subject(uid=1, gid=1, pid=4242, pidfd=None, start_time=1000)
+    peer = Peer(uid=1, gid=1, pid=4242, pidfd=None, start_time=1000)
     assert process_is_alive(peer, proc)
     proc.start_times[4242] = 1007  # the peer exited and a later process got its pid
     assert not process_is_alive(peer, proc)
@@ -226,14 +225,14 @@ def test_without_pidfd_the_start_time_recorded_at_connect_decides() -> None:
     assert not process_is_alive(peer, proc)
     # Gone already at accept (nothing recorded): nothing can prove it is the same process.
     proc.start_times[4242] = 1000
-    assert not process_is_alive(Subject(uid=1, gid=1, pid=4242, pidfd=None), proc)
+    assert not process_is_alive(Peer(uid=1, gid=1, pid=4242, pidfd=None), proc)
 
 
 def test_with_a_pidfd_the_pidfd_decides_not_the_start_time() -> None:
     pidfd = os.pidfd_open(os.getpid())
     try:
         mismatch = FakeProc(**{f"p{os.getpid()}": 1})
-        me = Subject(uid=1, gid=1, pid=os.getpid(), pidfd=pidfd, start_time=2)
+        me = Peer(uid=1, gid=1, pid=os.getpid(), pidfd=pidfd, start_time=2)
         assert process_is_alive(me, mismatch)
     finally:
         os.close(pidfd)
@@ -245,12 +244,12 @@ def test_without_pidfd_a_child_that_exited_is_refused() -> None:
     )
     assert child.stdin is not None
     try:
-        peer = Subject(
+        peer = Peer(
             uid=ALICE_UID,
             gid=ALICE_UID,
             pid=child.pid,
             pidfd=None,
-            start_time=process_start_time(child.pid),
+            start_time=read_start_time(child.pid),
         )
         assert process_is_alive(peer)
         auth, _, backend = make(Decision.YES)
@@ -268,9 +267,9 @@ def test_without_pidfd_a_child_that_exited_is_refused() -> None:
 def test_process_start_time_reads_field_22(tmp_path: Path) -> None:
     with open(f"/proc/{os.getpid()}/stat", "rb") as f:
         expected = int(f.read().rsplit(b")", 1)[1].split()[19])
-    assert process_start_time(os.getpid()) == expected
+    assert read_start_time(os.getpid()) == expected
     with pytest.raises(ProcessLookupError):
-        process_start_time(2**22 + 1)
+        read_start_time(2**22 + 1)
 
 
 def test_process_start_time_with_a_hostile_comm() -> None:
@@ -290,7 +289,7 @@ def test_process_start_time_with_a_hostile_comm() -> None:
             raw = f.read()
         assert b"() R 1 2 (x)" in raw
         expected = int(raw.rsplit(b")", 1)[1].split()[19])
-        assert process_start_time(child.pid) == expected
+        assert read_start_time(child.pid) == expected
     finally:
         child.stdin.close()
         child.wait()

@@ -9,6 +9,7 @@ import os
 import pytest
 from jeepney import HeaderFields, Message, new_error, new_method_return
 
+from capsuled.peer import Peer, read_start_time
 from capsuled.policy import actions
 from capsuled.policy.bus import BusClosed
 from capsuled.policy.engine import Decision, Identity, Request
@@ -20,9 +21,8 @@ from capsuled.policy.polkit import (
     decision_from_reply,
     polkit_details,
 )
-from capsuled.policy.subject import Subject, process_start_time
 
-ME = Subject(uid=1000, gid=1000, pid=os.getpid(), pidfd=None, start_time=4242)
+ME = Peer(uid=1000, gid=1000, pid=os.getpid(), pidfd=None, start_time=4242)
 ALICE = Identity(1000, "alice", frozenset({"alice"}))
 # The caller's own capsule: one CheckAuthorization, owner details included.
 REQUEST = Request(actions.MANAGE, "web-a", 1000, verb="start")
@@ -288,7 +288,7 @@ def test_polkit_error_reply_refuses() -> None:
 def test_gone_process_is_refused_without_asking() -> None:
     link = FakeLink()
     # No start time: the peer was already gone when its connection was accepted.
-    gone = Subject(uid=1000, gid=1000, pid=2**22 + 1, pidfd=None, start_time=None)
+    gone = Peer(uid=1000, gid=1000, pid=2**22 + 1, pidfd=None, start_time=None)
     assert asyncio.run(backend_for(link).check(gone, ALICE, REQUEST, False)) is Decision.NO
     assert link.calls == []
 
@@ -298,8 +298,8 @@ def test_the_start_time_recorded_at_connect_is_sent_not_a_fresh_one() -> None:
     # time we send, so it must be the peer's (recorded at accept), not whatever /proc says now.
     link = FakeLink()
     link.release.set()
-    recorded = process_start_time(os.getpid()) - 1
-    subject = Subject(uid=1000, gid=1000, pid=os.getpid(), pidfd=None, start_time=recorded)
+    recorded = read_start_time(os.getpid()) - 1
+    subject = Peer(uid=1000, gid=1000, pid=os.getpid(), pidfd=None, start_time=recorded)
     assert asyncio.run(backend_for(link).check(subject, ALICE, REQUEST, False)) is Decision.YES
     ((_, sent), *_rest) = link.calls[0].body
     assert sent["start-time"] == ("t", recorded)

@@ -15,6 +15,7 @@ from capsuled.audit import RESULT_DENIED, AuditAction
 from capsuled.dispatch import Dispatcher
 from capsuled.methods import inside, lifecycle, streams
 from capsuled.methods.context import CallContext, Notify, Services
+from capsuled.peer import Peer
 from capsuled.varlink.errors import InvalidParameter, VarlinkError
 from capsuled.varlink.interface import Interface
 from capsuled.varlink.messages import Call
@@ -107,8 +108,8 @@ def build_dispatcher(
 ) -> Dispatcher[CallContext]:
     """The Dispatcher serving org.capsuled.Manager with these handlers and services."""
 
-    def make_context(call: Call, peer: object, notify: Notify) -> CallContext:
-        return CallContext(peer=peer, more=call.more, notify=notify, services=services)  # type: ignore[arg-type]  # Peer satisfies PeerLike structurally
+    def make_context(call: Call, peer: Peer, notify: Notify) -> CallContext:
+        return CallContext(peer=peer, more=call.more, notify=notify, services=services)
 
     handlers = {
         method: audited(AUDITED[method], handler) if method in AUDITED else handler

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 from capsuled import errors
 from capsuled.audit import AuditLog
+from capsuled.peer import Peer
 from capsuled.policy import Authorizer, Decision, InteractionRequired
 from capsuled.policy import actions as act
-from capsuled.policy.subject import SubjectLike as PeerLike
 from capsuled.records import CorruptRecord, Record, RecordStore
 from capsuled.systemd import errors as sd
 from capsuled.systemd.backend import SystemdBackend
@@ -83,7 +83,7 @@ class _Authorization:
 
 @dataclass(slots=True)
 class CallContext:
-    peer: PeerLike
+    peer: Peer
     more: bool
     notify: Notify
     services: Services

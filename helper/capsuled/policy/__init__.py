@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, Protocol
 
+from capsuled.peer import Peer, process_is_alive
 from capsuled.policy import actions
 from capsuled.policy.builtin import BuiltinBackend, load_config
 from capsuled.policy.engine import (
@@ -31,12 +32,7 @@ from capsuled.policy.engine import (
     grant,
     quota_for,
 )
-from capsuled.policy.subject import (
-    Subject,
-    SubjectLike,
-    lookup_identity,
-    process_is_alive,
-)
+from capsuled.policy.identity import lookup_identity
 from capsuled.varlink.errors import PermissionDenied
 
 __all__ = [
@@ -45,8 +41,6 @@ __all__ = [
     "Decision",
     "InteractionRequired",
     "Quota",
-    "Subject",
-    "SubjectLike",
     "actions",
     "polkit_available",
 ]
@@ -72,7 +66,7 @@ class Backend(Protocol):
     name: str
 
     async def check(
-        self, subject: SubjectLike, identity: Identity, request: Request, allow_interactive: bool
+        self, subject: Peer, identity: Identity, request: Request, allow_interactive: bool
     ) -> Decision: ...
 
     async def aclose(self) -> None: ...
@@ -94,7 +88,7 @@ class Authorizer:
         backend: Backend,
         *,
         lookup: Callable[[int], Identity] = lookup_identity,
-        is_alive: Callable[[SubjectLike], bool] = process_is_alive,
+        is_alive: Callable[[Peer], bool] = process_is_alive,
     ) -> None:
         self.config = config
         self._backend = backend
@@ -136,7 +130,7 @@ class Authorizer:
 
     async def check(
         self,
-        subject: SubjectLike,
+        subject: Peer,
         action: str,
         *,
         capsule: str,
@@ -163,7 +157,7 @@ class Authorizer:
 
     async def explain(
         self,
-        subject: SubjectLike,
+        subject: Peer,
         action: str,
         *,
         capsule: str,
@@ -198,7 +192,7 @@ class Authorizer:
 
     async def authorize(
         self,
-        subject: SubjectLike,
+        subject: Peer,
         action: str,
         *,
         capsule: str,
@@ -228,7 +222,7 @@ class Authorizer:
             raise InteractionRequired(action)
         raise PermissionDenied()
 
-    def quota(self, subject: SubjectLike) -> Quota:
+    def quota(self, subject: Peer) -> Quota:
         """The subject's ceilings (capsule count, limits); root is unlimited."""
         if subject.uid == 0:
             return quota_for(Identity(0, "root", frozenset()), self.config)

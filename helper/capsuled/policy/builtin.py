@@ -38,6 +38,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 
+from capsuled.peer import Peer
 from capsuled.policy import actions
 from capsuled.policy.engine import (
     BACKENDS,
@@ -54,7 +55,6 @@ from capsuled.policy.engine import (
     Who,
     builtin_decide,
 )
-from capsuled.policy.subject import SubjectLike
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class BuiltinBackend:
         self._config = config
 
     async def check(
-        self, subject: SubjectLike, identity: Identity, request: Request, allow_interactive: bool
+        self, subject: Peer, identity: Identity, request: Request, allow_interactive: bool
     ) -> Decision:
         # No agent to ask: allow_interactive changes nothing, auth_admin stays a refusal.
         return builtin_decide(identity, request, self._config)

@@ -2,7 +2,7 @@
 
 The subject is ("unix-process", {pid, start-time, uid, pidfd}): polkitd >= 124 identifies the
 process by the pidfd (no pid-reuse race); 122 needs pid + start-time (field 22 of /proc/PID/stat).
-The start time is the one read when the connection was accepted (capsuled.transport.Peer), never at
+The start time is the one read when the connection was accepted (capsuled.peer.Peer), never at
 check time: by then the pid may belong to another process, and its start time would make polkitd
 judge that process. The uid is SO_PEERCRED's: polkitd believes the uid a root caller passes, so it
 must never come from parameters.
@@ -45,10 +45,11 @@ from typing import Final, Protocol
 
 from jeepney import DBusAddress, HeaderFields, Message, MessageType, new_method_call
 
+from capsuled.peer import Peer
 from capsuled.policy import actions
 from capsuled.policy.bus import BusClosed, BusConnection
 from capsuled.policy.engine import Decision, Identity, Request
-from capsuled.policy.subject import SubjectLike, user_name
+from capsuled.policy.identity import user_name
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class PolkitBackend:
         self._cancels: set[asyncio.Task[None]] = set()
 
     async def check(
-        self, subject: SubjectLike, identity: Identity, request: Request, allow_interactive: bool
+        self, subject: Peer, identity: Identity, request: Request, allow_interactive: bool
     ) -> Decision:
         """Ask polkitd; any failure is a refusal."""
         if subject.start_time is None:
@@ -191,7 +192,7 @@ class PolkitBackend:
         except _Refused:
             return Decision.NO
 
-    async def _owner_visible(self, subject: SubjectLike, request: Request) -> bool:
+    async def _owner_visible(self, subject: Peer, request: Request) -> bool:
         """Whether the owner details may go to polkitd with this request (module docstring)."""
         if request.owner is None or request.action == actions.READ:
             return False
@@ -201,7 +202,7 @@ class PolkitBackend:
         return await self._ask(subject, read, False, False) is Decision.YES
 
     async def _ask(
-        self, subject: SubjectLike, request: Request, owner_visible: bool, allow_interactive: bool
+        self, subject: Peer, request: Request, owner_visible: bool, allow_interactive: bool
     ) -> Decision:
         """One CheckAuthorization.
 

@@ -24,8 +24,8 @@ import subprocess
 import sys
 from typing import Any
 
+from capsuled.peer import Peer, peer_credentials
 from capsuled.policy import Authorizer
-from capsuled.transport import Peer, peer_credentials
 
 CHILD = [sys.executable, "-m", "e2e.inbed.policy_child"]
 BACKLOG = 64

@@ -19,11 +19,11 @@ from typing import ClassVar
 
 from jeepney import Message
 
+from capsuled.peer import Peer, read_start_time
 from capsuled.policy import actions
 from capsuled.policy.bus import BusConnection
 from capsuled.policy.engine import Identity, Request
 from capsuled.policy.polkit import PolkitBackend
-from capsuled.policy.subject import Subject, process_start_time
 
 USER = "mallory"
 ATTEMPTS = 50  # checks tried until the agent has registered and one stays pending
@@ -47,7 +47,7 @@ async def probe() -> dict[str, object]:
         ["setpriv", f"--reuid={USER}", f"--regid={USER}", "--init-groups", "sleep", "300"]
     )
     pidfd = os.pidfd_open(sleeper.pid)
-    subject = Subject(uid, uid, sleeper.pid, pidfd, process_start_time(sleeper.pid))
+    subject = Peer(uid, uid, sleeper.pid, pidfd, read_start_time(sleeper.pid))
     # pkttyagent on a pty whose input never comes: polkitd asks it and waits.
     agent = subprocess.Popen(
         ["script", "-qfc", f"pkttyagent --process {sleeper.pid}", "/dev/null"],

@@ -1,4 +1,4 @@
-"""capsuled.procstat: field 22 of /proc/PID/stat, whatever the process named itself."""
+"""capsuled.peer: field 22 of /proc/PID/stat, whatever the process named itself."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from capsuled.procstat import parse_start_time, read_start_time
+from capsuled.peer import parse_start_time, read_start_time
 
 # After comm: state, then fields 4..21, then 22 (starttime) = 777, then a few more.
 TAIL = b"S " + b" ".join(str(n).encode() for n in range(4, 22)) + b" 777 8 9 10\n"
