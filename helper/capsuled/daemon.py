@@ -39,6 +39,7 @@ from capsuled.varlink.interface import Interface, parse_interface
 from capsuled.varlink.service import ServiceInfo
 
 if TYPE_CHECKING:
+    from capsuled.dbus import SystemBus
     from capsuled.methods.context import Services
     from capsuled.peer import Peer
     from capsuled.policy import Authorizer
@@ -105,10 +106,12 @@ def service_info() -> ServiceInfo:
 
 @dataclass(frozen=True, slots=True)
 class Wiring:
-    """What `capsuled serve` runs: the method table, and the reloader holding its Services."""
+    """What `capsuled serve` runs: the method table, the reloader holding its Services, and the
+    one system bus connection PID 1's backend and polkit share (closed when serving ends)."""
 
     dispatcher: Dispatcher[object]
     reloader: PolicyReloader
+    system_bus: SystemBus
 
 
 def build_wiring(options: Options) -> Wiring:
@@ -116,6 +119,7 @@ def build_wiring(options: Options) -> Wiring:
     # Imported here so `capsuled --version`/`install` do not pay for jeepney and policy.
     from capsuled import methods
     from capsuled.audit import AuditLog
+    from capsuled.dbus import SystemBus
     from capsuled.methods.context import Services
     from capsuled.policy import DEFAULT_CONFIG_DIR, Authorizer
     from capsuled.records import RecordStore
@@ -123,9 +127,11 @@ def build_wiring(options: Options) -> Wiring:
 
     config_dir = DEFAULT_CONFIG_DIR if options.config_dir is None else options.config_dir
     info = service_info()
+    # Opened on first use: a call that needs neither PID 1 nor polkit never touches the bus.
+    system_bus = SystemBus()
     services = Services(
-        backend=DBusSystemdBackend(),
-        authorizer=Authorizer.from_config(config_dir),
+        backend=DBusSystemdBackend(system_bus),
+        authorizer=Authorizer.from_config(config_dir, system_bus=system_bus),
         records=RecordStore(),
         audit=AuditLog(),
         version=info.version,
@@ -135,7 +141,10 @@ def build_wiring(options: Options) -> Wiring:
     )
     return Wiring(
         dispatcher=dispatcher,  # type: ignore[arg-type]  # Dispatcher[CallContext] is served as Dispatcher[object]
-        reloader=PolicyReloader(services, lambda: Authorizer.from_config(config_dir)),
+        reloader=PolicyReloader(
+            services, lambda: Authorizer.from_config(config_dir, system_bus=system_bus)
+        ),
+        system_bus=system_bus,
     )
 
 
@@ -424,4 +433,7 @@ def run(options: Options, dispatcher: Dispatcher[Ctx] | None = None) -> int:
 async def _serve_wired(options: Options) -> int:
     # Built inside the running loop: the reloader's events and tasks belong to it.
     wiring = build_wiring(options)
-    return await serve(options, wiring.dispatcher, wiring.reloader)
+    try:
+        return await serve(options, wiring.dispatcher, wiring.reloader)
+    finally:
+        await wiring.system_bus.close()

@@ -27,7 +27,9 @@ from capsuled.methods.context import Services
 from capsuled.peer import Peer
 from capsuled.policy import Authorizer, Decision
 from capsuled.policy.engine import DEFAULT_CONFIG, Identity, Request
+from capsuled.policy.polkit import PolkitBackend
 from capsuled.records import RecordStore
+from capsuled.systemd.backend import DBusSystemdBackend
 from capsuled.transport import NotifyFn
 from capsuled.varlink.messages import Call
 from doubles.backend import FakeBackend
@@ -549,3 +551,25 @@ def test_sighup_is_caught_before_ready_is_sent(
 
     asyncio.run(scenario())
     assert caught_at_ready == [True]
+
+
+def test_pid1_and_polkit_share_one_system_bus_connection(tmp_path: Path) -> None:
+    # One connection serves both (capsuled.dbus.SystemBus), and a reloaded policy keeps using it:
+    # the daemon never opens the system bus twice. (Private attributes: what is shared is the
+    # wiring's own business, with no public accessor.)
+    config = tmp_path / "etc"
+    config.mkdir(mode=0o755)
+    (config / "capsuled.toml").write_text('[policy]\nbackend = "polkit"\n')
+    (config / "capsuled.toml").chmod(0o644)
+
+    async def scenario() -> None:
+        wiring = daemon.build_wiring(daemon.Options(config_dir=config))
+        services = wiring.reloader._services
+        assert isinstance(services.backend, DBusSystemdBackend)
+        assert services.backend._system_bus is wiring.system_bus
+        for authorizer in (services.authorizer, wiring.reloader._load()):
+            assert isinstance(authorizer._backend, PolkitBackend)
+            assert authorizer._backend._connect == wiring.system_bus.connection
+        await wiring.system_bus.close()
+
+    asyncio.run(scenario())

@@ -1,7 +1,8 @@
-"""capsuled.systemd.bus against an in-process fake D-Bus peer on a socketpair.
+"""capsuled.systemd.bus (over capsuled.dbus) against an in-process fake D-Bus peer on a socketpair.
 
 The peer plays a capsule's manager (no bus daemon): it answers the SASL exchange, then replies,
-stays silent, or sends garbage, so the adapter's limits can be shown without systemd.
+stays silent, or sends garbage, so the adapter's limits can be shown without systemd. (File
+descriptor passing and the header filter: tests/protocol/test_dbus.py.)
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from jeepney import (
     new_signal,
 )
 
+from capsuled import dbus
 from capsuled.systemd import bus, errors
 from capsuled.systemd import messages as m
 
 T = TypeVar("T")
-AUTH_OK = b"OK 0123456789abcdef0123456789abcdef\r\n"
+AUTH_OK = b"OK 0123456789abcdef0123456789abcdef\r\nAGREE_UNIX_FD\r\n"
 
 
 class FakePeer:
@@ -64,7 +66,7 @@ class FakePeer:
 
 async def connected(
     handshake_answer: bytes = AUTH_OK, max_message_bytes: int | None = None
-) -> tuple[bus.BusConnection, FakePeer]:
+) -> tuple[bus.Link, FakePeer]:
     """open_peer on a socketpair; ``max_message_bytes`` None keeps open_peer's default."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     reader, writer = await asyncio.open_unix_connection(sock=theirs)
@@ -73,7 +75,11 @@ async def connected(
     if max_message_bytes is None:
         conn = await bus.open_peer(ours, uid=0)
     else:
-        conn = await bus.open_peer(ours, uid=0, max_message_bytes=max_message_bytes)
+        limits = dbus.BusLimits(
+            max_message_bytes=max_message_bytes,
+            max_signal_bytes=min(max_message_bytes, bus.MAX_PEER_SIGNAL_BYTES),
+        )
+        conn = await bus.open_peer(ours, uid=0, limits=limits)
     await hs
     return conn, peer
 
@@ -92,8 +98,9 @@ def test_auth_is_external_uid0_with_pipelined_begin() -> None:
         await conn.close()
         return peer.auth_bytes
 
-    # "30" is "0" in hex: root. BEGIN follows AUTH in the same write (see bus._authenticate).
-    assert run(scenario) == b"\0AUTH EXTERNAL 30\r\nBEGIN\r\n"
+    # "30" is "0" in hex: root. NEGOTIATE_UNIX_FD and BEGIN follow AUTH in the same write (see
+    # dbus._authenticate).
+    assert run(scenario) == b"\0AUTH EXTERNAL 30\r\nNEGOTIATE_UNIX_FD\r\nBEGIN\r\n"
 
 
 def test_rejected_auth_is_systemd_unavailable() -> None:
@@ -126,7 +133,7 @@ def test_no_more_than_64_calls_in_flight() -> None:
     async def scenario() -> None:
         conn, peer = await connected()
         calls = [asyncio.create_task(conn.call(m.list_units())) for _ in range(70)]
-        first = [await peer.next_call() for _ in range(bus.MAX_IN_FLIGHT_CALLS)]
+        first = [await peer.next_call() for _ in range(bus.MAX_PEER_IN_FLIGHT_CALLS)]
         # The 65th is held back until a reply frees a slot.
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.2):
@@ -192,7 +199,7 @@ def test_peer_link_caps_messages_at_1_mib_by_default() -> None:
 def test_system_bus_keeps_the_larger_cap(tmp_path: Path) -> None:
     # PID 1 on the system bus is trusted: a 2 MiB reply (a big host's ListUnits) is fine there.
     async def scenario() -> None:
-        assert bus.MAX_SYSTEM_BUS_MESSAGE_BYTES > 2 * bus.MAX_PEER_MESSAGE_BYTES
+        assert dbus.SYSTEM_BUS_LIMITS.max_message_bytes > 2 * bus.MAX_PEER_MESSAGE_BYTES
         peers: asyncio.Queue[FakePeer] = asyncio.Queue()
 
         async def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -200,7 +207,7 @@ def test_system_bus_keeps_the_larger_cap(tmp_path: Path) -> None:
 
         address = str(tmp_path / "bus")
         server = await asyncio.start_unix_server(accept, address)
-        opening = asyncio.create_task(bus.open_system_bus(address))
+        opening = asyncio.create_task(dbus.open_bus(address))
         peer = await peers.get()
         await peer.handshake()
         hello = await peer.next_call()
@@ -276,7 +283,7 @@ def test_header_fields_over_the_cap_are_refused_before_the_body() -> None:
         call = asyncio.create_task(conn.call(m.list_units()))
         await peer.next_call()
         # Little-endian method return: 8-byte body, header fields array claiming 1 MiB.
-        fields_len = bus.MAX_HEADER_FIELDS_BYTES + 1
+        fields_len = bus.CAPSULE_MANAGER_LIMITS.max_header_fields_bytes + 1
         peer.writer.write(b"l\x02\x01\x01" + struct.pack("<III", 8, 1, fields_len))
         with pytest.raises(errors.SystemdUnavailable, match=r"header of .* exceeds"):
             await call

@@ -9,9 +9,9 @@ import os
 import pytest
 from jeepney import HeaderFields, Message, new_error, new_method_return
 
+from capsuled.dbus import BusClosed
 from capsuled.peer import Peer, read_start_time
 from capsuled.policy import actions
-from capsuled.policy.bus import BusClosed
 from capsuled.policy.engine import Decision, Identity, Request
 from capsuled.policy.polkit import (
     ALLOW_USER_INTERACTION,
@@ -141,17 +141,12 @@ class FakeLink:
         self.waiting = 0
         self.max_waiting = 0
         self.reached: dict[int, asyncio.Event] = {}
-        self.is_closed = False
         self.error: Exception | None = None
-
-    @property
-    def closed(self) -> bool:
-        return self.is_closed
 
     def when_waiting(self, n: int) -> asyncio.Event:
         return self.reached.setdefault(n, asyncio.Event())
 
-    async def call(self, message: Message) -> Message:
+    async def call_raw(self, message: Message, *, timeout_s: float | None = None) -> Message:
         self.calls.append(message)
         member = message.header.fields[HeaderFields.member]
         if member == "CancelCheckAuthorization":
@@ -167,9 +162,6 @@ class FakeLink:
         finally:
             self.waiting -= 1
         return reply_to(message, *self.answer)
-
-    async def aclose(self) -> None:
-        self.is_closed = True
 
 
 def backend_for(link: FakeLink, timeout_s: float = 25.0) -> PolkitBackend:
@@ -268,7 +260,6 @@ def test_broken_connection_refuses_then_reconnects() -> None:
     async def main() -> list[Decision]:
         backend = PolkitBackend(connect)
         first = await backend.check(ME, ALICE, REQUEST, False)
-        links[0].is_closed = True  # as the receive loop marks it
         second = await backend.check(ME, ALICE, REQUEST, False)
         return [first, second]
 
@@ -278,7 +269,7 @@ def test_broken_connection_refuses_then_reconnects() -> None:
 
 def test_polkit_error_reply_refuses() -> None:
     class ErrorLink(FakeLink):
-        async def call(self, message: Message) -> Message:
+        async def call_raw(self, message: Message, *, timeout_s: float | None = None) -> Message:
             return new_error(message, "org.freedesktop.DBus.Error.ServiceUnknown")
 
     link = ErrorLink()
@@ -313,7 +304,7 @@ class ScriptedLink(FakeLink):
         super().__init__()
         self.answers = answers
 
-    async def call(self, message: Message) -> Message:
+    async def call_raw(self, message: Message, *, timeout_s: float | None = None) -> Message:
         self.calls.append(message)
         return reply_to(message, *self.answers[message.body[1]])
 
@@ -368,7 +359,7 @@ def test_own_capsule_and_create_need_no_read_probe() -> None:
 
 def test_a_failed_read_probe_refuses_without_asking_more() -> None:
     class ErrorLink(FakeLink):
-        async def call(self, message: Message) -> Message:
+        async def call_raw(self, message: Message, *, timeout_s: float | None = None) -> Message:
             self.calls.append(message)
             return new_error(message, "org.freedesktop.DBus.Error.ServiceUnknown")
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from jeepney import HeaderFields, Message, MessageType, new_signal
 from jeepney.wrappers import DBusAddress
 
+from capsuled import dbus
 from capsuled.systemd import errors
 from capsuled.systemd import messages as m
 
@@ -286,7 +287,7 @@ def test_parse_object_path_and_get_property() -> None:
 
 
 def test_reply_types_are_method_calls() -> None:
-    for msg in (m.hello(), m.subscribe(), m.reload(), m.list_units(), m.manager_version()):
+    for msg in (dbus.hello(), m.subscribe(), m.reload(), m.list_units(), m.manager_version()):
         assert wire(msg).header.message_type is MessageType.method_call
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from capsuled.peer import Peer, process_is_alive
 from capsuled.policy import actions
@@ -34,6 +34,9 @@ from capsuled.policy.engine import (
 )
 from capsuled.policy.identity import lookup_identity
 from capsuled.varlink.errors import PermissionDenied
+
+if TYPE_CHECKING:
+    from capsuled.dbus import SystemBus
 
 __all__ = [
     "Authorizer",
@@ -102,12 +105,17 @@ class Authorizer:
 
     @classmethod
     def from_config(
-        cls, config_dir: Path = DEFAULT_CONFIG_DIR, backend: str | None = None
+        cls,
+        config_dir: Path = DEFAULT_CONFIG_DIR,
+        backend: str | None = None,
+        *,
+        system_bus: SystemBus | None = None,
     ) -> Authorizer:
         """Load /etc/capsuled (deny-all for non-root if refused) and pick the backend.
 
         `backend` overrides the config's `[policy] backend`; "auto" means polkit when polkitd is
-        installed with our actions, else builtin.
+        installed with our actions, else builtin. polkit talks over `system_bus` (the daemon's
+        one connection) or, without it, a connection of its own.
         """
         config = load_config(config_dir)
         choice = backend if backend is not None else config.backend
@@ -123,7 +131,7 @@ class Authorizer:
                     "(write polkit rules instead; see polkit/*.rules.example)",
                     config_dir,
                 )
-            return cls(config, PolkitBackend())
+            return cls(config, PolkitBackend(system_bus.connection if system_bus else None))
         if choice != "builtin":
             raise ValueError(f"unknown policy backend {choice!r}")
         return cls(config, BuiltinBackend(config))

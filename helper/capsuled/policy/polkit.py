@@ -29,9 +29,11 @@ caller who may not read a capsule gets the same answer whether it exists or not)
 
 Answers: authorized -> yes; challenge -> auth_admin; otherwise -> no. polkitd missing, failing, slow
 or answering an error (e.g. our .policy not installed) -> no, logged: never allow by accident.
-At most MAX_IN_FLIGHT checks wait at once (the system bus allows ~128 pending replies per
-connection); a caller cancelled while waiting (its client disconnected) cancels the check in polkitd
-with CancelCheckAuthorization, so no agent dialog stays up for nobody.
+The checks travel on the daemon's one system bus connection (capsuled.dbus.SystemBus), beside PID
+1's calls; at most MAX_IN_FLIGHT of them wait at once, so PID 1 keeps its share of the ~128
+pending replies the bus allows one connection (capsuled.dbus.SYSTEM_BUS_LIMITS). A caller
+cancelled while waiting (its client disconnected) cancels the check in polkitd with
+CancelCheckAuthorization, so no agent dialog stays up for nobody.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ from typing import Final, Protocol
 
 from jeepney import DBusAddress, HeaderFields, Message, MessageType, new_method_call
 
+from capsuled import dbus
 from capsuled.peer import Peer
 from capsuled.policy import actions
-from capsuled.policy.bus import BusClosed, BusConnection
 from capsuled.policy.engine import Decision, Identity, Request
 from capsuled.policy.identity import user_name
 
@@ -139,14 +141,9 @@ def decision_from_reply(reply: Message) -> Decision:
 
 
 class BusLink(Protocol):
-    """What the backend needs of a bus connection (BusConnection; a fake in unit tests)."""
+    """What the backend needs of the bus (capsuled.dbus.DBusConnection; a fake in tests)."""
 
-    @property
-    def closed(self) -> bool: ...
-
-    async def call(self, message: Message) -> Message: ...
-
-    async def aclose(self) -> None: ...
+    async def call_raw(self, message: Message, *, timeout_s: float | None = None) -> Message: ...
 
 
 Connect = Callable[[], Awaitable[BusLink]]
@@ -163,15 +160,19 @@ class PolkitBackend:
 
     def __init__(
         self,
-        connect: Connect = BusConnection.open,
+        connect: Connect | None = None,
         *,
         max_in_flight: int = MAX_IN_FLIGHT,
         timeout_s: float = CHECK_TIMEOUT_S,
         interactive_timeout_s: float = INTERACTIVE_CHECK_TIMEOUT_S,
     ) -> None:
+        # `connect` hands out the daemon's shared system bus connection (dbus.SystemBus, which
+        # reopens it when lost); without one (a test, a one-off script), a bus of our own.
+        self._own_bus: dbus.SystemBus | None = None
+        if connect is None:
+            self._own_bus = dbus.SystemBus()
+            connect = self._own_bus.connection
         self._connect = connect
-        self._conn: BusLink | None = None
-        self._conn_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(max_in_flight)
         self._timeout_s = timeout_s
         self._interactive_timeout_s = interactive_timeout_s
@@ -227,14 +228,15 @@ class PolkitBackend:
             )
             timeout_s = self._interactive_timeout_s if allow_interactive else self._timeout_s
             try:
-                conn = await self._connection()
-            except (OSError, ValueError, TimeoutError) as exc:
-                # jeepney's AuthenticationError is a ValueError.
+                conn = await self._connect()
+            except (OSError, TimeoutError) as exc:  # dbus.BusClosed is an OSError
                 log.error("polkit: cannot reach the system bus (%s); refusing", exc)
                 raise _Refused from None
             try:
                 async with asyncio.timeout(timeout_s):
-                    reply = await conn.call(message)
+                    # The bus connection's own call timeout is PID 1's (25 s): an interactive
+                    # check waits for a human, so it gets this one.
+                    reply = await conn.call_raw(message, timeout_s=timeout_s)
             except asyncio.CancelledError:
                 self._cancel_later(conn, cancellation_id)
                 raise
@@ -242,7 +244,7 @@ class PolkitBackend:
                 self._cancel_later(conn, cancellation_id)
                 log.error("polkit: no answer for %s in %ss; refusing", request.action, timeout_s)
                 raise _Refused from None
-            except BusClosed as exc:
+            except dbus.BusClosed as exc:
                 log.error("polkit: %s; refusing", exc)
                 raise _Refused from None
             try:
@@ -251,23 +253,14 @@ class PolkitBackend:
                 log.error("polkit: %s; refusing %s", exc, request.action)
                 raise _Refused from None
 
-    async def _connection(self) -> BusLink:
-        async with self._conn_lock:
-            if self._conn is None or self._conn.closed:
-                if self._conn is not None:
-                    await self._conn.aclose()
-                self._conn = None
-                self._conn = await self._connect()
-            return self._conn
-
     def _cancel_later(self, conn: BusLink, cancellation_id: str) -> None:
         # From a task of its own: the awaiting task is being cancelled and must not block on this.
         # Only the connection that started the check may cancel it (polkitd matches the sender).
         async def cancel() -> None:
             try:
                 async with asyncio.timeout(self._timeout_s):
-                    await conn.call(cancel_check_authorization(cancellation_id))
-            except (BusClosed, TimeoutError, OSError) as exc:
+                    await conn.call_raw(cancel_check_authorization(cancellation_id))
+            except (TimeoutError, OSError) as exc:  # dbus.BusClosed, dbus.BusTimeout included
                 log.debug("polkit: CancelCheckAuthorization(%s) failed: %s", cancellation_id, exc)
 
         task = asyncio.create_task(cancel(), name=f"capsuled-polkit-cancel-{cancellation_id}")
@@ -275,9 +268,9 @@ class PolkitBackend:
         task.add_done_callback(self._cancels.discard)
 
     async def aclose(self) -> None:
-        """Wait for pending cancellations, then close the bus connection."""
+        """Wait for pending cancellations; close the bus connection if it is our own (a shared
+        one belongs to the daemon, and PID 1's calls go on using it)."""
         if self._cancels:
             await asyncio.gather(*self._cancels, return_exceptions=True)
-        if self._conn is not None:
-            await self._conn.aclose()
-            self._conn = None
+        if self._own_bus is not None:
+            await self._own_bus.close()

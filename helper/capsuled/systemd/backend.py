@@ -1,9 +1,10 @@
 """The systemd backend: what capsuled asks of PID 1 and of a capsule's own manager.
 
 ``SystemdBackend`` (and ``CapsuleManager``) are Protocols; ``DBusSystemdBackend`` implements them
-over ``bus.py``. The in-memory ``FakeBackend`` for tests is tests/doubles/backend.py, not part of
-the product. Capsule names and unit names are validated by the caller (capsuled.names) before
-they get here.
+over ``bus.Link`` (capsuled.dbus underneath: the daemon's one system bus connection for PID 1, a
+peer-to-peer link per capsule manager). The in-memory ``FakeBackend`` for tests is
+tests/doubles/backend.py, not part of the product. Capsule names and unit names are validated by
+the caller (capsuled.names) before they get here.
 
 Errors: capsuled.systemd.errors (BackendError tree); nothing here knows Varlink.
 """
@@ -16,15 +17,11 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Final, Protocol
 
+from .. import dbus
+from ..dbus import SignalQueue
 from ..names import is_valid_capsule_name
 from . import messages as m
-from .bus import (
-    MAX_PEER_MESSAGE_BYTES,
-    BusConnection,
-    SignalQueue,
-    open_peer,
-    open_system_bus,
-)
+from .bus import Link, open_peer
 from .capsule_socket import UnsafeSocket, connect_capsule_manager
 from .errors import (
     BackendError,
@@ -207,49 +204,49 @@ class SystemdBackend(Protocol):
 
 
 class DBusSystemdBackend:
-    """SystemdBackend over the system bus (one shared connection, reopened when lost)."""
+    """SystemdBackend over the system bus (the daemon's one shared connection, reopened when
+    lost; see capsuled.dbus.SystemBus)."""
 
     def __init__(
         self,
-        bus_address: str | None = None,
+        system_bus: dbus.SystemBus | None = None,
         job_timeout_s: float = JOB_TIMEOUT_S,
         clean_timeout_s: float = CLEAN_TIMEOUT_S,
     ) -> None:
-        self._bus_address = bus_address
+        # Without a shared bus (a test, a one-off script), a connection of our own.
+        self._owns_bus = system_bus is None
+        self._system_bus = system_bus if system_bus is not None else dbus.SystemBus()
         self._job_timeout_s = job_timeout_s
         self._clean_timeout_s = clean_timeout_s
-        self._conn: BusConnection | None = None
-        self._open_lock = asyncio.Lock()
+        self._link: Link | None = None
+        self._setup_lock = asyncio.Lock()
 
-    async def _bus(self) -> BusConnection:
-        conn = self._conn
-        if conn is not None and not conn.closed:
-            return conn
-        async with self._open_lock:
-            if self._conn is None or self._conn.closed:
-                conn = (
-                    await open_system_bus(self._bus_address)
-                    if self._bus_address
-                    else await open_system_bus()
-                )
-                try:
-                    owner = (await conn.call(m.get_name_owner()))[0]
-                    if not isinstance(owner, str):
-                        raise BadReply("GetNameOwner did not return a name")
-                    conn.signal_sender = owner
-                    # Route JobRemoved to us for the life of the connection (one AddMatch).
-                    await conn.add_match(m.job_removed_rule())
-                except BaseException:
-                    await conn.close()
-                    raise
-                self._conn = conn
-            return self._conn
+    async def _bus(self) -> Link:
+        """PID 1's side of the current system bus connection, set up once per connection."""
+        try:
+            conn = await self._system_bus.connection()
+        except dbus.BusClosed as exc:
+            raise SystemdUnavailable(str(exc)) from exc
+        link = self._link
+        if link is not None and link.conn is conn:
+            return link
+        async with self._setup_lock:
+            if self._link is None or self._link.conn is not conn:
+                link = Link(conn)
+                owner = (await link.call(dbus.get_name_owner(m.SYSTEMD_BUS_NAME)))[0]
+                if not isinstance(owner, str):
+                    raise BadReply("GetNameOwner did not return a name")
+                link.signal_sender = owner
+                # Route JobRemoved to us for the life of the connection (one AddMatch).
+                await link.add_match(m.job_removed_rule())
+                self._link = link
+            return self._link
 
     async def close(self) -> None:
-        """Drop the bus connection (reopened on next use)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
+        """Forget the connection's setup; close the bus connection if it is our own."""
+        self._link = None
+        if self._owns_bus:
+            await self._system_bus.close()
 
     # -- facts -----------------------------------------------------------------------------
 
@@ -297,7 +294,7 @@ class DBusSystemdBackend:
         except (NoSuchUnit, InvalidArgument):
             return None
 
-    async def _capsule_properties(self, conn: BusConnection, unit: str) -> dict[str, object]:
+    async def _capsule_properties(self, conn: Link, unit: str) -> dict[str, object]:
         # One GetAll with an empty interface name: every interface's properties (~450 on 257)
         # in one message. PID 1's per-message cost dominates: measured for 20 running
         # capsules on a loaded 2-core host, 20 GetAll("") took 277 ms, 40 GetAll(Unit|Service)
@@ -389,7 +386,7 @@ class DBusSystemdBackend:
             raise JobFailed("failed", await unit_result(conn, unit))
 
     @contextlib.asynccontextmanager
-    async def _subscribed(self, conn: BusConnection) -> AsyncIterator[None]:
+    async def _subscribed(self, conn: Link) -> AsyncIterator[None]:
         # Subscribe is counted per client by PID 1 (sd_bus_track, recursive), so nested
         # or concurrent users on our one connection are fine.
         await conn.call(m.subscribe())
@@ -414,7 +411,7 @@ class DBusSystemdBackend:
             await self._remove_autostart(conn, name)
         await conn.call(m.reload())
 
-    async def _remove_autostart(self, conn: BusConnection, name: str) -> None:
+    async def _remove_autostart(self, conn: Link, name: str) -> None:
         unit = capsule_unit(name)
         # Through PID 1 only: /etc is read-only for us (ProtectSystem=strict in capsuled.service).
         # DisableUnitFiles removes every symlink of that name in the unit search path even
@@ -477,8 +474,8 @@ class DBusSystemdBackend:
         except OSError as exc:
             raise ManagerUnavailable(name, exc.strerror or str(exc)) from exc
         try:
-            # Untrusted-peer cap: anything in the capsule can answer on this socket (bus.py).
-            peer = await open_peer(sock, uid=0, max_message_bytes=MAX_PEER_MESSAGE_BYTES)
+            # Untrusted-peer caps: anything in the capsule can answer on this socket (see bus.py).
+            peer = await open_peer(sock, uid=0, name=f"capsule {name}'s manager")
         except SystemdUnavailable as exc:
             raise ManagerUnavailable(name, str(exc)) from exc
         try:

@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator
 
 from jeepney import HeaderFields, MatchRule, Message
 
+from ..dbus import SignalQueue
 from . import messages as m
-from .bus import BusConnection, SignalQueue
+from .bus import Link
 from .errors import BackendError, BackendTimeout, BadReply, JobFailed
 from .values import WATCH_QUEUE
 
 
-def job_rule(conn: BusConnection, unit: str) -> MatchRule:
+def job_rule(conn: Link, unit: str) -> MatchRule:
     """The local filter for JobRemoved of one unit from the connection's trusted sender."""
     # Local filter only (arg2 = unit); the bus-side match is the broad job_removed_rule().
     rule = m.job_removed_rule(sender=conn.signal_sender)
@@ -37,7 +38,7 @@ async def wait_job(queue: SignalQueue, job: str, timeout_s: float) -> str:
         raise BackendTimeout(f"job {job} did not finish in {timeout_s:.0f}s") from exc
 
 
-async def unit_result(conn: BusConnection, unit: str) -> str | None:
+async def unit_result(conn: Link, unit: str) -> str | None:
     """The service's Result property, or None if it cannot be read."""
     with contextlib.suppress(BackendError):
         body = await conn.call(m.get_property(m.unit_path(unit), m.SERVICE_IFACE, "Result"))
@@ -46,7 +47,7 @@ async def unit_result(conn: BusConnection, unit: str) -> str | None:
     return None
 
 
-async def run_job(conn: BusConnection, unit: str, call: Message, timeout_s: float) -> str:
+async def run_job(conn: Link, unit: str, call: Message, timeout_s: float) -> str:
     """Queue a job and wait for its JobRemoved; "done" or raise JobFailed."""
     # The queue exists before the call: JobRemoved may arrive right after (even before we
     # read) the reply, and nothing may slip between call and wait.
@@ -58,7 +59,7 @@ async def run_job(conn: BusConnection, unit: str, call: Message, timeout_s: floa
     return result
 
 
-async def active_state(conn: BusConnection, unit: str) -> str:
+async def active_state(conn: Link, unit: str) -> str:
     """The unit's ActiveState."""
     body = await conn.call(
         m.get_property(m.unit_path(unit), m.UNIT_IFACE, "ActiveState"), unit=unit
@@ -70,7 +71,7 @@ async def active_state(conn: BusConnection, unit: str) -> str:
 
 
 async def wait_state(
-    conn: BusConnection,
+    conn: Link,
     queue: SignalQueue,
     unit: str,
     done: frozenset[str],

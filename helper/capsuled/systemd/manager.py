@@ -12,8 +12,9 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Sequence
 
+from ..dbus import SignalQueue
 from . import messages as m
-from .bus import BusConnection, SignalQueue
+from .bus import Link
 from .errors import (
     BackendError,
     BackendTimeout,
@@ -44,7 +45,7 @@ async def _unit_events(
 class DBusCapsuleManager:
     """CapsuleManager over the capsule's private socket (see the module docstring)."""
 
-    def __init__(self, conn: BusConnection, name: str, job_timeout_s: float) -> None:
+    def __init__(self, conn: Link, name: str, job_timeout_s: float) -> None:
         self._conn = conn
         self.name = name
         self._job_timeout_s = job_timeout_s

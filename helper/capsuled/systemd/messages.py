@@ -1,6 +1,6 @@
 """Pure D-Bus message builders and reply parsers for systemd (no I/O).
 
-Builders return jeepney ``Message`` objects; ``bus.py`` sends them. Parsers take a reply or
+Builders return jeepney ``Message`` objects; ``bus.Link`` sends them. Parsers take a reply or
 signal body as ``object`` (jeepney hands back whatever the peer sent, and a capsule's manager
 is not a trusted peer) and either return typed values or raise ``BadReply``.
 
@@ -30,16 +30,11 @@ SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 
-DBUS_BUS_NAME = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
-DBUS_IFACE = "org.freedesktop.DBus"
-
 # systemd encodes "unset" / "infinity" of a uint64 property as UINT64_MAX (CGROUP_LIMIT_MAX,
 # CGROUP_WEIGHT_INVALID, NSEC_INFINITY ...).
 UINT64_MAX = 2**64 - 1
 
 MANAGER = DBusAddress(MANAGER_PATH, bus_name=SYSTEMD_BUS_NAME, interface=MANAGER_IFACE)
-BUS_DAEMON = DBusAddress(DBUS_PATH, bus_name=DBUS_BUS_NAME, interface=DBUS_IFACE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,30 +83,9 @@ def unit_from_path(path: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Builders: message bus
-
-
-def hello() -> Message:
-    """org.freedesktop.DBus.Hello: first message on a bus (never on a peer-to-peer link)."""
-    return new_method_call(BUS_DAEMON, "Hello")
-
-
-def add_match(rule: MatchRule) -> Message:
-    """org.freedesktop.DBus.AddMatch(rule)."""
-    return new_method_call(BUS_DAEMON, "AddMatch", "s", (rule.serialise(),))
-
-
-def remove_match(rule: MatchRule) -> Message:
-    """org.freedesktop.DBus.RemoveMatch(rule)."""
-    return new_method_call(BUS_DAEMON, "RemoveMatch", "s", (rule.serialise(),))
-
-
-def get_name_owner(name: str = SYSTEMD_BUS_NAME) -> Message:
-    """org.freedesktop.DBus.GetNameOwner(name) -> unique name (e.g. ":1.2")."""
-    return new_method_call(BUS_DAEMON, "GetNameOwner", "s", (name,))
-
-
-# Match rules. On a bus, any client may broadcast a signal with any path and interface; only the
+# Match rules (the bus daemon's own calls, Hello and AddMatch, are capsuled.dbus's).
+#
+# On a bus, any client may broadcast a signal with any path and interface; only the
 # sender field, which the bus daemon sets, tells PID 1's signals from forgeries. The bus daemon
 # resolves a well-known sender name in AddMatch, but a message carries the sender's *unique*
 # name, so local filtering needs that (GetNameOwner). On a peer-to-peer link there is no sender

@@ -15,13 +15,12 @@ import os
 import pwd
 import subprocess
 import sys
-from typing import ClassVar
 
 from jeepney import Message
 
+from capsuled import dbus
 from capsuled.peer import Peer, read_start_time
 from capsuled.policy import actions
-from capsuled.policy.bus import BusConnection
 from capsuled.policy.engine import Identity, Request
 from capsuled.policy.polkit import PolkitBackend
 
@@ -30,15 +29,22 @@ ATTEMPTS = 50  # checks tried until the agent has registered and one stays pendi
 PENDING_S = 0.2  # a check not answered within this is waiting for the agent
 
 
-class Recording(BusConnection):
-    """polkit's connection, recording each call's member and its reply's type."""
+SEEN: list[list[str]] = []
+_CALL_RAW = dbus.DBusConnection.call_raw
 
-    seen: ClassVar[list[list[str]]] = []
 
-    async def call(self, message: Message) -> Message:
-        reply = await super().call(message)
-        self.seen.append([message.header.fields[3], reply.header.message_type.name])
-        return reply
+async def _recording(
+    self: dbus.DBusConnection,
+    msg: Message,
+    *,
+    timeout_s: float | None = None,
+    accept_fds: bool = False,
+) -> Message:
+    """DBusConnection.call_raw, recording each call's member and its reply's type (Hello too:
+    call() goes through call_raw)."""
+    reply = await _CALL_RAW(self, msg, timeout_s=timeout_s, accept_fds=accept_fds)
+    SEEN.append([msg.header.fields[3], reply.header.message_type.name])
+    return reply
 
 
 async def probe() -> dict[str, object]:
@@ -54,7 +60,8 @@ async def probe() -> dict[str, object]:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
-    backend = PolkitBackend(Recording.open)
+    dbus.DBusConnection.call_raw = _recording  # type: ignore[method-assign]  # a probe's spy
+    backend = PolkitBackend()  # a system bus connection of its own
     identity = Identity(uid, USER, frozenset())
     request = Request(actions.RUN, "x", None)
     pending = False
@@ -73,7 +80,7 @@ async def probe() -> dict[str, object]:
     await backend.aclose()
     agent.kill()
     sleeper.kill()
-    return {"pending": pending, "cancelled": cancelled, "seen": Recording.seen}
+    return {"pending": pending, "cancelled": cancelled, "seen": SEEN}
 
 
 def main() -> int:
