@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from capsuled.policy import actions
-from capsuled.policy.builtin import apply_layer, load_config, read_config_files
+from capsuled.policy.config import apply_layer, load_config, read_config_files
 from capsuled.policy.engine import (
     DEFAULT_CONFIG,
     DENY_ALL,

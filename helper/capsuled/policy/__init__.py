@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from capsuled.peer import Peer, process_is_alive
 from capsuled.policy import actions
-from capsuled.policy.builtin import BuiltinBackend, load_config
+from capsuled.policy.builtin import BuiltinBackend
+from capsuled.policy.config import load_config
 from capsuled.policy.engine import (
     Decision,
     Identity,
