@@ -48,6 +48,7 @@ MAX_FIELD_CHARS: Final = 4096  # bound every value: a record's size must not dep
 RESULT_OK: Final = "ok"
 RESULT_DENIED: Final = "denied"
 RESULT_FAILED: Final = "failed"
+RESULT_CANCELLED: Final = "cancelled"  # the client hung up mid-call
 
 # syslog priorities, as journald's PRIORITY= field wants them.
 _PRIORITY_NOTICE: Final = 5

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from capsuled.dbus import SystemBus
     from capsuled.methods.context import Services
     from capsuled.peer import Peer
-    from capsuled.policy import Authorizer
+    from capsuled.policy.authorizer import Authorizer
     from capsuled.transport import NotifyFn
     from capsuled.varlink.messages import Call
 
@@ -121,7 +121,7 @@ def build_wiring(options: Options) -> Wiring:
     from capsuled.audit import AuditLog
     from capsuled.dbus import SystemBus
     from capsuled.methods.context import Services
-    from capsuled.policy import DEFAULT_CONFIG_DIR, Authorizer
+    from capsuled.policy.authorizer import DEFAULT_CONFIG_DIR, Authorizer
     from capsuled.records import RecordStore
     from capsuled.systemd.backend import DBusSystemdBackend
 

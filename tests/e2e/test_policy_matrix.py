@@ -2,9 +2,9 @@
 
 Run end-to-end in the testbed (real systemd 257, real polkitd 126), twice per backend:
 
-- `test_authorizer_matrix`: capsuled.policy.Authorizer itself, inside the container as root, with
-  subjects taken (SO_PEERCRED + SO_PEERPIDFD) from real processes running as each user — the policy
-  stack alone, polkitd included, independent of the daemon's methods;
+- `test_authorizer_matrix`: capsuled.policy.authorizer.Authorizer itself, inside the container as
+  root, with subjects taken (SO_PEERCRED + SO_PEERPIDFD) from real processes running as each user —
+  the policy stack alone, polkitd included, independent of the daemon's methods;
 - `test_check_access_matrix`: the daemon, org.capsuled.Manager.CheckAccess called by each user over
   the real socket, plus real calls (Describe, Stop, Create, Remove) whose refusals must agree.
 

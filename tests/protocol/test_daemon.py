@@ -25,8 +25,8 @@ from capsuled import daemon, methods
 from capsuled.audit import AuditLog
 from capsuled.methods.context import Services
 from capsuled.peer import Peer
-from capsuled.policy import Authorizer, Decision
-from capsuled.policy.engine import DEFAULT_CONFIG, Identity, Request
+from capsuled.policy.authorizer import Authorizer
+from capsuled.policy.engine import DEFAULT_CONFIG, Decision, Identity, Request
 from capsuled.policy.polkit import PolkitBackend
 from capsuled.records import RecordStore
 from capsuled.systemd.backend import DBusSystemdBackend
@@ -446,9 +446,7 @@ class _ClosingBackend:
     def __init__(self) -> None:
         self.closed = asyncio.Event()
 
-    async def check(
-        self, subject: Peer, identity: Identity, request: Request, allow_interactive: bool
-    ) -> Decision:
+    async def check(self, peer: Peer, identity: Identity, request: Request) -> Decision:
         return Decision.NO
 
     async def aclose(self) -> None:

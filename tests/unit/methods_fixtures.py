@@ -27,8 +27,8 @@ from capsuled.dispatch import Dispatcher
 from capsuled.methods import build_dispatcher
 from capsuled.methods.context import CallContext, CapsuleLocks, Services
 from capsuled.peer import Peer
-from capsuled.policy import Authorizer
 from capsuled.policy import actions as act
+from capsuled.policy.authorizer import Authorizer
 from capsuled.policy.builtin import BuiltinBackend
 from capsuled.policy.engine import Decision, Identity, PolicyConfig, Quota, Rule
 from capsuled.records import Phase, Record, RecordStore, new_record

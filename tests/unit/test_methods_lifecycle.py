@@ -8,6 +8,7 @@ shape the IDL does not declare fails the test too.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from methods_fixtures import (
 from capsuled import errors, journal
 from capsuled.audit import MESSAGE_IDS
 from capsuled.peer import Peer
-from capsuled.policy import Authorizer
 from capsuled.policy import actions as act
+from capsuled.policy.authorizer import Authorizer
 from capsuled.policy.engine import Decision, Identity, Quota, Request, Rule, Who
 from capsuled.records import Phase
 from capsuled.systemd import errors as sd
@@ -886,10 +887,10 @@ class RecordingPolicy:
     def __init__(self) -> None:
         self.asked: list[tuple[Request, bool]] = []
 
-    async def check(
-        self, subject: Peer, identity: Identity, request: Request, allow_interactive: bool
-    ) -> Decision:
-        self.asked.append((request, allow_interactive))
+    async def check(self, peer: Peer, identity: Identity, request: Request) -> Decision:
+        # The interactive flag apart, as the method put it: (details, allowed interaction).
+        flag = request.allow_interactive
+        self.asked.append((dataclasses.replace(request, allow_interactive=False), flag))
         return Decision.YES
 
     async def aclose(self) -> None:

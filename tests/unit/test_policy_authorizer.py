@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,16 +13,18 @@ from pathlib import Path
 import pytest
 
 from capsuled.peer import Peer, process_is_alive, read_start_time
-from capsuled.policy import (
-    Authorizer,
-    Decision,
-    InteractionRequired,
-    Quota,
-    actions,
-    polkit_available,
-)
+from capsuled.policy import actions
+from capsuled.policy.authorizer import Authorizer, Verdict, polkit_available
 from capsuled.policy.builtin import BuiltinBackend
-from capsuled.policy.engine import DEFAULT_CONFIG, DENY_ALL, Identity, PolicyConfig, Request
+from capsuled.policy.engine import (
+    DEFAULT_CONFIG,
+    DENY_ALL,
+    Decision,
+    Identity,
+    PolicyConfig,
+    Quota,
+    Request,
+)
 from capsuled.policy.identity import lookup_identity
 from capsuled.varlink.errors import PermissionDenied
 
@@ -54,10 +57,8 @@ class RecordingBackend:
         self.answer = answer
         self.asked: list[tuple[Identity, Request, bool]] = []
 
-    async def check(
-        self, subject: Peer, identity: Identity, request: Request, allow_interactive: bool
-    ) -> Decision:
-        self.asked.append((identity, request, allow_interactive))
+    async def check(self, peer: Peer, identity: Identity, request: Request) -> Decision:
+        self.asked.append((identity, request, request.allow_interactive))
         return self.answer
 
     async def aclose(self) -> None:
@@ -82,10 +83,26 @@ def run(coro: object) -> object:
     return asyncio.run(coro)  # type: ignore[arg-type]  # any coroutine of these tests
 
 
+async def check(
+    auth: Authorizer,
+    peer: Peer,
+    action: str,
+    *,
+    capsule: str,
+    owner: int | None,
+    verb: str | None = None,
+    unit: str | None = None,
+    allow_interactive: bool = False,
+) -> Decision:
+    """The decision alone, for a request built the way CallContext.authorize builds it."""
+    request = Request(actions.resolve(action), capsule, owner, verb, unit, allow_interactive)
+    return (await auth.decide(peer, request)).decision
+
+
 def test_root_is_allowed_without_lookup_or_backend() -> None:
     auth, directory, backend = make(Decision.NO, DENY_ALL)
     for action in actions.ALL:
-        got = run(auth.check(subject(0), action, capsule="c", owner=ALICE_UID))
+        got = run(check(auth, subject(0), action, capsule="c", owner=ALICE_UID))
         assert got is Decision.YES
     assert directory.lookups == 0
     assert backend.asked == []
@@ -93,7 +110,7 @@ def test_root_is_allowed_without_lookup_or_backend() -> None:
 
 def test_owner_in_group_is_allowed_without_the_backend() -> None:
     auth, _, backend = make(Decision.NO)
-    got = run(auth.check(subject(ALICE_UID), "manage", capsule="c", owner=ALICE_UID, verb="stop"))
+    got = run(check(auth, subject(ALICE_UID), "manage", capsule="c", owner=ALICE_UID, verb="stop"))
     assert got is Decision.YES
     assert backend.asked == []
 
@@ -101,7 +118,8 @@ def test_owner_in_group_is_allowed_without_the_backend() -> None:
 def test_others_go_to_the_backend_with_every_detail() -> None:
     auth, _, backend = make(Decision.YES)
     got = run(
-        auth.check(
+        check(
+            auth,
             subject(BOB_UID),
             actions.MANAGE_UNITS,
             capsule="c",
@@ -115,39 +133,36 @@ def test_others_go_to_the_backend_with_every_detail() -> None:
     ((identity, request, interactive),) = backend.asked
     assert identity.uid == BOB_UID
     assert "capsule" in identity.groups
-    assert request == Request(actions.MANAGE_UNITS, "c", ALICE_UID, "start", "a.service")
+    assert request == Request(actions.MANAGE_UNITS, "c", ALICE_UID, "start", "a.service", True)
     assert interactive is True
 
 
 def test_group_removal_takes_effect_at_the_next_call() -> None:
     auth, directory, _ = make(Decision.AUTH_ADMIN)
     alice = subject(ALICE_UID)
-    assert run(auth.check(alice, "run", capsule="c", owner=ALICE_UID)) is Decision.YES
-    assert run(auth.check(alice, "create", capsule="d", owner=None)) is Decision.YES
+    assert run(check(auth, alice, "run", capsule="c", owner=ALICE_UID)) is Decision.YES
+    assert run(check(auth, alice, "create", capsule="d", owner=None)) is Decision.YES
     directory.groups[ALICE_UID].discard("capsule")
-    assert run(auth.check(alice, "run", capsule="c", owner=ALICE_UID)) is Decision.AUTH_ADMIN
-    assert run(auth.check(alice, "create", capsule="d", owner=None)) is Decision.AUTH_ADMIN
+    assert run(check(auth, alice, "run", capsule="c", owner=ALICE_UID)) is Decision.AUTH_ADMIN
+    assert run(check(auth, alice, "create", capsule="d", owner=None)) is Decision.AUTH_ADMIN
     directory.groups[ALICE_UID].add("capsule")
-    assert run(auth.check(alice, "run", capsule="c", owner=ALICE_UID)) is Decision.YES
+    assert run(check(auth, alice, "run", capsule="c", owner=ALICE_UID)) is Decision.YES
     assert directory.lookups == 5
 
 
 def test_unknown_action_is_a_value_error() -> None:
     auth, _, _ = make()
     with pytest.raises(ValueError, match="unknown action"):
-        run(auth.check(subject(ALICE_UID), "org.capsuled.frobnicate", capsule="c", owner=None))
+        run(auth.decide(subject(ALICE_UID), Request("org.capsuled.frobnicate", "c", None)))
 
 
-def test_authorize_maps_decisions_to_errors() -> None:
-    for answer, error in (
-        (Decision.NO, PermissionDenied),
-        (Decision.AUTH_ADMIN, InteractionRequired),
-    ):
+def test_decide_hands_back_the_backends_answer_and_never_raises_it() -> None:
+    # Turning no / auth_admin into PermissionDenied / InteractiveAuthenticationRequired is
+    # CallContext.authorize's one job (tests/unit/test_methods_lifecycle.py checks that mapping).
+    for answer in (Decision.NO, Decision.AUTH_ADMIN, Decision.YES):
         auth, _, _ = make(answer)
-        with pytest.raises(error):
-            run(auth.authorize(subject(MALLORY_UID), "read", capsule="c", owner=ALICE_UID))
-    auth, _, _ = make(Decision.YES)
-    assert run(auth.authorize(subject(MALLORY_UID), "read", capsule="c", owner=None)) is None
+        request = Request(actions.READ, "c", ALICE_UID)
+        assert run(auth.decide(subject(MALLORY_UID), request)) == Verdict(answer, "fake")
 
 
 def test_permission_denied_is_the_varlink_standard_error() -> None:
@@ -156,9 +171,9 @@ def test_permission_denied_is_the_varlink_standard_error() -> None:
 
 def test_deny_all_refuses_owner_and_group_but_not_root() -> None:
     auth, _, backend = make(Decision.YES, DENY_ALL)
-    got = run(auth.check(subject(ALICE_UID), "read", capsule="c", owner=ALICE_UID))
+    got = run(check(auth, subject(ALICE_UID), "read", capsule="c", owner=ALICE_UID))
     assert got is Decision.NO
-    assert run(auth.check(subject(ALICE_UID), "create", capsule="c", owner=None)) is Decision.NO
+    assert run(check(auth, subject(ALICE_UID), "create", capsule="c", owner=None)) is Decision.NO
     assert backend.asked == []
     assert auth.quota(subject(ALICE_UID)).max_capsules == 0
     assert auth.quota(subject(0)) == Quota(None, None, None, None)
@@ -183,11 +198,11 @@ def test_dead_peer_is_refused_before_anything_else(dead_pidfd: tuple[int, int]) 
     pid, pidfd = dead_pidfd
     auth, directory, backend = make(Decision.YES)
     dead = Peer(uid=ALICE_UID, gid=ALICE_UID, pid=pid, pidfd=pidfd)
-    assert run(auth.check(dead, "read", capsule="c", owner=ALICE_UID)) is Decision.NO
+    assert run(check(auth, dead, "read", capsule="c", owner=ALICE_UID)) is Decision.NO
     assert directory.lookups == 0
     assert backend.asked == []
-    with pytest.raises(PermissionDenied):
-        run(auth.authorize(dead, "read", capsule="c", owner=ALICE_UID))
+    verdict = run(auth.decide(dead, Request(actions.READ, "c", ALICE_UID)))
+    assert verdict == Verdict(Decision.NO, "peer-gone")
     assert not process_is_alive(dead)
 
 
@@ -197,7 +212,7 @@ def test_live_peer_by_pidfd() -> None:
         alive = Peer(uid=ALICE_UID, gid=ALICE_UID, pid=os.getpid(), pidfd=pidfd)
         assert process_is_alive(alive)
         auth, _, _ = make(Decision.NO)
-        assert run(auth.check(alive, "read", capsule="c", owner=ALICE_UID)) is Decision.YES
+        assert run(check(auth, alive, "read", capsule="c", owner=ALICE_UID)) is Decision.YES
     finally:
         os.close(pidfd)
 
@@ -253,14 +268,14 @@ def test_without_pidfd_a_child_that_exited_is_refused() -> None:
         )
         assert process_is_alive(peer)
         auth, _, backend = make(Decision.YES)
-        assert run(auth.check(peer, "read", capsule="c", owner=BOB_UID)) is Decision.YES
+        assert run(check(auth, peer, "read", capsule="c", owner=BOB_UID)) is Decision.YES
     finally:
         child.stdin.close()
         child.wait()
     # Reaped: /proc/PID is gone, or belongs to a newer process with a later start time.
     assert not process_is_alive(peer)
     asked_before = len(backend.asked)
-    assert run(auth.check(peer, "read", capsule="c", owner=BOB_UID)) is Decision.NO
+    assert run(check(auth, peer, "read", capsule="c", owner=BOB_UID)) is Decision.NO
     assert len(backend.asked) == asked_before
 
 
@@ -327,5 +342,6 @@ def test_builtin_backend_ignores_interaction() -> None:
     backend = BuiltinBackend(DEFAULT_CONFIG)
     identity = Identity(MALLORY_UID, "mallory", frozenset())
     request = Request(actions.READ, "c", None)
-    got = run(backend.check(subject(MALLORY_UID), identity, request, True))
+    interactive = dataclasses.replace(request, allow_interactive=True)
+    got = run(backend.check(subject(MALLORY_UID), identity, interactive))
     assert got is Decision.AUTH_ADMIN

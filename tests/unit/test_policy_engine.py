@@ -40,8 +40,14 @@ NOBODY_KNOWN = Identity(4242, None, frozenset())
 OWNED_ACTIONS = [a for a in actions.ALL if a != actions.CREATE]
 
 
-def req(action: str, capsule: str = "c1", owner: int | None = None, **kw: str) -> Request:
-    return Request(action, capsule, owner, **kw)
+def req(
+    action: str,
+    capsule: str = "c1",
+    owner: int | None = None,
+    verb: str | None = None,
+    unit: str | None = None,
+) -> Request:
+    return Request(action, capsule, owner, verb, unit)
 
 
 # (who, action, owner of the capsule, expected) under the default policy, builtin backend.

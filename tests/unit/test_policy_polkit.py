@@ -4,6 +4,7 @@ cancellation, against a fake bus link. (Real polkitd 126: tests/e2e/test_policy_
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 
 import pytest
@@ -28,6 +29,11 @@ ALICE = Identity(1000, "alice", frozenset({"alice"}))
 REQUEST = Request(actions.MANAGE, "web-a", 1000, verb="start")
 # Someone else's: a read check (no owner details) decides whether the owner is shown.
 OTHERS = Request(actions.MANAGE, "web-b", 1001, verb="start")
+
+
+def interactive(request: Request) -> Request:
+    """The request of a call that allowed interactive authentication."""
+    return dataclasses.replace(request, allow_interactive=True)
 
 
 def make_check(**kw: object) -> Message:
@@ -177,7 +183,7 @@ def test_answers_map_through() -> None:
         for answer in ((True, False), (False, True), (False, False)):
             link = FakeLink(answer)
             link.release.set()
-            results.append(await backend_for(link).check(ME, ALICE, REQUEST, False))
+            results.append(await backend_for(link).check(ME, ALICE, REQUEST))
         return results
 
     assert asyncio.run(main()) == [Decision.YES, Decision.AUTH_ADMIN, Decision.NO]
@@ -187,7 +193,7 @@ def test_at_most_64_checks_in_flight() -> None:
     async def main() -> tuple[int, list[Decision]]:
         link = FakeLink()
         backend = backend_for(link)
-        tasks = [asyncio.create_task(backend.check(ME, ALICE, REQUEST, False)) for _ in range(100)]
+        tasks = [asyncio.create_task(backend.check(ME, ALICE, REQUEST)) for _ in range(100)]
         await asyncio.wait_for(link.when_waiting(MAX_IN_FLIGHT).wait(), 5)
         for _ in range(10):  # give the other 36 every chance to get in
             await asyncio.sleep(0)
@@ -207,7 +213,7 @@ def test_a_cancelled_check_is_cancelled_in_polkitd() -> None:
     async def main() -> list[Message]:
         link = FakeLink()
         backend = backend_for(link)
-        task = asyncio.create_task(backend.check(ME, ALICE, REQUEST, True))
+        task = asyncio.create_task(backend.check(ME, ALICE, interactive(REQUEST)))
         await asyncio.wait_for(link.when_waiting(1).wait(), 5)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -226,7 +232,7 @@ def test_timeout_refuses_and_cancels() -> None:
     async def main() -> tuple[Decision, list[Message]]:
         link = FakeLink()
         backend = backend_for(link, timeout_s=0.05)
-        result = await backend.check(ME, ALICE, REQUEST, False)
+        result = await backend.check(ME, ALICE, REQUEST)
         await backend.aclose()
         return result, link.calls
 
@@ -243,7 +249,7 @@ def test_unreachable_bus_refuses() -> None:
         raise FileNotFoundError(2, "No such file or directory")
 
     backend = PolkitBackend(connect)
-    assert asyncio.run(backend.check(ME, ALICE, REQUEST, False)) is Decision.NO
+    assert asyncio.run(backend.check(ME, ALICE, REQUEST)) is Decision.NO
 
 
 def test_broken_connection_refuses_then_reconnects() -> None:
@@ -259,8 +265,8 @@ def test_broken_connection_refuses_then_reconnects() -> None:
 
     async def main() -> list[Decision]:
         backend = PolkitBackend(connect)
-        first = await backend.check(ME, ALICE, REQUEST, False)
-        second = await backend.check(ME, ALICE, REQUEST, False)
+        first = await backend.check(ME, ALICE, REQUEST)
+        second = await backend.check(ME, ALICE, REQUEST)
         return [first, second]
 
     assert asyncio.run(main()) == [Decision.NO, Decision.YES]
@@ -273,14 +279,14 @@ def test_polkit_error_reply_refuses() -> None:
             return new_error(message, "org.freedesktop.DBus.Error.ServiceUnknown")
 
     link = ErrorLink()
-    assert asyncio.run(backend_for(link).check(ME, ALICE, REQUEST, False)) is Decision.NO
+    assert asyncio.run(backend_for(link).check(ME, ALICE, REQUEST)) is Decision.NO
 
 
 def test_gone_process_is_refused_without_asking() -> None:
     link = FakeLink()
     # No start time: the peer was already gone when its connection was accepted.
     gone = Peer(uid=1000, gid=1000, pid=2**22 + 1, pidfd=None, start_time=None)
-    assert asyncio.run(backend_for(link).check(gone, ALICE, REQUEST, False)) is Decision.NO
+    assert asyncio.run(backend_for(link).check(gone, ALICE, REQUEST)) is Decision.NO
     assert link.calls == []
 
 
@@ -291,7 +297,7 @@ def test_the_start_time_recorded_at_connect_is_sent_not_a_fresh_one() -> None:
     link.release.set()
     recorded = read_start_time(os.getpid()) - 1
     subject = Peer(uid=1000, gid=1000, pid=os.getpid(), pidfd=None, start_time=recorded)
-    assert asyncio.run(backend_for(link).check(subject, ALICE, REQUEST, False)) is Decision.YES
+    assert asyncio.run(backend_for(link).check(subject, ALICE, REQUEST)) is Decision.YES
     ((_, sent), *_rest) = link.calls[0].body
     assert sent["start-time"] == ("t", recorded)
     assert sent["pid"] == ("u", os.getpid())
@@ -316,7 +322,7 @@ def asked(link: FakeLink) -> list[tuple[str, dict[str, str], int]]:
 def test_read_is_asked_without_owner_details() -> None:
     link = ScriptedLink({actions.READ: (False, True)})
     read = Request(actions.READ, "web-b", 1001)
-    assert asyncio.run(backend_for(link).check(ME, ALICE, read, True)) is Decision.AUTH_ADMIN
+    assert asyncio.run(backend_for(link).check(ME, ALICE, interactive(read))) is Decision.AUTH_ADMIN
     # One interactive check; the agent it may start sees no owner either.
     assert asked(link) == [(actions.READ, {"capsule": "web-b"}, ALLOW_USER_INTERACTION)]
 
@@ -324,7 +330,7 @@ def test_read_is_asked_without_owner_details() -> None:
 def test_read_details_are_the_same_whether_the_capsule_exists_or_not() -> None:
     def details(owner: int | None) -> list[tuple[str, dict[str, str], int]]:
         link = ScriptedLink({actions.READ: (False, False)})
-        asyncio.run(backend_for(link).check(ME, ALICE, Request(actions.READ, "x", owner), False))
+        asyncio.run(backend_for(link).check(ME, ALICE, Request(actions.READ, "x", owner)))
         return asked(link)
 
     assert details(1001) == details(None) == details(0)
@@ -332,7 +338,9 @@ def test_read_details_are_the_same_whether_the_capsule_exists_or_not() -> None:
 
 def test_an_unreadable_capsules_owner_is_not_shown() -> None:
     link = ScriptedLink({actions.READ: (False, True), actions.MANAGE: (False, True)})
-    assert asyncio.run(backend_for(link).check(ME, ALICE, OTHERS, True)) is Decision.AUTH_ADMIN
+    assert (
+        asyncio.run(backend_for(link).check(ME, ALICE, interactive(OTHERS))) is Decision.AUTH_ADMIN
+    )
     assert asked(link) == [
         (actions.READ, {"capsule": "web-b"}, 0),  # never interactive: no dialog for the probe
         (actions.MANAGE, {"capsule": "web-b", "verb": "start"}, ALLOW_USER_INTERACTION),
@@ -341,7 +349,7 @@ def test_an_unreadable_capsules_owner_is_not_shown() -> None:
 
 def test_a_readable_capsules_owner_is_shown() -> None:
     link = ScriptedLink({actions.READ: (True, False), actions.MANAGE: (True, False)})
-    assert asyncio.run(backend_for(link).check(ME, ALICE, OTHERS, False)) is Decision.YES
+    assert asyncio.run(backend_for(link).check(ME, ALICE, OTHERS)) is Decision.YES
     (_, first, _), (action, second, _) = asked(link)
     assert first == {"capsule": "web-b"}
     assert action == actions.MANAGE
@@ -352,7 +360,7 @@ def test_a_readable_capsules_owner_is_shown() -> None:
 def test_own_capsule_and_create_need_no_read_probe() -> None:
     for request in (REQUEST, Request(actions.CREATE, "new", 1000)):
         link = ScriptedLink({request.action: (True, False)})
-        assert asyncio.run(backend_for(link).check(ME, ALICE, request, False)) is Decision.YES
+        assert asyncio.run(backend_for(link).check(ME, ALICE, request)) is Decision.YES
         ((action, details, _),) = asked(link)
         assert (action, details["owner-uid"]) == (request.action, "1000")
 
@@ -364,5 +372,5 @@ def test_a_failed_read_probe_refuses_without_asking_more() -> None:
             return new_error(message, "org.freedesktop.DBus.Error.ServiceUnknown")
 
     link = ErrorLink()
-    assert asyncio.run(backend_for(link).check(ME, ALICE, OTHERS, False)) is Decision.NO
+    assert asyncio.run(backend_for(link).check(ME, ALICE, OTHERS)) is Decision.NO
     assert [c.body[1] for c in link.calls] == [actions.READ]

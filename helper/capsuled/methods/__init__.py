@@ -11,10 +11,10 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 
 from capsuled import errors
-from capsuled.audit import RESULT_DENIED, AuditAction
+from capsuled.audit import RESULT_CANCELLED, RESULT_DENIED, AuditAction
 from capsuled.dispatch import Dispatcher
 from capsuled.methods import inside, lifecycle, streams
-from capsuled.methods.context import CallContext, Notify, Services
+from capsuled.methods.context import CallContext, Notify, Outcome, Services
 from capsuled.peer import Peer
 from capsuled.varlink.errors import InvalidParameter, VarlinkError
 from capsuled.varlink.interface import Interface
@@ -53,7 +53,7 @@ REQUIRES_MORE = frozenset({"Watch"})
 
 # Mutating methods and the audit action each is recorded under (invariant 6). Handlers audit
 # their own outcome with details; `audited` makes sure a refusal, a failure or a hang-up in
-# the middle is recorded too.
+# the middle is recorded too, reading what the call's context says happened (ctx.outcome).
 AUDITED: Mapping[str, AuditAction] = {
     "Create": AuditAction.CREATE,
     "Remove": AuditAction.REMOVE,
@@ -85,15 +85,17 @@ def audited(action: AuditAction, handler: Handler) -> Handler:
         try:
             return await handler(ctx, p)
         except VarlinkError as exc:
+            if ctx.outcome is Outcome.DENIED:
+                ctx.audit(action, name, RESULT_DENIED)
             # A call refused for its input changed nothing and proved nothing about anyone;
             # recording it would let any user write junk (bad names) into the audit trail.
-            if not ctx.audited and (ctx.denied or not isinstance(exc, INPUT_ERRORS)):
-                ctx.audit(action, name, RESULT_DENIED if ctx.denied else exc.name)
+            elif ctx.outcome is Outcome.OPEN and not isinstance(exc, INPUT_ERRORS):
+                ctx.audit(action, name, exc.name)
             raise
         except asyncio.CancelledError:
             # The client hung up mid-call: systemd may still finish a job we queued.
-            if not ctx.audited:
-                ctx.audit(action, name, "cancelled")
+            if ctx.outcome is not Outcome.RECORDED:
+                ctx.audit(action, name, RESULT_CANCELLED)
             raise
 
     return handle

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
 
 from capsuled import errors
-from capsuled.audit import AuditLog
+from capsuled.audit import AuditAction, AuditLog
 from capsuled.peer import Peer
-from capsuled.policy import Authorizer, Decision, InteractionRequired
 from capsuled.policy import actions as act
+from capsuled.policy.authorizer import Authorizer
+from capsuled.policy.engine import Decision, Request
 from capsuled.records import CorruptRecord, Record, RecordStore
 from capsuled.systemd import errors as sd
 from capsuled.systemd.backend import SystemdBackend
@@ -69,15 +71,19 @@ class Services:
     followers: dict[int, int] = field(default_factory=dict)
 
 
+class Outcome(Enum):
+    """What the audit trail has of a call so far; the method table's audit wrapper reads it."""
+
+    OPEN = "open"  # nothing recorded, nothing refused: a failure is recorded by the wrapper
+    DENIED = "denied"  # the policy refused it (authorize): the wrapper records "denied"
+    RECORDED = "recorded"  # the handler wrote its own record: the wrapper adds none
+
+
 @dataclass(slots=True)
 class _Authorization:
     """What authorize() allowed, so `locked` can tell if the owner changed meanwhile."""
 
-    action: str
-    owner: int | None
-    interactive: bool
-    verb: str | None
-    unit: str | None
+    request: Request
     pinned_owner: bool  # the owner was given by the caller (Create), not read from records
 
 
@@ -87,10 +93,7 @@ class CallContext:
     more: bool
     notify: Notify
     services: Services
-    # Set by audit() and authorize(): the method table's audit wrapper writes a record for a
-    # mutating call only if the handler did not, and says "denied" for a refusal.
-    audited: bool = False
-    denied: bool = False
+    outcome: Outcome = Outcome.OPEN  # set only by authorize() and audit(), below
     _authorized: dict[str, _Authorization] = field(default_factory=dict)
 
     @property
@@ -120,6 +123,8 @@ class CallContext:
     ) -> Record | None:
         """Allow the call or raise its refusal; returns the capsule's record.
 
+        The one place a policy refusal becomes a wire error.
+
         Raises:
             NoSuchCapsule: the caller may not read the capsule (whether or not it exists).
             PermissionDenied, InteractiveAuthenticationRequired: it may read it, not do this.
@@ -128,27 +133,21 @@ class CallContext:
         record = self.record_of(name)
         if owner is None and record is not None:
             owner = record.owner
-        try:
-            await self.services.authorizer.authorize(
-                self.peer,
-                action,
-                capsule=name,
-                owner=owner,
-                verb=verb,
-                unit=unit,
-                allow_interactive=bool(interactive),
-            )
-        except (PermissionDenied, InteractionRequired) as refusal:
-            self.denied = True
-            if action != act.CREATE and not await self.may_read(name, owner):
-                raise errors.NoSuchCapsule(name=name) from None
-            if isinstance(refusal, InteractionRequired):
-                raise errors.InteractiveAuthenticationRequired() from None
-            raise
-        self._authorized[name] = _Authorization(
-            action, owner, bool(interactive), verb, unit, pinned
-        )
+        request = Request(action, name, owner, verb, unit, allow_interactive=bool(interactive))
+        await self._require(request)
+        self._authorized[name] = _Authorization(request, pinned)
         return record
+
+    async def _require(self, request: Request) -> None:
+        verdict = await self.services.authorizer.decide(self.peer, request)
+        if verdict.decision is Decision.YES:
+            return
+        self.outcome = Outcome.DENIED
+        if request.action != act.CREATE and not await self.may_read(request.capsule, request.owner):
+            raise errors.NoSuchCapsule(name=request.capsule)
+        if verdict.decision is Decision.AUTH_ADMIN:
+            raise errors.InteractiveAuthenticationRequired()
+        raise PermissionDenied()
 
     @contextlib.asynccontextmanager
     async def locked(self, name: str) -> AsyncIterator[None]:
@@ -159,55 +158,75 @@ class CallContext:
             if allowed is not None and not allowed.pinned_owner:
                 record = self.record_of(name)
                 owner = record.owner if record is not None else None
-                if owner != allowed.owner:
-                    await self.authorize(
-                        allowed.action,
-                        name,
-                        interactive=allowed.interactive,
-                        verb=allowed.verb,
-                        unit=allowed.unit,
-                    )
+                if owner != allowed.request.owner:
+                    request = replace(allowed.request, owner=owner)
+                    await self._require(request)
+                    self._authorized[name] = _Authorization(request, False)
             yield
 
     async def may_read(self, name: str, owner: int | None) -> bool:
-        decision = await self.services.authorizer.check(
-            self.peer, act.READ, capsule=name, owner=owner
-        )
-        return decision is Decision.YES
+        """Whether the caller may read the capsule (never interactive: nobody is asked)."""
+        verdict = await self.services.authorizer.decide(self.peer, Request(act.READ, name, owner))
+        return verdict.decision is Decision.YES
 
-    def audit(self, action: str, name: str | None, result: str, **fields: str | int | None) -> None:
-        self.audited = True
+    def audit(
+        self, action: AuditAction, name: str | None, result: str, **fields: str | int | None
+    ) -> None:
+        self.outcome = Outcome.RECORDED
         self.services.audit.record(
             action, caller_uid=self.peer.uid, capsule=name, result=result, **fields
         )
 
 
-# Backend errors -> Varlink errors, in one table (style: translate once per layer).
-def varlink_error_for(exc: sd.BackendError, name: str) -> VarlinkError:
-    if isinstance(exc, sd.SystemdTooOld):
-        return errors.SystemdTooOld(version=exc.version)
-    if isinstance(exc, sd.SystemdUnavailable | sd.BackendTimeout):
-        return errors.SystemdUnavailable()
-    if isinstance(exc, sd.JobFailed):
-        return errors.JobFailed(result=exc.result, unitResult=exc.unit_result)
-    if isinstance(exc, sd.UnitBusy):
-        return errors.CapsuleRunning(name=name)
-    if isinstance(exc, sd.ManagerUnavailable):
-        return errors.CapsuleNotRunning(name=name)
-    if isinstance(exc, sd.AccessDenied):
-        return PermissionDenied()
-    if isinstance(exc, sd.InvalidArgument):
-        # systemd refused a value we passed on (e.g. a limit out of its range).
-        return errors.InvalidValue(parameter="value", reason=exc.text)
-    return errors.InternalError()
+def _capsule_running(exc: sd.BackendError, name: str) -> VarlinkError:
+    return errors.CapsuleRunning(name=name)
+
+
+def _capsule_not_running(exc: sd.BackendError, name: str) -> VarlinkError:
+    return errors.CapsuleNotRunning(name=name)
+
+
+def _too_old(exc: sd.BackendError, name: str) -> VarlinkError:
+    assert isinstance(exc, sd.SystemdTooOld)  # the table's key says so
+    return errors.SystemdTooOld(version=exc.version)
+
+
+def _job_failed(exc: sd.BackendError, name: str) -> VarlinkError:
+    assert isinstance(exc, sd.JobFailed)  # the table's key says so
+    return errors.JobFailed(result=exc.result, unitResult=exc.unit_result)
+
+
+def _invalid_value(exc: sd.BackendError, name: str) -> VarlinkError:
+    assert isinstance(exc, sd.InvalidArgument)  # the table's key says so
+    # systemd refused a value we passed on (e.g. a limit out of its range).
+    return errors.InvalidValue(parameter="value", reason=exc.text)
+
+
+# Backend errors -> Varlink errors, in one table (style: translate once per layer), looked up along
+# the error's class hierarchy; anything not listed (BadReply, WatchOverflow, DBusCallFailed, ...)
+# is our InternalError, its cause in the journal.
+BACKEND_ERRORS: Mapping[type[sd.BackendError], Callable[[sd.BackendError, str], VarlinkError]] = {
+    sd.NoSuchUnit: lambda exc, name: errors.NoSuchCapsule(name=name),
+    sd.SystemdTooOld: _too_old,
+    sd.SystemdUnavailable: lambda exc, name: errors.SystemdUnavailable(),
+    sd.BackendTimeout: lambda exc, name: errors.SystemdUnavailable(),
+    sd.JobFailed: _job_failed,
+    sd.UnitBusy: _capsule_running,
+    sd.ManagerUnavailable: _capsule_not_running,
+    sd.AccessDenied: lambda exc, name: PermissionDenied(),
+    sd.InvalidArgument: _invalid_value,
+}
 
 
 @contextlib.contextmanager
 def backend_errors(name: str) -> Iterator[None]:
-    """Turn a backend failure into its Varlink error, chaining the cause for the journal."""
+    """Turn a backend failure about capsule `name` into its Varlink error (BACKEND_ERRORS),
+    chaining the cause for the journal."""
     try:
         yield
-    except sd.NoSuchUnit as exc:
-        raise errors.NoSuchCapsule(name=name) from exc
     except sd.BackendError as exc:
-        raise varlink_error_for(exc, name) from exc
+        for cls in type(exc).__mro__:
+            translate = BACKEND_ERRORS.get(cls)
+            if translate is not None:
+                raise translate(exc, name) from exc
+        raise errors.InternalError() from exc

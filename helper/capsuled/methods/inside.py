@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import cast
 
 from capsuled import errors
+from capsuled.audit import RESULT_FAILED, RESULT_OK, AuditAction
 from capsuled.methods.context import CallContext, backend_errors
 from capsuled.methods.lifecycle import checked_name, existing, require_systemd
 from capsuled.names import INSTALLABLE_UNIT_TYPES, unit_name_problem
@@ -43,6 +44,14 @@ CAPSULE_HOME_IN_CAPSULE = "/var/lib/capsules"
 MAX_RUN_ARGS = 4096
 MAX_RUN_ENV = 1024
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# What each verb on a unit is audited as.
+_UNIT_AUDIT = {
+    "start": AuditAction.START_UNIT,
+    "stop": AuditAction.STOP_UNIT,
+    "restart": AuditAction.RESTART_UNIT,
+    "enable": AuditAction.ENABLE_UNIT,
+    "disable": AuditAction.DISABLE_UNIT,
+}
 
 
 def checked_unit(p: Params, *, field: str = "unit", installable: bool = False) -> str:
@@ -192,9 +201,9 @@ async def install_unit(ctx: CallContext, p: Params) -> Wire:
                 await _reload_if_running(ctx, name)
                 job = await _manager_job(ctx, name, unit, "start") if start_now else None
         except errors.JobFailed:
-            ctx.audit("install-unit", name, "failed", unit=unit, enable=int(enable))
+            ctx.audit(AuditAction.INSTALL_UNIT, name, RESULT_FAILED, unit=unit, enable=int(enable))
             raise
-        ctx.audit("install-unit", name, "ok", unit=unit, enable=int(enable), job=job)
+        ctx.audit(AuditAction.INSTALL_UNIT, name, RESULT_OK, unit=unit, enable=int(enable), job=job)
         return {"unit": await _describe_unit(ctx, name, unit)}
 
 
@@ -227,7 +236,7 @@ async def remove_unit(ctx: CallContext, p: Params) -> Wire:
             home.remove_file(UNIT_DIR, unit)
         with backend_errors(name):
             await _reload_if_running(ctx, name)
-        ctx.audit("remove-unit", name, "ok", unit=unit)
+        ctx.audit(AuditAction.REMOVE_UNIT, name, RESULT_OK, unit=unit)
         return {}
 
 
@@ -248,9 +257,9 @@ async def _unit_job(ctx: CallContext, p: Params, verb: str) -> Wire:
             with backend_errors(name):
                 job = await _manager_job(ctx, name, unit, verb)
         except errors.JobFailed:
-            ctx.audit(f"{verb}-unit", name, "failed", unit=unit)
+            ctx.audit(_UNIT_AUDIT[verb], name, RESULT_FAILED, unit=unit)
             raise
-        ctx.audit(f"{verb}-unit", name, "ok", unit=unit)
+        ctx.audit(_UNIT_AUDIT[verb], name, RESULT_OK, unit=unit)
         return {"unit": await _describe_unit(ctx, name, unit), "job": job}
 
 
@@ -292,7 +301,7 @@ async def _set_enabled(ctx: CallContext, p: Params, enabled: bool) -> Wire:
                 raise errors.NoSuchUnit(name=name, unit=unit)
         with backend_errors(name):
             await _reload_if_running(ctx, name)
-        ctx.audit(f"{verb}-unit", name, "ok", unit=unit)
+        ctx.audit(_UNIT_AUDIT[verb], name, RESULT_OK, unit=unit)
         return {"unit": await _describe_unit(ctx, name, unit)}
 
 
@@ -374,15 +383,22 @@ async def run(ctx: CallContext, p: Params) -> Wire:
                     working_directory=cwd,
                     keep=ctx.more,
                 )
-                ctx.audit("run", name, "started", unit=started, command=command[0])
+                ctx.audit(AuditAction.RUN, name, "started", unit=started, command=command[0])
                 if not ctx.more:
                     return {"unit": started, "exitStatus": None, "result": None}
                 await ctx.notify({"unit": started, "exitStatus": None, "result": None})
                 ended = await mgr.wait_exit(started)
     except errors.JobFailed:
-        ctx.audit("run", name, "failed", command=command[0])
+        ctx.audit(AuditAction.RUN, name, RESULT_FAILED, command=command[0])
         raise
-    ctx.audit("run", name, "exited", unit=started, exit_result=ended.result, status=ended.status)
+    ctx.audit(
+        AuditAction.RUN,
+        name,
+        "exited",
+        unit=started,
+        exit_result=ended.result,
+        status=ended.status,
+    )
     # A signal is not an exit status; result ("signal", "core-dump") says what happened.
     status = ended.status if ended.code == "exited" else None
     return {"unit": started, "exitStatus": status, "result": ended.result}

@@ -13,9 +13,11 @@ import pwd
 from typing import cast
 
 from capsuled import errors
+from capsuled.audit import RESULT_FAILED, RESULT_OK, AuditAction
 from capsuled.methods.context import CallContext, backend_errors
 from capsuled.names import CAPSULE_USER_PREFIX, capsule_name_problem, unit_name_problem
 from capsuled.policy import actions as act
+from capsuled.policy.engine import Request
 from capsuled.records import CorruptRecord, Phase, Record, new_record
 from capsuled.safefs import DYNAMIC_UID_MAX, DYNAMIC_UID_MIN
 from capsuled.systemd import errors as sd
@@ -174,7 +176,7 @@ async def create(ctx: CallContext, p: Params) -> Wire:
         if not resuming:
             owned = len(ctx.records.owned_by(uid))
             if quota.max_capsules is not None and owned >= quota.max_capsules:
-                ctx.audit("create", name, "quota-exceeded")
+                ctx.audit(AuditAction.CREATE, name, "quota-exceeded")
                 raise errors.QuotaExceeded(what="capsules", limit=quota.max_capsules)
             record = new_record(name, uid)
             # Written before systemd is touched, so a crash leaves a record a retry resumes.
@@ -195,10 +197,10 @@ async def create(ctx: CallContext, p: Params) -> Wire:
                     await ctx.backend.stop(name)
         except errors.JobFailed:
             await _undo_create(ctx, name)
-            ctx.audit("create", name, "failed")
+            ctx.audit(AuditAction.CREATE, name, RESULT_FAILED)
             raise
         ctx.records.put(record.with_phase(Phase.READY))
-        ctx.audit("create", name, "ok", owner=uid)
+        ctx.audit(AuditAction.CREATE, name, RESULT_OK, owner=uid)
         return {"capsule": await describe_wire(ctx, name)}
 
 
@@ -251,11 +253,15 @@ async def remove(ctx: CallContext, p: Params) -> Wire:
                 await ctx.backend.clean(name)
             await ctx.backend.forget(name)
         ctx.records.delete(name)
-        ctx.audit("remove", name, "ok", keep_data=int(bool(p["keepData"])))
+        ctx.audit(AuditAction.REMOVE, name, RESULT_OK, keep_data=int(bool(p["keepData"])))
         return {}
 
 
 # --- start, stop, restart, autostart, limits ----------------------------------------------
+
+
+# The job each verb queues, and what it is audited as.
+_JOB_AUDIT = {"start": AuditAction.START, "stop": AuditAction.STOP, "restart": AuditAction.RESTART}
 
 
 async def _run_job(ctx: CallContext, p: Params, verb: str) -> Wire:
@@ -267,13 +273,14 @@ async def _run_job(ctx: CallContext, p: Params, verb: str) -> Wire:
     async with ctx.locked(name):
         await existing(ctx, name, ctx.record_of(name))
         job = {"start": ctx.backend.start, "stop": ctx.backend.stop, "restart": ctx.backend.restart}
+        audit = _JOB_AUDIT[verb]
         try:
             with backend_errors(name):
                 result = await job[verb](name)
         except errors.JobFailed as failure:
-            ctx.audit(verb, name, "failed", job_result=str(failure.parameters.get("result")))
+            ctx.audit(audit, name, RESULT_FAILED, job_result=str(failure.parameters.get("result")))
             raise
-        ctx.audit(verb, name, "ok")
+        ctx.audit(audit, name, RESULT_OK)
         return {"capsule": await describe_wire(ctx, name), "job": result}
 
 
@@ -300,7 +307,7 @@ async def set_autostart(ctx: CallContext, p: Params) -> Wire:
         await existing(ctx, name, ctx.record_of(name))
         with backend_errors(name):
             await ctx.backend.set_autostart(name, enabled)
-        ctx.audit("set-autostart", name, "ok", enabled=int(enabled))
+        ctx.audit(AuditAction.SET_AUTOSTART, name, RESULT_OK, enabled=int(enabled))
         return {"capsule": await describe_wire(ctx, name)}
 
 
@@ -348,7 +355,12 @@ async def set_limits(ctx: CallContext, p: Params) -> Wire:
                 tasks_max=backend_value["tasksMax"],
                 cpu_weight=backend_value["cpuWeight"],
             )
-        ctx.audit("set-limits", name, "ok", **{k: v for k, v in limits.items() if v is not None})
+        ctx.audit(
+            AuditAction.SET_LIMITS,
+            name,
+            RESULT_OK,
+            **{k: v for k, v in limits.items() if v is not None},
+        )
         return {"capsule": await describe_wire(ctx, name)}
 
 
@@ -387,12 +399,7 @@ async def check_access(ctx: CallContext, p: Params) -> Wire:
         raise errors.InvalidUnit(unit=unit, reason=problem, line=None)
     record = ctx.record_of(name)
     owner = ctx.peer.uid if action == act.CREATE else (record.owner if record else None)
-    decision, reason = await ctx.services.authorizer.explain(
-        ctx.peer,
-        action,
-        capsule=name,
-        owner=owner,
-        verb=verb,
-        unit=unit,
-    )
-    return {"access": {"result": str(decision), "reason": reason}}
+    # Never interactive: CheckAccess asks, it does not authenticate.
+    request = Request(action, name, owner, verb, unit)
+    verdict = await ctx.services.authorizer.decide(ctx.peer, request)
+    return {"access": {"result": str(verdict.decision), "reason": verdict.step}}

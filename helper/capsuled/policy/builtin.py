@@ -10,16 +10,14 @@ __all__ = ["BuiltinBackend"]
 
 
 class BuiltinBackend:
-    """Step 4 from the [[rule]] and [defaults] of the configuration; cannot authenticate anybody."""
+    """The last step from the [[rule]]s and [defaults]; cannot authenticate anybody."""
 
     name = "builtin"
 
     def __init__(self, config: PolicyConfig) -> None:
         self._config = config
 
-    async def check(
-        self, subject: Peer, identity: Identity, request: Request, allow_interactive: bool
-    ) -> Decision:
+    async def check(self, peer: Peer, identity: Identity, request: Request) -> Decision:
         # No agent to ask: allow_interactive changes nothing, auth_admin stays a refusal.
         return builtin_decide(identity, request, self._config)
 

@@ -15,8 +15,8 @@ by us (polkit(8): a mechanism ships its .policy defaults and only *example* rule
 give the same answers for the default policy. Admins who want polkit to decide creation, too, empty
 ``[create] groups`` and install polkit/50-capsuled-group.rules.example.
 
-The callers (policy/__init__.py) turn the socket peer into an `Identity`, reading the user and group
-databases at each call, so that removing a user from a group takes effect at the next call.
+The caller (policy/authorizer.py) turns the socket peer into an `Identity`, reading the user and
+group databases at each call, so that removing a user from a group takes effect at the next call.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class Identity:
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """What the caller wants to do; these are also the polkit details."""
+    """What the caller wants to do: built once per check (CallContext.authorize), its fields are
+    also the polkit details."""
 
     action: str  # one of actions.ALL
     capsule: str
@@ -61,6 +62,9 @@ class Request:
     owner: int | None
     verb: str | None = None
     unit: str | None = None
+    # The call's allowInteractiveAuthentication: polkit may ask the caller's agent. Never a
+    # detail, and no rule sees it; the builtin backend has nobody to ask.
+    allow_interactive: bool = False
 
 
 @dataclass(frozen=True, slots=True)

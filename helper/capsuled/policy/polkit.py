@@ -154,7 +154,7 @@ class _Refused(Exception):
 
 
 class PolkitBackend:
-    """Step 4 of a decision from polkitd."""
+    """The last step of a decision from polkitd."""
 
     name = "polkit"
 
@@ -179,54 +179,52 @@ class PolkitBackend:
         self._ids = count(1)
         self._cancels: set[asyncio.Task[None]] = set()
 
-    async def check(
-        self, subject: Peer, identity: Identity, request: Request, allow_interactive: bool
-    ) -> Decision:
+    async def check(self, peer: Peer, identity: Identity, request: Request) -> Decision:
         """Ask polkitd; any failure is a refusal."""
-        if subject.start_time is None:
+        if peer.start_time is None:
             # peer_credentials found no process to record: it was gone before the check.
-            log.info("polkit: peer process %d is gone; refusing", subject.pid)
+            log.info("polkit: peer process %d is gone; refusing", peer.pid)
             return Decision.NO
         try:
-            owner_visible = await self._owner_visible(subject, request)
-            return await self._ask(subject, request, owner_visible, allow_interactive)
+            owner_visible = await self._owner_visible(peer, request)
+            return await self._ask(peer, request, owner_visible)
         except _Refused:
             return Decision.NO
 
-    async def _owner_visible(self, subject: Peer, request: Request) -> bool:
+    async def _owner_visible(self, peer: Peer, request: Request) -> bool:
         """Whether the owner details may go to polkitd with this request (module docstring)."""
         if request.owner is None or request.action == actions.READ:
             return False
-        if request.action == actions.CREATE or request.owner == subject.uid:
+        if request.action == actions.CREATE or request.owner == peer.uid:
             return True  # the owner is the caller itself
+        # Never interactive: no dialog for the probe.
         read = Request(actions.READ, request.capsule, None)
-        return await self._ask(subject, read, False, False) is Decision.YES
+        return await self._ask(peer, read, False) is Decision.YES
 
-    async def _ask(
-        self, subject: Peer, request: Request, owner_visible: bool, allow_interactive: bool
-    ) -> Decision:
+    async def _ask(self, peer: Peer, request: Request, owner_visible: bool) -> Decision:
         """One CheckAuthorization.
 
         Raises:
             _Refused: polkitd could not answer (already logged).
         """
-        assert subject.start_time is not None  # check() refused the peer otherwise
+        assert peer.start_time is not None  # check() refused the peer otherwise
         async with self._slots:
             owner_name = None
             if owner_visible and request.owner is not None:
                 owner_name = user_name(request.owner)
             cancellation_id = f"capsuled-{os.getpid()}-{next(self._ids)}"
             message = check_authorization(
-                pid=subject.pid,
-                start_time=subject.start_time,
-                uid=subject.uid,
-                pidfd=subject.pidfd,
+                pid=peer.pid,
+                start_time=peer.start_time,
+                uid=peer.uid,
+                pidfd=peer.pidfd,
                 action=request.action,
                 details=polkit_details(request, owner_name, owner_visible=owner_visible),
-                allow_interactive=allow_interactive,
+                allow_interactive=request.allow_interactive,
                 cancellation_id=cancellation_id,
             )
-            timeout_s = self._interactive_timeout_s if allow_interactive else self._timeout_s
+            interactive = request.allow_interactive
+            timeout_s = self._interactive_timeout_s if interactive else self._timeout_s
             try:
                 conn = await self._connect()
             except (OSError, TimeoutError) as exc:  # dbus.BusClosed is an OSError

@@ -5,7 +5,7 @@
 SPEC: {"mode": "direct" | "varlink", "backend": "builtin" | "polkit", "users": [...], "steps":
 [...]}. Each user gets a child process (policy_child.py under setpriv --init-groups, so it carries
 the groups it had when it started). In "direct" mode the children connect to a socket of ours and
-the steps ask capsuled.policy's Authorizer about their peer credentials, read as the daemon reads
+the steps ask capsuled.policy.authorizer about their peer credentials, read as the daemon reads
 them at accept; in "varlink" mode the children talk to capsuled. Steps run in order, one result
 each: {"op": "root", "argv"} -> exit status; {"op": "kill", "user"} -> null (the child is gone);
 {"op": "check", "user", "action", "capsule", "owner"} -> the decision; {"op": "quota", "user"} ->
@@ -25,7 +25,9 @@ import sys
 from typing import Any
 
 from capsuled.peer import Peer, peer_credentials
-from capsuled.policy import Authorizer
+from capsuled.policy import actions
+from capsuled.policy.authorizer import Authorizer
+from capsuled.policy.engine import Request
 
 CHILD = [sys.executable, "-m", "e2e.inbed.policy_child"]
 BACKLOG = 64
@@ -92,13 +94,9 @@ async def run_step(
         return None
     if op == "check":
         assert auth is not None, "check needs direct mode"
-        decision = await auth.check(
-            subjects[step["user"]][0],
-            step["action"],
-            capsule=step["capsule"],
-            owner=uid(step["owner"]),
-        )
-        return str(decision)
+        request = Request(actions.resolve(step["action"]), step["capsule"], uid(step["owner"]))
+        verdict = await auth.decide(subjects[step["user"]][0], request)
+        return str(verdict.decision)
     if op == "quota":
         assert auth is not None, "quota needs direct mode"
         q = auth.quota(subjects[step["user"]][0])

@@ -63,10 +63,10 @@ async def probe() -> dict[str, object]:
     dbus.DBusConnection.call_raw = _recording  # type: ignore[method-assign]  # a probe's spy
     backend = PolkitBackend()  # a system bus connection of its own
     identity = Identity(uid, USER, frozenset())
-    request = Request(actions.RUN, "x", None)
+    request = Request(actions.RUN, "x", None, allow_interactive=True)
     pending = False
     for _ in range(ATTEMPTS):  # until the agent has registered: then the check stays pending
-        task = asyncio.create_task(backend.check(subject, identity, request, True))
+        task = asyncio.create_task(backend.check(subject, identity, request))
         done, _ = await asyncio.wait({task}, timeout=PENDING_S)
         if not done:
             pending = True

@@ -1,0 +1,172 @@
+"""The Authorizer: the one decision function behind `ctx.authorize` and `CheckAccess`.
+
+`decide(peer, request)` runs the whole decision in order and says which step took it:
+
+    root          uid 0: yes, without a query (as systemd's bus-polkit.c does for its own uid)
+    peer-gone     the peer exited (or its pid was reused) before the check: no
+    config-refused  a refused configuration: no, for everybody but root
+    owner         capsuled's owner grants (engine.grant)
+    create-group  capsuled's creator groups (engine.grant)
+    builtin|polkit  the backend: the config's [[rule]]s, or polkitd
+
+It never raises a refusal: turning a decision into the wire's answer (NoSuchCapsule for a
+caller who may not even read the capsule, PermissionDenied, InteractiveAuthenticationRequired)
+is the caller's one job, done in capsuled.methods.context.CallContext.authorize.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Protocol
+
+from capsuled.peer import Peer, process_is_alive
+from capsuled.policy import actions
+from capsuled.policy.builtin import BuiltinBackend
+from capsuled.policy.config import load_config
+from capsuled.policy.engine import (
+    Decision,
+    Identity,
+    PolicyConfig,
+    Quota,
+    Request,
+    grant,
+    quota_for,
+)
+from capsuled.policy.identity import lookup_identity
+
+if TYPE_CHECKING:
+    from capsuled.dbus import SystemBus
+
+__all__ = ["DEFAULT_CONFIG_DIR", "Authorizer", "Backend", "Verdict", "polkit_available"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_DIR: Final = Path("/etc/capsuled")
+# polkitd is usable when the bus can activate it and our actions are registered with it; without
+# the .policy file every CheckAuthorization would fail ("action not registered") and deny.
+POLKIT_SERVICE_FILE: Final = Path(
+    "/usr/share/dbus-1/system-services/org.freedesktop.PolicyKit1.service"
+)
+POLKIT_ACTIONS_FILE: Final = Path("/usr/share/polkit-1/actions/org.capsuled.policy")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A decision and the step that took it (CheckAccess reports the step as its reason)."""
+
+    decision: Decision
+    step: str
+
+
+class Backend(Protocol):
+    """The last step of a decision: the builtin rules or polkitd."""
+
+    name: str
+
+    async def check(self, peer: Peer, identity: Identity, request: Request) -> Decision: ...
+
+    async def aclose(self) -> None: ...
+
+
+def polkit_available(
+    service_file: Path = POLKIT_SERVICE_FILE, actions_file: Path = POLKIT_ACTIONS_FILE
+) -> bool:
+    """True if polkitd can be activated on the system bus and knows our actions."""
+    return service_file.is_file() and actions_file.is_file()
+
+
+class Authorizer:
+    """Decides whether a socket peer may do an action to a capsule."""
+
+    def __init__(
+        self,
+        config: PolicyConfig,
+        backend: Backend,
+        *,
+        lookup: Callable[[int], Identity] = lookup_identity,
+        is_alive: Callable[[Peer], bool] = process_is_alive,
+    ) -> None:
+        self.config = config
+        self._backend = backend
+        self._lookup = lookup
+        self._is_alive = is_alive
+
+    @property
+    def backend_name(self) -> str:
+        """ "builtin" or "polkit", for Info."""
+        return self._backend.name
+
+    @classmethod
+    def from_config(
+        cls,
+        config_dir: Path = DEFAULT_CONFIG_DIR,
+        backend: str | None = None,
+        *,
+        system_bus: SystemBus | None = None,
+    ) -> Authorizer:
+        """Load /etc/capsuled (deny-all for non-root if refused) and pick the backend.
+
+        `backend` overrides the config's `[policy] backend`; "auto" means polkit when polkitd is
+        installed with our actions, else builtin. polkit talks over `system_bus` (the daemon's
+        one connection) or, without it, a connection of its own.
+        """
+        config = load_config(config_dir)
+        choice = backend if backend is not None else config.backend
+        if choice == "auto":
+            choice = "polkit" if polkit_available() else "builtin"
+        if choice == "polkit":
+            # Imported here: the builtin backend must not need jeepney's import time.
+            from capsuled.policy.polkit import PolkitBackend
+
+            if config.rules:
+                log.warning(
+                    "policy backend is polkit: the [[rule]] entries in %s are ignored "
+                    "(write polkit rules instead; see polkit/*.rules.example)",
+                    config_dir,
+                )
+            return cls(config, PolkitBackend(system_bus.connection if system_bus else None))
+        if choice != "builtin":
+            raise ValueError(f"unknown policy backend {choice!r}")
+        return cls(config, BuiltinBackend(config))
+
+    async def decide(self, peer: Peer, request: Request) -> Verdict:
+        """The decision for `peer` asking `request`, and which step took it.
+
+        Raises:
+            ValueError: `request.action` is not one of ours (a bug in the caller).
+        """
+        if request.action not in actions.ALL:
+            raise ValueError(f"unknown action {request.action!r}")
+        if peer.uid == 0:
+            # As systemd's bus-polkit.c does for the daemon's own uid: no query, no liveness check.
+            return Verdict(Decision.YES, "root")
+        if not self._is_alive(peer):
+            log.info(
+                "refusing %s on %s for uid %d: peer process %d exited before the check",
+                request.action,
+                request.capsule,
+                peer.uid,
+                peer.pid,
+            )
+            return Verdict(Decision.NO, "peer-gone")
+        identity = self._lookup(peer.uid)
+        granted = grant(identity, request, self.config)
+        if granted is not None:
+            if self.config.deny_all:
+                return Verdict(granted, "config-refused")
+            return Verdict(granted, "create-group" if request.action == actions.CREATE else "owner")
+        decision = await self._backend.check(peer, identity, request)
+        return Verdict(decision, self._backend.name)
+
+    def quota(self, peer: Peer) -> Quota:
+        """The peer's ceilings (capsule count, limits); root is unlimited."""
+        if peer.uid == 0:
+            return quota_for(Identity(0, "root", frozenset()), self.config)
+        return quota_for(self._lookup(peer.uid), self.config)
+
+    async def aclose(self) -> None:
+        """Release what the backend holds (polkit's pending cancellations), if anything."""
+        await self._backend.aclose()
