@@ -31,10 +31,10 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Final
 
-from capsuled.dispatch import Dispatcher
-from capsuled.transport import Handle, Limits, Server
+from capsuled import errors
+from capsuled.transport import Handle, Limits, Server, ServerErrors
 from capsuled.varlink.interface import Interface, parse_interface
 from capsuled.varlink.service import ServiceInfo
 
@@ -70,8 +70,6 @@ SD_LISTEN_FDS_START = 3
 _LISTEN_VARS = ("LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDS", "LISTEN_FDNAMES")
 PROJECT_URL = "https://github.com/capsuled/capsuled"
 
-Ctx = TypeVar("Ctx")
-
 
 class ActivationError(Exception):
     """The socket-activation environment or the passed fd is unusable."""
@@ -106,12 +104,18 @@ def service_info() -> ServiceInfo:
 
 @dataclass(frozen=True, slots=True)
 class Wiring:
-    """What `capsuled serve` runs: the method table, the reloader holding its Services, and the
-    one system bus connection PID 1's backend and polkit share (closed when serving ends)."""
+    """What `capsuled serve` runs: the per-call handler (a Dispatcher's), the errors the transport
+    answers by itself, the reloader holding the Services (SIGHUP), and the one system bus
+    connection PID 1's backend and polkit share (closed when serving ends)."""
 
-    dispatcher: Dispatcher[object]
-    reloader: PolicyReloader
-    system_bus: SystemBus
+    handle: Handle
+    errors: ServerErrors
+    reloader: PolicyReloader | None = None
+    system_bus: SystemBus | None = None
+
+
+# The interface's own errors for what the transport answers itself (the core knows no interface).
+MANAGER_ERRORS: Final = ServerErrors(internal=errors.InternalError, busy=errors.Busy)
 
 
 def build_wiring(options: Options) -> Wiring:
@@ -140,7 +144,8 @@ def build_wiring(options: Options) -> Wiring:
         load_interface(), services, info, validate_replies=options.validate_replies
     )
     return Wiring(
-        dispatcher=dispatcher,  # type: ignore[arg-type]  # Dispatcher[CallContext] is served as Dispatcher[object]
+        handle=dispatcher.handle,
+        errors=MANAGER_ERRORS,
         reloader=PolicyReloader(
             services, lambda: Authorizer.from_config(config_dir, system_bus=system_bus)
         ),
@@ -318,47 +323,61 @@ def sd_notify(state: str) -> None:
         log.warning("sd_notify failed: %s", exc)
 
 
-async def serve(
-    options: Options, dispatcher: Dispatcher[Ctx], reloader: PolicyReloader | None = None
-) -> int:
+@dataclass(frozen=True, slots=True)
+class _Socket:
+    """The socket to serve, and what follows from how we got it."""
+
+    sock: socket.socket
+    listening: bool
+    idle_exit_s: float  # 0: never
+    where: str  # for STATUS= and the log
+    created_path: str | None  # a --listen socket we made, and remove at exit
+
+
+def _socket_to_serve(options: Options) -> _Socket:
+    """The activation fd if systemd passed one, else a new socket at --listen.
+
+    Raises:
+        ActivationError: neither, or an unusable one.
+    """
+    fd = pick_fd(listen_fds())
+    if fd is not None:
+        sock, listening = socket_from_fd(fd)
+        idle = DEFAULT_IDLE_EXIT_S if options.idle_exit_s is None else options.idle_exit_s
+        return _Socket(sock, listening, idle, f"fd {fd}", None)
+    if options.listen is None:
+        raise ActivationError("no socket passed by systemd and no --listen PATH given")
+    try:
+        sock = bind_listen(options.listen)
+    except OSError as exc:
+        raise ActivationError(f"cannot listen on {options.listen}: {exc}") from None
+    idle = 0.0 if options.idle_exit_s is None else options.idle_exit_s
+    return _Socket(sock, True, idle, options.listen, options.listen)
+
+
+async def serve(options: Options, wiring: Wiring) -> int:
     """Serve until idle, told to stop, or (connected socket) the one connection ends.
 
     With a reloader, SIGHUP reloads the policy; without one SIGHUP keeps its default (exit).
     """
-    fd = pick_fd(listen_fds())
-    handle: Handle = dispatcher.handle
-    if reloader is not None:
-        handle = reloader.track(handle)
-    server = Server(handle, dispatcher.internal_error, options.limits, dispatcher.busy_error)
+    target = _socket_to_serve(options)
+    reloader = wiring.reloader
+    handle = wiring.handle if reloader is None else reloader.track(wiring.handle)
+    server = Server(handle, wiring.errors, options.limits)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     listener: asyncio.Server | None = None
-    created_path: str | None = None
-    waiters: list[asyncio.Task[object]] = [asyncio.create_task(stop.wait())]
-    connection: asyncio.Task[None] | None = None  # the one connection of a connected socket
-    if fd is not None:
-        sock, listening = socket_from_fd(fd)
-        idle = DEFAULT_IDLE_EXIT_S if options.idle_exit_s is None else options.idle_exit_s
-        where = f"fd {fd}"
-    elif options.listen is not None:
-        try:
-            sock, listening = bind_listen(options.listen), True
-        except OSError as exc:
-            raise ActivationError(f"cannot listen on {options.listen}: {exc}") from None
-        created_path = options.listen
-        idle = 0.0 if options.idle_exit_s is None else options.idle_exit_s
-        where = options.listen
+    # What ends serving: a signal, idleness, or the end of the one connection we were given.
+    ends: list[asyncio.Task[object] | asyncio.Task[None]] = [asyncio.create_task(stop.wait())]
+    if target.listening:
+        listener = await _start_listener(server, target.sock)
+        if target.idle_exit_s > 0:
+            ends.append(asyncio.create_task(server.wait_idle(target.idle_exit_s)))
+        status = f"Serving on {target.where}"
     else:
-        raise ActivationError("no socket passed by systemd and no --listen PATH given")
-    if listening:
-        listener = await _start_listener(server, sock)
-        if idle > 0:
-            waiters.append(asyncio.create_task(server.wait_idle(idle)))
-        status = f"Serving on {where}"
-    else:
-        connection = asyncio.create_task(server.serve_connected(sock))
+        ends.append(asyncio.create_task(server.serve_connected(target.sock)))
         status = "Serving one connection"
     if reloader is not None:
         # Before READY=1: for Type=notify-reload, systemd >= 260 checks at READY=1 that the
@@ -368,29 +387,37 @@ async def serve(
     sd_notify(f"READY=1\nSTATUS={status}")
     log.info("%s", status)
     try:
-        ends: list[asyncio.Task[object] | asyncio.Task[None]] = [*waiters]
-        if connection is not None:
-            ends.append(connection)
         await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
     finally:
         sd_notify("STOPPING=1\nSTATUS=Shutting down")
         if reloader is not None:
             loop.remove_signal_handler(signal.SIGHUP)
-        for task in waiters:
-            task.cancel()
         if listener is not None:
             listener.close()
-        await server.shutdown(options.shutdown_grace_s)  # also ends `connection`
-        await asyncio.gather(*waiters, return_exceptions=True)
-        if connection is not None:
-            await asyncio.gather(connection, return_exceptions=True)
-        if reloader is not None:
-            await reloader.aclose()
-        if created_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(created_path)
+        await _wind_down(options, server, wiring, ends, target.created_path)
     log.info("exiting (%s)", "signal" if stop.is_set() else "idle or connection closed")
     return 0
+
+
+async def _wind_down(
+    options: Options,
+    server: Server,
+    wiring: Wiring,
+    ends: list[asyncio.Task[object] | asyncio.Task[None]],
+    created_path: str | None,
+) -> None:
+    """Let running calls finish (bounded), then release what serving held, in that order."""
+    await server.shutdown(options.shutdown_grace_s)  # also ends a connected socket's task
+    for task in ends:
+        task.cancel()
+    await asyncio.gather(*ends, return_exceptions=True)
+    if wiring.reloader is not None:
+        await wiring.reloader.aclose()
+    if wiring.system_bus is not None:
+        await wiring.system_bus.close()  # no call is left that could use it
+    if created_path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(created_path)
 
 
 async def _start_listener(server: Server, sock: socket.socket) -> asyncio.Server:
@@ -419,21 +446,16 @@ def setup_logging(debug: bool = False) -> None:
     root.setLevel(level)
 
 
-def run(options: Options, dispatcher: Dispatcher[Ctx] | None = None) -> int:
-    """Entry point of `capsuled serve`; returns the exit status."""
+def run(options: Options, wiring: Wiring | None = None) -> int:
+    """Entry point of `capsuled serve` (org.capsuled.Manager unless given another wiring);
+    returns the exit status."""
     try:
-        if dispatcher is None:
-            return asyncio.run(_serve_wired(options))
-        return asyncio.run(serve(options, dispatcher))
+        return asyncio.run(_serve(options, wiring))
     except ActivationError as exc:
         log.error("%s", exc)
         return 1
 
 
-async def _serve_wired(options: Options) -> int:
+async def _serve(options: Options, wiring: Wiring | None) -> int:
     # Built inside the running loop: the reloader's events and tasks belong to it.
-    wiring = build_wiring(options)
-    try:
-        return await serve(options, wiring.dispatcher, wiring.reloader)
-    finally:
-        await wiring.system_bus.close()
+    return await serve(options, wiring if wiring is not None else build_wiring(options))

@@ -3,7 +3,8 @@ org.varlink.service, then call the handler.
 
 The order mirrors sd-varlink's dispatch: interface -> method -> parameters -> flags -> handler.
 Every refusal is a `VarlinkError`; anything else a handler raises propagates to the one error
-boundary in transport.py, which turns it into `internal_error` without leaking the exception text.
+boundary in transport.py, which answers the interface's InternalError (ServerErrors.internal,
+named by whoever wires the server) without leaking the exception text.
 """
 
 from __future__ import annotations
@@ -44,10 +45,8 @@ class Dispatcher(Generic[Ctx]):
         handlers: Mapping[str, Handler[Ctx]],
         make_context: Callable[[Call, Peer, Notify], Ctx],
         requires_more: frozenset[str],
-        internal_error: type[VarlinkError],
         info: ServiceInfo,
         validate_replies: bool = False,
-        busy_error: type[VarlinkError] | None = None,
     ) -> None:
         unknown = (set(handlers) | requires_more) - set(interface.methods)
         if unknown:
@@ -56,9 +55,6 @@ class Dispatcher(Generic[Ctx]):
         self.handlers = dict(handlers)
         self.make_context = make_context
         self.requires_more = requires_more
-        self.internal_error = internal_error
-        # What the transport answers when no call or stream slot is free.
-        self.busy_error = busy_error or internal_error
         self.info = info
         self.validate_replies = validate_replies
         self._service = service_interface()
@@ -73,7 +69,7 @@ class Dispatcher(Generic[Ctx]):
 
         Raises:
             VarlinkError: the error reply to send (lookup, validation, or the handler's own).
-            Exception: a handler bug; the transport logs it and replies `internal_error`.
+            Exception: a handler bug; the transport logs it and replies ServerErrors.internal.
         """
         interface, _, member = call.method.rpartition(".")
         if interface == SERVICE_INTERFACE_NAME:

@@ -37,7 +37,7 @@ from capsuled.varlink.errors import LocalProtocolError, RemoteProtocolError, Var
 from capsuled.varlink.framing import MAX_MESSAGE_BYTES
 from capsuled.varlink.messages import Call, ErrorReply, Reply
 
-__all__ = ["Limits", "PeerGone", "Server"]
+__all__ = ["Limits", "PeerGone", "Server", "ServerErrors"]
 
 log = logging.getLogger("capsuled.transport")
 
@@ -57,7 +57,7 @@ class Limits:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     write_buffer_bytes: int = 1024 * 1024
     send_timeout_s: float = 30.0
-    # How long a call may wait for an in-flight slot before it is answered busy_error.
+    # How long a call may wait for an in-flight slot before it is answered ServerErrors.busy.
     slot_wait_s: float = 10.0
     # A call that streams (its first `continues` reply) gives its in-flight slot back and
     # holds a stream slot instead: a Watch or a followed Logs may last for hours and must
@@ -98,6 +98,15 @@ class Limits:
 
 def _three_quarters(n: int) -> int:
     return max(1, n * 3 // 4)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerErrors:
+    """The replies the transport gives by itself. They are the served interface's own errors
+    (the core knows no interface), so whoever wires the server names them."""
+
+    internal: type[VarlinkError]  # a handler failed unexpectedly (the details go to the journal)
+    busy: type[VarlinkError]  # no call or stream slot came free in time
 
 
 class PeerGone(ConnectionError):
@@ -182,18 +191,9 @@ class _Closing(Exception):
 class Server:
     """Serves Varlink connections through `handle` (normally Dispatcher.handle)."""
 
-    def __init__(
-        self,
-        handle: Handle,
-        internal_error: type[VarlinkError],
-        limits: Limits | None = None,
-        busy_error: type[VarlinkError] | None = None,
-    ) -> None:
+    def __init__(self, handle: Handle, errors: ServerErrors, limits: Limits | None = None) -> None:
         self.handle = handle
-        self.internal_error = internal_error
-        # The reply when no call or stream slot is free (the interface's own error; the core
-        # knows no interface). Without one, the generic error.
-        self.busy_error = busy_error or internal_error
+        self.errors = errors
         self.limits = limits or Limits()
         self._total = 0
         self._per_uid: dict[int, int] = {}
@@ -447,12 +447,12 @@ class _Connection:
     async def _notify(self, params: dict[str, object]) -> None:
         if self._holding == "call":
             # From its first `continues` on, this call is a stream: it gives back its call
-            # slot and needs a stream slot, or it ends here with busy_error.
+            # slot and needs a stream slot, or it ends here with ServerErrors.busy.
             server = self.server
             server._slots.release(self.peer.uid)
             self._holding = None
             if not server._streams.try_take(self.peer.uid):
-                raise server.busy_error()
+                raise server.errors.busy()
             self._holding = "stream"
         try:
             await self._write(self.conn.send(Reply(params, continues=True)))
@@ -465,7 +465,7 @@ class _Connection:
             async with asyncio.timeout(self.limits.slot_wait_s):
                 await server._slots.acquire(self.peer.uid)
         except TimeoutError:
-            raise server.busy_error() from None
+            raise server.errors.busy() from None
         self._holding = "call"
 
     def _release_slot(self) -> None:
@@ -486,13 +486,13 @@ class _Connection:
                 self._release_slot()
             reply = Reply(result)
         except VarlinkError as exc:
-            reply = _error_reply(exc, server.internal_error)
+            reply = _error_reply(exc, server.errors.internal)
         except (LocalProtocolError, PeerGone):
             raise
         except Exception:
             # The one broad catch (style guide): log the traceback, tell the client nothing of it.
             log.exception("method %s failed for %s", call.method, self._who())
-            reply = ErrorReply(server.internal_error.name, server.internal_error().parameters)
+            reply = ErrorReply(server.errors.internal.name, server.errors.internal().parameters)
         if call.oneway:
             if isinstance(reply, ErrorReply):
                 log.debug("oneway call %s ended with %s", call.method, reply.error)
@@ -504,8 +504,8 @@ class _Connection:
                 raise
             # Unencodable parameters (a handler bug): answer InternalError instead.
             log.exception("reply to %s cannot be encoded", call.method)
-            internal = server.internal_error()
-            data = self.conn.send(ErrorReply(server.internal_error.name, internal.parameters))
+            internal = server.errors.internal()
+            data = self.conn.send(ErrorReply(internal.name, internal.parameters))
         await self._write(data)
 
 

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from capsuled.dispatch import Dispatcher, Notify
 from capsuled.peer import Peer
-from capsuled.transport import Limits, Server
+from capsuled.transport import Limits, Server, ServerErrors
 from capsuled.varlink.errors import VarlinkError
 from capsuled.varlink.interface import parse_interface
 from capsuled.varlink.messages import Call
@@ -169,6 +169,9 @@ HANDLERS = {
     "Environment": environment,
 }
 
+# What the transport answers by itself for org.example.test.
+ERRORS = ServerErrors(internal=TestInternalError, busy=TestBusy)
+
 INFO = ServiceInfo(vendor="capsuled", product="test", version="1", url="https://example.org/")
 
 
@@ -181,7 +184,6 @@ def build_dispatcher(state: State, validate_replies: bool = True) -> Dispatcher[
         HANDLERS,
         make_context=make_context,
         requires_more=frozenset({"StreamOnly", "Forever"}),
-        internal_error=TestInternalError,
         info=INFO,
         validate_replies=validate_replies,
     )
@@ -202,7 +204,7 @@ class ThreadServer:
 
     async def _make_server(self) -> Server:
         d = build_dispatcher(self.state)
-        return Server(d.handle, d.internal_error, self.limits, TestBusy)
+        return Server(d.handle, ERRORS, self.limits)
 
     async def _listen(self) -> asyncio.Server:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -541,7 +541,8 @@ def test_sighup_is_caught_before_ready_is_sent(
             daemon.load_interface(), services, daemon.service_info()
         )
         options = daemon.Options(listen=str(sockdir / "ready.sock"), idle_exit_s=0.0)
-        serving = asyncio.create_task(daemon.serve(options, dispatcher, reloader))
+        wiring = daemon.Wiring(dispatcher.handle, daemon.MANAGER_ERRORS, reloader)
+        serving = asyncio.create_task(daemon.serve(options, wiring))
         async with asyncio.timeout(TIMEOUT_S):
             await ready.wait()
             os.kill(os.getpid(), signal.SIGTERM)
@@ -562,6 +563,7 @@ def test_pid1_and_polkit_share_one_system_bus_connection(tmp_path: Path) -> None
 
     async def scenario() -> None:
         wiring = daemon.build_wiring(daemon.Options(config_dir=config))
+        assert wiring.reloader is not None
         services = wiring.reloader._services
         assert isinstance(services.backend, DBusSystemdBackend)
         assert services.backend._system_bus is wiring.system_bus

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from capsuled.daemon import Options, run, setup_logging
-from protocol.harness import State, build_dispatcher
+from capsuled.daemon import Options, Wiring, run, setup_logging
+from protocol.harness import ERRORS, State, build_dispatcher
 
 
 def main() -> int:
@@ -21,7 +21,7 @@ def main() -> int:
     args = p.parse_args()
     setup_logging(debug=True)
     options = Options(listen=args.listen, idle_exit_s=args.idle_exit_sec, validate_replies=True)
-    return run(options, build_dispatcher(State()))
+    return run(options, Wiring(build_dispatcher(State()).handle, ERRORS))
 
 
 if __name__ == "__main__":

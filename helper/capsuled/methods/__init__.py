@@ -122,8 +122,6 @@ def build_dispatcher(
         handlers,
         make_context=make_context,
         requires_more=REQUIRES_MORE,
-        internal_error=errors.InternalError,
-        busy_error=errors.Busy,
         info=info,
         validate_replies=validate_replies,
     )
