@@ -40,8 +40,8 @@ from capsuled.systemd.backend import (
     CPU_WEIGHT_MAX,
     FINISHED_STATES,
     LIMIT_DEFAULT,
+    MAX_WATCH_SIGNALS_QUEUED,
     MIN_SYSTEMD_VERSION,
-    WATCH_QUEUE,
     CapsuleEvent,
     CapsuleInfo,
     CapsuleManager,
@@ -320,7 +320,7 @@ class FakeBackend:
     async def watch(self) -> AsyncIterator[AsyncIterator[CapsuleEvent]]:
         """State changes as the fake makes them; bounded like the real one."""
         self._check()
-        watcher: _Watcher[CapsuleEvent] = _Watcher(WATCH_QUEUE)
+        watcher: _Watcher[CapsuleEvent] = _Watcher(MAX_WATCH_SIGNALS_QUEUED)
         self._watchers.add(watcher)
         try:
             yield watcher.events()
@@ -365,7 +365,7 @@ class FakeCapsuleManager:
     @contextlib.asynccontextmanager
     async def watch(self) -> AsyncIterator[AsyncIterator[UnitEvent]]:
         """Unit state changes this manager makes."""
-        watcher: _Watcher[UnitEvent] = _Watcher(WATCH_QUEUE)
+        watcher: _Watcher[UnitEvent] = _Watcher(MAX_WATCH_SIGNALS_QUEUED)
         self._watchers.add(watcher)
         try:
             yield watcher.events()

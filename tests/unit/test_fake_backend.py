@@ -196,7 +196,7 @@ def test_watch_overflow_is_reported_not_buffered() -> None:
     async def scenario() -> None:
         fb = FakeBackend()
         async with fb.watch() as events:
-            for _ in range(1000):  # 4 events each, more than WATCH_QUEUE
+            for _ in range(1000):  # 4 events each, more than MAX_WATCH_SIGNALS_QUEUED
                 await fb.start("a")
                 await fb.stop("a")
             with pytest.raises(errors.WatchOverflow):

@@ -11,6 +11,7 @@ from jeepney.wrappers import DBusAddress
 from capsuled import dbus
 from capsuled.systemd import errors
 from capsuled.systemd import messages as m
+from capsuled.systemd.values import UINT64_MAX
 
 
 def wire(msg: Message) -> Message:
@@ -89,7 +90,7 @@ def test_add_dependency_is_add_wants() -> None:
 def test_set_unit_properties_encodes_uint64_variants() -> None:
     props: list[tuple[str, m.PropertyValue]] = [
         ("MemoryMax", ("t", 123)),
-        ("TasksMax", ("t", m.UINT64_MAX)),
+        ("TasksMax", ("t", UINT64_MAX)),
     ]
     msg = wire(m.set_unit_properties("capsule@x.service", False, props))
     assert msg.header.fields[HeaderFields.signature] == "sba(sv)"
@@ -231,7 +232,7 @@ def test_parse_properties_unwraps_variants() -> None:
 
 
 def test_prop_helpers() -> None:
-    props: dict[str, object] = {"A": "x", "N": 3, "U": m.UINT64_MAX, "B": True}
+    props: dict[str, object] = {"A": "x", "N": 3, "U": UINT64_MAX, "B": True}
     assert m.prop_str(props, "A") == "x"
     assert m.prop_str(props, "missing", "d") == "d"
     assert m.prop_int(props, "N") == 3

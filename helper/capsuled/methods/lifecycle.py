@@ -26,8 +26,6 @@ from capsuled.systemd.backend import LIMIT_DEFAULT, CapsuleInfo
 Params = dict[str, object]
 Wire = dict[str, object]
 
-# capsule@.service was introduced in systemd 256 (NEWS for v256).
-MIN_SYSTEMD_VERSION = 256
 # Values SetLimits accepts besides -1 ("reset to systemd's default").
 CPU_WEIGHT_RANGE = range(1, 10001)  # CGROUP_WEIGHT_MIN..CGROUP_WEIGHT_MAX
 DEFAULT_CPU_WEIGHT = 100  # CGROUP_WEIGHT_DEFAULT
@@ -101,11 +99,9 @@ def capsule_to_wire(name: str, info: CapsuleInfo | None, record: Record | None) 
 
 
 async def require_systemd(ctx: CallContext) -> None:
-    """Refuse clearly on a PID 1 without capsules, before any effect."""
+    """Refuse clearly on a PID 1 without capsules (SystemdTooOld), before any effect."""
     with backend_errors(""):
-        version = await ctx.backend.version()
-    if version < MIN_SYSTEMD_VERSION:
-        raise errors.SystemdTooOld(version=version)
+        await ctx.backend.check_version()
 
 
 async def existing(ctx: CallContext, name: str, record: Record | None) -> CapsuleInfo | None:

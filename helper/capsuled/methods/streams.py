@@ -35,9 +35,10 @@ WATCH_ACCESS_TTL_S = 5.0
 MAX_FOLLOWERS = 32
 # ...and for one caller, so a single user cannot take them all.
 MAX_FOLLOWERS_PER_UID = 4
-# Events waiting for a slow Watch client; past this the backend's own bounded queue overflows
-# and the call ends with an error rather than buffering without bound.
-WATCH_QUEUE = 256
+# Events one Watch call holds for a slow client; past this the backend's own bounded signal
+# queue (systemd.values.MAX_WATCH_SIGNALS_QUEUED) overflows and the call ends with an error
+# rather than buffering without bound.
+MAX_WATCH_EVENTS_QUEUED = 256
 # Capsules whose units one Watch follows (each is a connection to that capsule's manager).
 MAX_UNIT_WATCHES = 16
 # A Watch on more names than this is refused: each name costs a filter entry.
@@ -129,7 +130,7 @@ async def watch(ctx: CallContext, p: Params) -> Wire:
         access[name] = (allowed, now)
         return allowed
 
-    queue: asyncio.Queue[Wire] = asyncio.Queue(maxsize=WATCH_QUEUE)
+    queue: asyncio.Queue[Wire] = asyncio.Queue(maxsize=MAX_WATCH_EVENTS_QUEUED)
     unit_watches: dict[str, asyncio.Task[None]] = {}
     pumping: asyncio.Task[None] | None = None
     getting: asyncio.Task[Wire] | None = None

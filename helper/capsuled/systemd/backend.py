@@ -53,8 +53,9 @@ from .values import (
     JOB_TIMEOUT_S,
     LIMIT_DEFAULT,
     MAX_TRACKED_EXITS,
+    MAX_WATCH_SIGNALS_QUEUED,
     MIN_SYSTEMD_VERSION,
-    WATCH_QUEUE,
+    UINT64_MAX,
     CapsuleEvent,
     CapsuleInfo,
     ExitStatus,
@@ -436,7 +437,7 @@ class DBusSystemdBackend:
             ("CPUWeight", cpu_weight),
         ):
             if value is not None:
-                if not 0 <= value <= m.UINT64_MAX:
+                if not 0 <= value <= UINT64_MAX:
                     raise ValueError(f"{key} out of range")
                 props.append((key, ("t", value)))
         if not props:
@@ -490,15 +491,15 @@ class DBusSystemdBackend:
         """Subscribe + PropertiesChanged of all units, filtered to capsule@*.service locally.
 
         D-Bus match rules cannot match a path prefix inside a component, so the bus routes
-        every unit's changes to us while watching; the queue is bounded (WATCH_QUEUE) and a
-        consumer that falls behind gets WatchOverflow rather than unbounded buffering.
+        every unit's changes to us while watching; the queue is bounded
+        (MAX_WATCH_SIGNALS_QUEUED) and a consumer that falls behind gets WatchOverflow rather
+        than unbounded buffering.
         """
         conn = await self._bus()
         rule = m.unit_properties_changed_rule()
         local = m.unit_properties_changed_rule(sender=conn.signal_sender)
-        with conn.signals(
-            local, maxsize=WATCH_QUEUE, overflow_error=WatchOverflow("capsule watch fell behind")
-        ) as queue:
+        overflow = WatchOverflow("capsule watch fell behind")
+        with conn.signals(local, MAX_WATCH_SIGNALS_QUEUED, overflow) as queue:
             async with conn.match(rule), self._subscribed(conn):
                 known = {
                     u.name: (u.active_state, u.sub_state)
@@ -526,8 +527,8 @@ __all__ = [
     "JOB_TIMEOUT_S",
     "LIMIT_DEFAULT",
     "MAX_TRACKED_EXITS",
+    "MAX_WATCH_SIGNALS_QUEUED",
     "MIN_SYSTEMD_VERSION",
-    "WATCH_QUEUE",
     "CapsuleEvent",
     "CapsuleInfo",
     "CapsuleManager",

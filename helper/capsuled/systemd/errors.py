@@ -22,6 +22,8 @@ translation. The lead maps these to Varlink errors; nothing here knows about Var
 
 from __future__ import annotations
 
+from .values import MIN_SYSTEMD_VERSION
+
 
 class BackendError(Exception):
     """Base of every error the systemd backend raises."""
@@ -32,10 +34,10 @@ class SystemdUnavailable(BackendError):
 
 
 class SystemdTooOld(BackendError):
-    """PID 1 is older than the first release with capsules (256)."""
+    """PID 1 is older than the first release with capsules (MIN_SYSTEMD_VERSION)."""
 
     def __init__(self, version: int) -> None:
-        super().__init__(f"systemd {version} is too old, capsules need 256")
+        super().__init__(f"systemd {version} is too old, capsules need {MIN_SYSTEMD_VERSION}")
         self.version = version
 
 

@@ -15,7 +15,7 @@ from ..dbus import SignalQueue
 from . import messages as m
 from .bus import Link
 from .errors import BackendError, BackendTimeout, BadReply, JobFailed
-from .values import WATCH_QUEUE
+from .values import MAX_KNOWN_UNIT_STATES
 
 
 def job_rule(conn: Link, unit: str) -> MatchRule:
@@ -125,7 +125,7 @@ async def unit_state_changes(
         # its inactive state with StateChangeTimestamp=0: that is no state change.
         if since == 0 or last.get(unit) == (state, sub):
             continue
-        if len(last) > WATCH_QUEUE:  # bound the dedup table too
+        if len(last) > MAX_KNOWN_UNIT_STATES:  # bound the dedup table too
             last.clear()
         last[unit] = (state, sub)
         yield unit, state, sub, since

@@ -28,7 +28,7 @@ from .jobs import run_job, unit_state_changes, wait_state
 from .values import (
     FINISHED_STATES,
     MAX_TRACKED_EXITS,
-    WATCH_QUEUE,
+    MAX_WATCH_SIGNALS_QUEUED,
     ExitStatus,
     UnitEvent,
     UnitInfo,
@@ -76,7 +76,9 @@ class DBusCapsuleManager:
         """PropertiesChanged of every unit; a private link delivers them without any match."""
         rule = m.unit_properties_changed_rule(sender=None)
         overflow = WatchOverflow(f"unit watch of capsule {self.name} fell behind")
-        with self._conn.signals(rule, maxsize=WATCH_QUEUE, overflow_error=overflow) as queue:
+        with self._conn.signals(
+            rule, maxsize=MAX_WATCH_SIGNALS_QUEUED, overflow_error=overflow
+        ) as queue:
             units = m.parse_unit_list(await self._conn.call(m.list_units()))
             yield _unit_events(queue, {u.name: (u.active_state, u.sub_state) for u in units})
 

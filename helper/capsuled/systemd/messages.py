@@ -21,6 +21,7 @@ from jeepney import (
 )
 
 from .errors import BadReply
+from .values import UINT64_MAX
 
 SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
 MANAGER_PATH = "/org/freedesktop/systemd1"
@@ -30,9 +31,6 @@ SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 
-# systemd encodes "unset" / "infinity" of a uint64 property as UINT64_MAX (CGROUP_LIMIT_MAX,
-# CGROUP_WEIGHT_INVALID, NSEC_INFINITY ...).
-UINT64_MAX = 2**64 - 1
 
 MANAGER = DBusAddress(MANAGER_PATH, bus_name=SYSTEMD_BUS_NAME, interface=MANAGER_IFACE)
 

@@ -1,17 +1,25 @@
-"""Values the systemd backend hands out, and the constants that shape them (no I/O)."""
+"""Values the systemd backend hands out, and the constants that shape them (no I/O, and no
+jeepney: `capsuled install` may read MIN_SYSTEMD_VERSION without paying for D-Bus)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Final
 
-from .messages import UINT64_MAX
-
+# systemd encodes "unset" / "infinity" of a uint64 property as UINT64_MAX (CGROUP_LIMIT_MAX,
+# CGROUP_WEIGHT_INVALID, NSEC_INFINITY ...).
+UINT64_MAX: Final = 2**64 - 1
+# capsule@.service was introduced in systemd 256 (NEWS for v256): the one place this is said.
 MIN_SYSTEMD_VERSION: Final = 256
 # systemd's capsule@.service has TimeoutStopSec=120s; give a job that much and a margin.
 JOB_TIMEOUT_S: Final = 150.0
 CLEAN_TIMEOUT_S: Final = 120.0
-WATCH_QUEUE: Final = 1024
+# Signals queued for one watcher of state changes (Watch on PID 1 or on a capsule's manager)
+# before it counts as fallen behind (WatchOverflow): a daemon-reload re-announces every loaded
+# unit at once.
+MAX_WATCH_SIGNALS_QUEUED: Final = 1024
+# Units whose last state a watcher remembers to drop repeats; past this it forgets them all.
+MAX_KNOWN_UNIT_STATES: Final = 1024
 MAX_TRACKED_EXITS: Final = 64  # transient units per manager connection awaiting wait_exit
 # Value to pass to set_limits to reset a limit to systemd's default ("infinity" for MemoryMax and
 # TasksMax, "unset" i.e. 100 for CPUWeight): systemd's UINT64_MAX.
