@@ -1,6 +1,6 @@
 """`capsulectl.Client`: a blocking Python API for org.capsuled.Manager, used by the CLI itself.
 
-One method per IDL method; each returns the reply parameters as the TypedDict of capsulectl.wire,
+One method per IDL method; each returns the reply parameters as the TypedDict of capsuled.wire,
 and streaming methods (`more`) are generators. An error reply raises the error's own class
 (capsuled.errors for org.capsuled.Manager.*, capsuled.varlink.errors for org.varlink.service.*);
 not reaching capsuled raises a capsulectl.transport.ClientError.
@@ -43,7 +43,7 @@ from capsuled.varlink.messages import Call, ErrorReply, Reply
 if TYPE_CHECKING:
     # Only for the type checker: building ~20 TypedDict classes costs several ms of start-up, and
     # at run time a cast() to a quoted name is free.
-    from capsulectl import wire
+    from capsuled import wire
 
 __all__ = ["DEFAULT_TIMEOUT_S", "INTERFACE", "Client"]
 

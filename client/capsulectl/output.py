@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from capsulectl import wire
+    from capsuled import wire
 
 __all__ = [
     "Style",

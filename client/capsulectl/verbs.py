@@ -27,7 +27,7 @@ from capsulectl.failures import EXIT_FAILURE, EXIT_NOT_RUNNING, EXIT_OK, explain
 
 if TYPE_CHECKING:
     from capsulectl.client import Client
-    from capsulectl.wire import LogEntry
+    from capsuled.wire import LogEntry
 
 __all__ = ["OnCapsules", "OnUnit", "Verb", "verb_table"]
 

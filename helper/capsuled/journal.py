@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self, TypeVar, cast
 
+from capsuled import wire
 from capsuled.names import is_valid_capsule_name, is_valid_unit_name
 
 MAX_LINES = 10000
@@ -217,7 +218,7 @@ class Entry:
     pid: int | None
     message: str
 
-    def to_wire(self) -> dict[str, object]:
+    def to_wire(self) -> wire.LogEntry:
         """The IDL's LogEntry."""
         return {
             "timestamp": self.timestamp_usec,

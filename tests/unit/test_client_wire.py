@@ -9,7 +9,7 @@ import pytest
 from test_client import CASES
 
 from capsulectl import client as client_module
-from capsulectl import wire
+from capsuled import wire
 from capsuled.varlink.interface import (
     Array,
     Enum,

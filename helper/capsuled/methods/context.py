@@ -24,7 +24,7 @@ from capsuled.policy.authorizer import Authorizer
 from capsuled.policy.engine import Decision, Request
 from capsuled.records import CorruptRecord, Record, RecordStore
 from capsuled.systemd import errors as sd
-from capsuled.systemd.backend import SystemdBackend
+from capsuled.systemd.backend import CapsuleInfo, SystemdBackend
 from capsuled.varlink.errors import PermissionDenied, VarlinkError
 
 Notify = Callable[[dict[str, object]], Awaitable[None]]
@@ -91,7 +91,7 @@ class _Authorization:
 class CallContext:
     peer: Peer
     more: bool
-    notify: Notify
+    send_continued: Notify  # the Dispatcher's notify: one reply with continues=true
     services: Services
     outcome: Outcome = Outcome.OPEN  # set only by authorize() and audit(), below
     _authorized: dict[str, _Authorization] = field(default_factory=dict)
@@ -103,6 +103,10 @@ class CallContext:
     @property
     def records(self) -> RecordStore:
         return self.services.records
+
+    async def notify(self, reply: Mapping[str, object]) -> None:
+        """Send `reply` with continues=true (the call asked for `more`); waits for the drain."""
+        await self.send_continued(dict(reply))
 
     def record_of(self, name: str) -> Record | None:
         try:
@@ -163,6 +167,19 @@ class CallContext:
                     await self._require(request)
                     self._authorized[name] = _Authorization(request, False)
             yield
+
+    async def require_systemd(self) -> None:
+        """Refuse clearly on a PID 1 without capsules (SystemdTooOld), before any effect."""
+        with backend_errors(""):
+            await self.backend.check_version()
+
+    async def existing(self, name: str, record: Record | None) -> CapsuleInfo | None:
+        """systemd's view of the capsule; NoSuchCapsule if neither systemd nor we know it."""
+        with backend_errors(name):
+            info = await self.backend.capsule_info(name)
+        if info is None and record is None:
+            raise errors.NoSuchCapsule(name=name)
+        return info
 
     async def may_read(self, name: str, owner: int | None) -> bool:
         """Whether the caller may read the capsule (never interactive: nobody is asked)."""

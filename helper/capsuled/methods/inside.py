@@ -19,21 +19,17 @@ import posixpath
 import re
 import secrets
 from collections.abc import Iterator
-from typing import cast
 
-from capsuled import errors
+from capsuled import errors, wire
 from capsuled.audit import RESULT_FAILED, RESULT_OK, AuditAction
+from capsuled.methods import params
 from capsuled.methods.context import CallContext, backend_errors
-from capsuled.methods.lifecycle import checked_name, existing, require_systemd
-from capsuled.names import INSTALLABLE_UNIT_TYPES, unit_name_problem
+from capsuled.names import unit_name_problem
 from capsuled.policy import actions as act
 from capsuled.safefs import CapsuleHome, EntryKind, NoHome, SafeFsError
 from capsuled.systemd import errors as sd
 from capsuled.systemd.backend import CapsuleManager, UnitInfo
 from capsuled.unitfile import InvalidUnitFile, check_unit_file
-
-Params = dict[str, object]
-Wire = dict[str, object]
 
 UNIT_DIR = (".config", "systemd", "user")
 WANTS_DIR = (*UNIT_DIR, "capsule@.target.wants")
@@ -52,14 +48,6 @@ _UNIT_AUDIT = {
     "enable": AuditAction.ENABLE_UNIT,
     "disable": AuditAction.DISABLE_UNIT,
 }
-
-
-def checked_unit(p: Params, *, field: str = "unit", installable: bool = False) -> str:
-    unit = cast(str, p[field])
-    problem = unit_name_problem(unit, types=INSTALLABLE_UNIT_TYPES if installable else None)
-    if problem is not None:
-        raise errors.InvalidUnit(unit=unit, reason=problem, line=None)
-    return unit
 
 
 @contextlib.contextmanager
@@ -95,7 +83,7 @@ def is_capsule_unit(unit: UnitInfo) -> bool:
     return path is not None and ("/.config/systemd/user/" in path or _is_transient(unit))
 
 
-def _unit_wire(unit: str, live: UnitInfo | None, has_file: bool, enabled: bool) -> Wire:
+def _unit_wire(unit: str, live: UnitInfo | None, has_file: bool, enabled: bool) -> wire.Unit:
     return {
         "name": unit,
         "description": live.description if live else None,
@@ -116,7 +104,7 @@ async def _live_units(ctx: CallContext, name: str) -> dict[str, UnitInfo] | None
         return None
 
 
-async def _describe_unit(ctx: CallContext, name: str, unit: str) -> Wire:
+async def _describe_unit(ctx: CallContext, name: str, unit: str) -> wire.Unit:
     # Two lookups of one name, never a listing: the capsule decides how big its dirs are.
     with home_of(ctx, name) as home:
         has_file = home.entry_kind(UNIT_DIR, unit) is EntryKind.FILE
@@ -125,10 +113,10 @@ async def _describe_unit(ctx: CallContext, name: str, unit: str) -> Wire:
     return _unit_wire(unit, (live or {}).get(unit), has_file, enabled)
 
 
-async def list_units(ctx: CallContext, p: Params) -> Wire:
-    name = checked_name(p)
+async def list_units(ctx: CallContext, p: wire.CapsuleParams) -> wire.ListUnitsReply:
+    name = params.capsule_name(p["name"])
     record = await ctx.authorize(act.READ, name, interactive=p["allowInteractiveAuthentication"])
-    await existing(ctx, name, record)
+    await ctx.existing(name, record)
     try:
         with CapsuleHome.open(name, ctx.services.capsules_root) as home:
             files = _unit_files(home)
@@ -167,10 +155,10 @@ async def _reload_if_running(ctx: CallContext, name: str) -> bool:
         return False
 
 
-async def install_unit(ctx: CallContext, p: Params) -> Wire:
-    name = checked_name(p)
-    unit = checked_unit(p, installable=True)
-    content = cast(str, p["content"]).encode()
+async def install_unit(ctx: CallContext, p: wire.InstallUnitParams) -> wire.UnitReply:
+    name = params.capsule_name(p["name"])
+    unit = params.unit_name(p["unit"], installable=True)
+    content = p["content"].encode()
     try:
         check_unit_file(content, unit_name=unit)
     except InvalidUnitFile as exc:
@@ -183,9 +171,9 @@ async def install_unit(ctx: CallContext, p: Params) -> Wire:
         unit=unit,
         verb="install",
     )
-    await require_systemd(ctx)
+    await ctx.require_systemd()
     async with ctx.locked(name):
-        info = await existing(ctx, name, ctx.record_of(name))
+        info = await ctx.existing(name, ctx.record_of(name))
         running = info is not None and info.state == "active"
         if start_now and not running:
             raise errors.CapsuleNotRunning(name=name)
@@ -212,9 +200,9 @@ def _link_wanted(home: CapsuleHome, name: str, unit: str) -> None:
     home.symlink(WANTS_DIR, unit, target)
 
 
-async def remove_unit(ctx: CallContext, p: Params) -> Wire:
-    name = checked_name(p)
-    unit = checked_unit(p)
+async def remove_unit(ctx: CallContext, p: wire.UnitParams) -> wire.EmptyReply:
+    name = params.capsule_name(p["name"])
+    unit = params.unit_name(p["unit"])
     await ctx.authorize(
         act.MANAGE_UNITS,
         name,
@@ -222,9 +210,9 @@ async def remove_unit(ctx: CallContext, p: Params) -> Wire:
         unit=unit,
         verb="remove",
     )
-    await require_systemd(ctx)
+    await ctx.require_systemd()
     async with ctx.locked(name):
-        await existing(ctx, name, ctx.record_of(name))
+        await ctx.existing(name, ctx.record_of(name))
         with home_of(ctx, name) as home:
             has_file = home.entry_kind(UNIT_DIR, unit) is EntryKind.FILE
             if not has_file and home.entry_kind(WANTS_DIR, unit) is not EntryKind.SYMLINK:
@@ -240,9 +228,9 @@ async def remove_unit(ctx: CallContext, p: Params) -> Wire:
         return {}
 
 
-async def _unit_job(ctx: CallContext, p: Params, verb: str) -> Wire:
-    name = checked_name(p)
-    unit = checked_unit(p)
+async def _unit_job(ctx: CallContext, p: wire.UnitParams, verb: str) -> wire.UnitJobReply:
+    name = params.capsule_name(p["name"])
+    unit = params.unit_name(p["unit"])
     await ctx.authorize(
         act.MANAGE_UNITS,
         name,
@@ -250,9 +238,9 @@ async def _unit_job(ctx: CallContext, p: Params, verb: str) -> Wire:
         unit=unit,
         verb=verb,
     )
-    await require_systemd(ctx)
+    await ctx.require_systemd()
     async with ctx.locked(name):
-        await existing(ctx, name, ctx.record_of(name))
+        await ctx.existing(name, ctx.record_of(name))
         try:
             with backend_errors(name):
                 job = await _manager_job(ctx, name, unit, verb)
@@ -263,21 +251,21 @@ async def _unit_job(ctx: CallContext, p: Params, verb: str) -> Wire:
         return {"unit": await _describe_unit(ctx, name, unit), "job": job}
 
 
-async def start_unit(ctx: CallContext, p: Params) -> Wire:
+async def start_unit(ctx: CallContext, p: wire.UnitParams) -> wire.UnitJobReply:
     return await _unit_job(ctx, p, "start")
 
 
-async def stop_unit(ctx: CallContext, p: Params) -> Wire:
+async def stop_unit(ctx: CallContext, p: wire.UnitParams) -> wire.UnitJobReply:
     return await _unit_job(ctx, p, "stop")
 
 
-async def restart_unit(ctx: CallContext, p: Params) -> Wire:
+async def restart_unit(ctx: CallContext, p: wire.UnitParams) -> wire.UnitJobReply:
     return await _unit_job(ctx, p, "restart")
 
 
-async def _set_enabled(ctx: CallContext, p: Params, enabled: bool) -> Wire:
-    name = checked_name(p)
-    unit = checked_unit(p)
+async def _set_enabled(ctx: CallContext, p: wire.UnitParams, enabled: bool) -> wire.UnitReply:
+    name = params.capsule_name(p["name"])
+    unit = params.unit_name(p["unit"])
     verb = "enable" if enabled else "disable"
     await ctx.authorize(
         act.MANAGE_UNITS,
@@ -286,9 +274,9 @@ async def _set_enabled(ctx: CallContext, p: Params, enabled: bool) -> Wire:
         unit=unit,
         verb=verb,
     )
-    await require_systemd(ctx)
+    await ctx.require_systemd()
     async with ctx.locked(name):
-        await existing(ctx, name, ctx.record_of(name))
+        await ctx.existing(name, ctx.record_of(name))
         with home_of(ctx, name) as home:
             if enabled:
                 if home.entry_kind(UNIT_DIR, unit) is not EntryKind.FILE:
@@ -305,23 +293,23 @@ async def _set_enabled(ctx: CallContext, p: Params, enabled: bool) -> Wire:
         return {"unit": await _describe_unit(ctx, name, unit)}
 
 
-async def enable_unit(ctx: CallContext, p: Params) -> Wire:
+async def enable_unit(ctx: CallContext, p: wire.UnitParams) -> wire.UnitReply:
     return await _set_enabled(ctx, p, True)
 
 
-async def disable_unit(ctx: CallContext, p: Params) -> Wire:
+async def disable_unit(ctx: CallContext, p: wire.UnitParams) -> wire.UnitReply:
     return await _set_enabled(ctx, p, False)
 
 
-def _checked_run(p: Params) -> tuple[list[str], str | None, list[str], str | None]:
-    command = cast(list[str], p["command"])
+def _checked_run(p: wire.RunParams) -> tuple[list[str], str | None, list[str], str | None]:
+    command = p["command"]
     if not command or len(command) > MAX_RUN_ARGS:
         raise errors.InvalidValue(parameter="command", reason=f"1..{MAX_RUN_ARGS} arguments")
     if not os.path.isabs(command[0]):
         raise errors.InvalidValue(parameter="command", reason="command[0] must be an absolute path")
     if any("\0" in arg for arg in command):
         raise errors.InvalidValue(parameter="command", reason="arguments may not contain NUL")
-    unit = cast(str | None, p["unit"])
+    unit = p["unit"]
     if unit is not None:
         if "." not in unit:
             unit += ".service"
@@ -330,7 +318,7 @@ def _checked_run(p: Params) -> tuple[list[str], str | None, list[str], str | Non
             problem = "a command runs as a .service"
         if problem is not None:
             raise errors.InvalidUnit(unit=unit, reason=problem, line=None)
-    environment = cast(list[str] | None, p["environment"]) or []
+    environment = p["environment"] or []
     if len(environment) > MAX_RUN_ENV:
         raise errors.InvalidValue(parameter="environment", reason=f"at most {MAX_RUN_ENV}")
     for assignment in environment:
@@ -341,7 +329,7 @@ def _checked_run(p: Params) -> tuple[list[str], str | None, list[str], str | Non
             raise errors.InvalidValue(
                 parameter="environment", reason="entries must be KEY=VALUE, without NUL"
             )
-    cwd = cast(str | None, p["workingDirectory"])
+    cwd = p["workingDirectory"]
     if cwd is not None and (not os.path.isabs(cwd) or "\0" in cwd):
         raise errors.InvalidValue(parameter="workingDirectory", reason="must be an absolute path")
     return command, unit, environment, cwd
@@ -366,12 +354,12 @@ async def _start_transient(
         ) from None
 
 
-async def run(ctx: CallContext, p: Params) -> Wire:
-    name = checked_name(p)
+async def run(ctx: CallContext, p: wire.RunParams) -> wire.RunReply:
+    name = params.capsule_name(p["name"])
     command, unit, environment, cwd = _checked_run(p)
     await ctx.authorize(act.RUN, name, interactive=p["allowInteractiveAuthentication"])
-    await require_systemd(ctx)
-    await existing(ctx, name, ctx.record_of(name))
+    await ctx.require_systemd()
+    await ctx.existing(name, ctx.record_of(name))
     try:
         with backend_errors(name):
             async with ctx.backend.capsule_manager(name) as mgr:

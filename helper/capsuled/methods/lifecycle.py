@@ -2,29 +2,33 @@
 SetAutostart, SetLimits, plus Info and CheckAccess.
 
 Every handler runs in the same order (style: systemd's mountwork.c): the
-parameters arrive validated against the IDL -> cross-field checks -> the one
-`ctx.authorize` line -> the work under the capsule's lock -> audit -> reply.
+parameters arrive validated against the IDL -> value checks (params.py) ->
+the one `ctx.authorize` line -> the work under the capsule's lock -> audit ->
+reply.
 """
 
 from __future__ import annotations
 
 import grp
+import logging
 import pwd
-from typing import cast
+import typing
+from typing import Final, TypeGuard
 
-from capsuled import errors
+from capsuled import errors, wire
 from capsuled.audit import RESULT_FAILED, RESULT_OK, AuditAction
+from capsuled.methods import params
 from capsuled.methods.context import CallContext, backend_errors
-from capsuled.names import CAPSULE_USER_PREFIX, capsule_name_problem, unit_name_problem
+from capsuled.names import CAPSULE_USER_PREFIX
 from capsuled.policy import actions as act
 from capsuled.policy.engine import Request
+from capsuled.policy.identity import user_name
 from capsuled.records import CorruptRecord, Phase, Record, new_record
 from capsuled.safefs import DYNAMIC_UID_MAX, DYNAMIC_UID_MIN
 from capsuled.systemd import errors as sd
 from capsuled.systemd.backend import LIMIT_DEFAULT, CapsuleInfo
 
-Params = dict[str, object]
-Wire = dict[str, object]
+log = logging.getLogger(__name__)
 
 # Values SetLimits accepts besides -1 ("reset to systemd's default").
 CPU_WEIGHT_RANGE = range(1, 10001)  # CGROUP_WEIGHT_MIN..CGROUP_WEIGHT_MAX
@@ -34,28 +38,25 @@ MANAGE_VERBS = frozenset({"start", "stop", "restart", "autostart"})
 MANAGE_UNITS_VERBS = frozenset(
     {"install", "remove", "start", "stop", "restart", "enable", "disable"}
 )
+# systemd's ActiveState values (unit_active_state_table, 257), the IDL's CapsuleState.
+_CAPSULE_STATES: Final = frozenset(typing.get_args(wire.CapsuleState))
 
 
-def checked_name(p: Params, field: str = "name") -> str:
-    """The capsule name parameter, refused before anything reaches systemd (invariant 3)."""
-    name = cast(str, p[field])
-    problem = capsule_name_problem(name)
-    if problem is not None:
-        raise errors.InvalidName(name=name, reason=problem)
-    return name
+def _is_capsule_state(value: str) -> TypeGuard[wire.CapsuleState]:
+    return value in _CAPSULE_STATES
 
 
-def _owner_name(uid: int | None) -> str | None:
-    if uid is None:
-        return None
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
+def _capsule_state(value: str) -> wire.CapsuleState:
+    if _is_capsule_state(value):
+        return value
+    # Not a state systemd 256..262 has: never sent, since the IDL declares the enum.
+    log.warning("unknown ActiveState %r of a capsule; reporting it as inactive", value)
+    return "inactive"
 
 
-def capsule_to_wire(name: str, info: CapsuleInfo | None, record: Record | None) -> Wire:
+def capsule_to_wire(name: str, info: CapsuleInfo | None, record: Record | None) -> wire.Capsule:
     owner = record.owner if record is not None else None
+    owner_name = user_name(owner) if owner is not None else None
     if info is None:
         # Known only from our record: a Create or Remove that has not finished yet.
         return {
@@ -64,7 +65,7 @@ def capsule_to_wire(name: str, info: CapsuleInfo | None, record: Record | None) 
             "subState": "dead",
             "result": None,
             "owner": owner,
-            "ownerName": _owner_name(owner),
+            "ownerName": owner_name,
             "uid": None,
             "since": None,
             "autostart": False,
@@ -79,11 +80,11 @@ def capsule_to_wire(name: str, info: CapsuleInfo | None, record: Record | None) 
         }
     return {
         "name": name,
-        "state": info.state,
+        "state": _capsule_state(info.state),
         "subState": info.sub_state,
         "result": info.result,
         "owner": owner,
-        "ownerName": _owner_name(owner),
+        "ownerName": owner_name,
         "uid": info.uid,
         "since": info.since_usec,
         "autostart": info.autostart,
@@ -98,22 +99,7 @@ def capsule_to_wire(name: str, info: CapsuleInfo | None, record: Record | None) 
     }
 
 
-async def require_systemd(ctx: CallContext) -> None:
-    """Refuse clearly on a PID 1 without capsules (SystemdTooOld), before any effect."""
-    with backend_errors(""):
-        await ctx.backend.check_version()
-
-
-async def existing(ctx: CallContext, name: str, record: Record | None) -> CapsuleInfo | None:
-    """systemd's view of the capsule; NoSuchCapsule if neither systemd nor we know it."""
-    with backend_errors(name):
-        info = await ctx.backend.capsule_info(name)
-    if info is None and record is None:
-        raise errors.NoSuchCapsule(name=name)
-    return info
-
-
-async def describe_wire(ctx: CallContext, name: str) -> Wire:
+async def describe_wire(ctx: CallContext, name: str) -> wire.Capsule:
     with backend_errors(name):
         info = await ctx.backend.capsule_info(name)
     return capsule_to_wire(name, info, ctx.record_of(name))
@@ -122,11 +108,11 @@ async def describe_wire(ctx: CallContext, name: str) -> Wire:
 # --- read ---------------------------------------------------------------------------------
 
 
-async def list_capsules(ctx: CallContext, p: Params) -> Wire:
+async def list_capsules(ctx: CallContext, p: wire.NoParams) -> wire.ListReply:
     with backend_errors(""):
         infos = {info.name: info for info in await ctx.backend.list_capsules()}
     records = {r.name: r for r in ctx.records.all()}
-    visible: list[Wire] = []
+    visible: list[wire.Capsule] = []
     for name in sorted(infos.keys() | records.keys()):
         record = records.get(name)
         if await ctx.may_read(name, record.owner if record else None):
@@ -138,23 +124,23 @@ async def list_capsules(ctx: CallContext, p: Params) -> Wire:
     return {"capsules": visible}
 
 
-async def describe(ctx: CallContext, p: Params) -> Wire:
-    name = checked_name(p)
+async def describe(ctx: CallContext, p: wire.CapsuleParams) -> wire.CapsuleReply:
+    name = params.capsule_name(p["name"])
     record = await ctx.authorize(act.READ, name, interactive=p["allowInteractiveAuthentication"])
-    info = await existing(ctx, name, record)
+    info = await ctx.existing(name, record)
     return {"capsule": capsule_to_wire(name, info, record)}
 
 
 # --- create and remove --------------------------------------------------------------------
 
 
-async def create(ctx: CallContext, p: Params) -> Wire:
-    name = checked_name(p)
+async def create(ctx: CallContext, p: wire.CreateParams) -> wire.CapsuleReply:
+    name = params.capsule_name(p["name"])
     uid = ctx.peer.uid
     await ctx.authorize(
         act.CREATE, name, interactive=p["allowInteractiveAuthentication"], owner=uid
     )
-    await require_systemd(ctx)
+    await ctx.require_systemd()
     async with ctx.locked(name):
         try:
             record = ctx.records.get(name)
@@ -232,13 +218,13 @@ async def _undo_create(ctx: CallContext, name: str) -> None:
     ctx.records.delete(name)
 
 
-async def remove(ctx: CallContext, p: Params) -> Wire:
-    name = checked_name(p)
+async def remove(ctx: CallContext, p: wire.RemoveParams) -> wire.EmptyReply:
+    name = params.capsule_name(p["name"])
     await ctx.authorize(act.REMOVE, name, interactive=p["allowInteractiveAuthentication"])
-    await require_systemd(ctx)
+    await ctx.require_systemd()
     async with ctx.locked(name):
         record = ctx.record_of(name)
-        await existing(ctx, name, record)
+        await ctx.existing(name, record)
         if record is not None:
             # From here on a crash leaves "removing": a retry finishes, nothing else resumes it.
             ctx.records.put(record.with_phase(Phase.REMOVING))
@@ -260,14 +246,14 @@ async def remove(ctx: CallContext, p: Params) -> Wire:
 _JOB_AUDIT = {"start": AuditAction.START, "stop": AuditAction.STOP, "restart": AuditAction.RESTART}
 
 
-async def _run_job(ctx: CallContext, p: Params, verb: str) -> Wire:
-    name = checked_name(p)
+async def _run_job(ctx: CallContext, p: wire.CapsuleParams, verb: str) -> wire.JobReply:
+    name = params.capsule_name(p["name"])
     await ctx.authorize(
         act.MANAGE, name, interactive=p["allowInteractiveAuthentication"], verb=verb
     )
-    await require_systemd(ctx)
+    await ctx.require_systemd()
     async with ctx.locked(name):
-        await existing(ctx, name, ctx.record_of(name))
+        await ctx.existing(name, ctx.record_of(name))
         job = {"start": ctx.backend.start, "stop": ctx.backend.stop, "restart": ctx.backend.restart}
         audit = _JOB_AUDIT[verb]
         try:
@@ -280,38 +266,36 @@ async def _run_job(ctx: CallContext, p: Params, verb: str) -> Wire:
         return {"capsule": await describe_wire(ctx, name), "job": result}
 
 
-async def start(ctx: CallContext, p: Params) -> Wire:
+async def start(ctx: CallContext, p: wire.CapsuleParams) -> wire.JobReply:
     return await _run_job(ctx, p, "start")
 
 
-async def stop(ctx: CallContext, p: Params) -> Wire:
+async def stop(ctx: CallContext, p: wire.CapsuleParams) -> wire.JobReply:
     return await _run_job(ctx, p, "stop")
 
 
-async def restart(ctx: CallContext, p: Params) -> Wire:
+async def restart(ctx: CallContext, p: wire.CapsuleParams) -> wire.JobReply:
     return await _run_job(ctx, p, "restart")
 
 
-async def set_autostart(ctx: CallContext, p: Params) -> Wire:
-    name = checked_name(p)
-    enabled = bool(p["enabled"])
+async def set_autostart(ctx: CallContext, p: wire.SetAutostartParams) -> wire.CapsuleReply:
+    name = params.capsule_name(p["name"])
+    enabled = p["enabled"]
     await ctx.authorize(
         act.MANAGE, name, interactive=p["allowInteractiveAuthentication"], verb="autostart"
     )
-    await require_systemd(ctx)
+    await ctx.require_systemd()
     async with ctx.locked(name):
-        await existing(ctx, name, ctx.record_of(name))
+        await ctx.existing(name, ctx.record_of(name))
         with backend_errors(name):
             await ctx.backend.set_autostart(name, enabled)
         ctx.audit(AuditAction.SET_AUTOSTART, name, RESULT_OK, enabled=int(enabled))
         return {"capsule": await describe_wire(ctx, name)}
 
 
-def _checked_limits(ctx: CallContext, p: Params) -> dict[str, int | None]:
+def _checked_limits(ctx: CallContext, p: wire.SetLimitsParams) -> dict[str, int | None]:
     """Validate SetLimits values and hold them against the caller's ceilings."""
-    memory_max, tasks_max, cpu_weight = (
-        cast(int | None, p[k]) for k in ("memoryMax", "tasksMax", "cpuWeight")
-    )
+    memory_max, tasks_max, cpu_weight = p["memoryMax"], p["tasksMax"], p["cpuWeight"]
     if memory_max is not None and memory_max < -1:
         raise errors.InvalidValue(parameter="memoryMax", reason="must be bytes >= 0, or -1")
     if tasks_max is not None and (tasks_max < -1 or tasks_max == 0):
@@ -335,13 +319,13 @@ def _checked_limits(ctx: CallContext, p: Params) -> dict[str, int | None]:
     return {"memoryMax": memory_max, "tasksMax": tasks_max, "cpuWeight": cpu_weight}
 
 
-async def set_limits(ctx: CallContext, p: Params) -> Wire:
-    name = checked_name(p)
+async def set_limits(ctx: CallContext, p: wire.SetLimitsParams) -> wire.CapsuleReply:
+    name = params.capsule_name(p["name"])
     await ctx.authorize(act.SET_LIMITS, name, interactive=p["allowInteractiveAuthentication"])
     limits = _checked_limits(ctx, p)
-    await require_systemd(ctx)
+    await ctx.require_systemd()
     async with ctx.locked(name):
-        await existing(ctx, name, ctx.record_of(name))
+        await ctx.existing(name, ctx.record_of(name))
         # -1 on the wire is "back to systemd's default", the backend's LIMIT_DEFAULT.
         backend_value = {k: (LIMIT_DEFAULT if v == -1 else v) for k, v in limits.items()}
         with backend_errors(name):
@@ -363,7 +347,7 @@ async def set_limits(ctx: CallContext, p: Params) -> Wire:
 # --- about the helper and the policy ------------------------------------------------------
 
 
-async def info(ctx: CallContext, p: Params) -> Wire:
+async def info(ctx: CallContext, p: wire.NoParams) -> wire.InfoReply:
     try:
         version: int | None = await ctx.backend.version()
     except sd.BackendError:
@@ -376,23 +360,22 @@ async def info(ctx: CallContext, p: Params) -> Wire:
     }
 
 
-async def check_access(ctx: CallContext, p: Params) -> Wire:
-    name = checked_name(p)
+async def check_access(ctx: CallContext, p: wire.CheckAccessParams) -> wire.CheckAccessReply:
+    name = params.capsule_name(p["name"])
     try:
-        action = act.resolve(cast(str, p["action"]))
+        action = act.resolve(p["action"])
     except ValueError:
         raise errors.InvalidValue(
             parameter="action", reason=f"one of {', '.join(act.BY_SHORT_NAME)}"
         ) from None
     # Both become polkit details (D-Bus strings): nothing unchecked goes there.
-    verb, unit = cast(str | None, p["verb"]), cast(str | None, p["unit"])
+    verb = p["verb"]
     if verb is not None and verb not in MANAGE_VERBS | MANAGE_UNITS_VERBS:
         raise errors.InvalidValue(
             parameter="verb",
             reason=f"one of {', '.join(sorted(MANAGE_VERBS | MANAGE_UNITS_VERBS))}",
         )
-    if unit is not None and (problem := unit_name_problem(unit)) is not None:
-        raise errors.InvalidUnit(unit=unit, reason=problem, line=None)
+    unit = params.optional_unit_name(p["unit"])
     record = ctx.record_of(name)
     owner = ctx.peer.uid if action == act.CREATE else (record.owner if record else None)
     # Never interactive: CheckAccess asks, it does not authenticate.

@@ -13,20 +13,15 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import cast
 
-from capsuled import errors, journal
+from capsuled import errors, journal, wire
+from capsuled.methods import params
 from capsuled.methods.context import CallContext, backend_errors
 from capsuled.methods.inside import is_capsule_unit
-from capsuled.methods.lifecycle import checked_name, existing
-from capsuled.names import capsule_name_problem, unit_name_problem
 from capsuled.policy import actions as act
 from capsuled.systemd import errors as sd
 from capsuled.systemd.backend import CapsuleEvent
 from capsuled.varlink.errors import ExpectedMore
-
-Params = dict[str, object]
-Wire = dict[str, object]
 
 # How long a Watch trusts one "may this caller read capsule X" answer; group
 # changes take effect within this time without a query per event.
@@ -45,12 +40,10 @@ MAX_UNIT_WATCHES = 16
 MAX_WATCH_NAMES = 1024
 
 
-async def logs(ctx: CallContext, p: Params) -> Wire:
-    name = checked_name(p)
-    unit = cast(str | None, p["unit"])
-    if unit is not None and (problem := unit_name_problem(unit)) is not None:
-        raise errors.InvalidUnit(unit=unit, reason=problem, line=None)
-    lines = cast(int | None, p["lines"])
+async def logs(ctx: CallContext, p: wire.LogsParams) -> wire.LogsReply:
+    name = params.capsule_name(p["name"])
+    unit = params.optional_unit_name(p["unit"])
+    lines = p["lines"]
     if lines is None:
         lines = journal.DEFAULT_LINES
     if not 0 <= lines <= journal.MAX_LINES:
@@ -59,8 +52,8 @@ async def logs(ctx: CallContext, p: Params) -> Wire:
     if follow and not ctx.more:
         raise ExpectedMore()
     record = await ctx.authorize(act.READ, name, interactive=p["allowInteractiveAuthentication"])
-    await existing(ctx, name, record)
-    since = cast(int | None, p["since"])
+    await ctx.existing(name, record)
+    since = p["since"]
     started_usec = time.time_ns() // 1000
     entries = await asyncio.to_thread(
         journal.read_tail, name, unit=unit, lines=lines, since_usec=since
@@ -103,16 +96,8 @@ async def logs(ctx: CallContext, p: Params) -> Wire:
     return {"entries": []}
 
 
-async def watch(ctx: CallContext, p: Params) -> Wire:
-    names = cast(list[str] | None, p["names"])
-    wanted: frozenset[str] | None = None
-    if names is not None:
-        if len(names) > MAX_WATCH_NAMES:
-            raise errors.InvalidValue(parameter="names", reason=f"at most {MAX_WATCH_NAMES}")
-        for n in names:
-            if (problem := capsule_name_problem(n)) is not None:
-                raise errors.InvalidName(name=n, reason=problem)
-        wanted = frozenset(names)
+async def watch(ctx: CallContext, p: wire.WatchParams) -> wire.WatchReply:
+    wanted = params.capsule_names(p["names"], MAX_WATCH_NAMES)
 
     access: dict[str, tuple[bool, float]] = {}
 
@@ -130,10 +115,10 @@ async def watch(ctx: CallContext, p: Params) -> Wire:
         access[name] = (allowed, now)
         return allowed
 
-    queue: asyncio.Queue[Wire] = asyncio.Queue(maxsize=MAX_WATCH_EVENTS_QUEUED)
+    queue: asyncio.Queue[wire.WatchReply] = asyncio.Queue(maxsize=MAX_WATCH_EVENTS_QUEUED)
     unit_watches: dict[str, asyncio.Task[None]] = {}
     pumping: asyncio.Task[None] | None = None
-    getting: asyncio.Task[Wire] | None = None
+    getting: asyncio.Task[wire.WatchReply] | None = None
 
     async def follow_units(name: str) -> None:
         # Ends quietly when the capsule stops: its manager and socket go away with it.
@@ -184,14 +169,16 @@ async def watch(ctx: CallContext, p: Params) -> Wire:
                     await ctx.notify(getting.result())
                     getting = None
     finally:
-        tasks: list[asyncio.Task[None] | asyncio.Task[Wire]] = [*unit_watches.values()]
+        tasks: list[asyncio.Task[None] | asyncio.Task[wire.WatchReply]] = [*unit_watches.values()]
         tasks += [task for task in (pumping, getting) if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _event(kind: str, capsule: str, unit: str | None, state: str, sub_state: str | None) -> Wire:
+def _event(
+    kind: str, capsule: str, unit: str | None, state: str, sub_state: str | None
+) -> wire.WatchReply:
     return {
         "event": {
             "kind": kind,

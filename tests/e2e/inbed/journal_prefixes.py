@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 from capsuled.journal import Follower, read_tail
+from capsuled.wire import LogEntry
 
 UNIT = "marker.service"
 STEP_S = 20.0
@@ -27,8 +28,8 @@ def marker(name: str) -> str:
     return "hello-marker-" + name
 
 
-async def until_marker(follower: Follower, name: str) -> list[dict[str, object]]:
-    seen: list[dict[str, object]] = []
+async def until_marker(follower: Follower, name: str) -> list[LogEntry]:
+    seen: list[LogEntry] = []
 
     async def scan() -> None:
         async for entry in follower:
@@ -40,7 +41,7 @@ async def until_marker(follower: Follower, name: str) -> list[dict[str, object]]
     return seen
 
 
-async def tail(name: str, unit: str | None) -> list[dict[str, object]]:
+async def tail(name: str, unit: str | None) -> list[LogEntry]:
     entries = await asyncio.to_thread(read_tail, name, unit=unit, lines=TAIL_LINES, since_usec=None)
     return [e.to_wire() for e in entries]
 

@@ -1,12 +1,18 @@
 """The org.capsuled.Manager wire types, as TypedDicts mirroring the IDL one to one.
 
-Keys keep the IDL's camelCase. A `?type` field is `T | None` (the server always sends it, null when
-unknown). Reply types are named after their method (`StartReply` for `Start`), and carry exactly the
-reply parameters, so a result printed with `--json` is the Varlink reply itself.
+Shared by the helper's handlers (capsuled.methods: their parameters and replies) and the client
+(capsulectl: the replies it reads), so both sides are typed from one declaration. Importing this
+module loads nothing but `typing`; the client imports it only for the type checker.
 
-The client checks only the reply's shape at its top level (see client.py): the helper validates
-everything it sends against the same IDL, and capsulectl enforces nothing (design brief). A unit
-test (tests/unit/test_client_wire.py) keeps these declarations equal to the IDL's.
+Keys keep the IDL's camelCase. A `?type` field is `T | None`: the helper always sends it (null when
+unknown), and the Dispatcher hands a handler an absent optional parameter as None. Reply types carry
+exactly the reply parameters, so a result printed with `--json` is the Varlink reply itself;
+parameter types exactly what the IDL declares, checked by the Dispatcher before a handler runs.
+
+The client checks only the reply's shape at its top level (see capsulectl/client.py): the helper
+validates everything it sends against the same IDL, and capsulectl enforces nothing (design brief).
+Unit tests (tests/unit/test_client_wire.py for replies, tests/unit/test_wire.py for parameters)
+keep these declarations equal to the IDL's.
 """
 
 from __future__ import annotations
@@ -16,22 +22,34 @@ from typing import Literal, TypedDict
 __all__ = [
     "AccessResult",
     "Capsule",
+    "CapsuleParams",
     "CapsuleReply",
     "CapsuleState",
+    "CheckAccessParams",
     "CheckAccessReply",
+    "CreateParams",
     "EmptyReply",
     "Event",
     "InfoReply",
+    "InstallUnitParams",
     "JobReply",
     "ListReply",
     "ListUnitsReply",
     "LogEntry",
+    "LogsParams",
     "LogsReply",
+    "NoParams",
+    "RemoveParams",
+    "RunParams",
     "RunReply",
     "ServiceInfo",
+    "SetAutostartParams",
+    "SetLimitsParams",
     "Unit",
     "UnitJobReply",
+    "UnitParams",
     "UnitReply",
+    "WatchParams",
     "WatchReply",
 ]
 
@@ -109,6 +127,110 @@ class AccessResult(TypedDict):
 
     result: str
     reason: str | None
+
+
+# --- method parameters (as handlers get them: absent optional fields are None) ------------------
+
+
+class NoParams(TypedDict):
+    """List, Info."""
+
+
+class CapsuleParams(TypedDict):
+    """Describe, Start, Stop, Restart, ListUnits: one capsule."""
+
+    name: str
+    allowInteractiveAuthentication: bool | None
+
+
+class CreateParams(TypedDict):
+    """Create."""
+
+    name: str
+    start: bool | None
+    allowInteractiveAuthentication: bool | None
+
+
+class RemoveParams(TypedDict):
+    """Remove."""
+
+    name: str
+    keepData: bool | None
+    allowInteractiveAuthentication: bool | None
+
+
+class SetAutostartParams(TypedDict):
+    """SetAutostart."""
+
+    name: str
+    enabled: bool
+    allowInteractiveAuthentication: bool | None
+
+
+class SetLimitsParams(TypedDict):
+    """SetLimits."""
+
+    name: str
+    memoryMax: int | None
+    tasksMax: int | None
+    cpuWeight: int | None
+    allowInteractiveAuthentication: bool | None
+
+
+class CheckAccessParams(TypedDict):
+    """CheckAccess."""
+
+    name: str
+    action: str
+    verb: str | None
+    unit: str | None
+
+
+class InstallUnitParams(TypedDict):
+    """InstallUnit."""
+
+    name: str
+    unit: str
+    content: str
+    enable: bool | None
+    start: bool | None
+    allowInteractiveAuthentication: bool | None
+
+
+class UnitParams(TypedDict):
+    """RemoveUnit, StartUnit, StopUnit, RestartUnit, EnableUnit, DisableUnit: one unit."""
+
+    name: str
+    unit: str
+    allowInteractiveAuthentication: bool | None
+
+
+class RunParams(TypedDict):
+    """Run."""
+
+    name: str
+    command: list[str]
+    unit: str | None
+    environment: list[str] | None
+    workingDirectory: str | None
+    allowInteractiveAuthentication: bool | None
+
+
+class LogsParams(TypedDict):
+    """Logs."""
+
+    name: str
+    unit: str | None
+    lines: int | None
+    follow: bool | None
+    since: int | None
+    allowInteractiveAuthentication: bool | None
+
+
+class WatchParams(TypedDict):
+    """Watch."""
+
+    names: list[str] | None
 
 
 # --- method replies -----------------------------------------------------------------------------
