@@ -127,6 +127,7 @@ def build_wiring(options: Options) -> Wiring:
     from capsuled.methods.context import Services
     from capsuled.policy.authorizer import DEFAULT_CONFIG_DIR, Authorizer
     from capsuled.records import RecordStore
+    from capsuled.sdjournal import SdJournal
     from capsuled.systemd.backend import DBusSystemdBackend
 
     config_dir = DEFAULT_CONFIG_DIR if options.config_dir is None else options.config_dir
@@ -135,6 +136,7 @@ def build_wiring(options: Options) -> Wiring:
     system_bus = SystemBus()
     services = Services(
         backend=DBusSystemdBackend(system_bus),
+        journal=SdJournal(),
         authorizer=Authorizer.from_config(config_dir, system_bus=system_bus),
         records=RecordStore(),
         audit=AuditLog(),

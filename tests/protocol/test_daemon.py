@@ -29,6 +29,7 @@ from capsuled.policy.authorizer import Authorizer
 from capsuled.policy.engine import DEFAULT_CONFIG, Decision, Identity, Request
 from capsuled.policy.polkit import PolkitBackend
 from capsuled.records import RecordStore
+from capsuled.sdjournal import SdJournal
 from capsuled.systemd.backend import DBusSystemdBackend
 from capsuled.transport import NotifyFn
 from capsuled.varlink.messages import Call
@@ -465,6 +466,7 @@ def test_reload_closes_the_old_policy_after_the_calls_that_started_under_it(
         new = Authorizer(DEFAULT_CONFIG, new_backend)
         services = Services(
             backend=FakeBackend(),
+            journal=SdJournal(),
             authorizer=old,
             records=RecordStore(tmp_path),
             audit=AuditLog(),
@@ -531,6 +533,7 @@ def test_sighup_is_caught_before_ready_is_sent(
         monkeypatch.setattr(daemon, "sd_notify", notify)
         services = Services(
             backend=FakeBackend(),
+            journal=SdJournal(),
             authorizer=Authorizer(DEFAULT_CONFIG, _ClosingBackend()),
             records=RecordStore(tmp_path),
             audit=AuditLog(),

@@ -2,6 +2,7 @@
 
 `World` wires the real handlers (capsuled.methods.build_dispatcher, with validate_replies=True so
 every reply and error is checked against the IDL) to a FakeBackend that logs every call it gets,
+a FakeJournal serving a list (injected as Services.journal, like the backend),
 a builtin-policy Authorizer over a fixed user directory, a RecordStore and capsule homes under a
 temporary directory, and an AuditLog whose sink appends to a list. Calls go through
 `Dispatcher.handle`, as the transport makes them: IDL validation included.
@@ -133,6 +134,7 @@ class Outcome:
 class World:
     root: Path
     backend: SpyBackend
+    journal: FakeJournal
     authorizer: Authorizer
     records: RecordStore
     audit_records: list[dict[str, str]]
@@ -265,8 +267,10 @@ def make_world(
     audit_records: list[dict[str, str]] = []
     capsules_root = tmp_path / "capsules"
     capsules_root.mkdir()
+    fake_journal = FakeJournal()
     services = Services(
         backend=backend,
+        journal=fake_journal,
         authorizer=authorizer,
         records=records,
         audit=AuditLog(sink=audit_records.append),
@@ -281,7 +285,9 @@ def make_world(
         ServiceInfo(vendor="capsuled", product="capsuled", version="0-test", url="https://x"),
         validate_replies=True,
     )
-    return World(tmp_path, backend, authorizer, records, audit_records, services, dispatcher)
+    return World(
+        tmp_path, backend, fake_journal, authorizer, records, audit_records, services, dispatcher
+    )
 
 
 class ObservedLocks(CapsuleLocks):
@@ -316,26 +322,26 @@ def entry(n: int, unit: str | None = "web.service") -> journal.Entry:
 
 @dataclass
 class FakeJournal:
-    """read_tail and Follower over a list; `asked` logs each read's arguments."""
+    """capsuled.journal.Journal over a list; `asked` and `followers` log each read's arguments."""
 
-    entries: list[journal.Entry]
+    entries: list[journal.Entry] = field(default_factory=list)
     new: asyncio.Queue[journal.Entry] | None = None
     asked: list[dict[str, object]] = field(default_factory=list)
     followers: list[dict[str, object]] = field(default_factory=list)
 
-    def read_tail(
+    async def tail(
         self, capsule: str, *, unit: str | None, lines: int, since_usec: int | None
     ) -> list[journal.Entry]:
         self.asked.append({"capsule": capsule, "unit": unit, "lines": lines, "since": since_usec})
         return self.entries[-lines:] if lines else []
 
-    def follower(
+    def follow(
         self,
         capsule: str,
         *,
         unit: str | None,
         after_cursor: str | None,
-        since_usec: int | None = None,
+        since_usec: int | None,
     ) -> _FakeFollower:
         self.followers.append(
             {"capsule": capsule, "unit": unit, "after": after_cursor, "since": since_usec}

@@ -1,4 +1,4 @@
-"""capsuled.journal: the pure parts, then real journal files.
+"""capsuled.journal (the pure selection), then capsuled.sdjournal on real journal files.
 
 The real-file tests write journal files with systemd-journal-remote (Debian package
 ``systemd-journal-remote``) from journal export format, which accepts trusted ``_`` fields, so
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from capsuled import journal
+from capsuled import journal, sdjournal
 from capsuled.journal import (
     MAX_LINES,
     MESSAGE_MAX_BYTES,
@@ -27,7 +27,6 @@ from capsuled.journal import (
     TAIL_MAX_BYTES,
     TRUNCATION_MARK,
     Entry,
-    Follower,
     accepts,
     capsule_match_groups,
     decode_message,
@@ -35,11 +34,11 @@ from capsuled.journal import (
     groups_accept,
     is_manager_cgroup,
     message_wire_bytes,
-    read_tail,
     unit_cgroups,
     unit_match_groups,
     unit_of_cgroup,
 )
+from capsuled.sdjournal import Follower, read_tail
 from capsuled.varlink.interface import Struct, parse_interface
 
 WEB = "/capsule.slice/capsule@web.service"
@@ -378,10 +377,9 @@ def test_invalid_arguments_are_refused_before_touching_the_journal() -> None:
         Follower("web2\n", unit=None, after_cursor=None)
 
 
-def test_importing_the_module_does_not_load_systemd() -> None:
-    code = (
-        "import sys, capsuled.journal; sys.exit(any(m.startswith('systemd') for m in sys.modules))"
-    )
+@pytest.mark.parametrize("module", ["capsuled.journal", "capsuled.sdjournal"])
+def test_importing_the_module_does_not_load_systemd(module: str) -> None:
+    code = f"import sys, {module}; sys.exit(any(m.startswith('systemd') for m in sys.modules))"
     helper = Path(journal.__file__).resolve().parents[1]
     result = subprocess.run(
         ["python3", "-c", code], env={**os.environ, "PYTHONPATH": str(helper)}, check=False
@@ -746,7 +744,7 @@ def test_follower_picks_up_a_new_journal_file(tj: JournalFiles) -> None:
 
 def test_follower_delivers_a_burst_in_order(tj: JournalFiles) -> None:
     tj.append(unit_output("web", "a.service", "start"))
-    count = journal.FOLLOW_BATCH * 2 + 5
+    count = sdjournal.FOLLOW_BATCH * 2 + 5
 
     async def scenario() -> list[str]:
         async with follow(tj, "web", unit=None, after_cursor=None) as f:

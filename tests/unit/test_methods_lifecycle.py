@@ -19,7 +19,6 @@ from methods_fixtures import (
     MALLORY,
     MUTATING_BACKEND_CALLS,
     ROOT,
-    FakeJournal,
     ObservedLocks,
     SpyBackend,
     World,
@@ -30,7 +29,7 @@ from methods_fixtures import (
     params_for,
 )
 
-from capsuled import errors, journal
+from capsuled import errors
 from capsuled.audit import MESSAGE_IDS
 from capsuled.peer import Peer
 from capsuled.policy import actions as act
@@ -918,24 +917,21 @@ POLICY_REQUESTS: dict[str, tuple[str, str | None, str | None]] = {
 }
 
 
-def _recording_world(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[World, RecordingPolicy]:
+def _recording_world(tmp_path: Path) -> tuple[World, RecordingPolicy]:
     world = make_world(tmp_path).standard()
     policy = RecordingPolicy()
     world.services.authorizer = Authorizer(
         config(), policy, lookup=lookup, is_alive=lambda _subject: True
     )
-    monkeypatch.setattr(journal, "read_tail", FakeJournal([]).read_tail)
     return world, policy
 
 
 @pytest.mark.parametrize("interactive", [None, False, True])
 @pytest.mark.parametrize("method", sorted(POLICY_REQUESTS))
 def test_each_method_asks_the_policy_once_with_its_details(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, interactive: bool | None
+    tmp_path: Path, method: str, interactive: bool | None
 ) -> None:
-    world, policy = _recording_world(tmp_path, monkeypatch)
+    world, policy = _recording_world(tmp_path)
     params = params_for(method, "alpha")
     if interactive is not None:
         params["allowInteractiveAuthentication"] = interactive
@@ -945,10 +941,8 @@ def test_each_method_asks_the_policy_once_with_its_details(
 
 
 @pytest.mark.parametrize("interactive", [False, True])
-def test_create_asks_the_policy_with_the_caller_as_owner(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interactive: bool
-) -> None:
-    world, policy = _recording_world(tmp_path, monkeypatch)
+def test_create_asks_the_policy_with_the_caller_as_owner(tmp_path: Path, interactive: bool) -> None:
+    world, policy = _recording_world(tmp_path)
     world.run(
         "Create", {"name": "fresh", "allowInteractiveAuthentication": interactive}, uid=MALLORY
     )

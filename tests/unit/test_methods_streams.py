@@ -36,11 +36,9 @@ def world(tmp_path: Path) -> World:
 
 
 @pytest.fixture
-def fake_journal(monkeypatch: pytest.MonkeyPatch) -> FakeJournal:
-    fake = FakeJournal([entry(n) for n in range(1, 6)])
-    monkeypatch.setattr(journal, "read_tail", fake.read_tail)
-    monkeypatch.setattr(journal, "Follower", fake.follower)
-    return fake
+def fake_journal(world: World) -> FakeJournal:
+    world.journal.entries = [entry(n) for n in range(1, 6)]
+    return world.journal
 
 
 class Stream:

@@ -18,6 +18,7 @@ from enum import Enum
 
 from capsuled import errors
 from capsuled.audit import AuditAction, AuditLog
+from capsuled.journal import Journal
 from capsuled.peer import Peer
 from capsuled.policy import actions as act
 from capsuled.policy.authorizer import Authorizer
@@ -61,6 +62,7 @@ class Services:
     """The long-lived objects handlers use; built once, in daemon.py."""
 
     backend: SystemdBackend
+    journal: Journal
     authorizer: Authorizer
     records: RecordStore
     audit: AuditLog

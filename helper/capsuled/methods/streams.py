@@ -55,9 +55,7 @@ async def logs(ctx: CallContext, p: wire.LogsParams) -> wire.LogsReply:
     await ctx.existing(name, record)
     since = p["since"]
     started_usec = time.time_ns() // 1000
-    entries = await asyncio.to_thread(
-        journal.read_tail, name, unit=unit, lines=lines, since_usec=since
-    )
+    entries = await ctx.services.journal.tail(name, unit=unit, lines=lines, since_usec=since)
     wire = [e.to_wire() for e in entries]
     if not ctx.more:
         return {"entries": wire}
@@ -80,7 +78,7 @@ async def logs(ctx: CallContext, p: wire.LogsParams) -> wire.LogsReply:
             await ctx.notify({"entries": [entry]})
         # Resume after the last entry sent, or (none) from when we started reading: no gap,
         # no duplicate.
-        async with journal.Follower(
+        async with ctx.services.journal.follow(
             name,
             unit=unit,
             after_cursor=entries[-1].cursor if entries else None,

@@ -1,4 +1,4 @@
-"""Two capsules whose names are prefixes of each other, seen through capsuled.journal (as root,
+"""Two capsules whose names are prefixes of each other, seen through capsuled.sdjournal (as root,
 as the daemon reads it; test_journal.py).
 
     python3 -m e2e.inbed.journal_prefixes A B
@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 
-from capsuled.journal import Follower, read_tail
+from capsuled.sdjournal import Follower, read_tail
 from capsuled.wire import LogEntry
 
 UNIT = "marker.service"
