@@ -95,83 +95,104 @@ async def logs(ctx: CallContext, p: wire.LogsParams) -> wire.LogsReply:
 
 
 async def watch(ctx: CallContext, p: wire.WatchParams) -> wire.WatchReply:
-    wanted = params.capsule_names(p["names"], MAX_WATCH_NAMES)
-
-    access: dict[str, tuple[bool, float]] = {}
-
-    async def visible(name: str) -> bool:
-        if wanted is not None and name not in wanted:
-            return False
-        now = time.monotonic()
-        cached = access.get(name)
-        if cached is not None and now - cached[1] < WATCH_ACCESS_TTL_S:
-            return cached[0]
-        record = ctx.record_of(name)
-        allowed = await ctx.may_read(name, record.owner if record else None)
-        if len(access) >= MAX_WATCH_NAMES:
-            access.clear()
-        access[name] = (allowed, now)
-        return allowed
-
-    queue: asyncio.Queue[wire.WatchReply] = asyncio.Queue(maxsize=MAX_WATCH_EVENTS_QUEUED)
-    unit_watches: dict[str, asyncio.Task[None]] = {}
-    pumping: asyncio.Task[None] | None = None
-    getting: asyncio.Task[wire.WatchReply] | None = None
-
-    async def follow_units(name: str) -> None:
-        # Ends quietly when the capsule stops: its manager and socket go away with it.
-        with contextlib.suppress(sd.BackendError):
-            async with ctx.backend.capsule_manager(name) as mgr, mgr.watch() as unit_events:
-                # Units may have started before we connected: say where they are now.
-                for unit in await mgr.list_units():
-                    if is_capsule_unit(unit):
-                        await queue.put(
-                            _event("unit", name, unit.name, unit.active_state, unit.sub_state)
-                        )
-                async for ev in unit_events:
-                    await queue.put(_event("unit", name, ev.unit, ev.state, ev.sub_state))
-
-    def watch_units(name: str, state: str) -> None:
-        # Units are followed only for capsules named explicitly: each costs a connection.
-        if wanted is None or state != "active" or len(unit_watches) >= MAX_UNIT_WATCHES:
-            return
-        task = unit_watches.get(name)
-        if task is None or task.done():
-            unit_watches[name] = asyncio.create_task(follow_units(name))
-
-    async def pump(events: AsyncIterator[CapsuleEvent]) -> None:
-        async for event in events:
-            if await visible(event.name):
-                watch_units(event.name, event.state)
-                await queue.put(_event("capsule", event.name, None, event.state, event.sub_state))
-        raise sd.SystemdUnavailable("PID 1's signal stream ended")
-
+    watcher = _Watch(ctx, params.capsule_names(p["names"], MAX_WATCH_NAMES))
     try:
         with backend_errors(""):
-            async with ctx.backend.watch() as events:
-                # Subscribed first, then the snapshot: a change between the two is seen
-                # twice rather than lost, and the client knows we are listening.
-                for info in await ctx.backend.list_capsules():
-                    if await visible(info.name):
-                        watch_units(info.name, info.state)
-                        await ctx.notify(
-                            _event("capsule", info.name, None, info.state, info.sub_state)
-                        )
-                pumping = asyncio.create_task(pump(events))
-                while True:
-                    getting = asyncio.create_task(queue.get())
-                    await asyncio.wait({getting, pumping}, return_when=asyncio.FIRST_COMPLETED)
-                    if not getting.done():
-                        getting.cancel()
-                        pumping.result()  # raises what ended the signal stream
-                    await ctx.notify(getting.result())
-                    getting = None
+            return await watcher.run()
     finally:
-        tasks: list[asyncio.Task[None] | asyncio.Task[wire.WatchReply]] = [*unit_watches.values()]
-        tasks += [task for task in (pumping, getting) if task is not None]
+        await watcher.close()
+
+
+class _Watch:
+    """One Watch call: PID 1's capsule events, filtered to what the caller may read, and for
+    capsules named explicitly their units' events too, all relayed through one bounded queue."""
+
+    def __init__(self, ctx: CallContext, wanted: frozenset[str] | None) -> None:
+        self._ctx = ctx
+        self._wanted = wanted  # None: every capsule the caller may read
+        # name -> (may the caller read it, when we asked): a cache that expires, so group
+        # changes take effect within WATCH_ACCESS_TTL_S without a query per event.
+        self._access: dict[str, tuple[bool, float]] = {}
+        self._queue: asyncio.Queue[wire.WatchReply] = asyncio.Queue(MAX_WATCH_EVENTS_QUEUED)
+        self._unit_watches: dict[str, asyncio.Task[None]] = {}
+        self._pumping: asyncio.Task[None] | None = None  # PID 1's events into the queue
+        self._getting: asyncio.Task[wire.WatchReply] | None = None  # the queue's next event
+
+    async def run(self) -> wire.WatchReply:
+        """Relay events until PID 1's stream ends (SystemdUnavailable) or the client hangs up."""
+        async with self._ctx.backend.watch() as events:
+            # Subscribed first, then the snapshot: a change between the two is seen twice
+            # rather than lost, and the client knows we are listening.
+            for info in await self._ctx.backend.list_capsules():
+                if await self._visible(info.name):
+                    self._watch_units(info.name, info.state)
+                    await self._ctx.notify(
+                        _event("capsule", info.name, None, info.state, info.sub_state)
+                    )
+            pumping = self._pumping = asyncio.create_task(self._pump(events))
+            while True:
+                getting = self._getting = asyncio.create_task(self._queue.get())
+                await asyncio.wait({getting, pumping}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
+                    pumping.result()  # raises what ended the signal stream
+                await self._ctx.notify(getting.result())
+
+    async def close(self) -> None:
+        """Stop every task the call started and wait for them."""
+        tasks: list[asyncio.Task[None] | asyncio.Task[wire.WatchReply]] = [
+            *self._unit_watches.values()
+        ]
+        tasks += [task for task in (self._pumping, self._getting) if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _visible(self, name: str) -> bool:
+        if self._wanted is not None and name not in self._wanted:
+            return False
+        now = time.monotonic()
+        cached = self._access.get(name)
+        if cached is not None and now - cached[1] < WATCH_ACCESS_TTL_S:
+            return cached[0]
+        record = self._ctx.record_of(name)
+        allowed = await self._ctx.may_read(name, record.owner if record else None)
+        if len(self._access) >= MAX_WATCH_NAMES:
+            self._access.clear()
+        self._access[name] = (allowed, now)
+        return allowed
+
+    async def _pump(self, events: AsyncIterator[CapsuleEvent]) -> None:
+        async for event in events:
+            if await self._visible(event.name):
+                self._watch_units(event.name, event.state)
+                await self._queue.put(
+                    _event("capsule", event.name, None, event.state, event.sub_state)
+                )
+        raise sd.SystemdUnavailable("PID 1's signal stream ended")
+
+    def _watch_units(self, name: str, state: str) -> None:
+        # Units are followed only for capsules named explicitly: each costs a connection.
+        if self._wanted is None or state != "active":
+            return
+        if len(self._unit_watches) >= MAX_UNIT_WATCHES:
+            return
+        task = self._unit_watches.get(name)
+        if task is None or task.done():
+            self._unit_watches[name] = asyncio.create_task(self._follow_units(name))
+
+    async def _follow_units(self, name: str) -> None:
+        # Ends quietly when the capsule stops: its manager and socket go away with it.
+        with contextlib.suppress(sd.BackendError):
+            async with self._ctx.backend.capsule_manager(name) as mgr, mgr.watch() as events:
+                # Units may have started before we connected: say where they are now.
+                for unit in await mgr.list_units():
+                    if is_capsule_unit(unit):
+                        await self._queue.put(
+                            _event("unit", name, unit.name, unit.active_state, unit.sub_state)
+                        )
+                async for ev in events:
+                    await self._queue.put(_event("unit", name, ev.unit, ev.state, ev.sub_state))
 
 
 def _event(
