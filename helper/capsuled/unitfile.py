@@ -181,21 +181,10 @@ def parse_unit_file(content: bytes, *, max_bytes: int = UNIT_FILE_MAX_BYTES) -> 
     Raises:
         InvalidUnitFile: too large, not UTF-8, NUL or control characters, or a syntax error.
     """
-    if len(content) > max_bytes:
-        raise InvalidUnitFile(None, f"larger than {max_bytes} bytes")
-    if b"\0" in content:
-        nul_line = _line_of(content, content.index(b"\0"))
-        raise InvalidUnitFile(nul_line, "contains a NUL byte")
-    try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        bad_line = _line_of(content, exc.start)
-        raise InvalidUnitFile(bad_line, "not valid UTF-8") from exc
-
     sections: list[Section] = []
     current: tuple[str, int] | None = None
     assignments: list[Assignment] = []
-    for number, raw in _logical_lines(text):
+    for number, raw in _logical_lines(_decoded(content, max_bytes)):
         line = raw.strip(_WHITESPACE)
         if not line:
             continue
@@ -203,32 +192,56 @@ def parse_unit_file(content: bytes, *, max_bytes: int = UNIT_FILE_MAX_BYTES) -> 
         if bad is not None:
             raise InvalidUnitFile(number, f"contains control character U+{ord(bad.group()):04X}")
         if line.startswith("["):
-            if not line.endswith("]") or len(line) < 2:
-                raise InvalidUnitFile(number, f"invalid section header {line!r}")
-            name = line[1:-1]
-            if name == "":
-                raise InvalidUnitFile(number, "empty section name")
-            if any(c in name for c in _QUOTES + "\\"):
-                raise InvalidUnitFile(number, f"bad characters in section header {line!r}")
             if current is not None:
                 sections.append(Section(current[0], current[1], tuple(assignments)))
-            current = (name, number)
+            current = (_section_name(line, number), number)
             assignments = []
-            continue
-        if current is None:
+        elif current is None:
             raise InvalidUnitFile(number, "assignment outside of any section")
-        key, sep, value = line.partition("=")
-        if not sep:
-            raise InvalidUnitFile(number, "missing '='")
-        key = key.strip(_WHITESPACE)
-        if key == "":
-            raise InvalidUnitFile(number, "missing key name before '='")
-        if _KEY.fullmatch(key) is None:
-            raise InvalidUnitFile(number, f"invalid key name {key!r}")
-        assignments.append(Assignment(key, value.strip(_WHITESPACE), number))
+        else:
+            assignments.append(_assignment(line, number))
     if current is not None:
         sections.append(Section(current[0], current[1], tuple(assignments)))
     return UnitFile(tuple(sections))
+
+
+def _decoded(content: bytes, max_bytes: int) -> str:
+    """The file's text, refused if too large, with a NUL byte, or not UTF-8."""
+    if len(content) > max_bytes:
+        raise InvalidUnitFile(None, f"larger than {max_bytes} bytes")
+    if b"\0" in content:
+        nul_line = _line_of(content, content.index(b"\0"))
+        raise InvalidUnitFile(nul_line, "contains a NUL byte")
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad_line = _line_of(content, exc.start)
+        raise InvalidUnitFile(bad_line, "not valid UTF-8") from exc
+
+
+def _section_name(line: str, number: int) -> str:
+    """The name in a "[Section]" header line."""
+    if not line.endswith("]") or len(line) < 2:
+        raise InvalidUnitFile(number, f"invalid section header {line!r}")
+    name = line[1:-1]
+    if name == "":
+        raise InvalidUnitFile(number, "empty section name")
+    if any(c in name for c in _QUOTES + "\\"):
+        raise InvalidUnitFile(number, f"bad characters in section header {line!r}")
+    return name
+
+
+def _assignment(line: str, number: int) -> Assignment:
+    """A "Key=value" line inside a section."""
+    key, sep, value = line.partition("=")
+    if not sep:
+        raise InvalidUnitFile(number, "missing '='")
+    key = key.strip(_WHITESPACE)
+    if key == "":
+        raise InvalidUnitFile(number, "missing key name before '='")
+    if _KEY.fullmatch(key) is None:
+        raise InvalidUnitFile(number, f"invalid key name {key!r}")
+    return Assignment(key, value.strip(_WHITESPACE), number)
 
 
 def check_unit_file(

@@ -474,20 +474,26 @@ class Interface:
                 raise _Invalid(f"expected one of {', '.join(t.values)}")
             return value
         if isinstance(t, Array):
-            if not isinstance(value, list):
-                raise _Invalid("expected an array")
-            if isinstance(t.inner, Primitive):
-                fast = _bulk_primitive(t.inner.kind, value)
-                if fast is not None:
-                    return list(fast)
-            items: list[object] = []
-            for i, v in enumerate(value):
-                try:
-                    items.append(self._value(t.inner, v))
-                except _Invalid as exc:
-                    exc.keys.append(str(i))
-                    raise
-            return items
+            return self._array(t, value)
+        return self._map(t, value)
+
+    def _array(self, t: Array, value: object) -> list[object]:
+        if not isinstance(value, list):
+            raise _Invalid("expected an array")
+        if isinstance(t.inner, Primitive):
+            fast = _bulk_primitive(t.inner.kind, value)
+            if fast is not None:
+                return list(fast)
+        items: list[object] = []
+        for i, v in enumerate(value):
+            try:
+                items.append(self._value(t.inner, v))
+            except _Invalid as exc:
+                exc.keys.append(str(i))
+                raise
+        return items
+
+    def _map(self, t: Dict, value: object) -> dict[str, object]:
         if not isinstance(value, dict):
             raise _Invalid("expected an object (map)")
         if isinstance(t.inner, Primitive):
