@@ -35,22 +35,26 @@ Exception tree (OSError is translated once, here, always ``raise ... from exc``)
      ├── FileTooLarge      read_file() found more than max_bytes
      └── TooManyEntries    list_dir() found more than max_entries entries
 
-All calls block (they are a few syscalls each); an asyncio caller runs them in a thread.
+All calls of CapsuleHome block (a few syscalls each, an fsync per write): the daemon reaches
+them only through `CapsuleHomes.run`, which does a whole piece of work in a bounded pool of
+worker threads, opening and closing the home's directory fd in that thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import os
 import secrets
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from capsuled.names import capsule_name_problem
 
@@ -729,3 +733,50 @@ class CapsuleHome:
                 raise SafeFsError(display, f"cannot create symlink: {exc.strerror}") from exc
             return temp
         raise SafeFsError(display, "cannot find a free temporary name")
+
+
+# How many threads work under capsule homes at once, for all callers: a burst of calls queues
+# for them instead of spawning threads (each call is a few syscalls and at most a few fsyncs).
+MAX_FS_THREADS = 4
+
+_T = TypeVar("_T")
+
+
+class CapsuleHomes:
+    """The capsule homes under ``root`` as the asyncio daemon reaches them: the one adapter.
+
+    Every call of this module blocks (a few syscalls each, an fsync per write), so `run` does
+    one whole piece of work -- open the home, the operations, close it -- in a worker thread
+    of a bounded pool: the event loop never waits on the disk, and no directory fd outlives
+    the thread that used it.
+    """
+
+    def __init__(self, root: str = CAPSULES_ROOT, max_threads: int = MAX_FS_THREADS) -> None:
+        self.root = root
+        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="capsuled-fs")
+
+    async def run(self, name: str, work: Callable[[CapsuleHome], _T]) -> _T:
+        """``work(home)`` on capsule ``name``'s home, opened and closed in a worker thread.
+
+        A caller cancelled meanwhile (its client hung up) waits for the thread to finish
+        before the cancellation goes on: the thread cannot be stopped, and the caller's hold
+        on the capsule (its lock) must last as long as the work does.
+
+        Raises:
+            NoHome, UnsafePath, SafeFsError: from opening the home or from ``work``.
+        """
+
+        def job() -> _T:
+            with CapsuleHome.open(name, self.root) as home:
+                return work(home)
+
+        future = asyncio.get_running_loop().run_in_executor(self._pool, job)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            while not future.done():
+                with suppress(asyncio.CancelledError):
+                    await asyncio.wait({future})
+            if not future.cancelled():
+                future.exception()  # retrieved: nobody is left to see what the work raised
+            raise

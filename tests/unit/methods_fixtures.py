@@ -33,6 +33,7 @@ from capsuled.policy.authorizer import Authorizer
 from capsuled.policy.builtin import BuiltinBackend
 from capsuled.policy.engine import Decision, Identity, PolicyConfig, Quota, Rule
 from capsuled.records import Phase, Record, RecordStore, new_record
+from capsuled.safefs import CapsuleHomes
 from capsuled.varlink.errors import VarlinkError
 from capsuled.varlink.interface import Interface, parse_interface
 from capsuled.varlink.messages import Call
@@ -143,7 +144,7 @@ class World:
     capsules_root: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        self.capsules_root = Path(self.services.capsules_root)
+        self.capsules_root = Path(self.services.homes.root)
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -275,7 +276,7 @@ def make_world(
         records=records,
         audit=AuditLog(sink=audit_records.append),
         version="0-test",
-        capsules_root=str(capsules_root),
+        homes=CapsuleHomes(str(capsules_root)),
     )
     if locks is not None:
         services.locks = locks

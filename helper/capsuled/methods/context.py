@@ -24,6 +24,7 @@ from capsuled.policy import actions as act
 from capsuled.policy.authorizer import Authorizer
 from capsuled.policy.engine import Decision, Request
 from capsuled.records import CorruptRecord, Record, RecordStore
+from capsuled.safefs import CapsuleHomes
 from capsuled.systemd import errors as sd
 from capsuled.systemd.backend import CapsuleInfo, SystemdBackend
 from capsuled.varlink.errors import PermissionDenied, VarlinkError
@@ -67,7 +68,7 @@ class Services:
     records: RecordStore
     audit: AuditLog
     version: str
-    capsules_root: str = "/var/lib/private/capsules"
+    homes: CapsuleHomes = field(default_factory=CapsuleHomes)  # under /var/lib/private/capsules
     locks: CapsuleLocks = field(default_factory=CapsuleLocks)
     # Logs calls following the journal right now, per caller uid.
     followers: dict[int, int] = field(default_factory=dict)

@@ -3,7 +3,8 @@ Start/Stop/Restart/Enable/DisableUnit) and commands (Run).
 
 Unit files live in the capsule's home, which the capsule controls: every file
 operation goes through safefs (dir fds, O_NOFOLLOW, atomic rename; invariant
-2). The capsule's manager is reached over its private socket by the backend,
+2), in a worker thread (`in_home`: the event loop never waits on the disk).
+The capsule's manager is reached over its private socket by the backend,
 which refuses a socket the capsule's own uid does not own.
 
 "Enabled" here means wanted by capsule@.target - the capsule's manager runs
@@ -18,7 +19,8 @@ import os
 import posixpath
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import TypeVar
 
 from capsuled import errors, wire
 from capsuled.audit import RESULT_FAILED, RESULT_OK, AuditAction
@@ -40,6 +42,7 @@ CAPSULE_HOME_IN_CAPSULE = "/var/lib/capsules"
 MAX_RUN_ARGS = 4096
 MAX_RUN_ENV = 1024
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+T = TypeVar("T")
 # What each verb on a unit is audited as.
 _UNIT_AUDIT = {
     "start": AuditAction.START_UNIT,
@@ -50,16 +53,27 @@ _UNIT_AUDIT = {
 }
 
 
-@contextlib.contextmanager
-def home_of(ctx: CallContext, name: str) -> Iterator[CapsuleHome]:
-    """The capsule's home, opened safely; errors become replies that change nothing."""
+async def in_home(ctx: CallContext, name: str, work: Callable[[CapsuleHome], T]) -> T:
+    """``work(home)`` on the capsule's home, opened safely, in a worker thread (safefs's
+    CapsuleHomes); errors become replies that change nothing.
+
+    Raises:
+        CapsuleNotRunning: the capsule has no home yet.
+        UnsafeCapsuleHome: something planted there refused the work.
+    """
     try:
-        with CapsuleHome.open(name, ctx.services.capsules_root) as home:
-            yield home
+        return await ctx.services.homes.run(name, work)
     except NoHome:
         raise errors.CapsuleNotRunning(name=name) from None
     except SafeFsError as exc:
         raise errors.UnsafeCapsuleHome(name=name, path=exc.path, reason=exc.reason) from exc
+
+
+def _unit_on_disk(home: CapsuleHome, unit: str) -> tuple[bool, bool]:
+    """(its file exists, it is enabled): two lookups of one name, never a listing, since the
+    capsule decides how big its directories are."""
+    has_file = home.entry_kind(UNIT_DIR, unit) is EntryKind.FILE
+    return has_file, home.entry_kind(WANTS_DIR, unit) is EntryKind.SYMLINK
 
 
 def _unit_files(home: CapsuleHome) -> dict[str, EntryKind]:
@@ -70,6 +84,10 @@ def _unit_files(home: CapsuleHome) -> dict[str, EntryKind]:
 
 def _wanted(home: CapsuleHome) -> set[str]:
     return {n for n, kind in home.list_dir(WANTS_DIR) if kind is EntryKind.SYMLINK}
+
+
+def _listing(home: CapsuleHome) -> tuple[dict[str, EntryKind], set[str]]:
+    return _unit_files(home), _wanted(home)
 
 
 def _is_transient(unit: UnitInfo) -> bool:
@@ -105,10 +123,7 @@ async def _live_units(ctx: CallContext, name: str) -> dict[str, UnitInfo] | None
 
 
 async def _describe_unit(ctx: CallContext, name: str, unit: str) -> wire.Unit:
-    # Two lookups of one name, never a listing: the capsule decides how big its dirs are.
-    with home_of(ctx, name) as home:
-        has_file = home.entry_kind(UNIT_DIR, unit) is EntryKind.FILE
-        enabled = home.entry_kind(WANTS_DIR, unit) is EntryKind.SYMLINK
+    has_file, enabled = await in_home(ctx, name, lambda home: _unit_on_disk(home, unit))
     live = await _live_units(ctx, name)
     return _unit_wire(unit, (live or {}).get(unit), has_file, enabled)
 
@@ -118,13 +133,9 @@ async def list_units(ctx: CallContext, p: wire.CapsuleParams) -> wire.ListUnitsR
     record = await ctx.authorize(act.READ, name, interactive=p["allowInteractiveAuthentication"])
     await ctx.existing(name, record)
     try:
-        with CapsuleHome.open(name, ctx.services.capsules_root) as home:
-            files = _unit_files(home)
-            wanted = _wanted(home)
-    except NoHome:
-        files, wanted = {}, set()
-    except SafeFsError as exc:
-        raise errors.UnsafeCapsuleHome(name=name, path=exc.path, reason=exc.reason) from exc
+        files, wanted = await in_home(ctx, name, _listing)
+    except errors.CapsuleNotRunning:
+        files, wanted = {}, set()  # never started: no home, so no unit files either
     with backend_errors(name):
         live = await _live_units(ctx, name)
     names = {n for n, kind in files.items() if kind is EntryKind.FILE}
@@ -177,13 +188,16 @@ async def install_unit(ctx: CallContext, p: wire.InstallUnitParams) -> wire.Unit
         running = info is not None and info.state == "active"
         if start_now and not running:
             raise errors.CapsuleNotRunning(name=name)
-        with home_of(ctx, name) as home:
+
+        def install(home: CapsuleHome) -> None:
             if enable:
                 # Before writing anything: a planted link on the way refuses the whole call.
                 os.close(home.open_dir(WANTS_DIR, create=True))
             home.write_file_atomically(UNIT_DIR, unit, content)
             if enable:
                 _link_wanted(home, name, unit)
+
+        await in_home(ctx, name, install)
         try:
             with backend_errors(name):
                 await _reload_if_running(ctx, name)
@@ -213,15 +227,17 @@ async def remove_unit(ctx: CallContext, p: wire.UnitParams) -> wire.EmptyReply:
     await ctx.require_systemd()
     async with ctx.locked(name):
         await ctx.existing(name, ctx.record_of(name))
-        with home_of(ctx, name) as home:
-            has_file = home.entry_kind(UNIT_DIR, unit) is EntryKind.FILE
-            if not has_file and home.entry_kind(WANTS_DIR, unit) is not EntryKind.SYMLINK:
-                raise errors.NoSuchUnit(name=name, unit=unit)
+        has_file, enabled = await in_home(ctx, name, lambda home: _unit_on_disk(home, unit))
+        if not has_file and not enabled:
+            raise errors.NoSuchUnit(name=name, unit=unit)
         with backend_errors(name), contextlib.suppress(errors.NoSuchUnit, errors.CapsuleNotRunning):
             await _manager_job(ctx, name, unit, "stop")
-        with home_of(ctx, name) as home:
+
+        def remove(home: CapsuleHome) -> None:
             home.remove_file(WANTS_DIR, unit)
             home.remove_file(UNIT_DIR, unit)
+
+        await in_home(ctx, name, remove)
         with backend_errors(name):
             await _reload_if_running(ctx, name)
         ctx.audit(AuditAction.REMOVE_UNIT, name, RESULT_OK, unit=unit)
@@ -277,7 +293,8 @@ async def _set_enabled(ctx: CallContext, p: wire.UnitParams, enabled: bool) -> w
     await ctx.require_systemd()
     async with ctx.locked(name):
         await ctx.existing(name, ctx.record_of(name))
-        with home_of(ctx, name) as home:
+
+        def switch(home: CapsuleHome) -> None:
             if enabled:
                 if home.entry_kind(UNIT_DIR, unit) is not EntryKind.FILE:
                     raise errors.NoSuchUnit(name=name, unit=unit)
@@ -287,6 +304,8 @@ async def _set_enabled(ctx: CallContext, p: wire.UnitParams, enabled: bool) -> w
                 home.entry_kind(UNIT_DIR, unit) is not EntryKind.FILE
             ):
                 raise errors.NoSuchUnit(name=name, unit=unit)
+
+        await in_home(ctx, name, switch)
         with backend_errors(name):
             await _reload_if_running(ctx, name)
         ctx.audit(_UNIT_AUDIT[verb], name, RESULT_OK, unit=unit)
