@@ -32,6 +32,7 @@ from jeepney import (
 from jeepney.fds import FileDescriptor
 
 from capsuled import dbus
+from fds import open_fds
 
 T = TypeVar("T")
 TIMEOUT_S = 5.0
@@ -91,18 +92,6 @@ def run(scenario: Callable[[], Awaitable[T]]) -> T:
             return await scenario()
 
     return asyncio.run(main())
-
-
-def open_fds() -> set[int]:
-    """This process's open fds (without the one listdir used to read them)."""
-    fds = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            os.fstat(int(name))
-        except OSError:
-            continue  # the directory fd the listing itself used, closed by now
-        fds.add(int(name))
-    return fds
 
 
 def inode(fd: int) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from capsuled.safefs import CapsuleHome, CapsuleHomes, NoHome
+from fds import open_fds
 
 NOBODY = 65534
 TIMEOUT_S = 5.0
@@ -23,17 +24,6 @@ def root(tmp_path: Path) -> Path:
         (root / name).mkdir(parents=True)
         os.chown(root / name, NOBODY, NOBODY)
     return root
-
-
-def open_fds() -> set[int]:
-    fds = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            os.fstat(int(name))
-        except OSError:
-            continue  # the directory fd the listing itself used, closed by now
-        fds.add(int(name))
-    return fds
 
 
 def test_work_runs_off_the_event_loop_and_leaves_no_fd_open(root: Path) -> None:
