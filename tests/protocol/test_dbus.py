@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import struct
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -32,6 +33,10 @@ from jeepney import (
 from jeepney.fds import FileDescriptor
 
 from capsuled import dbus
+from capsuled.peer import Peer
+from capsuled.policy import actions
+from capsuled.policy.engine import Decision, Identity, Request
+from capsuled.policy.polkit import PolkitBackend
 from fds import open_fds
 
 T = TypeVar("T")
@@ -342,8 +347,9 @@ def test_the_system_bus_is_one_connection_reopened_once_lost(tmp_path: Path) -> 
         assert first.unique_name == ":1.1"
         assert await bus.connection() is first  # shared while it lives
         first_peer.sock.shutdown(socket.SHUT_RDWR)
-        while not first.closed:
-            await asyncio.sleep(0)  # the receiver notices the hang-up
+        with pytest.raises(dbus.BusClosed):  # the receiver notices the hang-up
+            await first.call(new_method_call(TARGET, "Ping"))
+        assert first.closed
         opening = asyncio.create_task(bus.connection())
         await serve_hello(":1.2")
         second = await opening
@@ -354,3 +360,107 @@ def test_the_system_bus_is_one_connection_reopened_once_lost(tmp_path: Path) -> 
         server.close()
 
     run(scenario)
+
+
+# -- polkit on the shared connection ----------------------------------------------------------
+
+
+async def _fake_bus(tmp_path: Path) -> tuple[dbus.SystemBus, asyncio.Task[RawPeer]]:
+    """A SystemBus whose bus daemon is a RawPeer that has answered Hello."""
+    address = str(tmp_path / "system_bus_socket")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(address)
+    server.listen(1)
+    server.settimeout(TIMEOUT_S)
+
+    async def serve() -> RawPeer:
+        raw, _ = await asyncio.to_thread(server.accept)
+        server.close()
+        peer = RawPeer(raw)
+        await peer.handshake()
+        await peer.send(new_method_return(await peer.next_message(), "s", (":1.9",)))
+        return peer
+
+    return dbus.SystemBus(address, LIMITS), asyncio.create_task(serve())
+
+
+def _me(pidfd: int) -> Peer:
+    return Peer(uid=1000, gid=1000, pid=os.getpid(), pidfd=pidfd, start_time=1)
+
+
+READ = Request(actions.READ, "web", None)
+NOBODY_IN_PARTICULAR = Identity(1000, "alice", frozenset())
+
+
+def test_polkit_gets_the_pidfd_over_the_filtered_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # polkit's own connection used to parse every message whole, whatever its size or
+    # whoever it was for; on the shared one, unsolicited bodies are never parsed.
+    parsed: list[int] = []
+    from_buffer = Message.from_buffer
+
+    def counting(buf: bytes, fds: tuple[int, ...] = ()) -> Message:
+        parsed.append(len(buf))
+        return from_buffer(buf, fds)
+
+    monkeypatch.setattr(Message, "from_buffer", staticmethod(counting))
+
+    async def scenario() -> tuple[Decision, int]:
+        bus, serving = await _fake_bus(tmp_path)
+        backend = PolkitBackend(bus.connection)
+        pidfd = os.pidfd_open(os.getpid())
+        try:
+            check = asyncio.create_task(backend.check(_me(pidfd), NOBODY_IN_PARTICULAR, READ))
+            peer = await serving
+            call = await peer.next_message()
+            ((_, subject), *_rest) = call.body
+            sent = subject["pidfd"][1]
+            with open(f"/proc/self/fdinfo/{sent.fileno()}") as info:
+                pid = int(next(line for line in info if line.startswith("Pid:")).split()[1])
+            sent.close()
+            junk = "z" * (256 * 1024)
+            stray = new_method_return(call, "s", (junk,))
+            stray.header.fields[HeaderFields.reply_serial] = 4242  # nobody waits for it
+            await peer.send(stray, serial=1)
+            emitter = DBusAddress("/org/freedesktop/PolicyKit1/Authority", interface="x.y")
+            await peer.send(new_signal(emitter, "Changed", "s", (junk,)), serial=2)
+            await peer.send(new_method_return(call, "(bba{ss})", ((True, False, {}),)), serial=3)
+            decision = await check
+        finally:
+            os.close(pidfd)
+            await backend.aclose()
+            await bus.close()
+        return decision, pid
+
+    parsed.clear()
+    decision, pid = run(scenario)
+    assert decision is Decision.YES
+    assert pid == os.getpid()  # the pidfd travelled as an fd of this very process
+    assert parsed  # our Hello, the check and the answers were parsed...
+    assert max(parsed) < 64 * 1024  # ...but neither 256 KiB body nobody asked for
+
+
+def test_a_polkit_answer_over_the_cap_closes_the_link_and_refuses_at_once(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> Decision:
+        bus, serving = await _fake_bus(tmp_path)
+        backend = PolkitBackend(bus.connection)
+        pidfd = os.pidfd_open(os.getpid())
+        try:
+            check = asyncio.create_task(backend.check(_me(pidfd), NOBODY_IN_PARTICULAR, READ))
+            peer = await serving
+            await peer.next_message()
+            # A little-endian method return claiming a 1 GiB body, and nothing after it: a
+            # parser without a cap would wait for the gigabyte (polkit's check timeout: 25 s).
+            await asyncio.to_thread(
+                peer.sock.sendall, b"l\x02\x01\x01" + struct.pack("<III", 1 << 30, 1, 0)
+            )
+            return await check
+        finally:
+            os.close(pidfd)
+            await backend.aclose()
+            await bus.close()
+
+    assert run(scenario) is Decision.NO
