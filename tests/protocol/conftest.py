@@ -8,11 +8,27 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from jeepney import HeaderFields, Message
 
 from capsuled.transport import Limits
-from protocol.harness import RawClient, ThreadServer
+from protocol.harness import Parsed, RawClient, ThreadServer
 
 MakeServer = Callable[..., ThreadServer]
+
+
+@pytest.fixture
+def parsed(monkeypatch: pytest.MonkeyPatch) -> list[Parsed]:
+    """Every message parsed with its body (Message.from_buffer), in order, by anyone."""
+    seen: list[Parsed] = []
+    from_buffer = Message.from_buffer
+
+    def counting(buf: bytes, fds: tuple[int, ...] = ()) -> Message:
+        msg = from_buffer(buf, fds)
+        seen.append(Parsed(len(buf), msg.header.fields.get(HeaderFields.member)))
+        return msg
+
+    monkeypatch.setattr(Message, "from_buffer", staticmethod(counting))
+    return seen
 
 
 @pytest.fixture

@@ -303,3 +303,11 @@ class RawClient:
         except ConnectionResetError:
             more = b""
         assert more == b""
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """One D-Bus message jeepney parsed whole (the `parsed` fixture): its size and member."""
+
+    size: int
+    member: str | None

@@ -38,6 +38,7 @@ from capsuled.policy import actions
 from capsuled.policy.engine import Decision, Identity, Request
 from capsuled.policy.polkit import PolkitBackend
 from fds import open_fds
+from protocol.harness import Parsed
 
 T = TypeVar("T")
 TIMEOUT_S = 5.0
@@ -265,18 +266,8 @@ def test_more_fds_than_the_limit_close_the_link() -> None:
 
 
 def test_signals_are_filtered_on_their_header_before_any_body_is_parsed(
-    monkeypatch: pytest.MonkeyPatch,
+    parsed: list[Parsed],
 ) -> None:
-    parsed: list[str] = []
-    from_buffer = Message.from_buffer
-
-    def counting(buf: bytes, fds: tuple[int, ...] = ()) -> Message:
-        msg = from_buffer(buf, fds)
-        parsed.append(str(msg.header.fields.get(HeaderFields.member)))
-        return msg
-
-    monkeypatch.setattr(Message, "from_buffer", staticmethod(counting))
-
     def signal(path: str, interface: str, member: str, sender: str) -> Message:
         msg = new_signal(DBusAddress(path, interface=interface), member, "s", ("z" * 65536,))
         msg.header.fields[HeaderFields.sender] = sender
@@ -300,11 +291,10 @@ def test_signals_are_filtered_on_their_header_before_any_body_is_parsed(
             assert got.header.fields[HeaderFields.sender] == ":1.7"
         await conn.close()
 
-    parsed.clear()
     run(scenario)
     # Only the signal the rule wants had its body parsed (the peer parses nothing here: we send
     # it nothing after the handshake).
-    assert parsed == ["Right"]
+    assert [p.member for p in parsed] == ["Right"]
 
 
 def test_header_matches_follows_match_rule_semantics() -> None:
@@ -393,19 +383,10 @@ NOBODY_IN_PARTICULAR = Identity(1000, "alice", frozenset())
 
 
 def test_polkit_gets_the_pidfd_over_the_filtered_connection(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, parsed: list[Parsed]
 ) -> None:
     # polkit's own connection used to parse every message whole, whatever its size or
     # whoever it was for; on the shared one, unsolicited bodies are never parsed.
-    parsed: list[int] = []
-    from_buffer = Message.from_buffer
-
-    def counting(buf: bytes, fds: tuple[int, ...] = ()) -> Message:
-        parsed.append(len(buf))
-        return from_buffer(buf, fds)
-
-    monkeypatch.setattr(Message, "from_buffer", staticmethod(counting))
-
     async def scenario() -> tuple[Decision, int]:
         bus, serving = await _fake_bus(tmp_path)
         backend = PolkitBackend(bus.connection)
@@ -433,12 +414,11 @@ def test_polkit_gets_the_pidfd_over_the_filtered_connection(
             await bus.close()
         return decision, pid
 
-    parsed.clear()
     decision, pid = run(scenario)
     assert decision is Decision.YES
     assert pid == os.getpid()  # the pidfd travelled as an fd of this very process
     assert parsed  # our Hello, the check and the answers were parsed...
-    assert max(parsed) < 64 * 1024  # ...but neither 256 KiB body nobody asked for
+    assert max(p.size for p in parsed) < 64 * 1024  # ...but neither 256 KiB body unasked
 
 
 def test_a_polkit_answer_over_the_cap_closes_the_link_and_refuses_at_once(
