@@ -1,7 +1,8 @@
 """`python3 -m testbed build|boot|demo|shell` (as root; PYTHONPATH=tests:helper:client).
 
     build   build (or check) the cached root filesystem, print how long it took
-            (--suite bookworm: the systemd 252 tree of the "too old" tests)
+            (--suite bookworm: the systemd 252 tree of the "too old" tests; forky: the
+            newest systemd; trixie-deb: the Debian package's build root)
     boot    boot a testbed with capsuled installed, reboot it once, print the times, tear down
     demo    the narrated walkthrough of demo.toml (what `make demo` runs)
     shell   an interactive login shell inside a fresh testbed (default user: alice)
@@ -18,7 +19,7 @@ from pathlib import Path
 from testbed.bed import USERS, Testbed, install_signal_handlers
 from testbed.demo import DEFAULT_STEPS, StepError, load_steps, run_demo
 from testbed.errors import TestbedError
-from testbed.rootfs import SUITE, ensure_root, root_spec
+from testbed.rootfs import FLAVOURS, SUITE, ensure_root, root_spec
 
 SHELL_BANNER = """\
 You are {user} inside a throwaway Debian trixie container running systemd 257, with capsuled
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m testbed", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build or check the cached root filesystem")
-    build.add_argument("--suite", default=SUITE, choices=[SUITE, "bookworm"])
+    build.add_argument("--suite", default=SUITE, choices=FLAVOURS)
     sub.add_parser("boot", help="boot, reboot once, print the times")
     demo = sub.add_parser("demo", help="the narrated walkthrough")
     demo.add_argument("--steps", type=Path, default=DEFAULT_STEPS, help="steps file (TOML)")

@@ -398,11 +398,11 @@ class Testbed:
 
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, root: CachedRoot, checkout: Path, suite: str = SUITE) -> None:
-        # The suite in the name of any non-default bed, so logs and `ps` tell them apart.
-        flavour = "" if suite == SUITE else f"{suite}-"
-        self.machine = f"capsuled-tb-{flavour}{secrets.token_hex(4)}"
-        self.suite = suite
+    def __init__(self, root: CachedRoot, checkout: Path, flavour: str = SUITE) -> None:
+        # The flavour in the name of any non-default bed, so logs and `ps` tell them apart.
+        infix = "" if flavour == SUITE else f"{flavour}-"
+        self.machine = f"capsuled-tb-{infix}{secrets.token_hex(4)}"
+        self.flavour = flavour
         self.checkout = checkout
         self.timings = Timings(rootfs_build=root.build_seconds, rootfs_cached=not root.built_now)
         self._root = root
@@ -443,7 +443,7 @@ class Testbed:
         started = time.monotonic()
         prune_stale_runs()
         root = ensure_root(spec)
-        bed = cls(root, checkout, suite=spec.suite if spec else SUITE)
+        bed = cls(root, checkout, flavour=spec.name if spec else SUITE)
         with _LIVE_LOCK:
             _LIVE.add(bed)
         try:
