@@ -8,6 +8,7 @@
 #   make shell   an interactive shell as alice inside a fresh testbed (AS=bob for another user)
 #   make boot    boot the testbed once, reboot it, print the cold/warm times
 #   make bench   benchmarks against the systemd commands doing the same (tables, ratios)
+#   make deb     dist/capsuled_VERSION_all.deb (on Debian 13; in a trixie container elsewhere)
 #   make clean-cache   forget the cached root filesystem (the next run rebuilds it, ~1 min)
 
 PYTHON ?= python3
@@ -17,7 +18,7 @@ AS = alice
 TESTBED := PYTHONPATH=tests:helper:client $(PYTHON) -m testbed
 CACHE ?= /var/cache/capsuled-testbed
 
-.PHONY: deps test check lint demo shell boot rootfs clean-cache bench
+.PHONY: deps test check lint demo shell boot rootfs clean-cache bench deb
 
 deps:
 	@PYTHON=$(PYTHON) tools/install-deps.sh
@@ -49,6 +50,9 @@ boot: deps
 
 rootfs: deps
 	$(TESTBED) build
+
+deb: deps
+	$(TESTBED) deb --out dist
 
 clean-cache:
 	rm -rf $(CACHE)

@@ -592,12 +592,20 @@ class Testbed:
         else:
             # What capsuled's sysusers.d file would have made; the users need it.
             self.as_root("groupadd", "--system", CAPSULE_GROUP).check()
+        self.add_users()
+        self.timings.install = time.monotonic() - started
+
+    def add_users(self) -> None:
+        """Create the test users (USERS); the group `capsule` must exist already.
+
+        Raises:
+            TestbedError: useradd failed.
+        """
         for user, groups in USERS.items():
             argv = ["useradd", "--create-home", "--shell", "/bin/bash", "--user-group"]
             if groups:
                 argv += ["--groups", ",".join(groups)]
             self.as_root(*argv, user).check()
-        self.timings.install = time.monotonic() - started
 
     def reboot(self) -> float:
         """Reboot the container, keeping its writable layer (/etc, /var); return seconds taken.
