@@ -1,4 +1,4 @@
-"""Capsule lifecycle against real systemd 257 in the testbed, called as the
+"""Capsule lifecycle against real systemd in the testbeds (257, the newest), called as the
 users it is meant for (the owner, root) and as those it must refuse.
 
 Every assertion on state is made twice: on the Varlink reply, and on what

@@ -413,6 +413,7 @@ class Testbed:
         self._closed = False
         self._boot_count = 0
         self._cgroup: Path | None = None
+        self._systemd_version: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -673,6 +674,21 @@ class Testbed:
     def cgroup(self) -> Path | None:
         """The host cgroup this bed runs in (None where the host has no cgroup2 tree)."""
         return self._cgroup
+
+    @property
+    def systemd_version(self) -> int:
+        """The major version of the systemd this bed runs (`systemctl --version`).
+
+        Raises:
+            TestbedError: systemctl's answer does not start with "systemd N".
+        """
+        if self._systemd_version is None:
+            first = self.as_root("systemctl", "--version").check().stdout.partition("\n")[0]
+            word = first.split()[1:2]
+            if not first.startswith("systemd ") or not word or not word[0].isdigit():
+                raise TestbedError(f"cannot tell the systemd version from {first!r}")
+            self._systemd_version = int(word[0])
+        return self._systemd_version
 
     @property
     def root_dir(self) -> Path:

@@ -139,6 +139,9 @@ class RootSpec:
 
 
 FLAVOURS = (SUITE, "bookworm", NEWEST_SUITE, "trixie-deb")
+# The testbeds the e2e suite runs on, each in turn (pytest --bed): Debian 13, systemd 257, the
+# reference; and Debian testing, the newest systemd Debian has.
+BED_FLAVOURS = (SUITE, NEWEST_SUITE)
 
 
 def root_spec(flavour: str = SUITE) -> RootSpec:
