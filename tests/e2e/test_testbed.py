@@ -113,6 +113,29 @@ def test_bash_completion_is_installed_from_the_wheel(bed: Testbed) -> None:
     assert registered.stdout.strip() == "complete -F _capsulectl capsulectl"
 
 
+def test_manual_pages_and_zsh_and_fish_completion_come_from_the_wheel(bed: Testbed) -> None:
+    # The wheel carries pages rendered at build time (not in the checkout, which has only the
+    # .rst) and every completion; install puts them where man, zsh and fish look.
+    installed = {
+        "/usr/local/share/man/man1/capsulectl.1": None,
+        "/usr/local/share/man/man5/capsuled.toml.5": None,
+        "/usr/local/share/man/man8/capsuled.8": None,
+        "/usr/local/share/zsh/site-functions/_capsulectl": "_capsulectl",
+        "/etc/fish/completions/capsulectl.fish": "capsulectl.fish",
+    }
+    manifest = bed.as_root("cat", "/usr/local/share/capsuled/install-manifest.json").check()
+    listed = {f["path"] for f in json.loads(manifest.stdout)["files"]}
+    for path, source in installed.items():
+        text = bed.as_root("cat", path).check().stdout
+        assert path in listed, path
+        if source is None:
+            assert text.startswith('.\\" Man page generated from reStructuredText'), path
+            assert ".SH NAME" in text
+        else:
+            shipped = bed.as_root("cat", f"/src/client/capsulectl/completion/{source}").check()
+            assert text == shipped.stdout, path
+
+
 def test_varlinkctl_info_and_introspect_answer_alice(bed: Testbed) -> None:
     info = bed.as_user("alice", "varlinkctl", "info", SOCKET).check().stdout
     assert re.search(rf"Interfaces: .*{re.escape(INTERFACE)}", info, re.S), info
