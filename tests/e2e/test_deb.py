@@ -113,6 +113,9 @@ def test_dpkg_installs_it_and_the_socket_is_enabled_and_listening(
     # Nothing of a pip install's layout, and no manifest for `capsuled uninstall` to act on.
     assert not deb_bed.as_root("test", "-e", "/usr/local/lib/systemd/system/capsuled.socket").ok
     assert not deb_bed.as_root("test", "-e", "/usr/share/capsuled").ok
+    # Each file once: the package data `capsuled install` copies from is not shipped as well.
+    for data in ("capsuled/data", "capsulectl/completion"):
+        assert not deb_bed.as_root("test", "-e", f"/usr/lib/python3/dist-packages/{data}").ok
 
 
 def test_capsuled_install_refuses_over_the_package(deb_bed: Testbed) -> None:
