@@ -18,7 +18,9 @@ CAPSULED_TESTBED_CACHE):
 
 KEY hashes everything that shapes the tree (flavour, suite, variant, package list, mirror and
 BUILDER_VERSION), so changing any of them builds a new tree and stale ones of the same flavour
-are pruned (the ready stamp names the flavour; a stamp without one is from trixie-only days).
+are pruned (the ready stamp's "suite" names the flavour, so that testbed code from before
+flavours, which prunes by that field, leaves trixie-deb alone; a stamp without it is from
+trixie-only days).
 """
 
 from __future__ import annotations
@@ -304,8 +306,11 @@ def _build(cache: Path, key: str, spec: RootSpec) -> float:
         staging.rename(final)
         stamp = {
             "key": key,
-            "suite": spec.suite,
-            "flavour": spec.name,
+            # "suite" names the tree's flavour, as it did when each suite had one tree: testbed
+            # code from before flavours prunes other trees of its "suite", and must not take
+            # trixie-deb for a stale trixie.
+            "suite": spec.name,
+            "debootstrap_suite": spec.suite,
             "packages": list(spec.packages),
             "built": time.time(),
         }
@@ -322,7 +327,8 @@ def _build(cache: Path, key: str, spec: RootSpec) -> float:
 def _flavour_of(entry: Path) -> str | None:
     """The flavour an entry's ready stamp names; None if it has no readable stamp (unfinished).
 
-    Stamps from before flavours name only the suite, which was then the flavour.
+    The stamp's "suite" field is the flavour: stamps from before flavours named the suite, which
+    was the flavour then.
     """
     try:
         stamp = json.loads((entry / "ready").read_text())
@@ -330,7 +336,7 @@ def _flavour_of(entry: Path) -> str | None:
         return None
     if not isinstance(stamp, dict):
         return SUITE
-    flavour = stamp.get("flavour", stamp.get("suite", SUITE))
+    flavour = stamp.get("suite", SUITE)
     return flavour if isinstance(flavour, str) else SUITE
 
 

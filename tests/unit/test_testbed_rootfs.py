@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -169,6 +170,9 @@ def test_a_flavour_of_the_same_suite_has_its_own_key_and_neither_prunes_the_othe
     again.release()
     assert not again.built_now
     assert (cache / trixie.key / "ready").is_file()
+    # Testbed code from before flavours prunes by the stamp's "suite": it must read trixie-deb.
+    stamp = json.loads((cache / deb.key / "ready").read_text())
+    assert (stamp["suite"], stamp["debootstrap_suite"]) == ("trixie-deb", "trixie")
 
 
 def test_every_flavour_has_a_spec() -> None:
