@@ -28,7 +28,7 @@ import pytest
 import capsuled.policy
 from capsulectl.cli import build_parser
 from capsuled.cli import main as capsuled_main
-from capsuled.policy.builtin import ConfigError, apply_layer
+from capsuled.policy.config import ConfigError, apply_layer
 from capsuled.policy.engine import DEFAULT_CONFIG
 
 CHECKOUT = Path(__file__).resolve().parents[2]
