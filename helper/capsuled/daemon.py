@@ -39,6 +39,7 @@ from capsuled.varlink.interface import Interface, parse_interface
 from capsuled.varlink.service import ServiceInfo
 
 if TYPE_CHECKING:
+    from capsuled.audit import AuditLog
     from capsuled.dbus import SystemBus
     from capsuled.methods.context import Services
     from capsuled.peer import Peer
@@ -112,6 +113,7 @@ class Wiring:
     errors: ServerErrors
     reloader: PolicyReloader | None = None
     system_bus: SystemBus | None = None
+    audit: AuditLog | None = None  # its trail gets a signed checkpoint when serving ends
 
 
 # The interface's own errors for what the transport answers itself (the core knows no interface).
@@ -129,17 +131,19 @@ def build_wiring(options: Options) -> Wiring:
     from capsuled.records import RecordStore
     from capsuled.sdjournal import SdJournal
     from capsuled.systemd.backend import DBusSystemdBackend
+    from capsuled.trail import Trail
 
     config_dir = DEFAULT_CONFIG_DIR if options.config_dir is None else options.config_dir
     info = service_info()
     # Opened on first use: a call that needs neither PID 1 nor polkit never touches the bus.
     system_bus = SystemBus()
+    audit = AuditLog(trail=Trail())
     services = Services(
         backend=DBusSystemdBackend(system_bus),
         journal=SdJournal(),
         authorizer=Authorizer.from_config(config_dir, system_bus=system_bus),
         records=RecordStore(),
-        audit=AuditLog(),
+        audit=audit,
         version=info.version,
     )
     dispatcher = methods.build_dispatcher(
@@ -152,6 +156,7 @@ def build_wiring(options: Options) -> Wiring:
             services, lambda: Authorizer.from_config(config_dir, system_bus=system_bus)
         ),
         system_bus=system_bus,
+        audit=audit,
     )
 
 
@@ -417,6 +422,9 @@ async def _wind_down(
         await wiring.reloader.aclose()
     if wiring.system_bus is not None:
         await wiring.system_bus.close()  # no call is left that could use it
+    if wiring.audit is not None:
+        # Every call has ended: sign what this run wrote, so its tail cannot be cut unnoticed.
+        await asyncio.to_thread(wiring.audit.close)
     if created_path is not None:
         with contextlib.suppress(OSError):
             os.unlink(created_path)
