@@ -279,7 +279,18 @@ async def deploy(ctx: CallContext, p: wire.DeployParams) -> wire.DeployReply:
             )
         if verb == VERB_DOWNGRADE and not p["allowDowngrade"]:
             assert state.current is not None  # deploy_verb said so
-            raise errors.DowngradeRefused(current=state.current.version, version=new.bundle.version)
+            refused = errors.DowngradeRefused(
+                current=state.current.version, version=new.bundle.version
+            )
+            ctx.audit(
+                AuditAction.DEPLOY,
+                name,
+                refused.name,
+                version=new.bundle.version,
+                current_version=state.current.version,
+                signer=new.signer,
+            )
+            raise refused
         return await _put_in_place(ctx, name, new, state, kept=state.current, verb=verb)
 
 
