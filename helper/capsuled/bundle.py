@@ -80,10 +80,10 @@ SIGNATURE_BLOCK_BYTES: Final = len(SIGNATURE_MAGIC) + KEY_ID_BYTES + SIGNATURE_B
 # What an Ed25519 key signs: this context, then the body's SHA-256 (docs/BUNDLE.md).
 SIGNATURE_CONTEXT: Final = b"capsuled-bundle-v1\0"
 
-# The whole file, signed. It reaches the helper inline in one Varlink message (base64, 4/3 of
-# this plus JSON), so it stays far below the protocol's message cap; a bundle carries unit files
-# and configuration, not a capsule's data.
-MAX_BUNDLE_BYTES: Final = 1024 * 1024
+# The whole file, signed. It reaches the helper inline in one Varlink call (base64: 4/3 of this,
+# 699052 characters, plus a little JSON), which must fit the transport's 1 MiB cap on a call; a
+# bundle carries unit files and configuration, not a capsule's data.
+MAX_BUNDLE_BYTES: Final = 512 * 1024
 MAX_MANIFEST_BYTES: Final = 256 * 1024
 MAX_ENTRIES: Final = 256
 MAX_PATH_CHARS: Final = 1024

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from e2e.test_inside import capsule_systemctl, poll, unit_state
-from e2e.vcall import ok
+from e2e.vcall import fails, ok
 from testbed import Result, Testbed
 
 pytestmark = pytest.mark.e2e
@@ -183,6 +183,11 @@ def test_alice_deploys_upgrades_rolls_back_and_every_refusal_changes_nothing(
         assert said in r.stderr, r.stderr
         assert home_tree(bed, name) == before
     assert described(bed, "alice", name)["bundle"] is None
+    # Over the cap, sent by hand (capsulectl refuses such a file before sending it).
+    error, params = fails(bed, "alice", "Deploy", name=name, bundle="A" * 700_000)
+    assert error == "org.capsuled.Manager.InvalidBundle"
+    assert "larger than" in params["reason"]
+    assert home_tree(bed, name) == before
 
     # The first version, deployed: its unit runs, its file is in place, status says so.
     must(ctl(bed, "alice", "deploy", name, v1))

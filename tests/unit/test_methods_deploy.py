@@ -525,3 +525,23 @@ def test_audit_lists_the_records_about_a_capsule_to_those_who_may_read_it(world:
     assert [r["action"] for r in newest] == ["start"]
     assert isinstance(world.error("Audit", {"name": "alpha"}, uid=MALLORY), errors.NoSuchCapsule)
     assert isinstance(world.error("Audit", {"name": "alpha", "lines": -1}), errors.InvalidValue)
+
+
+def test_the_largest_deploy_call_fits_the_transports_cap_on_a_call() -> None:
+    import math
+
+    from capsuled.transport import Limits
+    from capsuled.varlink.connection import ClientConnection
+    from capsuled.varlink.messages import Call
+
+    bundle = "A" * (4 * math.ceil(fmt.MAX_BUNDLE_BYTES / 3))
+    call = Call(
+        "org.capsuled.Manager.Deploy",
+        {
+            "name": "x" * 29,
+            "bundle": bundle,
+            "allowDowngrade": True,
+            "allowInteractiveAuthentication": True,
+        },
+    )
+    assert len(ClientConnection().send(call)) <= Limits().max_message_bytes

@@ -95,7 +95,7 @@ def decode(text: str) -> bytes:
 
 def verify(data: bytes, keys: TrustedKeys) -> Verified:
     """Framing, signature (before the manifest is parsed), then the manifest; blocking (a
-    worker thread runs it: SHA-256 of up to 1 MiB, and the first use imports cryptography).
+    worker thread runs it: SHA-256 of up to 512 KiB, and the first use imports cryptography).
 
     Raises:
         InvalidBundle, UnsignedBundle, UntrustedSigner, BadSignature: the wire errors.
