@@ -218,6 +218,42 @@ def logging_sink(fields: dict[str, str]) -> None:
     log.log(level, "%s %s", fields["MESSAGE"], details)
 
 
+# The journal fields a trail record has fields of its own for (trail_event); the other
+# CAPSULED_* fields are its details.
+_TRAIL_OWN_FIELDS: Final = frozenset(
+    {
+        "CAPSULED_ACTION",
+        "CAPSULED_CALLER_UID",
+        "CAPSULED_CALLER_PID",
+        "CAPSULED_CALLER_UNIT",
+        "CAPSULED_RESULT",
+        "CAPSULED_CHAIN",
+        "CAPSULED_CHAIN_ID",
+        "CAPSULED_CHAIN_SEQ",
+    }
+)
+
+
+def trail_event(entry: Mapping[str, str]) -> dict[str, object]:
+    """The trail's copy of a journal record (docs/AUDIT.md): the same facts, typed, and the
+    record's own fields as `details` (CAPSULED_KEY_ID -> key_id)."""
+    pid = entry.get("CAPSULED_CALLER_PID")
+    return {
+        "time": time.time_ns() // 1000,
+        "uid": int(entry["CAPSULED_CALLER_UID"]),
+        "pid": int(pid) if pid is not None else None,
+        "unit": entry.get("CAPSULED_CALLER_UNIT"),
+        "action": entry["CAPSULED_ACTION"],
+        "capsule": entry.get("CAPSULE"),
+        "result": entry["CAPSULED_RESULT"],
+        "details": {
+            key.removeprefix("CAPSULED_").lower(): value
+            for key, value in entry.items()
+            if key.startswith("CAPSULED_") and key not in _TRAIL_OWN_FIELDS
+        },
+    }
+
+
 class AuditLog:
     """Writes one structured record per mutating call to the journal and the trail.
 
@@ -287,7 +323,6 @@ class AuditLog:
             entry["CAPSULED_CALLER_PID"] = str(caller_pid)
         if caller_unit is not None:
             entry["CAPSULED_CALLER_UNIT"] = _bounded(caller_unit)
-        details: dict[str, str] = {}
         for name, value in fields.items():
             key = "CAPSULED_" + name.upper()
             if _FIELD_NAME.fullmatch(key) is None:
@@ -297,22 +332,15 @@ class AuditLog:
             if value is None:
                 continue
             if isinstance(value, Sensitive):
-                details[name] = REDACTED
+                entry[key] = REDACTED
             elif isinstance(value, bool):
-                details[name] = "yes" if value else "no"
+                entry[key] = "yes" if value else "no"
             else:
-                details[name] = _bounded(str(value))
-            entry[key] = details[name]
-        event = {
-            "time": time.time_ns() // 1000,
-            "uid": caller_uid,
-            "pid": caller_pid,
-            "unit": caller_unit,
-            "action": entry["CAPSULED_ACTION"],
-            "capsule": entry.get("CAPSULE"),
-            "result": entry["CAPSULED_RESULT"],
-            "details": details,
-        }
+                entry[key] = _bounded(str(value))
+        return self._write(entry)
+
+    def _write(self, entry: dict[str, str]) -> dict[str, str]:
+        """The one place a record goes out: chained, to the journal, then to the trail."""
         with self._lock:
             self._seq += 1
             entry["CAPSULED_CHAIN_ID"] = self._chain_id
@@ -327,7 +355,7 @@ class AuditLog:
                 logging_sink(entry)
             if self._trail is not None:
                 try:
-                    self._trail.append(event)
+                    self._trail.append(trail_event(entry))
                 except TrailError:
                     log.exception("cannot append to the audit trail: %s", entry["MESSAGE"])
                     raise
