@@ -407,6 +407,11 @@ def test_the_whole_trail_verifies_and_a_one_byte_edit_is_named(bed: Testbed) -> 
     # Runs after the scenarios above (pytest keeps file order): their records are all there.
     # Stopping the helper signs a last checkpoint over what it wrote.
     must(bed.as_root("systemctl", "stop", "capsuled.service"))
+    # The helper's signing key, made by `capsuled install`: root's alone.
+    key = must(bed.as_root("stat", "-c", "%U %a", "/var/lib/capsuled/audit-signing.key"))
+    assert key.stdout.split() == ["root", "600"]
+    trail_mode = must(bed.as_root("stat", "-c", "%U %a", "/var/log/capsuled"))
+    assert trail_mode.stdout.split() == ["root", "700"]
     ok_verify = bed.as_root("capsuled", "audit", "verify")
     assert ok_verify.returncode == 0, ok_verify.stderr
     assert "audit trail OK" in ok_verify.stdout

@@ -545,3 +545,34 @@ def test_the_largest_deploy_call_fits_the_transports_cap_on_a_call() -> None:
         },
     )
     assert len(ClientConnection().send(call)) <= Limits().max_message_bytes
+
+
+def test_a_symlink_planted_after_the_snapshots_refuses_the_writes_and_all_goes_back(
+    world: World, tmp_path: Path
+) -> None:
+    """The race: the capsule swaps a directory for a link between the check and the write."""
+    from capsuled.methods.deploy import Plan
+    from capsuled.safefs import CapsuleHome, SafeFsError
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (world.home("alpha") / "zz").mkdir()
+    parsed = fmt.read_manifest(
+        fmt.open_envelope(make_bundle("1.0", files={"app/config": b"1", "zz/late": b"2"}))
+    )
+    plan = Plan.build("alpha", parsed, [])
+    before = snapshot(world.capsules_root)
+    with CapsuleHome.open("alpha", str(world.capsules_root)) as home:
+        plan.take_snapshots(home)
+        (world.home("alpha") / "zz").rmdir()
+        os.symlink(outside, world.home("alpha") / "zz")
+        with pytest.raises(SafeFsError):
+            plan.apply(home)
+    os.unlink(world.home("alpha") / "zz")
+    (world.home("alpha") / "zz").mkdir()
+    os.chown(world.home("alpha") / "zz", NOBODY, NOBODY)
+    assert list(outside.iterdir()) == []  # nothing written through the link
+    after = snapshot(world.capsules_root)
+    assert {k: v[:4] for k, v in after.items() if k != "alpha/zz"} == {
+        k: v[:4] for k, v in before.items() if k != "alpha/zz"
+    }

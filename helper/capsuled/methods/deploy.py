@@ -31,6 +31,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import os
 import posixpath
 import time
 from collections.abc import Awaitable, Iterable
@@ -166,6 +167,7 @@ class Plan:
     enable: tuple[str, ...]
     dropped_units: list[str]  # units of the old version(s) the new one lacks
     snapshots: list[EntrySnapshot] = field(default_factory=list)
+    touched: list[EntrySnapshot] = field(default_factory=list)  # what apply() began to change
 
     @classmethod
     def build(cls, capsule: str, parsed: fmt.Bundle, old: Iterable[Deployed]) -> Plan:
@@ -212,20 +214,30 @@ class Plan:
                 raise UnsafePath(home.path_of([*snap.rel_dir, snap.name]), "is not a symlink")
 
     def apply(self, home: CapsuleHome) -> None:
-        """Write the new version; on any failure put every entry back, then re-raise.
+        """Write the new version; on any failure put back what was touched, then re-raise.
 
         Raises:
-            SafeFsError: a write was refused; everything was put back.
+            SafeFsError: a write was refused; everything it touched was put back.
             _RestoreFailed: a write was refused, and putting things back failed too.
         """
+        recorded = {(s.rel_dir, s.name): s for s in self.snapshots}
+
+        def touching(rel_dir: tuple[str, ...], name: str) -> None:
+            # Before the write: a write refused half-way may have made directories already.
+            self.touched.append(recorded[(rel_dir, name)])
+
         try:
             for place, data, mode in self.writes.values():
+                touching(place.rel_dir, place.name)
                 home.write_file_atomically(place.rel_dir, place.name, data, mode)
             for place in self.removes:
+                touching(place.rel_dir, place.name)
                 home.remove_file(place.rel_dir, place.name)
             for unit in self.unlinks:
+                touching(WANTS_DIR, unit)
                 home.remove_file(WANTS_DIR, unit)
             for unit in self.links:
+                touching(WANTS_DIR, unit)
                 target = posixpath.join(CAPSULE_HOME_IN_CAPSULE, self.capsule, *UNIT_DIR, unit)
                 home.symlink(WANTS_DIR, unit, target)
         except SafeFsError as first:
@@ -236,9 +248,35 @@ class Plan:
             raise
 
     def restore(self, home: CapsuleHome) -> None:
-        """Every touched entry as it was (reverse order: links before the files they name)."""
-        for snapshot in reversed(self.snapshots):
-            home.restore_entry(snapshot)
+        """Every entry apply() touched as it was, last first (links before the files they
+        name). Each is tried even if an earlier one fails: as much as can be is put back.
+
+        Raises:
+            SafeFsError: the first entry that could not be put back.
+        """
+        failed: SafeFsError | None = None
+        for snapshot in reversed(self.touched):
+            try:
+                home.restore_entry(snapshot)
+            except SafeFsError as exc:
+                if snapshot.kind is None and _refused_before_writing(home, snapshot):
+                    continue  # nothing was there and nothing could be written: as it was
+                log.error("cannot put %s back: %s", exc.path, exc.reason)
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+
+def _refused_before_writing(home: CapsuleHome, snapshot: EntrySnapshot) -> bool:
+    """True if the entry's directory cannot be reached safely any more: the capsule planted a
+    link on the way. No write of ours went through that link (safefs never follows one), and
+    what we may have written before the capsule moved things is still inside its home, which
+    we do not chase it into: for the host, nothing of ours is left to take back."""
+    try:
+        os.close(home.open_dir(snapshot.rel_dir, create=False))
+    except SafeFsError:
+        return True
+    return False
 
 
 # -- the handlers ---------------------------------------------------------------------------
