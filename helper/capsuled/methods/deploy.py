@@ -460,15 +460,16 @@ class _Change:
         if not self.was_running:
             with backend_errors(self.name):
                 await ctx.backend.start(self.name)
+        deployments = ctx.services.deployments
         try:
             await in_home(ctx, self.name, self.plan.take_snapshots)
             self.running_before = await self._running_units()
+            # Before the home changes: a helper killed from here on leaves the pending mark.
+            deployments.store_bundle(self.name, new.sha256, new.data)
+            deployments.put(self.name, state.begin(deployed))
         except BaseException:
             await self._stop_if_we_started()
             raise
-        deployments = ctx.services.deployments
-        deployments.store_bundle(self.name, new.sha256, new.data)
-        deployments.put(self.name, state.begin(deployed))
         try:
             return await self._switch()
         except BaseException:
