@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Final, Self
 
 from capsuled.bundle import MAX_BUNDLE_BYTES
+from capsuled.statefiles import replace_file
 
 __all__ = ["CorruptDeployment", "Deployed", "Deployment", "DeploymentStore"]
 
@@ -214,21 +215,4 @@ class DeploymentStore:
     def _write(self, directory: Path, filename: str, data: bytes) -> None:
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory.mkdir(mode=0o700, exist_ok=True)
-        final = directory / filename
-        tmp = directory / f".{filename}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_file(directory / filename, data, 0o600)

@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from capsuled.statefiles import create_file, replace_file, sync_dir
+
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
         Ed25519PrivateKey,
@@ -166,47 +168,15 @@ def _make_key(path: Path) -> Ed25519PrivateKey:
     )
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write_new(path, pem, 0o600)
-        _replace(path.with_name(path.name + ".pub"), public, 0o644)
+        # O_EXCL: never overwrite a key; a race with another creator loses cleanly.
+        create_file(path, pem, 0o600)
+        replace_file(path.with_name(path.name + ".pub"), public, 0o644)
     except OSError as exc:
         raise TrailError(f"cannot create the audit signing key {path}: {exc}") from exc
     log.info(
         "created the audit trail's signing key %s (key id %s)", path, _key_id(key.public_key())
     )
     return key
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    # O_EXCL: never overwrite a key; a race with another creator loses cleanly.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _sync_dir(path.parent)
-
-
-def _replace(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    _sync_dir(path.parent)
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
@@ -446,7 +416,7 @@ class Trail:
         os.fsync(current.fd)
         self.synced_seq = self.written_seq
         head = {"seq": current.seq, "hash": current.prev, "key": body["key"]}
-        _replace(self._head_path, canonical(head) + b"\n", 0o600)
+        replace_file(self._head_path, canonical(head) + b"\n", 0o600)
 
     def _signing_key(self) -> Ed25519PrivateKey:
         if self._key is None:
@@ -457,7 +427,7 @@ class Trail:
         self._checkpoint(current, "rotation")
         rotated = self.directory / f"audit-{current.first_seq:016d}.jsonl"
         os.rename(self.directory / CURRENT_FILE, rotated)
-        _sync_dir(self.directory)
+        sync_dir(self.directory)
         os.close(current.fd)
         self._open = None
         self._open = self._open_current()  # starts with a start record chained to the checkpoint
