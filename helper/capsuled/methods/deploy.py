@@ -65,7 +65,6 @@ MAX_BUNDLE_BASE64_CHARS = 4 * ((fmt.MAX_BUNDLE_BYTES + 2) // 3)
 VERB_DEPLOY = "deploy"
 VERB_DOWNGRADE = "downgrade"
 VERB_ROLLBACK = "rollback"
-DEPLOY_VERBS = frozenset({VERB_DEPLOY, VERB_DOWNGRADE, VERB_ROLLBACK})
 T = TypeVar("T")
 
 
