@@ -439,6 +439,7 @@ class FakeCapsuleManager:
 
     async def reset_failed_unit(self, unit: str) -> None:
         """failed -> inactive."""
+        self._log.append((self._capsule.name, "reset_failed_unit", unit))
         fake = self._capsule.units.get(unit)
         if fake is not None and fake.active_state == "failed":
             fake.active_state, fake.sub_state = "inactive", "dead"

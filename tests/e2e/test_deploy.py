@@ -403,6 +403,22 @@ def test_a_dynamic_user_service_deploys_by_its_unit_name(
         bed.as_root("systemctl", "stop", "capsuled.service")
 
 
+def test_deploys_in_quick_succession_do_not_trip_the_start_limit(
+    bed: Testbed, capsule_name: str, signing: None
+) -> None:
+    # systemd allows five starts of a unit in ten seconds (StartLimitBurst=); each deploy
+    # restarts app.service, and a deliberate new version must not count as a crash loop.
+    name = capsule_name
+    marker = name.replace("-", "")
+    ok(bed, "alice", "Create", name=name, start=True)
+    bundles = [sign(bed, make_bundle(bed, "web", f"{v}.0", marker)) for v in range(1, 8)]
+    for path in bundles:
+        must(ctl(bed, "alice", "deploy", name, path))
+    assert unit_state(bed, name, "app.service") == "active"
+    must(ctl(bed, "alice", "rollback", name))
+    assert app_config(bed, name) == "version 6.0\n"
+
+
 def test_the_whole_trail_verifies_and_a_one_byte_edit_is_named(bed: Testbed) -> None:
     # Runs after the scenarios above (pytest keeps file order): their records are all there.
     # Stopping the helper signs a last checkpoint over what it wrote.

@@ -124,6 +124,13 @@ def test_a_first_deploy_puts_everything_in_place(world: World) -> None:
     assert described["bundle"] == deployed
 
 
+def test_each_enable_unit_gets_its_start_limit_cleared_before_its_restart(world: World) -> None:
+    deploy(world, make_bundle("1.0"))
+    calls = world.backend.manager_calls
+    reset = calls.index(("alpha", "reset_failed_unit", "app.service"))
+    assert reset < calls.index(("alpha", "restart_unit", "app.service"))
+
+
 def test_the_deploy_is_audited_in_the_journal_and_the_trail_before_the_reply(
     world: World,
 ) -> None:

@@ -14,7 +14,9 @@ directory where a file goes) refuses the call at that point, before any write. T
 1. the capsule is started if it was not running (its manager must run to start units);
 2. the units the new version drops are stopped;
 3. files and links are written (each atomically, through safefs);
-4. the manager is reloaded, and each `enable` unit is (re)started, in order.
+4. the manager is reloaded, and each `enable` unit is (re)started, in order (its failed state
+   and start rate limit cleared first, as `systemctl reset-failed` does: a deploy is a
+   deliberate start, and a few in a row must not trip the limit).
 
 If any step fails, everything is put back from the records: the files and links, the units
 that ran (restarted on their old files) or did not (stopped), and a capsule we started is
@@ -492,6 +494,10 @@ class _Change:
                 for unit in self.plan.enable:
                     step = unit
                     self.touched.append(unit)
+                    # A new version is a deliberate start: like `systemctl reset-failed`, clear
+                    # a failed state and the start rate limit (five starts in ten seconds),
+                    # which a few quick deploys in a row would otherwise hit.
+                    await mgr.reset_failed_unit(unit)
                     await mgr.restart_unit(unit)
                     started.append(unit)
         except sd.BackendError as exc:
@@ -559,6 +565,8 @@ class _Change:
                 await mgr.reload()
                 for unit in dict.fromkeys(self.touched):
                     if unit in self.running_before:
+                        # The deploy's own restarts count against the start rate limit too.
+                        await _quietly(mgr.reset_failed_unit(unit))
                         ok = await _quietly(mgr.restart_unit(unit)) and ok
                 return ok
         except sd.BackendError:
