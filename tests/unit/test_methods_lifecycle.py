@@ -915,6 +915,11 @@ POLICY_REQUESTS: dict[str, tuple[str, str | None, str | None]] = {
     "Run": (act.RUN, None, None),
     "Logs": (act.READ, None, None),
 }
+# Requests a method makes after its first one: a unit file is code, so installing one needs
+# `run` too (issue 11, finding 7).
+FURTHER_REQUESTS: dict[str, list[tuple[str, str | None, str | None]]] = {
+    "InstallUnit": [(act.RUN, None, None)],
+}
 
 
 def _recording_world(tmp_path: Path) -> tuple[World, RecordingPolicy]:
@@ -936,8 +941,11 @@ def test_each_method_asks_the_policy_once_with_its_details(
     if interactive is not None:
         params["allowInteractiveAuthentication"] = interactive
     world.run(method, params, uid=BOB)  # bob owns nothing here: the backend decides
-    action, verb, unit = POLICY_REQUESTS[method]
-    assert policy.asked == [(Request(action, "alpha", ALICE, verb, unit), interactive is True)]
+    wanted = [POLICY_REQUESTS[method], *FURTHER_REQUESTS.get(method, [])]
+    assert policy.asked == [
+        (Request(action, "alpha", ALICE, verb, unit), interactive is True)
+        for action, verb, unit in wanted
+    ]
 
 
 @pytest.mark.parametrize("interactive", [False, True])

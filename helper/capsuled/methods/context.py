@@ -97,7 +97,9 @@ class CallContext:
     send_continued: Notify  # the Dispatcher's notify: one reply with continues=true
     services: Services
     outcome: Outcome = Outcome.OPEN  # set only by authorize() and audit(), below
-    _authorized: dict[str, _Authorization] = field(default_factory=dict)
+    # Every request authorize() allowed, per capsule: a call may need several (InstallUnit with
+    # enable and start), and `locked` decides each again if the owner changed meanwhile.
+    _authorized: dict[str, list[_Authorization]] = field(default_factory=dict)
 
     @property
     def backend(self) -> SystemdBackend:
@@ -142,7 +144,7 @@ class CallContext:
             owner = record.owner
         request = Request(action, name, owner, verb, unit, allow_interactive=bool(interactive))
         await self._require(request)
-        self._authorized[name] = _Authorization(request, pinned)
+        self._authorized.setdefault(name, []).append(_Authorization(request, pinned))
         return record
 
     async def _require(self, request: Request) -> None:
@@ -161,14 +163,14 @@ class CallContext:
         """Hold the capsule's lock; if its owner changed while we waited for it (removed and
         created again by someone else), decide again before anything happens."""
         async with self.services.locks.hold(name):
-            allowed = self._authorized.get(name)
-            if allowed is not None and not allowed.pinned_owner:
-                record = self.record_of(name)
-                owner = record.owner if record is not None else None
-                if owner != allowed.request.owner:
-                    request = replace(allowed.request, owner=owner)
+            allowed = self._authorized.get(name, [])
+            record = self.record_of(name)
+            owner = record.owner if record is not None else None
+            for index, grant in enumerate(allowed):
+                if not grant.pinned_owner and owner != grant.request.owner:
+                    request = replace(grant.request, owner=owner)
                     await self._require(request)
-                    self._authorized[name] = _Authorization(request, False)
+                    allowed[index] = _Authorization(request, False)
             yield
 
     async def require_systemd(self) -> None:

@@ -1,0 +1,170 @@
+"""Regression tests for issue 11's semantic findings (hardening), one section per finding.
+
+Each test failed before its fix; the finding's number is in the section title.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import pytest
+from methods_fixtures import (
+    BOB,
+    GOOD_UNIT,
+    ROOT,
+    ObservedLocks,
+    config,
+    make_world,
+)
+
+from capsuled import errors
+from capsuled.policy import actions as act
+from capsuled.policy.config import apply_layer
+from capsuled.policy.engine import Decision, PolicyConfig, Rule, Who
+from capsuled.systemd import messages
+from capsuled.varlink.errors import PermissionDenied, VarlinkError
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+BOB_ONLY = Who(users=frozenset({"bob"}))
+
+
+def bob_may(*rules: Rule) -> PolicyConfig:
+    """bob may read every capsule and do what `rules` say; nothing else is allowed."""
+    reader = Rule(Decision.YES, who=BOB_ONLY, actions=frozenset({act.READ}))
+    return config(rules=(reader, *rules))
+
+
+def manage_units(*verbs: str) -> Rule:
+    return Rule(
+        Decision.YES, who=BOB_ONLY, actions=frozenset({act.MANAGE_UNITS}), verbs=frozenset(verbs)
+    )
+
+
+RUN = Rule(Decision.YES, who=BOB_ONLY, actions=frozenset({act.RUN}))
+
+
+def install(**flags: bool) -> dict[str, object]:
+    return {"name": "alpha", "unit": "new.service", "content": GOOD_UNIT, **flags}
+
+
+# --- 6. InstallUnit and RemoveUnit authorize every effect before any write --------------------
+
+
+@pytest.mark.parametrize("flag", ["enable", "start"])
+def test_install_granted_alone_neither_enables_nor_starts(tmp_path: Path, flag: str) -> None:
+    world = make_world(tmp_path, policy=bob_may(manage_units("install"), RUN)).standard()
+    exc = world.error("InstallUnit", install(**{flag: True}), uid=BOB)
+    assert isinstance(exc, PermissionDenied)
+    # Refused before anything was written: no unit file, no link, no job.
+    assert not world.unit_file("alpha", "new.service").exists()
+    assert not world.wants_link("alpha", "new.service").exists()
+    assert world.backend.calls == []
+
+
+def test_install_with_every_effect_granted_does_them_all(tmp_path: Path) -> None:
+    rule = manage_units("install", "enable", "start")
+    world = make_world(tmp_path, policy=bob_may(rule, RUN)).standard()
+    world.backend.add_unit("alpha", "new.service")  # what the fake manager loads from the file
+    world.run("InstallUnit", install(enable=True, start=True), uid=BOB)
+    assert world.unit_file("alpha", "new.service").is_file()
+    assert world.wants_link("alpha", "new.service").is_symlink()
+    assert world.backend.capsules["alpha"].units["new.service"].active_state == "active"
+
+
+@pytest.mark.parametrize("state", ["enabled", "running"])
+def test_remove_granted_alone_neither_disables_nor_stops(tmp_path: Path, state: str) -> None:
+    world = make_world(tmp_path, policy=bob_may(manage_units("remove"))).standard()
+    world.backend.add_unit("alpha", "new.service")
+    world.run("InstallUnit", install(enable=state == "enabled", start=state == "running"))
+    world.forget_history()
+    exc = world.error("RemoveUnit", {"name": "alpha", "unit": "new.service"}, uid=BOB)
+    assert isinstance(exc, PermissionDenied)
+    assert world.unit_file("alpha", "new.service").is_file()
+    assert world.wants_link("alpha", "new.service").is_symlink() == (state == "enabled")
+    expected = "active" if state == "running" else "inactive"
+    assert world.backend.capsules["alpha"].units["new.service"].active_state == expected
+
+
+def test_remove_granted_alone_removes_a_stopped_disabled_unit(tmp_path: Path) -> None:
+    world = make_world(tmp_path, policy=bob_may(manage_units("remove"))).standard()
+    world.run("InstallUnit", install())
+    world.run("RemoveUnit", {"name": "alpha", "unit": "new.service"}, uid=BOB)
+    assert not world.unit_file("alpha", "new.service").exists()
+
+
+# --- 7. manage-units is code execution: installing a unit also needs run -----------------------
+
+
+def test_install_without_run_is_refused(tmp_path: Path) -> None:
+    rule = manage_units("install", "enable", "start")
+    world = make_world(tmp_path, policy=bob_may(rule)).standard()
+    exc = world.error("InstallUnit", install(), uid=BOB)
+    assert isinstance(exc, PermissionDenied)
+    assert not world.unit_file("alpha", "new.service").exists()
+
+
+def shipped_recipe(title: str) -> str:
+    """A commented recipe of config/capsuled.toml, uncommented: from its title line to the
+    next blank comment line."""
+    text = (CHECKOUT / "config" / "capsuled.toml").read_text(encoding="utf-8")
+    block = text[text.index(title) :].split("\n\n", 1)[0]
+    toml = [line[2:] for line in block.splitlines() if re.match(r"# (\[|[a-z_-]+ = )", line)]
+    assert toml, f"no TOML under {title!r}"
+    return "\n".join(toml) + "\n"
+
+
+def test_the_shipped_forbid_run_in_prod_recipe_forbids_run_and_install(tmp_path: Path) -> None:
+    recipe = shipped_recipe("# Never let anybody but root run commands in capsules named prod-*")
+    world = make_world(tmp_path, policy=apply_layer(config(), "recipe", recipe))
+    for name in ("prod-web", "dev-web"):
+        world.run("Create", {"name": name, "start": True})
+        world.make_home(name)
+        world.backend.add_unit(name, "x.service")
+    calls: list[tuple[str, dict[str, object]]] = [
+        ("Run", {"name": "prod-web", "command": ["/bin/true"]}),
+        ("InstallUnit", {"name": "prod-web", "unit": "x.service", "content": GOOD_UNIT}),
+    ]
+    for method, params in calls:
+        assert isinstance(world.error(method, params), PermissionDenied), method
+        world.run(method, params | {"name": "dev-web"})  # the owner keeps run elsewhere
+        world.run(method, params, uid=ROOT)  # and root everywhere
+    # manage-units without code: the owner still starts and stops what root installed.
+    world.run("StopUnit", {"name": "prod-web", "unit": "x.service"})
+    world.run("StartUnit", {"name": "prod-web", "unit": "x.service"})
+
+
+# --- 9. Run takes the capsule's lock and re-checks the owner ------------------------------------
+
+
+def test_run_waits_for_the_lock_and_refuses_if_the_owner_changed(tmp_path: Path) -> None:
+    locks = ObservedLocks()
+    world = make_world(tmp_path, locks=locks).standard()
+
+    async def main() -> None:
+        locks.arrivals = asyncio.Queue()
+        async with locks.hold("alpha"):
+            await asyncio.wait_for(locks.arrivals.get(), 1.0)  # our own hold
+            run = asyncio.create_task(
+                world.call("Run", {"name": "alpha", "command": ["/bin/true"]})
+            )
+            # Run reached the lock and waits there, having started nothing yet.
+            assert await asyncio.wait_for(locks.arrivals.get(), 1.0) == "alpha"
+            # Meanwhile alpha was removed and bob created it again.
+            world.own("alpha", BOB)
+        with pytest.raises(VarlinkError) as refused:
+            await asyncio.wait_for(run, 1.0)
+        assert isinstance(refused.value, errors.NoSuchCapsule)
+        units = world.backend.capsules["alpha"].units
+        assert [u for u in units if u.startswith("run-")] == []
+
+    asyncio.run(main())
+
+
+# --- 13. Run puts only the executable in the unit's Description --------------------------------
+
+
+def test_run_description_names_the_executable_not_its_arguments() -> None:
+    props = dict(messages.transient_service_properties(["/usr/bin/curl", "-u", "me:s3cret"]))
+    assert props["Description"] == ("s", "/usr/bin/curl")
