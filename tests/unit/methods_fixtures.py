@@ -204,7 +204,7 @@ class World:
     # -- state -------------------------------------------------------------------------------
 
     def own(self, name: str, uid: int, phase: Phase = Phase.READY) -> Record:
-        record = new_record(name, uid).with_phase(phase)
+        record = new_record(name, uid, USERS[uid][0] if uid in USERS else None).with_phase(phase)
         self.records.put(record)
         return record
 

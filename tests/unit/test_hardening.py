@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 from methods_fixtures import (
+    ALICE,
     BOB,
     GOOD_UNIT,
     ROOT,
     ObservedLocks,
     config,
+    items,
     make_world,
 )
 
@@ -23,6 +25,7 @@ from capsuled import errors
 from capsuled.policy import actions as act
 from capsuled.policy.config import apply_layer
 from capsuled.policy.engine import Decision, PolicyConfig, Rule, Who
+from capsuled.records import Phase, new_record
 from capsuled.systemd import messages
 from capsuled.varlink.errors import PermissionDenied, VarlinkError
 
@@ -168,3 +171,20 @@ def test_run_waits_for_the_lock_and_refuses_if_the_owner_changed(tmp_path: Path)
 def test_run_description_names_the_executable_not_its_arguments() -> None:
     props = dict(messages.transient_service_properties(["/usr/bin/curl", "-u", "me:s3cret"]))
     assert props["Description"] == ("s", "/usr/bin/curl")
+
+
+# --- 13. A deleted account's uid, reused, does not inherit its capsules ------------------------
+
+
+def test_a_reused_uid_gets_no_owner_grants(tmp_path: Path) -> None:
+    world = make_world(tmp_path).standard()
+    # "gone" was made by an account named olduser whose uid (alice's now) was freed and reused.
+    world.records.put(new_record("gone", ALICE, "olduser").with_phase(Phase.READY))
+    world.backend.add_capsule("gone")
+    for method in ("Describe", "Remove", "Start"):
+        exc = world.error(method, {"name": "gone"})
+        assert isinstance(exc, errors.NoSuchCapsule), method
+    capsule = world.run("Describe", {"name": "gone"}, uid=ROOT).reply["capsule"]
+    assert isinstance(capsule, dict)
+    assert capsule["owner"] is None
+    assert "gone" not in [c["name"] for c in items(world.run("List").reply, "capsules")]

@@ -113,6 +113,14 @@ class CallContext:
         """Send `reply` with continues=true (the call asked for `more`); waits for the drain."""
         await self.send_continued(dict(reply))
 
+    def owner_of(self, record: Record | None) -> int | None:
+        """The record's owner for every grant, or None: no record, or its uid now belongs to
+        another account than the one that created it (a deleted user's uid, reused)."""
+        if record is None:
+            return None
+        account = self.services.authorizer.identity(record.owner)
+        return record.owner if record.is_owner(account.uid, account.user) else None
+
     def record_of(self, name: str) -> Record | None:
         try:
             return self.services.records.get(name)
@@ -140,8 +148,8 @@ class CallContext:
         """
         pinned = owner is not None
         record = self.record_of(name)
-        if owner is None and record is not None:
-            owner = record.owner
+        if owner is None:
+            owner = self.owner_of(record)
         request = Request(action, name, owner, verb, unit, allow_interactive=bool(interactive))
         await self._require(request)
         self._authorized.setdefault(name, []).append(_Authorization(request, pinned))
@@ -164,8 +172,7 @@ class CallContext:
         created again by someone else), decide again before anything happens."""
         async with self.services.locks.hold(name):
             allowed = self._authorized.get(name, [])
-            record = self.record_of(name)
-            owner = record.owner if record is not None else None
+            owner = self.owner_of(self.record_of(name))
             for index, grant in enumerate(allowed):
                 if not grant.pinned_owner and owner != grant.request.owner:
                     request = replace(grant.request, owner=owner)

@@ -156,7 +156,7 @@ class _Watch:
         if cached is not None and now - cached[1] < WATCH_ACCESS_TTL_S:
             return cached[0]
         record = self._ctx.record_of(name)
-        allowed = await self._ctx.may_read(name, record.owner if record else None)
+        allowed = await self._ctx.may_read(name, self._ctx.owner_of(record))
         if len(self._access) >= MAX_WATCH_NAMES:
             self._access.clear()
         self._access[name] = (allowed, now)

@@ -161,6 +161,10 @@ class Authorizer:
         decision = await self._backend.check(peer, identity, request)
         return Verdict(decision, self._backend.name)
 
+    def identity(self, uid: int) -> Identity:
+        """The account that is `uid` now, as the user database says (an owner's, say)."""
+        return self._lookup(uid)
+
     def quota(self, peer: Peer) -> Quota:
         """The peer's ceilings (capsule count, limits); root is unlimited."""
         if peer.uid == 0:
