@@ -23,7 +23,7 @@ from capsuled.names import CAPSULE_USER_PREFIX
 from capsuled.policy import actions as act
 from capsuled.policy.engine import Request
 from capsuled.policy.identity import user_name
-from capsuled.records import CorruptRecord, Phase, Record, new_record
+from capsuled.records import CorruptRecord, Phase, new_record
 from capsuled.safefs import DYNAMIC_UID_MAX, DYNAMIC_UID_MIN
 from capsuled.systemd import errors as sd
 from capsuled.systemd.backend import LIMIT_DEFAULT, CapsuleInfo
