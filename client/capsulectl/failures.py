@@ -176,6 +176,7 @@ def explanations() -> dict[type[VarlinkError], tuple[Line, int]]:
             ),
             EXIT_FAILURE,
         ),
+        e.AccessChanged: (_access_changed, EXIT_FAILURE),
         e.InternalError: (
             lambda f: (
                 f"capsuled failed to {f.doing} (an internal error; see: journalctl -u capsuled)"
@@ -189,6 +190,15 @@ def explanations() -> dict[type[VarlinkError], tuple[Line, int]]:
         # with our IDL answers this, and the error's own name says the most about it.
         ve.ExpectedMore: (_generic, EXIT_FAILURE),
     }
+
+
+def _access_changed(f: Facts) -> str:
+    why = {
+        "removed": "it was removed",
+        "replaced": "it was removed and created again, or changed owner",
+        "access-withdrawn": "you may no longer read it",
+    }.get(str(f.p.get("reason")), f"reason: {f.p.get('reason')}")
+    return f"stopped following capsule {f.name}: {why}"
 
 
 def explain_error(exc: VarlinkError, doing: str, *, asked: bool = False) -> tuple[str, int]:

@@ -207,6 +207,8 @@ class PolicyReloader:
         new = self._load()  # logs why, and is deny-all for non-root, if the config is refused
         old, retired = self._services.authorizer, self._current
         self._services.authorizer, self._current = new, _Generation()
+        # Streams authorized under the old policy check their grant again now (finding 2).
+        self._services.grants.reloaded()
         log.info(
             "policy reloaded: backend %s%s",
             new.backend_name,

@@ -6,6 +6,7 @@ Each test failed before its fix; the finding's number is in the section title.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from pathlib import Path
 
@@ -13,18 +14,26 @@ import pytest
 from methods_fixtures import (
     ALICE,
     BOB,
+    ENTRIES_FROM_USEC,
     GOOD_UNIT,
     ROOT,
+    USERS,
     ObservedLocks,
+    World,
     config,
+    entry,
     items,
     make_world,
 )
+from test_methods_streams import Stream, capsule_event
 
 from capsuled import errors
+from capsuled.methods import streams
 from capsuled.policy import actions as act
+from capsuled.policy.authorizer import Authorizer
+from capsuled.policy.builtin import BuiltinBackend
 from capsuled.policy.config import apply_layer
-from capsuled.policy.engine import Decision, PolicyConfig, Rule, Who
+from capsuled.policy.engine import Decision, Identity, PolicyConfig, Rule, Who
 from capsuled.records import Phase, new_record
 from capsuled.systemd import messages
 from capsuled.varlink.errors import PermissionDenied, VarlinkError
@@ -43,6 +52,19 @@ def manage_units(*verbs: str) -> Rule:
     return Rule(
         Decision.YES, who=BOB_ONLY, actions=frozenset({act.MANAGE_UNITS}), verbs=frozenset(verbs)
     )
+
+
+def authorizer_for(
+    policy: PolicyConfig, users: dict[int, tuple[str, frozenset[str]]] | None = None
+) -> Authorizer:
+    """A builtin-policy Authorizer over the fixtures' user directory (or `users`)."""
+    table = dict(USERS if users is None else users)
+
+    def lookup(uid: int) -> Identity:
+        name, groups = table.get(uid, (None, frozenset()))
+        return Identity(uid, name, groups)
+
+    return Authorizer(policy, BuiltinBackend(policy), lookup=lookup, is_alive=lambda _p: True)
 
 
 RUN = Rule(Decision.YES, who=BOB_ONLY, actions=frozenset({act.RUN}))
@@ -188,3 +210,181 @@ def test_a_reused_uid_gets_no_owner_grants(tmp_path: Path) -> None:
     assert isinstance(capsule, dict)
     assert capsule["owner"] is None
     assert "gone" not in [c["name"] for c in items(world.run("List").reply, "capsules")]
+
+
+# --- 1. Logs shows one incarnation: nothing from before the record was created -----------------
+
+
+def incarnation_world(tmp_path: Path) -> World:
+    """alpha's journal has lines 1..5; the record (this incarnation) was created after line 2,
+    so lines 1 and 2 are a previous owner's."""
+    world = make_world(tmp_path).standard()
+    world.journal.entries = [entry(n) for n in range(1, 6)]
+    record = world.records.get("alpha")
+    assert record is not None
+    world.records.put(dataclasses.replace(record, created_usec=ENTRIES_FROM_USEC + 3))
+    return world
+
+
+def logged(reply: dict[str, object]) -> list[object]:
+    return [e["message"] for e in items(reply, "entries")]
+
+
+def test_logs_do_not_show_a_previous_incarnation(tmp_path: Path) -> None:
+    world = incarnation_world(tmp_path)
+    assert logged(world.run("Logs", {"name": "alpha"}).reply) == ["line 3", "line 4", "line 5"]
+    # An earlier `since` does not reach back either.
+    assert logged(world.run("Logs", {"name": "alpha", "since": 0}).reply)[0] == "line 3"
+    # Root reads every incarnation, as journalctl -u does.
+    assert len(logged(world.run("Logs", {"name": "alpha"}, uid=ROOT).reply)) == 5
+
+
+# --- 2. Streams end when the grant they were authorized for changes ----------------------------
+
+
+async def next_or_end(s: Stream) -> dict[str, object] | BaseException:
+    """The stream's next reply, or how the call ended (its error), whichever comes first."""
+    getter = asyncio.ensure_future(s.replies.get())
+    done, _ = await asyncio.wait({getter, s.task}, timeout=2.0, return_when="FIRST_COMPLETED")
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    if s.task in done:
+        return s.task.exception() or AssertionError(f"ended with {s.task.result()!r}")
+    raise AssertionError("neither a reply nor an end in time")
+
+
+def ended_with(outcome: object, reason: str) -> bool:
+    return isinstance(outcome, errors.AccessChanged) and outcome.parameters == {
+        "name": "alpha",
+        "reason": reason,
+    }
+
+
+def follow_world(tmp_path: Path, policy: PolicyConfig | None = None) -> World:
+    world = incarnation_world(tmp_path)
+    world.journal.entries = []
+    world.journal.new = asyncio.Queue()
+    return world
+
+
+def test_a_follower_ends_when_the_capsule_is_removed(tmp_path: Path) -> None:
+    world = follow_world(tmp_path)
+
+    async def main() -> None:
+        assert world.journal.new is not None
+        s = Stream(world, "Logs", {"name": "alpha", "follow": True}, ALICE)
+        world.journal.new.put_nowait(entry(10))
+        assert logged(await s.next()) == ["line 10"]
+        await world.call("Remove", {"name": "alpha"}, uid=ROOT)
+        assert ended_with(await next_or_end(s), "removed")
+
+    asyncio.run(main())
+
+
+def test_a_follower_ends_when_the_record_is_replaced(tmp_path: Path) -> None:
+    world = follow_world(tmp_path)
+
+    async def main() -> None:
+        assert world.journal.new is not None
+        s = Stream(world, "Logs", {"name": "alpha", "follow": True}, ALICE)
+        world.journal.new.put_nowait(entry(10))
+        assert logged(await s.next()) == ["line 10"]
+        # alpha removed and created again by bob (here: his record, as Create writes it), and
+        # his capsule logs a line: alice's follower must not get it.
+        world.own("alpha", BOB)
+        world.services.grants.changed("alpha")
+        world.journal.new.put_nowait(entry(11))
+        assert ended_with(await next_or_end(s), "replaced")
+
+    asyncio.run(main())
+
+
+def test_a_follower_ends_when_a_policy_reload_withdraws_the_grant(tmp_path: Path) -> None:
+    world = follow_world(tmp_path)
+    reader = Rule(Decision.YES, who=BOB_ONLY, actions=frozenset({act.READ}))
+    world.services.authorizer = authorizer_for(config(rules=[reader]))
+
+    async def main() -> None:
+        assert world.journal.new is not None
+        s = Stream(world, "Logs", {"name": "alpha", "follow": True}, BOB)
+        world.journal.new.put_nowait(entry(10))
+        assert logged(await s.next()) == ["line 10"]
+        world.services.authorizer = authorizer_for(config())  # the rule is gone
+        world.services.grants.reloaded()
+        assert ended_with(await next_or_end(s), "access-withdrawn")
+
+    asyncio.run(main())
+
+
+def test_a_follower_ends_soon_after_its_owner_leaves_the_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nobody tells capsuled about NSS changes: the periodic re-check finds them.
+    monkeypatch.setattr(streams, "STREAM_RECHECK_S", 0.01)
+    world = follow_world(tmp_path)
+
+    async def main() -> None:
+        assert world.journal.new is not None
+        s = Stream(world, "Logs", {"name": "alpha", "follow": True}, ALICE)
+        world.journal.new.put_nowait(entry(10))
+        assert logged(await s.next()) == ["line 10"]
+        outside = {**USERS, ALICE: ("alice", frozenset({"alice"}))}
+        world.services.authorizer = authorizer_for(config(), users=outside)
+        assert ended_with(await next_or_end(s), "access-withdrawn")
+
+    asyncio.run(main())
+
+
+def test_roots_follower_outlives_a_new_incarnation(tmp_path: Path) -> None:
+    world = follow_world(tmp_path)
+
+    async def main() -> None:
+        assert world.journal.new is not None
+        s = Stream(world, "Logs", {"name": "alpha", "follow": True}, ROOT)
+        world.own("alpha", BOB)
+        world.services.grants.changed("alpha")
+        world.journal.new.put_nowait(entry(11))
+        assert logged(await s.next()) == ["line 11"]
+        await s.close()
+
+    asyncio.run(main())
+
+
+def test_a_named_watch_ends_when_the_capsule_is_removed(tmp_path: Path) -> None:
+    world = make_world(tmp_path).standard()
+
+    async def main() -> None:
+        s = Stream(world, "Watch", {"names": ["alpha"]}, ALICE)
+        assert capsule_event(await s.next())[:2] == ("alpha", "active")
+        await world.call("Remove", {"name": "alpha"}, uid=ROOT)
+        # Whatever alpha's removal sent before the record went, then the end.
+        outcome = await next_or_end(s)
+        while isinstance(outcome, dict):
+            event = outcome["event"]
+            assert isinstance(event, dict)
+            assert event["state"] in ("deactivating", "inactive"), event
+            outcome = await next_or_end(s)
+        assert ended_with(outcome, "removed")
+
+    asyncio.run(main())
+
+
+def test_a_watch_drops_unit_events_of_another_incarnation(tmp_path: Path) -> None:
+    world = make_world(tmp_path).standard()
+    world.services.authorizer = authorizer_for(
+        config(rules=[Rule(Decision.YES, who=BOB_ONLY, actions=frozenset({act.READ}))])
+    )
+
+    async def main() -> None:
+        s = Stream(world, "Watch", {"names": ["alpha"]}, BOB)  # bob may read every capsule
+        assert capsule_event(await s.next())[:2] == ("alpha", "active")
+        event = (await s.next())["event"]  # web.service, as the unit watch found it
+        assert isinstance(event, dict)
+        assert event["kind"] == "unit"
+        world.own("alpha", ALICE)  # replaced (here: by hand), still readable by bob
+        world.services.grants.changed("alpha")
+        await world.call("StartUnit", {"name": "alpha", "unit": "web.service"}, uid=ROOT)
+        assert ended_with(await next_or_end(s), "replaced")
+
+    asyncio.run(main())

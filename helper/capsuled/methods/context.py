@@ -58,6 +58,47 @@ class CapsuleLocks:
         return len(self._locks)
 
 
+class GrantChanges:
+    """Wakes the streams bound to a capsule's grant when it may have changed: capsuled wrote
+    or deleted the capsule's record (Create, Remove), or reloaded its policy (every capsule).
+
+    Streams subscribe while they run (bounded by the stream limits); a wake-up only makes each
+    re-check its grant (streams.Binding), it decides nothing itself.
+    """
+
+    def __init__(self) -> None:
+        self._woken: dict[asyncio.Event, str | None] = {}
+        # Counts every change: a stream that saw the same generation may trust what it
+        # decided since (a synchronous check, so no event slips out after the change).
+        self.generation = 0
+
+    def changed(self, name: str) -> None:
+        """The record of capsule `name` was written or deleted."""
+        self.generation += 1
+        for event, wanted in self._woken.items():
+            if wanted is None or wanted == name:
+                event.set()
+
+    def reloaded(self) -> None:
+        """The policy was reloaded: every grant may have changed."""
+        self.generation += 1
+        for event in self._woken:
+            event.set()
+
+    @contextlib.contextmanager
+    def subscribe(self, name: str | None) -> Iterator[asyncio.Event]:
+        """An event set on every change of `name` (None: of any capsule) while in the block."""
+        event = asyncio.Event()
+        self._woken[event] = name
+        try:
+            yield event
+        finally:
+            del self._woken[event]
+
+    def __len__(self) -> int:
+        return len(self._woken)
+
+
 @dataclass(slots=True)
 class Services:
     """The long-lived objects handlers use; built once, in daemon.py."""
@@ -70,6 +111,7 @@ class Services:
     version: str
     homes: CapsuleHomes = field(default_factory=CapsuleHomes)  # under /var/lib/private/capsules
     locks: CapsuleLocks = field(default_factory=CapsuleLocks)
+    grants: GrantChanges = field(default_factory=GrantChanges)
     # Logs calls following the journal right now, per caller uid.
     followers: dict[int, int] = field(default_factory=dict)
 
@@ -179,6 +221,11 @@ class CallContext:
                     await self._require(request)
                     allowed[index] = _Authorization(request, False)
             yield
+
+    def authorized(self, name: str) -> Request | None:
+        """The last request authorize() allowed on capsule `name` in this call, if any."""
+        allowed = self._authorized.get(name)
+        return allowed[-1].request if allowed else None
 
     async def require_systemd(self) -> None:
         """Refuse clearly on a PID 1 without capsules (SystemdTooOld), before any effect."""

@@ -169,6 +169,7 @@ async def create(ctx: CallContext, p: wire.CreateParams) -> wire.CapsuleReply:
             record = new_record(name, uid, user)
             # Written before systemd is touched, so a crash leaves a record a retry resumes.
             ctx.records.put(record)
+            ctx.services.grants.changed(name)
         assert record is not None
         try:
             with backend_errors(name):
@@ -222,6 +223,7 @@ async def _undo_create(ctx: CallContext, name: str) -> None:
         # The record stays in phase "creating": Remove or a retried Create finishes the job.
         return
     ctx.records.delete(name)
+    ctx.services.grants.changed(name)
 
 
 async def remove(ctx: CallContext, p: wire.RemoveParams) -> wire.EmptyReply:
@@ -246,6 +248,8 @@ async def remove(ctx: CallContext, p: wire.RemoveParams) -> wire.EmptyReply:
             ctx.records.put(record.with_phase(Phase.KEPT))
         else:
             ctx.records.delete(name)
+        # Streams bound to this capsule end now if their grant went with the record.
+        ctx.services.grants.changed(name)
         ctx.audit(AuditAction.REMOVE, name, RESULT_OK, keep_data=int(bool(p["keepData"])))
         return {}
 
