@@ -49,8 +49,12 @@ class Facts:
     """
 
     def __init__(self, exc: VarlinkError, doing: str, asked: bool) -> None:
-        self.error = exc.name
-        self.p = exc.parameters
+        from capsulectl.output import printable  # loaded once a call failed
+
+        self.error = printable(exc.name)
+        # Error parameters may echo what a capsule controls (a unit file's reason, a path in
+        # its home): escaped for the terminal like every human-format string (issue 11, 10).
+        self.p = {k: printable(v) if isinstance(v, str) else v for k, v in exc.parameters.items()}
         self.doing = doing
         self.asked = asked
         self.name = quote(self.p.get("name", "?"))

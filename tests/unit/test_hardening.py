@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from jeepney.low_level import HeaderFields, Message
 from methods_fixtures import (
     ALICE,
     BOB,
@@ -27,7 +28,9 @@ from methods_fixtures import (
 )
 from test_methods_streams import Stream, capsule_event
 
-from capsuled import errors
+from capsulectl import output
+from capsulectl.failures import explain_error
+from capsuled import errors, wire
 from capsuled.methods import streams
 from capsuled.policy import actions as act
 from capsuled.policy.authorizer import Authorizer
@@ -36,6 +39,7 @@ from capsuled.policy.config import apply_layer
 from capsuled.policy.engine import Decision, Identity, PolicyConfig, Rule, Who
 from capsuled.records import Phase, new_record
 from capsuled.systemd import messages
+from capsuled.systemd.manager import DBusCapsuleManager
 from capsuled.varlink.errors import PermissionDenied, VarlinkError
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -388,3 +392,98 @@ def test_a_watch_drops_unit_events_of_another_incarnation(tmp_path: Path) -> Non
         assert ended_with(await next_or_end(s), "replaced")
 
     asyncio.run(main())
+
+
+# --- 10. Terminal escapes: capsulectl escapes control characters; bad unit names are dropped ---
+
+OSC52 = "\x1b]52;c;cm0gLXJmIH4=\x07"  # sets the terminal's clipboard
+CLEAR = "\x1b[2J\x1b[H"  # clears the screen
+
+
+def test_log_lines_come_out_escaped() -> None:
+    log: wire.LogEntry = {
+        "timestamp": ENTRIES_FROM_USEC,
+        "cursor": "c",
+        "unit": "web.service",
+        "priority": 6,
+        "identifier": "web\x1b[1m",
+        "pid": 7,
+        "message": f"hello{OSC52}{CLEAR}\nfake-host sshd[1]: forged line",
+    }
+    line = output.log_line(log, output.Style(colour=False))
+    assert "\x1b" not in line
+    assert "\x07" not in line
+    assert "\n" not in line
+    assert "hello\\x1b]52;c;cm0gLXJmIH4=\\a\\x1b[2J\\x1b[H\\nfake-host" in line
+    assert "web\\x1b[1m[7]:" in line
+
+
+def test_tables_status_events_and_errors_come_out_escaped() -> None:
+    unit: wire.Unit = {
+        "name": "web.service",
+        "description": f"web{CLEAR}",
+        "loadState": "loaded",
+        "activeState": "active",
+        "subState": "running\u202e",
+        "enabled": True,
+        "hasFile": True,
+    }
+    shown = "\n".join(output.unit_table([unit]))
+    assert "\x1b" not in shown
+    assert "\u202e" not in shown
+    assert "web\\x1b[2J\\x1b[H" in shown
+    assert "running\\u202e" in shown
+    event: wire.Event = {
+        "kind": "unit",
+        "capsule": "alpha",
+        "unit": f"x{OSC52}.service",
+        "state": "active",
+        "subState": "running",
+        "timestamp": ENTRIES_FROM_USEC,
+    }
+    assert "\x1b" not in output.event_line(event, output.Style(colour=False))
+    refused = errors.InvalidUnit(unit="x.service", reason=f"bad{CLEAR}", line=3)
+    text, _ = explain_error(refused, "install a unit")
+    assert "\x1b" not in text
+    assert "bad\\x1b[2J" in text
+
+
+def test_colour_is_not_escaped() -> None:
+    log: wire.LogEntry = {
+        "timestamp": ENTRIES_FROM_USEC,
+        "cursor": "c",
+        "unit": None,
+        "priority": 3,
+        "identifier": "web",
+        "pid": None,
+        "message": "boom",
+    }
+    assert "\x1b[1;31mboom\x1b[0m" in output.log_line(log, output.Style(colour=True))
+
+
+class ScriptedLink:
+    """The capsule manager's side of a private link, answering ListUnits and ListUnitFiles."""
+
+    def __init__(self, units: list[str], files: list[str]) -> None:
+        self._units = units
+        self._files = files
+
+    async def call(self, msg: Message, **_: object) -> tuple[object, ...]:
+        member = msg.header.fields[HeaderFields.member]
+        if member == "ListUnits":
+            rows = [
+                (u, "d", "loaded", "active", "running", "", "/x", 0, "", "/") for u in self._units
+            ]
+            return (rows,)
+        assert member == "ListUnitFiles"
+        return (
+            [(f"/var/lib/capsules/a/.config/systemd/user/{f}", "enabled") for f in self._files],
+        )
+
+
+def test_unit_names_from_a_capsules_manager_are_checked() -> None:
+    bad = f"evil{OSC52}.service"
+    link = ScriptedLink(["web.service", bad, "../../x.service"], ["web.service", bad, "t@.service"])
+    manager = DBusCapsuleManager(link, "a", 1.0)  # type: ignore[arg-type]  # a scripted stand-in
+    names = [u.name for u in asyncio.run(manager.list_units())]
+    assert names == ["t@.service", "web.service"]
