@@ -39,6 +39,7 @@ from capsuled.varlink.interface import Interface, parse_interface
 from capsuled.varlink.service import ServiceInfo
 
 if TYPE_CHECKING:
+    from capsuled.audit import AuditLog
     from capsuled.dbus import SystemBus
     from capsuled.methods.context import Services
     from capsuled.peer import Peer
@@ -112,10 +113,14 @@ class Wiring:
     errors: ServerErrors
     reloader: PolicyReloader | None = None
     system_bus: SystemBus | None = None
+    audit: AuditLog | None = None  # its refusal summaries are written while serving and at exit
 
 
 # The interface's own errors for what the transport answers itself (the core knows no interface).
 MANAGER_ERRORS: Final = ServerErrors(internal=errors.InternalError, busy=errors.Busy)
+# How often refusal summaries whose window ended are written when no call triggers it
+# (audit.REFUSAL_WINDOW_S is the window; a summary is at most this late).
+REFUSAL_FLUSH_S: Final = 10.0
 
 
 def build_wiring(options: Options) -> Wiring:
@@ -152,6 +157,7 @@ def build_wiring(options: Options) -> Wiring:
             services, lambda: Authorizer.from_config(config_dir, system_bus=system_bus)
         ),
         system_bus=system_bus,
+        audit=services.audit,
     )
 
 
@@ -383,6 +389,8 @@ async def serve(options: Options, wiring: Wiring) -> int:
     else:
         ends.append(asyncio.create_task(server.serve_connected(target.sock)))
         status = "Serving one connection"
+    if wiring.audit is not None:
+        ends.append(asyncio.create_task(_flush_refusals(wiring.audit)))
     if reloader is not None:
         # Before READY=1: for Type=notify-reload, systemd >= 260 checks at READY=1 that the
         # reload signal is caught (SigCgt in /proc/PID/status) and otherwise kills the service
@@ -403,6 +411,13 @@ async def serve(options: Options, wiring: Wiring) -> int:
     return 0
 
 
+async def _flush_refusals(audit: AuditLog) -> None:
+    """Write refusal summaries as their windows end, also while no call comes (never returns)."""
+    while True:
+        await asyncio.sleep(REFUSAL_FLUSH_S)
+        audit.flush_refusals()
+
+
 async def _wind_down(
     options: Options,
     server: Server,
@@ -417,6 +432,8 @@ async def _wind_down(
     await asyncio.gather(*ends, return_exceptions=True)
     if wiring.reloader is not None:
         await wiring.reloader.aclose()
+    if wiring.audit is not None:
+        wiring.audit.flush_refusals(everything=True)  # no refusal goes uncounted at exit
     if wiring.system_bus is not None:
         await wiring.system_bus.close()  # no call is left that could use it
     if created_path is not None:

@@ -30,7 +30,8 @@ from test_methods_streams import Stream, capsule_event
 
 from capsulectl import output
 from capsulectl.failures import explain_error
-from capsuled import errors, wire
+from capsuled import audit, errors, wire
+from capsuled.audit import RESULT_DENIED, AuditLog, verify_chain
 from capsuled.methods import streams
 from capsuled.policy import actions as act
 from capsuled.policy.authorizer import Authorizer
@@ -487,3 +488,74 @@ def test_unit_names_from_a_capsules_manager_are_checked() -> None:
     manager = DBusCapsuleManager(link, "a", 1.0)  # type: ignore[arg-type]  # a scripted stand-in
     names = [u.name for u in asyncio.run(manager.list_units())]
     assert names == ["t@.service", "web.service"]
+
+
+# --- 5. Refusals are aggregated per uid; documented queries match journald's own fields ---------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_flood_of_refusals_becomes_one_summary_per_action() -> None:
+    written: list[dict[str, str]] = []
+    clock = Clock()
+    log = AuditLog(sink=written.append, clock=clock)
+    for n in range(10_000):
+        log.record("start", caller_uid=1002, capsule=f"c{n % 3}", result=RESULT_DENIED)
+    log.record("remove", caller_uid=1002, capsule="c0", result=errors.NoSuchCapsule.name)
+    # Another uid's refusals and everybody's real records are not held back by 1002's flood.
+    log.record("start", caller_uid=1001, capsule="x", result=RESULT_DENIED)
+    log.record("start", caller_uid=1000, capsule="web", result="ok")
+    assert len(written) == audit.REFUSALS_RECORDED_PER_WINDOW + 2
+    clock.now += audit.REFUSAL_WINDOW_S
+    assert log.flush_refusals() == 2
+    summaries = {r["CAPSULED_ACTION"]: r for r in written[-2:]}
+    start = summaries["start"]
+    assert start["CAPSULED_REFUSALS"] == str(10_000 - audit.REFUSALS_RECORDED_PER_WINDOW)
+    assert start["CAPSULED_RESULT"] == "refused"
+    assert start["CAPSULED_CALLER_UID"] == "1002"
+    assert start["CAPSULED_CAPSULES"] == "c0,c1,c2"
+    assert (
+        start["MESSAGE"]
+        == f"{start['CAPSULED_REFUSALS']} refusals of start by uid 1002 in the last 60 s"
+    )
+    assert summaries["remove"]["CAPSULED_REFUSALS"] == "1"
+    # Summaries are part of the chain like any record.
+    assert verify_chain(written) is None
+
+
+def test_summaries_are_written_at_exit_too() -> None:
+    written: list[dict[str, str]] = []
+    log = AuditLog(sink=written.append, clock=Clock())
+    for _ in range(audit.REFUSALS_RECORDED_PER_WINDOW + 5):
+        log.record("run", caller_uid=7, capsule="a", result=RESULT_DENIED)
+    assert log.flush_refusals() == 0  # the window has not ended
+    assert log.flush_refusals(everything=True) == 1
+    assert written[-1]["CAPSULED_REFUSALS"] == "5"
+
+
+def journal_queries(text: str) -> list[str]:
+    """Every journalctl command line in a document (code spans and blocks), joined."""
+    flat = re.sub(r"\s*\n\s*", " ", text)
+    return re.findall(r"journalctl [^`\n]*", flat)
+
+
+def test_every_documented_query_of_audit_records_matches_journalds_own_fields() -> None:
+    documents = [
+        CHECKOUT / "README.md",
+        *(CHECKOUT / "docs").glob("*.md"),
+        CHECKOUT / "helper" / "capsuled" / "audit.py",
+        CHECKOUT / "config" / "capsuled.toml",
+    ]
+    checked = 0
+    for path in documents:
+        for query in journal_queries(path.read_text(encoding="utf-8")):
+            if "CAPSULED_" in query or "MESSAGE_ID=" in query:
+                checked += 1
+                assert audit.TRUSTED_MATCH in query, f"{path.name}: {query}"
+    assert checked >= 2
