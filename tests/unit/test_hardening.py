@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from capsuled.policy.builtin import BuiltinBackend
 from capsuled.policy.config import apply_layer
 from capsuled.policy.engine import Decision, Identity, PolicyConfig, Rule, Who
 from capsuled.records import Phase, new_record
-from capsuled.systemd import messages
+from capsuled.systemd import backend, hostfs, messages
 from capsuled.systemd.manager import DBusCapsuleManager
 from capsuled.varlink.errors import PermissionDenied, VarlinkError
 
@@ -540,15 +541,17 @@ def test_summaries_are_written_at_exit_too() -> None:
 
 
 def journal_queries(text: str) -> list[str]:
-    """Every journalctl command line in a document (code spans and blocks), joined."""
-    flat = re.sub(r"\s*\n\s*", " ", text)
-    return re.findall(r"journalctl [^`\n]*", flat)
+    """Every journalctl command line in a document: code spans (which may wrap) and
+    indented lines (literal blocks, docstring examples)."""
+    spans = [" ".join(q.split()) for q in re.findall(r"`(journalctl [^`]*)`", text)]
+    return spans + re.findall(r"^\s+(journalctl .*)$", text, re.MULTILINE)
 
 
 def test_every_documented_query_of_audit_records_matches_journalds_own_fields() -> None:
     documents = [
         CHECKOUT / "README.md",
         *(CHECKOUT / "docs").glob("*.md"),
+        *(CHECKOUT / "man").glob("*.rst"),
         CHECKOUT / "helper" / "capsuled" / "audit.py",
         CHECKOUT / "config" / "capsuled.toml",
     ]
@@ -559,3 +562,64 @@ def test_every_documented_query_of_audit_records_matches_journalds_own_fields() 
                 checked += 1
                 assert audit.TRUSTED_MATCH in query, f"{path.name}: {query}"
     assert checked >= 2
+
+
+# --- 11. Remove undoes only what capsuled wrote; Create adopts an admin's config, saying so ---
+
+
+@pytest.fixture
+def host_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """/etc/systemd/system and /etc/systemd/system.control under tmp_path."""
+    system, control = tmp_path / "system", tmp_path / "system.control"
+    monkeypatch.setattr(hostfs, "SYSTEM_CONFIG_DIR", str(system))
+    monkeypatch.setattr(hostfs, "SYSTEM_CONTROL_DIR", str(control))
+    monkeypatch.setattr(hostfs, "RUNTIME_CONFIG_DIR", str(tmp_path / "run-system"))
+    for d in (system / "capsule@web.service.d", control / "capsule@web.service.d"):
+        d.mkdir(parents=True)
+    (system / "capsule@web.service.d" / "10-admin.conf").write_text("[Service]\nCPUQuota=20%\n")
+    for dropin in ("50-MemoryMax.conf", "50-TasksMax.conf"):  # what SetLimits made
+        (control / "capsule@web.service.d" / dropin).write_text("[Service]\nX=1\n")
+    # An administrator's own `systemctl set-property capsule@web.service IOWeight=10`.
+    (control / "capsule@web.service.d" / "50-IOWeight.conf").write_text("[Service]\nX=1\n")
+    return system, control
+
+
+class RevertWatchingBus:
+    """The system bus as forget() sees it: records members, answers every call."""
+
+    def __init__(self) -> None:
+        self.members: list[str] = []
+
+    async def call(self, msg: Message, *, unit: str = "") -> tuple[object, ...]:
+        self.members.append(str(msg.header.fields[HeaderFields.member]))
+        return ([],)
+
+
+def test_forget_removes_only_capsuleds_own_dropins(
+    host_config: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system, control = host_config
+    bus = RevertWatchingBus()
+    sd = backend.DBusSystemdBackend()
+    monkeypatch.setattr(sd, "_bus", lambda: asyncio.sleep(0, bus))
+    asyncio.run(sd.forget("web"))
+    assert "RevertUnitFiles" not in bus.members  # it would delete the admin's drop-ins too
+    assert (system / "capsule@web.service.d" / "10-admin.conf").is_file()
+    assert sorted(os.listdir(control / "capsule@web.service.d")) == ["50-IOWeight.conf"]
+    assert bus.members == ["DisableUnitFilesWithFlags", "Reload"]
+
+
+def test_admin_config_lists_what_an_administrator_staged(host_config: tuple[Path, Path]) -> None:
+    system, _ = host_config
+    assert hostfs.admin_config("web") == [str(system / "capsule@web.service.d" / "10-admin.conf")]
+    assert hostfs.admin_config("other") == []
+
+
+def test_create_adopts_an_admins_config_and_says_so(tmp_path: Path) -> None:
+    world = make_world(tmp_path)
+    staged = "/etc/systemd/system/capsule@web.service.d/10-admin.conf"
+    world.backend.admin_configs["web"] = [staged]
+    world.run("Create", {"name": "web"})
+    (record,) = world.audit_for("create")
+    assert record["CAPSULED_RESULT"] == "ok"
+    assert record["CAPSULED_ADMIN_CONFIG"] == staged

@@ -189,7 +189,14 @@ async def create(ctx: CallContext, p: wire.CreateParams) -> wire.CapsuleReply:
             ctx.audit(AuditAction.CREATE, name, RESULT_FAILED)
             raise
         ctx.records.put(record.with_phase(Phase.READY))
-        ctx.audit(AuditAction.CREATE, name, RESULT_OK, owner=uid)
+        # Configuration an administrator put in place for this name (drop-ins in
+        # /etc/systemd/system/capsule@NAME.service.d/, ...) applies to the new capsule: it is
+        # adopted deliberately (an admin may restrict a name before anybody creates it), and
+        # the record says so. capsuled never removes it (Remove undoes only its own writes).
+        adopted = ctx.backend.admin_config(name)
+        ctx.audit(
+            AuditAction.CREATE, name, RESULT_OK, owner=uid, admin_config=",".join(adopted) or None
+        )
         return {"capsule": await describe_wire(ctx, name)}
 
 

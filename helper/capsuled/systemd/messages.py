@@ -221,11 +221,6 @@ def disable_unit_files_with_flags(files: Sequence[str], flags: int = 0) -> Messa
     return _manager_call("DisableUnitFilesWithFlags", "ast", (list(files), flags))
 
 
-def revert_unit_files(files: Sequence[str]) -> Message:
-    """Manager.RevertUnitFiles(files) -> a(sss): drop-ins in /etc and system.control go."""
-    return _manager_call("RevertUnitFiles", "as", (list(files),))
-
-
 def reload() -> Message:
     """Manager.Reload(): daemon-reload."""
     return _manager_call("Reload")
