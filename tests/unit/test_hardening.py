@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import os
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -623,3 +624,20 @@ def test_create_adopts_an_admins_config_and_says_so(tmp_path: Path) -> None:
     (record,) = world.audit_for("create")
     assert record["CAPSULED_RESULT"] == "ok"
     assert record["CAPSULED_ADMIN_CONFIG"] == staged
+
+
+# --- 13. polkit: no authorization is kept across capsules --------------------------------------
+
+
+def test_no_polkit_default_keeps_an_authorization() -> None:
+    # polkit keys a kept authorization by (subject, action id): details such as the capsule are
+    # not part of it, so auth_admin_keep for run on one capsule would be run on all.
+    root = ET.parse(CHECKOUT / "polkit" / "org.capsuled.policy").getroot()
+    results = {
+        (action.attrib["id"], d.tag): d.text
+        for action in root.iter("action")
+        for d in action.iter()
+        if d.tag.startswith("allow_")
+    }
+    assert len(results) == 3 * len(act.ALL)
+    assert {k: v for k, v in results.items() if v is None or v.endswith("_keep")} == {}
