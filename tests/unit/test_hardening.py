@@ -9,7 +9,9 @@ import asyncio
 import dataclasses
 import os
 import re
+import stat
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,7 @@ from test_methods_streams import Stream, capsule_event
 from capsulectl import output
 from capsulectl.failures import explain_error
 from capsuled import audit, errors, wire
+from capsuled import install as installer
 from capsuled.audit import RESULT_DENIED, AuditLog, verify_chain
 from capsuled.methods import streams
 from capsuled.policy import actions as act
@@ -641,3 +644,77 @@ def test_no_polkit_default_keeps_an_authorization() -> None:
     }
     assert len(results) == 3 * len(act.ALL)
     assert {k: v for k, v in results.items() if v is None or v.endswith("_keep")} == {}
+
+
+# --- 13. capsuled install points the unit only at a capsuled nobody but root can replace -------
+
+
+def fake_tree(modes: dict[str, tuple[int, int, int]]) -> Callable[[str], os.stat_result]:
+    """lstat over a made-up tree: path -> (uid, gid, st_mode)."""
+
+    def lstat(path: str) -> os.stat_result:
+        uid, gid, mode = modes[path]
+        return os.stat_result((mode, 0, 0, 1, uid, gid, 0, 0, 0, 0))
+
+    return lstat
+
+
+SAFE_TREE = {
+    "/": (0, 0, stat.S_IFDIR | 0o755),
+    "/usr": (0, 0, stat.S_IFDIR | 0o755),
+    "/usr/local": (0, 0, stat.S_IFDIR | 0o755),
+    "/usr/local/bin": (0, 0, stat.S_IFDIR | 0o755),
+    "/usr/local/bin/capsuled": (0, 0, stat.S_IFREG | 0o755),
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "change", "problem"),
+    [
+        ("/usr/local/bin", (0, 50, stat.S_IFDIR | 0o775), "/usr/local/bin is writable by others"),
+        ("/usr/local", (0, 0, stat.S_IFDIR | 0o777), "/usr/local is writable by others"),
+        ("/usr/local/bin/capsuled", (1000, 0, stat.S_IFREG | 0o755), "owned by uid 1000"),
+        ("/usr/local/bin/capsuled", (0, 0, stat.S_IFREG | 0o757), "capsuled is writable by"),
+    ],
+)
+def test_install_refuses_a_capsuled_others_could_replace(
+    path: str, change: tuple[int, int, int], problem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os.path, "realpath", lambda p: p)
+    assert (
+        installer.executable_problem("/usr/local/bin/capsuled", lstat=fake_tree(SAFE_TREE)) is None
+    )
+    tree = SAFE_TREE | {path: change}
+    found = installer.executable_problem("/usr/local/bin/capsuled", lstat=fake_tree(tree))
+    assert found is not None
+    assert problem in found
+
+
+def test_install_checks_where_a_symlink_leads(monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = SAFE_TREE | {
+        "/usr/local/bin/capsuled": (0, 0, stat.S_IFLNK | 0o777),
+        "/home": (0, 0, stat.S_IFDIR | 0o755),
+        "/home/alice": (1000, 1000, stat.S_IFDIR | 0o755),
+        "/home/alice/capsuled": (1000, 1000, stat.S_IFREG | 0o755),
+    }
+    monkeypatch.setattr(os.path, "realpath", lambda p: "/home/alice/capsuled")
+    found = installer.executable_problem("/usr/local/bin/capsuled", lstat=fake_tree(tree))
+    assert found == "/home/alice is owned by uid 1000, not root"
+
+
+def test_live_install_refuses_an_unsafe_capsuled(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    script = tmp_path / "capsuled"  # under /tmp: sticky, but writable by everybody
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(installer, "_systemd_version", lambda: 257)
+    monkeypatch.setattr(installer, "_booted", lambda: True)
+    monkeypatch.setattr(installer, "packaged_problem", lambda root: None)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    written: list[object] = []
+    monkeypatch.setattr(installer, "install_files", lambda *a, **k: written.append(a))
+    monkeypatch.setattr(installer, "_activate", lambda *a, **k: written.append(a))
+    assert installer.main_install(["--bindir", str(tmp_path)]) == 1
+    assert "will not point capsuled.service at it" in capsys.readouterr().err
+    assert written == []
