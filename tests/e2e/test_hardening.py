@@ -42,6 +42,15 @@ Description=says a secret
 ExecStart=/bin/sh -c 'echo {line}; exec sleep infinity'
 """
 # systemd turns "\\\\" into "\\", so sh's printf gets \\033 and \\007 and prints ESC and BEL.
+# Restarted until a follower sees its line: no start limit (5 starts in 10 s by default).
+FOLLOWED_UNIT = """\
+[Unit]
+Description=says a line at each start
+StartLimitIntervalSec=0
+
+[Service]
+ExecStart=/bin/sh -c 'echo {line}; exec sleep infinity'
+"""
 ESCAPES_UNIT = r"""[Unit]
 Description=logs terminal escapes
 
@@ -124,7 +133,7 @@ def test_a_follower_ends_when_the_capsule_is_removed(
     name, mark = capsule_name, secrets.token_hex(6)
     ok(bed, "alice", "Create", name=name, start=True)
     ok(bed, "alice", "InstallUnit", name=name, unit="a.service",
-       content=SECRET_UNIT.format(line=f"alice-{mark}"))  # fmt: skip
+       content=FOLLOWED_UNIT.format(line=f"alice-{mark}"))  # fmt: skip
     proc = follower("alice", name)
     lines: queue.Queue[str] = queue.Queue()
 
