@@ -38,6 +38,7 @@ from capsuled import audit, errors, wire
 from capsuled import install as installer
 from capsuled.audit import RESULT_DENIED, AuditLog, verify_chain
 from capsuled.methods import streams
+from capsuled.methods.context import GrantChanges, GrantSubscription
 from capsuled.policy import actions as act
 from capsuled.policy.authorizer import Authorizer
 from capsuled.policy.builtin import BuiltinBackend
@@ -718,3 +719,32 @@ def test_live_install_refuses_an_unsafe_capsuled(
     assert installer.main_install(["--bindir", str(tmp_path)]) == 1
     assert "will not point capsuled.service at it" in capsys.readouterr().err
     assert written == []
+
+
+def test_a_named_watch_ends_when_a_policy_reload_withdraws_the_grant(tmp_path: Path) -> None:
+    world = make_world(tmp_path).standard()
+    reader = Rule(Decision.YES, who=BOB_ONLY, actions=frozenset({act.READ}))
+    world.services.authorizer = authorizer_for(config(rules=[reader]))
+
+    async def main() -> None:
+        s = Stream(world, "Watch", {"names": ["alpha"]}, BOB)
+        assert capsule_event(await s.next())[:2] == ("alpha", "active")
+        world.services.authorizer = authorizer_for(config())  # the rule is gone
+        world.services.grants.reloaded()
+        outcome = await next_or_end(s)
+        while isinstance(outcome, dict):  # unit events already on their way
+            outcome = await next_or_end(s)
+        assert ended_with(outcome, "access-withdrawn")
+
+    asyncio.run(main())
+
+
+def test_grant_subscriptions_stay_bounded() -> None:
+    changes = GrantChanges()
+    with changes.subscribe(None) as subscription:
+        for n in range(GrantSubscription.MAX_NAMES + 10):
+            changes.changed(f"c{n}")
+        assert subscription.take() == (frozenset(), True)  # too many: "everything changed"
+        changes.changed("one")
+        assert subscription.take() == (frozenset({"one"}), False)
+    assert len(changes) == 0

@@ -58,16 +58,44 @@ class CapsuleLocks:
         return len(self._locks)
 
 
+class GrantSubscription:
+    """What changed for one stream since it last looked: the capsules whose record capsuled
+    wrote or deleted, or everything (a policy reload); `woken` is set on each change."""
+
+    # Names kept before a subscription counts as "everything changed" (bounded memory).
+    MAX_NAMES = 256
+
+    def __init__(self) -> None:
+        self.woken = asyncio.Event()
+        self._names: set[str] = set()
+        self._everything = False
+
+    def note(self, name: str | None) -> None:
+        """Capsule `name` changed (None: every capsule may have)."""
+        if name is None or len(self._names) >= self.MAX_NAMES:
+            self._everything, self._names = True, set()
+        elif not self._everything:
+            self._names.add(name)
+        self.woken.set()
+
+    def take(self) -> tuple[frozenset[str], bool]:
+        """(names changed, whether everything may have) since the last take; clears both."""
+        names, everything = frozenset(self._names), self._everything
+        self._names, self._everything = set(), False
+        self.woken.clear()
+        return names, everything
+
+
 class GrantChanges:
     """Wakes the streams bound to a capsule's grant when it may have changed: capsuled wrote
     or deleted the capsule's record (Create, Remove), or reloaded its policy (every capsule).
 
     Streams subscribe while they run (bounded by the stream limits); a wake-up only makes each
-    re-check its grant (streams.Binding), it decides nothing itself.
+    re-check its grant (streams.Binding, streams._Watch), it decides nothing itself.
     """
 
     def __init__(self) -> None:
-        self._woken: dict[asyncio.Event, str | None] = {}
+        self._subscribers: dict[GrantSubscription, str | None] = {}
         # Counts every change: a stream that saw the same generation may trust what it
         # decided since (a synchronous check, so no event slips out after the change).
         self.generation = 0
@@ -75,28 +103,28 @@ class GrantChanges:
     def changed(self, name: str) -> None:
         """The record of capsule `name` was written or deleted."""
         self.generation += 1
-        for event, wanted in self._woken.items():
+        for subscription, wanted in self._subscribers.items():
             if wanted is None or wanted == name:
-                event.set()
+                subscription.note(name)
 
     def reloaded(self) -> None:
         """The policy was reloaded: every grant may have changed."""
         self.generation += 1
-        for event in self._woken:
-            event.set()
+        for subscription in self._subscribers:
+            subscription.note(None)
 
     @contextlib.contextmanager
-    def subscribe(self, name: str | None) -> Iterator[asyncio.Event]:
-        """An event set on every change of `name` (None: of any capsule) while in the block."""
-        event = asyncio.Event()
-        self._woken[event] = name
+    def subscribe(self, name: str | None) -> Iterator[GrantSubscription]:
+        """Changes of capsule `name` (None: of any capsule) while in the block."""
+        subscription = GrantSubscription()
+        self._subscribers[subscription] = name
         try:
-            yield event
+            yield subscription
         finally:
-            del self._woken[event]
+            del self._subscribers[subscription]
 
     def __len__(self) -> int:
-        return len(self._woken)
+        return len(self._subscribers)
 
 
 @dataclass(slots=True)

@@ -23,7 +23,10 @@ that ends it), and otherwise every STREAM_RECHECK_S, for what nobody tells us
 (a user leaving a group in NSS, a record edited by hand). Periodic, not per
 event: a decision costs an NSS lookup and, with polkit, a D-Bus round trip,
 which a chatty log would pay per line; 5 s with at most MAX_FOLLOWERS
-followers bounds that cost, and how long a withdrawn grant lingers.
+followers bounds that cost, and how long a withdrawn grant lingers. A Watch
+of named capsules decides STREAM_RECHECK_BATCH of them per round, in turn
+(a capsule whose record changed at once), so a Watch of many names costs no
+more, and notices a withdrawn grant within a few rounds.
 
 A capsule without a record (made by root outside capsuled) has no incarnation
 we know of: its readers see its whole journal, as with `journalctl -u`.
@@ -40,7 +43,7 @@ from typing import NoReturn, TypeVar
 
 from capsuled import errors, journal, wire
 from capsuled.methods import params
-from capsuled.methods.context import CallContext, backend_errors
+from capsuled.methods.context import CallContext, GrantSubscription, backend_errors
 from capsuled.methods.inside import is_capsule_unit
 from capsuled.policy import actions as act
 from capsuled.policy.engine import Decision, Request
@@ -52,6 +55,8 @@ from capsuled.varlink.errors import ExpectedMore
 # How often a stream checks its grant again without being told (see the module docstring);
 # also how long a Watch trusts one "may this caller read capsule X" answer.
 STREAM_RECHECK_S = 5.0
+# Capsules a Watch of named capsules decides again per round (_Watch._recheck).
+STREAM_RECHECK_BATCH = 32
 # Journal followers at once, for all callers (each costs an inotify instance).
 MAX_FOLLOWERS = 32
 # ...and for one caller, so a single user cannot take them all.
@@ -103,15 +108,15 @@ class Binding:
     @contextlib.contextmanager
     def held(
         cls, ctx: CallContext, name: str, record: Record | None
-    ) -> Iterator[tuple[Binding | None, asyncio.Event]]:
+    ) -> Iterator[tuple[Binding | None, GrantSubscription]]:
         """The binding of what authorize() allowed on `name` (None for root, whose grant never
-        changes), and the event GrantChanges sets when it may have changed."""
+        changes), and the subscription GrantChanges wakes when it may have changed."""
         request = ctx.authorized(name)
-        with ctx.services.grants.subscribe(name) as woken:
+        with ctx.services.grants.subscribe(name) as changes:
             if ctx.peer.uid == 0 or request is None:
-                yield None, woken
+                yield None, changes
             else:
-                yield cls(ctx, name, request, record), woken
+                yield cls(ctx, name, request, record), changes
 
     async def check(self) -> None:
         """Cheap unless something changed or the periodic re-check is due.
@@ -138,22 +143,22 @@ class Binding:
         verdict = await self._ctx.services.authorizer.decide(self._ctx.peer, request)
         return None if verdict.decision is Decision.YES else "access-withdrawn"
 
-    async def watch(self, woken: asyncio.Event) -> NoReturn:
+    async def watch(self, changes: GrantSubscription) -> NoReturn:
         """Check when woken or every STREAM_RECHECK_S, until the grant fails (raises)."""
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(STREAM_RECHECK_S):
-                    await woken.wait()
-            woken.clear()
+                    await changes.woken.wait()
+            changes.take()  # one capsule: whatever changed, check it
             await self.check()
 
 
-async def while_bound(binding: Binding | None, woken: asyncio.Event, work: Awaitable[T]) -> T:
+async def while_bound(binding: Binding | None, changes: GrantSubscription, work: Awaitable[T]) -> T:
     """`work`'s result, unless the binding fails first: then its AccessChanged, work cancelled."""
     task = asyncio.ensure_future(work)
     if binding is None:
         return await task
-    watcher = asyncio.create_task(binding.watch(woken))
+    watcher = asyncio.create_task(binding.watch(changes))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if watcher.done():
@@ -203,10 +208,10 @@ async def logs(ctx: CallContext, p: wire.LogsParams) -> wire.LogsReply:
         raise errors.QuotaExceeded(what="followers", limit=MAX_FOLLOWERS_PER_UID)
     followers[uid] = followers.get(uid, 0) + 1
     try:
-        with Binding.held(ctx, name, record) as (binding, woken):
+        with Binding.held(ctx, name, record) as (binding, changes):
             await while_bound(
                 binding,
-                woken,
+                changes,
                 _follow(ctx, name, unit, binding, entries, max(started_usec, since or 0)),
             )
     finally:
@@ -244,8 +249,8 @@ async def _follow(
 async def watch(ctx: CallContext, p: wire.WatchParams) -> wire.WatchReply:
     watcher = _Watch(ctx, params.capsule_names(p["names"], MAX_WATCH_NAMES))
     try:
-        with backend_errors(""), ctx.services.grants.subscribe(None) as woken:
-            return await watcher.run(woken)
+        with backend_errors(""), ctx.services.grants.subscribe(None) as changes:
+            return await watcher.run(changes)
     finally:
         await watcher.close()
 
@@ -286,7 +291,7 @@ class _Watch:
         self._rechecking: asyncio.Task[None] | None = None  # grants, when woken or due
         self._getting: asyncio.Task[_Queued] | None = None  # the queue's next event
 
-    async def run(self, woken: asyncio.Event) -> wire.WatchReply:
+    async def run(self, changes: GrantSubscription) -> wire.WatchReply:
         """Relay events until PID 1's stream ends (SystemdUnavailable), a named capsule's
         grant fails (AccessChanged) or the client hangs up."""
         async with self._ctx.backend.watch() as events:
@@ -300,7 +305,7 @@ class _Watch:
                         _event("capsule", info.name, None, info.state, info.sub_state)
                     )
             pumping = self._pumping = asyncio.create_task(self._pump(events))
-            rechecking = self._rechecking = asyncio.create_task(self._recheck(woken))
+            rechecking = self._rechecking = asyncio.create_task(self._recheck(changes))
             while True:
                 getting = self._getting = asyncio.create_task(self._queue.get())
                 await asyncio.wait(
@@ -357,17 +362,31 @@ class _Watch:
                 raise errors.AccessChanged(name=name, reason="access-withdrawn")
         return access
 
-    async def _recheck(self, woken: asyncio.Event) -> NoReturn:
-        """Named capsules' grants, when GrantChanges wakes us or every STREAM_RECHECK_S: a
-        quiet Watch must end too. (A Watch of everything re-decides as events come.)"""
+    async def _recheck(self, changes: GrantSubscription) -> NoReturn:
+        """Named capsules' grants, so that a quiet Watch ends too (a Watch of everything
+        re-decides as events come): a capsule whose record capsuled changed at once; after a
+        policy reload, and every STREAM_RECHECK_S, the readable ones STREAM_RECHECK_BATCH at a
+        time, in turn (a Watch may name MAX_WATCH_NAMES capsules, each decision may be a
+        polkit round trip, and polkit's slots are everybody's)."""
+        turn = 0
         while True:
-            with contextlib.suppress(TimeoutError):
+            timed_out = False
+            try:
                 async with asyncio.timeout(STREAM_RECHECK_S):
-                    await woken.wait()
-            woken.clear()
-            if self._wanted is not None:
-                for name in sorted(self._wanted):
-                    await self._visible(name)
+                    await changes.woken.wait()
+            except TimeoutError:
+                timed_out = True
+            names, everything = changes.take()
+            if self._wanted is None:
+                continue
+            if timed_out or everything:
+                readable = sorted(n for n, a in self._access.items() if a.allowed)
+                if readable:
+                    turn %= len(readable)
+                    names = frozenset(readable[turn : turn + STREAM_RECHECK_BATCH])
+                    turn += STREAM_RECHECK_BATCH
+            for name in sorted(names & self._wanted):
+                await self._visible(name)
 
     async def _pump(self, events: AsyncIterator[CapsuleEvent]) -> None:
         async for event in events:
