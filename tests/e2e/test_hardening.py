@@ -125,6 +125,27 @@ def follower(bed: Testbed) -> Iterator[Callable[[str, str], subprocess.Popen[str
         proc.communicate(timeout=CMD_TIMEOUT_S)
 
 
+def following(
+    bed: Testbed, proc: subprocess.Popen[str], user: str, name: str, line: str
+) -> threading.Thread:
+    """Return once `proc` (capsulectl logs -f) follows: it printed `line`, which a.service says
+    at each start. The thread returned reads the rest of its output."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for printed in proc.stdout or ():
+            lines.put(printed)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for _ in range(20):
+        ok(bed, user, "RestartUnit", name=name, unit="a.service")
+        with contextlib.suppress(queue.Empty):
+            if line in lines.get(timeout=3):
+                return reader
+    raise AssertionError(f"the follower never printed {line!r}")
+
+
 def test_a_follower_ends_when_the_capsule_is_removed(
     bed: Testbed,
     capsule_name: str,
@@ -135,23 +156,7 @@ def test_a_follower_ends_when_the_capsule_is_removed(
     ok(bed, "alice", "InstallUnit", name=name, unit="a.service",
        content=FOLLOWED_UNIT.format(line=f"alice-{mark}"))  # fmt: skip
     proc = follower("alice", name)
-    lines: queue.Queue[str] = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stdout or ():
-            lines.put(line)
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    # The follower is listening once a line written now reaches it: (re)start the unit, which
-    # says its line each time, until one arrives.
-    for _ in range(20):
-        ok(bed, "alice", "RestartUnit", name=name, unit="a.service")
-        with contextlib.suppress(queue.Empty):
-            if f"alice-{mark}" in lines.get(timeout=3):
-                break
-    else:
-        raise AssertionError("the follower never printed alice's line")
+    reader = following(bed, proc, "alice", name, f"alice-{mark}")
     ok(bed, "alice", "Remove", name=name)
     proc.wait(timeout=FOLLOWER_END_S)
     reader.join(timeout=FOLLOWER_END_S)
@@ -163,6 +168,29 @@ def test_a_follower_ends_when_the_capsule_is_removed(
     ok(bed, "bob", "InstallUnit", name=name, unit="b.service",
        content=SECRET_UNIT.format(line=f"bob-{mark}"), start=True)  # fmt: skip
     poll(lambda: logged(bed, "bob", name, f"bob-{mark}"), what="bob's line")
+
+
+def test_a_follower_ends_soon_after_its_owner_leaves_the_group(
+    bed: Testbed,
+    capsule_name: str,
+    follower: Callable[[str, str], subprocess.Popen[str]],
+) -> None:
+    # Nobody tells capsuled about a group change in NSS: the periodic re-check (5 s) finds it.
+    name = capsule_name
+    ok(bed, "carol", "Create", name=name, start=True)
+    ok(bed, "carol", "InstallUnit", name=name, unit="a.service",
+       content=FOLLOWED_UNIT.format(line="carol-line"))  # fmt: skip
+    proc = follower("carol", name)
+    reader = following(bed, proc, "carol", name, "carol-line")
+    bed.as_root("gpasswd", "-d", "carol", "capsule").check()
+    try:
+        proc.wait(timeout=FOLLOWER_END_S)
+        reader.join(timeout=FOLLOWER_END_S)
+        err = proc.stderr.read() if proc.stderr else ""
+        assert proc.returncode == 1
+        assert f"stopped following capsule '{name}': you may no longer read it" in err
+    finally:
+        bed.as_root("gpasswd", "-a", "carol", "capsule").check()
 
 
 # --- 6 and 7. a rule granting bob only `install` (or `remove`) does no more ------------------
