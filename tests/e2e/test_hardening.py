@@ -19,12 +19,12 @@ import secrets
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
 
+from e2e.test_inside import poll
 from e2e.vcall import fails, ok
 from testbed import Testbed
 
@@ -57,18 +57,6 @@ Description=logs terminal escapes
 [Service]
 ExecStart=/bin/sh -c 'printf "osc\\033]52;c;SGVsbG8=\\007cls\\033[2Jend\\n"; exec sleep infinity'
 """
-
-
-def poll(predicate: Callable[[], T], timeout_s: float = 30.0, what: str = "condition") -> T:
-    """Re-check something systemd or journald makes true asynchronously."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def messages(bed: Testbed, user: str, name: str, **params: object) -> list[str]:

@@ -279,14 +279,25 @@ def follow_world(tmp_path: Path, policy: PolicyConfig | None = None) -> World:
     return world
 
 
+def write_line(world: World, n: int) -> None:
+    """alpha's capsule logs line n (the fake journal's followers get it)."""
+    assert world.journal.new is not None
+    world.journal.new.put_nowait(entry(n))
+
+
+async def following(world: World, uid: int) -> Stream:
+    """A follower of alpha's log as `uid`, once it has relayed a line written after it began."""
+    s = Stream(world, "Logs", {"name": "alpha", "follow": True}, uid)
+    write_line(world, 10)
+    assert logged(await s.next()) == ["line 10"]
+    return s
+
+
 def test_a_follower_ends_when_the_capsule_is_removed(tmp_path: Path) -> None:
     world = follow_world(tmp_path)
 
     async def main() -> None:
-        assert world.journal.new is not None
-        s = Stream(world, "Logs", {"name": "alpha", "follow": True}, ALICE)
-        world.journal.new.put_nowait(entry(10))
-        assert logged(await s.next()) == ["line 10"]
+        s = await following(world, ALICE)
         await world.call("Remove", {"name": "alpha"}, uid=ROOT)
         assert ended_with(await next_or_end(s), "removed")
 
@@ -297,15 +308,12 @@ def test_a_follower_ends_when_the_record_is_replaced(tmp_path: Path) -> None:
     world = follow_world(tmp_path)
 
     async def main() -> None:
-        assert world.journal.new is not None
-        s = Stream(world, "Logs", {"name": "alpha", "follow": True}, ALICE)
-        world.journal.new.put_nowait(entry(10))
-        assert logged(await s.next()) == ["line 10"]
+        s = await following(world, ALICE)
         # alpha removed and created again by bob (here: his record, as Create writes it), and
         # his capsule logs a line: alice's follower must not get it.
         world.own("alpha", BOB)
         world.services.grants.changed("alpha")
-        world.journal.new.put_nowait(entry(11))
+        write_line(world, 11)
         assert ended_with(await next_or_end(s), "replaced")
 
     asyncio.run(main())
@@ -317,10 +325,7 @@ def test_a_follower_ends_when_a_policy_reload_withdraws_the_grant(tmp_path: Path
     world.services.authorizer = authorizer_for(config(rules=[reader]))
 
     async def main() -> None:
-        assert world.journal.new is not None
-        s = Stream(world, "Logs", {"name": "alpha", "follow": True}, BOB)
-        world.journal.new.put_nowait(entry(10))
-        assert logged(await s.next()) == ["line 10"]
+        s = await following(world, BOB)
         world.services.authorizer = authorizer_for(config())  # the rule is gone
         world.services.grants.reloaded()
         assert ended_with(await next_or_end(s), "access-withdrawn")
@@ -336,10 +341,7 @@ def test_a_follower_ends_soon_after_its_owner_leaves_the_group(
     world = follow_world(tmp_path)
 
     async def main() -> None:
-        assert world.journal.new is not None
-        s = Stream(world, "Logs", {"name": "alpha", "follow": True}, ALICE)
-        world.journal.new.put_nowait(entry(10))
-        assert logged(await s.next()) == ["line 10"]
+        s = await following(world, ALICE)
         outside = {**USERS, ALICE: ("alice", frozenset({"alice"}))}
         world.services.authorizer = authorizer_for(config(), users=outside)
         assert ended_with(await next_or_end(s), "access-withdrawn")
@@ -351,11 +353,10 @@ def test_roots_follower_outlives_a_new_incarnation(tmp_path: Path) -> None:
     world = follow_world(tmp_path)
 
     async def main() -> None:
-        assert world.journal.new is not None
         s = Stream(world, "Logs", {"name": "alpha", "follow": True}, ROOT)
         world.own("alpha", BOB)
         world.services.grants.changed("alpha")
-        world.journal.new.put_nowait(entry(11))
+        write_line(world, 11)
         assert logged(await s.next()) == ["line 11"]
         await s.close()
 
