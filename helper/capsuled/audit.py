@@ -2,7 +2,8 @@
 
 One record per call, written after the decision and the work: who (``CAPSULED_CALLER_UID``, from
 the socket), what (``CAPSULED_ACTION``, and a fixed ``MESSAGE_ID`` per action so that
-``journalctl MESSAGE_ID=...`` finds every ``Create``), on which capsule (``CAPSULE=``, the field
+``journalctl _SYSTEMD_UNIT=capsuled.service _UID=0 _TRANSPORT=journal MESSAGE_ID=...`` finds
+every ``Create``), on which capsule (``CAPSULE=``, the field
 systemd itself uses for capsules) and how it ended (``CAPSULED_RESULT``: ``ok``, ``denied``,
 ``failed`` or an error name).  Extra fields become ``CAPSULED_<NAME>``.
 
@@ -12,10 +13,11 @@ the value, so a caller cannot forget it at one log site and remember it at anoth
 
 Two sinks, one record: the journal (above), and the verifiable trail under /var/log/capsuled/
 (capsuled.trail: JSON lines, hash-chained across rotations, checkpoints signed with the
-helper's Ed25519 key). `record` builds the record once and hands it to both; the trail's copy
-is fsynced by `sync`, which the method table's audit wrapper awaits before any reply goes out,
-so a caller who got an answer knows its record is on disk. A trail that cannot be written
-fails the call (TrailError, answered as InternalError; the journal still has the record).
+helper's Ed25519 key). `_write` is the one place a record goes out, to both, whether a
+handler's, the method table's or a summary of refusals; the trail's copy is fsynced by `sync`,
+which the method table's audit wrapper awaits before any reply goes out, so a caller who got an
+answer knows its record is on disk. A trail that cannot be written fails the call (TrailError,
+answered as InternalError; the journal still has the record).
 
 The journal copy carries its own, weaker chain: ``CAPSULED_CHAIN_SEQ`` (1, 2, ... per daemon
 process), ``CAPSULED_CHAIN_ID`` (random per process) and ``CAPSULED_CHAIN`` = sha256 over the
@@ -26,9 +28,27 @@ unnoticed. The trail is what `capsuled audit verify` checks.
 ``PRIORITY``: notice (5) for ``denied``, warning (4) for ``failed`` or an error name, info (6) for
 anything else (``ok``, ``started``, ...).
 
+Refusals are aggregated per uid (issue 11, finding 5). Any local user can make calls that are
+refused (``denied`` by the policy, or answered with an error name: nothing changed), thousands a
+second; one record each would trip journald's rate limit (RateLimitBurst= per service) and the
+records it then drops could be the real ones of other users. So of one uid's refusals, the first
+``REFUSALS_RECORDED_PER_WINDOW`` in a ``REFUSAL_WINDOW_S`` window are written as they come, and
+the rest are counted per action and written, when the window ends, as one record per action:
+"N refusals of ACTION by uid U in the last T s" with ``CAPSULED_RESULT=refused``,
+``CAPSULED_REFUSALS=N``,
+``CAPSULED_WINDOW_S=T`` and ``CAPSULED_CAPSULES`` (the first few names they were about). What
+one uid makes is then bounded by (K + number of actions) records per window, whatever it sends.
+
+Trusting a record: any local process can send a journal entry with ``CAPSULED_ACTION=`` and
+``SYSLOG_IDENTIFIER=capsuled`` (they are not trusted fields). Only journald sets the fields that
+start with ``_``, so a record is capsuled's only if it also has ``_SYSTEMD_UNIT=capsuled.service``,
+``_UID=0`` and ``_TRANSPORT=journal``; every query the documentation shows matches on all three::
+
+    journalctl _SYSTEMD_UNIT=capsuled.service _UID=0 _TRANSPORT=journal CAPSULED_ACTION=start
+
 ``systemd.journal`` is imported lazily (unit tests and hosts without it fall back to
-``logging``); a record that cannot be delivered is logged to stderr, never raised: the call it
-describes has already happened.
+``logging``); a record that cannot be delivered to journald is logged to stderr, never raised:
+the call it describes has already happened, and the trail has it.
 """
 
 from __future__ import annotations
@@ -42,7 +62,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Final
@@ -59,11 +79,25 @@ RESULT_OK: Final = "ok"
 RESULT_DENIED: Final = "denied"
 RESULT_FAILED: Final = "failed"
 RESULT_CANCELLED: Final = "cancelled"  # the client hung up mid-call
+RESULT_REFUSED: Final = "refused"  # a summary of refusals (see the module docstring)
 
 # syslog priorities, as journald's PRIORITY= field wants them.
 _PRIORITY_NOTICE: Final = 5
 _PRIORITY_INFO: Final = 6
 _PRIORITY_WARNING: Final = 4
+
+# Refusal aggregation (see the module docstring): per uid and window, this many refusals are
+# written one by one, the rest counted into one summary per action when the window ends.
+REFUSAL_WINDOW_S: Final = 60.0
+REFUSALS_RECORDED_PER_WINDOW: Final = 10
+# uids with a window open at once; past this every open window is summarised early, so the
+# table stays bounded whatever number of uids (dynamic users included) refuse.
+MAX_REFUSING_UIDS: Final = 1024
+# Capsule names a summary lists (the rest are only counted).
+SUMMARY_MAX_CAPSULES: Final = 8
+
+# The fields only journald sets, that make a record capsuled's (see the module docstring).
+TRUSTED_MATCH: Final = "_SYSTEMD_UNIT=capsuled.service _UID=0 _TRANSPORT=journal"
 
 REDACTED: Final = "(redacted)"
 _FIELD_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,54}")  # journal: [A-Z0-9_], no leading '_'/digit, <=64
@@ -136,7 +170,7 @@ def _bounded(value: str) -> str:
 
 def _priority(result: str) -> int:
     """notice for a denial, warning for a failure or an error name (it has dots), else info."""
-    if result == RESULT_DENIED:
+    if result in (RESULT_DENIED, RESULT_REFUSED):
         return _PRIORITY_NOTICE
     if result == RESULT_FAILED or "." in result:
         return _PRIORITY_WARNING
@@ -218,6 +252,21 @@ def logging_sink(fields: dict[str, str]) -> None:
     log.log(level, "%s %s", fields["MESSAGE"], details)
 
 
+def is_refusal(result: str) -> bool:
+    """A call that changed nothing: denied by the policy, or refused with an error name."""
+    return result == RESULT_DENIED or "." in result
+
+
+@dataclass(slots=True)
+class _Window:
+    """One uid's refusals since `opened`: how many, and those not written, per action."""
+
+    opened: float
+    seen: int = 0
+    held: dict[str, int] = field(default_factory=dict)  # action -> refusals not written
+    capsules: dict[str, set[str]] = field(default_factory=dict)  # action -> first few names
+
+
 # The journal fields a trail record has fields of its own for (trail_event); the other
 # CAPSULED_* fields are its details.
 _TRAIL_OWN_FIELDS: Final = frozenset(
@@ -255,7 +304,8 @@ def trail_event(entry: Mapping[str, str]) -> dict[str, object]:
 
 
 class AuditLog:
-    """Writes one structured record per mutating call to the journal and the trail.
+    """Writes one structured record per mutating call (refusals aggregated per uid) to the
+    journal and the trail.
 
     Thread-safe. The journal's delivery never raises (a record that cannot reach journald goes
     to stderr); the trail's does (TrailError): that is the record a reply promises.
@@ -267,14 +317,18 @@ class AuditLog:
         *,
         trail: Trail | None = None,
         identifier: str = "capsuled",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sink: Sink = sink if sink is not None else journal_sink
         self._trail = trail
         self._identifier = identifier
+        self._clock = clock
         self._lock = threading.Lock()
         self._chain_id = secrets.token_hex(16)
         self._previous = self._chain_id
         self._seq = 0
+        self._windows: dict[int, _Window] = {}
+        self._next_due = float("inf")  # when the oldest open window ends
         self._sync_lock: asyncio.Lock | None = None
 
     @property
@@ -302,12 +356,94 @@ class AuditLog:
 
         Extra ``fields`` become ``CAPSULED_<NAME.upper()>`` in the journal and the trail's
         ``details``; None values are left out; :class:`Sensitive` values are written as
-        ``(redacted)``.
+        ``(redacted)``. A refusal past the uid's allowance for this window is only counted
+        (see the module docstring): then nothing is written and the fields are returned
+        without the chain.
 
         Raises:
             ValueError: a field name that cannot be a journal field (a caller bug).
             TrailError: the trail could not be written (the journal has the record).
         """
+        entry = self._fields(action, caller_uid, capsule, result, fields)
+        if caller_pid is not None:
+            entry["CAPSULED_CALLER_PID"] = str(caller_pid)
+        if caller_unit is not None:
+            entry["CAPSULED_CALLER_UNIT"] = _bounded(caller_unit)
+        self.flush_refusals()
+        if is_refusal(result) and not self._admit_refusal(caller_uid, action, capsule):
+            return entry
+        return self._write(entry)
+
+    def flush_refusals(self, *, everything: bool = False) -> int:
+        """Write the summaries of refusal windows that ended (all open ones if `everything`,
+        as at exit); returns how many summaries were written."""
+        now = self._clock()
+        with self._lock:
+            if not everything and now < self._next_due:
+                return 0  # the common case, checked at every record: no scan
+            ended = [
+                (uid, window)
+                for uid, window in self._windows.items()
+                if everything or now - window.opened >= REFUSAL_WINDOW_S
+            ]
+            for uid, _ in ended:
+                del self._windows[uid]
+            opened = [w.opened for w in self._windows.values()]
+            self._next_due = min(opened) + REFUSAL_WINDOW_S if opened else float("inf")
+        written = 0
+        for uid, window in ended:
+            span = max(1, round(min(now - window.opened, REFUSAL_WINDOW_S)))
+            for action, count in sorted(window.held.items()):
+                names = sorted(window.capsules.get(action, ()))
+                entry = self._fields(
+                    action,
+                    uid,
+                    None,
+                    RESULT_REFUSED,
+                    {
+                        "refusals": count,
+                        "window_s": span,
+                        "capsules": ",".join(names) or None,
+                    },
+                )
+                entry["MESSAGE"] = f"{count} refusals of {action} by uid {uid} in the last {span} s"
+                self._write(entry)
+                written += 1
+        return written
+
+    def _admit_refusal(self, uid: int, action: str, capsule: str | None) -> bool:
+        """Whether this refusal is written now (True) or only counted into a summary."""
+        with self._lock:
+            window = self._windows.get(uid)
+            if window is None:
+                overflow = len(self._windows) >= MAX_REFUSING_UIDS
+                window = self._windows[uid] = _Window(self._clock())
+                self._next_due = min(self._next_due, window.opened + REFUSAL_WINDOW_S)
+            else:
+                overflow = False
+            window.seen += 1
+            if window.seen <= REFUSALS_RECORDED_PER_WINDOW:
+                admitted = True
+            else:
+                admitted = False
+                window.held[action] = window.held.get(action, 0) + 1
+                names = window.capsules.setdefault(action, set())
+                if capsule is not None and len(names) < SUMMARY_MAX_CAPSULES:
+                    names.add(capsule)
+        if overflow:
+            # Too many uids at once: summarise the open windows now (bounded memory); their
+            # refusals are still all counted.
+            self.flush_refusals(everything=True)
+        return admitted
+
+    def _fields(
+        self,
+        action: str,
+        caller_uid: int,
+        capsule: str | None,
+        result: str,
+        fields: Mapping[str, FieldValue],
+    ) -> dict[str, str]:
         entry: dict[str, str] = {
             "MESSAGE": _bounded(self._message(action, caller_uid, capsule, result)),
             "MESSAGE_ID": MESSAGE_IDS.get(action, MESSAGE_ID_OTHER),
@@ -319,10 +455,6 @@ class AuditLog:
         }
         if capsule is not None:
             entry["CAPSULE"] = _bounded(capsule)
-        if caller_pid is not None:
-            entry["CAPSULED_CALLER_PID"] = str(caller_pid)
-        if caller_unit is not None:
-            entry["CAPSULED_CALLER_UNIT"] = _bounded(caller_unit)
         for name, value in fields.items():
             key = "CAPSULED_" + name.upper()
             if _FIELD_NAME.fullmatch(key) is None:
@@ -337,7 +469,7 @@ class AuditLog:
                 entry[key] = "yes" if value else "no"
             else:
                 entry[key] = _bounded(str(value))
-        return self._write(entry)
+        return entry
 
     def _write(self, entry: dict[str, str]) -> dict[str, str]:
         """The one place a record goes out: chained, to the journal, then to the trail."""
@@ -382,7 +514,9 @@ class AuditLog:
             await asyncio.to_thread(trail.sync)
 
     def close(self) -> None:
-        """Sign a last checkpoint and close the trail (at exit)."""
+        """At exit: write the refusal summaries still open, then sign a last checkpoint over
+        everything and close the trail."""
+        self.flush_refusals(everything=True)
         if self._trail is not None:
             self._trail.close()
 

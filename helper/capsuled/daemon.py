@@ -113,11 +113,16 @@ class Wiring:
     errors: ServerErrors
     reloader: PolicyReloader | None = None
     system_bus: SystemBus | None = None
-    audit: AuditLog | None = None  # its trail gets a signed checkpoint when serving ends
+    # Its refusal summaries are written while serving and at exit, and its trail gets a
+    # signed checkpoint when serving ends.
+    audit: AuditLog | None = None
 
 
 # The interface's own errors for what the transport answers itself (the core knows no interface).
 MANAGER_ERRORS: Final = ServerErrors(internal=errors.InternalError, busy=errors.Busy)
+# How often refusal summaries whose window ended are written when no call triggers it
+# (audit.REFUSAL_WINDOW_S is the window; a summary is at most this late).
+REFUSAL_FLUSH_S: Final = 10.0
 
 
 def build_wiring(options: Options) -> Wiring:
@@ -156,7 +161,7 @@ def build_wiring(options: Options) -> Wiring:
             services, lambda: Authorizer.from_config(config_dir, system_bus=system_bus)
         ),
         system_bus=system_bus,
-        audit=audit,
+        audit=services.audit,
     )
 
 
@@ -212,6 +217,8 @@ class PolicyReloader:
         new = self._load()  # logs why, and is deny-all for non-root, if the config is refused
         old, retired = self._services.authorizer, self._current
         self._services.authorizer, self._current = new, _Generation()
+        # Streams authorized under the old policy check their grant again now (finding 2).
+        self._services.grants.reloaded()
         log.info(
             "policy reloaded: backend %s%s",
             new.backend_name,
@@ -386,6 +393,8 @@ async def serve(options: Options, wiring: Wiring) -> int:
     else:
         ends.append(asyncio.create_task(server.serve_connected(target.sock)))
         status = "Serving one connection"
+    if wiring.audit is not None:
+        ends.append(asyncio.create_task(_flush_refusals(wiring.audit)))
     if reloader is not None:
         # Before READY=1: for Type=notify-reload, systemd >= 260 checks at READY=1 that the
         # reload signal is caught (SigCgt in /proc/PID/status) and otherwise kills the service
@@ -406,6 +415,13 @@ async def serve(options: Options, wiring: Wiring) -> int:
     return 0
 
 
+async def _flush_refusals(audit: AuditLog) -> None:
+    """Write refusal summaries as their windows end, also while no call comes (never returns)."""
+    while True:
+        await asyncio.sleep(REFUSAL_FLUSH_S)
+        audit.flush_refusals()
+
+
 async def _wind_down(
     options: Options,
     server: Server,
@@ -423,7 +439,8 @@ async def _wind_down(
     if wiring.system_bus is not None:
         await wiring.system_bus.close()  # no call is left that could use it
     if wiring.audit is not None:
-        # Every call has ended: sign what this run wrote, so its tail cannot be cut unnoticed.
+        # Every call has ended: no refusal goes uncounted, and what this run wrote is signed,
+        # so its tail cannot be cut unnoticed.
         await asyncio.to_thread(wiring.audit.close)
     if created_path is not None:
         with contextlib.suppress(OSError):

@@ -9,7 +9,7 @@
         ├── NoSuchUnit, InvalidUnit, UnsafeCapsuleHome, InvalidValue
         ├── InvalidBundle, UnsignedBundle, UntrustedSigner, BadSignature
         ├── DowngradeRefused, DeployFailed, NoPreviousBundle
-        ├── Busy
+        ├── Busy, AccessChanged
         └── InternalError
 
 A unit test checks that this set and the IDL's `error` declarations are the same.
@@ -156,6 +156,12 @@ class Busy(ManagerError):
     """Too many calls or streams are running (for this caller, or in all); try again later."""
 
     name = f"{INTERFACE}.Busy"
+
+
+class AccessChanged(ManagerError):
+    """A stream's grant no longer holds (capsule removed, replaced, or access withdrawn)."""
+
+    name = f"{INTERFACE}.AccessChanged"
 
 
 class InternalError(ManagerError):

@@ -47,10 +47,11 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -306,6 +307,38 @@ def find_bindir() -> PurePosixPath:
     raise InstallError("cannot find the `capsuled` executable; pass --bindir DIR")
 
 
+def executable_problem(
+    path: str, *, lstat: Callable[[str], os.stat_result] = os.lstat
+) -> str | None:
+    """Why root must not run `path` as capsuled.service's ExecStart=, or None.
+
+    Whoever can replace the file, or rename anything on the way to it, runs code as root when
+    the socket is next activated: so the file and every directory above it, on the path as
+    given and on the path it resolves to, must be root's and writable by nobody else (group
+    writable only for group root). Symlinks on the way are followed, not judged themselves:
+    nobody can rewrite a symlink, only its directory's owner replace it, and that directory is
+    checked.
+    """
+    real = os.path.realpath(path)
+    for route in dict.fromkeys((os.path.abspath(path), real)):
+        parts = PurePosixPath(route).parts
+        for depth in range(1, len(parts) + 1):
+            current = str(PurePosixPath(*parts[:depth]))
+            try:
+                st = lstat(current)
+            except OSError as exc:
+                return f"{current}: {exc.strerror or exc}"
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            if st.st_uid != 0:
+                return f"{current} is owned by uid {st.st_uid}, not root"
+            if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != 0):
+                return f"{current} is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    if not stat.S_ISREG(lstat(real).st_mode):
+        return f"{real} is not a regular file"
+    return None
+
+
 # --- writing ----------------------------------------------------------------------------------
 
 
@@ -522,6 +555,11 @@ def main_install(argv: list[str]) -> int:
             if problem:
                 raise InstallError(problem)
         bindir = PurePosixPath(args.bindir) if args.bindir else find_bindir()
+        if args.root is None:
+            # Root will run it (ExecStart=): refuse one that someone else could replace.
+            problem = executable_problem(str(bindir / "capsuled"))
+            if problem:
+                raise InstallError(f"will not point capsuled.service at it: {problem}")
         root = Path(args.root or "/")
         prefix = PurePosixPath(args.prefix)
         install_files(root, prefix, bindir, out, manifest=not args.no_manifest)

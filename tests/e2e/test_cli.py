@@ -176,7 +176,8 @@ def test_create_start_and_remove_keep_data(bed: Testbed, capsule_name: str) -> N
     assert [d["capsule"]["name"] for d in docs] == [name, name]  # one document per capsule
     ok(bed, "alice", "remove", name, "--keep-data")
     assert bed.as_root("test", "-d", f"/var/lib/private/capsules/{name}").returncode == 0
-    assert ctl(bed, "alice", "status", name).returncode == 4
+    # Kept, still alice's, and stopped: systemctl's "not running".
+    assert ctl(bed, "alice", "status", name).returncode == 3
 
 
 # --- units, run, logs ---------------------------------------------------------------------------

@@ -229,6 +229,14 @@ def test_audit_prints_a_table(fake: FakeCapsuled) -> None:
     assert fake.calls == [call("Audit", name="web", lines=2)]
 
 
+def test_audit_escapes_what_callers_sent(fake: FakeCapsuled) -> None:
+    record = audit_record(action="run", details={"command": "/tmp/\x1b]52;c;evil\x07"})
+    fake.on("Audit", ok(records=[record]))
+    r = capsulectl_(fake, "audit", "web")
+    assert "\x1b" not in r.out
+    assert "command=/tmp/\\x1b]52;c;evil\\a" in r.out  # as systemd's cescape() writes them
+
+
 def test_status_shows_the_bundle(fake: FakeCapsuled) -> None:
     fake.on("Describe", ok(capsule=capsule(bundle=deployed())))
     r = capsulectl_(fake, "status", "web")

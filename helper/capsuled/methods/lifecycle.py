@@ -25,7 +25,7 @@ from capsuled.names import CAPSULE_USER_PREFIX
 from capsuled.policy import actions as act
 from capsuled.policy.engine import Request
 from capsuled.policy.identity import user_name
-from capsuled.records import CorruptRecord, Phase, Record, new_record
+from capsuled.records import CorruptRecord, Phase, new_record
 from capsuled.safefs import DYNAMIC_UID_MAX, DYNAMIC_UID_MIN
 from capsuled.systemd import errors as sd
 from capsuled.systemd.backend import LIMIT_DEFAULT, CapsuleInfo
@@ -88,11 +88,11 @@ def deployment_of(ctx: CallContext, name: str) -> Deployment:
 def capsule_to_wire(
     name: str,
     info: CapsuleInfo | None,
-    record: Record | None,
+    owner: int | None,
     deployment: Deployment | None = None,
 ) -> wire.Capsule:
+    """The IDL's Capsule; `owner` is the record's owner as ctx.owner_of says (None: none)."""
     bundle = deployed_wire(deployment) if deployment is not None else None
-    owner = record.owner if record is not None else None
     owner_name = user_name(owner) if owner is not None else None
     if info is None:
         # Known only from our record: a Create or Remove that has not finished yet.
@@ -141,7 +141,8 @@ def capsule_to_wire(
 async def describe_wire(ctx: CallContext, name: str) -> wire.Capsule:
     with backend_errors(name):
         info = await ctx.backend.capsule_info(name)
-    return capsule_to_wire(name, info, ctx.record_of(name), deployment_of(ctx, name))
+    owner = ctx.owner_of(ctx.record_of(name))
+    return capsule_to_wire(name, info, owner, deployment_of(ctx, name))
 
 
 # --- read ---------------------------------------------------------------------------------
@@ -153,9 +154,9 @@ async def list_capsules(ctx: CallContext, p: wire.NoParams) -> wire.ListReply:
     records = {r.name: r for r in ctx.records.all()}
     visible: list[wire.Capsule] = []
     for name in sorted(infos.keys() | records.keys()):
-        record = records.get(name)
-        if await ctx.may_read(name, record.owner if record else None):
-            visible.append(capsule_to_wire(name, infos.get(name), record, deployment_of(ctx, name)))
+        owner = ctx.owner_of(records.get(name))
+        if await ctx.may_read(name, owner):
+            visible.append(capsule_to_wire(name, infos.get(name), owner, deployment_of(ctx, name)))
     if ctx.more and visible:
         for capsule in visible[:-1]:
             await ctx.notify({"capsules": [capsule]})
@@ -167,7 +168,7 @@ async def describe(ctx: CallContext, p: wire.CapsuleParams) -> wire.CapsuleReply
     name = params.capsule_name(p["name"])
     record = await ctx.authorize(act.READ, name, interactive=p["allowInteractiveAuthentication"])
     info = await ctx.existing(name, record)
-    return {"capsule": capsule_to_wire(name, info, record, deployment_of(ctx, name))}
+    return {"capsule": capsule_to_wire(name, info, ctx.owner_of(record), deployment_of(ctx, name))}
 
 
 # --- create and remove --------------------------------------------------------------------
@@ -188,20 +189,27 @@ async def create(ctx: CallContext, p: wire.CreateParams) -> wire.CapsuleReply:
             raise errors.CapsuleExists(name=name) from None
         with backend_errors(name):
             info = await ctx.backend.capsule_info(name)
-        resuming = record is not None and record.phase is Phase.CREATING and record.owner == uid
+        user = ctx.services.authorizer.identity(uid).user
+        mine = record is not None and record.is_owner(uid, user)
+        # A Create killed half-way is finished by its creator's retry; a home kept by
+        # `remove --keep-data` is taken back by its owner's Create (and by nobody else's).
+        resuming = mine and record is not None and record.phase in (Phase.CREATING, Phase.KEPT)
         if not resuming and (record is not None or info is not None):
+            # As with systemd, a creator learns that the name is taken whoever holds it: a name
+            # is one namespace for everybody (documented in the README's security section).
             raise errors.CapsuleExists(name=name)
         if (problem := static_identity_problem(name)) is not None:
             raise errors.InvalidName(name=name, reason=problem)
         quota = ctx.services.authorizer.quota(ctx.peer)
         if not resuming:
-            owned = len(ctx.records.owned_by(uid))
+            owned = len(ctx.records.owned_by(uid, user))
             if quota.max_capsules is not None and owned >= quota.max_capsules:
                 ctx.audit(AuditAction.CREATE, name, "quota-exceeded")
                 raise errors.QuotaExceeded(what="capsules", limit=quota.max_capsules)
-            record = new_record(name, uid)
+            record = new_record(name, uid, user)
             # Written before systemd is touched, so a crash leaves a record a retry resumes.
             ctx.records.put(record)
+            ctx.services.grants.changed(name)
         assert record is not None
         try:
             with backend_errors(name):
@@ -221,7 +229,14 @@ async def create(ctx: CallContext, p: wire.CreateParams) -> wire.CapsuleReply:
             ctx.audit(AuditAction.CREATE, name, RESULT_FAILED)
             raise
         ctx.records.put(record.with_phase(Phase.READY))
-        ctx.audit(AuditAction.CREATE, name, RESULT_OK, owner=uid)
+        # Configuration an administrator put in place for this name (drop-ins in
+        # /etc/systemd/system/capsule@NAME.service.d/, ...) applies to the new capsule: it is
+        # adopted deliberately (an admin may restrict a name before anybody creates it), and
+        # the record says so. capsuled never removes it (Remove undoes only its own writes).
+        adopted = ctx.backend.admin_config(name)
+        ctx.audit(
+            AuditAction.CREATE, name, RESULT_OK, owner=uid, admin_config=",".join(adopted) or None
+        )
         return {"capsule": await describe_wire(ctx, name)}
 
 
@@ -255,6 +270,7 @@ async def _undo_create(ctx: CallContext, name: str) -> None:
         # The record stays in phase "creating": Remove or a retried Create finishes the job.
         return
     ctx.records.delete(name)
+    ctx.services.grants.changed(name)
 
 
 async def remove(ctx: CallContext, p: wire.RemoveParams) -> wire.EmptyReply:
@@ -273,9 +289,18 @@ async def remove(ctx: CallContext, p: wire.RemoveParams) -> wire.EmptyReply:
             if not p["keepData"]:
                 await ctx.backend.clean(name)
             await ctx.backend.forget(name)
-        ctx.records.delete(name)
-        # What was deployed into it goes with it (the home, if kept, keeps the files).
-        ctx.services.deployments.forget(name)
+        if p["keepData"] and record is not None:
+            # The kept home stays its owner's: the name is not free for somebody else to
+            # create and inherit the data, and the owner may create it again or remove it.
+            ctx.records.put(record.with_phase(Phase.KEPT))
+        else:
+            ctx.records.delete(name)
+        if not p["keepData"]:
+            # What was deployed into it goes with its data; a kept home keeps both the files
+            # and the record of which version they are.
+            ctx.services.deployments.forget(name)
+        # Streams bound to this capsule end now if their grant went with the record.
+        ctx.services.grants.changed(name)
         ctx.audit(AuditAction.REMOVE, name, RESULT_OK, keep_data=int(bool(p["keepData"])))
         return {}
 
@@ -420,7 +445,7 @@ async def check_access(ctx: CallContext, p: wire.CheckAccessParams) -> wire.Chec
     if signer is not None and not is_signer_name(signer):
         raise errors.InvalidValue(parameter="signer", reason="not a signer name")
     record = ctx.record_of(name)
-    owner = ctx.peer.uid if action == act.CREATE else (record.owner if record else None)
+    owner = ctx.peer.uid if action == act.CREATE else ctx.owner_of(record)
     # Never interactive: CheckAccess asks, it does not authenticate.
     request = Request(action, name, owner, verb, unit, signer=signer)
     verdict = await ctx.services.authorizer.decide(ctx.peer, request)

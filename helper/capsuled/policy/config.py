@@ -206,6 +206,7 @@ _RULE_KEYS: Final = frozenset(
         "capsules",
         "verbs",
         "units",
+        "owner",
         "signers",
         "caller_units",
         "result",
@@ -322,6 +323,7 @@ def _rule(item: Mapping[str, object], where: str) -> Rule:
         capsules=tuple(_strings(item.get("capsules", []), f"{where} capsules")),
         verbs=frozenset(_strings(item.get("verbs", []), f"{where} verbs")),
         units=tuple(_strings(item.get("units", []), f"{where} units")),
+        owner=_bool(item.get("owner", False), f"{where} owner"),
         signers=_names(item.get("signers", []), f"{where} signers"),
         caller_units=tuple(_strings(item.get("caller_units", []), f"{where} caller_units")),
         origin=where,
@@ -381,6 +383,12 @@ def _table(value: object, where: str) -> dict[str, object]:
 def _array_of_tables(value: object, where: str) -> list[dict[str, object]]:
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise ConfigError(f"{where}: expected [[{where.rpartition(' ')[2]}]] tables")
+    return value
+
+
+def _bool(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false")
     return value
 
 
