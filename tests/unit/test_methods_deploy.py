@@ -534,6 +534,21 @@ def test_audit_lists_the_records_about_a_capsule_to_those_who_may_read_it(world:
     assert isinstance(world.error("Audit", {"name": "alpha", "lines": -1}), errors.InvalidValue)
 
 
+def test_audit_shows_the_summaries_of_refusals_that_name_the_capsule(world: World) -> None:
+    from capsuled.audit import REFUSALS_RECORDED_PER_WINDOW
+
+    for _ in range(REFUSALS_RECORDED_PER_WINDOW + 3):
+        world.error("Start", {"name": "alpha"}, uid=MALLORY)
+    world.services.audit.flush_refusals(everything=True)
+    records = world.run("Audit", {"name": "alpha"}).reply["records"]
+    assert isinstance(records, list)
+    summary = records[-1]
+    assert (summary["result"], summary["capsule"]) == ("refused", None)
+    assert summary["details"]["refusals"] == "3"
+    assert "alpha" in summary["details"]["capsules"].split(",")
+    assert len(records) == REFUSALS_RECORDED_PER_WINDOW + 1
+
+
 def test_the_largest_deploy_call_fits_the_transports_cap_on_a_call() -> None:
     import math
 

@@ -52,11 +52,19 @@ def record_wire(record: Mapping[str, object]) -> wire.AuditRecord:
     }
 
 
+def is_about(record: Mapping[str, object], name: str) -> bool:
+    """A record about capsule `name`: its own, or a summary of refusals that lists it (capsuled
+    .audit aggregates one uid's refusals into one record per action, naming the capsules)."""
+    if record.get("capsule") == name:
+        return True
+    details = record.get("details")
+    listed = details.get("capsules") if isinstance(details, dict) else None
+    return isinstance(listed, str) and name in listed.split(",")
+
+
 def records_about(directory: Path, name: str, lines: int) -> list[wire.AuditRecord]:
     """The newest `lines` records about capsule `name` (blocking)."""
-    found = read_records(
-        trail_files(directory), lambda r: r.get("capsule") == name, lines, MAX_SCAN_BYTES
-    )
+    found = read_records(trail_files(directory), lambda r: is_about(r, name), lines, MAX_SCAN_BYTES)
     return [record_wire(r) for r in found]
 
 
