@@ -22,7 +22,7 @@ record AuditLog writes is appended here as one JSON line (docs/AUDIT.md has the 
   fsync covers every record written meanwhile). A line left half-written by a crash was never
   acknowledged: the next daemon cuts it off and records a ``recovered`` entry saying so.
 
-`verify_trail` checks a list of files (pure: the caller reads them) and names the first bad
+capsuled.verify checks a list of files (pure: the caller reads them) and names the first bad
 record: modified, deleted, inserted or reordered records, a checkpoint whose signature fails,
 a file cut mid-record, and (given the head) a trail truncated past its last checkpoint. Records
 after the last checkpoint are only hash-chained: someone who can write the files can rewrite
@@ -45,7 +45,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -63,11 +63,9 @@ __all__ = [
     "AUDIT_KEY",
     "Trail",
     "TrailError",
-    "TrailReport",
     "ensure_signing_key",
     "read_records",
     "trail_files",
-    "verify_trail",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,11 +106,11 @@ def line_hash(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
-def _signed_part(checkpoint: Mapping[str, object]) -> bytes:
+def signed_part(checkpoint: Mapping[str, object]) -> bytes:
     return CHECKPOINT_CONTEXT + canonical({k: v for k, v in checkpoint.items() if k != "sig"})
 
 
-def _key_id(public_key: Ed25519PublicKey) -> str:
+def key_id_hex(public_key: Ed25519PublicKey) -> str:
     from capsuled.bundle import key_id
 
     return key_id(public_key).hex()
@@ -174,7 +172,7 @@ def _make_key(path: Path) -> Ed25519PrivateKey:
     except OSError as exc:
         raise TrailError(f"cannot create the audit signing key {path}: {exc}") from exc
     log.info(
-        "created the audit trail's signing key %s (key id %s)", path, _key_id(key.public_key())
+        "created the audit trail's signing key %s (key id %s)", path, key_id_hex(key.public_key())
     )
     return key
 
@@ -342,7 +340,7 @@ class Trail:
             current = _Open(fd, 0, seq, prev, seq + 1, 0)
             self._write(current, {"type": TYPE_START, "time": self._clock()})
         else:
-            record = _parse_line(last) or {}
+            record = parse_line(last) or {}
             last_seq = record.get("seq")
             if not isinstance(last_seq, int):
                 raise TrailError(f"{path}: the last line is not one of our records")
@@ -374,7 +372,7 @@ class Trail:
             last, _ = _last_line(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
-        record = _parse_line(last) if last is not None else None
+        record = parse_line(last) if last is not None else None
         if record is None or not isinstance(record.get("seq"), int):
             raise TrailError(f"{rotated[-1]}: its last line is not one of our records")
         seq = record["seq"]
@@ -406,11 +404,11 @@ class Trail:
             "type": TYPE_CHECKPOINT,
             "time": self._clock(),
             "reason": reason,
-            "key": _key_id(key.public_key()),
+            "key": key_id_hex(key.public_key()),
             "seq": current.seq + 1,
             "prev": current.prev,
         }
-        body["sig"] = base64.b64encode(key.sign(_signed_part(body))).decode()
+        body["sig"] = base64.b64encode(key.sign(signed_part(body))).decode()
         self._write(current, body)
         current.since_checkpoint = 0
         os.fsync(current.fd)
@@ -459,12 +457,12 @@ def _last_line(fd: int, size: int) -> tuple[bytes | None, int]:
 
 def _first_seq(fd: int) -> int | None:
     head = os.pread(fd, MAX_LINE_BYTES, 0)
-    record = _parse_line(head.partition(b"\n")[0])
+    record = parse_line(head.partition(b"\n")[0])
     seq = record.get("seq") if record is not None else None
     return seq if isinstance(seq, int) else None
 
 
-def _parse_line(line: bytes) -> dict[str, object] | None:
+def parse_line(line: bytes) -> dict[str, object] | None:
     try:
         value = json.loads(line)
     except (UnicodeDecodeError, ValueError):
@@ -472,7 +470,7 @@ def _parse_line(line: bytes) -> dict[str, object] | None:
     return value if isinstance(value, dict) else None
 
 
-# -- reading and verifying --------------------------------------------------------------------
+# -- reading ----------------------------------------------------------------------------------
 
 
 def trail_files(directory: Path = AUDIT_DIR) -> list[Path]:
@@ -511,220 +509,11 @@ def read_records(
         lines = lines[1:-1] if start > 0 else lines[:-1]  # a partial first line, the torn last
         batch = []
         for line in lines:
-            record = _parse_line(line)
+            record = parse_line(line)
             if record is not None and record.get("type") == TYPE_RECORD and wanted(record):
                 batch.append(record)
         found = batch[-(limit - len(found)) :] + found if batch else found
     return found[-limit:]
-
-
-@dataclass(frozen=True, slots=True)
-class Line:
-    """One line of a trail file, where it is."""
-
-    file: str
-    number: int  # 1-based
-    raw: bytes
-
-    @property
-    def where(self) -> str:
-        return f"{self.file}:{self.number}"
-
-
-@dataclass(slots=True)
-class TrailReport:
-    """What verify_trail found: the first problem (None: none), and what it checked."""
-
-    problem: str | None = None
-    records: int = 0
-    first_seq: int | None = None
-    last_seq: int | None = None
-    last_checkpoint: int | None = None
-    unsigned_tail: int = 0  # records after the last checkpoint
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.problem is None
-
-
-def split_lines(name: str, data: bytes) -> tuple[list[Line], str | None]:
-    """The complete lines of a file, and a problem if its end is a torn line."""
-    parts = data.split(b"\n")
-    lines = [Line(name, i, raw) for i, raw in enumerate(parts[:-1], start=1)]
-    if parts[-1]:
-        return lines, (
-            f"{name}:{len(parts)}: the last record is incomplete "
-            f"({len(parts[-1])} bytes without an end of line): the file was cut"
-        )
-    return lines, None
-
-
-def verify_trail(
-    files: Iterable[tuple[str, bytes]],
-    public_key: Ed25519PublicKey,
-    *,
-    head: Mapping[str, object] | None = None,
-) -> TrailReport:
-    """Check the files (name, content) in chain order; see the module docstring."""
-    report = TrailReport()
-    lines: list[Line] = []
-    for name, data in files:
-        found, torn = split_lines(name, data)
-        lines.extend(found)
-        if torn is not None:
-            report.problem = torn
-            return report
-    records = [_parse_line(line.raw) for line in lines]
-    checker = _Checker(lines, records, _key_id(public_key), public_key)
-    report.problem = checker.run()
-    report.records = len(lines)
-    if lines and report.problem is None:
-        report.first_seq, report.last_seq = checker.seq_of(0), checker.seq_of(len(lines) - 1)
-        report.last_checkpoint = checker.last_checkpoint
-        report.unsigned_tail = checker.since_checkpoint
-        if report.first_seq != 1:
-            report.notes.append(
-                f"the trail given starts at seq {report.first_seq}: the records before it "
-                "are in older files (rotated away, or not given)"
-            )
-        if head is not None:
-            report.problem = _check_head(lines, checker, head)
-    return report
-
-
-def _check_head(lines: Sequence[Line], checker: _Checker, head: Mapping[str, object]) -> str | None:
-    seq, digest = head.get("seq"), head.get("hash")
-    if not isinstance(seq, int) or not isinstance(digest, str):
-        return "the audit head is not one of ours"
-    for index, line in enumerate(lines):
-        if checker.seq_of(index) == seq:
-            if line_hash(line.raw) != digest:
-                return f"{line.where}: record seq {seq} is not the checkpoint the audit head names"
-            return None
-    last = checker.seq_of(len(lines) - 1) if lines else 0
-    return (
-        f"the trail ends at seq {last}, but the helper signed a checkpoint at seq {seq} "
-        "(audit head): records were cut off the end"
-    )
-
-
-class _Checker:
-    """The chain walk: one problem at most, naming the record to blame."""
-
-    def __init__(
-        self,
-        lines: Sequence[Line],
-        records: Sequence[dict[str, object] | None],
-        key: str,
-        public_key: Ed25519PublicKey,
-    ) -> None:
-        self.lines = lines
-        self.records = records
-        self.key = key
-        self.public_key = public_key
-        self.hashes = [line_hash(line.raw) for line in lines]
-        self.index_of_hash = {h: i for i, h in enumerate(self.hashes)}
-        self.last_checkpoint: int | None = None
-        self.since_checkpoint = 0
-
-    def seq_of(self, index: int) -> int | None:
-        record = self.records[index]
-        seq = record.get("seq") if record is not None else None
-        return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
-
-    def prev_of(self, index: int) -> str | None:
-        record = self.records[index]
-        prev = record.get("prev") if record is not None else None
-        return prev if isinstance(prev, str) else None
-
-    def _links_to(self, index: int) -> int | None:
-        """The line the record at `index` links to (None: none, or past the end)."""
-        if index >= len(self.lines):
-            return None
-        return self.index_of_hash.get(self.prev_of(index) or "")
-
-    def run(self) -> str | None:
-        for index, line in enumerate(self.lines):
-            problem = self._check(index, line)
-            if problem is not None:
-                return problem
-        return None
-
-    def _check(self, index: int, line: Line) -> str | None:
-        record = self.records[index]
-        seq = self.seq_of(index)
-        if record is None or seq is None or self.prev_of(index) is None:
-            return f"{line.where}: not a record of the trail (modified)"
-        if index == 0:
-            if record.get("type") != TYPE_START:
-                return (
-                    f"{line.where}: record seq {seq}: the trail does not begin with a start "
-                    "record (records deleted at its beginning)"
-                )
-            if seq == 1 and self.prev_of(0) != GENESIS:
-                return f"{line.where}: record seq 1 is not the trail's first (modified)"
-        else:
-            problem = self._link(index, line, seq)
-            if problem is not None:
-                return problem
-        if record.get("type") == TYPE_CHECKPOINT:
-            return self._checkpoint(line, record, seq)
-        self.since_checkpoint += 1
-        return None
-
-    def _checkpoint(self, line: Line, record: Mapping[str, object], seq: int) -> str | None:
-        from cryptography.exceptions import InvalidSignature
-
-        if record.get("key") != self.key:
-            return (
-                f"{line.where}: checkpoint seq {seq} is signed by key {record.get('key')}, "
-                f"not the helper's key {self.key}"
-            )
-        try:
-            signature = base64.b64decode(str(record.get("sig")), validate=True)
-            self.public_key.verify(signature, _signed_part(record))
-        except (InvalidSignature, ValueError):
-            return f"{line.where}: checkpoint seq {seq}: the signature does not match (modified)"
-        self.last_checkpoint = seq
-        self.since_checkpoint = 0
-        return None
-
-    def _link(self, index: int, line: Line, seq: int) -> str | None:
-        before = self.lines[index - 1]
-        before_seq = self.seq_of(index - 1)
-        assert before_seq is not None  # checked when that line was
-        prev = self.prev_of(index)
-        linked = prev == self.hashes[index - 1]
-        if linked and seq == before_seq + 1:
-            return None
-        if linked:
-            return (
-                f"{line.where}: the record after seq {before_seq} says seq {seq}: it was modified"
-            )
-        target = self.index_of_hash.get(prev or "")
-        if target is not None and target < index - 1:
-            if self._links_to(index + 1) == index - 1:
-                # The chain goes on from the line before: this one is the intruder.
-                return f"{line.where}: record seq {seq} was inserted (nothing links to it)"
-            first = self.lines[target + 1]
-            return (
-                f"{first.where}: record seq {self.seq_of(target + 1)} was inserted: "
-                f"{line.where} links to {self.lines[target].where}, before it"
-            )
-        if target is not None and target >= index:
-            return f"{line.where}: record seq {seq} is out of order (reordered)"
-        if seq > before_seq + 1:
-            return (
-                f"{line.where}: records seq {before_seq + 1}..{seq - 1} are missing before "
-                f"record seq {seq} (deleted)"
-            )
-        if seq == before_seq + 1:
-            after_ok = index + 1 >= len(self.lines) or self.prev_of(index + 1) == self.hashes[index]
-            if after_ok:
-                return f"{before.where}: record seq {before_seq} was modified"
-            return f"{line.where}: record seq {seq} was modified"
-        return f"{line.where}: record seq {seq} after seq {before_seq} (reordered or modified)"
 
 
 def read_head(path: Path = AUDIT_HEAD) -> dict[str, object] | None:
@@ -740,7 +529,7 @@ def read_head(path: Path = AUDIT_HEAD) -> dict[str, object] | None:
         return None
     except OSError as exc:
         raise TrailError(f"{path}: {exc.strerror}") from exc
-    head = _parse_line(data.strip())
+    head = parse_line(data.strip())
     if head is None:
         raise TrailError(f"{path}: not an audit head")
     return head

@@ -1,4 +1,4 @@
-"""The audit trail (capsuled.trail): writing, resuming, rotating, and `verify_trail` naming the
+"""The audit trail (capsuled.trail): writing, resuming, rotating, and capsuled.verify naming the
 record at fault for every kind of tampering the issue lists."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from capsuled import trail as tr
-from capsuled.verify import main_audit
+from capsuled.verify import TrailReport, main_audit, verify_trail
 
 
 class Bed:
@@ -46,9 +46,9 @@ class Bed:
     def files(self) -> list[Path]:
         return tr.trail_files(self.dir)
 
-    def verify(self, *, head: bool = True) -> tr.TrailReport:
+    def verify(self, *, head: bool = True) -> TrailReport:
         public = tr.load_public_key(Path(f"{self.key}.pub"))
-        return tr.verify_trail(
+        return verify_trail(
             tr.iter_file_contents(self.files()),
             public,
             head=tr.read_head(self.head) if head else None,
