@@ -7,10 +7,11 @@ with `true`, per user, in the same interleaved rounds, and its median is subtrac
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from _table import Pair, Side, measure
 
@@ -103,3 +104,36 @@ def compare(
                     f"  ! {cmd.text}: {cmd.failures} of {n + 1} runs failed ({cmd.first_error})"
                 )
     return Report(pairs, entry_ms, failures)
+
+
+INBED = "/src/bench/inbed.py"  # bench/inbed.py, as the bed sees the checkout (bound at /src)
+
+
+def inbed(bed: Testbed, user: str, mode: str, spec: object, timeout: float = 600) -> Any:
+    """Run one mode of bench/inbed.py inside the bed as user; its JSON result."""
+    result = bed.run("python3", INBED, mode, json.dumps(spec), user=user, timeout=timeout)
+    return json.loads(result.check().stdout)
+
+
+def unit_path(unit: str) -> str:
+    """PID 1's object path of a unit (sd_bus_path_encode)."""
+    return "/org/freedesktop/systemd1/unit/" + "".join(
+        c if c.isalnum() else f"_{ord(c):02x}" for c in unit
+    )
+
+
+def main_pid(bed: Testbed, unit: str) -> int:
+    """The unit's MainPID inside the bed (0: not running)."""
+    out = bed.as_root("systemctl", "show", "-p", "MainPID", "--value", unit).check().stdout
+    return int(out.strip() or 0)
+
+
+def vm_kib(bed: Testbed, pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of pid, in KiB, from /proc/PID/status inside the bed."""
+    out = bed.as_root("cat", f"/proc/{pid}/status").check().stdout
+    fields: dict[str, int] = {}
+    for line in out.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from _bed import inbed
 from _table import Pair, Side, pair_table
 
 if TYPE_CHECKING:
@@ -132,4 +133,34 @@ def run(bed: Testbed, name: str) -> None:
             "RSS counts shared pages (libpython, libc) in full for every process.",
         ],
         show_commands=False,
+    )
+
+
+SOAK_CHUNKS = 10
+
+
+def soak(bed: Testbed, name: str, calls: int) -> None:
+    """VmRSS while `calls` calls (Describe and Info, pipelined 32 at a time) go through one
+    connection after another: does the helper grow with the number of calls it served?"""
+    ops = [["Describe", {"name": name}], ["Info", {}]]
+    inbed(bed, "alice", "calls", {"ops": ops, "calls": 100, "window": 32})
+    pid = main_pid(bed, "capsuled.service")
+    readings: list[tuple[int, int]] = [(0, status_kib(bed, pid)["VmRSS"])]
+    errors = done = 0
+    chunk = max(1, calls // SOAK_CHUNKS)
+    while done < calls:
+        out = inbed(bed, "alice", "calls", {"ops": ops, "calls": chunk, "window": 32})
+        done += out["calls"]
+        errors += out["errors"]
+        readings.append((done, status_kib(bed, pid)["VmRSS"]))
+    same_pid = main_pid(bed, "capsuled.service") == pid
+    first, last = readings[1][1], readings[-1][1]
+    print(f"\n== Memory over {done} calls (Describe and Info, 32 in flight), VmRSS of capsuled")
+    print(f"{'calls served':>14} {'VmRSS MiB':>10}")
+    for n, kib in readings:
+        print(f"{n:>14} {mib(kib):>10.1f}")
+    print(
+        f"growth from the first reading under load ({readings[1][0]} calls) to the last: "
+        f"{mib(last - first):+.2f} MiB; {errors} error replies"
+        + ("" if same_pid else "; NOTE: capsuled restarted in between (MainPID changed)")
     )
