@@ -19,6 +19,12 @@ caller may close its own at once (a Varlink client that hangs up takes its pidfd
 incoming fd is handed only to a caller that asked for fds in its reply (`accept_fds`); every
 other one (signals, unwanted replies, dropped messages) is closed on arrival.
 
+Order. Messages are handed out in the order they arrived, and two hooks run inside that order,
+synchronously, before anything else sees the next message: a signal handler
+(`handle_signals`) and a call's ``on_reply``. Somebody keeping state from a peer's signals and
+replies (capsuled.systemd.model) applies each one there, so a reply never overwrites what a
+later signal said, nor a signal what a later reply said.
+
 Limits (`BusLimits`, a parameter: how far a peer is trusted is the opener's business). jeepney's
 parser trusts its bus, and parses at roughly 0.37 s of CPU per MiB in the event loop (measured on
 systemd 257's testbed host: a 32 MiB message from a hostile "manager" stalled the daemon ~12 s),
@@ -288,6 +294,10 @@ async def _readable(sock: socket.socket) -> None:
 class _Pending:
     future: asyncio.Future[Message]
     accept_fds: bool
+    on_reply: Callable[[Message], None] | None = None
+
+
+SignalHandler = Callable[[Message], None]
 
 
 @dataclass(slots=True)
@@ -316,6 +326,7 @@ class DBusConnection:
         self._serials = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._queues: set[SignalQueue] = set()
+        self._handlers: dict[object, tuple[MatchRule, SignalHandler]] = {}
         self._in_flight = asyncio.Semaphore(limits.max_in_flight_calls)
         self._out: deque[_Outgoing] = deque()
         self._writing = False
@@ -338,6 +349,11 @@ class DBusConnection:
             await self._receiver
         self._sock.close()
 
+    async def wait_closed(self) -> None:
+        """Return once the link is gone (whoever or whatever ended it)."""
+        # asyncio.wait: neither the receiver's own ending nor its exception is ours to raise.
+        await asyncio.wait({self._receiver})
+
     def _shut(self, error: BusClosed) -> None:
         if self._closed_error is None:
             self._closed_error = error
@@ -359,15 +375,22 @@ class DBusConnection:
     # -- calls -----------------------------------------------------------------------------
 
     async def call(
-        self, msg: Message, *, timeout_s: float | None = None, accept_fds: bool = False
+        self,
+        msg: Message,
+        *,
+        timeout_s: float | None = None,
+        accept_fds: bool = False,
+        on_reply: Callable[[Message], None] | None = None,
     ) -> tuple[object, ...]:
-        """Send a method call and return the reply body.
+        """Send a method call and return the reply body (``on_reply``: see `call_raw`).
 
         Raises:
             ErrorReply: the peer answered with an error.
             BusTimeout, BusClosed: no answer in time, or the link is gone.
         """
-        reply = await self.call_raw(msg, timeout_s=timeout_s, accept_fds=accept_fds)
+        reply = await self.call_raw(
+            msg, timeout_s=timeout_s, accept_fds=accept_fds, on_reply=on_reply
+        )
         body = tuple(reply.body)
         if reply.header.message_type is MessageType.error:
             name = reply.header.fields.get(HeaderFields.error_name, "")
@@ -376,12 +399,18 @@ class DBusConnection:
         return body
 
     async def call_raw(
-        self, msg: Message, *, timeout_s: float | None = None, accept_fds: bool = False
+        self,
+        msg: Message,
+        *,
+        timeout_s: float | None = None,
+        accept_fds: bool = False,
+        on_reply: Callable[[Message], None] | None = None,
     ) -> Message:
         """Send a method call and return the reply message (a method return or an error).
 
         With ``accept_fds`` the caller owns the FileDescriptors in the reply's body and must
-        close them; without, any fd in the reply is closed before it is returned.
+        close them; without, any fd in the reply is closed before it is returned. ``on_reply``
+        sees the reply (or error) where it arrived among the other messages (module docstring).
 
         Raises:
             BusTimeout, BusClosed: no answer in time, or the link is gone.
@@ -390,7 +419,7 @@ class DBusConnection:
             self._raise_if_closed()
             serial = next(self._serials)
             future: asyncio.Future[Message] = self._loop.create_future()
-            self._pending[serial] = _Pending(future, accept_fds)
+            self._pending[serial] = _Pending(future, accept_fds, on_reply)
             try:
                 self._send(msg, serial)
                 try:
@@ -432,6 +461,18 @@ class DBusConnection:
             yield queue
         finally:
             self._queues.discard(queue)
+
+    @contextlib.contextmanager
+    def handle_signals(self, rule: MatchRule, handler: SignalHandler) -> Iterator[None]:
+        """Call ``handler`` with every signal matching ``rule`` while the block runs, at its
+        place among the messages (module docstring); as with `signals`, a bus also needs the
+        AddMatch. The handler must not raise: what it cannot use it ignores."""
+        key = object()
+        self._handlers[key] = (rule, handler)
+        try:
+            yield
+        finally:
+            del self._handlers[key]
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -541,7 +582,9 @@ class DBusConnection:
         if kind is MessageType.signal:
             if size > self.limits.max_signal_bytes:
                 raise BusClosed(f"D-Bus signal of {size} bytes exceeds our cap")
-            return any(header_matches(queue.rule, header) for queue in self._queues)
+            return any(header_matches(queue.rule, header) for queue in self._queues) or any(
+                header_matches(rule, header) for rule, _ in self._handlers.values()
+            )
         # Method calls *to* us (a peer probing) get no answer: we export nothing.
         return False
 
@@ -571,6 +614,8 @@ class DBusConnection:
             serial = msg.header.fields.get(HeaderFields.reply_serial)
             entry = self._pending.get(serial) if isinstance(serial, int) else None
             if entry is not None and not entry.future.done():
+                if entry.on_reply is not None:
+                    entry.on_reply(msg)
                 if entry.accept_fds:
                     entry.future.set_result(msg)
                     return []
@@ -578,6 +623,9 @@ class DBusConnection:
                 entry.future.set_result(msg)
         elif kind is MessageType.signal:
             _close_all(fds)  # no signal we consume carries fds
+            for rule, handler in list(self._handlers.values()):
+                if rule.matches(msg):
+                    handler(msg)
             for queue in list(self._queues):
                 if queue.rule.matches(msg):
                     queue._push(msg)

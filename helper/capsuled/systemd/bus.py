@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 from jeepney import MatchRule, Message
@@ -66,16 +66,22 @@ class Link:
         await self.conn.close()
 
     async def call(
-        self, msg: Message, *, unit: str = "", timeout_s: float | None = None
+        self,
+        msg: Message,
+        *,
+        unit: str = "",
+        timeout_s: float | None = None,
+        on_reply: Callable[[Message], None] | None = None,
     ) -> tuple[object, ...]:
-        """Send a method call and return the reply body.
+        """Send a method call and return the reply body; ``on_reply`` sees the reply where it
+        arrived among the signals (capsuled.dbus, "Order").
 
         Raises:
             BackendError subclasses: D-Bus error replies via errors.error_from_dbus (``unit``
             names the unit in NoSuchUnit/UnitBusy), BackendTimeout, SystemdUnavailable.
         """
         try:
-            return await self.conn.call(msg, timeout_s=timeout_s)
+            return await self.conn.call(msg, timeout_s=timeout_s, on_reply=on_reply)
         except dbus.ErrorReply as exc:
             raise error_from_dbus(exc.name, exc.text, unit) from exc
         except dbus.BusTimeout as exc:

@@ -15,6 +15,7 @@ import os
 import pwd
 import subprocess
 import sys
+from collections.abc import Callable
 
 from jeepney import Message
 
@@ -39,10 +40,13 @@ async def _recording(
     *,
     timeout_s: float | None = None,
     accept_fds: bool = False,
+    on_reply: Callable[[Message], None] | None = None,
 ) -> Message:
     """DBusConnection.call_raw, recording each call's member and its reply's type (Hello too:
     call() goes through call_raw)."""
-    reply = await _CALL_RAW(self, msg, timeout_s=timeout_s, accept_fds=accept_fds)
+    reply = await _CALL_RAW(
+        self, msg, timeout_s=timeout_s, accept_fds=accept_fds, on_reply=on_reply
+    )
     SEEN.append([msg.header.fields[3], reply.header.message_type.name])
     return reply
 
