@@ -2,9 +2,11 @@
 
 ``SystemdBackend`` (and ``CapsuleManager``) are Protocols; ``DBusSystemdBackend`` implements them
 over ``bus.Link`` (capsuled.dbus underneath: the daemon's one system bus connection for PID 1, a
-peer-to-peer link per capsule manager). The in-memory ``FakeBackend`` for tests is
-tests/doubles/backend.py, not part of the product. Capsule names and unit names are validated by
-the caller (capsuled.names) before they get here.
+peer-to-peer link per capsule manager). Its reads (version, capsule_info, list_capsules, watch)
+answer from the live capsule model (capsuled.systemd.model) and the host's files (hostfs); its
+jobs and settings go to PID 1, which signals what they changed. The in-memory ``FakeBackend``
+for tests is tests/doubles/backend.py, not part of the product. Capsule names and unit names are
+validated by the caller (capsuled.names) before they get here.
 
 Errors: capsuled.systemd.errors (BackendError tree); nothing here knows Varlink.
 """
@@ -16,10 +18,9 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Final, Protocol
+from typing import Protocol
 
 from .. import dbus
-from ..dbus import SignalQueue
 from ..names import is_valid_capsule_name
 from . import messages as m
 from .bus import Link, open_peer
@@ -27,28 +28,30 @@ from .capsule_socket import UnsafeSocket, connect_capsule_manager
 from .errors import (
     BackendError,
     BadReply,
-    InvalidArgument,
     JobFailed,
     ManagerUnavailable,
     NoSuchUnit,
     SystemdTooOld,
     SystemdUnavailable,
     UnitBusy,
-    WatchOverflow,
 )
 from .hostfs import (
     AUTOSTART_TARGET,
     admin_config,
     autostart_enabled,
     autostart_names,
+    cgroup_cpu_usage_nsec,
+    cgroup_memory_current,
+    cgroup_tasks_current,
     count_unit_files,
     has_state_dir,
     process_uid,
     remove_own_dropins,
     state_dir_names,
 )
-from .jobs import active_state, run_job, unit_result, unit_state_changes, wait_state
+from .jobs import active_state, run_job, unit_result, wait_state
 from .manager import DBusCapsuleManager
+from .model import CapsuleModel, UnitView
 from .values import (
     CLEAN_TIMEOUT_S,
     CPU_WEIGHT_MAX,
@@ -231,6 +234,9 @@ class DBusSystemdBackend:
         self._clean_timeout_s = clean_timeout_s
         self._link: Link | None = None
         self._setup_lock = asyncio.Lock()
+        # Reads answer from here; it shares this backend's Link, so that a job's signals and
+        # the model's arrive in one order (see model.py).
+        self._model = CapsuleModel(self._bus)
 
     async def _bus(self) -> Link:
         """PID 1's side of the current system bus connection, set up once per connection."""
@@ -254,7 +260,8 @@ class DBusSystemdBackend:
             return self._link
 
     async def close(self) -> None:
-        """Forget the connection's setup; close the bus connection if it is our own."""
+        """Forget the connection's setup and the model; close the bus connection if ours."""
+        await self._model.close()
         self._link = None
         if self._owns_bus:
             await self._system_bus.close()
@@ -262,13 +269,13 @@ class DBusSystemdBackend:
     # -- facts -----------------------------------------------------------------------------
 
     async def version(self) -> int:
-        """PID 1's major version (Manager.Version "257.9-1" -> 257)."""
-        conn = await self._bus()
+        """PID 1's major version (Manager.Version "257.9-1" -> 257), as of the model's last
+        look at PID 1 (it looks again when PID 1 re-executes)."""
         try:
-            body = await conn.call(m.manager_version())
+            await self._model.ready()
         except NoSuchUnit as exc:  # pragma: no cover - PID 1 without the Manager object
             raise SystemdUnavailable("PID 1 is not systemd") from exc
-        return m.parse_version(m.parse_get_property(body))
+        return m.parse_version(self._model.version)
 
     async def check_version(self) -> int:
         """version(), raising SystemdTooOld below 256."""
@@ -277,74 +284,44 @@ class DBusSystemdBackend:
             raise SystemdTooOld(version)
         return version
 
-    async def _loaded_capsule_units(self) -> list[m.UnitListEntry]:
-        conn = await self._bus()
-        body = await conn.call(m.list_units_by_patterns([], ["capsule@*.service"]))
-        return [u for u in m.parse_unit_list(body) if capsule_from_unit(u.name) is not None]
-
     async def list_capsules(self) -> list[CapsuleInfo]:
         """Union of state dirs, autostart links and capsule@*.service units PID 1 has loaded.
 
         Names are not validated here; the caller drops names it does not accept.
         """
-        names = state_dir_names() | autostart_names()
-        for entry in await self._loaded_capsule_units():
-            name = capsule_from_unit(entry.name)
-            if name is not None:
-                names.add(name)
+        await self._model.ready()
+        dirs, links = state_dir_names(), autostart_names()
+        names = dirs | links | self._model.loaded_names()
         # A stray directory under /var/lib/private/capsules must not break the listing (PID 1
         # would refuse its unit name with InvalidArgs): only names systemd would accept.
         valid = sorted(n for n in names if is_valid_capsule_name(n))
-        infos = await asyncio.gather(*(self._info_if_known(n) for n in valid))
-        return [i for i in infos if i is not None]
-
-    async def _info_if_known(self, name: str) -> CapsuleInfo | None:
-        # One capsule vanishing or unloadable mid-listing is not the listing's failure.
-        try:
-            return await self.capsule_info(name)
-        except (NoSuchUnit, InvalidArgument):
-            return None
-
-    async def _capsule_properties(self, conn: Link, unit: str) -> dict[str, object]:
-        # One GetAll with an empty interface name: every interface's properties (~450 on 257)
-        # in one message. PID 1's per-message cost dominates: measured for 20 running
-        # capsules on a loaded 2-core host, 20 GetAll("") took 277 ms, 40 GetAll(Unit|Service)
-        # 291 ms, 220 pipelined Gets of just the 11 properties we use 750 ms; our own CPU was
-        # ~55 ms in all three.
-        body = await conn.call(m.get_all_properties(m.unit_path(unit), ""), unit=unit)
-        return m.parse_properties(body)
+        has_dir = {n: has_state_dir(n) for n in valid if n in dirs}
+        autostart = {n: autostart_enabled(n) for n in valid if n in links}
+        states = await self._model.views(valid)
+        shown = [
+            n
+            for n in valid
+            if has_dir.get(n) or autostart.get(n) or states[n].active_state != "inactive"
+        ]
+        views = await self._model.views(shown, shown)
+        return [
+            _capsule_info(n, views[n], has_dir.get(n, False), autostart.get(n, False))
+            for n in shown
+        ]
 
     async def capsule_info(self, name: str) -> CapsuleInfo | None:
         """One capsule's state; None when it has no state dir, no autostart link and its unit
         is inactive (a unit that is merely loaded, e.g. by `systemctl status`, is no capsule).
         """
-        conn = await self._bus()
-        unit = capsule_unit(name)
-        props = await self._capsule_properties(conn, unit)
-        state = m.prop_str(props, "ActiveState", "inactive")
         state_dir = has_state_dir(name)
         autostart = autostart_enabled(name)
-        if not state_dir and not autostart and state == "inactive":
-            return None
-        pid = m.prop_int(props, "ExecMainPID") or 0
-        uid = process_uid(pid) if pid > 0 and state not in FINISHED_STATES else None
-        return CapsuleInfo(
-            name=name,
-            state=state,
-            sub_state=m.prop_str(props, "SubState"),
-            uid=uid,
-            since_usec=m.prop_int(props, "StateChangeTimestamp") or None,
-            has_state_dir=state_dir,
-            autostart=autostart,
-            memory_current=m.prop_u64(props, "MemoryCurrent"),
-            tasks_current=m.prop_u64(props, "TasksCurrent"),
-            cpu_usage_nsec=m.prop_u64(props, "CPUUsageNSec"),
-            memory_max=m.prop_u64(props, "MemoryMax"),
-            tasks_max=m.prop_u64(props, "TasksMax"),
-            cpu_weight=m.prop_u64(props, "CPUWeight"),
-            result=m.prop_str(props, "Result"),
-            units_count=count_unit_files(name) if state_dir else 0,
-        )
+        known = state_dir or autostart
+        view = await self._model.view(name, with_config=known)
+        if not known:
+            if view.active_state == "inactive":
+                return None
+            view = await self._model.view(name, with_config=True)
+        return _capsule_info(name, view, state_dir, autostart)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -372,41 +349,29 @@ class DBusSystemdBackend:
         unit = capsule_unit(name)
         with contextlib.suppress(NoSuchUnit):
             await conn.call(m.reset_failed_unit(unit), unit=unit)
+        # PID 1 replies before it sends the state change (failed -> inactive).
+        await self._model.barrier()
 
     async def clean(self, name: str) -> None:
         """CleanUnit(["all"]) and wait until the unit leaves "maintenance" (cleaning)."""
-        conn = await self._bus()
+        # PID 1 emits PropertiesChanged on the bus only while somebody is subscribed: the
+        # model is, for the life of the connection, and its AddMatch routes every unit's.
+        conn = await self._model.ready()
         unit = capsule_unit(name)
-        path = m.unit_path(unit)
-        rule = m.unit_properties_changed_rule(path)
-        local = m.unit_properties_changed_rule(path, sender=conn.signal_sender)
-        # PID 1 emits PropertiesChanged on the bus only while somebody is subscribed.
+        local = m.unit_properties_changed_rule(m.unit_path(unit), sender=conn.signal_sender)
         with conn.signals(local, maxsize=64) as queue:
-            async with conn.match(rule), self._subscribed(conn):
-                state = await active_state(conn, unit)
-                if state not in FINISHED_STATES:
-                    raise UnitBusy(unit)
-                try:
-                    await conn.call(m.clean_unit(unit, ["all"]), unit=unit)
-                except BackendError as exc:
-                    if getattr(exc, "name", "") == "org.freedesktop.systemd1.NothingToClean":
-                        return
-                    raise
-                state = await wait_state(conn, queue, unit, FINISHED_STATES, self._clean_timeout_s)
+            state = await active_state(conn, unit)
+            if state not in FINISHED_STATES:
+                raise UnitBusy(unit)
+            try:
+                await conn.call(m.clean_unit(unit, ["all"]), unit=unit)
+            except BackendError as exc:
+                if getattr(exc, "name", "") == "org.freedesktop.systemd1.NothingToClean":
+                    return
+                raise
+            state = await wait_state(conn, queue, unit, FINISHED_STATES, self._clean_timeout_s)
         if state == "failed":
             raise JobFailed("failed", await unit_result(conn, unit))
-
-    @contextlib.asynccontextmanager
-    async def _subscribed(self, conn: Link) -> AsyncIterator[None]:
-        # Subscribe is counted per client by PID 1 (sd_bus_track, recursive), so nested
-        # or concurrent users on our one connection are fine.
-        await conn.call(m.subscribe())
-        try:
-            yield
-        finally:
-            if not conn.closed:
-                with contextlib.suppress(BackendError):
-                    await conn.call(m.unsubscribe())
 
     # -- persistent configuration ------------------------------------------------------------
 
@@ -455,6 +420,8 @@ class DBusSystemdBackend:
         conn = await self._bus()
         unit = capsule_unit(name)
         await conn.call(m.set_unit_properties(unit, False, props), unit=unit)
+        # PID 1 signals no change of these (see model.py): read them back before returning.
+        await self._model.refresh_config(name)
 
     async def forget(self, name: str) -> None:
         """Undo what capsuled configured for the capsule (its limits' drop-ins, its autostart
@@ -480,13 +447,9 @@ class DBusSystemdBackend:
     @contextlib.asynccontextmanager
     async def capsule_manager(self, name: str) -> AsyncIterator[CapsuleManager]:
         """Connect to /run/capsules/NAME/systemd/private, pinned, as uid 0 (no Hello)."""
-        conn = await self._bus()
-        unit = capsule_unit(name)
-        props = m.parse_properties(
-            await conn.call(m.get_all_properties(m.unit_path(unit), m.SERVICE_IFACE), unit=unit)
-        )
-        pid = m.prop_int(props, "ExecMainPID") or 0
-        uid = process_uid(pid) if pid > 0 else None
+        view = await self._model.view(name, with_config=False)
+        pid = view.main_pid
+        uid = process_uid(pid) if pid > 0 and view.running else None
         if uid is None:
             raise ManagerUnavailable(name, "capsule is not running")
         try:
@@ -509,36 +472,44 @@ class DBusSystemdBackend:
 
     @contextlib.asynccontextmanager
     async def watch(self) -> AsyncIterator[AsyncIterator[CapsuleEvent]]:
-        """Subscribe + PropertiesChanged of all units, filtered to capsule@*.service locally.
-
-        D-Bus match rules cannot match a path prefix inside a component, so the bus routes
-        every unit's changes to us while watching; the queue is bounded
-        (MAX_WATCH_SIGNALS_QUEUED) and a consumer that falls behind gets WatchOverflow rather
-        than unbounded buffering.
-        """
-        conn = await self._bus()
-        rule = m.unit_properties_changed_rule()
-        local = m.unit_properties_changed_rule(sender=conn.signal_sender)
-        overflow = WatchOverflow("capsule watch fell behind")
-        with conn.signals(local, MAX_WATCH_SIGNALS_QUEUED, overflow) as queue:
-            async with conn.match(rule), self._subscribed(conn):
-                known = {
-                    u.name: (u.active_state, u.sub_state)
-                    for u in await self._loaded_capsule_units()
-                }
-                yield _capsule_events(queue, known)
+        """State changes of capsule@*.service as the model learns them from PID 1's signals
+        (a bounded queue per watcher: WatchOverflow rather than unbounded buffering)."""
+        async with self._model.watch() as events:
+            yield events
 
 
-_CAPSULE_PATH_PREFIX: Final = m.unit_path("capsule@")  # ".../unit/capsule_40"
-
-
-async def _capsule_events(
-    queue: SignalQueue, known: dict[str, tuple[str, str]]
-) -> AsyncIterator[CapsuleEvent]:
-    async for unit, state, sub, since in unit_state_changes(queue, _CAPSULE_PATH_PREFIX, known):
-        name = capsule_from_unit(unit)
-        if name is not None:
-            yield CapsuleEvent(name, state, sub, since)
+def _capsule_info(name: str, view: UnitView, state_dir: bool, autostart: bool) -> CapsuleInfo:
+    """A capsule as reported: the model's unit, the host's files, the live cgroup figures."""
+    config = view.config
+    if config is None:  # the caller asked the model for it
+        raise BadReply(f"no configuration of capsule@{name}.service")
+    cgroup = view.control_group if view.running else None
+    memory = tasks = cpu = None
+    if cgroup is not None:
+        memory = cgroup_memory_current(cgroup) if config.memory_accounting else None
+        tasks = cgroup_tasks_current(cgroup) if config.tasks_accounting else None
+        raw = cgroup_cpu_usage_nsec(cgroup) if config.cpu_accounting else None
+        cpu = None if raw is None else max(0, raw - view.cpu_usage_base)
+    elif config.cpu_accounting:
+        cpu = view.cpu_usage_last
+    pid = view.main_pid
+    return CapsuleInfo(
+        name=name,
+        state=view.active_state,
+        sub_state=view.sub_state,
+        uid=process_uid(pid) if pid > 0 and view.running else None,
+        since_usec=view.since_usec or None,
+        has_state_dir=state_dir,
+        autostart=autostart,
+        memory_current=memory,
+        tasks_current=tasks,
+        cpu_usage_nsec=cpu,
+        memory_max=config.memory_max,
+        tasks_max=config.tasks_max,
+        cpu_weight=config.cpu_weight,
+        result=view.result,
+        units_count=count_unit_files(name) if state_dir else 0,
+    )
 
 
 __all__ = [

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 from .values import capsule_from_unit, capsule_unit
@@ -167,3 +169,171 @@ def remove_own_dropins(name: str) -> list[str]:
     with contextlib.suppress(OSError):
         os.rmdir(directory)
     return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# What configures a capsule's unit, as files (capsuled.systemd.model keys its cache on this)
+
+CAPSULE_TEMPLATE: Final = "capsule@.service"
+# systemd.unit(5), "drop-in": a service's drop-ins are searched in NAME.service.d, for an
+# instance also in the template's TEMPLATE.service.d, and in the top-level service.d/ of every
+# directory of the unit path (unit_file_find_dropin_paths()). A "-" prefix of the unit name is
+# searched too, but only in the part before "@" ("capsule": no dash), so there are no others.
+_GLOBAL_ENTRIES: Final = frozenset({CAPSULE_TEMPLATE, CAPSULE_TEMPLATE + ".d", "service.d"})
+# PID 1's own configuration, which sets defaults such as DefaultTasksMax= and the accounting
+# switches (systemd-system.conf(5)); read again on daemon-reload.
+SYSTEM_CONF_FILES: Final = ("/etc/systemd/system.conf",)
+SYSTEM_CONF_DIRS: Final = (
+    "/etc/systemd/system.conf.d",
+    "/run/systemd/system.conf.d",
+    "/usr/local/lib/systemd/system.conf.d",
+    "/usr/lib/systemd/system.conf.d",
+)
+# A file's identity and version: path, device, inode, size, mtime (stat() follows symlinks,
+# so re-pointing one counts as a change; a dangling one is (path,)).
+FileStamp = tuple[str, ...] | tuple[str, int, int, int, int]
+GlobalSignature = tuple[FileStamp, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSignature:
+    """The files that configure one capsule@NAME.service and no other capsule's unit."""
+
+    files: tuple[FileStamp, ...] = ()
+
+
+NO_FILES: Final = ConfigSignature()
+
+
+@dataclass(frozen=True, slots=True)
+class Signatures:
+    """What the capsule units' configuration is made of, at one instant."""
+
+    global_: GlobalSignature  # the template, its drop-ins, service.d, PID 1's system.conf
+    per_name: Mapping[str, ConfigSignature] = field(default_factory=dict)
+
+    def of(self, name: str) -> ConfigSignature:
+        """The files of capsule@NAME.service's own (none: it is configured like the template)."""
+        return self.per_name.get(name, NO_FILES)
+
+
+def _stamp(path: str) -> FileStamp:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path,)
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _conf_files(directory: str) -> list[FileStamp]:
+    """The *.conf files of a drop-in directory, stamped, in name order."""
+    try:
+        with os.scandir(directory) as it:
+            names = sorted(e.name for e in it if e.name.endswith(".conf"))
+    except OSError:
+        return []
+    return [_stamp(os.path.join(directory, n)) for n in names[:MAX_LISTED_DROPINS]]
+
+
+def _entry_stamps(directory: str, entry: str) -> list[FileStamp]:
+    path = os.path.join(directory, entry)
+    if entry.endswith(".d"):
+        return [_stamp(path), *_conf_files(path)]
+    return [_stamp(path)]
+
+
+def config_signatures(unit_path: Sequence[str]) -> Signatures:
+    """Stamp every file that configures a capsule unit, in PID 1's unit path (its UnitPath
+    property), plus PID 1's system.conf: one directory listing per unit path directory."""
+    global_files: list[FileStamp] = []
+    own: dict[str, list[FileStamp]] = {}
+    for directory in unit_path:
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(e.name for e in it if e.name.startswith(("capsule@", "service.d")))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry in _GLOBAL_ENTRIES:
+                global_files += _entry_stamps(directory, entry)
+                continue
+            unit = entry.removesuffix(".d")
+            name = capsule_from_unit(unit)
+            if name is not None and unit.endswith(".service"):
+                own.setdefault(name, []).extend(_entry_stamps(directory, entry))
+    for path in SYSTEM_CONF_FILES:
+        global_files.append(_stamp(path))
+    for directory in SYSTEM_CONF_DIRS:
+        global_files += _conf_files(directory)
+    return Signatures(
+        tuple(global_files), {name: ConfigSignature(tuple(files)) for name, files in own.items()}
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A running capsule's accounting, from its cgroup (where PID 1 reads it too)
+
+CGROUP_ROOT: Final = "/sys/fs/cgroup"
+_CGROUP_READ_BYTES: Final = 4096
+
+
+def _cgroup_file(control_group: str, name: str) -> bytes | None:
+    # The path is PID 1's (ControlGroup); cgroupfs has no symlinks, O_NOFOLLOW all the same.
+    try:
+        fd = os.open(
+            f"{CGROUP_ROOT}{control_group}/{name}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        )
+    except OSError:
+        return None
+    try:
+        return os.read(fd, _CGROUP_READ_BYTES)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _cgroup_number(control_group: str, name: str) -> int | None:
+    raw = _cgroup_file(control_group, name)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return None  # "max", or not a number at all
+
+
+def cgroup_memory_current(control_group: str) -> int | None:
+    """memory.current, what PID 1 reports as MemoryCurrent (None: no memory controller)."""
+    return _cgroup_number(control_group, "memory.current")
+
+
+def cgroup_tasks_current(control_group: str) -> int | None:
+    """pids.current, what PID 1 reports as TasksCurrent (None: no pids controller)."""
+    return _cgroup_number(control_group, "pids.current")
+
+
+def cgroup_cpu_usage_nsec(control_group: str) -> int | None:
+    """cpu.stat usage_usec in ns, what PID 1 reads for CPUUsageNSec (cgroup v2)."""
+    raw = _cgroup_file(control_group, "cpu.stat")
+    if raw is None:
+        return None
+    for line in raw.splitlines():
+        key, _, value = line.partition(b" ")
+        if key == b"usage_usec":
+            try:
+                return int(value) * 1000
+            except ValueError:
+                return None
+    return None
+
+
+def own_config_signature(unit_path: Sequence[str], name: str) -> ConfigSignature:
+    """`config_signatures(...).of(name)` for one capsule, without listing whole directories."""
+    unit = capsule_unit(name)
+    files: list[FileStamp] = []
+    for directory in unit_path:
+        for entry in (unit, unit + ".d"):
+            if os.path.lexists(os.path.join(directory, entry)):
+                files += _entry_stamps(directory, entry)
+    return ConfigSignature(tuple(files))

@@ -29,6 +29,7 @@ MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+PEER_IFACE = "org.freedesktop.DBus.Peer"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 
 
@@ -137,6 +138,13 @@ def get_all_properties(path: str, interface: str) -> Message:
     """org.freedesktop.DBus.Properties.GetAll(interface) on a systemd object."""
     addr = DBusAddress(path, bus_name=SYSTEMD_BUS_NAME, interface=PROPERTIES_IFACE)
     return new_method_call(addr, "GetAll", "s", (interface,))
+
+
+def ping() -> Message:
+    """org.freedesktop.DBus.Peer.Ping on PID 1: answered after every signal PID 1 queued before
+    it read the Ping (the manager flushes its D-Bus queue before each message it dispatches)."""
+    addr = DBusAddress(MANAGER_PATH, bus_name=SYSTEMD_BUS_NAME, interface=PEER_IFACE)
+    return new_method_call(addr, "Ping")
 
 
 def manager_version() -> Message:
