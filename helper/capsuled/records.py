@@ -26,6 +26,19 @@ bind the uid only.
 This directory is root's alone (mode 0700 under StateDirectory=capsuled); no
 capsule or caller can reach it, so plain paths are safe here, unlike in
 capsule homes (see safefs).
+
+The disk stays the truth at every read; memory only saves the parsing. Each
+record read is kept with its file's stat (inode, size, mtime, ctime), and a
+later read that stats the same file unchanged gets it from memory: one stat
+instead of an open, a read and a JSON parse, and a record an administrator
+edits or deletes by hand counts at the next read, as before. File times move
+in clock ticks, so an edit in place that keeps the size could keep all four
+within a tick of the last change; as git does with its index ("racy git"), a
+file changed less than RACY_NS before it was read is not kept, and is parsed
+again at each read until it is older. Any later change then sets a ctime the
+cached stat cannot have (ctime is always the time of the change; utimensat
+cannot set it). The cache holds one entry per record file (a few hundred
+bytes each), no more.
 """
 
 from __future__ import annotations
@@ -107,11 +120,24 @@ class Record:
         return replace(self, phase=phase)
 
 
+# What tells one version of a record file from another (module docstring).
+_Stamp = tuple[int, int, int, int]
+# A file changed this recently may change again within the same timestamp tick (module
+# docstring): far above any tick a Linux file system keeps (a jiffy; 1-2 s on the coarsest).
+RACY_NS = 3_000_000_000
+
+
+def _stamp(st: os.stat_result) -> _Stamp:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class RecordStore:
     """Owner records, one file per capsule, written atomically."""
 
     def __init__(self, state_dir: Path = DEFAULT_STATE_DIR) -> None:
         self._dir = state_dir / "capsules"
+        # name -> (the file's stamp when read, its record or why it is corrupt)
+        self._cache: dict[str, tuple[_Stamp, Record | CorruptRecord]] = {}
 
     def _ensure_dir(self) -> None:
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -123,27 +149,67 @@ class RecordStore:
     def get(self, name: str) -> Record | None:
         """The record of NAME, or None. Raises CorruptRecord for a file we did not write."""
         try:
+            st = os.stat(self._path(name))
+        except FileNotFoundError:
+            self._cache.pop(name, None)
+            return None
+        return self._read(name, _stamp(st))
+
+    def _read(self, name: str, stamp: _Stamp) -> Record | None:
+        cached = self._cache.get(name)
+        if cached is not None and cached[0] == stamp:
+            found = cached[1]
+        else:
+            parsed = self._parse(name)
+            if parsed is None:
+                self._cache.pop(name, None)
+                return None
+            found = parsed
+            if stamp[3] < time.time_ns() - RACY_NS:  # ctime: see the module docstring
+                self._cache[name] = (stamp, found)
+            else:
+                self._cache.pop(name, None)
+        if isinstance(found, CorruptRecord):
+            raise CorruptRecord(*found.args)
+        return found
+
+    def _parse(self, name: str) -> Record | CorruptRecord | None:
+        try:
             with open(self._path(name), "rb") as f:
                 raw = f.read(MAX_RECORD_BYTES + 1)
         except FileNotFoundError:
             return None
         if len(raw) > MAX_RECORD_BYTES:
-            raise CorruptRecord(f"{name}: record too large")
-        return Record.from_json(raw, expected_name=name)
+            return CorruptRecord(f"{name}: record too large")
+        try:
+            return Record.from_json(raw, expected_name=name)
+        except CorruptRecord as exc:
+            return exc
 
     def all(self) -> Iterator[Record]:
         """Every readable record; corrupt ones are skipped (they stay on disk for an admin)."""
         try:
-            entries = sorted(os.listdir(self._dir))
+            with os.scandir(self._dir) as it:
+                entries = sorted(
+                    (e.name, e) for e in it if e.name.endswith(".json") and e.name[0] != "."
+                )
         except FileNotFoundError:
+            self._cache.clear()
             return
-        for entry in entries:
-            if not entry.endswith(".json") or entry.startswith("."):
+        present = set()
+        for filename, entry in entries:
+            name = filename.removesuffix(".json")
+            present.add(name)
+            try:
+                stamp = _stamp(entry.stat(follow_symlinks=True))
+            except FileNotFoundError:
                 continue
             with contextlib.suppress(CorruptRecord):
-                record = self.get(entry.removesuffix(".json"))
+                record = self._read(name, stamp)
                 if record is not None:
                     yield record
+        for gone in self._cache.keys() - present:
+            del self._cache[gone]
 
     def put(self, record: Record) -> None:
         """Replace NAME's record atomically and durably."""
@@ -162,9 +228,12 @@ class RecordStore:
                 os.unlink(tmp)
             raise
         self._sync_dir()
+        # Just written, so too recent to keep (module docstring): the next read parses it.
+        self._cache.pop(record.name, None)
 
     def delete(self, name: str) -> None:
         """Forget NAME; a missing record is not an error (Remove may be retried)."""
+        self._cache.pop(name, None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(name))
             self._sync_dir()
