@@ -139,8 +139,13 @@ class Authorizer:
             raise ValueError(f"unknown policy backend {choice!r}")
         return cls(config, BuiltinBackend(config), trusted_keys=keys)
 
-    async def decide(self, peer: Peer, request: Request) -> Verdict:
+    async def decide(
+        self, peer: Peer, request: Request, *, lookup: Callable[[int], Identity] | None = None
+    ) -> Verdict:
         """The decision for `peer` asking `request`, and which step took it.
+
+        `lookup`: how to read the peer's account (default: the user database now); a caller
+        deciding many requests in one pass (a List's rows) reads it once for all of them.
 
         Raises:
             ValueError: `request.action` is not one of ours (a bug in the caller).
@@ -163,7 +168,7 @@ class Authorizer:
             )
             return Verdict(Decision.NO, "peer-gone")
         # The unit comes from the socket peer (its cgroup), like the uid: never from parameters.
-        identity = replace(self._lookup(peer.uid), unit=peer.unit)
+        identity = replace((lookup or self._lookup)(peer.uid), unit=peer.unit)
         granted = grant(identity, request, self.config)
         if granted is not None:
             if self.config.deny_all:
