@@ -4,7 +4,8 @@
 #   make check   the inner loop: lint, unit, protocol and contract tests (no apt, no pip, no testbed)
 #   make lint    ruff check + ruff format --check + mypy --strict
 #   make demo    install what is needed, build the testbed, run the narrated walkthrough
-#   make test    install what is needed, lint, then every test (unit, protocol, e2e)
+#   make test    install what is needed, lint, then every test (unit, protocol, e2e), then the
+#                benchmarks' smallest run (bench/run.py --ci: about a minute, asserts nothing)
 #   make shell   an interactive shell as alice inside a fresh testbed (AS=bob for another user)
 #   make boot    boot the testbed once, reboot it, print the cold/warm times
 #   make bench   benchmarks against the systemd commands doing the same (tables, ratios)
@@ -26,6 +27,7 @@ deps:
 test: deps
 	@$(MAKE) --no-print-directory lint
 	$(PYTHON) -m pytest tests -ra
+	$(PYTHON) bench/run.py --ci
 
 # No `deps` here: install-deps.sh needs root (apt, the testbed's tools); these need only Python.
 check: lint
