@@ -177,6 +177,7 @@ class CallContext:
     # one, so that every other decision reads it anew (policy/identity.py) and a stream's
     # later re-checks see a group the caller left.
     _identities: dict[int, Identity] | None = None
+    _names: dict[int, str | None] | None = None  # the same for user names alone
 
     @property
     def backend(self) -> SystemdBackend:
@@ -198,11 +199,11 @@ class CallContext:
         if self._identities is not None:  # already in one: it lasts as long as the outer
             yield
             return
-        self._identities = {}
+        self._identities, self._names = {}, {}
         try:
             yield
         finally:
-            self._identities = None
+            self._identities = self._names = None
 
     def identity(self, uid: int) -> Identity:
         """The account that is `uid` now (read once per pass, see `one_pass`)."""
@@ -219,8 +220,16 @@ class CallContext:
         another account than the one that created it (a deleted user's uid, reused)."""
         if record is None:
             return None
-        account = self.identity(record.owner)
-        return record.owner if record.is_owner(account.uid, account.user) else None
+        return record.owner if record.is_owner(record.owner, self.user_name(record.owner)) else None
+
+    def user_name(self, uid: int) -> str | None:
+        """The user name of `uid` now (its passwd entry alone; once per pass)."""
+        memo = self._names
+        if memo is None:
+            return self.services.authorizer.user_name(uid)
+        if uid not in memo:
+            memo[uid] = self.services.authorizer.user_name(uid)
+        return memo[uid]
 
     def record_of(self, name: str) -> Record | None:
         try:

@@ -197,7 +197,7 @@ async def create(ctx: CallContext, p: wire.CreateParams) -> wire.CapsuleReply:
             raise errors.CapsuleExists(name=name) from None
         with backend_errors(name):
             info = await ctx.backend.capsule_info(name)
-        user = ctx.services.authorizer.identity(uid).user
+        user = ctx.user_name(uid)
         mine = record is not None and record.is_owner(uid, user)
         # A Create killed half-way is finished by its creator's retry; a home kept by
         # `remove --keep-data` is taken back by its owner's Create (and by nobody else's).

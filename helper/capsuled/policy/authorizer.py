@@ -35,7 +35,7 @@ from capsuled.policy.engine import (
     grant,
     quota_for,
 )
-from capsuled.policy.identity import lookup_identity
+from capsuled.policy.identity import lookup_identity, user_name
 from capsuled.policy.signers import TrustedKeys, load_trusted_keys
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ class Authorizer:
         backend: Backend,
         *,
         lookup: Callable[[int], Identity] = lookup_identity,
+        name_of: Callable[[int], str | None] | None = None,
         is_alive: Callable[[Peer], bool] = process_is_alive,
         trusted_keys: TrustedKeys | None = None,
     ) -> None:
@@ -96,6 +97,10 @@ class Authorizer:
         self.trusted_keys = trusted_keys if trusted_keys is not None else TrustedKeys()
         self._backend = backend
         self._lookup = lookup
+        # A user name alone needs no groups: the passwd entry (another `lookup` says both).
+        if name_of is None:
+            name_of = user_name if lookup is lookup_identity else lambda uid: lookup(uid).user
+        self._name_of = name_of
         self._is_alive = is_alive
 
     @property
@@ -180,6 +185,10 @@ class Authorizer:
     def identity(self, uid: int) -> Identity:
         """The account that is `uid` now, as the user database says (an owner's, say)."""
         return self._lookup(uid)
+
+    def user_name(self, uid: int) -> str | None:
+        """The user name of `uid` now (None: no passwd entry), without its groups."""
+        return self._name_of(uid)
 
     def quota(self, peer: Peer) -> Quota:
         """The peer's ceilings (capsule count, limits); root is unlimited."""
