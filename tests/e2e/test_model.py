@@ -122,14 +122,18 @@ def test_after_pid1_reexecutes_or_reloads_reads_are_right_again(
     assert reexecuted["since"] == started["since"]
     assert reexecuted["tasksMax"] == 44
     agrees(steps["stopped_after_reexec"], "inactive", "dead")  # PID 1's new name is followed
-    reloaded = agrees(steps["reloaded"], "inactive", "dead")
+    assert steps["start_reply"]["job"] == "done"  # a job's JobRemoved, from the new name
+    agrees(steps["started_after_reexec"], "active", "running")
+    reloaded = agrees(steps["reloaded"], "active", "running")
     assert reloaded["tasksMax"] == 44
-    agrees(steps["started_after_reload"], "active", "running")
-    # The stream saw the real changes only (the stop, then the start), none of the reexec's
-    # dropping and loading the unit again: that would have gone inactive and back to active.
-    # PID 1 may fold deactivating/activating into the next change, so only these two hold.
+    assert reloaded["uid"] == steps["started_after_reexec"]["describe"]["uid"]
+    assert steps["stop_reply"]["job"] == "done"
+    agrees(steps["stopped_after_reload"], "inactive", "dead")
+    # The stream saw the real changes only (stop, start, stop), none of the reexec's or the
+    # reload's dropping and loading the unit again: that would go inactive and back to active.
+    # PID 1 may fold deactivating/activating into the next change, so only these hold.
     states = [e["state"] for e in out["events_after_reexec"] if e["kind"] == "capsule"]
     assert states.count("active") == 1
-    assert states[-1] == "active"
+    assert states[-1] == "inactive"
     before, after = out["pids"]
     assert before == after

@@ -492,6 +492,11 @@ class CapsuleModel:
             return
         # PID 1 re-executed (or is gone): believe the new name, and look again.
         self._sender = body[2] or None
+        if body[2] and self._link is not None:
+            # The backend's jobs wait for JobRemoved from this name too (jobs.job_rule): a
+            # job after a daemon-reexec would wait for the old name's until its timeout. Gone
+            # (""): the old name stays, as nobody can take a unique name over.
+            self._link.signal_sender = body[2]
         self._stale()
         if body[2]:
             self._spawn(self._after_owner_change())
