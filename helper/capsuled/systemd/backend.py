@@ -269,13 +269,17 @@ class DBusSystemdBackend:
     # -- facts -----------------------------------------------------------------------------
 
     async def version(self) -> int:
-        """PID 1's major version (Manager.Version "257.9-1" -> 257), as of the model's last
-        look at PID 1 (it looks again when PID 1 re-executes)."""
-        try:
-            await self._model.ready()
-        except NoSuchUnit as exc:  # pragma: no cover - PID 1 without the Manager object
-            raise SystemdUnavailable("PID 1 is not systemd") from exc
-        return m.parse_version(self._model.version)
+        """PID 1's major version (Manager.Version "257.9-1" -> 257): the model's, while it is
+        current (it looks again when PID 1 re-executes); else one Get, so that Info, often a
+        client's first call, never waits for the model's whole first look at PID 1."""
+        version: object = self._model.current_version()
+        if version is None:
+            conn = await self._bus()
+            try:
+                version = m.parse_get_property(await conn.call(m.manager_version()))
+            except NoSuchUnit as exc:  # pragma: no cover - PID 1 without the Manager object
+                raise SystemdUnavailable("PID 1 is not systemd") from exc
+        return m.parse_version(version)
 
     async def check_version(self) -> int:
         """version(), raising SystemdTooOld below 256."""

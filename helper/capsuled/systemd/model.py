@@ -329,6 +329,13 @@ class CapsuleModel:
         for watcher in watchers:
             watcher.fail(error)
 
+    def current_version(self) -> str | None:
+        """Manager.Version of PID 1 if the model is current, else None (no call made)."""
+        link = self._link
+        if self._phase is _Phase.LIVE and link is not None and not link.closed:
+            return self.version
+        return None
+
     async def ready(self) -> Link:
         """PID 1's Link, once the model is current (connecting and looking first if need be).
 
