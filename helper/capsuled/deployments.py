@@ -160,6 +160,15 @@ class DeploymentStore:
         # Names reach us validated (names.capsule_name_problem): no "/" or "..".
         return self._dir / name
 
+    def names(self) -> set[str]:
+        """The capsules with a directory here: every other one's state is empty (one listing
+        instead of an open per capsule, for List)."""
+        try:
+            with os.scandir(self._dir) as it:
+                return {e.name for e in it if not e.name.startswith(".")}
+        except FileNotFoundError:
+            return set()
+
     def get(self, name: str) -> Deployment:
         """NAME's state (empty if it never had a bundle).
 

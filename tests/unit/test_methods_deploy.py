@@ -20,6 +20,7 @@ from methods_fixtures import (
     BOB,
     MALLORY,
     NOBODY,
+    ROOT,
     UNIT_DIR,
     WANTS_DIR,
     World,
@@ -122,6 +123,16 @@ def test_a_first_deploy_puts_everything_in_place(world: World) -> None:
     described = world.run("Describe", {"name": "alpha"}).reply["capsule"]
     assert isinstance(described, dict)
     assert described["bundle"] == deployed
+
+
+def test_list_shows_each_capsules_bundle_from_one_listing_of_the_state(world: World) -> None:
+    # List looks for deployment state only where the state directory has an entry.
+    deployed = deploy(world, make_bundle("1.0"))["deployed"]
+    listed = world.run("List", uid=ROOT).reply["capsules"]
+    assert isinstance(listed, list)
+    bundles = {c["name"]: c["bundle"] for c in listed}
+    assert bundles == {"alpha": deployed, "beta": None, "orphan": None}
+    assert world.services.deployments.names() == {"alpha"}
 
 
 def test_each_enable_unit_gets_its_start_limit_cleared_before_its_restart(world: World) -> None:

@@ -13,6 +13,7 @@ import grp
 import logging
 import pwd
 import typing
+from collections.abc import Callable
 from typing import Final, TypeGuard
 
 from capsuled import errors, wire
@@ -90,10 +91,13 @@ def capsule_to_wire(
     info: CapsuleInfo | None,
     owner: int | None,
     deployment: Deployment | None = None,
+    *,
+    name_of: Callable[[int], str | None] = user_name,
 ) -> wire.Capsule:
-    """The IDL's Capsule; `owner` is the record's owner as ctx.owner_of says (None: none)."""
+    """The IDL's Capsule; `owner` is the record's owner as ctx.owner_of says (None: none),
+    named by `name_of` (a List passes its pass's, ctx.user_name)."""
     bundle = deployed_wire(deployment) if deployment is not None else None
-    owner_name = user_name(owner) if owner is not None else None
+    owner_name = name_of(owner) if owner is not None else None
     if info is None:
         # Known only from our record: a Create or Remove that has not finished yet.
         return {
@@ -152,6 +156,7 @@ async def list_capsules(ctx: CallContext, p: wire.NoParams) -> wire.ListReply:
     with backend_errors(""):
         infos = {info.name: info for info in await ctx.backend.list_capsules()}
     records = {r.name: r for r in ctx.records.all()}
+    deployed = ctx.services.deployments.names()
     visible: list[wire.Capsule] = []
     # One pass: the caller's account and each owner's are read once for all the rows; the
     # owner and group grants are the engine's, only rows they do not decide go to polkit.
@@ -159,7 +164,8 @@ async def list_capsules(ctx: CallContext, p: wire.NoParams) -> wire.ListReply:
         for name in sorted(infos.keys() | records.keys()):
             owner = ctx.owner_of(records.get(name))
             if await ctx.may_read(name, owner):
-                wired = capsule_to_wire(name, infos.get(name), owner, deployment_of(ctx, name))
+                state = deployment_of(ctx, name) if name in deployed else None
+                wired = capsule_to_wire(name, infos.get(name), owner, state, name_of=ctx.user_name)
                 visible.append(wired)
     if ctx.more and visible:
         for capsule in visible[:-1]:

@@ -173,7 +173,9 @@ class Authorizer:
             )
             return Verdict(Decision.NO, "peer-gone")
         # The unit comes from the socket peer (its cgroup), like the uid: never from parameters.
-        identity = replace((lookup or self._lookup)(peer.uid), unit=peer.unit)
+        identity = (lookup or self._lookup)(peer.uid)
+        if identity.unit != peer.unit:
+            identity = replace(identity, unit=peer.unit)
         granted = grant(identity, request, self.config)
         if granted is not None:
             if self.config.deny_all:

@@ -827,10 +827,16 @@ class CapsuleModel:
         else:
             raise SystemdUnavailable("PID 1 kept reloading while capsuled looked at it")
         out: dict[str, UnitView] = {}
+        initial: dict[UnitConfig | None, UnitView] = {}
         for name in names:
             config = self._known_config(name) if name in with_config else None
             unit = self._units.get(name)
-            out[name] = unit.view(config) if unit is not None else replace(INITIAL, config=config)
+            if unit is not None:
+                out[name] = unit.view(config)
+            else:  # a capsule PID 1 has not loaded: shared by all such with this config
+                out[name] = initial.get(config) or initial.setdefault(
+                    config, replace(INITIAL, config=config)
+                )
         self._forget_unused()
         return out
 
