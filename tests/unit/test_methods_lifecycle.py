@@ -641,8 +641,10 @@ class GatedBackend(SpyBackend):
             self.order.append(("leave", name))
 
 
-def _gated_world(tmp_path: Path, names: list[str]) -> tuple[World, GatedBackend, ObservedLocks]:
-    locks = ObservedLocks()
+def _gated_world(
+    tmp_path: Path, names: list[str], lock_wait_s: float = 10.0
+) -> tuple[World, GatedBackend, ObservedLocks]:
+    locks = ObservedLocks(lock_wait_s)
     world = make_world(tmp_path, locks=locks)
     backend = GatedBackend()
     world.services.backend = backend
@@ -856,6 +858,24 @@ def test_a_caller_cancelled_while_waiting_for_the_lock_leaves_no_entry(tmp_path:
         assert ("stop", "alpha") not in backend.calls
         # The capsule is usable afterwards: nothing stayed locked.
         await asyncio.wait_for(world.call("Stop", {"name": "alpha"}), 1.0)
+
+    asyncio.run(main())
+
+
+def test_a_call_waiting_too_long_for_the_lock_is_answered_busy(tmp_path: Path) -> None:
+    # Finding 8: a call queued behind a slow one on the same capsule must not hold its call
+    # slot for as long as the slow one takes (a Stop may take TimeoutStopSec=, 90 s).
+    async def main() -> None:
+        world, backend, locks = _gated_world(tmp_path, ["alpha"], lock_wait_s=0.1)
+        assert backend.gate is not None
+        first = asyncio.create_task(world.call("Start", {"name": "alpha"}))
+        await asyncio.wait_for(backend.arrived.get(), 1.0)
+        with pytest.raises(errors.Busy):
+            await asyncio.wait_for(world.call("Stop", {"name": "alpha"}), 1.0)
+        assert ("stop", "alpha") not in backend.calls
+        backend.gate.set()
+        await asyncio.wait_for(first, 1.0)
+        assert len(locks) == 0
 
     asyncio.run(main())
 
