@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from capsuled import errors
-from capsuled.transport import Handle, Limits, Server, ServerErrors
+from capsuled.transport import Account, Handle, Limits, Listener, Server, ServerErrors
 from capsuled.varlink.interface import Interface, parse_interface
 from capsuled.varlink.service import ServiceInfo
 
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from capsuled.methods.context import Services
     from capsuled.peer import Peer
     from capsuled.policy.authorizer import Authorizer
+    from capsuled.records import RecordStore
     from capsuled.transport import NotifyFn
     from capsuled.varlink.messages import Call
 
@@ -105,13 +106,16 @@ def service_info() -> ServiceInfo:
 @dataclass(frozen=True, slots=True)
 class Wiring:
     """What `capsuled serve` runs: the per-call handler (a Dispatcher's), the errors the transport
-    answers by itself, the reloader holding the Services (SIGHUP), and the one system bus
-    connection PID 1's backend and polkit share (closed when serving ends)."""
+    answers by itself, the reloader holding the Services (SIGHUP), the one system bus
+    connection PID 1's backend and polkit share (closed when serving ends), whom a peer's
+    connections count against, and the methods anybody may stream from unauthorized."""
 
     handle: Handle
     errors: ServerErrors
     reloader: PolicyReloader | None = None
     system_bus: SystemBus | None = None
+    account: Account | None = None  # None: every peer counts against its own uid
+    open_streams: frozenset[str] = frozenset()
 
 
 # The interface's own errors for what the transport answers itself (the core knows no interface).
@@ -134,16 +138,18 @@ def build_wiring(options: Options) -> Wiring:
     info = service_info()
     # Opened on first use: a call that needs neither PID 1 nor polkit never touches the bus.
     system_bus = SystemBus()
+    records = RecordStore()
     services = Services(
         backend=DBusSystemdBackend(system_bus),
         journal=SdJournal(),
         authorizer=Authorizer.from_config(config_dir, system_bus=system_bus),
-        records=RecordStore(),
+        records=records,
         audit=AuditLog(),
         version=info.version,
     )
+    interface = load_interface()
     dispatcher = methods.build_dispatcher(
-        load_interface(), services, info, validate_replies=options.validate_replies
+        interface, services, info, validate_replies=options.validate_replies
     )
     return Wiring(
         handle=dispatcher.handle,
@@ -152,7 +158,37 @@ def build_wiring(options: Options) -> Wiring:
             services, lambda: Authorizer.from_config(config_dir, system_bus=system_bus)
         ),
         system_bus=system_bus,
+        account=capsule_owner_account(records),
+        open_streams=frozenset(f"{interface.name}.{m}" for m in methods.OPEN_STREAMS),
     )
+
+
+def capsule_owner_account(records: RecordStore, registry: str | None = None) -> Account:
+    """Whom a peer's connections, calls and streams count against (transport's `account`):
+    its uid, but a capsule's dynamic uid counts against the capsule's owner, so that every
+    capsule one owns is not another share of the limits (issue 11, finding 8). A capsule
+    without an owner record (made by root outside capsuled) counts as its own uid.
+    `registry` is PID 1's dynamic-user directory (tests pass another)."""
+    from capsuled.names import is_valid_capsule_name
+    from capsuled.records import CorruptRecord
+    from capsuled.safefs import DYNAMIC_UID_MAX, DYNAMIC_UID_MIN
+    from capsuled.systemd.hostfs import DYNAMIC_UID_DIR, capsule_of_dynamic_uid
+
+    where = DYNAMIC_UID_DIR if registry is None else registry
+
+    def account(peer: Peer) -> int:
+        if not DYNAMIC_UID_MIN <= peer.uid <= DYNAMIC_UID_MAX:
+            return peer.uid
+        name = capsule_of_dynamic_uid(peer.uid, where)
+        if name is None or not is_valid_capsule_name(name):
+            return peer.uid
+        try:
+            record = records.get(name)
+        except (CorruptRecord, OSError):
+            return peer.uid
+        return record.owner if record is not None else peer.uid
+
+    return account
 
 
 @dataclass(slots=True)
@@ -365,16 +401,25 @@ async def serve(options: Options, wiring: Wiring) -> int:
     target = _socket_to_serve(options)
     reloader = wiring.reloader
     handle = wiring.handle if reloader is None else reloader.track(wiring.handle)
-    server = Server(handle, wiring.errors, options.limits)
+    server = Server(
+        handle,
+        wiring.errors,
+        options.limits,
+        account=wiring.account,
+        open_streams=wiring.open_streams,
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    listener: asyncio.Server | None = None
+    listener: Listener | None = None
     # What ends serving: a signal, idleness, or the end of the one connection we were given.
     ends: list[asyncio.Task[object] | asyncio.Task[None]] = [asyncio.create_task(stop.wait())]
     if target.listening:
-        listener = await _start_listener(server, target.sock)
+        listener = await server.listen(target.sock)
+        # The accept loop ends only if the listening socket broke: stop, and let socket
+        # activation start a fresh helper.
+        ends.append(asyncio.create_task(listener.wait_closed()))
         if target.idle_exit_s > 0:
             ends.append(asyncio.create_task(server.wait_idle(target.idle_exit_s)))
         status = f"Serving on {target.where}"
@@ -420,13 +465,6 @@ async def _wind_down(
     if created_path is not None:
         with contextlib.suppress(OSError):
             os.unlink(created_path)
-
-
-async def _start_listener(server: Server, sock: socket.socket) -> asyncio.Server:
-    if sys.version_info >= (3, 13):
-        # 3.13 unlinks the socket path on close by default: that would delete systemd's socket.
-        return await asyncio.start_unix_server(server.serve_stream, sock=sock, cleanup_socket=False)
-    return await server.listen(sock)
 
 
 def setup_logging(debug: bool = False) -> None:

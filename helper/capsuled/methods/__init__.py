@@ -65,6 +65,12 @@ HANDLERS: Mapping[str, Handler] = {
 # Streaming-only methods: a plain call gets org.varlink.service.ExpectedMore.
 REQUIRES_MORE = frozenset({"Watch"})
 
+# Methods anybody may stream from without any authorization (each filters what it sends to
+# what the caller may read): the transport gives their streams a small share of their own
+# (transport.Limits.max_open_streams), so that nobody can take every stream slot without
+# being allowed anything.
+OPEN_STREAMS = frozenset({"Watch", "List"})
+
 # Mutating methods and the audit action each is recorded under (invariant 6). Handlers audit
 # their own outcome with details; `audited` makes sure a refusal, a failure or a hang-up in
 # the middle is recorded too, reading what the call's context says happened (ctx.outcome).
