@@ -4,12 +4,15 @@ cancellation, against a fake bus link. (Real polkitd 126: tests/e2e/test_policy_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
+from collections.abc import AsyncIterator
 
 import pytest
 from jeepney import HeaderFields, Message, new_error, new_method_return
 
+from capsuled import callslot
 from capsuled.dbus import BusClosed
 from capsuled.peer import Peer, read_start_time
 from capsuled.policy import actions
@@ -374,3 +377,41 @@ def test_a_failed_read_probe_refuses_without_asking_more() -> None:
     link = ErrorLink()
     assert asyncio.run(backend_for(link).check(ME, ALICE, OTHERS)) is Decision.NO
     assert [c.body[1] for c in link.calls] == [actions.READ]
+
+
+class RecordingHolder:
+    """A stand-in for the transport's slot holder: records when a call waits without its slot."""
+
+    def __init__(self, link: FakeLink) -> None:
+        self.link = link
+        self.events: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def released(self) -> AsyncIterator[None]:
+        self.events.append(f"released with {self.link.waiting} waiting in polkitd")
+        try:
+            yield
+        finally:
+            self.events.append(f"back with {self.link.waiting} waiting in polkitd")
+
+
+@pytest.mark.parametrize("allow_interactive", [True, False])
+def test_an_interactive_check_waits_without_its_call_slot(allow_interactive: bool) -> None:
+    # Finding 8: an agent that never answers must not pin a call slot for the 300 s an
+    # interactive check may take; a non-interactive one (milliseconds) keeps its slot.
+    async def main() -> list[str]:
+        link = FakeLink()
+        holder = RecordingHolder(link)
+        request = interactive(REQUEST) if allow_interactive else REQUEST
+        with callslot.holding(holder):
+            checking = asyncio.create_task(backend_for(link).check(ME, ALICE, request))
+            await asyncio.wait_for(link.when_waiting(1).wait(), 5)
+            link.release.set()
+            assert await asyncio.wait_for(checking, 5) is Decision.YES
+        return holder.events
+
+    events = asyncio.run(main())
+    if allow_interactive:
+        assert events == ["released with 0 waiting in polkitd", "back with 0 waiting in polkitd"]
+    else:
+        assert events == []

@@ -39,6 +39,7 @@ CancelCheckAuthorization, so no agent dialog stays up for nobody.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -47,7 +48,7 @@ from typing import Final, Protocol
 
 from jeepney import DBusAddress, HeaderFields, Message, MessageType, new_method_call
 
-from capsuled import dbus
+from capsuled import callslot, dbus
 from capsuled.peer import Peer
 from capsuled.policy import actions
 from capsuled.policy.engine import Decision, Identity, Request
@@ -231,7 +232,13 @@ class PolkitBackend:
                 log.error("polkit: cannot reach the system bus (%s); refusing", exc)
                 raise _Refused from None
             try:
-                async with asyncio.timeout(timeout_s):
+                # A human may take minutes to answer the agent's dialog, or never answer: the
+                # call waits without its call slot meanwhile (capsuled.callslot; Busy if too
+                # many already wait), so unanswered dialogs cannot pin the slots.
+                waiting: contextlib.AbstractAsyncContextManager[None] = (
+                    callslot.released() if interactive else contextlib.nullcontext()
+                )
+                async with waiting, asyncio.timeout(timeout_s):
                     # The bus connection's own call timeout is PID 1's (25 s): an interactive
                     # check waits for a human, so it gets this one.
                     reply = await conn.call_raw(message, timeout_s=timeout_s)
