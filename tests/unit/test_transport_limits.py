@@ -98,7 +98,7 @@ def test_per_account_shares_leave_most_to_the_others() -> None:
 
 def test_open_streams_are_the_streaming_methods_that_authorize_nothing() -> None:
     assert REQUIRES_MORE <= OPEN_STREAMS
-    assert OPEN_STREAMS == {"Watch", "List"}
+    assert {"Watch", "List"} == OPEN_STREAMS
     assert wire.WatchParams.__required_keys__ | wire.WatchParams.__optional_keys__ == {"names"}
 
 
