@@ -249,7 +249,7 @@ class PolkitBackend:
                 self._cancel_later(conn, cancellation_id)
                 log.error("polkit: no answer for %s in %ss; refusing", request.action, timeout_s)
                 raise _Refused from None
-            except dbus.BusClosed as exc:
+            except (dbus.BusClosed, dbus.ReplyTooLarge) as exc:
                 log.error("polkit: %s; refusing", exc)
                 raise _Refused from None
             try:
