@@ -47,6 +47,7 @@ import itertools
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -187,50 +188,92 @@ def _own_uid(peer: Peer) -> int:
     return peer.uid
 
 
-class _UidSlot:
-    __slots__ = ("sem", "users")
-
-    def __init__(self, n: int) -> None:
-        self.sem = asyncio.Semaphore(n)
-        self.users = 0
-
-
 class _CallSlots:
-    """Bounds calls running at once, in total and per account; per-account entries vanish when
-    unused."""
+    """Bounds calls running at once, in total and per account, and hands out free slots fairly.
+
+    A freed slot goes to the accounts waiting for one in turn (round robin), not to whoever
+    asked first: with many accounts flooding, a call of any other account waits for at most one
+    call per busy account, not behind every call they queued. Within an account, first come
+    first served. Entries vanish when unused.
+    """
 
     def __init__(self, total: int, per_uid: int) -> None:
-        self._total = asyncio.Semaphore(total)
+        self._free = total
         self._per_uid = per_uid
-        self._uids: dict[int, _UidSlot] = {}
+        self._running: dict[int, int] = {}
+        self._waiting: dict[int, deque[asyncio.Future[None]]] = {}
+        self._turns: deque[int] = deque()  # accounts with waiters, in round-robin order
 
     async def acquire(self, uid: int) -> None:
         """Wait for a slot (the caller bounds the wait); pair with release()."""
-        slot = self._uids.get(uid)
-        if slot is None:
-            slot = self._uids[uid] = _UidSlot(self._per_uid)
-        slot.users += 1
+        if (
+            self._free > 0
+            and self._running.get(uid, 0) < self._per_uid
+            and uid not in self._waiting
+        ):
+            self._take(uid)
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._waiting.get(uid)
+        if queue is None:
+            queue = self._waiting[uid] = deque()
+            self._turns.append(uid)
+        queue.append(waiter)
         try:
-            await slot.sem.acquire()
-            try:
-                await self._total.acquire()
-            except BaseException:
-                slot.sem.release()
-                raise
+            await waiter
         except BaseException:
-            self._forget(uid, slot)
+            if waiter.done() and not waiter.cancelled():
+                self.release(uid)  # granted just as we were cancelled: give it on
+            else:
+                self._forget(uid, waiter)
             raise
 
-    def release(self, uid: int) -> None:
-        slot = self._uids[uid]
-        self._total.release()
-        slot.sem.release()
-        self._forget(uid, slot)
+    def _forget(self, uid: int, waiter: asyncio.Future[None]) -> None:
+        queue = self._waiting.get(uid)
+        if queue is None:
+            return
+        with contextlib.suppress(ValueError):
+            queue.remove(waiter)
+        if not queue:
+            del self._waiting[uid]
+            self._turns.remove(uid)
 
-    def _forget(self, uid: int, slot: _UidSlot) -> None:
-        slot.users -= 1
-        if slot.users == 0:
-            del self._uids[uid]
+    def release(self, uid: int) -> None:
+        left = self._running[uid] - 1
+        if left:
+            self._running[uid] = left
+        else:
+            del self._running[uid]
+        self._free += 1
+        self._grant()
+
+    def _take(self, uid: int) -> None:
+        self._free -= 1
+        self._running[uid] = self._running.get(uid, 0) + 1
+
+    def _grant(self) -> None:
+        """Give free slots to waiting accounts in turn, each within its own limit."""
+        passes = len(self._turns)
+        while self._free > 0 and self._turns and passes > 0:
+            uid = self._turns.popleft()
+            queue = self._waiting[uid]
+            while queue and queue[0].done():
+                queue.popleft()  # cancelled, its task not yet run to forget it
+            if not queue:
+                del self._waiting[uid]
+                passes = len(self._turns)
+                continue
+            if self._running.get(uid, 0) >= self._per_uid:
+                self._turns.append(uid)  # at its own limit: its turn comes when one of its ends
+                passes -= 1
+                continue
+            self._take(uid)
+            queue.popleft().set_result(None)
+            if queue:
+                self._turns.append(uid)
+            else:
+                del self._waiting[uid]
+            passes = len(self._turns)
 
 
 class _Counted:

@@ -215,3 +215,40 @@ def test_a_parked_call_waits_for_a_call_slot_again_before_it_goes_on(make_server
         assert parked.recv() == BUSY
         srv.release("slot")
         assert blocker.recv() == {"parameters": {}}
+
+
+# -- fair call slots -------------------------------------------------------------------------
+
+
+def test_a_freed_call_slot_goes_to_the_next_account_not_the_next_call(
+    make_server: object,
+) -> None:
+    # Finding 8: with FIFO slots, another account's call waited behind every call a flooding
+    # account had queued; now accounts take turns. Accounts by order of connection: A A A B B B C.
+    order = iter([1, 1, 1, 2, 2, 2, 3])
+    srv: ThreadServer = make_server(  # type: ignore[operator]
+        account=lambda peer: next(order),
+        max_inflight_calls=4,
+        max_inflight_calls_per_uid=3,
+        slot_wait_s=TIMEOUT_S,
+    )
+    clients = []
+    for key in range(7):
+        c = RawClient(srv.path)
+        c.send({"method": f"{T}.Block", "parameters": {"key": str(key)}})
+        clients.append(c)
+        if key < 4:  # A A A B fill the four slots
+            assert srv.state.started_event(str(key)).wait(TIMEOUT_S)
+        else:  # B B C queue, in that order
+            admitted = key + 1
+            srv.run(srv.server.wait_until(lambda: srv.server.connections == admitted))
+    srv.release("0")  # B's turn first: it has waited longest
+    assert srv.state.started_event("4").wait(TIMEOUT_S)
+    srv.release("1")  # then C's, though B queued another call before C's
+    assert srv.state.started_event("6").wait(TIMEOUT_S)
+    assert not srv.state.started_event("5").is_set()
+    for key in (2, 3, 4, 5, 6):
+        srv.release(str(key))
+    assert [c.recv() for c in clients] == [{"parameters": {}}] * 7
+    for c in clients:
+        c.close()
