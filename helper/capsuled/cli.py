@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-inflight-calls-per-uid",
         type=int,
         metavar="N",
-        help="method calls running at once for one UID, at most 3/4 of the total (default: 1/8)",
+        help="method calls running at once for one UID, at most 3/4 of the total (default: 1/16)",
     )
     p.add_argument(
         "--max-message-bytes",

@@ -176,17 +176,17 @@ def capsule_owner_account(records: RecordStore, registry: str | None = None) -> 
 
     where = DYNAMIC_UID_DIR if registry is None else registry
 
-    def account(peer: Peer) -> int:
-        if not DYNAMIC_UID_MIN <= peer.uid <= DYNAMIC_UID_MAX:
-            return peer.uid
-        name = capsule_of_dynamic_uid(peer.uid, where)
+    def account(uid: int) -> int:
+        if not DYNAMIC_UID_MIN <= uid <= DYNAMIC_UID_MAX:
+            return uid
+        name = capsule_of_dynamic_uid(uid, where)
         if name is None or not is_valid_capsule_name(name):
-            return peer.uid
+            return uid
         try:
             record = records.get(name)
         except (CorruptRecord, OSError):
-            return peer.uid
-        return record.owner if record is not None else peer.uid
+            return uid
+        return record.owner if record is not None else uid
 
     return account
 

@@ -30,6 +30,7 @@ __all__ = [
     "Peer",
     "parse_start_time",
     "peer_credentials",
+    "peer_uid",
     "process_is_alive",
     "read_start_time",
 ]
@@ -94,6 +95,19 @@ def read_start_time(pid: int, proc: str = PROC) -> int:
         raise ProcessLookupError(pid) from exc
 
 
+_UCRED = "iII"  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The peer's uid alone (SO_PEERCRED): enough to admit or refuse a connection.
+
+    Raises:
+        OSError: SO_PEERCRED failed (not a Unix socket, or already gone).
+    """
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(_UCRED))
+    return int(struct.unpack(_UCRED, raw)[1])
+
+
 def peer_credentials(sock: socket.socket) -> Peer:
     """Read the peer's uid/gid/pid (SO_PEERCRED), where the kernel has it a pidfd, and the peer's
     start time (at accept, not at check time: by then the pid may belong to someone else).
@@ -101,9 +115,8 @@ def peer_credentials(sock: socket.socket) -> Peer:
     Raises:
         OSError: SO_PEERCRED failed (not a Unix socket, or already gone).
     """
-    fmt = "iII"  # struct ucred: pid_t pid; uid_t uid; gid_t gid
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
-    pid, uid, gid = struct.unpack(fmt, raw)
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(_UCRED))
+    pid, uid, gid = struct.unpack(_UCRED, raw)
     pidfd: int | None = None
     try:
         fd = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]

@@ -4,7 +4,11 @@ that wait without a call slot."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import json
 import socket
+from collections.abc import Callable
 
 from protocol.harness import TIMEOUT_S, RawClient, ThreadServer
 from protocol.test_limits import NOBODY, OtherUidClient, needs_root
@@ -118,6 +122,34 @@ def test_a_call_within_the_shape_limits_is_served(make_server: object) -> None:
         c.expect_closed()
 
 
+def test_an_account_past_its_input_rate_is_read_later_and_others_are_not(
+    make_server: object,
+) -> None:
+    # A peer sending whole calls as fast as it can (here 40 pipelined 16 KiB Pings, twenty
+    # times the bucket) is read at its rate; another account's call meanwhile is read at once.
+    order = iter([1, 2])
+    srv: ThreadServer = make_server(  # type: ignore[operator]
+        account=lambda uid: next(order),
+        max_message_bytes=16 * KIB,
+        max_input_bytes_per_uid_s=16 * KIB,
+    )
+    ping = json.dumps({"method": f"{T}.Ping", "parameters": {"text": "a" * (16 * KIB - 100)}})
+    with (
+        RawClient(srv.path) as heavy,
+        RawClient(srv.path) as light,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        sending = pool.submit(heavy.send_raw, (ping.encode() + b"\0") * 40)
+        srv.run(srv.server.wait_until(lambda: srv.server.throttled > 0))
+        assert light.call(f"{T}.Ping", text="me") == {"parameters": {"text": "me"}}
+        # heavy is read at 16 KiB a second: it has not even sent all its calls yet.
+        assert not sending.done()
+        heavy.sock.shutdown(socket.SHUT_RDWR)  # ends its blocked sendall
+        with contextlib.suppress(OSError):
+            sending.result(TIMEOUT_S)
+    assert srv.server.evicted == 0
+
+
 # -- accounts ---------------------------------------------------------------------------------
 
 
@@ -125,7 +157,7 @@ def test_a_call_within_the_shape_limits_is_served(make_server: object) -> None:
 def test_connections_count_against_the_account_not_the_uid(make_server: object) -> None:
     # Everybody counts against root here, as a capsule's processes count against its owner.
     srv: ThreadServer = make_server(  # type: ignore[operator]
-        account=lambda peer: 0, max_connections=8, max_connections_per_uid=2
+        account=lambda uid: 0, max_connections=8, max_connections_per_uid=2
     )
     mine = [RawClient(srv.path) for _ in range(2)]
     assert all(c.call(f"{T}.Ping")["parameters"] == {"text": None} for c in mine)
@@ -220,6 +252,10 @@ def test_a_parked_call_waits_for_a_call_slot_again_before_it_goes_on(make_server
 # -- fair call slots -------------------------------------------------------------------------
 
 
+def _admitted(srv: ThreadServer, n: int) -> Callable[[], bool]:
+    return lambda: srv.server.connections == n
+
+
 def test_a_freed_call_slot_goes_to_the_next_account_not_the_next_call(
     make_server: object,
 ) -> None:
@@ -227,7 +263,7 @@ def test_a_freed_call_slot_goes_to_the_next_account_not_the_next_call(
     # account had queued; now accounts take turns. Accounts by order of connection: A A A B B B C.
     order = iter([1, 1, 1, 2, 2, 2, 3])
     srv: ThreadServer = make_server(  # type: ignore[operator]
-        account=lambda peer: next(order),
+        account=lambda uid: next(order),
         max_inflight_calls=4,
         max_inflight_calls_per_uid=3,
         slot_wait_s=TIMEOUT_S,
@@ -240,8 +276,7 @@ def test_a_freed_call_slot_goes_to_the_next_account_not_the_next_call(
         if key < 4:  # A A A B fill the four slots
             assert srv.state.started_event(str(key)).wait(TIMEOUT_S)
         else:  # B B C queue, in that order
-            admitted = key + 1
-            srv.run(srv.server.wait_until(lambda: srv.server.connections == admitted))
+            srv.run(srv.server.wait_until(_admitted(srv, key + 1)))
     srv.release("0")  # B's turn first: it has waited longest
     assert srv.state.started_event("4").wait(TIMEOUT_S)
     srv.release("1")  # then C's, though B queued another call before C's

@@ -80,9 +80,9 @@ def _ping_as(uid: int, path: str) -> dict[str, object]:
 
 
 def test_limits_are_validated() -> None:
-    # Per-uid shares by default: 1/16 of the connections, 1/8 of the calls (transport docstring).
+    # Per-uid shares by default: 1/16 of the connections and of the calls (transport docstring).
     assert Limits(max_connections=512).connections_per_uid == 32
-    assert Limits(max_inflight_calls=64).inflight_calls_per_uid == 8
+    assert Limits(max_inflight_calls=64).inflight_calls_per_uid == 4
     assert Limits(max_connections=4).connections_per_uid == 1
     assert Limits(max_connections=4, max_connections_per_uid=3).connections_per_uid == 3
     with pytest.raises(ValueError, match="3/4"):

@@ -76,8 +76,8 @@ class _Connection:
         if self._state is ConnectionState.ERROR:
             raise LocalProtocolError("connection is in the ERROR state")
 
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes read from the socket."""
+    def receive_data(self, data: bytes | memoryview) -> None:
+        """Feed bytes read from the socket (copied: the caller may reuse its buffer)."""
         self._check_open()
         self._buffer.feed(data)
 
