@@ -623,9 +623,12 @@ class DBusConnection:
             self._skip_tokens -= 1
         self.skipped += 1
         now = self._loop.time()
-        if not broadcast and now - self._last_skip_log >= _SKIP_LOG_INTERVAL_S:
+        sender = header.fields.get(HeaderFields.sender) if header is not None else None
+        # The bus daemon's own unicast signals (NameAcquired after Hello) are no news either.
+        if broadcast or sender == BUS_DAEMON.bus_name:
+            return
+        if now - self._last_skip_log >= _SKIP_LOG_INTERVAL_S:
             self._last_skip_log = now
-            sender = header.fields.get(HeaderFields.sender) if header is not None else None
             log.info(
                 "%s: skipped %s from %s (%d skipped so far)", self.name, what, sender, self.skipped
             )
