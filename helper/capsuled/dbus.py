@@ -231,10 +231,23 @@ def get_name_owner(name: str) -> Message:
 
 def header_matches(rule: MatchRule, header: Header) -> bool:
     """Whether a message with this header could match ``rule`` (its arg conditions need the
-    body, so they are left to MatchRule.matches once the body is parsed)."""
+    body: `signal_matches` checks them once it is parsed).
+
+    A rule's sender may be a well-known name (org.freedesktop.systemd1). Only the bus daemon
+    knows who owns such a name now: it changes hands (PID 1 re-executing reconnects under a new
+    unique name), and a message carries its sender's unique name only. The daemon checks it when
+    it routes a broadcast signal to us under our AddMatch of the same rule, so a signal without
+    a destination passes here. A unicast signal (it has a destination: us) reaches us whatever
+    our match rules say, from anybody, so it never matches a well-known sender. This holds
+    because every AddMatch we make for a well-known sender's signals names that sender
+    (capsuled.systemd's rules do): a broader one would let anybody's broadcast through."""
     if rule.message_type is not None and header.message_type is not rule.message_type:
         return False
     for name, expected in rule.header_fields.items():
+        if name == "sender" and not expected.startswith(":"):
+            if HeaderFields.destination in header.fields:
+                return False
+            continue
         if header.fields.get(HeaderFields[name]) != expected:
             return False
     if rule.path_namespace is not None:
@@ -243,6 +256,18 @@ def header_matches(rule: MatchRule, header: Header) -> bool:
         if not isinstance(path, str) or not (path == namespace or path.startswith(namespace + "/")):
             return False
     return True
+
+
+def signal_matches(rule: MatchRule, msg: Message) -> bool:
+    """Whether a parsed signal matches ``rule``: its header (`header_matches`), then its args."""
+    if not header_matches(rule, msg.header):
+        return False
+    if not rule.arg_conditions:
+        return True
+    # jeepney checks the args; its header check would compare a well-known sender literally.
+    args_only = MatchRule()
+    args_only.arg_conditions = rule.arg_conditions
+    return bool(args_only.matches(msg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -717,7 +742,7 @@ class DBusConnection:
         elif kind is MessageType.signal:
             _close_all(fds)  # no signal we consume carries fds
             for queue in list(self._queues):
-                if queue.rule.matches(msg):
+                if signal_matches(queue.rule, msg):
                     queue._push(msg)
         return fds
 

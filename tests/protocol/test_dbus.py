@@ -371,6 +371,43 @@ def test_a_reply_over_the_cap_fails_its_call_only() -> None:
     run(scenario)
 
 
+def test_a_well_known_sender_is_the_bus_daemons_to_check(parsed: list[Parsed]) -> None:
+    # PID 1 re-executing gets a new unique name; its broadcasts (routed to us by the daemon
+    # under an AddMatch naming org.freedesktop.systemd1) must still match. A unicast signal
+    # reaches us whatever our match rules say, so it never passes for PID 1's.
+    def job_removed(sender: str, destination: str | None) -> Message:
+        emitter = DBusAddress(
+            "/org/freedesktop/systemd1", interface="org.freedesktop.systemd1.Manager"
+        )
+        msg = _from(new_signal(emitter, "JobRemoved", "s", ("z" * 4096,)), sender)
+        if destination is not None:
+            msg.header.fields[HeaderFields.destination] = destination
+        return msg
+
+    async def scenario() -> list[str]:
+        conn, peer = await connected()
+        rule = MatchRule(
+            type="signal",
+            sender="org.freedesktop.systemd1",
+            interface="org.freedesktop.systemd1.Manager",
+            member="JobRemoved",
+        )
+        senders = []
+        with conn.signals(rule) as queue:
+            for serial, (sender, dest) in enumerate(
+                [(":1.0", None), (":1.666", ":1.42"), (":1.3", None)], start=1
+            ):
+                await peer.send(job_removed(sender, dest), serial=serial)
+            for _ in range(2):
+                senders.append((await queue.get()).header.fields[HeaderFields.sender])
+        assert conn.skipped == 1
+        await conn.close()
+        return senders
+
+    assert run(scenario) == [":1.0", ":1.3"]  # before and after the re-exec; not the forger
+    assert len(parsed) == 2
+
+
 def test_header_matches_follows_match_rule_semantics() -> None:
     base = new_signal(DBusAddress("/org/x/unit/a", interface="i.x"), "M")
     base.header.fields[HeaderFields.sender] = ":1.2"

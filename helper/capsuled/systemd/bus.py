@@ -3,9 +3,9 @@
 A ``Link`` is a `capsuled.dbus.DBusConnection` as the systemd backend uses it: every call's
 D-Bus error becomes a BackendError (``errors.error_from_dbus``; ``unit`` names the unit in
 NoSuchUnit/UnitBusy), a lost link SystemdUnavailable, a missing reply BackendTimeout. This is the
-one place those are translated. ``signal_sender`` is the unique name whose signals we believe:
-PID 1's on the system bus (GetNameOwner), None on a peer-to-peer link, where only the peer can
-send.
+one place those are translated. ``signal_sender`` is whose signals we believe: on the system
+bus PID 1's well-known name (the bus daemon checks who owns it; capsuled.dbus.header_matches),
+None on a peer-to-peer link, where only the peer can send.
 
 A capsule's manager (``open_capsule_manager``) is a peer-to-peer link to
 ``/run/capsules/NAME/systemd/private``. As root we authenticate as uid 0; claiming the capsule's
