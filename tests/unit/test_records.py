@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from capsuled.records import CorruptRecord, Phase, RecordStore, new_record
+from capsuled.records import CorruptRecord, Phase, RecordStore, RecordsUnwritable, new_record
 
 
 def test_round_trip_and_phases(tmp_path: Path) -> None:
@@ -66,3 +66,15 @@ def test_corrupt_records_are_refused_not_trusted(tmp_path: Path, content: bytes)
         store.get("a")
     # One bad file must not hide the others.
     assert [r.name for r in store.all()] == ["ok"]
+
+
+def test_a_write_that_fails_says_so_and_leaves_nothing(tmp_path: Path) -> None:
+    # records.py translates its OSError once: the methods answer RecordsUnwritable.
+    blocked = tmp_path / "state"
+    blocked.write_text("a file where the directory should be")
+    store = RecordStore(blocked)
+    with pytest.raises(RecordsUnwritable, match="web: "):
+        store.put(new_record("web", 1000))
+    with pytest.raises(RecordsUnwritable):
+        store.delete("web")
+    assert blocked.read_text() == "a file where the directory should be"
