@@ -7,7 +7,7 @@
         ├── CapsuleRunning, CapsuleNotRunning, JobFailed
         ├── SystemdTooOld, SystemdUnavailable, InteractiveAuthenticationRequired
         ├── NoSuchUnit, InvalidUnit, UnsafeCapsuleHome, InvalidValue
-        ├── Busy
+        ├── Busy, RecordsUnwritable
         └── InternalError
 
 A unit test checks that this set and the IDL's `error` declarations are the same.
@@ -112,6 +112,12 @@ class Busy(ManagerError):
     """Too many calls or streams are running (for this caller, or in all); try again later."""
 
     name = f"{INTERFACE}.Busy"
+
+
+class RecordsUnwritable(ManagerError):
+    """The helper's records (/var/lib/capsuled) could not be written; none is half written."""
+
+    name = f"{INTERFACE}.RecordsUnwritable"
 
 
 class InternalError(ManagerError):

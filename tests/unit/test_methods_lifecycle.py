@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from capsuled.peer import Peer
 from capsuled.policy import actions as act
 from capsuled.policy.authorizer import Authorizer
 from capsuled.policy.engine import Decision, Identity, Quota, Request, Rule, Who
-from capsuled.records import Phase
+from capsuled.records import Phase, Record, RecordStore
 from capsuled.systemd import errors as sd
 from capsuled.systemd.backend import CapsuleInfo
 from capsuled.varlink.errors import PermissionDenied, VarlinkError
@@ -148,6 +150,25 @@ def test_create_records_the_caller_as_owner_and_leaves_it_stopped(world: World, 
     assert record is not None
     assert (record.owner, record.phase) == (uid, Phase.READY)
     assert world.backend.calls == [("start", "fresh"), ("stop", "fresh")]
+
+
+class FullRecordStore(RecordStore):
+    """A store whose file system is full: every write fails as os.open would (ENOSPC)."""
+
+    def _put(self, record: Record) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_create_with_unwritable_records_says_so_and_touches_nothing(world: World) -> None:
+    # The fault proof's "/var/lib/capsuled full" (tests/e2e/test_faults.py does it on a real
+    # tmpfs): a clear error, not InternalError, and systemd never asked, since the record is
+    # written before systemd is touched.
+    world.services.records = FullRecordStore(world.root / "state")
+    exc = world.error("Create", {"name": "fresh"})
+    assert isinstance(exc, errors.RecordsUnwritable)
+    assert exc.parameters == {"reason": "fresh: No space left on device"}
+    assert world.backend.calls == []
+    assert world.services.records.get("fresh") is None
 
 
 def test_create_with_start_leaves_it_running(world: World) -> None:

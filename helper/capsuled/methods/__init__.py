@@ -17,6 +17,7 @@ from capsuled.dispatch import Dispatcher
 from capsuled.methods import inside, lifecycle, streams
 from capsuled.methods.context import CallContext, Notify, Outcome, Services
 from capsuled.peer import Peer
+from capsuled.records import RecordsUnwritable
 from capsuled.varlink.errors import InvalidParameter, VarlinkError
 from capsuled.varlink.interface import Interface
 from capsuled.varlink.messages import Call
@@ -103,7 +104,12 @@ def audited(action: AuditAction, handler: Handler) -> Handler:
         raw_name = p.get("name")
         name = raw_name if isinstance(raw_name, str) else None
         try:
-            return await handler(ctx, p)
+            try:
+                return await handler(ctx, p)
+            except RecordsUnwritable as exc:
+                # records.py's OSError, translated once here, where every writer of records
+                # passes: a Create or Remove cut short is finished by the same call later.
+                raise errors.RecordsUnwritable(reason=str(exc)) from exc
         except VarlinkError as exc:
             if ctx.outcome is Outcome.DENIED:
                 ctx.audit(action, name, RESULT_DENIED)
