@@ -10,6 +10,9 @@ real systemd in the testbed.
 - polkitd SIGKILLed in the middle of a check: that call is denied, the next ones are decided.
 - `systemctl daemon-reexec` during calls: each is answered (PID 1 comes back under a new bus
   name), and the calls after it work.
+- /var/lib/capsuled full (a tiny tmpfs): RecordsUnwritable, no record half written, nothing
+  in systemd; the same call works once there is room.
+- journald stopped: calls still work, in a helper that was running and in one started after.
 """
 
 from __future__ import annotations
@@ -184,3 +187,76 @@ def test_daemon_reexec_during_calls_leaves_them_answered_and_the_next_ones_worki
         reply = reply_of(in_background(bed, "alice", verb, name=name))
         assert "error" not in reply, reply
         assert reply["parameters"]["capsule"]["state"] == state
+
+
+# -- /var/lib/capsuled full ---------------------------------------------------------------------
+
+
+def test_a_full_records_directory_gives_a_clear_error_and_no_corrupt_record(
+    bed: Testbed, prefix: str
+) -> None:
+    # The helper's mount namespace is made when it starts: stop it, then put a tiny tmpfs with
+    # a copy of the records in place and fill it to the last block.
+    bed.as_root("systemctl", "stop", "capsuled.service").check()
+    bed.as_root(
+        "sh",
+        "-ec",
+        "install -d -m 0700 /var/lib/capsuled; rm -rf /var/tmp/capsuled-saved; "
+        "cp -a /var/lib/capsuled /var/tmp/capsuled-saved; "
+        "mount -t tmpfs -o size=256k,mode=0700 tmpfs /var/lib/capsuled; "
+        "cp -a /var/tmp/capsuled-saved/. /var/lib/capsuled/; "
+        "dd if=/dev/zero of=/var/lib/capsuled/filler bs=1k 2>/dev/null || true",
+    ).check()
+    try:
+        name = f"{prefix}-full"
+        reply = vcall(bed, "alice", "Create", {"name": name}).last
+        assert reply["error"] == "org.capsuled.Manager.RecordsUnwritable", reply
+        assert "No space left on device" in reply["parameters"]["reason"]
+        # Nothing half made: no record (not even a temporary one), nothing in systemd.
+        assert records_agree(bed, prefix) == []
+        assert name not in bed.as_root("ls", "-a", "/var/lib/capsuled/capsules").stdout
+        assert bed.as_root("test", "-e", f"/var/lib/private/capsules/{name}").returncode == 1
+        # With room again, the same call goes through.
+        bed.as_root("rm", "/var/lib/capsuled/filler").check()
+        assert "error" not in vcall(bed, "alice", "Create", {"name": name}).last
+        assert records_agree(bed, prefix) == []
+    finally:
+        bed.as_root("systemctl", "stop", "capsuled.service")
+        bed.as_root("umount", "/var/lib/capsuled")
+        bed.as_root("rm", "-rf", "/var/tmp/capsuled-saved")
+
+
+# -- journald stopped ---------------------------------------------------------------------------
+
+JOURNALD = (
+    "systemd-journald.socket",
+    "systemd-journald-dev-log.socket",
+    "systemd-journald.service",
+)
+
+
+def test_calls_work_while_journald_is_stopped(bed: Testbed, prefix: str) -> None:
+    bed.as_root("systemctl", "stop", *JOURNALD).check()
+    try:
+        assert bed.as_root("systemctl", "is-active", "systemd-journald.service").stdout.strip() != (
+            "active"
+        )
+        # The helper was running when journald went; then one started without it.
+        for fresh in (False, True):
+            if fresh:
+                bed.as_root("systemctl", "stop", "capsuled.service").check()
+            name = f"{prefix}-j{int(fresh)}"
+            steps: list[tuple[str, dict[str, object]]] = [
+                ("Create", {"name": name, "start": True}),
+                ("Describe", {"name": name}),
+                ("Stop", {"name": name}),
+                ("Remove", {"name": name}),
+            ]
+            for method, params in steps:
+                reply = vcall(bed, "alice", method, params).last
+                assert "error" not in reply, (method, fresh, reply)
+    finally:
+        bed.as_root("systemctl", "start", *JOURNALD)
+    assert bed.as_root("systemctl", "is-active", "systemd-journald.service").stdout.strip() == (
+        "active"
+    )
