@@ -649,8 +649,14 @@ class DBusConnection:
         self.skipped += 1
         now = self._loop.time()
         sender = header.fields.get(HeaderFields.sender) if header is not None else None
-        # The bus daemon's own unicast signals (NameAcquired after Hello) are no news either.
-        if broadcast or sender == BUS_DAEMON.bus_name:
+        # No news: the peer's own broadcasts, a broadcast our AddMatch brought while nobody
+        # waits for it (a bus signal without a destination), the bus daemon's NameAcquired.
+        routed = (
+            header is not None
+            and header.message_type is MessageType.signal
+            and HeaderFields.destination not in header.fields
+        )
+        if broadcast or routed or sender == BUS_DAEMON.bus_name:
             return
         if now - self._last_skip_log >= _SKIP_LOG_INTERVAL_S:
             self._last_skip_log = now
