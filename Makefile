@@ -8,6 +8,7 @@
 #   make shell   an interactive shell as alice inside a fresh testbed (AS=bob for another user)
 #   make boot    boot the testbed once, reboot it, print the cold/warm times
 #   make bench   benchmarks against the systemd commands doing the same (tables, ratios)
+#   make deb     dist/capsuled_VERSION_all.deb (on Debian 13; in a trixie container elsewhere)
 #   make load    the load proof in full: 500 hostile connections for 60 s, p99 bound asserted
 #   make faults  the fault proof in full: 100 SIGKILLed calls, polkitd, reexec, disk, journald
 #   make fuzz    the fuzz proof in full: 100,000 generated messages as a user who owns nothing
@@ -20,7 +21,7 @@ AS = alice
 TESTBED := PYTHONPATH=tests:helper:client $(PYTHON) -m testbed
 CACHE ?= /var/cache/capsuled-testbed
 
-.PHONY: deps test check lint demo shell boot rootfs clean-cache bench load faults fuzz
+.PHONY: deps test check lint demo shell boot rootfs clean-cache bench deb load faults fuzz
 
 deps:
 	@PYTHON=$(PYTHON) tools/install-deps.sh
@@ -65,6 +66,9 @@ boot: deps
 
 rootfs: deps
 	$(TESTBED) build
+
+deb: deps
+	$(TESTBED) deb --out dist
 
 clean-cache:
 	rm -rf $(CACHE)

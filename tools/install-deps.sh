@@ -14,14 +14,18 @@ PYTHON=${PYTHON:-python3}
 # debootstrap + systemd-container: the testbed; libsystemd-dev pkg-config gcc python3-dev: building
 # systemd-python (sdist only); util-linux: nsenter/setpriv; git: the checkout;
 # systemd-journal-remote: writes real journal files for the journal reader's unit tests.
+# zsh fish: the completion tests run them; groff-base man-db: the manual page tests render with
+# groff and `man --warnings`, as lintian does.
 APT_PACKAGES=(debootstrap systemd-container util-linux mount libsystemd-dev pkg-config gcc
-              python3-dev python3-pip git make systemd-journal-remote)
+              python3-dev python3-pip git make systemd-journal-remote
+              zsh fish groff-base man-db)
 # Python: what capsuled imports at run time (pyproject.toml's dependencies), then its `test`
-# extra, then the linters and the wheel build's backend.
+# extra, then the linters and the wheel build's backend and its docutils, which renders the
+# manual pages (pyproject.toml build-system).
 PIP_PACKAGES=(jeepney systemd-python
               varlink cryptography pytest hypothesis
-              ruff mypy "setuptools>=61" wheel)
-PY_MODULES="jeepney, systemd.daemon, varlink, cryptography, pytest, hypothesis, ruff, mypy, setuptools, wheel"
+              ruff mypy "setuptools>=61" wheel "docutils>=0.17")
+PY_MODULES="jeepney, systemd.daemon, varlink, cryptography, pytest, hypothesis, ruff, mypy, setuptools, wheel, docutils"
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-deps: run as root (the testbed needs debootstrap, mount and systemd-nspawn)" >&2

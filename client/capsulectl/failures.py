@@ -49,8 +49,12 @@ class Facts:
     """
 
     def __init__(self, exc: VarlinkError, doing: str, asked: bool) -> None:
-        self.error = exc.name
-        self.p = exc.parameters
+        from capsulectl.output import printable  # loaded once a call failed
+
+        self.error = printable(exc.name)
+        # Error parameters may echo what a capsule controls (a unit file's reason, a path in
+        # its home): escaped for the terminal like every human-format string (issue 11, 10).
+        self.p = {k: printable(v) if isinstance(v, str) else v for k, v in exc.parameters.items()}
         self.doing = doing
         self.asked = asked
         self.name = quote(self.p.get("name", "?"))
@@ -176,6 +180,7 @@ def explanations() -> dict[type[VarlinkError], tuple[Line, int]]:
             ),
             EXIT_FAILURE,
         ),
+        e.AccessChanged: (_access_changed, EXIT_FAILURE),
         e.RecordsUnwritable: (
             lambda f: (
                 f"capsuled could not {f.doing}: it cannot write its records "
@@ -197,6 +202,15 @@ def explanations() -> dict[type[VarlinkError], tuple[Line, int]]:
         # with our IDL answers this, and the error's own name says the most about it.
         ve.ExpectedMore: (_generic, EXIT_FAILURE),
     }
+
+
+def _access_changed(f: Facts) -> str:
+    why = {
+        "removed": "it was removed",
+        "replaced": "it was removed and created again, or changed owner",
+        "access-withdrawn": "you may no longer read it",
+    }.get(str(f.p.get("reason")), f"reason: {f.p.get('reason')}")
+    return f"stopped following capsule {f.name}: {why}"
 
 
 def explain_error(exc: VarlinkError, doing: str, *, asked: bool = False) -> tuple[str, int]:

@@ -26,6 +26,7 @@ __all__ = [
     "format_timestamp",
     "info_lines",
     "log_line",
+    "printable",
     "should_colour",
     "status_view",
     "table",
@@ -33,6 +34,46 @@ __all__ = [
 ]
 
 _FALSE_WORDS = frozenset({"0", "no", "n", "false", "f", "off"})
+
+
+# --- text from the helper, made safe for a terminal ---------------------------------------------
+
+# systemd's cescape() names these; every other control character becomes \xNN.
+_NAMED_ESCAPES = {
+    "\a": "\\a",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\v": "\\v",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+# Characters that reorder or break lines on a terminal without being controls (Unicode bidi
+# overrides and isolates, line and paragraph separators: "Trojan Source" text).
+_LAYOUT_CHARS = (
+    0x061C,
+    0x200E,
+    0x200F,
+    *range(0x202A, 0x202F),
+    *range(0x2066, 0x206A),
+    0x2028,
+    0x2029,
+)
+_ESCAPES: dict[int, str] = {
+    **{c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))},
+    **{ord(k): v for k, v in _NAMED_ESCAPES.items()},
+    **{c: f"\\u{c:04x}" for c in _LAYOUT_CHARS},
+}
+
+
+def printable(text: str) -> str:
+    """`text` with every control character escaped the way systemctl and journalctl's cescape()
+    shows them ("\\x1b", "\\n"), so text a capsule controls (log messages, unit names and
+    descriptions, error texts that echo them) cannot move the cursor, clear the screen, set the
+    window title or the clipboard (OSC 52), or forge extra lines. Backslashes stay as they are,
+    as journalctl prints them. --json output is never escaped: it is exact.
+    """
+    return text.translate(_ESCAPES)
 
 
 def should_colour(stream: TextIO, environ: Mapping[str, str]) -> bool:
@@ -203,7 +244,9 @@ def table(
     headers: Sequence[str], rows: Sequence[Sequence[str]], *, legend: bool = True
 ) -> list[str]:
     """Left-aligned columns separated by one space; the last column is not padded (as systemctl)."""
-    all_rows = [list(headers), *map(list, rows)] if legend else [list(r) for r in rows]
+    # Every cell may come from a capsule (unit names, descriptions): escaped here, once.
+    shown = [[printable(cell) for cell in row] for row in rows]
+    all_rows = [list(headers), *shown] if legend else shown
     if not all_rows:
         return []
     widths = [max(len(r[i]) for r in all_rows) for i in range(len(all_rows[0]))]
@@ -270,7 +313,7 @@ def _field(label: str, value: str) -> str:
 
 def _owner(c: wire.Capsule) -> str:
     if c["ownerName"]:
-        return f"owner {c['ownerName']}"
+        return f"owner {printable(c['ownerName'])}"
     if c["owner"] is not None:
         return f"owner uid {c['owner']}"
     return "not created through capsuled"
@@ -278,19 +321,19 @@ def _owner(c: wire.Capsule) -> str:
 
 def status_view(c: wire.Capsule, style: Style, now: int) -> list[str]:
     """The `systemctl status`-like block for one capsule."""
-    state = c["state"]
+    state, name, sub = printable(c["state"]), printable(c["name"]), printable(c["subState"])
     glyph = style.cross if state == "failed" else style.dot
-    lines = [f"{style.state(state, glyph)} {c['name']} - capsule ({_owner(c)})"]
-    data = f"data in /var/lib/capsules/{c['name']}" if c["hasData"] else "no data yet"
-    lines.append(_field("Loaded", f"capsule@{c['name']}.service ({data})"))
-    active = style.state(state, f"{state} ({c['subState']})")
+    lines = [f"{style.state(state, glyph)} {name} - capsule ({_owner(c)})"]
+    data = f"data in /var/lib/capsules/{name}" if c["hasData"] else "no data yet"
+    lines.append(_field("Loaded", f"capsule@{name}.service ({data})"))
+    active = style.state(state, f"{state} ({sub})")
     if state == "failed" and c["result"] and c["result"] != "success":
-        active += f" (Result: {c['result']})"
+        active += f" (Result: {printable(c['result'])})"
     if c["since"] is not None:
         active += f" since {format_timestamp(c['since'])}; {format_relative(c['since'], now)}"
     lines.append(_field("Active", active))
     if c["uid"] is not None:
-        lines.append(_field("UID", f"{c['uid']} (c-{c['name']})"))
+        lines.append(_field("UID", f"{c['uid']} (c-{name})"))
     if c["tasksCurrent"] is not None or c["tasksMax"] is not None:
         tasks = _opt(c["tasksCurrent"])
         if c["tasksMax"] is not None:
@@ -317,10 +360,11 @@ def status_view(c: wire.Capsule, style: Style, now: int) -> list[str]:
 def log_line(e: wire.LogEntry, style: Style) -> str:
     """journalctl's short format, without the host name: "Nov 25 12:05:22 web[42]: hello"."""
     stamp = time.strftime("%b %d %H:%M:%S", time.localtime(e["timestamp"] / _USEC_PER_SEC))
-    source = e["identifier"] or e["unit"] or "capsule"
+    # The identifier and the message are whatever the capsule's processes logged.
+    source = printable(e["identifier"] or e["unit"] or "capsule")
     if e["pid"] is not None:
         source += f"[{e['pid']}]"
-    message = e["message"]
+    message = printable(e["message"])
     priority = e["priority"]
     if priority is not None and priority <= 3:
         message = style.red(message)
@@ -333,12 +377,14 @@ def event_line(ev: wire.Event, style: Style) -> str:
     """One Watch event: "<local time> web/app.service: active (running)"."""
     what = ev["capsule"] if ev["unit"] is None else f"{ev['capsule']}/{ev['unit']}"
     state = ev["state"] if ev["subState"] is None else f"{ev['state']} ({ev['subState']})"
-    return f"{format_timestamp(ev['timestamp'])} {what}: {style.state(ev['state'], state)}"
+    shown = f"{printable(what)}: {style.state(ev['state'], printable(state))}"
+    return f"{format_timestamp(ev['timestamp'])} {shown}"
 
 
 def access_line(access: wire.AccessResult) -> str:
     """can-i: the policy's answer, then why: "yes (owner)"."""
-    return access["result"] if not access["reason"] else f"{access['result']} ({access['reason']})"
+    line = access["result"] if not access["reason"] else f"{access['result']} ({access['reason']})"
+    return printable(line)
 
 
 def info_lines(
@@ -362,7 +408,7 @@ def info_lines(
     ]
     if service is not None:
         rows.append(("Interfaces", ", ".join(service["interfaces"])))
-    return [f"{label.rjust(width)}: {value}" for label, value in rows]
+    return [f"{label.rjust(width)}: {printable(value)}" for label, value in rows]
 
 
 def user_name(uid: int) -> str | None:

@@ -153,7 +153,7 @@ class List(Verb):
         if ctx.json:
             ctx.print_json(reply)
         elif ctx.args.quiet:
-            ctx.print_lines(c["name"] for c in reply["capsules"])
+            ctx.print_lines(output.printable(c["name"]) for c in reply["capsules"])
         else:
             capsules = sorted(reply["capsules"], key=lambda c: c["name"])
             ctx.print_lines(output.capsule_table(capsules, legend=not ctx.args.no_legend))
@@ -334,7 +334,7 @@ class Units(Verb):
         if ctx.json:
             ctx.print_json(reply)
         elif ctx.args.quiet:
-            ctx.print_lines(u["name"] for u in reply["units"])
+            ctx.print_lines(output.printable(u["name"]) for u in reply["units"])
         else:
             units = sorted(reply["units"], key=lambda u: u["name"])
             ctx.print_lines(output.unit_table(units, legend=not ctx.args.no_legend))
@@ -505,7 +505,7 @@ class Run(Verb):
             if ctx.json:
                 ctx.print_json(reply)
             else:
-                ctx.error(f"Running as unit: {reply['unit']}")
+                ctx.error(f"Running as unit: {output.printable(reply['unit'])}")
             return EXIT_OK
         final = None
         replies = ctx.client.run_and_wait(
@@ -515,13 +515,14 @@ class Run(Verb):
             if ctx.json:
                 ctx.print_json(reply)
             elif final is None:
-                ctx.error(f"Running as unit: {reply['unit']}; waiting for it to finish...")
+                unit_shown = output.printable(reply["unit"])
+                ctx.error(f"Running as unit: {unit_shown}; waiting for it to finish...")
             final = reply
         if final is None:  # the generator yields the final reply or raises
             return EXIT_FAILURE
         status, result = final["exitStatus"], final["result"]
         if not ctx.json:
-            ctx.error(f"Finished with result: {result or 'unknown'}")
+            ctx.error(f"Finished with result: {output.printable(result or 'unknown')}")
             if status is not None:
                 ctx.error(f"Main process exited with status {status}")
         if status is not None:

@@ -2,7 +2,8 @@
 
 One record per call, written after the decision and the work: who (``CAPSULED_CALLER_UID``, from
 the socket), what (``CAPSULED_ACTION``, and a fixed ``MESSAGE_ID`` per action so that
-``journalctl MESSAGE_ID=...`` finds every ``Create``), on which capsule (``CAPSULE=``, the field
+``journalctl _SYSTEMD_UNIT=capsuled.service _UID=0 _TRANSPORT=journal MESSAGE_ID=...`` finds
+every ``Create``), on which capsule (``CAPSULE=``, the field
 systemd itself uses for capsules) and how it ended (``CAPSULED_RESULT``: ``ok``, ``denied``,
 ``failed`` or an error name).  Extra fields become ``CAPSULED_<NAME>``.
 
@@ -21,6 +22,24 @@ covers that; an Ed25519-signed trail (design brief) is not implemented.
 ``PRIORITY``: notice (5) for ``denied``, warning (4) for ``failed`` or an error name, info (6) for
 anything else (``ok``, ``started``, ...).
 
+Refusals are aggregated per uid (issue 11, finding 5). Any local user can make calls that are
+refused (``denied`` by the policy, or answered with an error name: nothing changed), thousands a
+second; one record each would trip journald's rate limit (RateLimitBurst= per service) and the
+records it then drops could be the real ones of other users. So of one uid's refusals, the first
+``REFUSALS_RECORDED_PER_WINDOW`` in a ``REFUSAL_WINDOW_S`` window are written as they come, and
+the rest are counted per action and written, when the window ends, as one record per action:
+"N refusals of ACTION by uid U in the last T s" with ``CAPSULED_RESULT=refused``,
+``CAPSULED_REFUSALS=N``,
+``CAPSULED_WINDOW_S=T`` and ``CAPSULED_CAPSULES`` (the first few names they were about). What
+one uid makes is then bounded by (K + number of actions) records per window, whatever it sends.
+
+Trusting a record: any local process can send a journal entry with ``CAPSULED_ACTION=`` and
+``SYSLOG_IDENTIFIER=capsuled`` (they are not trusted fields). Only journald sets the fields that
+start with ``_``, so a record is capsuled's only if it also has ``_SYSTEMD_UNIT=capsuled.service``,
+``_UID=0`` and ``_TRANSPORT=journal``; every query the documentation shows matches on all three::
+
+    journalctl _SYSTEMD_UNIT=capsuled.service _UID=0 _TRANSPORT=journal CAPSULED_ACTION=start
+
 ``systemd.journal`` is imported lazily (unit tests and hosts without it fall back to
 ``logging``); a record that cannot be delivered is logged to stderr, never raised: the call it
 describes has already happened.
@@ -34,8 +53,9 @@ import logging
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
@@ -49,11 +69,25 @@ RESULT_OK: Final = "ok"
 RESULT_DENIED: Final = "denied"
 RESULT_FAILED: Final = "failed"
 RESULT_CANCELLED: Final = "cancelled"  # the client hung up mid-call
+RESULT_REFUSED: Final = "refused"  # a summary of refusals (see the module docstring)
 
 # syslog priorities, as journald's PRIORITY= field wants them.
 _PRIORITY_NOTICE: Final = 5
 _PRIORITY_INFO: Final = 6
 _PRIORITY_WARNING: Final = 4
+
+# Refusal aggregation (see the module docstring): per uid and window, this many refusals are
+# written one by one, the rest counted into one summary per action when the window ends.
+REFUSAL_WINDOW_S: Final = 60.0
+REFUSALS_RECORDED_PER_WINDOW: Final = 10
+# uids with a window open at once; past this every open window is summarised early, so the
+# table stays bounded whatever number of uids (dynamic users included) refuse.
+MAX_REFUSING_UIDS: Final = 1024
+# Capsule names a summary lists (the rest are only counted).
+SUMMARY_MAX_CAPSULES: Final = 8
+
+# The fields only journald sets, that make a record capsuled's (see the module docstring).
+TRUSTED_MATCH: Final = "_SYSTEMD_UNIT=capsuled.service _UID=0 _TRANSPORT=journal"
 
 REDACTED: Final = "(redacted)"
 _FIELD_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,54}")  # journal: [A-Z0-9_], no leading '_'/digit, <=64
@@ -122,7 +156,7 @@ def _bounded(value: str) -> str:
 
 def _priority(result: str) -> int:
     """notice for a denial, warning for a failure or an error name (it has dots), else info."""
-    if result == RESULT_DENIED:
+    if result in (RESULT_DENIED, RESULT_REFUSED):
         return _PRIORITY_NOTICE
     if result == RESULT_FAILED or "." in result:
         return _PRIORITY_WARNING
@@ -204,16 +238,41 @@ def logging_sink(fields: dict[str, str]) -> None:
     log.log(level, "%s %s", fields["MESSAGE"], details)
 
 
-class AuditLog:
-    """Writes one structured record per mutating call; thread-safe, never raises on delivery."""
+def is_refusal(result: str) -> bool:
+    """A call that changed nothing: denied by the policy, or refused with an error name."""
+    return result == RESULT_DENIED or "." in result
 
-    def __init__(self, sink: Sink | None = None, *, identifier: str = "capsuled") -> None:
+
+@dataclass(slots=True)
+class _Window:
+    """One uid's refusals since `opened`: how many, and those not written, per action."""
+
+    opened: float
+    seen: int = 0
+    held: dict[str, int] = field(default_factory=dict)  # action -> refusals not written
+    capsules: dict[str, set[str]] = field(default_factory=dict)  # action -> first few names
+
+
+class AuditLog:
+    """Writes one structured record per mutating call (refusals aggregated per uid);
+    thread-safe, never raises on delivery."""
+
+    def __init__(
+        self,
+        sink: Sink | None = None,
+        *,
+        identifier: str = "capsuled",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._sink: Sink = sink if sink is not None else journal_sink
         self._identifier = identifier
+        self._clock = clock
         self._lock = threading.Lock()
         self._chain_id = secrets.token_hex(16)
         self._previous = self._chain_id
         self._seq = 0
+        self._windows: dict[int, _Window] = {}
+        self._next_due = float("inf")  # when the oldest open window ends
 
     @property
     def chain_id(self) -> str:
@@ -232,11 +291,89 @@ class AuditLog:
         """Write one record and return the fields written (for tests and callers that chain).
 
         Extra ``fields`` become ``CAPSULED_<NAME.upper()>``; None values are left out;
-        :class:`Sensitive` values are written as ``(redacted)``.
+        :class:`Sensitive` values are written as ``(redacted)``. A refusal past the uid's
+        allowance for this window is only counted (see the module docstring): then nothing is
+        written and the fields are returned without the chain.
 
         Raises:
             ValueError: a field name that cannot be a journal field (a caller bug).
         """
+        entry = self._fields(action, caller_uid, capsule, result, fields)
+        self.flush_refusals()
+        if is_refusal(result) and not self._admit_refusal(caller_uid, action, capsule):
+            return entry
+        return self._write(entry)
+
+    def flush_refusals(self, *, everything: bool = False) -> int:
+        """Write the summaries of refusal windows that ended (all open ones if `everything`,
+        as at exit); returns how many summaries were written."""
+        now = self._clock()
+        with self._lock:
+            if not everything and now < self._next_due:
+                return 0  # the common case, checked at every record: no scan
+            ended = [
+                (uid, window)
+                for uid, window in self._windows.items()
+                if everything or now - window.opened >= REFUSAL_WINDOW_S
+            ]
+            for uid, _ in ended:
+                del self._windows[uid]
+            opened = [w.opened for w in self._windows.values()]
+            self._next_due = min(opened) + REFUSAL_WINDOW_S if opened else float("inf")
+        written = 0
+        for uid, window in ended:
+            span = max(1, round(min(now - window.opened, REFUSAL_WINDOW_S)))
+            for action, count in sorted(window.held.items()):
+                names = sorted(window.capsules.get(action, ()))
+                entry = self._fields(
+                    action,
+                    uid,
+                    None,
+                    RESULT_REFUSED,
+                    {
+                        "refusals": count,
+                        "window_s": span,
+                        "capsules": ",".join(names) or None,
+                    },
+                )
+                entry["MESSAGE"] = f"{count} refusals of {action} by uid {uid} in the last {span} s"
+                self._write(entry)
+                written += 1
+        return written
+
+    def _admit_refusal(self, uid: int, action: str, capsule: str | None) -> bool:
+        """Whether this refusal is written now (True) or only counted into a summary."""
+        with self._lock:
+            window = self._windows.get(uid)
+            if window is None:
+                overflow = len(self._windows) >= MAX_REFUSING_UIDS
+                window = self._windows[uid] = _Window(self._clock())
+                self._next_due = min(self._next_due, window.opened + REFUSAL_WINDOW_S)
+            else:
+                overflow = False
+            window.seen += 1
+            if window.seen <= REFUSALS_RECORDED_PER_WINDOW:
+                admitted = True
+            else:
+                admitted = False
+                window.held[action] = window.held.get(action, 0) + 1
+                names = window.capsules.setdefault(action, set())
+                if capsule is not None and len(names) < SUMMARY_MAX_CAPSULES:
+                    names.add(capsule)
+        if overflow:
+            # Too many uids at once: summarise the open windows now (bounded memory); their
+            # refusals are still all counted.
+            self.flush_refusals(everything=True)
+        return admitted
+
+    def _fields(
+        self,
+        action: str,
+        caller_uid: int,
+        capsule: str | None,
+        result: str,
+        fields: Mapping[str, FieldValue],
+    ) -> dict[str, str]:
         entry: dict[str, str] = {
             "MESSAGE": _bounded(self._message(action, caller_uid, capsule, result)),
             "MESSAGE_ID": MESSAGE_IDS.get(action, MESSAGE_ID_OTHER),
@@ -262,6 +399,9 @@ class AuditLog:
                 entry[key] = "yes" if value else "no"
             else:
                 entry[key] = _bounded(str(value))
+        return entry
+
+    def _write(self, entry: dict[str, str]) -> dict[str, str]:
         with self._lock:
             self._seq += 1
             entry["CAPSULED_CHAIN_ID"] = self._chain_id

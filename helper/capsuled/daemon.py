@@ -39,6 +39,7 @@ from capsuled.varlink.interface import Interface, parse_interface
 from capsuled.varlink.service import ServiceInfo
 
 if TYPE_CHECKING:
+    from capsuled.audit import AuditLog
     from capsuled.dbus import SystemBus
     from capsuled.methods.context import Services
     from capsuled.peer import Peer
@@ -116,10 +117,14 @@ class Wiring:
     system_bus: SystemBus | None = None
     account: Account | None = None  # None: every peer counts against its own uid
     open_streams: frozenset[str] = frozenset()
+    audit: AuditLog | None = None  # its refusal summaries are written while serving and at exit
 
 
 # The interface's own errors for what the transport answers itself (the core knows no interface).
 MANAGER_ERRORS: Final = ServerErrors(internal=errors.InternalError, busy=errors.Busy)
+# How often refusal summaries whose window ended are written when no call triggers it
+# (audit.REFUSAL_WINDOW_S is the window; a summary is at most this late).
+REFUSAL_FLUSH_S: Final = 10.0
 
 
 def build_wiring(options: Options) -> Wiring:
@@ -160,6 +165,7 @@ def build_wiring(options: Options) -> Wiring:
         system_bus=system_bus,
         account=capsule_owner_account(records),
         open_streams=frozenset(f"{interface.name}.{m}" for m in methods.OPEN_STREAMS),
+        audit=services.audit,
     )
 
 
@@ -243,6 +249,8 @@ class PolicyReloader:
         new = self._load()  # logs why, and is deny-all for non-root, if the config is refused
         old, retired = self._services.authorizer, self._current
         self._services.authorizer, self._current = new, _Generation()
+        # Streams authorized under the old policy check their grant again now (finding 2).
+        self._services.grants.reloaded()
         log.info(
             "policy reloaded: backend %s%s",
             new.backend_name,
@@ -426,6 +434,8 @@ async def serve(options: Options, wiring: Wiring) -> int:
     else:
         ends.append(asyncio.create_task(server.serve_connected(target.sock)))
         status = "Serving one connection"
+    if wiring.audit is not None:
+        ends.append(asyncio.create_task(_flush_refusals(wiring.audit)))
     if reloader is not None:
         # Before READY=1: for Type=notify-reload, systemd >= 260 checks at READY=1 that the
         # reload signal is caught (SigCgt in /proc/PID/status) and otherwise kills the service
@@ -446,6 +456,13 @@ async def serve(options: Options, wiring: Wiring) -> int:
     return 0
 
 
+async def _flush_refusals(audit: AuditLog) -> None:
+    """Write refusal summaries as their windows end, also while no call comes (never returns)."""
+    while True:
+        await asyncio.sleep(REFUSAL_FLUSH_S)
+        audit.flush_refusals()
+
+
 async def _wind_down(
     options: Options,
     server: Server,
@@ -460,6 +477,8 @@ async def _wind_down(
     await asyncio.gather(*ends, return_exceptions=True)
     if wiring.reloader is not None:
         await wiring.reloader.aclose()
+    if wiring.audit is not None:
+        wiring.audit.flush_refusals(everything=True)  # no refusal goes uncounted at exit
     if wiring.system_bus is not None:
         await wiring.system_bus.close()  # no call is left that could use it
     if created_path is not None:

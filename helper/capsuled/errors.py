@@ -7,7 +7,7 @@
         ├── CapsuleRunning, CapsuleNotRunning, JobFailed
         ├── SystemdTooOld, SystemdUnavailable, InteractiveAuthenticationRequired
         ├── NoSuchUnit, InvalidUnit, UnsafeCapsuleHome, InvalidValue
-        ├── Busy, RecordsUnwritable
+        ├── Busy, AccessChanged, RecordsUnwritable
         └── InternalError
 
 A unit test checks that this set and the IDL's `error` declarations are the same.
@@ -112,6 +112,12 @@ class Busy(ManagerError):
     """Too many calls or streams are running (for this caller, or in all); try again later."""
 
     name = f"{INTERFACE}.Busy"
+
+
+class AccessChanged(ManagerError):
+    """A stream's grant no longer holds (capsule removed, replaced, or access withdrawn)."""
+
+    name = f"{INTERFACE}.AccessChanged"
 
 
 class RecordsUnwritable(ManagerError):

@@ -1,8 +1,9 @@
 """`capsuled install` / `capsuled uninstall`: put capsuled's host files in place, or remove them.
 
 The files come from the wheel itself (package data capsuled.data.{units,polkit,config}, see
-pyproject.toml), so a host needs nothing but the installed distribution; in a source checkout
-the top-level units/ polkit/ config/ directories are used instead.
+pyproject.toml, and the manual pages setup.py renders into capsuled/data/man/), so a host needs
+nothing but the installed distribution; in a source checkout the top-level units/ polkit/
+config/ directories are used instead, and the pages are rendered from man/ (needs docutils).
 
 Where things go (all relative to --root, default /). PREFIX is /usr/local by default, since a
 pip install is a local admin install (file-hierarchy(7)); a distribution package passes /usr:
@@ -12,6 +13,10 @@ pip install is a local admin install (file-hierarchy(7)); a distribution package
     PREFIX/lib/tmpfiles.d/capsuled.conf           the capsule directories the service may write
     PREFIX/share/capsuled/install-manifest.json   what was written, for uninstall
     PREFIX/share/bash-completion/completions/capsulectl   the client's bash completion
+    PREFIX/share/zsh/site-functions/_capsulectl    zsh (Debian's /usr: share/zsh/vendor-completions)
+    PREFIX/share/fish/vendor_completions.d/capsulectl.fish    fish, for PREFIX /usr only; other
+                                                  prefixes: /etc/fish/completions/capsulectl.fish
+    PREFIX/share/man/man{1,5,8}/                  capsulectl(1), capsuled.toml(5), capsuled(8)
     /usr/share/polkit-1/actions/*.policy          the only directory polkitd reads actions from
     /usr/share/doc/capsuled/examples/             example polkit rules and the default config
                                                   (polkit(8): a mechanism ships no active rules)
@@ -22,21 +27,28 @@ pip install is a local admin install (file-hierarchy(7)); a distribution package
 `install` then (unless --root or --no-enable) creates the group `capsule` with systemd-sysusers,
 the capsule directories with systemd-tmpfiles, reloads PID 1 and enables capsuled.socket.
 This is an admin tool, so running systemctl here is fine; the daemon never does.
+
+A distribution package is built with `install --root DESTDIR --prefix /usr --no-manifest` (see
+debian/rules): the same layout, but the package manager owns the files, so there is no manifest
+for `uninstall` to act on, and a live `install` refuses where a package has put capsuled's
+units into /usr/lib (it would shadow or fight the package's files).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -59,6 +71,25 @@ EXAMPLES_DIR = PurePosixPath("/usr/share/doc/capsuled/examples")
 # (/usr/local/share first by default), so PREFIX/share suits pip and packages alike.
 COMPLETION_DIR = PurePosixPath("share/bash-completion/completions")
 COMPLETION_SOURCE = ("completion", "capsulectl.bash")  # inside the capsulectl package
+# zsh: upstream's default $fpath has PREFIX/share/zsh/site-functions for every prefix; Debian's
+# zsh keeps /usr/local/share/zsh/site-functions but reads packages' completions from
+# /usr/share/zsh/vendor-completions instead (/usr/share/zsh/site-functions is not on its $fpath).
+ZSH_COMPLETION_DIR = PurePosixPath("share/zsh/site-functions")
+ZSH_DEBIAN_VENDOR_DIR = PurePosixPath("/usr/share/zsh/vendor-completions")
+ZSH_COMPLETION_SOURCE = ("completion", "_capsulectl")
+# fish: packages use its vendor directory (`pkg-config --variable completionsdir fish`); fish
+# looks for vendor_completions.d under $XDG_DATA_DIRS only, which is unset on a console or ssh
+# login, so /usr/local/share/fish is not read there. /etc/fish/completions (fish's sysconf dir,
+# for completions the administrator installs) always is.
+FISH_VENDOR_DIR = PurePosixPath("/usr/share/fish/vendor_completions.d")
+FISH_ADMIN_DIR = PurePosixPath("/etc/fish/completions")
+FISH_COMPLETION_SOURCE = ("completion", "capsulectl.fish")
+MAN_DIR = PurePosixPath("share/man")
+MAN_SOURCE = ("data", "man")  # inside the capsuled package: rendered by setup.py
+DEBIAN_MARKER = Path("/etc/debian_version")
+# A distribution package's units (file-hierarchy(7): /usr/lib is the vendor's, /usr/local/lib
+# the admin's): found there and not in our /usr manifest, they are the package's.
+VENDOR_UNIT = PurePosixPath("/usr/lib/systemd/system") / "capsuled.socket"
 
 _CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -96,18 +127,71 @@ def _files(kind: str) -> Iterator[Traversable]:
             yield entry
 
 
-def _completion_script() -> Traversable | None:
-    """capsulectl's bash completion from the installed wheel, or the checkout's copy."""
+def _completion_script(parts: tuple[str, ...] = COMPLETION_SOURCE) -> Traversable | None:
+    """A completion script of capsulectl from the installed wheel, or the checkout's copy."""
     try:
         found: Traversable = resources.files("capsulectl")
     except ModuleNotFoundError:
         found = _CHECKOUT / "client/capsulectl"
-    script = found.joinpath(*COMPLETION_SOURCE)
+    script = found.joinpath(*parts)
     return script if script.is_file() else None
 
 
+def _completions(prefix: PurePosixPath) -> Iterator[PlannedFile]:
+    """bash, zsh and fish completion, each where that shell looks for a PREFIX install."""
+    zsh_dir = prefix / ZSH_COMPLETION_DIR
+    if prefix == PurePosixPath("/usr") and DEBIAN_MARKER.exists():
+        zsh_dir = ZSH_DEBIAN_VENDOR_DIR
+    fish_dir = FISH_VENDOR_DIR if prefix == PurePosixPath("/usr") else FISH_ADMIN_DIR
+    for source, dest in (
+        (COMPLETION_SOURCE, prefix / COMPLETION_DIR / "capsulectl"),
+        (ZSH_COMPLETION_SOURCE, zsh_dir / "_capsulectl"),
+        (FISH_COMPLETION_SOURCE, fish_dir / "capsulectl.fish"),
+    ):
+        script = _completion_script(source)
+        if script is not None:  # the same wheel ships them; only a trimmed checkout lacks one
+            yield PlannedFile(dest, script.read_bytes())
+
+
+def _man_pages() -> list[tuple[str, bytes]]:
+    """(NAME.SECTION, roff) of every manual page: built into the wheel, or rendered from man/.
+
+    Raises:
+        InstallError: running from a checkout without docutils to render the pages.
+    """
+    built = resources.files("capsuled").joinpath(*MAN_SOURCE)
+    if built.is_dir():
+        pages = [(e.name, e.read_bytes()) for e in built.iterdir() if e.is_file()]
+        if pages:
+            return sorted(pages)
+    return list(_render_checkout_pages())
+
+
+@functools.cache  # a checkout's pages do not change while we run; rendering takes ~0.3 s
+def _render_checkout_pages() -> tuple[tuple[str, bytes], ...]:
+    renderer = _CHECKOUT / "tools/manpages.py"
+    if not renderer.is_file():
+        return ()  # neither a wheel with pages nor a checkout: nothing to install
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("capsuled_manpages", renderer)
+    if spec is None or spec.loader is None:
+        raise InstallError(f"cannot load {renderer}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        version = module.project_version(_CHECKOUT)
+        return tuple((src.stem, module.render(src, version)) for src in module.sources())
+    except ImportError as exc:
+        raise InstallError(f"rendering the manual pages from a checkout needs {exc.name}") from exc
+
+
 def plan(prefix: PurePosixPath, bindir: PurePosixPath) -> list[PlannedFile]:
-    """Every file `install` writes, in order."""
+    """Every file `install` writes, in order.
+
+    Raises:
+        InstallError: the manual pages cannot be rendered (a checkout without docutils).
+    """
     lib = prefix / "lib"
     planned: list[PlannedFile] = []
     for entry in _files("units"):
@@ -130,9 +214,10 @@ def plan(prefix: PurePosixPath, bindir: PurePosixPath) -> list[PlannedFile]:
         planned.append(PlannedFile(EXAMPLES_DIR / entry.name, data))
         if entry.name == CONFIG_NAME:
             planned.append(PlannedFile(ETC_DIR / CONFIG_NAME, data, config=True))
-    completion = _completion_script()
-    if completion is not None:  # the same wheel ships it; only a trimmed checkout lacks it
-        planned.append(PlannedFile(prefix / COMPLETION_DIR / "capsulectl", completion.read_bytes()))
+    planned.extend(_completions(prefix))
+    for name, page in _man_pages():
+        section = name.rpartition(".")[2]
+        planned.append(PlannedFile(prefix / MAN_DIR / f"man{section}" / name, page))
     return planned
 
 
@@ -167,6 +252,24 @@ def host_problem(version: int | None, booted: bool) -> str | None:
     return None
 
 
+def packaged_problem(root: Path) -> str | None:
+    """Why a live install must not run: a distribution package installed capsuled; else None."""
+    unit = _under(root, VENDOR_UNIT)
+    if not unit.exists():
+        return None
+    try:
+        manifest = json.loads(_under(root, manifest_path(PurePosixPath("/usr"))).read_text())
+        ours = {entry["path"] for entry in manifest["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = set()
+    if str(VENDOR_UNIT) in ours:
+        return None  # an earlier `capsuled install --prefix /usr`: reinstalling is fine
+    return (
+        f"{VENDOR_UNIT} is not from `capsuled install`: a distribution package installed "
+        "capsuled, and owns its files (use the package manager, or --root DIR to stage files)"
+    )
+
+
 def _systemd_version() -> int | None:
     try:
         proc = subprocess.run(
@@ -199,6 +302,38 @@ def find_bindir() -> PurePosixPath:
         if path.is_file() and os.access(path, os.X_OK):
             return PurePosixPath(path.parent)
     raise InstallError("cannot find the `capsuled` executable; pass --bindir DIR")
+
+
+def executable_problem(
+    path: str, *, lstat: Callable[[str], os.stat_result] = os.lstat
+) -> str | None:
+    """Why root must not run `path` as capsuled.service's ExecStart=, or None.
+
+    Whoever can replace the file, or rename anything on the way to it, runs code as root when
+    the socket is next activated: so the file and every directory above it, on the path as
+    given and on the path it resolves to, must be root's and writable by nobody else (group
+    writable only for group root). Symlinks on the way are followed, not judged themselves:
+    nobody can rewrite a symlink, only its directory's owner replace it, and that directory is
+    checked.
+    """
+    real = os.path.realpath(path)
+    for route in dict.fromkeys((os.path.abspath(path), real)):
+        parts = PurePosixPath(route).parts
+        for depth in range(1, len(parts) + 1):
+            current = str(PurePosixPath(*parts[:depth]))
+            try:
+                st = lstat(current)
+            except OSError as exc:
+                return f"{current}: {exc.strerror or exc}"
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            if st.st_uid != 0:
+                return f"{current} is owned by uid {st.st_uid}, not root"
+            if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != 0):
+                return f"{current} is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    if not stat.S_ISREG(lstat(real).st_mode):
+        return f"{real} is not a regular file"
+    return None
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -244,9 +379,17 @@ def _sha256(data: bytes) -> str:
 
 
 def install_files(
-    root: Path, prefix: PurePosixPath, bindir: PurePosixPath, out: list[str]
+    root: Path,
+    prefix: PurePosixPath,
+    bindir: PurePosixPath,
+    out: list[str],
+    *,
+    manifest: bool = True,
 ) -> list[PlannedFile]:
-    """Write every planned file under root and the manifest; returns what was written."""
+    """Write every planned file under root, and the manifest unless told not to.
+
+    Returns what was written.
+    """
     written: list[PlannedFile] = []
     root.mkdir(parents=True, exist_ok=True)  # a packager's DESTDIR need not exist yet
     for item in plan(prefix, bindir):
@@ -262,15 +405,24 @@ def install_files(
         out.append(f"wrote {item.dest}")
     dropins = _under(root, ETC_DIR / f"{CONFIG_NAME}.d")
     _make_dirs(root, dropins)
-    manifest = {
+    if not manifest:
+        return written  # a package manager records the files itself
+    record = {
         "files": [
             {"path": str(i.dest), "sha256": _sha256(i.content), "config": i.config} for i in written
         ],
-        "created_dirs": [str(ETC_DIR / f"{CONFIG_NAME}.d"), str(EXAMPLES_DIR)],
+        # Removed by uninstall if empty, deepest first. /etc/fish/completions: made for our
+        # completion even where fish is absent; fish's own /etc/fish is never empty.
+        "created_dirs": [
+            str(ETC_DIR / f"{CONFIG_NAME}.d"),
+            str(EXAMPLES_DIR),
+            str(FISH_ADMIN_DIR),
+            str(FISH_ADMIN_DIR.parent),
+        ],
     }
     target = _under(root, manifest_path(prefix))
     _make_dirs(root, target.parent)
-    _write_file(target, (json.dumps(manifest, indent=2) + "\n").encode())
+    _write_file(target, (json.dumps(record, indent=2) + "\n").encode())
     return written
 
 
@@ -366,19 +518,32 @@ def main_install(argv: list[str]) -> int:
     p = _parser("capsuled install", "Install capsuled's units, polkit actions and config.")
     p.add_argument("--bindir", metavar="DIR", help="directory of the capsuled executable")
     p.add_argument("--no-enable", action="store_true", help="do not enable capsuled.socket")
+    p.add_argument(
+        "--no-manifest",
+        action="store_true",
+        help="write no install manifest: for a package manager that tracks the files itself "
+        "(`capsuled uninstall` then has nothing to act on); only with --root",
+    )
     args = p.parse_args(argv)
+    if args.no_manifest and args.root is None:
+        p.error("--no-manifest is for staging a package: use it with --root DIR")
     out: list[str] = []
     try:
         if args.root is None:
             if os.geteuid() != 0:
                 raise InstallError("must be run as root (or with --root DIR)")
-            problem = host_problem(_systemd_version(), _booted())
+            problem = host_problem(_systemd_version(), _booted()) or packaged_problem(Path("/"))
             if problem:
                 raise InstallError(problem)
         bindir = PurePosixPath(args.bindir) if args.bindir else find_bindir()
+        if args.root is None:
+            # Root will run it (ExecStart=): refuse one that someone else could replace.
+            problem = executable_problem(str(bindir / "capsuled"))
+            if problem:
+                raise InstallError(f"will not point capsuled.service at it: {problem}")
         root = Path(args.root or "/")
         prefix = PurePosixPath(args.prefix)
-        install_files(root, prefix, bindir, out)
+        install_files(root, prefix, bindir, out, manifest=not args.no_manifest)
         if args.root is None:
             _activate(prefix, enable=not args.no_enable, out=out)
     except (InstallError, OSError) as exc:

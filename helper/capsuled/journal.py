@@ -28,17 +28,23 @@ web's log view.  Every term we match on is either a trusted field or a field onl
 With a unit filter we mirror ``journalctl --user-unit`` (add_matches_for_user_unit()), adapted
 to capsules, where the cgroup is the only trusted record of the unit: entries whose
 ``_SYSTEMD_CGROUP`` is the unit's cgroup or below it (a unit may create sub-cgroups), plus the
-capsule manager's messages with ``USER_UNIT=UNIT``.  Journal matches are exact, so the unit's
-cgroups are found first among the journal's unique ``_SYSTEMD_CGROUP`` values and matched one by
-one; that keeps a tail read of a quiet unit in a chatty capsule an index lookup, not a scan.
+capsule manager's messages with ``USER_UNIT=UNIT``.  Journal matches are exact and a unit's
+cgroups are not known in advance (sub-cgroups, nested slices), so the journal is asked for the
+capsule's entries (the trusted ``_SYSTEMD_UNIT``, an index lookup) and ``accepts`` narrows them
+to the unit, for a tail read as for a follower.  A tail read looks at most ``MAX_TAIL_SCANNED``
+of the capsule's newest entries: a quiet unit in a chatty capsule then gets fewer lines, never
+an unbounded scan.  (It used to look the unit's cgroups up among the journal's unique
+``_SYSTEMD_CGROUP`` values, but sd_journal_query_unique() ignores matches: that set spans every
+cgroup the whole journal ever saw, and grows without bound; issue 11, item 13.)
 Coredumps are not attributed to user units (journald does not set ``COREDUMP_USER_UNIT`` for
 capsules either); they show up in the capsule-wide view.
 
 Every entry the library hands back is checked again in Python against the same selection
 (``accepts``) before it becomes an ``Entry``: a capsule named "web" must never see "web2".
 
-Bounds: at most ``MAX_LINES`` entries per read, messages capped at ``MESSAGE_MAX_BYTES`` bytes,
-a tail read's messages together capped at ``TAIL_MAX_BYTES`` (as JSON text).
+Bounds: at most ``MAX_LINES`` entries per read and ``MAX_TAIL_SCANNED`` looked at, messages
+capped at ``MESSAGE_MAX_BYTES`` bytes, a tail read's messages together capped at
+``TAIL_MAX_BYTES`` (as JSON text).
 
 Assumes the capsule runs in capsule.slice, as upstream's capsule@.service says; an admin's
 Slice= override would hide the unit attribution (entries still show, with unit None).
@@ -52,7 +58,7 @@ from __future__ import annotations
 
 import collections
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -62,6 +68,8 @@ from capsuled.names import is_valid_capsule_name, is_valid_unit_name
 
 MAX_LINES = 10000
 DEFAULT_LINES = 100
+# Entries of the capsule one tail read looks at (with a unit filter most may be other units').
+MAX_TAIL_SCANNED = 100_000
 
 # One huge entry (journald accepts fields up to 64 MiB by default, DATA_SIZE_MAX) must not blow a
 # reply: the message text is cut after this many bytes and TRUNCATION_MARK appended.  64 KiB is
@@ -261,29 +269,6 @@ def capsule_match_groups(capsule: str) -> MatchGroups:
     )
 
 
-def unit_match_groups(capsule: str, unit: str, cgroups: Iterable[str]) -> MatchGroups:
-    """Journal matches for one user unit, given the unit's cgroups known to the journal."""
-    service = capsule_service(capsule)
-    root = capsule_cgroup(capsule)
-    own = tuple(f"_SYSTEMD_CGROUP={cg}" for cg in sorted(set(cgroups)))
-    about = (
-        f"_SYSTEMD_UNIT={service}",
-        f"_SYSTEMD_CGROUP={root}",
-        f"_SYSTEMD_CGROUP={root}/{MANAGER_SUBGROUP}",
-        f"USER_UNIT={unit}",
-    )
-    groups: list[tuple[Match, ...]] = []
-    if own:
-        groups.append((f"_SYSTEMD_UNIT={service}", *own))
-    groups.append(about)
-    return tuple(groups)
-
-
-def unit_cgroups(capsule: str, unit: str, known: Iterable[str]) -> list[str]:
-    """The cgroups among ``known`` that belong to ``unit`` of ``capsule``."""
-    return sorted(cg for cg in known if unit_of_cgroup(capsule, cg) == unit)
-
-
 def groups_accept(groups: MatchGroups, fields: Mapping[str, bytes]) -> bool:
     """Evaluate match groups the way sd-journal does: groups are ORed; inside a group, terms on
     the same field are ORed and different fields ANDed.  An absent field matches nothing."""
@@ -311,13 +296,10 @@ def accepts(capsule: str, unit: str | None, fields: Mapping[str, bytes]) -> bool
     return is_manager_cgroup(capsule, cgroup) and fields.get("USER_UNIT") == unit.encode()
 
 
-def follow_match_groups(capsule: str, unit: str | None) -> MatchGroups:
-    """What a follower asks the journal for; `accepts` narrows it to the selection.
-
-    New cgroups of a unit may appear while we follow, so a unit is selected by the capsule's
-    trusted _SYSTEMD_UNIT and narrowed by accepts(); the volume is what is being written now,
-    not the history.
-    """
+def selection_match_groups(capsule: str, unit: str | None) -> MatchGroups:
+    """What a tail read or a follower asks the journal for; `accepts` narrows it to the
+    selection. A unit is selected by the capsule's trusted _SYSTEMD_UNIT: its cgroups are not
+    known in advance (and new ones may appear while we follow)."""
     if unit is None:
         return capsule_match_groups(capsule)
     return ((f"_SYSTEMD_UNIT={capsule_service(capsule)}",),)

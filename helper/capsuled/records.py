@@ -9,7 +9,19 @@ leaves either the old record or the new one, never a torn one.
 A record carries a `phase` so that an operation killed half-way can be
 finished by a retry (invariant 5): Create writes "creating" before touching
 systemd and "ready" after; Remove writes "removing" before touching systemd
-and deletes the record last. Everything else is re-derived from systemd.
+and deletes the record last - or, with keepData, leaves it in phase "kept":
+a kept home stays its owner's (it counts against their quota, nobody else may
+create the name, and the owner may create it again to take the data back, or
+remove it for good). Everything else is re-derived from systemd.
+
+The owner is a uid *and* the user name it had at creation (`owner_name`): a
+uid freed by a deleted account and given to a new one does not inherit the
+old account's capsules. When the names differ (or the uid has no name any
+more) the record has no owner for every grant (`is_owner`), so only root and
+the policy's rules reach the capsule. Linux keeps no account creation time, so
+the name is the second fact we can bind to. Records written before the name
+was kept (no `owner_name`), and records of creators that had no user name,
+bind the uid only.
 
 This directory is root's alone (mode 0700 under StateDirectory=capsuled); no
 capsule or caller can reach it, so plain paths are safe here, unlike in
@@ -38,6 +50,7 @@ class Phase(StrEnum):
     CREATING = "creating"
     READY = "ready"
     REMOVING = "removing"
+    KEPT = "kept"  # removed with keepData: systemd forgot it, its home and owner stay
 
 
 class CorruptRecord(Exception):
@@ -56,16 +69,24 @@ class Record:
     owner: int
     phase: Phase
     created_usec: int
+    # The owner's user name at creation; None: not recorded (older record, nameless creator).
+    owner_name: str | None = None
 
     def to_json(self) -> bytes:
-        doc = {
+        doc: dict[str, object] = {
             "format": RECORD_FORMAT,
             "name": self.name,
             "owner": self.owner,
             "phase": str(self.phase),
             "created": self.created_usec,
         }
+        if self.owner_name is not None:
+            doc["owner_name"] = self.owner_name
         return json.dumps(doc, sort_keys=True).encode() + b"\n"
+
+    def is_owner(self, uid: int, user: str | None) -> bool:
+        """Whether the account that is `uid` now (named `user`) is the one that created this."""
+        return uid == self.owner and (self.owner_name is None or self.owner_name == user)
 
     @classmethod
     def from_json(cls, raw: bytes, *, expected_name: str) -> Self:
@@ -80,8 +101,11 @@ class Record:
             raise CorruptRecord(f"{expected_name}: record names {name!r}")
         if type(owner) is not int or owner < 0 or type(created) is not int:
             raise CorruptRecord(f"{expected_name}: bad owner or creation time")
+        owner_name = doc.get("owner_name")
+        if owner_name is not None and (not isinstance(owner_name, str) or not owner_name):
+            raise CorruptRecord(f"{expected_name}: bad owner name")
         try:
-            return cls(name, owner, Phase(str(phase)), created)
+            return cls(name, owner, Phase(str(phase)), created, owner_name)
         except ValueError as exc:
             raise CorruptRecord(f"{expected_name}: unknown phase {phase!r}") from exc
 
@@ -168,8 +192,9 @@ class RecordStore:
         except OSError as exc:
             raise RecordsUnwritable(f"{name}: {exc.strerror or exc}") from exc
 
-    def owned_by(self, uid: int) -> list[Record]:
-        return [r for r in self.all() if r.owner == uid]
+    def owned_by(self, uid: int, user: str | None) -> list[Record]:
+        """The records whose owner is the account that is `uid` (named `user`) now."""
+        return [r for r in self.all() if r.is_owner(uid, user)]
 
     def _sync_dir(self) -> None:
         fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -179,5 +204,6 @@ class RecordStore:
             os.close(fd)
 
 
-def new_record(name: str, owner: int) -> Record:
-    return Record(name, owner, Phase.CREATING, time.time_ns() // 1000)
+def new_record(name: str, owner: int, owner_name: str | None) -> Record:
+    """A record in phase "creating", made now, owned by `owner` (named `owner_name`)."""
+    return Record(name, owner, Phase.CREATING, time.time_ns() // 1000, owner_name)

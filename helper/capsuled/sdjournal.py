@@ -28,20 +28,18 @@ from typing import Protocol, Self, TypeVar, cast
 
 from capsuled.journal import (
     MAX_LINES,
+    MAX_TAIL_SCANNED,
     MESSAGE_MAX_BYTES,
     MESSAGE_MAX_WIRE_BYTES,
     TAIL_MAX_BYTES,
     Entry,
     MatchGroups,
     accepts,
-    capsule_match_groups,
     check_names,
     entry_from_fields,
-    follow_match_groups,
     match_fields,
     message_wire_bytes,
-    unit_cgroups,
-    unit_match_groups,
+    selection_match_groups,
 )
 
 __all__ = ["FOLLOW_BATCH", "FOLLOW_RECHECK_S", "Follower", "SdJournal", "read_tail"]
@@ -65,7 +63,6 @@ class Reader(Protocol):
     def seek_cursor(self, cursor: str) -> None: ...
     def seek_realtime(self, realtime: int) -> None: ...
     def test_cursor(self, cursor: str) -> bool: ...
-    def query_unique(self, field: str) -> set[str | bytes]: ...
     def fileno(self) -> int: ...
     def process(self) -> int: ...
     def get_timeout_ms(self) -> int: ...
@@ -121,16 +118,6 @@ def _current_entry(
     )
 
 
-def _selection_groups(reader: Reader, capsule: str, unit: str | None) -> MatchGroups:
-    if unit is None:
-        return capsule_match_groups(capsule)
-    known = (
-        cg.decode("utf-8", errors="replace") if isinstance(cg, bytes) else str(cg)
-        for cg in reader.query_unique("_SYSTEMD_CGROUP")
-    )
-    return unit_match_groups(capsule, unit, unit_cgroups(capsule, unit, known))
-
-
 def read_tail(
     capsule: str,
     *,
@@ -139,12 +126,14 @@ def read_tail(
     since_usec: int | None,
     journal_dir: str | None = None,
     max_bytes: int = TAIL_MAX_BYTES,
+    max_scanned: int = MAX_TAIL_SCANNED,
 ) -> list[Entry]:
     """The newest ``lines`` entries of the capsule (or of one unit in it), oldest first.
 
     At most ``max_bytes`` of message text (``message_wire_bytes``) in all: the read stops at
     the first (walking back: newest first) entry that would not fit, so what is returned is
-    still the newest entries without a gap, just fewer of them.
+    still the newest entries without a gap, just fewer of them. Likewise it stops after
+    looking at ``max_scanned`` of the capsule's entries (most may be other units').
 
     Blocking (file I/O on the journal): call it through asyncio.to_thread.
 
@@ -162,13 +151,15 @@ def read_tail(
         return []
     reader = _open_reader(journal_dir)
     try:
-        groups = _selection_groups(reader, capsule, unit)
+        groups = selection_match_groups(capsule, unit)
         _apply_groups(reader, groups)
         names = match_fields(groups)
         newest_first: list[Entry] = []
         budget = max_bytes
         reader.seek_tail()
-        while len(newest_first) < lines and reader._previous():
+        scanned = 0
+        while len(newest_first) < lines and scanned < max_scanned and reader._previous():
+            scanned += 1
             # Walking back, the first entry older than since ends the read (journalctl -n with
             # --since agrees except across a wall-clock jump backwards, where it may show more).
             if since_usec is not None and reader._get_realtime() < since_usec:
@@ -220,7 +211,7 @@ class Follower:
         self._since_usec = since_usec if since_usec is not None else 0
         self._starts_at_time = after_cursor is None and since_usec is not None
         self._journal_dir = journal_dir
-        self._groups = follow_match_groups(capsule, unit)
+        self._groups = selection_match_groups(capsule, unit)
         self._names = match_fields(self._groups)
         self._reader: Reader | None = None
         self._fd: int | None = None

@@ -140,6 +140,8 @@ class FakeBackend:
         self._busy: set[str] = set()
         self._uids = itertools.count(FIRST_DYNAMIC_UID)
         self._watchers: set[_Watcher[CapsuleEvent]] = set()
+        # name -> paths of an administrator's unit file and drop-ins (admin_config).
+        self.admin_configs: dict[str, list[str]] = {}
 
     # -- test helpers ------------------------------------------------------------------------
 
@@ -291,6 +293,10 @@ class FakeBackend:
                 capsule.tasks_max = None if tasks_max == LIMIT_DEFAULT else tasks_max
             if cpu_weight is not None:
                 capsule.cpu_weight = None if cpu_weight == LIMIT_DEFAULT else cpu_weight
+
+    def admin_config(self, name: str) -> list[str]:
+        """What a test put in `admin_configs` for the capsule (an administrator's drop-ins)."""
+        return list(self.admin_configs.get(name, []))
 
     async def forget(self, name: str) -> None:
         """Limits and autostart go; a capsule with nothing left disappears."""

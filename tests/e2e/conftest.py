@@ -1,8 +1,10 @@
-"""Fixtures for end-to-end tests against real systemd 257 in the testbed.
+"""Fixtures for end-to-end tests against real systemd in the testbed.
 
-One container per test run (session fixture `bed`), isolation between tests by a fresh capsule
-name per test (`capsule_name`) that is cleaned up afterwards whatever the test did.
-`old_bed` is a second one, Debian bookworm with systemd 252 (older than capsules), booted only
+`bed` is one container per flavour and test run, and every test that takes it runs once on each
+flavour `--bed` names (default: trixie with systemd 257, then forky with the newest systemd
+Debian has); pytest groups the tests by flavour, so one bed runs at a time. Isolation between
+tests is a fresh capsule name per test (`capsule_name`) that is cleaned up afterwards whatever
+the test did. `old_bed` is Debian bookworm with systemd 252 (older than capsules), booted only
 when a test asks for it.
 """
 
@@ -16,7 +18,7 @@ import pytest
 from testbed import Testbed, TestbedError, TestbedUnavailable, install_signal_handlers
 from testbed.bed import Timings
 from testbed.ci import unavailable
-from testbed.rootfs import root_spec
+from testbed.rootfs import BED_FLAVOURS, root_spec
 
 _timings: list[tuple[str, Timings]] = []
 
@@ -36,10 +38,21 @@ def _booted(suite: str, run_install: bool) -> Iterator[Testbed]:
         testbed.close()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run every test that uses `bed` on each flavour --bed names."""
+    if "bed" in metafunc.fixturenames:
+        option = str(metafunc.config.getoption("--bed"))
+        flavours = [f.strip() for f in option.split(",") if f.strip()]
+        unknown = sorted(set(flavours) - set(BED_FLAVOURS))
+        if unknown or not flavours:
+            raise pytest.UsageError(f"--bed {option}: choose from {', '.join(BED_FLAVOURS)}")
+        metafunc.parametrize("bed", flavours, indirect=True, scope="session")
+
+
 @pytest.fixture(scope="session")
-def bed() -> Iterator[Testbed]:
+def bed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
     """The booted testbed with capsuled installed and users alice, bob, carol, mallory."""
-    yield from _booted("trixie", run_install=True)
+    yield from _booted(request.param, run_install=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""capsulectl end to end: every verb as the unprivileged users it is for, against real systemd 257.
+"""capsulectl end to end: every verb as the unprivileged users it is for, against real systemd.
 
 Each check looks at three things: the exit status, what capsulectl printed (text and --json), and
 what systemd (or a raw Varlink call made without capsulectl) says, so the CLI cannot agree with
@@ -93,7 +93,7 @@ def test_info_knows_the_caller(bed: Testbed) -> None:
     assert "org.capsuled.Manager" in text
     info = one_json(ok(bed, "alice", "--json", "info"))
     assert info["callerUid"] == alice
-    assert info["systemdVersion"] == 257
+    assert info["systemdVersion"] == bed.systemd_version
     assert info["policyBackend"] in ("builtin", "polkit")
 
 
@@ -176,7 +176,8 @@ def test_create_start_and_remove_keep_data(bed: Testbed, capsule_name: str) -> N
     assert [d["capsule"]["name"] for d in docs] == [name, name]  # one document per capsule
     ok(bed, "alice", "remove", name, "--keep-data")
     assert bed.as_root("test", "-d", f"/var/lib/private/capsules/{name}").returncode == 0
-    assert ctl(bed, "alice", "status", name).returncode == 4
+    # Kept, still alice's, and stopped: systemctl's "not running".
+    assert ctl(bed, "alice", "status", name).returncode == 3
 
 
 # --- units, run, logs ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Inside a capsule, end to end on systemd 257: user units, Run, Logs, Watch,
+"""Inside a capsule, end to end on systemd 257 and the newest: user units, Run, Logs, Watch,
 and the capsule's home as hostile territory (invariant 2)."""
 
 from __future__ import annotations

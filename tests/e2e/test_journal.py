@@ -1,4 +1,4 @@
-"""capsuled.sdjournal against the real journal of systemd 257 in the testbed.
+"""capsuled.sdjournal against the real journal of systemd in the testbeds (257, the newest).
 
 Everything runs inside the container as root (as the daemon does), through the installed
 capsuled package: two capsules whose names are prefixes of each other ("NAME" and "NAME2", the

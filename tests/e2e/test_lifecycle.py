@@ -1,4 +1,4 @@
-"""Capsule lifecycle against real systemd 257 in the testbed, called as the
+"""Capsule lifecycle against real systemd in the testbeds (257, the newest), called as the
 users it is meant for (the owner, root) and as those it must refuse.
 
 Every assertion on state is made twice: on the Varlink reply, and on what
@@ -230,16 +230,21 @@ def test_remove_of_a_running_capsule_stops_it_and_deletes_its_data(
     assert not data_dir_exists(bed, name)
 
 
-def test_remove_keep_data_keeps_the_directory_and_forgets_the_owner(
+def test_remove_keep_data_keeps_the_directory_and_its_owner(
     bed: Testbed, capsule_name: str
 ) -> None:
     name = capsule_name
     ok(bed, "alice", "Create", name=name)
     ok(bed, "alice", "Remove", name=name, keepData=True)
     assert data_dir_exists(bed, name)
-    # Still a capsule (systemd knows its data), but nobody's: alice lost it.
-    assert fails(bed, "alice", "Describe", name=name)[0] == NO_SUCH
-    assert ok(bed, "root", "Describe", name=name)["capsule"]["owner"] is None
+    # Still alice's (issue 11, item 13): bob cannot take the name and inherit her data ...
+    assert ok(bed, "alice", "Describe", name=name)["capsule"]["owner"] == uid_of(bed, "alice")
+    assert fails(bed, "bob", "Create", name=name)[0] == "org.capsuled.Manager.CapsuleExists"
+    # ... alice takes it back with Create, and a Remove without keepData frees the name.
+    assert ok(bed, "alice", "Create", name=name, start=True)["capsule"]["state"] == "active"
+    ok(bed, "alice", "Remove", name=name)
+    assert not data_dir_exists(bed, name)
+    ok(bed, "bob", "Create", name=name)
 
 
 def test_set_limits_is_persistent_and_visible_in_systemctl(bed: Testbed, capsule_name: str) -> None:
@@ -327,6 +332,10 @@ def test_audit_records_carry_structured_fields(bed: Testbed, capsule_name: str) 
             "-o",
             "json",
             "--no-pager",
+            # Only journald sets these: a record without them is not capsuled's (README).
+            "_SYSTEMD_UNIT=capsuled.service",
+            "_UID=0",
+            "_TRANSPORT=journal",
             f"CAPSULE={capsule_name}",
             "CAPSULED_ACTION=start",
         )

@@ -1,6 +1,6 @@
 """The authorization matrix: users x capsules x actions, every cell asserted, on both backends.
 
-Run end-to-end in the testbed (real systemd 257, real polkitd 126), twice per backend:
+Run end-to-end in each testbed (real systemd and polkitd), twice per backend:
 
 - `test_authorizer_matrix`: capsuled.policy.authorizer.Authorizer itself, inside the container as
   root, with subjects taken (SO_PEERCRED + SO_PEERPIDFD) from real processes running as each user —

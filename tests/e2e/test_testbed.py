@@ -12,6 +12,7 @@ import pytest
 
 from testbed import CommandTimeout, Testbed
 from testbed.demo import DEFAULT_STEPS, load_steps, run_demo
+from testbed.rootfs import NEWEST_SUITE
 
 pytestmark = pytest.mark.e2e
 
@@ -33,9 +34,18 @@ def test_users_have_the_documented_groups(bed: Testbed) -> None:
     assert bed.as_user("mallory", "id", "-u").stdout.strip() != "0"
 
 
-def test_container_runs_systemd_257_as_pid_1(bed: Testbed) -> None:
+# What each flavour's systemd is: trixie's exactly; testing moves on, so only where it started.
+TRIXIE_SYSTEMD = 257
+NEWEST_SYSTEMD_AT_LEAST = 262
+
+
+def test_container_runs_the_flavours_systemd_as_pid_1(bed: Testbed) -> None:
     version = bed.as_root("systemctl", "--version").check().stdout.splitlines()[0]
-    assert version.startswith("systemd 257 "), version
+    assert version.startswith(f"systemd {bed.systemd_version} "), version
+    if bed.flavour == NEWEST_SUITE:
+        assert bed.systemd_version >= NEWEST_SYSTEMD_AT_LEAST, version
+    else:
+        assert bed.systemd_version == TRIXIE_SYSTEMD, version
     assert bed.as_root("cat", "/proc/1/comm").stdout.strip() == "systemd"
     state = bed.as_root("systemctl", "is-system-running").stdout.strip()
     assert state in ("running", "degraded"), state
@@ -101,6 +111,29 @@ def test_bash_completion_is_installed_from_the_wheel(bed: Testbed) -> None:
     # shows it registers for capsulectl (the trixie root has no bash-completion package).
     registered = bed.as_user("alice", "bash", "-c", f". {path} && complete -p capsulectl").check()
     assert registered.stdout.strip() == "complete -F _capsulectl capsulectl"
+
+
+def test_manual_pages_and_zsh_and_fish_completion_come_from_the_wheel(bed: Testbed) -> None:
+    # The wheel carries pages rendered at build time (not in the checkout, which has only the
+    # .rst) and every completion; install puts them where man, zsh and fish look.
+    installed = {
+        "/usr/local/share/man/man1/capsulectl.1": None,
+        "/usr/local/share/man/man5/capsuled.toml.5": None,
+        "/usr/local/share/man/man8/capsuled.8": None,
+        "/usr/local/share/zsh/site-functions/_capsulectl": "_capsulectl",
+        "/etc/fish/completions/capsulectl.fish": "capsulectl.fish",
+    }
+    manifest = bed.as_root("cat", "/usr/local/share/capsuled/install-manifest.json").check()
+    listed = {f["path"] for f in json.loads(manifest.stdout)["files"]}
+    for path, source in installed.items():
+        text = bed.as_root("cat", path).check().stdout
+        assert path in listed, path
+        if source is None:
+            assert text.startswith('.\\" Man page generated from reStructuredText'), path
+            assert ".SH NAME" in text
+        else:
+            shipped = bed.as_root("cat", f"/src/client/capsulectl/completion/{source}").check()
+            assert text == shipped.stdout, path
 
 
 def test_varlinkctl_info_and_introspect_answer_alice(bed: Testbed) -> None:

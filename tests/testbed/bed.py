@@ -398,11 +398,11 @@ class Testbed:
 
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, root: CachedRoot, checkout: Path, suite: str = SUITE) -> None:
-        # The suite in the name of any non-default bed, so logs and `ps` tell them apart.
-        flavour = "" if suite == SUITE else f"{suite}-"
-        self.machine = f"capsuled-tb-{flavour}{secrets.token_hex(4)}"
-        self.suite = suite
+    def __init__(self, root: CachedRoot, checkout: Path, flavour: str = SUITE) -> None:
+        # The flavour in the name of any non-default bed, so logs and `ps` tell them apart.
+        infix = "" if flavour == SUITE else f"{flavour}-"
+        self.machine = f"capsuled-tb-{infix}{secrets.token_hex(4)}"
+        self.flavour = flavour
         self.checkout = checkout
         self.timings = Timings(rootfs_build=root.build_seconds, rootfs_cached=not root.built_now)
         self._root = root
@@ -413,6 +413,7 @@ class Testbed:
         self._closed = False
         self._boot_count = 0
         self._cgroup: Path | None = None
+        self._systemd_version: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -443,7 +444,7 @@ class Testbed:
         started = time.monotonic()
         prune_stale_runs()
         root = ensure_root(spec)
-        bed = cls(root, checkout, suite=spec.suite if spec else SUITE)
+        bed = cls(root, checkout, flavour=spec.name if spec else SUITE)
         with _LIVE_LOCK:
             _LIVE.add(bed)
         try:
@@ -592,12 +593,20 @@ class Testbed:
         else:
             # What capsuled's sysusers.d file would have made; the users need it.
             self.as_root("groupadd", "--system", CAPSULE_GROUP).check()
+        self.add_users()
+        self.timings.install = time.monotonic() - started
+
+    def add_users(self) -> None:
+        """Create the test users (USERS); the group `capsule` must exist already.
+
+        Raises:
+            TestbedError: useradd failed.
+        """
         for user, groups in USERS.items():
             argv = ["useradd", "--create-home", "--shell", "/bin/bash", "--user-group"]
             if groups:
                 argv += ["--groups", ",".join(groups)]
             self.as_root(*argv, user).check()
-        self.timings.install = time.monotonic() - started
 
     def reboot(self) -> float:
         """Reboot the container, keeping its writable layer (/etc, /var); return seconds taken.
@@ -665,6 +674,21 @@ class Testbed:
     def cgroup(self) -> Path | None:
         """The host cgroup this bed runs in (None where the host has no cgroup2 tree)."""
         return self._cgroup
+
+    @property
+    def systemd_version(self) -> int:
+        """The major version of the systemd this bed runs (`systemctl --version`).
+
+        Raises:
+            TestbedError: systemctl's answer does not start with "systemd N".
+        """
+        if self._systemd_version is None:
+            first = self.as_root("systemctl", "--version").check().stdout.partition("\n")[0]
+            word = first.split()[1:2]
+            if not first.startswith("systemd ") or not word or not word[0].isdigit():
+                raise TestbedError(f"cannot tell the systemd version from {first!r}")
+            self._systemd_version = int(word[0])
+        return self._systemd_version
 
     @property
     def root_dir(self) -> Path:

@@ -1,7 +1,11 @@
 """The testbed's root filesystems: Debian trees built once and cached outside the checkout.
 
-Two flavours, each a RootSpec: trixie (systemd 257, the testbed every e2e test boots) and a
-smaller bookworm (systemd 252, older than capsules) for the "too old" tests.
+Four flavours, each a RootSpec: trixie (systemd 257, the testbed every e2e test boots), a
+smaller bookworm (systemd 252, older than capsules) for the "too old" tests, forky (Debian
+testing, the newest systemd Debian has: 262 when written) for the newest-systemd tests, and
+trixie-deb, trixie with the Debian package's build dependencies, where `make deb` builds on a
+host older than Debian 13 (the containers have no network, so the build dependencies come in
+here, at debootstrap time).
 
 Layout under CACHE_DIR (default /var/cache/capsuled-testbed, override with
 CAPSULED_TESTBED_CACHE):
@@ -12,9 +16,11 @@ CAPSULED_TESTBED_CACHE):
     KEY/ready         written last, after an fsync of everything else: no stamp, no cache
     .build-KEY-PID/   a build in progress (or one that died; pruned when PID is gone)
 
-KEY hashes everything that shapes the tree (suite, variant, package list, mirror and
-BUILDER_VERSION), so changing any of them builds a new tree and stale ones of the same suite
-are pruned (the ready stamp names the suite; a stamp without one is from trixie-only days).
+KEY hashes everything that shapes the tree (flavour, suite, variant, package list, mirror and
+BUILDER_VERSION), so changing any of them builds a new tree and stale ones of the same flavour
+are pruned (the ready stamp's "suite" names the flavour, so that testbed code from before
+flavours, which prunes by that field, leaves trixie-deb alone; a stamp without it is from
+trixie-only days).
 """
 
 from __future__ import annotations
@@ -89,7 +95,33 @@ MASKED_UNITS: tuple[str, ...] = (
     "console-getty.service",
 )
 
+# Debian testing: the newest systemd Debian ships (262 when this was written), with the same
+# packages as the trixie testbed. Testing moves, so this tree is as old as its cache: `make
+# clean-cache` (or a changed list) fetches the current one.
+NEWEST_SUITE = "forky"
+
+# The Debian package's build environment: what debian/control's Build-Depends name, plus lintian
+# (build-deb.sh fails on its errors) and systemd to boot the container. Variant buildd brings
+# build-essential, which dpkg-checkbuilddeps requires implicitly. Keep in step with
+# debian/control (a unit test compares the two).
+DEB_BUILD_PACKAGES: tuple[str, ...] = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "debhelper",
+    "dh-python",
+    "pybuild-plugin-pyproject",
+    "python3-all",
+    "python3-setuptools",
+    "python3-docutils",
+    "lintian",
+    # Virtual packages are not resolved by debootstrap: lintian's libnet-ssleay-perl needs
+    # perl-openssl-abi-3, which this one provides.
+    "perl-openssl-defaults",
+)
+
 DEBOOTSTRAP_TIMEOUT_S = 900
+DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,20 +132,36 @@ class RootSpec:
     packages: tuple[str, ...]
     masked: tuple[str, ...]
     variant: str = VARIANT
+    flavour: str = ""  # the tree's name when it is not just the suite's (trixie-deb)
+
+    @property
+    def name(self) -> str:
+        """What the cache, the ready stamp and bed names call this tree."""
+        return self.flavour or self.suite
 
 
-def root_spec(suite: str = SUITE) -> RootSpec:
-    """The spec for suite ("trixie" or "bookworm"), read from the module constants now.
+FLAVOURS = (SUITE, "bookworm", NEWEST_SUITE, "trixie-deb")
+# The testbeds the e2e suite runs on, each in turn (pytest --bed): Debian 13, systemd 257, the
+# reference; and Debian testing, the newest systemd Debian has.
+BED_FLAVOURS = (SUITE, NEWEST_SUITE)
+
+
+def root_spec(flavour: str = SUITE) -> RootSpec:
+    """The spec for a flavour (see FLAVOURS), read from the module constants now.
 
     Raises:
-        ValueError: a suite the testbed has no package list for.
+        ValueError: a flavour the testbed has no package list for.
     """
     # Looked up at call time, not frozen at import, so a changed PACKAGES changes the key.
-    if suite == SUITE:
+    if flavour == SUITE:
         return RootSpec(SUITE, PACKAGES, MASKED_UNITS, VARIANT)
-    if suite == "bookworm":
+    if flavour == "bookworm":
         return RootSpec("bookworm", BOOKWORM_PACKAGES, MASKED_UNITS, VARIANT)
-    raise ValueError(f"no testbed root filesystem for suite {suite!r} (trixie, bookworm)")
+    if flavour == NEWEST_SUITE:
+        return RootSpec(NEWEST_SUITE, PACKAGES, MASKED_UNITS, VARIANT)
+    if flavour == "trixie-deb":
+        return RootSpec(SUITE, DEB_BUILD_PACKAGES, MASKED_UNITS, "buildd", flavour="trixie-deb")
+    raise ValueError(f"no testbed root filesystem for suite {flavour!r} ({', '.join(FLAVOURS)})")
 
 
 def cache_dir() -> Path:
@@ -134,6 +182,8 @@ def cache_key(spec: RootSpec | None = None) -> str:
         "mirror": MIRROR,
         "builder": BUILDER_VERSION,
     }
+    if spec.flavour:  # absent for plain suites, so their keys stay as they were
+        inputs["flavour"] = spec.flavour
     blob = json.dumps(inputs, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -192,6 +242,10 @@ def _debootstrap(target: Path, spec: RootSpec) -> None:
         str(target),
         MIRROR,
     ]
+    if not (DEBOOTSTRAP_SCRIPTS / spec.suite).exists():
+        # Debian 12's debootstrap predates forky; every Debian suite since etch uses the sid
+        # script (the others are symlinks to it), so name it for suites it does not know yet.
+        argv.append(str(DEBOOTSTRAP_SCRIPTS / "sid"))
     log_path = target.parent / "debootstrap.log"
     with open(log_path, "wb") as log:
         try:
@@ -242,7 +296,7 @@ def _build(cache: Path, key: str, spec: RootSpec) -> float:
     staging = cache / f".build-{key}-{os.getpid()}"
     _remove_tree(staging)
     (staging / "root").mkdir(parents=True)
-    _log(f"building root filesystem {key} (debootstrap {spec.suite}, 1-4 min) in {staging}")
+    _log(f"building root filesystem {key} ({spec.name}: debootstrap {spec.suite}, 1-4 min)")
     try:
         _debootstrap(staging / "root", spec)
         _post_process(staging / "root", spec)
@@ -252,7 +306,11 @@ def _build(cache: Path, key: str, spec: RootSpec) -> float:
         staging.rename(final)
         stamp = {
             "key": key,
-            "suite": spec.suite,
+            # "suite" names the tree's flavour, as it did when each suite had one tree: testbed
+            # code from before flavours prunes other trees of its "suite", and must not take
+            # trixie-deb for a stale trixie.
+            "suite": spec.name,
+            "debootstrap_suite": spec.suite,
             "packages": list(spec.packages),
             "built": time.time(),
         }
@@ -266,18 +324,24 @@ def _build(cache: Path, key: str, spec: RootSpec) -> float:
     return seconds
 
 
-def _suite_of(entry: Path) -> str | None:
-    """The suite an entry's ready stamp names; None if it has no readable stamp (unfinished)."""
+def _flavour_of(entry: Path) -> str | None:
+    """The flavour an entry's ready stamp names; None if it has no readable stamp (unfinished).
+
+    The stamp's "suite" field is the flavour: stamps from before flavours named the suite, which
+    was the flavour then.
+    """
     try:
         stamp = json.loads((entry / "ready").read_text())
     except (OSError, ValueError):
         return None
-    suite = stamp.get("suite", SUITE) if isinstance(stamp, dict) else SUITE
-    return suite if isinstance(suite, str) else SUITE
+    if not isinstance(stamp, dict):
+        return SUITE
+    flavour = stamp.get("suite", SUITE)
+    return flavour if isinstance(flavour, str) else SUITE
 
 
-def _prune(cache: Path, keep: str, suite: str) -> None:
-    """Remove other keys of the same suite nobody holds, and builds whose builder died.
+def _prune(cache: Path, keep: str, flavour: str) -> None:
+    """Remove other keys of the same flavour nobody holds, and builds whose builder died.
 
     An entry without a ready stamp is garbage whatever its suite: its builder holds the lock
     exclusively until the stamp is written, so if we can take the lock, nobody will finish it.
@@ -292,9 +356,9 @@ def _prune(cache: Path, keep: str, suite: str) -> None:
             continue
         if not entry.is_dir() or name == keep:
             continue
-        entry_suite = _suite_of(entry)
-        if entry_suite is not None and entry_suite != suite:
-            continue  # the other flavour's tree: used by other tests, not stale
+        entry_flavour = _flavour_of(entry)
+        if entry_flavour is not None and entry_flavour != flavour:
+            continue  # another flavour's tree: used by other tests, not stale
         lock_path = cache / f"{name}.lock"
         with _open_lock(lock_path) as fd:
             try:
@@ -341,7 +405,7 @@ def ensure_root(spec: RootSpec | None = None) -> CachedRoot:
                 seconds = _build(cache, key, spec)
                 built_now = True
             fcntl.flock(fd, fcntl.LOCK_SH)
-        _prune(cache, keep=key, suite=spec.suite)
+        _prune(cache, keep=key, flavour=spec.name)
     except BaseException:
         os.close(fd)
         raise

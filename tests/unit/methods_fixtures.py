@@ -204,7 +204,7 @@ class World:
     # -- state -------------------------------------------------------------------------------
 
     def own(self, name: str, uid: int, phase: Phase = Phase.READY) -> Record:
-        record = new_record(name, uid).with_phase(phase)
+        record = new_record(name, uid, USERS[uid][0] if uid in USERS else None).with_phase(phase)
         self.records.put(record)
         return record
 
@@ -309,9 +309,13 @@ class ObservedLocks(CapsuleLocks):
 # -- journal stand-ins for Logs --------------------------------------------------------------
 
 
+# Journal entries of the tests are written from here on (entry(n) at ENTRIES_FROM_USEC + n).
+ENTRIES_FROM_USEC = 1_700_000_000_000_000
+
+
 def entry(n: int, unit: str | None = "web.service") -> journal.Entry:
     return journal.Entry(
-        timestamp_usec=1_700_000_000_000_000 + n,
+        timestamp_usec=ENTRIES_FROM_USEC + n,
         cursor=f"s=1;i={n}",
         unit=unit,
         priority=6,
@@ -334,7 +338,15 @@ class FakeJournal:
         self, capsule: str, *, unit: str | None, lines: int, since_usec: int | None
     ) -> list[journal.Entry]:
         self.asked.append({"capsule": capsule, "unit": unit, "lines": lines, "since": since_usec})
-        return self.entries[-lines:] if lines else []
+        # Like read_tail: walking back from the newest, the first entry older than since ends it.
+        newest_first: list[journal.Entry] = []
+        for e in reversed(self.entries):
+            if len(newest_first) >= lines or (
+                since_usec is not None and e.timestamp_usec < since_usec
+            ):
+                break
+            newest_first.append(e)
+        return newest_first[::-1]
 
     def follow(
         self,

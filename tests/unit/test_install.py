@@ -204,3 +204,63 @@ def test_bash_completion_follows_prefix_and_uninstall_removes_it(tmp_path: Path)
     assert not (tmp_path / COMPLETION).exists()
     assert install.main_uninstall(["--root", str(tmp_path), "--prefix", "/usr"]) == 0
     assert not staged.exists()
+
+
+def test_manual_pages_are_installed_under_the_prefix_and_in_the_manifest(tmp_path: Path) -> None:
+    assert run_install(tmp_path) == 0
+    pages = {
+        "usr/local/share/man/man1/capsulectl.1",
+        "usr/local/share/man/man5/capsuled.toml.5",
+        "usr/local/share/man/man8/capsuled.8",
+    }
+    for rel in pages:
+        text = (tmp_path / rel).read_text()
+        assert text.startswith('.\\" Man page generated from reStructuredText'), rel
+        assert ".TH " in text
+    manifest = json.loads((tmp_path / "usr/local/share/capsuled/install-manifest.json").read_text())
+    assert {f"/{rel}" for rel in pages} <= {f["path"] for f in manifest["files"]}
+    assert install.main_uninstall(["--root", str(tmp_path)]) == 0
+    assert not any((tmp_path / rel).exists() for rel in pages)
+
+
+def test_no_manifest_stages_a_package_without_one(tmp_path: Path) -> None:
+    assert run_install(tmp_path, "--prefix", "/usr", "--no-manifest") == 0
+    assert (tmp_path / "usr/lib/systemd/system/capsuled.socket").is_file()
+    assert (tmp_path / "usr/share/man/man8/capsuled.8").is_file()
+    assert not (tmp_path / "usr/share/capsuled").exists()
+    # Nothing for uninstall to act on: the package manager owns those files.
+    assert install.main_uninstall(["--root", str(tmp_path), "--prefix", "/usr"]) == 1
+
+
+def test_no_manifest_is_only_for_staging(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        install.main_install(["--no-manifest"])
+    assert exc.value.code == 2
+    assert "--no-manifest" in capsys.readouterr().err
+
+
+def test_a_distribution_package_is_told_apart_from_our_own_install(tmp_path: Path) -> None:
+    assert install.packaged_problem(tmp_path) is None  # nothing installed
+    # Our own `install --prefix /usr` may be repeated (an upgrade).
+    assert run_install(tmp_path, "--prefix", "/usr") == 0
+    assert install.packaged_problem(tmp_path) is None
+    # A package's units, with no manifest of ours naming them.
+    packaged = tmp_path / "pkg"
+    assert run_install(packaged, "--prefix", "/usr", "--no-manifest") == 0
+    problem = install.packaged_problem(packaged)
+    assert problem
+    assert "distribution package" in problem
+
+
+def test_live_install_refuses_over_a_distribution_package(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(install, "_systemd_version", lambda: 257)
+    monkeypatch.setattr(install, "_booted", lambda: True)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(install, "packaged_problem", lambda root: "a package owns it")
+    written: list[object] = []
+    monkeypatch.setattr(install, "install_files", lambda *a, **k: written.append(a))
+    assert install.main_install([]) == 1
+    assert capsys.readouterr().err == "capsuled install: a package owns it\n"
+    assert written == []

@@ -10,6 +10,7 @@ where a missing tool is a failure.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import struct
 import subprocess
@@ -34,8 +35,7 @@ from capsuled.journal import (
     groups_accept,
     is_manager_cgroup,
     message_wire_bytes,
-    unit_cgroups,
-    unit_match_groups,
+    selection_match_groups,
     unit_of_cgroup,
 )
 from capsuled.sdjournal import Follower, read_tail
@@ -328,30 +328,10 @@ def test_unit_selection(entry: dict[str, bytes], shown: bool) -> None:
     assert accepts("web", "m.service", entry) is shown
 
 
-def test_unit_groups_match_exactly_the_units_cgroups() -> None:
-    known = [
-        f"{WEB}/app.slice/m.service",
-        f"{WEB}/app.slice/m.service/sub",
-        f"{WEB}/app.slice/mm.service",
-        f"{WEB2}/app.slice/m.service",
-        "/system.slice/m.service",
-    ]
-    cgroups = unit_cgroups("web", "m.service", known)
-    assert cgroups == [f"{WEB}/app.slice/m.service", f"{WEB}/app.slice/m.service/sub"]
-    groups = unit_match_groups("web", "m.service", cgroups)
-    assert groups[0] == (
-        "_SYSTEMD_UNIT=capsule@web.service",
-        f"_SYSTEMD_CGROUP={WEB}/app.slice/m.service",
-        f"_SYSTEMD_CGROUP={WEB}/app.slice/m.service/sub",
-    )
-    assert groups[1] == (
-        "_SYSTEMD_UNIT=capsule@web.service",
-        f"_SYSTEMD_CGROUP={WEB}",
-        f"_SYSTEMD_CGROUP={WEB}/init.scope",
-        "USER_UNIT=m.service",
-    )
-    # A unit that never logged: only the manager's messages about it can match.
-    assert unit_match_groups("web", "m.service", []) == (groups[1],)
+def test_a_unit_is_selected_by_its_capsule_and_narrowed_by_accepts() -> None:
+    # Never by cgroups looked up with query_unique (issue 11, item 13): see test_read_tail_*.
+    assert selection_match_groups("web", "m.service") == (("_SYSTEMD_UNIT=capsule@web.service",),)
+    assert selection_match_groups("web", None) == capsule_match_groups("web")
 
 
 def test_invalid_arguments_are_refused_before_touching_the_journal() -> None:
@@ -832,3 +812,28 @@ def test_follower_after_a_vacuumed_cursor_loses_nothing_newer(tj: JournalFiles) 
             return [(await next_entry(f)).message, (await next_entry(f)).message]
 
     assert asyncio.run(scenario()) == ["kept-1", "kept-2"]
+
+
+def test_a_unit_tail_never_asks_for_the_journals_unique_cgroups(
+    two_capsules: JournalFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sd_journal_query_unique() ignores matches: its set is every cgroup the journal ever saw.
+    from systemd import journal as sd_journal
+
+    def refuse(self: object, field: str) -> set[str]:
+        raise AssertionError(f"query_unique({field}) over the whole journal")
+
+    monkeypatch.setattr(sd_journal.Reader, "query_unique", refuse)
+    entries = tail(two_capsules, "web", unit="marker.service")
+    assert [e.message for e in entries] == ["Started marker.service", "hello-web"]
+
+
+def test_a_tail_read_looks_at_a_bounded_number_of_entries(tj: JournalFiles) -> None:
+    tj.append(unit_output("web", "quiet.service", "old"))
+    tj.append(*(unit_output("web", "chatty.service", f"noise {i}") for i in range(20)))
+    read = functools.partial(
+        read_tail, "web", unit="quiet.service", lines=10, since_usec=None,
+        journal_dir=str(tj.directory),
+    )  # fmt: skip
+    assert [e.message for e in read(max_scanned=21)] == ["old"]
+    assert read(max_scanned=20) == []  # fewer lines, never an unbounded scan

@@ -178,14 +178,39 @@ def test_create_with_start_leaves_it_running(world: World) -> None:
     assert world.backend.calls == [("start", "fresh")]
 
 
-def test_remove_keep_data_forgets_the_record_but_keeps_the_directory(world: World) -> None:
+def test_remove_keep_data_keeps_the_directory_and_its_owner(world: World) -> None:
     world.run("Remove", {"name": "alpha", "keepData": True})
-    assert world.records.get("alpha") is None
+    record = world.records.get("alpha")
+    assert record is not None
+    assert record.phase is Phase.KEPT
     assert ("clean", "alpha") not in world.backend.calls
     assert world.backend.capsules["alpha"].has_state_dir
-    # Still a capsule for systemd, now without an owner: only root sees it.
+    # Still alice's (issue 11, item 13: a kept home is not free for anybody to inherit).
     assert "alpha" in names_in(world.run("List", uid=ROOT).reply)
-    assert "alpha" not in names_in(world.run("List", uid=ALICE).reply)
+    assert "alpha" in names_in(world.run("List", uid=ALICE).reply)
+    assert "alpha" not in names_in(world.run("List", uid=BOB).reply)
+    assert isinstance(world.error("Create", {"name": "alpha"}, uid=BOB), errors.CapsuleExists)
+
+
+def test_the_owner_takes_a_kept_home_back_with_create(world: World) -> None:
+    created = world.records.get("alpha")
+    assert created is not None
+    world.run("Remove", {"name": "alpha", "keepData": True})
+    capsule = capsule_of(world.run("Create", {"name": "alpha", "start": True}).reply)
+    assert capsule["state"] == "active"
+    record = world.records.get("alpha")
+    assert record is not None
+    assert record.phase is Phase.READY
+    # The same incarnation: its logs stay readable to the owner (Logs starts at created_usec).
+    assert record.created_usec == created.created_usec
+
+
+def test_remove_of_a_kept_home_deletes_it_for_good(world: World) -> None:
+    world.run("Remove", {"name": "alpha", "keepData": True})
+    world.run("Remove", {"name": "alpha"})
+    assert world.records.get("alpha") is None
+    assert ("clean", "alpha") in world.backend.calls
+    world.run("Create", {"name": "alpha"}, uid=BOB)  # now the name is free
 
 
 def test_set_limits_minus_one_resets_to_default(world: World) -> None:
@@ -855,7 +880,7 @@ def test_concurrent_creates_cannot_exceed_the_capsule_quota(tmp_path: Path) -> N
         results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 1.0)
         refused = [r for r in results if isinstance(r, errors.QuotaExceeded)]
         assert len(refused) == 1, results
-        assert len(world.records.owned_by(ALICE)) == 1
+        assert len(world.records.owned_by(ALICE, "alice")) == 1
 
     asyncio.run(main())
 
@@ -956,6 +981,11 @@ POLICY_REQUESTS: dict[str, tuple[str, str | None, str | None]] = {
     "Run": (act.RUN, None, None),
     "Logs": (act.READ, None, None),
 }
+# Requests a method makes after its first one: a unit file is code, so installing one needs
+# `run` too (issue 11, finding 7).
+FURTHER_REQUESTS: dict[str, list[tuple[str, str | None, str | None]]] = {
+    "InstallUnit": [(act.RUN, None, None)],
+}
 
 
 def _recording_world(tmp_path: Path) -> tuple[World, RecordingPolicy]:
@@ -977,8 +1007,11 @@ def test_each_method_asks_the_policy_once_with_its_details(
     if interactive is not None:
         params["allowInteractiveAuthentication"] = interactive
     world.run(method, params, uid=BOB)  # bob owns nothing here: the backend decides
-    action, verb, unit = POLICY_REQUESTS[method]
-    assert policy.asked == [(Request(action, "alpha", ALICE, verb, unit), interactive is True)]
+    wanted = [POLICY_REQUESTS[method], *FURTHER_REQUESTS.get(method, [])]
+    assert policy.asked == [
+        (Request(action, "alpha", ALICE, verb, unit), interactive is True)
+        for action, verb, unit in wanted
+    ]
 
 
 @pytest.mark.parametrize("interactive", [False, True])

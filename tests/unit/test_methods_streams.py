@@ -4,6 +4,7 @@ systemd's signals by FakeBackend's watchers."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from methods_fixtures import (
     ALICE,
     BOB,
+    ENTRIES_FROM_USEC,
     INTERFACE,
     MALLORY,
     ROOT,
@@ -28,11 +30,18 @@ from capsuled.varlink.errors import ExpectedMore
 from capsuled.varlink.messages import Call
 
 TIMEOUT_S = 1.0
+ALPHA_CREATED_USEC = ENTRIES_FROM_USEC - 1_000_000
 
 
 @pytest.fixture
 def world(tmp_path: Path) -> World:
-    return make_world(tmp_path).standard()
+    world = make_world(tmp_path).standard()
+    # alpha was created before the journal entries the tests read were written (Logs shows
+    # non-root callers only what its incarnation wrote: since its record's creation).
+    record = world.records.get("alpha")
+    assert record is not None
+    world.records.put(dataclasses.replace(record, created_usec=ALPHA_CREATED_USEC))
+    return world
 
 
 @pytest.fixture
@@ -101,15 +110,18 @@ def test_logs_returns_the_newest_entries(world: World, fake_journal: FakeJournal
     assert out.replies == []
     assert messages([out.reply]) == [["line 4", "line 5"]]
     assert out.reply["entries"] == [entry(4).to_wire(), entry(5).to_wire()]
-    assert fake_journal.asked == [{"capsule": "alpha", "unit": None, "lines": 2, "since": None}]
+    # Not root: this incarnation's entries only (since the record's creation).
+    since = None if uid == ROOT else ALPHA_CREATED_USEC
+    assert fake_journal.asked == [{"capsule": "alpha", "unit": None, "lines": 2, "since": since}]
 
 
 def test_logs_passes_unit_and_since_and_defaults_lines(
     world: World, fake_journal: FakeJournal
 ) -> None:
-    world.run("Logs", {"name": "alpha", "unit": "web.service", "since": 1234})
+    later = ALPHA_CREATED_USEC + 1234
+    world.run("Logs", {"name": "alpha", "unit": "web.service", "since": later})
     assert fake_journal.asked == [
-        {"capsule": "alpha", "unit": "web.service", "lines": journal.DEFAULT_LINES, "since": 1234}
+        {"capsule": "alpha", "unit": "web.service", "lines": journal.DEFAULT_LINES, "since": later}
     ]
 
 

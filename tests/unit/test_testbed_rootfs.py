@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -140,3 +143,65 @@ def test_ci_fails_where_elsewhere_skips(
     expected = pytest.fail.Exception if ci else pytest.skip.Exception
     with pytest.raises(expected, match="no nspawn"):
         unavailable("no nspawn")
+
+
+def test_the_trixie_key_does_not_depend_on_flavours_existing() -> None:
+    # Adding flavours must not rebuild everybody's cached trixie tree: its key is the digest of
+    # the same inputs as before (no "flavour" field for a plain suite).
+    spec = rootfs.root_spec("trixie")
+    assert spec.name == "trixie"
+    assert spec.flavour == ""
+    plain = rootfs.RootSpec(spec.suite, spec.packages, spec.masked, spec.variant)
+    assert rootfs.cache_key(spec) == rootfs.cache_key(plain)
+
+
+def test_a_flavour_of_the_same_suite_has_its_own_key_and_neither_prunes_the_other(
+    cache: Path, builds: list[Path]
+) -> None:
+    trixie = rootfs.ensure_root()
+    trixie.release()
+    deb = rootfs.ensure_root(rootfs.root_spec("trixie-deb"))
+    deb.release()
+    assert deb.key != trixie.key
+    assert len(builds) == 2
+    for key in (trixie.key, deb.key):
+        assert (cache / key / "ready").is_file()
+    again = rootfs.ensure_root(rootfs.root_spec("trixie-deb"))
+    again.release()
+    assert not again.built_now
+    assert (cache / trixie.key / "ready").is_file()
+    # Testbed code from before flavours prunes by the stamp's "suite": it must read trixie-deb.
+    stamp = json.loads((cache / deb.key / "ready").read_text())
+    assert (stamp["suite"], stamp["debootstrap_suite"]) == ("trixie-deb", "trixie")
+
+
+def test_every_flavour_has_a_spec() -> None:
+    names = {rootfs.root_spec(flavour).name for flavour in rootfs.FLAVOURS}
+    assert names == set(rootfs.FLAVOURS)
+    assert rootfs.root_spec("forky").suite == rootfs.NEWEST_SUITE
+    # The build root has what dpkg-buildpackage implicitly needs (build-essential).
+    assert rootfs.root_spec("trixie-deb").variant == "buildd"
+
+
+def test_a_suite_the_host_debootstrap_does_not_know_uses_the_sid_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "sid").write_text("")
+    (scripts / "trixie").symlink_to("sid")
+    monkeypatch.setattr(rootfs, "DEBOOTSTRAP_SCRIPTS", scripts)
+    argvs: list[list[str]] = []
+
+    def fake_run(argv: list[str], **kwargs: object) -> object:
+        argvs.append(argv)
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/sbin/debootstrap")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    target = tmp_path / "build" / "root"
+    target.mkdir(parents=True)
+    rootfs._debootstrap(target, rootfs.root_spec("trixie"))
+    rootfs._debootstrap(target, rootfs.root_spec("forky"))
+    assert argvs[0][-1] == rootfs.MIRROR  # known: debootstrap picks the script itself
+    assert argvs[1][-2:] == [rootfs.MIRROR, str(scripts / "sid")]

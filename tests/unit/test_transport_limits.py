@@ -126,7 +126,7 @@ def test_a_dynamic_uid_is_mapped_to_its_capsule(tmp_path: Path) -> None:
 def test_capsule_processes_count_against_the_owner(tmp_path: Path) -> None:
     registry = str(_registry(tmp_path, {64616: "c-web", 64620: "c-orphan", 64621: "c-a.b"}))
     records = RecordStore(tmp_path / "state")
-    records.put(new_record("web", ALICE))
+    records.put(new_record("web", ALICE, "alice"))
     account = daemon.capsule_owner_account(records, registry)
     assert account(64616) == ALICE  # alice's capsule
     assert account(64620) == 64620  # no record: its own uid (made by root)

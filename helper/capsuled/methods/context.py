@@ -79,6 +79,75 @@ class CapsuleLocks:
         return len(self._locks)
 
 
+class GrantSubscription:
+    """What changed for one stream since it last looked: the capsules whose record capsuled
+    wrote or deleted, or everything (a policy reload); `woken` is set on each change."""
+
+    # Names kept before a subscription counts as "everything changed" (bounded memory).
+    MAX_NAMES = 256
+
+    def __init__(self) -> None:
+        self.woken = asyncio.Event()
+        self._names: set[str] = set()
+        self._everything = False
+
+    def note(self, name: str | None) -> None:
+        """Capsule `name` changed (None: every capsule may have)."""
+        if name is None or len(self._names) >= self.MAX_NAMES:
+            self._everything, self._names = True, set()
+        elif not self._everything:
+            self._names.add(name)
+        self.woken.set()
+
+    def take(self) -> tuple[frozenset[str], bool]:
+        """(names changed, whether everything may have) since the last take; clears both."""
+        names, everything = frozenset(self._names), self._everything
+        self._names, self._everything = set(), False
+        self.woken.clear()
+        return names, everything
+
+
+class GrantChanges:
+    """Wakes the streams bound to a capsule's grant when it may have changed: capsuled wrote
+    or deleted the capsule's record (Create, Remove), or reloaded its policy (every capsule).
+
+    Streams subscribe while they run (bounded by the stream limits); a wake-up only makes each
+    re-check its grant (streams.Binding, streams._Watch), it decides nothing itself.
+    """
+
+    def __init__(self) -> None:
+        self._subscribers: dict[GrantSubscription, str | None] = {}
+        # Counts every change: a stream that saw the same generation may trust what it
+        # decided since (a synchronous check, so no event slips out after the change).
+        self.generation = 0
+
+    def changed(self, name: str) -> None:
+        """The record of capsule `name` was written or deleted."""
+        self.generation += 1
+        for subscription, wanted in self._subscribers.items():
+            if wanted is None or wanted == name:
+                subscription.note(name)
+
+    def reloaded(self) -> None:
+        """The policy was reloaded: every grant may have changed."""
+        self.generation += 1
+        for subscription in self._subscribers:
+            subscription.note(None)
+
+    @contextlib.contextmanager
+    def subscribe(self, name: str | None) -> Iterator[GrantSubscription]:
+        """Changes of capsule `name` (None: of any capsule) while in the block."""
+        subscription = GrantSubscription()
+        self._subscribers[subscription] = name
+        try:
+            yield subscription
+        finally:
+            del self._subscribers[subscription]
+
+    def __len__(self) -> int:
+        return len(self._subscribers)
+
+
 @dataclass(slots=True)
 class Services:
     """The long-lived objects handlers use; built once, in daemon.py."""
@@ -91,6 +160,7 @@ class Services:
     version: str
     homes: CapsuleHomes = field(default_factory=CapsuleHomes)  # under /var/lib/private/capsules
     locks: CapsuleLocks = field(default_factory=CapsuleLocks)
+    grants: GrantChanges = field(default_factory=GrantChanges)
     # Logs calls following the journal right now, per caller uid.
     followers: dict[int, int] = field(default_factory=dict)
 
@@ -118,7 +188,9 @@ class CallContext:
     send_continued: Notify  # the Dispatcher's notify: one reply with continues=true
     services: Services
     outcome: Outcome = Outcome.OPEN  # set only by authorize() and audit(), below
-    _authorized: dict[str, _Authorization] = field(default_factory=dict)
+    # Every request authorize() allowed, per capsule: a call may need several (InstallUnit with
+    # enable and start), and `locked` decides each again if the owner changed meanwhile.
+    _authorized: dict[str, list[_Authorization]] = field(default_factory=dict)
 
     @property
     def backend(self) -> SystemdBackend:
@@ -131,6 +203,14 @@ class CallContext:
     async def notify(self, reply: Mapping[str, object]) -> None:
         """Send `reply` with continues=true (the call asked for `more`); waits for the drain."""
         await self.send_continued(dict(reply))
+
+    def owner_of(self, record: Record | None) -> int | None:
+        """The record's owner for every grant, or None: no record, or its uid now belongs to
+        another account than the one that created it (a deleted user's uid, reused)."""
+        if record is None:
+            return None
+        account = self.services.authorizer.identity(record.owner)
+        return record.owner if record.is_owner(account.uid, account.user) else None
 
     def record_of(self, name: str) -> Record | None:
         try:
@@ -159,11 +239,11 @@ class CallContext:
         """
         pinned = owner is not None
         record = self.record_of(name)
-        if owner is None and record is not None:
-            owner = record.owner
+        if owner is None:
+            owner = self.owner_of(record)
         request = Request(action, name, owner, verb, unit, allow_interactive=bool(interactive))
         await self._require(request)
-        self._authorized[name] = _Authorization(request, pinned)
+        self._authorized.setdefault(name, []).append(_Authorization(request, pinned))
         return record
 
     async def _require(self, request: Request) -> None:
@@ -186,15 +266,19 @@ class CallContext:
         """Hold the capsule's lock; if its owner changed while we waited for it (removed and
         created again by someone else), decide again before anything happens."""
         async with self.services.locks.hold(name):
-            allowed = self._authorized.get(name)
-            if allowed is not None and not allowed.pinned_owner:
-                record = self.record_of(name)
-                owner = record.owner if record is not None else None
-                if owner != allowed.request.owner:
-                    request = replace(allowed.request, owner=owner)
+            allowed = self._authorized.get(name, [])
+            owner = self.owner_of(self.record_of(name))
+            for index, grant in enumerate(allowed):
+                if not grant.pinned_owner and owner != grant.request.owner:
+                    request = replace(grant.request, owner=owner)
                     await self._require(request)
-                    self._authorized[name] = _Authorization(request, False)
+                    allowed[index] = _Authorization(request, False)
             yield
+
+    def authorized(self, name: str) -> Request | None:
+        """The last request authorize() allowed on capsule `name` in this call, if any."""
+        allowed = self._authorized.get(name)
+        return allowed[-1].request if allowed else None
 
     async def require_systemd(self) -> None:
         """Refuse clearly on a PID 1 without capsules (SystemdTooOld), before any effect."""

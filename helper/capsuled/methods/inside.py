@@ -43,6 +43,8 @@ MAX_RUN_ARGS = 4096
 MAX_RUN_ENV = 1024
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 T = TypeVar("T")
+# ActiveState values of a unit that has nothing left to stop.
+INACTIVE_STATES = frozenset({"inactive", "failed"})
 # What each verb on a unit is audited as.
 _UNIT_AUDIT = {
     "start": AuditAction.START_UNIT,
@@ -175,13 +177,16 @@ async def install_unit(ctx: CallContext, p: wire.InstallUnitParams) -> wire.Unit
     except InvalidUnitFile as exc:
         raise errors.InvalidUnit(unit=unit, reason=exc.reason, line=exc.line) from None
     enable, start_now = bool(p["enable"]), bool(p["start"])
-    await ctx.authorize(
-        act.MANAGE_UNITS,
-        name,
-        interactive=p["allowInteractiveAuthentication"],
-        unit=unit,
-        verb="install",
-    )
+    interactive = p["allowInteractiveAuthentication"]
+    # Every effect is authorized before anything is written: a grant of "install" alone does
+    # not enable or start (issue 11, finding 6).
+    for verb in ("install", *(["enable"] if enable else []), *(["start"] if start_now else [])):
+        await ctx.authorize(act.MANAGE_UNITS, name, interactive=interactive, unit=unit, verb=verb)
+    # A unit file is code: its ExecStart= runs as the capsule's user, as Run's command would.
+    # So installing one needs `run` too, and a policy that forbids running commands in a
+    # capsule forbids installing units there (finding 7). Starting, enabling and removing an
+    # installed unit do not: they run only what someone allowed to run code put there.
+    await ctx.authorize(act.RUN, name, interactive=interactive)
     await ctx.require_systemd()
     async with ctx.locked(name):
         info = await ctx.existing(name, ctx.record_of(name))
@@ -217,21 +222,30 @@ def _link_wanted(home: CapsuleHome, name: str, unit: str) -> None:
 async def remove_unit(ctx: CallContext, p: wire.UnitParams) -> wire.EmptyReply:
     name = params.capsule_name(p["name"])
     unit = params.unit_name(p["unit"])
-    await ctx.authorize(
-        act.MANAGE_UNITS,
-        name,
-        interactive=p["allowInteractiveAuthentication"],
-        unit=unit,
-        verb="remove",
-    )
+    interactive = p["allowInteractiveAuthentication"]
+    await ctx.authorize(act.MANAGE_UNITS, name, interactive=interactive, unit=unit, verb="remove")
     await ctx.require_systemd()
     async with ctx.locked(name):
         await ctx.existing(name, ctx.record_of(name))
         has_file, enabled = await in_home(ctx, name, lambda home: _unit_on_disk(home, unit))
         if not has_file and not enabled:
             raise errors.NoSuchUnit(name=name, unit=unit)
-        with backend_errors(name), contextlib.suppress(errors.NoSuchUnit, errors.CapsuleNotRunning):
-            await _manager_job(ctx, name, unit, "stop")
+        with backend_errors(name):
+            live = (await _live_units(ctx, name) or {}).get(unit)
+        running = live is not None and live.active_state not in INACTIVE_STATES
+        # Removing a unit also disables it (its wants link goes) and stops it if it runs: each
+        # effect needs its own grant, decided before anything changes (finding 6).
+        for verb, needed in (("disable", enabled), ("stop", running)):
+            if needed:
+                await ctx.authorize(
+                    act.MANAGE_UNITS, name, interactive=interactive, unit=unit, verb=verb
+                )
+        if running:
+            with (
+                backend_errors(name),
+                contextlib.suppress(errors.NoSuchUnit, errors.CapsuleNotRunning),
+            ):
+                await _manager_job(ctx, name, unit, "stop")
 
         def remove(home: CapsuleHome) -> None:
             home.remove_file(WANTS_DIR, unit)
@@ -378,26 +392,33 @@ async def run(ctx: CallContext, p: wire.RunParams) -> wire.RunReply:
     command, unit, environment, cwd = _checked_run(p)
     await ctx.authorize(act.RUN, name, interactive=p["allowInteractiveAuthentication"])
     await ctx.require_systemd()
-    await ctx.existing(name, ctx.record_of(name))
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        # The capsule's lock and the owner re-check, as for every other mutating method
+        # (finding 9): a capsule removed and re-created by someone else while we waited runs
+        # nothing of ours. Held for the start only: waiting for the command's exit must not
+        # block every other call on the capsule.
+        async with ctx.locked(name):
+            await ctx.existing(name, ctx.record_of(name))
+            try:
+                with backend_errors(name):
+                    mgr = await stack.enter_async_context(ctx.backend.capsule_manager(name))
+                    started = await _start_transient(
+                        mgr,
+                        unit or f"run-u{secrets.token_hex(8)}.service",
+                        command,
+                        environment=environment,
+                        working_directory=cwd,
+                        keep=ctx.more,
+                    )
+            except errors.JobFailed:
+                ctx.audit(AuditAction.RUN, name, RESULT_FAILED, command=command[0])
+                raise
+            ctx.audit(AuditAction.RUN, name, "started", unit=started, command=command[0])
+        if not ctx.more:
+            return {"unit": started, "exitStatus": None, "result": None}
+        await ctx.notify({"unit": started, "exitStatus": None, "result": None})
         with backend_errors(name):
-            async with ctx.backend.capsule_manager(name) as mgr:
-                started = await _start_transient(
-                    mgr,
-                    unit or f"run-u{secrets.token_hex(8)}.service",
-                    command,
-                    environment=environment,
-                    working_directory=cwd,
-                    keep=ctx.more,
-                )
-                ctx.audit(AuditAction.RUN, name, "started", unit=started, command=command[0])
-                if not ctx.more:
-                    return {"unit": started, "exitStatus": None, "result": None}
-                await ctx.notify({"unit": started, "exitStatus": None, "result": None})
-                ended = await mgr.wait_exit(started)
-    except errors.JobFailed:
-        ctx.audit(AuditAction.RUN, name, RESULT_FAILED, command=command[0])
-        raise
+            ended = await mgr.wait_exit(started)
     ctx.audit(
         AuditAction.RUN,
         name,

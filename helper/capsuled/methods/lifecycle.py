@@ -23,7 +23,7 @@ from capsuled.names import CAPSULE_USER_PREFIX
 from capsuled.policy import actions as act
 from capsuled.policy.engine import Request
 from capsuled.policy.identity import user_name
-from capsuled.records import CorruptRecord, Phase, Record, new_record
+from capsuled.records import CorruptRecord, Phase, new_record
 from capsuled.safefs import DYNAMIC_UID_MAX, DYNAMIC_UID_MIN
 from capsuled.systemd import errors as sd
 from capsuled.systemd.backend import LIMIT_DEFAULT, CapsuleInfo
@@ -54,8 +54,8 @@ def _capsule_state(value: str) -> wire.CapsuleState:
     return "inactive"
 
 
-def capsule_to_wire(name: str, info: CapsuleInfo | None, record: Record | None) -> wire.Capsule:
-    owner = record.owner if record is not None else None
+def capsule_to_wire(name: str, info: CapsuleInfo | None, owner: int | None) -> wire.Capsule:
+    """The IDL's Capsule; `owner` is the record's owner as ctx.owner_of says (None: none)."""
     owner_name = user_name(owner) if owner is not None else None
     if info is None:
         # Known only from our record: a Create or Remove that has not finished yet.
@@ -102,7 +102,7 @@ def capsule_to_wire(name: str, info: CapsuleInfo | None, record: Record | None) 
 async def describe_wire(ctx: CallContext, name: str) -> wire.Capsule:
     with backend_errors(name):
         info = await ctx.backend.capsule_info(name)
-    return capsule_to_wire(name, info, ctx.record_of(name))
+    return capsule_to_wire(name, info, ctx.owner_of(ctx.record_of(name)))
 
 
 # --- read ---------------------------------------------------------------------------------
@@ -114,9 +114,9 @@ async def list_capsules(ctx: CallContext, p: wire.NoParams) -> wire.ListReply:
     records = {r.name: r for r in ctx.records.all()}
     visible: list[wire.Capsule] = []
     for name in sorted(infos.keys() | records.keys()):
-        record = records.get(name)
-        if await ctx.may_read(name, record.owner if record else None):
-            visible.append(capsule_to_wire(name, infos.get(name), record))
+        owner = ctx.owner_of(records.get(name))
+        if await ctx.may_read(name, owner):
+            visible.append(capsule_to_wire(name, infos.get(name), owner))
     if ctx.more and visible:
         for capsule in visible[:-1]:
             await ctx.notify({"capsules": [capsule]})
@@ -128,7 +128,7 @@ async def describe(ctx: CallContext, p: wire.CapsuleParams) -> wire.CapsuleReply
     name = params.capsule_name(p["name"])
     record = await ctx.authorize(act.READ, name, interactive=p["allowInteractiveAuthentication"])
     info = await ctx.existing(name, record)
-    return {"capsule": capsule_to_wire(name, info, record)}
+    return {"capsule": capsule_to_wire(name, info, ctx.owner_of(record))}
 
 
 # --- create and remove --------------------------------------------------------------------
@@ -149,20 +149,27 @@ async def create(ctx: CallContext, p: wire.CreateParams) -> wire.CapsuleReply:
             raise errors.CapsuleExists(name=name) from None
         with backend_errors(name):
             info = await ctx.backend.capsule_info(name)
-        resuming = record is not None and record.phase is Phase.CREATING and record.owner == uid
+        user = ctx.services.authorizer.identity(uid).user
+        mine = record is not None and record.is_owner(uid, user)
+        # A Create killed half-way is finished by its creator's retry; a home kept by
+        # `remove --keep-data` is taken back by its owner's Create (and by nobody else's).
+        resuming = mine and record is not None and record.phase in (Phase.CREATING, Phase.KEPT)
         if not resuming and (record is not None or info is not None):
+            # As with systemd, a creator learns that the name is taken whoever holds it: a name
+            # is one namespace for everybody (documented in the README's security section).
             raise errors.CapsuleExists(name=name)
         if (problem := static_identity_problem(name)) is not None:
             raise errors.InvalidName(name=name, reason=problem)
         quota = ctx.services.authorizer.quota(ctx.peer)
         if not resuming:
-            owned = len(ctx.records.owned_by(uid))
+            owned = len(ctx.records.owned_by(uid, user))
             if quota.max_capsules is not None and owned >= quota.max_capsules:
                 ctx.audit(AuditAction.CREATE, name, "quota-exceeded")
                 raise errors.QuotaExceeded(what="capsules", limit=quota.max_capsules)
-            record = new_record(name, uid)
+            record = new_record(name, uid, user)
             # Written before systemd is touched, so a crash leaves a record a retry resumes.
             ctx.records.put(record)
+            ctx.services.grants.changed(name)
         assert record is not None
         try:
             with backend_errors(name):
@@ -182,7 +189,14 @@ async def create(ctx: CallContext, p: wire.CreateParams) -> wire.CapsuleReply:
             ctx.audit(AuditAction.CREATE, name, RESULT_FAILED)
             raise
         ctx.records.put(record.with_phase(Phase.READY))
-        ctx.audit(AuditAction.CREATE, name, RESULT_OK, owner=uid)
+        # Configuration an administrator put in place for this name (drop-ins in
+        # /etc/systemd/system/capsule@NAME.service.d/, ...) applies to the new capsule: it is
+        # adopted deliberately (an admin may restrict a name before anybody creates it), and
+        # the record says so. capsuled never removes it (Remove undoes only its own writes).
+        adopted = ctx.backend.admin_config(name)
+        ctx.audit(
+            AuditAction.CREATE, name, RESULT_OK, owner=uid, admin_config=",".join(adopted) or None
+        )
         return {"capsule": await describe_wire(ctx, name)}
 
 
@@ -216,6 +230,7 @@ async def _undo_create(ctx: CallContext, name: str) -> None:
         # The record stays in phase "creating": Remove or a retried Create finishes the job.
         return
     ctx.records.delete(name)
+    ctx.services.grants.changed(name)
 
 
 async def remove(ctx: CallContext, p: wire.RemoveParams) -> wire.EmptyReply:
@@ -234,7 +249,14 @@ async def remove(ctx: CallContext, p: wire.RemoveParams) -> wire.EmptyReply:
             if not p["keepData"]:
                 await ctx.backend.clean(name)
             await ctx.backend.forget(name)
-        ctx.records.delete(name)
+        if p["keepData"] and record is not None:
+            # The kept home stays its owner's: the name is not free for somebody else to
+            # create and inherit the data, and the owner may create it again or remove it.
+            ctx.records.put(record.with_phase(Phase.KEPT))
+        else:
+            ctx.records.delete(name)
+        # Streams bound to this capsule end now if their grant went with the record.
+        ctx.services.grants.changed(name)
         ctx.audit(AuditAction.REMOVE, name, RESULT_OK, keep_data=int(bool(p["keepData"])))
         return {}
 
@@ -377,7 +399,7 @@ async def check_access(ctx: CallContext, p: wire.CheckAccessParams) -> wire.Chec
         )
     unit = params.optional_unit_name(p["unit"])
     record = ctx.record_of(name)
-    owner = ctx.peer.uid if action == act.CREATE else (record.owner if record else None)
+    owner = ctx.peer.uid if action == act.CREATE else ctx.owner_of(record)
     # Never interactive: CheckAccess asks, it does not authenticate.
     request = Request(action, name, owner, verb, unit)
     verdict = await ctx.services.authorizer.decide(ctx.peer, request)

@@ -144,8 +144,9 @@ class Authorizer:
             # As systemd's bus-polkit.c does for the daemon's own uid: no query, no liveness check.
             return Verdict(Decision.YES, "root")
         if not self._is_alive(peer):
-            # Debug level: any local user can connect, call and exit at will (sd-varlink logs
-            # what peers do to it at debug for the same reason).
+            # Debug only: any caller can make this happen at will (send, then exit), and one
+            # journal line each would be a way around the audit's refusal aggregation; the
+            # refusal itself is audited (aggregated per uid).
             log.debug(
                 "refusing %s on %s for uid %d: peer process %d exited before the check",
                 request.action,
@@ -162,6 +163,10 @@ class Authorizer:
             return Verdict(granted, "create-group" if request.action == actions.CREATE else "owner")
         decision = await self._backend.check(peer, identity, request)
         return Verdict(decision, self._backend.name)
+
+    def identity(self, uid: int) -> Identity:
+        """The account that is `uid` now, as the user database says (an owner's, say)."""
+        return self._lookup(uid)
 
     def quota(self, peer: Peer) -> Quota:
         """The peer's ceilings (capsule count, limits); root is unlimited."""

@@ -180,7 +180,7 @@ def _read_file(dir_fd: int, name: str, shown: Path) -> str | None:
 # -- schema ----------------------------------------------------------------------------------------
 
 _RULE_KEYS: Final = frozenset(
-    {"users", "groups", "actions", "capsules", "verbs", "units", "result"}
+    {"users", "groups", "actions", "capsules", "verbs", "units", "owner", "result"}
 )
 
 
@@ -293,6 +293,7 @@ def _rule(item: Mapping[str, object], where: str) -> Rule:
         capsules=tuple(_strings(item.get("capsules", []), f"{where} capsules")),
         verbs=frozenset(_strings(item.get("verbs", []), f"{where} verbs")),
         units=tuple(_strings(item.get("units", []), f"{where} units")),
+        owner=_bool(item.get("owner", False), f"{where} owner"),
         origin=where,
     )
 
@@ -350,6 +351,12 @@ def _table(value: object, where: str) -> dict[str, object]:
 def _array_of_tables(value: object, where: str) -> list[dict[str, object]]:
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise ConfigError(f"{where}: expected [[{where.rpartition(' ')[2]}]] tables")
+    return value
+
+
+def _bool(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false")
     return value
 
 

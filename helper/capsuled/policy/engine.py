@@ -114,12 +114,22 @@ class Rule:
     capsules: tuple[str, ...] = ()  # fnmatch patterns on the capsule name, case-sensitive
     verbs: frozenset[str] = frozenset()
     units: tuple[str, ...] = ()  # fnmatch patterns on the unit name
+    # True: only the capsule's recorded owner matches (never for CREATE: nobody owns it yet).
+    # What lets a recipe take an action out of [owner] actions for some capsules and give it
+    # back to owners everywhere else (config/capsuled.toml, "forbid run in prod-*").
+    owner: bool = False
     origin: str = ""  # "file: rule #n", for logs
 
     def matches(self, identity: Identity, request: Request) -> bool:
         if self.actions and request.action not in self.actions:
             return False
         if not self.who.matches(identity):
+            return False
+        if self.owner and (
+            request.action == actions.CREATE
+            or request.owner is None
+            or request.owner != identity.uid
+        ):
             return False
         if self.capsules and not any(fnmatchcase(request.capsule, p) for p in self.capsules):
             return False

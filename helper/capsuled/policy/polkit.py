@@ -199,7 +199,8 @@ class PolkitBackend:
         """Ask polkitd; any failure is a refusal."""
         if peer.start_time is None:
             # peer_credentials found no process to record: it was gone before the check.
-            log.info("polkit: peer process %d is gone; refusing", peer.pid)
+            # Debug only: a caller can make this happen at will (see authorizer.decide).
+            log.debug("polkit: peer process %d is gone; refusing", peer.pid)
             return Decision.NO
         try:
             owner_visible = await self._owner_visible(peer, request)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Final, Protocol
@@ -36,11 +37,13 @@ from .errors import (
 )
 from .hostfs import (
     AUTOSTART_TARGET,
+    admin_config,
     autostart_enabled,
     autostart_names,
     count_unit_files,
     has_state_dir,
     process_uid,
+    remove_own_dropins,
     state_dir_names,
 )
 from .jobs import active_state, run_job, unit_result, unit_state_changes, wait_state
@@ -63,6 +66,8 @@ from .values import (
     capsule_from_unit,
     capsule_unit,
 )
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Protocols
@@ -179,7 +184,12 @@ class SystemdBackend(Protocol):
         ...
 
     async def forget(self, name: str) -> None:
-        """Remove persistent drop-ins and the autostart link of a removed capsule."""
+        """Remove the drop-ins capsuled wrote (limits) and the autostart link of a removed
+        capsule; an administrator's configuration stays."""
+        ...
+
+    def admin_config(self, name: str) -> list[str]:
+        """Paths of an administrator's unit file and drop-ins for capsule@NAME.service."""
         ...
 
     async def reset_failed(self, name: str) -> None:
@@ -446,12 +456,23 @@ class DBusSystemdBackend:
         await conn.call(m.set_unit_properties(unit, False, props), unit=unit)
 
     async def forget(self, name: str) -> None:
-        """RevertUnitFiles (drop-ins in /etc, system.control, runtime) + autostart link + reload."""
+        """Undo what capsuled configured for the capsule (its limits' drop-ins, its autostart
+        link) + reload. Not RevertUnitFiles: that also removes an administrator's drop-ins in
+        /etc/systemd/system/capsule@NAME.service.d/, so an owner could shed restrictions put
+        on a capsule by removing and creating it again (issue 11, finding 11)."""
         conn = await self._bus()
-        unit = capsule_unit(name)
-        await conn.call(m.revert_unit_files([unit]), unit=unit)
+        try:
+            remove_own_dropins(name)
+        except OSError as exc:
+            # Not fatal to Remove (the capsule is gone either way); the limits stay in place
+            # until an administrator runs `systemctl revert`.
+            log.warning("cannot remove the limits of capsule %s: %s", name, exc)
         await self._remove_autostart(conn, name)
         await conn.call(m.reload())
+
+    def admin_config(self, name: str) -> list[str]:
+        """An administrator's unit file and drop-ins for this capsule's service (hostfs)."""
+        return admin_config(name)
 
     # -- capsule managers ----------------------------------------------------------------------
 

@@ -17,6 +17,16 @@ from .values import capsule_from_unit, capsule_unit
 STATE_ROOT: Final = "/var/lib/private/capsules"  # DynamicUser= StateDirectory= lives here
 LEGACY_STATE_ROOT: Final = "/var/lib/capsules"  # symlinks into private/ (or real dirs, <256?)
 SYSTEM_CONFIG_DIR: Final = "/etc/systemd/system"
+RUNTIME_CONFIG_DIR: Final = "/run/systemd/system"
+# Where SetUnitProperties(runtime=false) writes: unit_write_setting() puts "50-<Property>.conf"
+# into system.control/UNIT.d/. capsuled.service may write here (ReadWritePaths=), to undo
+# exactly what it set.
+SYSTEM_CONTROL_DIR: Final = "/etc/systemd/system.control"
+# The drop-ins of the properties capsuled sets (SetLimits, and Create's quota ceilings): with
+# the autostart link, everything capsuled writes for a capsule outside its home.
+OWN_DROPINS: Final = ("50-MemoryMax.conf", "50-TasksMax.conf", "50-CPUWeight.conf")
+# Entries read from one drop-in directory an administrator made.
+MAX_LISTED_DROPINS: Final = 64
 AUTOSTART_TARGET: Final = "multi-user.target"
 # Where capsule units live inside a capsule's home (relative to the state dir).
 USER_UNIT_DIR: Final = (".config", "systemd", "user")
@@ -115,6 +125,50 @@ def process_uid(pid: int) -> int | None:
         return os.stat(f"/proc/{pid}").st_uid
     except OSError:
         return None
+
+
+def admin_config(name: str) -> list[str]:
+    """What an administrator configured for this one capsule's service: a unit file or drop-ins
+    (*.conf) in /etc/systemd/system or /run/systemd/system for capsule@NAME.service. capsuled
+    never writes there, and never removes them (Remove leaves them for the next capsule of the
+    name; Create adopts them and says so in its audit record)."""
+    unit = capsule_unit(name)
+    found: list[str] = []
+    for base in (SYSTEM_CONFIG_DIR, RUNTIME_CONFIG_DIR):
+        path = os.path.join(base, unit)
+        if os.path.lexists(path):
+            found.append(path)
+        dropins = path + ".d"
+        with contextlib.suppress(OSError), os.scandir(dropins) as it:
+            for scanned, entry in enumerate(it):
+                if scanned >= MAX_LISTED_DROPINS:
+                    break
+                if entry.name.endswith(".conf"):
+                    found.append(os.path.join(dropins, entry.name))
+    return sorted(found)
+
+
+def remove_own_dropins(name: str) -> list[str]:
+    """Delete the drop-ins capsuled's limits wrote for the capsule (OWN_DROPINS in
+    system.control) and their directory if that leaves it empty; nothing else. Returns the
+    paths removed.
+
+    Raises:
+        OSError: one could not be removed (EROFS: system.control is not writable for us).
+    """
+    directory = os.path.join(SYSTEM_CONTROL_DIR, capsule_unit(name) + ".d")
+    removed: list[str] = []
+    for dropin in OWN_DROPINS:
+        path = os.path.join(directory, dropin)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    # Absent, or holds an administrator's own `systemctl set-property` of another property.
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)
+    return removed
 
 
 # PID 1's registry of the dynamic users it handed out (src/core/dynamic-user.c, systemd >= 235):

@@ -3,6 +3,10 @@
 On a private link the manager sends JobRemoved and PropertiesChanged unconditionally
 (bus_foreach_bus() in src/core/dbus.c: "Send to all direct buses, unconditionally"), so there is
 neither AddMatch (no bus daemon) nor Subscribe, and signals carry no sender.
+
+The manager runs as the capsule's user, so what it says is the capsule's word: a unit name
+that is not one systemd would accept (unit_name_is_valid) is dropped here, never passed on to
+a caller's terminal or to a journal match (issue 11, finding 10).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 from collections.abc import AsyncIterator, Sequence
 
 from ..dbus import SignalQueue
+from ..names import is_valid_unit_name
 from . import messages as m
 from .bus import Link
 from .errors import (
@@ -39,7 +44,8 @@ async def _unit_events(
     queue: SignalQueue, known: dict[str, tuple[str, str]]
 ) -> AsyncIterator[UnitEvent]:
     async for unit, state, sub, since in unit_state_changes(queue, m.UNIT_PATH_PREFIX, known):
-        yield UnitEvent(unit, state, sub, since)
+        if is_valid_unit_name(unit):
+            yield UnitEvent(unit, state, sub, since)
 
 
 class DBusCapsuleManager:
@@ -59,9 +65,12 @@ class DBusCapsuleManager:
         files = {
             os.path.basename(path): (path, state)
             for path, state in m.parse_unit_file_list(files_body)
+            if is_valid_unit_name(os.path.basename(path), allow_template=True)
         }
         out: dict[str, UnitInfo] = {}
         for u in m.parse_unit_list(units_body):
+            if not is_valid_unit_name(u.name):
+                continue
             path, file_state = files.get(u.name, (None, None))
             out[u.name] = UnitInfo(
                 u.name, u.description, u.load_state, u.active_state, u.sub_state, file_state, path

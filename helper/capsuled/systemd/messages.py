@@ -236,11 +236,6 @@ def disable_unit_files_with_flags(files: Sequence[str], flags: int = 0) -> Messa
     return _manager_call("DisableUnitFilesWithFlags", "ast", (list(files), flags))
 
 
-def revert_unit_files(files: Sequence[str]) -> Message:
-    """Manager.RevertUnitFiles(files) -> a(sss): drop-ins in /etc and system.control go."""
-    return _manager_call("RevertUnitFiles", "as", (list(files),))
-
-
 def reload() -> Message:
     """Manager.Reload(): daemon-reload."""
     return _manager_call("Reload")
@@ -282,7 +277,10 @@ def transient_service_properties(
     if not argv:
         raise ValueError("argv must not be empty")
     props: list[tuple[str, PropertyValue]] = [
-        ("Description", ("s", description or " ".join(argv))),
+        # Only the executable, never the arguments (unlike systemd-run): the Description is
+        # shown by ListUnits to everyone who may read the capsule and logged by the manager
+        # ("Started ... - DESCRIPTION."), and arguments may carry secrets (issue 11, item 13).
+        ("Description", ("s", description or argv[0])),
         ("Type", ("s", "exec")),
         # ExecStartEx with "no-env-expand" (the ":" prefix): argv reaches execve() verbatim.
         # Plain ExecStart would expand "$FOO" and turn "$$" into "$" (systemd.service(5)
