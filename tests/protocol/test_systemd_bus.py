@@ -28,7 +28,7 @@ from jeepney import (
 )
 
 from capsuled import dbus
-from capsuled.systemd import bus, errors
+from capsuled.systemd import bus, errors, jobs
 from capsuled.systemd import messages as m
 from protocol.harness import Parsed
 
@@ -472,3 +472,32 @@ def test_closed_connection_fails_waiting_signal_consumers() -> None:
         await conn.close()
 
     run(scenario)
+
+
+def test_a_job_whose_jobremoved_never_comes_is_found_gone_and_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The fault proof: PID 1 re-executing sends a finishing job's JobRemoved before it owns its
+    # bus name again, and the bus routes it nowhere. The wait asks after the job instead.
+    monkeypatch.setattr(jobs, "JOB_RECHECK_S", 0.05)
+
+    async def scenario() -> tuple[str, list[str | None]]:
+        conn, peer = await connected()
+        running = asyncio.create_task(
+            jobs.run_job(conn, "a.service", m.start_unit("a.service"), timeout_s=5)
+        )
+        start = await peer.next_call()
+        peer.send(new_method_return(start, "o", ("/org/freedesktop/systemd1/job/7",)))
+        # No JobRemoved. The wait asks for the job's State: there is no such job any more...
+        ask = await peer.next_call()
+        peer.send(new_error(ask, "org.freedesktop.DBus.Error.UnknownObject", "s", ("gone",)))
+        # ...so it reads the unit's state.
+        state = await peer.next_call()
+        peer.send(new_method_return(state, "v", (("s", "active"),)))
+        result = await running
+        await conn.close()
+        return result, [msg.header.fields.get(HeaderFields.member) for msg in (start, ask, state)]
+
+    result, asked = run(scenario)
+    assert result == "done"
+    assert asked == ["StartUnit", "Get", "Get"]
