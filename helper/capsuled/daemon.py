@@ -169,24 +169,32 @@ def build_wiring(options: Options) -> Wiring:
     )
 
 
-def capsule_owner_account(records: RecordStore, registry: str | None = None) -> Account:
+def capsule_owner_account(
+    records: RecordStore, user_name: Callable[[int], str | None] | None = None
+) -> Account:
     """Whom a peer's connections, calls and streams count against (transport's `account`):
     its uid, but a capsule's dynamic uid counts against the capsule's owner, so that every
     capsule one owns is not another share of the limits (issue 11, finding 8). A capsule
     without an owner record (made by root outside capsuled) counts as its own uid.
-    `registry` is PID 1's dynamic-user directory (tests pass another)."""
-    from capsuled.names import is_valid_capsule_name
+
+    The dynamic uid's name (c-NAME) comes from NSS (nss-systemd asks PID 1, which handed it
+    out): systemd 257 also kept /run/systemd/dynamic-uid/direct:UID links, 262 no longer does.
+    Asked only for uids in the dynamic range. `user_name` is for tests."""
+    from capsuled.names import CAPSULE_USER_PREFIX, is_valid_capsule_name
+    from capsuled.policy.identity import user_name as nss_user_name
     from capsuled.records import CorruptRecord
     from capsuled.safefs import DYNAMIC_UID_MAX, DYNAMIC_UID_MIN
-    from capsuled.systemd.hostfs import DYNAMIC_UID_DIR, capsule_of_dynamic_uid
 
-    where = DYNAMIC_UID_DIR if registry is None else registry
+    name_of = nss_user_name if user_name is None else user_name
 
     def account(uid: int) -> int:
         if not DYNAMIC_UID_MIN <= uid <= DYNAMIC_UID_MAX:
             return uid
-        name = capsule_of_dynamic_uid(uid, where)
-        if name is None or not is_valid_capsule_name(name):
+        user = name_of(uid)
+        if user is None or not user.startswith(CAPSULE_USER_PREFIX):
+            return uid
+        name = user.removeprefix(CAPSULE_USER_PREFIX)
+        if not is_valid_capsule_name(name):
             return uid
         try:
             record = records.get(name)
