@@ -1,7 +1,6 @@
 """What the host's filesystem says about capsules: state directories, autostart links, the
-capsule's unit files, a process's uid, the capsule a dynamic uid belongs to. Paths above a
-capsule's own directory are root-owned and trusted; below it, everything is reached through
-O_NOFOLLOW directory fds (invariant 2).
+capsule's unit files, a process's uid. Paths above a capsule's own directory are root-owned and
+trusted; below it, everything is reached through O_NOFOLLOW directory fds (invariant 2).
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import os
 import stat
 from typing import Final
 
-from ..names import CAPSULE_USER_PREFIX
 from .values import capsule_from_unit, capsule_unit
 
 STATE_ROOT: Final = "/var/lib/private/capsules"  # DynamicUser= StateDirectory= lives here
@@ -169,18 +167,3 @@ def remove_own_dropins(name: str) -> list[str]:
     with contextlib.suppress(OSError):
         os.rmdir(directory)
     return removed
-
-
-# PID 1's registry of the dynamic users it handed out (src/core/dynamic-user.c, systemd >= 235):
-# "direct:UID" is a symlink to the user's name. Root's own directory, so its word is PID 1's.
-DYNAMIC_UID_DIR: Final = "/run/systemd/dynamic-uid"
-
-
-def capsule_of_dynamic_uid(uid: int, registry: str = DYNAMIC_UID_DIR) -> str | None:
-    """The capsule NAME whose dynamic user c-NAME has `uid` now, or None (not a capsule's uid,
-    or no such dynamic user). The name is not validated here; callers check it."""
-    try:
-        user = os.readlink(os.path.join(registry, f"direct:{uid}"))
-    except OSError:
-        return None
-    return user.removeprefix(CAPSULE_USER_PREFIX) if user.startswith(CAPSULE_USER_PREFIX) else None
