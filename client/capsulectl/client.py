@@ -74,6 +74,9 @@ _REPLY_KEYS: dict[str, tuple[str, ...]] = {
     "Run": ("unit",),
     "Logs": ("entries",),
     "Watch": ("event",),
+    "Deploy": ("capsule", "deployed", "started"),
+    "Rollback": ("capsule", "deployed", "started"),
+    "Audit": ("records",),
     "Info": ("version", "policyBackend", "callerUid"),
 }
 
@@ -286,10 +289,16 @@ class Client:
         return cast("wire.CapsuleReply", self.call("SetLimits", params))
 
     def check_access(
-        self, name: str, action: str, *, verb: str | None = None, unit: str | None = None
+        self,
+        name: str,
+        action: str,
+        *,
+        verb: str | None = None,
+        unit: str | None = None,
+        signer: str | None = None,
     ) -> wire.CheckAccessReply:
         """What the policy would decide for the caller (nothing is done)."""
-        params = {"name": name, "action": action, "verb": verb, "unit": unit}
+        params = {"name": name, "action": action, "verb": verb, "unit": unit, "signer": signer}
         return cast("wire.CheckAccessReply", self.call("CheckAccess", params, auth=False))
 
     def list_units(self, name: str) -> wire.ListUnitsReply:
@@ -406,6 +415,27 @@ class Client:
         params = {"names": list(names) if names else None}
         for reply in self._replies("Watch", params, more=True, auth=False, wait_later=True):
             yield cast("wire.WatchReply", reply)
+
+    def deploy(
+        self, name: str, bundle: bytes, *, allow_downgrade: bool | None = None
+    ) -> wire.DeployReply:
+        """Deploy a signed bundle file's bytes into the capsule, all or nothing."""
+        import base64
+
+        params = {
+            "name": name,
+            "bundle": base64.b64encode(bundle).decode("ascii"),
+            "allowDowngrade": allow_downgrade,
+        }
+        return cast("wire.DeployReply", self.call("Deploy", params))
+
+    def rollback(self, name: str) -> wire.DeployReply:
+        """Return the capsule to the bundle version kept by the last Deploy."""
+        return cast("wire.DeployReply", self.call("Rollback", {"name": name}))
+
+    def audit(self, name: str, *, lines: int | None = None) -> wire.AuditReply:
+        """The audit trail's records about a capsule, oldest first."""
+        return cast("wire.AuditReply", self.call("Audit", {"name": name, "lines": lines}))
 
     def info(self) -> wire.InfoReply:
         """The helper's version, systemd's version, the policy backend and the caller's uid."""

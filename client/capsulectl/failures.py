@@ -85,6 +85,25 @@ def _job_failed(f: Facts) -> str:
     return f"failed to {f.doing} ({detail}); see: capsulectl logs"
 
 
+def _invalid_bundle(f: Facts) -> str:
+    where = f"{f.p['path']}: " if f.p.get("path") else ""
+    return f"refused to {f.doing}: the bundle is not usable: {where}{f.p.get('reason')}"
+
+
+def _deploy_failed(f: Facts) -> str:
+    detail = f.p.get("result")
+    if f.p.get("unitResult"):
+        detail = f"{detail}, {f.p.get('unitResult')}"
+    restored = f.p.get("restoredVersion")
+    if not f.p.get("rolledBack"):
+        after = "and putting the previous state back failed too (see: journalctl -u capsuled)"
+    elif restored is None:
+        after = "so the capsule was put back as it was, with no bundle"
+    else:
+        after = f"so the capsule was put back to version {restored}"
+    return f"failed to {f.doing}: unit {f.unit} did not start ({detail}), {after}"
+
+
 def _too_new(f: Facts) -> str:
     return f"this capsuled cannot {f.doing} ({f.error}: is it older than capsulectl?)"
 
@@ -171,6 +190,40 @@ def explanations() -> dict[type[VarlinkError], tuple[Line, int]]:
                 f"refused to {f.doing}: {f.p.get('path')} in the capsule's home is unsafe "
                 f"({f.p.get('reason')}); nothing was changed"
             ),
+            EXIT_FAILURE,
+        ),
+        e.InvalidBundle: (_invalid_bundle, EXIT_FAILURE),
+        e.UnsignedBundle: (
+            lambda f: (
+                f"refused to {f.doing}: the bundle is not signed "
+                "(sign it: capsulectl bundle sign FILE --key KEY)"
+            ),
+            EXIT_FAILURE,
+        ),
+        e.UntrustedSigner: (
+            lambda f: (
+                f"refused to {f.doing}: the bundle is signed by a key capsuled does not trust "
+                f"(key id {f.p.get('keyId')}; see /etc/capsuled/trusted-keys.d/)"
+            ),
+            EXIT_FAILURE,
+        ),
+        e.BadSignature: (
+            lambda f: (
+                f"refused to {f.doing}: the bundle's signature does not match its content "
+                "(it was changed after it was signed)"
+            ),
+            EXIT_FAILURE,
+        ),
+        e.DowngradeRefused: (
+            lambda f: (
+                f"refused to {f.doing}: version {f.p.get('version')} is older than the "
+                f"deployed {f.p.get('current')} (pass --allow-downgrade to deploy it anyway)"
+            ),
+            EXIT_FAILURE,
+        ),
+        e.DeployFailed: (_deploy_failed, EXIT_FAILURE),
+        e.NoPreviousBundle: (
+            lambda f: f"capsule {f.name} has no earlier bundle version to roll back to",
             EXIT_FAILURE,
         ),
         e.Busy: (

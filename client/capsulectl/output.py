@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Style",
     "access_line",
+    "audit_table",
+    "bundle_summary",
     "capsule_table",
     "dump_json",
     "event_line",
@@ -350,7 +352,39 @@ def status_view(c: wire.Capsule, style: Style, now: int) -> list[str]:
             cpu += f" (weight: {c['cpuWeight']})"
         lines.append(_field("CPU", cpu))
     lines.append(_field("Units", str(c["units"])))
+    bundle = c["bundle"]
+    if bundle is not None:
+        lines.append(_field("Bundle", bundle_summary(bundle)))
     lines.append(_field("Autostart", "yes" if c["autostart"] else "no"))
+    return lines
+
+
+def bundle_summary(b: wire.DeployedBundle) -> str:
+    """ "web 1.4.2 (signed by release, deployed Wed 2026-11-25 12:05:22 UTC; previous 1.4.1)"."""
+    text = f"{b['name']} {b['version']} (signed by {b['signer']}, deployed "
+    text += format_timestamp(b["deployed"])
+    if b["previousVersion"] is not None:
+        text += f"; previous {b['previousVersion']}"
+    text += ")"
+    if b["unfinishedVersion"] is not None:
+        text += f"; unfinished deploy of {b['unfinishedVersion']}"
+    return printable(text)  # the helper checked these names; escaped all the same
+
+
+def audit_table(records: Sequence[wire.AuditRecord], *, legend: bool = True) -> list[str]:
+    """The Audit records as a table: time, seq, caller, action, result, details."""
+    rows = []
+    for r in records:
+        caller = str(r["callerUid"])
+        if r["callerUnit"] is not None:
+            caller += f" ({r['callerUnit']})"
+        # Details echo what callers sent (a Run's executable, a unit's name): escaped.
+        details = " ".join(f"{k}={v}" for k, v in sorted(r["details"].items()))
+        cells = [caller, r["action"], r["result"], details]
+        rows.append([format_timestamp(r["time"]), str(r["seq"]), *(printable(c) for c in cells)])
+    lines = table(["TIME", "SEQ", "CALLER", "ACTION", "RESULT", "DETAILS"], rows, legend=legend)
+    if legend:
+        lines += ["", f"{len(rows)} record{'' if len(rows) == 1 else 's'} listed."]
     return lines
 
 

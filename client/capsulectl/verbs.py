@@ -18,6 +18,7 @@ import os
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from capsulectl import __version__, output
@@ -530,6 +531,155 @@ class Run(Verb):
         return EXIT_OK if result == "success" else EXIT_FAILURE
 
 
+class Deploy(Verb):
+    name = "deploy"
+    summary = "deploy a signed bundle into a capsule"
+    description = (
+        "Deploys the signed bundle FILE (see: capsulectl bundle) into the capsule, all or "
+        "nothing: its units and files are put in place, the capsule's manager reloaded and the "
+        "bundle's enabled units (re)started; if one fails, the capsule is put back as it was. "
+        "The version replaced is kept for rollback."
+    )
+
+    def arguments(self, p: argparse.ArgumentParser) -> None:
+        capsule_name(p)
+        p.add_argument("file", metavar="FILE", help="the signed bundle file")
+        p.add_argument(
+            "--allow-downgrade",
+            action="store_true",
+            help="deploy even if FILE's version is lower than the deployed one",
+        )
+
+    def run(self, ctx: Context) -> int:
+        from capsulectl.bundles import BundleToolError, read_bundle
+
+        a = ctx.args
+        try:
+            data = read_bundle(Path(a.file))
+        except BundleToolError as exc:
+            ctx.error(f"capsulectl: {exc}")
+            return EXIT_FAILURE
+        ctx.doing = f"deploy {a.file} into capsule {quote(a.name)}"
+        downgrade = True if a.allow_downgrade else None
+        print_reply(ctx, ctx.client.deploy(a.name, data, allow_downgrade=downgrade))
+        return EXIT_OK
+
+
+class Rollback(Verb):
+    name = "rollback"
+    summary = "return a capsule to its previous bundle version"
+    description = (
+        "Puts the bundle version the last deploy replaced back in place, in the same "
+        "all-or-nothing way; the version rolled back from is kept in its place."
+    )
+
+    def arguments(self, p: argparse.ArgumentParser) -> None:
+        capsule_name(p)
+
+    def run(self, ctx: Context) -> int:
+        ctx.doing = f"roll back capsule {quote(ctx.args.name)}"
+        print_reply(ctx, ctx.client.rollback(ctx.args.name))
+        return EXIT_OK
+
+
+class Audit(Verb):
+    name = "audit"
+    summary = "list the audit trail's records about a capsule"
+    description = (
+        "Lists, oldest first, the records capsuled's audit trail (/var/log/capsuled/) holds "
+        "about the capsule: every change by anybody, allowed or refused, with the caller's "
+        "uid, pid and unit. Needs read access to the capsule."
+    )
+
+    def arguments(self, p: argparse.ArgumentParser) -> None:
+        capsule_name(p)
+        p.add_argument(
+            "-n",
+            "--lines",
+            metavar="N",
+            type=int,
+            help="the N newest records (capsuled's default: 100)",
+        )
+
+    def run(self, ctx: Context) -> int:
+        ctx.doing = f"read the audit records of capsule {quote(ctx.args.name)}"
+        reply = ctx.client.audit(ctx.args.name, lines=ctx.args.lines)
+        if ctx.json:
+            ctx.print_json(reply)
+        else:
+            ctx.print_lines(output.audit_table(reply["records"], legend=not ctx.args.no_legend))
+        return EXIT_OK
+
+
+class Bundle(Verb):
+    name = "bundle"
+    summary = "make, sign and check deploy bundles (offline)"
+    description = (
+        "Works on bundle files without capsuled. keygen KEY: a new Ed25519 key in KEY (mode "
+        "0600) and KEY.pub (install it as /etc/capsuled/trusted-keys.d/SIGNER.pub). build DIR "
+        "-o FILE: an unsigned bundle of DIR (bundle.toml with name, version, enable; units/; "
+        "files/). sign FILE --key KEY: adds or replaces FILE's signature. verify FILE --pubkey "
+        "PUB: exits 0 if capsuled would accept FILE signed by PUB, else 1 with the reason."
+    )
+    ACTIONS: ClassVar[dict[str, str]] = {
+        "keygen": "KEY",
+        "build": "DIR",
+        "sign": "FILE",
+        "verify": "FILE",
+    }
+
+    def arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "action",
+            metavar="ACTION",
+            choices=list(self.ACTIONS),
+            help="keygen, build, sign or verify",
+        )
+        p.add_argument("path", metavar="PATH", help="KEY, DIR or FILE, as the action needs")
+        p.add_argument("-o", "--output", metavar="FILE", help="build: the bundle file to write")
+        p.add_argument("--key", metavar="KEY", help="sign: the private key")
+        p.add_argument("--pubkey", metavar="PUB", help="verify: the public key to trust")
+
+    def run(self, ctx: Context) -> int:
+        from capsulectl.bundles import BundleToolError
+
+        a = ctx.args
+        needs = {"build": "output", "sign": "key", "verify": "pubkey"}
+        for action, option in (("build", "output"), ("sign", "key"), ("verify", "pubkey")):
+            given = getattr(a, option) is not None
+            flag = "-o" if option == "output" else f"--{option}"
+            if a.action == action and not given:
+                raise UsageError(f"bundle {action} needs {flag}")
+            if given and needs.get(a.action) != option:
+                raise UsageError(f"{flag} is for bundle {action} only")
+        try:
+            return self._act(ctx, a.action, Path(a.path))
+        except BundleToolError as exc:
+            ctx.error(f"capsulectl bundle {a.action}: {exc}")
+            return EXIT_FAILURE
+
+    def _act(self, ctx: Context, action: str, path: Path) -> int:
+        from capsulectl import bundles
+
+        a = ctx.args
+        if action == "keygen":
+            key_id = bundles.keygen(path)
+            ctx.print(f"{path}: new Ed25519 key, key id {key_id}; public key in {path}.pub")
+        elif action == "build":
+            bundles.write_file(Path(a.output), bundles.build(path))
+        elif action == "sign":
+            key_id = bundles.sign_file(path, Path(a.key))
+            ctx.print(f"{path}: signed with key id {key_id}")
+        else:
+            parsed = bundles.verify_file(path, Path(a.pubkey))
+            units, files = len(parsed.units), len(parsed.files)
+            ctx.print(
+                f"{path}: OK: {parsed.name} {parsed.version}, {units} unit(s), {files} file(s), "
+                f"enables {', '.join(parsed.enable) or 'nothing'}"
+            )
+        return EXIT_OK
+
+
 class Logs(Verb):
     name = "logs"
     summary = "show a capsule's journal"
@@ -640,6 +790,8 @@ class CanI(Verb):
         "list": ("read", None),
         "logs": ("read", None),
         "units": ("read", None),
+        "audit": ("read", None),
+        "rollback": ("deploy", "rollback"),
     }
 
     def arguments(self, p: argparse.ArgumentParser) -> None:
@@ -647,24 +799,28 @@ class CanI(Verb):
             "action",
             metavar="ACTION",
             help="a policy action (read, create, remove, manage, manage-units, run, "
-            "set-limits, or org.capsuled.*), or a verb: start, stop, restart, "
-            "enable, disable, status, logs",
+            "set-limits, deploy, or org.capsuled.*), or a verb: start, stop, restart, "
+            "enable, disable, status, logs, audit, rollback",
         )
         capsule_name(p)
         p.add_argument(
             "--verb",
             dest="policy_verb",
             metavar="VERB",
-            help="for manage: start, stop, restart, autostart",
+            help="for manage: start, stop, restart, autostart; for deploy: deploy, downgrade, "
+            "rollback",
         )
         p.add_argument("--unit", metavar="UNIT", help="for manage-units: the unit")
+        p.add_argument(
+            "--signer", metavar="SIGNER", help="for deploy: the signer (a trusted key's name)"
+        )
 
     def run(self, ctx: Context) -> int:
         a = ctx.args
         action, verb = self.SHORTCUTS.get(a.action, (a.action, None))
         verb = a.policy_verb or verb
         ctx.doing = f"ask about capsule {quote(a.name)}"
-        reply = ctx.client.check_access(a.name, action, verb=verb, unit=a.unit)
+        reply = ctx.client.check_access(a.name, action, verb=verb, unit=a.unit, signer=a.signer)
         if ctx.json:
             ctx.print_json(reply)
         else:

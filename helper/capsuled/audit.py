@@ -11,13 +11,19 @@ Secrets: a value wrapped in :class:`Sensitive` (e.g. the environment of ``Run``)
 written, only the marker ``(redacted)``; like systemd's ``SD_JSON_SENSITIVE`` it is a property of
 the value, so a caller cannot forget it at one log site and remember it at another.
 
-Tamper evidence: each record carries ``CAPSULED_CHAIN_SEQ`` (1, 2, ... per daemon process),
-``CAPSULED_CHAIN_ID`` (random per process) and ``CAPSULED_CHAIN`` = sha256 over the previous
-record's chain value and this record's canonical fields.  Deleting or editing a record in the
-middle of a run breaks the chain (:func:`verify_chain`).  It is not a signature: someone who can
-rewrite the journal can recompute the whole chain, and a whole run can vanish unnoticed (the
-daemon exits when idle, so runs are short).  journald's Forward Secure Sealing (``--setup-keys``)
-covers that; an Ed25519-signed trail (design brief) is not implemented.
+Two sinks, one record: the journal (above), and the verifiable trail under /var/log/capsuled/
+(capsuled.trail: JSON lines, hash-chained across rotations, checkpoints signed with the
+helper's Ed25519 key). `_write` is the one place a record goes out, to both, whether a
+handler's, the method table's or a summary of refusals; the trail's copy is fsynced by `sync`,
+which the method table's audit wrapper awaits before any reply goes out, so a caller who got an
+answer knows its record is on disk. A trail that cannot be written fails the call (TrailError,
+answered as InternalError; the journal still has the record).
+
+The journal copy carries its own, weaker chain: ``CAPSULED_CHAIN_SEQ`` (1, 2, ... per daemon
+process), ``CAPSULED_CHAIN_ID`` (random per process) and ``CAPSULED_CHAIN`` = sha256 over the
+previous record's chain value and this record's canonical fields (:func:`verify_chain`). It is
+not a signature: someone who can rewrite the journal can recompute it, and a whole run can vanish
+unnoticed. The trail is what `capsuled audit verify` checks.
 
 ``PRIORITY``: notice (5) for ``denied``, warning (4) for ``failed`` or an error name, info (6) for
 anything else (``ok``, ``started``, ...).
@@ -41,12 +47,13 @@ start with ``_``, so a record is capsuled's only if it also has ``_SYSTEMD_UNIT=
     journalctl _SYSTEMD_UNIT=capsuled.service _UID=0 _TRANSPORT=journal CAPSULED_ACTION=start
 
 ``systemd.journal`` is imported lazily (unit tests and hosts without it fall back to
-``logging``); a record that cannot be delivered is logged to stderr, never raised: the call it
-describes has already happened.
+``logging``); a record that cannot be delivered to journald is logged to stderr, never raised:
+the call it describes has already happened, and the trail has it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -57,7 +64,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Final
+
+from capsuled.trail import Trail, TrailError
 
 Sink = Callable[[dict[str, str]], None]
 
@@ -111,6 +121,8 @@ class AuditAction(StrEnum):
     ENABLE_UNIT = "enable-unit"
     DISABLE_UNIT = "disable-unit"
     RUN = "run"
+    DEPLOY = "deploy"
+    ROLLBACK = "rollback"
 
 
 # Generated once with uuid.uuid4().hex and fixed forever: journal catalogs and admins' queries
@@ -131,6 +143,8 @@ MESSAGE_IDS: Final[Mapping[str, str]] = {
     AuditAction.ENABLE_UNIT: "3936ec1653694c638b2d5383073f3266",
     AuditAction.DISABLE_UNIT: "404151ebf9b145f1b2397e60cd8b8879",
     AuditAction.RUN: "e68d8652e10d4985a7a0a89713b007d3",
+    AuditAction.DEPLOY: "f824009ac1b74641880310df077b6199",
+    AuditAction.ROLLBACK: "4b6803d8866e4ae3a23c3ae1afba3e7f",
 }
 MESSAGE_ID_OTHER: Final = "c89625c9446f46feb511fdcc7c4432e2"  # an action not listed above
 
@@ -253,18 +267,60 @@ class _Window:
     capsules: dict[str, set[str]] = field(default_factory=dict)  # action -> first few names
 
 
+# The journal fields a trail record has fields of its own for (trail_event); the other
+# CAPSULED_* fields are its details.
+_TRAIL_OWN_FIELDS: Final = frozenset(
+    {
+        "CAPSULED_ACTION",
+        "CAPSULED_CALLER_UID",
+        "CAPSULED_CALLER_PID",
+        "CAPSULED_CALLER_UNIT",
+        "CAPSULED_RESULT",
+        "CAPSULED_CHAIN",
+        "CAPSULED_CHAIN_ID",
+        "CAPSULED_CHAIN_SEQ",
+    }
+)
+
+
+def trail_event(entry: Mapping[str, str]) -> dict[str, object]:
+    """The trail's copy of a journal record (docs/AUDIT.md): the same facts, typed, and the
+    record's own fields as `details` (CAPSULED_KEY_ID -> key_id)."""
+    pid = entry.get("CAPSULED_CALLER_PID")
+    return {
+        "time": time.time_ns() // 1000,
+        "uid": int(entry["CAPSULED_CALLER_UID"]),
+        "pid": int(pid) if pid is not None else None,
+        "unit": entry.get("CAPSULED_CALLER_UNIT"),
+        "action": entry["CAPSULED_ACTION"],
+        "capsule": entry.get("CAPSULE"),
+        "result": entry["CAPSULED_RESULT"],
+        "details": {
+            key.removeprefix("CAPSULED_").lower(): value
+            for key, value in entry.items()
+            if key.startswith("CAPSULED_") and key not in _TRAIL_OWN_FIELDS
+        },
+    }
+
+
 class AuditLog:
-    """Writes one structured record per mutating call (refusals aggregated per uid);
-    thread-safe, never raises on delivery."""
+    """Writes one structured record per mutating call (refusals aggregated per uid) to the
+    journal and the trail.
+
+    Thread-safe. The journal's delivery never raises (a record that cannot reach journald goes
+    to stderr); the trail's does (TrailError): that is the record a reply promises.
+    """
 
     def __init__(
         self,
         sink: Sink | None = None,
         *,
+        trail: Trail | None = None,
         identifier: str = "capsuled",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sink: Sink = sink if sink is not None else journal_sink
+        self._trail = trail
         self._identifier = identifier
         self._clock = clock
         self._lock = threading.Lock()
@@ -273,6 +329,12 @@ class AuditLog:
         self._seq = 0
         self._windows: dict[int, _Window] = {}
         self._next_due = float("inf")  # when the oldest open window ends
+        self._sync_lock: asyncio.Lock | None = None
+
+    @property
+    def trail_directory(self) -> Path | None:
+        """Where the trail is (None: this log writes to the journal only)."""
+        return self._trail.directory if self._trail is not None else None
 
     @property
     def chain_id(self) -> str:
@@ -286,19 +348,27 @@ class AuditLog:
         caller_uid: int,
         capsule: str | None,
         result: str,
+        caller_pid: int | None = None,
+        caller_unit: str | None = None,
         **fields: FieldValue,
     ) -> dict[str, str]:
-        """Write one record and return the fields written (for tests and callers that chain).
+        """Write one record and return the journal fields written (for tests that chain).
 
-        Extra ``fields`` become ``CAPSULED_<NAME.upper()>``; None values are left out;
-        :class:`Sensitive` values are written as ``(redacted)``. A refusal past the uid's
-        allowance for this window is only counted (see the module docstring): then nothing is
-        written and the fields are returned without the chain.
+        Extra ``fields`` become ``CAPSULED_<NAME.upper()>`` in the journal and the trail's
+        ``details``; None values are left out; :class:`Sensitive` values are written as
+        ``(redacted)``. A refusal past the uid's allowance for this window is only counted
+        (see the module docstring): then nothing is written and the fields are returned
+        without the chain.
 
         Raises:
             ValueError: a field name that cannot be a journal field (a caller bug).
+            TrailError: the trail could not be written (the journal has the record).
         """
         entry = self._fields(action, caller_uid, capsule, result, fields)
+        if caller_pid is not None:
+            entry["CAPSULED_CALLER_PID"] = str(caller_pid)
+        if caller_unit is not None:
+            entry["CAPSULED_CALLER_UNIT"] = _bounded(caller_unit)
         self.flush_refusals()
         if is_refusal(result) and not self._admit_refusal(caller_uid, action, capsule):
             return entry
@@ -389,7 +459,7 @@ class AuditLog:
             key = "CAPSULED_" + name.upper()
             if _FIELD_NAME.fullmatch(key) is None:
                 raise ValueError(f"not a journal field name: {key!r}")
-            if key in entry or key.startswith("CAPSULED_CHAIN"):
+            if key in entry or key.startswith(("CAPSULED_CHAIN", "CAPSULED_CALLER_")):
                 raise ValueError(f"field {key} is reserved")
             if value is None:
                 continue
@@ -402,6 +472,7 @@ class AuditLog:
         return entry
 
     def _write(self, entry: dict[str, str]) -> dict[str, str]:
+        """The one place a record goes out: chained, to the journal, then to the trail."""
         with self._lock:
             self._seq += 1
             entry["CAPSULED_CHAIN_ID"] = self._chain_id
@@ -414,7 +485,40 @@ class AuditLog:
                 # journald unreachable: stderr still ends up somewhere an admin looks.
                 log.exception("cannot write audit record %s", entry["CAPSULED_CHAIN_SEQ"])
                 logging_sink(entry)
+            if self._trail is not None:
+                try:
+                    self._trail.append(trail_event(entry))
+                except TrailError:
+                    log.exception("cannot append to the audit trail: %s", entry["MESSAGE"])
+                    raise
         return entry
+
+    async def sync(self) -> None:
+        """Wait until every record written so far is on disk in the trail (one fsync, in a
+        worker thread, for all the records written while the previous one ran).
+
+        Raises:
+            TrailError: fsync failed.
+        """
+        trail = self._trail
+        if trail is None:
+            return
+        target = trail.written_seq
+        if trail.synced_seq >= target:
+            return
+        if self._sync_lock is None:
+            self._sync_lock = asyncio.Lock()  # made on the loop that uses it
+        async with self._sync_lock:
+            if trail.synced_seq >= target:
+                return  # the fsync we waited behind covered our record
+            await asyncio.to_thread(trail.sync)
+
+    def close(self) -> None:
+        """At exit: write the refusal summaries still open, then sign a last checkpoint over
+        everything and close the trail."""
+        self.flush_refusals(everything=True)
+        if self._trail is not None:
+            self._trail.close()
 
     @staticmethod
     def _message(action: str, caller_uid: int, capsule: str | None, result: str) -> str:

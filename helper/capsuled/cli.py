@@ -3,6 +3,7 @@
 capsuled [serve] [--listen PATH] [--config-dir DIR] [--idle-exit-sec N] [--max-connections N] ...
 capsuled install ...     (capsuled.install, imported only when asked for)
 capsuled uninstall ...
+capsuled audit verify [FILE...]   (capsuled.verify)
 capsuled --version
 """
 
@@ -28,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="capsuled",
         description="Varlink helper managing systemd capsules for unprivileged users.",
-        epilog="Subcommands: serve (default), install, uninstall (see `capsuled install --help`).",
+        epilog="Subcommands: serve (default), install, uninstall, audit (see `capsuled install "
+        "--help`, `capsuled audit verify --help`).",
     )
     p.add_argument("--version", action="version", version=f"capsuled {_version()}")
     p.add_argument(
@@ -201,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         from capsuled.install import main_uninstall
 
         return main_uninstall(args_in[1:])
+    if args_in and args_in[0] == "audit":
+        from capsuled.verify import main_audit
+
+        return main_audit(args_in[1:])
     if args_in and args_in[0] == "serve":
         args_in = args_in[1:]
     parser = _parser()

@@ -117,7 +117,9 @@ class Wiring:
     system_bus: SystemBus | None = None
     account: Account | None = None  # None: every peer counts against its own uid
     open_streams: frozenset[str] = frozenset()
-    audit: AuditLog | None = None  # its refusal summaries are written while serving and at exit
+    # Its refusal summaries are written while serving and at exit, and its trail gets a
+    # signed checkpoint when serving ends.
+    audit: AuditLog | None = None
 
 
 # The interface's own errors for what the transport answers itself (the core knows no interface).
@@ -138,18 +140,20 @@ def build_wiring(options: Options) -> Wiring:
     from capsuled.records import RecordStore
     from capsuled.sdjournal import SdJournal
     from capsuled.systemd.backend import DBusSystemdBackend
+    from capsuled.trail import Trail
 
     config_dir = DEFAULT_CONFIG_DIR if options.config_dir is None else options.config_dir
     info = service_info()
     # Opened on first use: a call that needs neither PID 1 nor polkit never touches the bus.
     system_bus = SystemBus()
     records = RecordStore()
+    audit = AuditLog(trail=Trail())
     services = Services(
         backend=DBusSystemdBackend(system_bus),
         journal=SdJournal(),
         authorizer=Authorizer.from_config(config_dir, system_bus=system_bus),
         records=records,
-        audit=AuditLog(),
+        audit=audit,
         version=info.version,
     )
     interface = load_interface()
@@ -485,10 +489,12 @@ async def _wind_down(
     await asyncio.gather(*ends, return_exceptions=True)
     if wiring.reloader is not None:
         await wiring.reloader.aclose()
-    if wiring.audit is not None:
-        wiring.audit.flush_refusals(everything=True)  # no refusal goes uncounted at exit
     if wiring.system_bus is not None:
         await wiring.system_bus.close()  # no call is left that could use it
+    if wiring.audit is not None:
+        # Every call has ended: no refusal goes uncounted, and what this run wrote is signed,
+        # so its tail cannot be cut unnoticed.
+        await asyncio.to_thread(wiring.audit.close)
     if created_path is not None:
         with contextlib.suppress(OSError):
             os.unlink(created_path)

@@ -7,6 +7,8 @@
         ├── CapsuleRunning, CapsuleNotRunning, JobFailed
         ├── SystemdTooOld, SystemdUnavailable, InteractiveAuthenticationRequired
         ├── NoSuchUnit, InvalidUnit, UnsafeCapsuleHome, InvalidValue
+        ├── InvalidBundle, UnsignedBundle, UntrustedSigner, BadSignature
+        ├── DowngradeRefused, DeployFailed, NoPreviousBundle
         ├── Busy, AccessChanged, RecordsUnwritable
         └── InternalError
 
@@ -106,6 +108,48 @@ class InvalidValue(ManagerError):
     """A well-typed parameter has an unacceptable value."""
 
     name = f"{INTERFACE}.InvalidValue"
+
+
+class InvalidBundle(ManagerError):
+    """The bundle file is not usable (framing, caps, manifest rules); nothing changed."""
+
+    name = f"{INTERFACE}.InvalidBundle"
+
+
+class UnsignedBundle(ManagerError):
+    """The bundle has no signature; nothing changed."""
+
+    name = f"{INTERFACE}.UnsignedBundle"
+
+
+class UntrustedSigner(ManagerError):
+    """The bundle's key is not a trusted key; nothing changed."""
+
+    name = f"{INTERFACE}.UntrustedSigner"
+
+
+class BadSignature(ManagerError):
+    """The signature does not match the bundle (modified after signing); nothing changed."""
+
+    name = f"{INTERFACE}.BadSignature"
+
+
+class DowngradeRefused(ManagerError):
+    """An older version without allowDowngrade; nothing changed."""
+
+    name = f"{INTERFACE}.DowngradeRefused"
+
+
+class DeployFailed(ManagerError):
+    """A unit of the new version did not start; the capsule was put back (or says it was not)."""
+
+    name = f"{INTERFACE}.DeployFailed"
+
+
+class NoPreviousBundle(ManagerError):
+    """Rollback without a kept version."""
+
+    name = f"{INTERFACE}.NoPreviousBundle"
 
 
 class Busy(ManagerError):

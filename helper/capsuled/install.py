@@ -24,8 +24,11 @@ pip install is a local admin install (file-hierarchy(7)); a distribution package
                                                   overwritten
     /etc/capsuled/capsuled.toml.d/                drop-ins
 
-`install` then (unless --root or --no-enable) creates the group `capsule` with systemd-sysusers,
-the capsule directories with systemd-tmpfiles, reloads PID 1 and enables capsuled.socket.
+`install` then (unless --root) creates the helper's audit signing key
+(/var/lib/capsuled/audit-signing.key, root only, kept if it exists: capsuled.trail), the group
+`capsule` with systemd-sysusers, the capsule directories with systemd-tmpfiles, reloads PID 1
+and (unless --no-enable) enables capsuled.socket. Never with --root: a key staged into a
+package would be the same secret on every host (the daemon makes one itself if missing).
 This is an admin tool, so running systemctl here is fine; the daemon never does.
 
 A distribution package is built with `install --root DESTDIR --prefix /usr --no-manifest` (see
@@ -470,8 +473,24 @@ def _run(argv: list[str]) -> None:
         raise InstallError(f"{' '.join(argv)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
 
 
+def _audit_key(out: list[str]) -> None:
+    """The helper's own key for signing the audit trail's checkpoints: made once, never
+    replaced (a new key would leave the old checkpoints unverifiable with the published one)."""
+    from capsuled.trail import AUDIT_KEY, TrailError, ensure_signing_key
+
+    try:
+        _, made = ensure_signing_key(AUDIT_KEY)
+    except TrailError as exc:
+        raise InstallError(str(exc)) from exc
+    if made:
+        out.append(f"created the audit signing key {AUDIT_KEY} (root only) and {AUDIT_KEY}.pub")
+    else:
+        out.append(f"kept the audit signing key {AUDIT_KEY}")
+
+
 def _activate(prefix: PurePosixPath, enable: bool, out: list[str]) -> None:
     lib = prefix / "lib"
+    _audit_key(out)
     _run(["systemd-sysusers", str(lib / "sysusers.d/capsuled.conf")])
     out.append("ensured group `capsule` (systemd-sysusers)")
     _run(["systemd-tmpfiles", "--create", str(lib / "tmpfiles.d/capsuled.conf")])

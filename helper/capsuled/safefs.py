@@ -32,7 +32,7 @@ Exception tree (OSError is translated once, here, always ``raise ... from exc``)
      │    └── NoHome       the capsule's home directory does not exist (never started)
      ├── UnsafePath        a symlink, non-directory, non-regular file, hardlinked file or
      │                     foreign owner where we refuse to go on
-     ├── FileTooLarge      read_file() found more than max_bytes
+     ├── FileTooLarge      read_file() or snapshot_entry() found more than max_bytes
      └── TooManyEntries    list_dir() found more than max_entries entries
 
 All calls of CapsuleHome block (a few syscalls each, an fsync per write): the daemon reaches
@@ -382,6 +382,21 @@ def _unlink_quietly(dir_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
+@dataclass(frozen=True, slots=True)
+class EntrySnapshot:
+    """One entry below a home as it was (CapsuleHome.snapshot_entry), to be put back exactly."""
+
+    rel_dir: tuple[str, ...]
+    name: str
+    kind: EntryKind | None  # FILE, SYMLINK, or None: there was nothing
+    data: bytes = b""  # FILE: its bytes
+    mode: int = FILE_MODE  # FILE: its permission bits
+    target: str = ""  # SYMLINK: its target text
+    # Nothing there, and the directory rel_dir[:missing_dirs_from] did not exist either: it and
+    # those below it are made by the change, and removed again (if empty) by a restore.
+    missing_dirs_from: int | None = None
+
+
 class CapsuleHome:
     """An open directory fd on one capsule's home; every operation is relative to it.
 
@@ -684,6 +699,96 @@ class CapsuleHome:
             raise SafeFsError(display, exc.strerror or str(exc)) from exc
         finally:
             os.close(dir_fd)
+        return True
+
+    def snapshot_entry(self, rel_dir: Sequence[str], name: str, max_bytes: int) -> EntrySnapshot:
+        """What ``rel_dir/name`` is now, to be put back later with `restore_entry`.
+
+        A missing entry (or directory) is a snapshot too: restoring it removes what was made
+        there, and the directories made for it if they are empty. Only what can be put back
+        exactly is accepted; anything else is refused before a change is made.
+
+        Raises:
+            UnsafePath: a symlink or non-directory on the way; a directory, special file or
+                hardlinked file at the entry.
+            FileTooLarge: a file over ``max_bytes``.
+            SafeFsError: any other OSError.
+        """
+        check_component(name, self.path_of(rel_dir))
+        display = self.path_of([*rel_dir, name])
+        rel = tuple(rel_dir)
+        for depth in range(len(rel) + 1):
+            try:
+                os.close(self.open_dir(rel[:depth], create=False))
+            except NotFound:
+                return EntrySnapshot(rel, name, None, missing_dirs_from=depth)
+        with self._dir(rel, create=False) as dir_fd:
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return EntrySnapshot(rel, name, None)
+            except OSError as exc:
+                raise SafeFsError(display, exc.strerror or str(exc)) from exc
+            kind = _kind_of_mode(st.st_mode)
+            if kind is EntryKind.SYMLINK:
+                try:
+                    target = os.readlink(name, dir_fd=dir_fd)
+                except OSError as exc:
+                    raise SafeFsError(display, exc.strerror or str(exc)) from exc
+                return EntrySnapshot(rel, name, kind, target=target)
+            if kind is not EntryKind.FILE:
+                what = "a directory" if kind is EntryKind.DIRECTORY else "a special file"
+                raise UnsafePath(display, f"is {what}; refusing to replace it")
+        if st.st_nlink > 1:
+            raise UnsafePath(
+                display, f"is hardlinked ({st.st_nlink} links); refusing to replace it"
+            )
+        data = self.read_file(rel, name, max_bytes)
+        return EntrySnapshot(rel, name, kind, data=data, mode=stat.S_IMODE(st.st_mode))
+
+    def restore_entry(self, snapshot: EntrySnapshot) -> None:
+        """Put ``snapshot``'s entry back as it was (see `snapshot_entry`).
+
+        Raises:
+            UnsafePath, SafeFsError: as the writes it makes.
+        """
+        rel, name = snapshot.rel_dir, snapshot.name
+        if snapshot.kind is EntryKind.FILE:
+            self.write_file_atomically(rel, name, snapshot.data, snapshot.mode)
+        elif snapshot.kind is EntryKind.SYMLINK:
+            self.symlink(rel, name, snapshot.target)
+        else:
+            self.remove_file(rel, name)
+            if snapshot.missing_dirs_from is not None:
+                # Deepest first; a directory someone filled meanwhile stays.
+                for depth in range(len(rel), snapshot.missing_dirs_from - 1, -1):
+                    if not self.remove_empty_dir(rel[:depth]):
+                        break
+
+    def remove_empty_dir(self, rel_dir: Sequence[str]) -> bool:
+        """rmdir the last component of ``rel_dir`` if it is an empty directory; False if it is
+        not there or not empty. rmdir never follows a link.
+
+        Raises:
+            UnsafePath: a symlink or non-directory on the way.
+        """
+        rel = tuple(rel_dir)
+        if not rel:
+            raise ValueError("refusing to remove the home itself")
+        check_component(rel[-1], self.path_of(rel[:-1]))
+        try:
+            parent = self.open_dir(rel[:-1], create=False)
+        except NotFound:
+            return False
+        try:
+            os.rmdir(rel[-1], dir_fd=parent)
+            os.fsync(parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                return False
+            raise SafeFsError(self.path_of(rel), exc.strerror or str(exc)) from exc
+        finally:
+            os.close(parent)
         return True
 
     def symlink(self, rel_dir: Sequence[str], linkname: str, target: str) -> None:

@@ -21,6 +21,9 @@ from typing import Literal, TypedDict
 
 __all__ = [
     "AccessResult",
+    "AuditParams",
+    "AuditRecord",
+    "AuditReply",
     "Capsule",
     "CapsuleParams",
     "CapsuleReply",
@@ -28,6 +31,9 @@ __all__ = [
     "CheckAccessParams",
     "CheckAccessReply",
     "CreateParams",
+    "DeployParams",
+    "DeployReply",
+    "DeployedBundle",
     "EmptyReply",
     "Event",
     "InfoReply",
@@ -85,6 +91,35 @@ class Capsule(TypedDict):
     tasksMax: int | None
     cpuWeight: int | None
     units: int
+    bundle: DeployedBundle | None
+
+
+class DeployedBundle(TypedDict):
+    """A bundle deployed into a capsule (IDL type DeployedBundle)."""
+
+    name: str
+    version: str
+    signer: str
+    keyId: str
+    sha256: str
+    deployed: int
+    deployedBy: int
+    previousVersion: str | None
+    unfinishedVersion: str | None
+
+
+class AuditRecord(TypedDict):
+    """One record of the audit trail (IDL type AuditRecord)."""
+
+    seq: int
+    time: int
+    callerUid: int
+    callerPid: int | None
+    callerUnit: str | None
+    action: str
+    capsule: str | None
+    result: str
+    details: dict[str, str]
 
 
 class Unit(TypedDict):
@@ -184,6 +219,7 @@ class CheckAccessParams(TypedDict):
     action: str
     verb: str | None
     unit: str | None
+    signer: str | None
 
 
 class InstallUnitParams(TypedDict):
@@ -231,6 +267,23 @@ class WatchParams(TypedDict):
     """Watch."""
 
     names: list[str] | None
+
+
+class DeployParams(TypedDict):
+    """Deploy."""
+
+    name: str
+    bundle: str
+    allowDowngrade: bool | None
+    allowInteractiveAuthentication: bool | None
+
+
+class AuditParams(TypedDict):
+    """Audit."""
+
+    name: str
+    lines: int | None
+    allowInteractiveAuthentication: bool | None
 
 
 # --- method replies -----------------------------------------------------------------------------
@@ -302,6 +355,20 @@ class WatchReply(TypedDict):
     """Watch (always streamed)."""
 
     event: Event
+
+
+class DeployReply(TypedDict):
+    """Deploy, Rollback."""
+
+    capsule: Capsule
+    deployed: DeployedBundle
+    started: list[str]
+
+
+class AuditReply(TypedDict):
+    """Audit."""
+
+    records: list[AuditRecord]
 
 
 class InfoReply(TypedDict):

@@ -136,6 +136,8 @@ class FakeBackend:
         self.unavailable = False
         self.gate: asyncio.Event | None = None
         self.calls: list[tuple[str, str]] = []
+        # What capsule managers were asked: (capsule, method, unit or "").
+        self.manager_calls: list[tuple[str, str, str]] = []
         self.overlaps: list[str] = []
         self._busy: set[str] = set()
         self._uids = itertools.count(FIRST_DYNAMIC_UID)
@@ -320,7 +322,7 @@ class FakeBackend:
         capsule = self.capsules.get(name)
         if capsule is None or capsule.state != "active":
             raise ManagerUnavailable(name, "capsule is not running")
-        yield FakeCapsuleManager(capsule)
+        yield FakeCapsuleManager(capsule, self.manager_calls)
 
     @contextlib.asynccontextmanager
     async def watch(self) -> AsyncIterator[AsyncIterator[CapsuleEvent]]:
@@ -358,8 +360,9 @@ class _Watcher(Generic[E]):
 class FakeCapsuleManager:
     """CapsuleManager over a FakeCapsule's units."""
 
-    def __init__(self, capsule: FakeCapsule) -> None:
+    def __init__(self, capsule: FakeCapsule, log: list[tuple[str, str, str]] | None = None) -> None:
         self._capsule = capsule
+        self._log = log if log is not None else []
         self.reloads = 0
         self._watchers: set[_Watcher[UnitEvent]] = set()
 
@@ -404,6 +407,7 @@ class FakeCapsuleManager:
     async def reload(self) -> None:
         """Counts reloads."""
         self.reloads += 1
+        self._log.append((self._capsule.name, "reload", ""))
 
     def _unit(self, unit: str) -> FakeUnit:
         try:
@@ -413,6 +417,7 @@ class FakeCapsuleManager:
 
     async def start_unit(self, unit: str) -> str:
         """NoSuchUnit / JobFailed / done."""
+        self._log.append((self._capsule.name, "start_unit", unit))
         fake = self._unit(unit)
         if fake.fail_start:
             self._set(unit, fake, "failed", "failed")
@@ -423,6 +428,7 @@ class FakeCapsuleManager:
 
     async def stop_unit(self, unit: str) -> str:
         """-> inactive; a transient unit is then garbage-collected."""
+        self._log.append((self._capsule.name, "stop_unit", unit))
         fake = self._unit(unit)
         if fake.active_state != "inactive":
             self._set(unit, fake, "deactivating", "stop-sigterm")
@@ -433,11 +439,13 @@ class FakeCapsuleManager:
 
     async def restart_unit(self, unit: str) -> str:
         """stop + start."""
+        self._log.append((self._capsule.name, "restart_unit", unit))
         await self.stop_unit(unit)
         return await self.start_unit(unit)
 
     async def reset_failed_unit(self, unit: str) -> None:
         """failed -> inactive."""
+        self._log.append((self._capsule.name, "reset_failed_unit", unit))
         fake = self._capsule.units.get(unit)
         if fake is not None and fake.active_state == "failed":
             fake.active_state, fake.sub_state = "inactive", "dead"

@@ -191,6 +191,41 @@ def capsule(name: str = "web", **overrides: object) -> dict[str, object]:
         "tasksMax": 100,
         "cpuWeight": None,
         "units": 2,
+        "bundle": None,
+    }
+    value.update(overrides)
+    return value
+
+
+def deployed(version: str = "1.2.0", **overrides: object) -> dict[str, object]:
+    """A wire DeployedBundle with every IDL field."""
+    value: dict[str, object] = {
+        "name": "web",
+        "version": version,
+        "signer": "release",
+        "keyId": "ab" * 32,
+        "sha256": "cd" * 32,
+        "deployed": 1_764_072_000_000_000,
+        "deployedBy": 1000,
+        "previousVersion": "1.1.0",
+        "unfinishedVersion": None,
+    }
+    value.update(overrides)
+    return value
+
+
+def audit_record(seq: int = 7, **overrides: object) -> dict[str, object]:
+    """A wire AuditRecord with every IDL field."""
+    value: dict[str, object] = {
+        "seq": seq,
+        "time": 1_764_072_000_000_000,
+        "callerUid": 1000,
+        "callerPid": 4242,
+        "callerUnit": "session-3.scope",
+        "action": "deploy",
+        "capsule": "web",
+        "result": "ok",
+        "details": {"version": "1.2.0", "signer": "release"},
     }
     value.update(overrides)
     return value

@@ -14,6 +14,8 @@ from typing import Any
 from e2e.inbed.wire import INTERFACE, SOCKET
 from testbed import Testbed
 
+ARG_MAX_BYTES = 64 * 1024
+
 
 @dataclass
 class Replies:
@@ -53,7 +55,11 @@ def call(
     """
     full = method if "." in method else f"{INTERFACE}.{method}"
     arg = json.dumps([full, params or {}, more, limit, timeout, socket])
-    result = bed.run_module(user, "e2e.inbed.vcall", arg, timeout=timeout + 10)
+    if len(arg) > ARG_MAX_BYTES:
+        # One argument may hold at most 128 KiB (MAX_ARG_STRLEN): a large call goes on stdin.
+        result = bed.run_module(user, "e2e.inbed.vcall", "-", input=arg, timeout=timeout + 10)
+    else:
+        result = bed.run_module(user, "e2e.inbed.vcall", arg, timeout=timeout + 10)
     assert result.returncode == 0, f"client failed: {result.stderr}"
     replies = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     assert replies, f"no reply to {full}: {result.stderr}"

@@ -24,6 +24,7 @@ from types import MappingProxyType
 
 from capsuled import journal
 from capsuled.audit import AuditLog
+from capsuled.deployments import DeploymentStore
 from capsuled.dispatch import Dispatcher
 from capsuled.methods import build_dispatcher
 from capsuled.methods.context import LOCK_WAIT_S, CallContext, CapsuleLocks, Services
@@ -32,8 +33,10 @@ from capsuled.policy import actions as act
 from capsuled.policy.authorizer import Authorizer
 from capsuled.policy.builtin import BuiltinBackend
 from capsuled.policy.engine import Decision, Identity, PolicyConfig, Quota, Rule
+from capsuled.policy.signers import TrustedKeys
 from capsuled.records import Phase, Record, RecordStore, new_record
 from capsuled.safefs import CapsuleHomes
+from capsuled.trail import Trail
 from capsuled.varlink.errors import VarlinkError
 from capsuled.varlink.interface import Interface, parse_interface
 from capsuled.varlink.messages import Call
@@ -102,8 +105,8 @@ def lookup(uid: int) -> Identity:
     return Identity(uid, name, groups)
 
 
-def peer(uid: int) -> Peer:
-    return Peer(uid=uid, gid=uid, pid=os.getpid(), pidfd=None)
+def peer(uid: int, unit: str | None = None) -> Peer:
+    return Peer(uid=uid, gid=uid, pid=os.getpid(), pidfd=None, unit=unit)
 
 
 class SpyBackend(FakeBackend):
@@ -121,6 +124,7 @@ class SpyBackend(FakeBackend):
     def forget_seen(self) -> None:
         self.seen.clear()
         self.calls.clear()
+        self.manager_calls.clear()
 
 
 @dataclass
@@ -155,15 +159,18 @@ class World:
         *,
         uid: int = ALICE,
         more: bool = False,
+        unit: str | None = None,
     ) -> Outcome:
-        """One call through the Dispatcher; an error reply is raised as its VarlinkError."""
+        """One call through the Dispatcher; an error reply is raised as its VarlinkError.
+
+        `unit`: the system unit the calling process runs in (Peer.unit)."""
         replies: list[dict[str, object]] = []
 
         async def notify(reply: dict[str, object]) -> None:
             replies.append(reply)
 
         call = Call(f"{INTERFACE}.{method}", dict(params or {}), more=more)
-        reply = await self.dispatcher.handle(call, peer(uid), notify)
+        reply = await self.dispatcher.handle(call, peer(uid, unit), notify)
         return Outcome(replies, reply)
 
     async def failure(
@@ -173,10 +180,11 @@ class World:
         *,
         uid: int = ALICE,
         more: bool = False,
+        unit: str | None = None,
     ) -> VarlinkError:
         """The error reply of a call that must fail."""
         try:
-            outcome = await self.call(method, params, uid=uid, more=more)
+            outcome = await self.call(method, params, uid=uid, more=more, unit=unit)
         except VarlinkError as exc:
             return exc
         raise AssertionError(f"{method} by uid {uid} succeeded: {outcome}")
@@ -188,8 +196,9 @@ class World:
         *,
         uid: int = ALICE,
         more: bool = False,
+        unit: str | None = None,
     ) -> Outcome:
-        return asyncio.run(self.call(method, params, uid=uid, more=more))
+        return asyncio.run(self.call(method, params, uid=uid, more=more, unit=unit))
 
     def error(
         self,
@@ -198,8 +207,9 @@ class World:
         *,
         uid: int = ALICE,
         more: bool = False,
+        unit: str | None = None,
     ) -> VarlinkError:
-        return asyncio.run(self.failure(method, params, uid=uid, more=more))
+        return asyncio.run(self.failure(method, params, uid=uid, more=more, unit=unit))
 
     # -- state -------------------------------------------------------------------------------
 
@@ -258,25 +268,37 @@ def make_world(
     policy: PolicyConfig | None = None,
     version: int = 257,
     locks: CapsuleLocks | None = None,
+    trusted_keys: TrustedKeys | None = None,
 ) -> World:
     policy = policy if policy is not None else config()
     backend = SpyBackend(version)
     authorizer = Authorizer(
-        policy, BuiltinBackend(policy), lookup=lookup, is_alive=lambda _subject: True
+        policy,
+        BuiltinBackend(policy),
+        lookup=lookup,
+        is_alive=lambda _subject: True,
+        trusted_keys=trusted_keys,
     )
     records = RecordStore(tmp_path / "state")
     audit_records: list[dict[str, str]] = []
     capsules_root = tmp_path / "capsules"
     capsules_root.mkdir()
     fake_journal = FakeJournal()
+    state = tmp_path / "state"
+    trail = Trail(
+        tmp_path / "log",
+        key_path=state / "audit-signing.key",
+        head_path=state / "audit-head.json",
+    )
     services = Services(
         backend=backend,
         journal=fake_journal,
         authorizer=authorizer,
         records=records,
-        audit=AuditLog(sink=audit_records.append),
+        audit=AuditLog(sink=audit_records.append, trail=trail),
         version="0-test",
         homes=CapsuleHomes(str(capsules_root)),
+        deployments=DeploymentStore(state),
     )
     if locks is not None:
         services.locks = locks
@@ -403,6 +425,9 @@ def params_for(method: str, name: str) -> dict[str, object]:
         "DisableUnit": unit,
         "Run": {"name": name, "command": ["/bin/true"]},
         "Logs": {"name": name},
+        "Deploy": {"name": name, "bundle": ""},
+        "Rollback": {"name": name},
+        "Audit": {"name": name},
     }
     return dict(table[method])
 
@@ -428,6 +453,9 @@ NAMED_METHODS = (
     "DisableUnit",
     "Run",
     "Logs",
+    "Deploy",
+    "Rollback",
+    "Audit",
 )
 MUTATING_BACKEND_CALLS = frozenset(
     {"start", "stop", "restart", "clean", "set_autostart", "set_limits", "forget", "reset_failed"}

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 from capsuled import audit
-from capsuled.audit import AuditAction, AuditLog, Sensitive, verify_chain
+from capsuled.audit import REDACTED, AuditAction, AuditLog, Sensitive, verify_chain
+from capsuled.trail import Trail, TrailError, read_records, trail_files
 
 
 def make_log() -> tuple[AuditLog, list[dict[str, str]]]:
@@ -80,8 +84,9 @@ def test_values_are_bounded() -> None:
 @pytest.mark.parametrize("name", ["bad-name", "with space", "x" * 60, "chain", "chain_seq"])
 def test_bad_or_reserved_field_names_are_refused(name: str) -> None:
     log, written = make_log()
+    extra: dict[str, Any] = {name: "v"}  # any keyword, as a caller bug would pass it
     with pytest.raises(ValueError, match=r"journal field name|reserved"):
-        log.record("stop", caller_uid=1, capsule="a", result="ok", **{name: "v"})
+        log.record("stop", caller_uid=1, capsule="a", result="ok", **extra)
     assert written == []
 
 
@@ -188,3 +193,43 @@ def test_a_failing_sink_does_not_raise(caplog: pytest.LogCaptureFixture) -> None
     log.record("remove", caller_uid=7, capsule="a", result="failed")
     assert "cannot write audit record" in caplog.text
     assert "remove of capsule a by uid 7: failed" in caplog.text
+
+
+# --- the trail sink ------------------------------------------------------------------------------
+
+
+def test_both_sinks_get_the_same_record_with_the_callers_pid_and_unit(tmp_path: Path) -> None:
+    written: list[dict[str, str]] = []
+    trail = Trail(tmp_path / "log", key_path=tmp_path / "k", head_path=tmp_path / "h")
+    log = AuditLog(sink=written.append, trail=trail)
+    log.record(
+        "deploy",
+        caller_uid=64000,
+        caller_pid=77,
+        caller_unit="deploy-bot.service",
+        capsule="web",
+        result="ok",
+        version="1.2",
+        secret=Sensitive("s3cr3t"),
+    )
+    asyncio.run(log.sync())
+    assert trail.synced_seq == trail.written_seq
+    (entry,) = written
+    assert (entry["CAPSULED_CALLER_PID"], entry["CAPSULED_CALLER_UNIT"]) == (
+        "77",
+        "deploy-bot.service",
+    )
+    (record,) = read_records(trail_files(tmp_path / "log"), lambda r: True, 10, 1 << 20)
+    assert (record["uid"], record["pid"], record["unit"]) == (64000, 77, "deploy-bot.service")
+    assert record["details"] == {"version": "1.2", "secret": REDACTED}
+    assert "s3cr3t" not in (tmp_path / "log" / "audit.jsonl").read_text()
+
+
+def test_a_trail_that_cannot_be_written_fails_the_record(tmp_path: Path) -> None:
+    (tmp_path / "log").write_text("a file where the directory should be")
+    written: list[dict[str, str]] = []
+    trail = Trail(tmp_path / "log", key_path=tmp_path / "k", head_path=tmp_path / "h")
+    log = AuditLog(sink=written.append, trail=trail)
+    with pytest.raises(TrailError):
+        log.record("stop", caller_uid=1, capsule="a", result="ok")
+    assert len(written) == 1  # the journal has it all the same

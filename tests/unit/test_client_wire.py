@@ -12,6 +12,7 @@ from capsulectl import client as client_module
 from capsuled import wire
 from capsuled.varlink.interface import (
     Array,
+    Dict,
     Enum,
     Interface,
     Maybe,
@@ -46,6 +47,9 @@ REPLY_TYPES: dict[str, type] = {
     "Run": wire.RunReply,
     "Logs": wire.LogsReply,
     "Watch": wire.WatchReply,
+    "Deploy": wire.DeployReply,
+    "Rollback": wire.DeployReply,
+    "Audit": wire.AuditReply,
     "Info": wire.InfoReply,
 }
 
@@ -65,6 +69,8 @@ def expected(t: VarlinkType, iface: Interface) -> object:
         return typing.Optional[expected(t.inner, iface)]  # noqa: UP045 -- equal to X | None
     if isinstance(t, Array):
         return list[expected(t.inner, iface)]  # type: ignore[misc] # a runtime-built alias
+    if isinstance(t, Dict):
+        return dict[str, expected(t.inner, iface)]  # type: ignore[misc] # a runtime-built alias
     if isinstance(t, Named):
         target = iface.types[t.name]
         if isinstance(target, Enum):
@@ -80,7 +86,10 @@ def assert_matches(td: type, struct: Struct, iface: Interface) -> None:
         assert hints[name] == expected(t, iface), f"{td.__name__}.{name}"
 
 
-@pytest.mark.parametrize("type_name", ["Capsule", "Unit", "LogEntry", "Event", "AccessResult"])
+@pytest.mark.parametrize(
+    "type_name",
+    ["Capsule", "Unit", "LogEntry", "Event", "AccessResult", "DeployedBundle", "AuditRecord"],
+)
 def test_wire_types_mirror_idl_types(interface: Interface, type_name: str) -> None:
     struct = interface.types[type_name]
     assert isinstance(struct, Struct)

@@ -264,3 +264,25 @@ def test_live_install_refuses_over_a_distribution_package(
     assert install.main_install([]) == 1
     assert capsys.readouterr().err == "capsuled install: a package owns it\n"
     assert written == []
+
+
+def test_a_live_install_makes_the_audit_key_once_and_a_staged_one_never(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import stat
+
+    from capsuled import trail
+
+    key = tmp_path / "state" / "audit-signing.key"
+    monkeypatch.setattr(trail, "AUDIT_KEY", key)
+    # Staging for a package: the same key on every host would be no secret at all.
+    assert install.main_install(["--root", str(tmp_path / "root"), "--bindir", "/b"]) == 0
+    assert not key.exists()
+    out: list[str] = []
+    install._audit_key(out)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert "created the audit signing key" in out[0]
+    first = key.read_bytes()
+    install._audit_key(out)  # a reinstall or upgrade keeps it
+    assert key.read_bytes() == first
+    assert "kept" in out[1]

@@ -179,6 +179,12 @@ def test_capsuled_documents_install_and_uninstall(monkeypatch: pytest.MonkeyPatc
     assert documented == accepted - HELP
 
 
+def test_capsuled_documents_audit_verify(monkeypatch: pytest.MonkeyPatch) -> None:
+    trail = section(doctree("capsuled.8"), "AUDIT TRAIL")
+    documented = {opt for item in entries(trail) for opt in term_options(item)}
+    assert documented == help_options(monkeypatch, "audit", "verify") - HELP
+
+
 def test_capsuled_has_the_sections_the_issue_asks_for() -> None:
     titles = {s[0].astext() for s in doctree("capsuled.8").findall(docutils.nodes.section)}
     for wanted in ("SOCKET ACTIVATION", "SIGNALS", "LIMITS", "SECURITY", "FILES", "OPTIONS"):

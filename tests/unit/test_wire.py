@@ -45,6 +45,9 @@ PARAMETERS: dict[str, type] = {
     "Run": wire.RunParams,
     "Logs": wire.LogsParams,
     "Watch": wire.WatchParams,
+    "Deploy": wire.DeployParams,
+    "Rollback": wire.CapsuleParams,
+    "Audit": wire.AuditParams,
     "Info": wire.NoParams,
 }
 

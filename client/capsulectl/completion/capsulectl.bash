@@ -22,12 +22,13 @@ _capsulectl() {
 
     local verbs="list status create start stop restart remove enable disable set-limits units
         install-unit remove-unit start-unit stop-unit restart-unit enable-unit disable-unit run
-        logs watch can-i info"
+        logs watch deploy rollback audit bundle can-i info"
     local global_opts="--json --no-ask-password --address -H --host --timeout --no-legend --help"
     local with_value="--address -H --host --timeout -u --unit -E --setenv --working-directory
-        -n --lines -S --since --memory-max --tasks-max --cpu-weight --name --verb"
-    local actions="read create remove manage manage-units run set-limits start stop restart
-        enable disable status logs"
+        -n --lines -S --since --memory-max --tasks-max --cpu-weight --name --verb -o --output
+        --key --pubkey --signer"
+    local actions="read create remove manage manage-units run set-limits deploy start stop
+        restart enable disable status logs audit rollback"
 
     # Find the verb and the positional arguments typed so far; remember --address/-H so the
     # names are asked from the same capsuled.
@@ -79,11 +80,17 @@ _capsulectl() {
             return
             ;;
         --verb)
-            COMPREPLY=($(compgen -W "start stop restart autostart" -- "$cur"))
+            COMPREPLY=($(compgen -W "start stop restart autostart deploy downgrade rollback" \
+                -- "$cur"))
+            return
+            ;;
+        -o | --output | --key | --pubkey)
+            compopt -o filenames 2>/dev/null
+            COMPREPLY=($(compgen -f -- "$cur"))
             return
             ;;
         --timeout | -E | --setenv | --working-directory | -n | --lines | -S | --since | \
-            --memory-max | --tasks-max | --cpu-weight | --name)
+            --memory-max | --tasks-max | --cpu-weight | --name | --signer)
             return
             ;;
     esac
@@ -107,7 +114,10 @@ _capsulectl() {
             install-unit) opts="--name --enable --now" ;;
             run) opts="-u --unit -E --setenv --working-directory -W --wait --" ;;
             logs) opts="-u --unit -n --lines -f --follow -S --since" ;;
-            can-i) opts="--verb --unit" ;;
+            deploy) opts="--allow-downgrade" ;;
+            audit) opts="-n --lines" ;;
+            bundle) opts="-o --output --key --pubkey" ;;
+            can-i) opts="--verb --unit --signer" ;;
         esac
         COMPREPLY=($(compgen -W "$opts $global_opts" -- "$cur"))
         return
@@ -119,8 +129,24 @@ _capsulectl() {
             COMPREPLY=($(compgen -W "$(_capsulectl_query list -q)" -- "$cur"))
             ;;
         create | list | info) ;;
-        set-limits | units | logs)
+        set-limits | units | logs | rollback | audit)
             ((n == 0)) && COMPREPLY=($(compgen -W "$(_capsulectl_query list -q)" -- "$cur"))
+            ;;
+        deploy)
+            if ((n == 0)); then
+                COMPREPLY=($(compgen -W "$(_capsulectl_query list -q)" -- "$cur"))
+            elif ((n == 1)); then
+                compopt -o filenames 2>/dev/null
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi
+            ;;
+        bundle)
+            if ((n == 0)); then
+                COMPREPLY=($(compgen -W "keygen build sign verify" -- "$cur"))
+            elif ((n == 1)); then
+                compopt -o filenames 2>/dev/null
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi
             ;;
         remove-unit | start-unit | stop-unit | restart-unit | enable-unit | disable-unit)
             if ((n == 0)); then

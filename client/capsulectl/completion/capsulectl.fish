@@ -9,7 +9,8 @@
 
 # Options that take a value in the next word: their values are neither verbs nor arguments.
 set -g __capsulectl_with_value --address -H --host --timeout -u --unit -E --setenv \
-    --working-directory -n --lines -S --since --memory-max --tasks-max --cpu-weight --name --verb
+    --working-directory -n --lines -S --since --memory-max --tasks-max --cpu-weight --name --verb \
+    -o --output --key --pubkey --signer
 
 # Print the connection options (--address, -H) of the command line, one per line.
 function __capsulectl_conn
@@ -81,8 +82,14 @@ function __capsulectl_expects
     switch $verb
         case status start stop restart enable disable remove watch
             set want capsule
-        case set-limits units logs
+        case set-limits units logs rollback audit
             test $n -eq 0; and set want capsule
+        case deploy
+            test $n -eq 0; and set want capsule
+            test $n -eq 1; and set want file
+        case bundle
+            test $n -eq 0; and set want bundle-action
+            test $n -eq 1; and set want file
         case remove-unit start-unit stop-unit restart-unit enable-unit disable-unit
             test $n -eq 0; and set want capsule
             test $n -eq 1; and set want unit
@@ -140,6 +147,10 @@ complete -c capsulectl -n __capsulectl_no_verb -a disable-unit -d 'undo enable-u
 complete -c capsulectl -n __capsulectl_no_verb -a run -d 'run a command in a capsule (like systemd-run --capsule)'
 complete -c capsulectl -n __capsulectl_no_verb -a logs -d "show a capsule's journal"
 complete -c capsulectl -n __capsulectl_no_verb -a watch -d 'print capsule state changes as they happen'
+complete -c capsulectl -n __capsulectl_no_verb -a deploy -d 'deploy a signed bundle into a capsule'
+complete -c capsulectl -n __capsulectl_no_verb -a rollback -d 'return a capsule to its previous bundle version'
+complete -c capsulectl -n __capsulectl_no_verb -a audit -d "list the audit trail's records about a capsule"
+complete -c capsulectl -n __capsulectl_no_verb -a bundle -d 'make, sign and check deploy bundles (offline)'
 complete -c capsulectl -n __capsulectl_no_verb -a can-i -d 'ask what the policy would decide for you'
 complete -c capsulectl -n __capsulectl_no_verb -a info -d "show capsuled's version, systemd's, and the policy backend"
 
@@ -147,7 +158,8 @@ complete -c capsulectl -n __capsulectl_no_verb -a info -d "show capsuled's versi
 complete -c capsulectl -n '__capsulectl_expects capsule' -a '(__capsulectl_query list -q)' -d capsule
 complete -c capsulectl -n '__capsulectl_expects unit' -a '(__capsulectl_units)' -d unit
 complete -c capsulectl -n '__capsulectl_expects file' -F
-complete -c capsulectl -n '__capsulectl_expects action' -a 'read create remove manage manage-units run set-limits start stop restart enable disable autostart status list logs units' -d action
+complete -c capsulectl -n '__capsulectl_expects action' -a 'read create remove manage manage-units run set-limits deploy start stop restart enable disable autostart status list logs units audit rollback' -d action
+complete -c capsulectl -n '__capsulectl_expects bundle-action' -a 'keygen build sign verify' -d 'bundle action'
 
 # Options of the verbs.
 complete -c capsulectl -n '__capsulectl_verb_is list units' -s q -l quiet -d 'print only the names'
@@ -167,5 +179,11 @@ complete -c capsulectl -n '__capsulectl_verb_is logs' -s u -l unit -x -a '(__cap
 complete -c capsulectl -n '__capsulectl_verb_is logs' -s n -l lines -x -d 'the N newest entries'
 complete -c capsulectl -n '__capsulectl_verb_is logs' -s f -l follow -d 'keep printing new entries'
 complete -c capsulectl -n '__capsulectl_verb_is logs' -s S -l since -x -a 'today yesterday -1h' -d 'entries since TIME'
-complete -c capsulectl -n '__capsulectl_verb_is can-i' -l verb -x -a 'start stop restart autostart' -d 'for manage: the verb'
+complete -c capsulectl -n '__capsulectl_verb_is deploy' -l allow-downgrade -d 'deploy even an older version'
+complete -c capsulectl -n '__capsulectl_verb_is audit' -s n -l lines -x -d 'the N newest records'
+complete -c capsulectl -n '__capsulectl_verb_is bundle' -s o -l output -r -F -d 'build: the bundle file to write'
+complete -c capsulectl -n '__capsulectl_verb_is bundle' -l key -r -F -d 'sign: the private key'
+complete -c capsulectl -n '__capsulectl_verb_is bundle' -l pubkey -r -F -d 'verify: the public key to trust'
+complete -c capsulectl -n '__capsulectl_verb_is can-i' -l verb -x -a 'start stop restart autostart deploy downgrade rollback' -d 'for manage or deploy: the verb'
 complete -c capsulectl -n '__capsulectl_verb_is can-i' -l unit -x -d 'for manage-units: the unit'
+complete -c capsulectl -n '__capsulectl_verb_is can-i' -l signer -x -d 'for deploy: the signer'

@@ -14,7 +14,7 @@ from typing import TypeVar, cast
 from capsuled import errors
 from capsuled.audit import RESULT_CANCELLED, RESULT_DENIED, AuditAction
 from capsuled.dispatch import Dispatcher
-from capsuled.methods import inside, lifecycle, streams
+from capsuled.methods import deploy, inside, lifecycle, streams, trail
 from capsuled.methods.context import CallContext, Notify, Outcome, Services
 from capsuled.peer import Peer
 from capsuled.records import RecordsUnwritable
@@ -61,6 +61,9 @@ HANDLERS: Mapping[str, Handler] = {
     "Run": bind(inside.run),
     "Logs": bind(streams.logs),
     "Watch": bind(streams.watch),
+    "Deploy": bind(deploy.deploy),
+    "Rollback": bind(deploy.rollback),
+    "Audit": bind(trail.audit),
 }
 
 # Streaming-only methods: a plain call gets org.varlink.service.ExpectedMore.
@@ -91,21 +94,36 @@ AUDITED: Mapping[str, AuditAction] = {
     "EnableUnit": AuditAction.ENABLE_UNIT,
     "DisableUnit": AuditAction.DISABLE_UNIT,
     "Run": AuditAction.RUN,
+    "Deploy": AuditAction.DEPLOY,
+    "Rollback": AuditAction.ROLLBACK,
 }
 
 
-INPUT_ERRORS = (errors.InvalidName, errors.InvalidUnit, errors.InvalidValue, InvalidParameter)
+# A call refused for its input changed nothing and proved nothing about anyone; recording it
+# would let any user write junk (bad names, random bytes as bundles) into the audit trail.
+# (A bundle refused for its signature is such input too: it is checked before the policy.)
+INPUT_ERRORS = (
+    errors.InvalidName,
+    errors.InvalidUnit,
+    errors.InvalidValue,
+    InvalidParameter,
+    errors.InvalidBundle,
+    errors.UnsignedBundle,
+    errors.UntrustedSigner,
+    errors.BadSignature,
+)
 
 
 def audited(action: AuditAction, handler: Handler) -> Handler:
-    """Record a mutating call's outcome if its handler could not: refused, failed, cancelled."""
+    """Record a mutating call's outcome if its handler could not: refused, failed, cancelled;
+    and answer only once the trail has the record on disk (AuditLog.sync)."""
 
     async def handle(ctx: CallContext, p: dict[str, object]) -> dict[str, object]:
         raw_name = p.get("name")
         name = raw_name if isinstance(raw_name, str) else None
         try:
             try:
-                return await handler(ctx, p)
+                reply = await handler(ctx, p)
             except RecordsUnwritable as exc:
                 # records.py's OSError, translated once here, where every writer of records
                 # passes: a Create or Remove cut short is finished by the same call later.
@@ -113,16 +131,17 @@ def audited(action: AuditAction, handler: Handler) -> Handler:
         except VarlinkError as exc:
             if ctx.outcome is Outcome.DENIED:
                 ctx.audit(action, name, RESULT_DENIED)
-            # A call refused for its input changed nothing and proved nothing about anyone;
-            # recording it would let any user write junk (bad names) into the audit trail.
             elif ctx.outcome is Outcome.OPEN and not isinstance(exc, INPUT_ERRORS):
                 ctx.audit(action, name, exc.name)
+            await ctx.services.audit.sync()
             raise
         except asyncio.CancelledError:
             # The client hung up mid-call: systemd may still finish a job we queued.
             if ctx.outcome is not Outcome.RECORDED:
                 ctx.audit(action, name, RESULT_CANCELLED)
             raise
+        await ctx.services.audit.sync()
+        return reply
 
     return handle
 

@@ -18,6 +18,7 @@ from enum import Enum
 
 from capsuled import errors
 from capsuled.audit import AuditAction, AuditLog
+from capsuled.deployments import DeploymentStore
 from capsuled.journal import Journal
 from capsuled.peer import Peer
 from capsuled.policy import actions as act
@@ -159,6 +160,8 @@ class Services:
     audit: AuditLog
     version: str
     homes: CapsuleHomes = field(default_factory=CapsuleHomes)  # under /var/lib/private/capsules
+    # What Deploy put into each capsule (under /var/lib/capsuled/bundles).
+    deployments: DeploymentStore = field(default_factory=DeploymentStore)
     locks: CapsuleLocks = field(default_factory=CapsuleLocks)
     grants: GrantChanges = field(default_factory=GrantChanges)
     # Logs calls following the journal right now, per caller uid.
@@ -228,6 +231,7 @@ class CallContext:
         verb: str | None = None,
         unit: str | None = None,
         owner: int | None = None,
+        signer: str | None = None,
     ) -> Record | None:
         """Allow the call or raise its refusal; returns the capsule's record.
 
@@ -241,7 +245,9 @@ class CallContext:
         record = self.record_of(name)
         if owner is None:
             owner = self.owner_of(record)
-        request = Request(action, name, owner, verb, unit, allow_interactive=bool(interactive))
+        request = Request(
+            action, name, owner, verb, unit, signer=signer, allow_interactive=bool(interactive)
+        )
         await self._require(request)
         self._authorized.setdefault(name, []).append(_Authorization(request, pinned))
         return record
@@ -303,7 +309,13 @@ class CallContext:
     ) -> None:
         self.outcome = Outcome.RECORDED
         self.services.audit.record(
-            action, caller_uid=self.peer.uid, capsule=name, result=result, **fields
+            action,
+            caller_uid=self.peer.uid,
+            caller_pid=self.peer.pid,
+            caller_unit=self.peer.unit,
+            capsule=name,
+            result=result,
+            **fields,
         )
 
 

@@ -17,6 +17,8 @@ from typing import Final, TypeGuard
 
 from capsuled import errors, wire
 from capsuled.audit import RESULT_FAILED, RESULT_OK, AuditAction
+from capsuled.bundle import is_signer_name
+from capsuled.deployments import CorruptDeployment, Deployment
 from capsuled.methods import params
 from capsuled.methods.context import CallContext, backend_errors
 from capsuled.names import CAPSULE_USER_PREFIX
@@ -38,6 +40,8 @@ MANAGE_VERBS = frozenset({"start", "stop", "restart", "autostart"})
 MANAGE_UNITS_VERBS = frozenset(
     {"install", "remove", "start", "stop", "restart", "enable", "disable"}
 )
+DEPLOY_VERBS = frozenset({"deploy", "downgrade", "rollback"})
+ACCESS_VERBS = MANAGE_VERBS | MANAGE_UNITS_VERBS | DEPLOY_VERBS
 # systemd's ActiveState values (unit_active_state_table, 257), the IDL's CapsuleState.
 _CAPSULE_STATES: Final = frozenset(typing.get_args(wire.CapsuleState))
 
@@ -54,8 +58,41 @@ def _capsule_state(value: str) -> wire.CapsuleState:
     return "inactive"
 
 
-def capsule_to_wire(name: str, info: CapsuleInfo | None, owner: int | None) -> wire.Capsule:
+def deployed_wire(state: Deployment) -> wire.DeployedBundle | None:
+    """A capsule's deployment as Describe reports it (null without a current bundle)."""
+    current = state.current
+    if current is None:
+        return None
+    return {
+        "name": current.name,
+        "version": current.version,
+        "signer": current.signer,
+        "keyId": current.key_id,
+        "sha256": current.sha256,
+        "deployed": current.deployed_usec,
+        "deployedBy": current.deployed_by,
+        "previousVersion": state.previous.version if state.previous else None,
+        "unfinishedVersion": state.pending.version if state.pending else None,
+    }
+
+
+def deployment_of(ctx: CallContext, name: str) -> Deployment:
+    """The capsule's deployment state; one we did not write is logged and shown as none."""
+    try:
+        return ctx.services.deployments.get(name)
+    except CorruptDeployment as exc:
+        log.error("deployment state of %s refused: %s", name, exc)
+        return Deployment()
+
+
+def capsule_to_wire(
+    name: str,
+    info: CapsuleInfo | None,
+    owner: int | None,
+    deployment: Deployment | None = None,
+) -> wire.Capsule:
     """The IDL's Capsule; `owner` is the record's owner as ctx.owner_of says (None: none)."""
+    bundle = deployed_wire(deployment) if deployment is not None else None
     owner_name = user_name(owner) if owner is not None else None
     if info is None:
         # Known only from our record: a Create or Remove that has not finished yet.
@@ -77,6 +114,7 @@ def capsule_to_wire(name: str, info: CapsuleInfo | None, owner: int | None) -> w
             "tasksMax": None,
             "cpuWeight": None,
             "units": 0,
+            "bundle": bundle,
         }
     return {
         "name": name,
@@ -96,13 +134,15 @@ def capsule_to_wire(name: str, info: CapsuleInfo | None, owner: int | None) -> w
         "tasksMax": info.tasks_max,
         "cpuWeight": info.cpu_weight,
         "units": info.units_count,
+        "bundle": bundle,
     }
 
 
 async def describe_wire(ctx: CallContext, name: str) -> wire.Capsule:
     with backend_errors(name):
         info = await ctx.backend.capsule_info(name)
-    return capsule_to_wire(name, info, ctx.owner_of(ctx.record_of(name)))
+    owner = ctx.owner_of(ctx.record_of(name))
+    return capsule_to_wire(name, info, owner, deployment_of(ctx, name))
 
 
 # --- read ---------------------------------------------------------------------------------
@@ -116,7 +156,7 @@ async def list_capsules(ctx: CallContext, p: wire.NoParams) -> wire.ListReply:
     for name in sorted(infos.keys() | records.keys()):
         owner = ctx.owner_of(records.get(name))
         if await ctx.may_read(name, owner):
-            visible.append(capsule_to_wire(name, infos.get(name), owner))
+            visible.append(capsule_to_wire(name, infos.get(name), owner, deployment_of(ctx, name)))
     if ctx.more and visible:
         for capsule in visible[:-1]:
             await ctx.notify({"capsules": [capsule]})
@@ -128,7 +168,7 @@ async def describe(ctx: CallContext, p: wire.CapsuleParams) -> wire.CapsuleReply
     name = params.capsule_name(p["name"])
     record = await ctx.authorize(act.READ, name, interactive=p["allowInteractiveAuthentication"])
     info = await ctx.existing(name, record)
-    return {"capsule": capsule_to_wire(name, info, ctx.owner_of(record))}
+    return {"capsule": capsule_to_wire(name, info, ctx.owner_of(record), deployment_of(ctx, name))}
 
 
 # --- create and remove --------------------------------------------------------------------
@@ -255,6 +295,10 @@ async def remove(ctx: CallContext, p: wire.RemoveParams) -> wire.EmptyReply:
             ctx.records.put(record.with_phase(Phase.KEPT))
         else:
             ctx.records.delete(name)
+        if not p["keepData"]:
+            # What was deployed into it goes with its data; a kept home keeps both the files
+            # and the record of which version they are.
+            ctx.services.deployments.forget(name)
         # Streams bound to this capsule end now if their grant went with the record.
         ctx.services.grants.changed(name)
         ctx.audit(AuditAction.REMOVE, name, RESULT_OK, keep_data=int(bool(p["keepData"])))
@@ -392,15 +436,17 @@ async def check_access(ctx: CallContext, p: wire.CheckAccessParams) -> wire.Chec
         ) from None
     # Both become polkit details (D-Bus strings): nothing unchecked goes there.
     verb = p["verb"]
-    if verb is not None and verb not in MANAGE_VERBS | MANAGE_UNITS_VERBS:
+    if verb is not None and verb not in ACCESS_VERBS:
         raise errors.InvalidValue(
-            parameter="verb",
-            reason=f"one of {', '.join(sorted(MANAGE_VERBS | MANAGE_UNITS_VERBS))}",
+            parameter="verb", reason=f"one of {', '.join(sorted(ACCESS_VERBS))}"
         )
     unit = params.optional_unit_name(p["unit"])
+    signer = p["signer"]
+    if signer is not None and not is_signer_name(signer):
+        raise errors.InvalidValue(parameter="signer", reason="not a signer name")
     record = ctx.record_of(name)
     owner = ctx.peer.uid if action == act.CREATE else ctx.owner_of(record)
     # Never interactive: CheckAccess asks, it does not authenticate.
-    request = Request(action, name, owner, verb, unit)
+    request = Request(action, name, owner, verb, unit, signer=signer)
     verdict = await ctx.services.authorizer.decide(ctx.peer, request)
     return {"access": {"result": str(verdict.decision), "reason": verdict.step}}

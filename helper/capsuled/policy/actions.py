@@ -24,8 +24,20 @@ MANAGE_UNITS: Final = "org.capsuled.manage-units"
 RUN: Final = "org.capsuled.run"
 # change a capsule's resource limits
 SET_LIMITS: Final = "org.capsuled.set-limits"
+# deploy a signed bundle into a capsule, or roll back to the previous one (details `signer`,
+# `verb`: deploy, downgrade or rollback)
+DEPLOY: Final = "org.capsuled.deploy"
 
-ALL: Final[tuple[str, ...]] = (READ, CREATE, REMOVE, MANAGE, MANAGE_UNITS, RUN, SET_LIMITS)
+ALL: Final[tuple[str, ...]] = (
+    READ,
+    CREATE,
+    REMOVE,
+    MANAGE,
+    MANAGE_UNITS,
+    RUN,
+    SET_LIMITS,
+    DEPLOY,
+)
 
 _PREFIX: Final = READ.rpartition(".")[0] + "."
 # short name ("manage-units") -> id ("org.capsuled.manage-units")

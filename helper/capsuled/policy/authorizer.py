@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -36,6 +36,7 @@ from capsuled.policy.engine import (
     quota_for,
 )
 from capsuled.policy.identity import lookup_identity
+from capsuled.policy.signers import TrustedKeys, load_trusted_keys
 
 if TYPE_CHECKING:
     from capsuled.dbus import SystemBus
@@ -88,8 +89,11 @@ class Authorizer:
         *,
         lookup: Callable[[int], Identity] = lookup_identity,
         is_alive: Callable[[Peer], bool] = process_is_alive,
+        trusted_keys: TrustedKeys | None = None,
     ) -> None:
         self.config = config
+        # The keys trusted to sign deploy bundles: read with the policy, reloaded with it.
+        self.trusted_keys = trusted_keys if trusted_keys is not None else TrustedKeys()
         self._backend = backend
         self._lookup = lookup
         self._is_alive = is_alive
@@ -107,13 +111,15 @@ class Authorizer:
         *,
         system_bus: SystemBus | None = None,
     ) -> Authorizer:
-        """Load /etc/capsuled (deny-all for non-root if refused) and pick the backend.
+        """Load /etc/capsuled (deny-all for non-root if refused) and its trusted keys, and pick
+        the backend.
 
         `backend` overrides the config's `[policy] backend`; "auto" means polkit when polkitd is
         installed with our actions, else builtin. polkit talks over `system_bus` (the daemon's
         one connection) or, without it, a connection of its own.
         """
         config = load_config(config_dir)
+        keys = load_trusted_keys(config_dir)
         choice = backend if backend is not None else config.backend
         if choice == "auto":
             choice = "polkit" if polkit_available() else "builtin"
@@ -127,10 +133,11 @@ class Authorizer:
                     "(write polkit rules instead; see polkit/*.rules.example)",
                     config_dir,
                 )
-            return cls(config, PolkitBackend(system_bus.connection if system_bus else None))
+            polkit = PolkitBackend(system_bus.connection if system_bus else None)
+            return cls(config, polkit, trusted_keys=keys)
         if choice != "builtin":
             raise ValueError(f"unknown policy backend {choice!r}")
-        return cls(config, BuiltinBackend(config))
+        return cls(config, BuiltinBackend(config), trusted_keys=keys)
 
     async def decide(self, peer: Peer, request: Request) -> Verdict:
         """The decision for `peer` asking `request`, and which step took it.
@@ -155,7 +162,8 @@ class Authorizer:
                 peer.pid,
             )
             return Verdict(Decision.NO, "peer-gone")
-        identity = self._lookup(peer.uid)
+        # The unit comes from the socket peer (its cgroup), like the uid: never from parameters.
+        identity = replace(self._lookup(peer.uid), unit=peer.unit)
         granted = grant(identity, request, self.config)
         if granted is not None:
             if self.config.deny_all:

@@ -23,7 +23,9 @@ Schema (see config/capsuled.toml for the commented version):
                (max_memory_bytes also "512M", "2G": 1024-based like systemd)
     [[quota_rule]]  users / groups = [...], any max_* key
     [[rule]]   users (names or uids), groups, actions, capsules (globs), verbs, units (globs),
-               result = "yes" | "no" | "auth_admin"    (builtin backend only; first match wins)
+               signers (deploy: trusted-key names), caller_units (globs on the calling
+               process's system unit), result = "yes" | "no" | "auth_admin"
+               (builtin backend only; first match wins)
 ACTION is a short name ("manage-units"), a full id, or "*" for every action.
 """
 
@@ -95,14 +97,16 @@ def read_config_files(config_dir: Path) -> list[tuple[str, str]]:
         ConfigError: a file or directory is unsafe or unreadable.
     """
     files: list[tuple[str, str]] = []
-    dir_fd = _open_dir(config_dir)
+    dir_fd = open_checked_dir(config_dir)
     if dir_fd is None:
         return files
     try:
-        text = _read_file(dir_fd, MAIN_FILE, config_dir / MAIN_FILE)
+        text = read_checked_file(dir_fd, MAIN_FILE, config_dir / MAIN_FILE)
         if text is not None:
             files.append((str(config_dir / MAIN_FILE), text))
-        dropin_fd = _open_dir(Path(DROPIN_DIR), parent_fd=dir_fd, shown=config_dir / DROPIN_DIR)
+        dropin_fd = open_checked_dir(
+            Path(DROPIN_DIR), parent_fd=dir_fd, shown=config_dir / DROPIN_DIR
+        )
     finally:
         os.close(dir_fd)
     if dropin_fd is None:
@@ -113,7 +117,7 @@ def read_config_files(config_dir: Path) -> list[tuple[str, str]]:
             if name.startswith(".") or not name.endswith(".toml"):
                 continue
             shown = config_dir / DROPIN_DIR / name
-            text = _read_file(dropin_fd, name, shown)
+            text = read_checked_file(dropin_fd, name, shown)
             if text is not None:
                 files.append((str(shown), text))
     finally:
@@ -132,7 +136,14 @@ def _check_safe(st: os.stat_result, shown: Path, kind: str) -> None:
         )
 
 
-def _open_dir(path: Path, *, parent_fd: int | None = None, shown: Path | None = None) -> int | None:
+def open_checked_dir(
+    path: Path, *, parent_fd: int | None = None, shown: Path | None = None
+) -> int | None:
+    """Open a directory of the configuration (None if missing), refusing an unsafe one.
+
+    Raises:
+        ConfigError: not a directory, unreadable, not root's or writable by group or others.
+    """
     shown = shown or path
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent_fd)
@@ -151,7 +162,15 @@ def _open_dir(path: Path, *, parent_fd: int | None = None, shown: Path | None = 
     return fd
 
 
-def _read_file(dir_fd: int, name: str, shown: Path) -> str | None:
+def read_checked_file(
+    dir_fd: int, name: str, shown: Path, *, max_bytes: int = MAX_CONFIG_BYTES
+) -> str | None:
+    """The UTF-8 text of a configuration file (None if missing), refusing an unsafe one.
+
+    Raises:
+        ConfigError: not a regular file, not root's, writable by group or others, over
+            `max_bytes`, unreadable or not UTF-8.
+    """
     try:
         # O_NONBLOCK: a FIFO must not hang the daemon; it is refused below as not a regular file.
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK, dir_fd=dir_fd)
@@ -164,9 +183,9 @@ def _read_file(dir_fd: int, name: str, shown: Path) -> str | None:
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{shown}: not a regular file")
         _check_safe(st, shown, "file")
-        if st.st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{shown}: larger than {MAX_CONFIG_BYTES} bytes")
-        data = os.read(fd, MAX_CONFIG_BYTES + 1)
+        if st.st_size > max_bytes:
+            raise ConfigError(f"{shown}: larger than {max_bytes} bytes")
+        data = os.read(fd, max_bytes + 1)
     except OSError as exc:
         raise ConfigError(f"{shown}: cannot read: {os.strerror(exc.errno or errno.EIO)}") from exc
     finally:
@@ -180,7 +199,18 @@ def _read_file(dir_fd: int, name: str, shown: Path) -> str | None:
 # -- schema ----------------------------------------------------------------------------------------
 
 _RULE_KEYS: Final = frozenset(
-    {"users", "groups", "actions", "capsules", "verbs", "units", "owner", "result"}
+    {
+        "users",
+        "groups",
+        "actions",
+        "capsules",
+        "verbs",
+        "units",
+        "owner",
+        "signers",
+        "caller_units",
+        "result",
+    }
 )
 
 
@@ -294,6 +324,8 @@ def _rule(item: Mapping[str, object], where: str) -> Rule:
         verbs=frozenset(_strings(item.get("verbs", []), f"{where} verbs")),
         units=tuple(_strings(item.get("units", []), f"{where} units")),
         owner=_bool(item.get("owner", False), f"{where} owner"),
+        signers=_names(item.get("signers", []), f"{where} signers"),
+        caller_units=tuple(_strings(item.get("caller_units", []), f"{where} caller_units")),
         origin=where,
     )
 

@@ -49,6 +49,10 @@ class Identity:
     uid: int
     user: str | None  # None: the uid has no passwd entry (e.g. a dynamic user)
     groups: frozenset[str]  # names of the primary and supplementary groups (getgrouplist)
+    # The system unit the calling process runs in (peer.Peer.unit, from its cgroup, which only
+    # PID 1 and root set); None outside any unit. A DynamicUser= service has no stable uid, but
+    # its unit name is stable: `caller_units` rules match it.
+    unit: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,9 @@ class Request:
     # The call's allowInteractiveAuthentication: polkit may ask the caller's agent. Never a
     # detail, and no rule sees it; the builtin backend has nobody to ask.
     allow_interactive: bool = False
+    # For org.capsuled.deploy: the signer of the bundle (the name of the trusted key that
+    # verified it, never a name the bundle claims).
+    signer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +111,13 @@ class Who:
         )
 
 
+def _matches_globs(value: str | None, patterns: tuple[str, ...]) -> bool:
+    """No patterns match anything; else `value` must be given and match one of them."""
+    if not patterns:
+        return True
+    return value is not None and any(fnmatchcase(value, p) for p in patterns)
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """A builtin-backend rule; every given criterion must match, empty criteria match anything."""
@@ -118,6 +132,8 @@ class Rule:
     # What lets a recipe take an action out of [owner] actions for some capsules and give it
     # back to owners everywhere else (config/capsuled.toml, "forbid run in prod-*").
     owner: bool = False
+    signers: frozenset[str] = frozenset()  # deploy: the bundle's signer must be one of these
+    caller_units: tuple[str, ...] = ()  # fnmatch patterns on the calling process's system unit
     origin: str = ""  # "file: rule #n", for logs
 
     def matches(self, identity: Identity, request: Request) -> bool:
@@ -133,15 +149,16 @@ class Rule:
             return False
         if self.capsules and not any(fnmatchcase(request.capsule, p) for p in self.capsules):
             return False
-        # A rule that names verbs or units never matches a request without one: it was written
-        # for a narrower question than the one asked.
+        # A rule that names verbs, units or signers never matches a request without one: it was
+        # written for a narrower question than the one asked. Likewise a caller outside any
+        # system unit (identity.unit None) matches no caller_units rule.
         if self.verbs and request.verb not in self.verbs:
             return False
-        if self.units:
-            unit = request.unit
-            if unit is None or not any(fnmatchcase(unit, p) for p in self.units):
-                return False
-        return True
+        if self.signers and request.signer not in self.signers:
+            return False
+        return _matches_globs(request.unit, self.units) and _matches_globs(
+            identity.unit, self.caller_units
+        )
 
 
 @dataclass(frozen=True, slots=True)

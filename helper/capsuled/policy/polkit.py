@@ -11,8 +11,12 @@ Details (a{ss}) for rules files (`action.lookup("capsule")`):
     capsule      the capsule name
     owner        the owner's user name, or the decimal uid if it has none; see below
     owner-uid    the owner's decimal uid; see below
-    verb         for org.capsuled.manage / manage-units, when given
+    verb         for org.capsuled.manage / manage-units / deploy, when given
     unit         for org.capsuled.manage-units, when given
+    signer       for org.capsuled.deploy: the name of the trusted key that signed the bundle
+    caller_unit  the system unit the calling process runs in (capsuled.peer: from its cgroup),
+                 e.g. "deploy-bot.service"; absent for a process outside any unit. The way to
+                 name a DynamicUser= service, whose uid changes at every start
 
 Owner details are sent only where they tell the caller nothing it may not know (design brief: a
 caller who may not read a capsule gets the same answer whether it exists or not):
@@ -82,12 +86,16 @@ ALLOW_USER_INTERACTION: Final = 0x1
 
 
 def polkit_details(
-    request: Request, owner_name: str | None, *, owner_visible: bool = True
+    request: Request,
+    owner_name: str | None,
+    *,
+    owner_visible: bool = True,
+    caller_unit: str | None = None,
 ) -> dict[str, str]:
     """The a{ss} details polkit rules see (see the module docstring).
 
     `owner_visible` False leaves the owner out (PolkitBackend decides; org.capsuled.read never
-    carries it whatever is passed).
+    carries it whatever is passed). `caller_unit` is the peer's (capsuled.peer.Peer.unit).
     """
     details = {"capsule": request.capsule}
     if request.owner is not None and owner_visible and request.action != actions.READ:
@@ -97,6 +105,10 @@ def polkit_details(
         details["verb"] = request.verb
     if request.unit is not None:
         details["unit"] = request.unit
+    if request.signer is not None:
+        details["signer"] = request.signer
+    if caller_unit is not None:
+        details["caller_unit"] = caller_unit
     return details
 
 
@@ -237,7 +249,9 @@ class PolkitBackend:
                 uid=peer.uid,
                 pidfd=peer.pidfd,
                 action=request.action,
-                details=polkit_details(request, owner_name, owner_visible=owner_visible),
+                details=polkit_details(
+                    request, owner_name, owner_visible=owner_visible, caller_unit=peer.unit
+                ),
                 allow_interactive=request.allow_interactive,
                 cancellation_id=cancellation_id,
             )

@@ -1,6 +1,7 @@
 """One Varlink call, made as whichever user runs this (e2e/vcall.py runs it in the bed).
 
     python3 -m e2e.inbed.vcall '[METHOD, PARAMS, MORE, LIMIT, TIMEOUT_S, SOCKET]'
+    python3 -m e2e.inbed.vcall - < CALL.json    (the same on standard input: large calls)
 
 Prints each reply as one JSON line, up to the final one (or LIMIT replies, if not 0); prints
 {"closed": true} and exits 0 if the helper closes the connection instead.
@@ -15,7 +16,8 @@ from e2e.inbed.wire import Closed, Connection
 
 
 def main(argv: list[str]) -> int:
-    method, params, more, limit, timeout_s, path = json.loads(argv[1])
+    arg = sys.stdin.read() if argv[1] == "-" else argv[1]
+    method, params, more, limit, timeout_s, path = json.loads(arg)
     with Connection(path, timeout_s) as conn:
         conn.send(method, params, more=more)
         n = 0
