@@ -851,6 +851,10 @@ class _Connection:
                 self._release_slot()
             reply = Reply(result)
         except VarlinkError as exc:
+            if isinstance(exc, server.errors.internal):
+                # Raised on purpose for a cause nobody expected (a backend error no table
+                # names): the cause goes to the journal, as any other exception's does.
+                log.error("method %s failed for %s", call.method, self.who(), exc_info=exc)
             reply = _error_reply(exc, server.errors.internal)
         except (LocalProtocolError, PeerGone):
             raise
