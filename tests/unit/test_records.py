@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from capsuled import records
-from capsuled.records import CorruptRecord, Phase, Record, RecordStore, new_record
+from capsuled.records import (
+    CorruptRecord,
+    Phase,
+    Record,
+    RecordStore,
+    RecordsUnwritable,
+    new_record,
+)
 
 
 def test_round_trip_and_phases(tmp_path: Path) -> None:
@@ -99,6 +106,18 @@ def test_a_kept_record_round_trips(tmp_path: Path) -> None:
     record = new_record("web", 1000, "alice").with_phase(Phase.KEPT)
     store.put(record)
     assert store.get("web") == record
+
+
+def test_a_write_that_fails_says_so_and_leaves_nothing(tmp_path: Path) -> None:
+    # records.py translates its OSError once: the methods answer RecordsUnwritable.
+    blocked = tmp_path / "state"
+    blocked.write_text("a file where the directory should be")
+    store = RecordStore(blocked)
+    with pytest.raises(RecordsUnwritable, match="web: "):
+        store.put(new_record("web", 1000, "alice"))
+    with pytest.raises(RecordsUnwritable):
+        store.delete("web")
+    assert blocked.read_text() == "a file where the directory should be"
 
 
 # -- the cache: memory saves the parsing, the disk stays the truth -----------------------------

@@ -375,16 +375,14 @@ class CapsuleModel:
     async def _open(self) -> Link:
         link = await self._connect()
         stack = contextlib.ExitStack()
-        # Handlers before the AddMatch calls, so nothing the bus routes to us is missed. They
-        # check the sender themselves: unicast signals reach us whatever our matches say.
-        stack.enter_context(
-            link.conn.handle_signals(
-                m.unit_properties_changed_rule(sender=None), self._on_properties_changed
-            )
-        )
-        manager = MatchRule(type="signal", interface=m.MANAGER_IFACE, path=m.MANAGER_PATH)
-        stack.enter_context(link.conn.handle_signals(manager, self._on_manager_signal))
-        stack.enter_context(link.conn.handle_signals(_owner_rule(None), self._on_owner_changed))
+        # Handlers before the AddMatch calls, so nothing the bus routes to us is missed. Their
+        # rules name the senders as the AddMatch rules do: a well-known sender matches only
+        # what the bus daemon routed to us under those (dbus.header_matches), never a unicast
+        # signal from anybody; the handlers check PID 1's unique name too. A signal of theirs
+        # over our cap is skipped unread: then the model looks at PID 1 again.
+        handlers = (self._on_properties_changed, self._on_manager_signal, self._on_owner_changed)
+        for rule, handler in zip(_bus_rules(), handlers, strict=True):  # _bus_rules' order
+            stack.enter_context(link.conn.handle_signals(rule, handler, on_lost=self._lost))
         self._handlers, self._link = stack, link
         self._spawn(self._watch_connection(link))
         try:
@@ -498,12 +496,8 @@ class CapsuleModel:
         if not (isinstance(body, tuple) and len(body) == 3 and isinstance(body[2], str)):
             return
         # PID 1 re-executed (or is gone): believe the new name, and look again.
+        # (The backend's jobs believe PID 1 by its well-known name, so they need no telling.)
         self._sender = body[2] or None
-        if body[2] and self._link is not None:
-            # The backend's jobs wait for JobRemoved from this name too (jobs.job_rule): a
-            # job after a daemon-reexec would wait for the old name's until its timeout. Gone
-            # (""): the old name stays, as nobody can take a unique name over.
-            self._link.signal_sender = body[2]
         self._stale()
         if body[2]:
             self._spawn(self._after_owner_change())
@@ -603,6 +597,12 @@ class CapsuleModel:
         elif was_running and not running:
             unit.control_group = None
             self._spawn_fetch(unit, self._fetch_last_cpu)
+
+    def _lost(self) -> None:
+        """A signal of PID 1 (or the bus daemon) was too large to read: look again."""
+        log.warning("capsule model: a signal from PID 1 was skipped; looking at PID 1 again")
+        self._stale()
+        self._spawn(self._look_again())
 
     def _stale(self) -> None:
         """PID 1 reloads or re-executes: reads wait for a new look."""
