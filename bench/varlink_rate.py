@@ -168,9 +168,9 @@ def run(bed: Testbed, name: str, n: int, calls: int) -> None:
             "c",
         ),
         Pair(
-            "Describe vs PID 1's part of it",
+            "Describe vs what it asked PID 1 before the model",
             side("describe", f"Varlink org.capsuled.Manager.Describe {name}"),
-            side("get_all", f'D-Bus Properties.GetAll("") of {unit} (what Describe asks PID 1)'),
+            side("get_all", f'D-Bus Properties.GetAll("") of {unit} (before the model)'),
             "c",
         ),
     ]
@@ -181,9 +181,10 @@ def run(bed: Testbed, name: str, n: int, calls: int) -> None:
         footnotes=[
             "both clients are plain Python in the bed (raw socket + json; jeepney for D-Bus);",
             "D-Bus calls pass through the bus daemon; Varlink calls go straight to the helper",
-            "[c] Describe does more than one property read: the policy check (owner record), one",
-            '    GetAll("") of the unit from PID 1 (all ~450 properties of every interface, parsed',
-            "    by jeepney in the helper), a look at the state dir and autostart link, the reply.",
+            "[c] Describe does more than one property read: the policy check (owner record, the",
+            "    caller's groups from NSS), the capsule from capsuled's live model of PID 1 (no",
+            "    round trip), its state dir, autostart link and cgroup files, the reply. Before",
+            '    the model it asked PID 1 for GetAll("") (~450 properties), the last row.',
             *errors,
         ],
     )
