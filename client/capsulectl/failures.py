@@ -234,6 +234,14 @@ def explanations() -> dict[type[VarlinkError], tuple[Line, int]]:
             EXIT_FAILURE,
         ),
         e.AccessChanged: (_access_changed, EXIT_FAILURE),
+        e.RecordsUnwritable: (
+            lambda f: (
+                f"capsuled could not {f.doing}: it cannot write its records "
+                f"({f.p.get('reason')}); ask an administrator to look at /var/lib/capsuled, "
+                "then run the same command again"
+            ),
+            EXIT_FAILURE,
+        ),
         e.InternalError: (
             lambda f: (
                 f"capsuled failed to {f.doing} (an internal error; see: journalctl -u capsuled)"

@@ -13,8 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from capsuled.varlink.framing import MAX_MESSAGE_BYTES
-
 __all__ = ["main"]
 
 
@@ -58,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
         "--max-connections-per-uid",
         type=int,
         metavar="N",
-        help="connections at once for one UID, at most 3/4 of --max-connections (default: 3/4)",
+        help="connections at once for one UID (a capsule's processes count against its owner), "
+        "at most 3/4 of --max-connections (default: 1/16)",
     )
     p.add_argument(
         "--idle-timeout-sec",
@@ -78,14 +77,38 @@ def _parser() -> argparse.ArgumentParser:
         "--max-inflight-calls-per-uid",
         type=int,
         metavar="N",
-        help="method calls running at once for one UID, at most 3/4 of the total (default: 3/4)",
+        help="method calls running at once for one UID, at most 3/4 of the total (default: 1/16)",
     )
     p.add_argument(
         "--max-message-bytes",
         type=int,
-        default=MAX_MESSAGE_BYTES,
+        default=d.max_message_bytes,
         metavar="N",
-        help="largest message accepted (default: %(default)s, systemd's VARLINK_BUFFER_MAX)",
+        help="largest call accepted; the largest this interface needs is ~400 KiB "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-json-depth",
+        type=int,
+        default=d.max_json_depth,
+        metavar="N",
+        help="deepest JSON nesting accepted in a call (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-json-values",
+        type=int,
+        default=d.max_json_values,
+        metavar="N",
+        help="most JSON values accepted in a call (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-buffered-bytes",
+        type=int,
+        default=d.max_buffered_bytes,
+        metavar="N",
+        help="bytes held for all connections together (calls received and not yet handled, "
+        "replies being sent); past it the connection holding the most is closed "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--send-timeout-sec",
@@ -94,13 +117,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="disconnect a client that does not read its replies for N seconds "
         "(default: %(default)s)",
-    )
-    p.add_argument(
-        "--write-buffer-bytes",
-        type=int,
-        default=d.write_buffer_bytes,
-        metavar="N",
-        help="per-connection write buffer high-water mark (default: %(default)s)",
     )
     p.add_argument(
         "--slot-wait-sec",
@@ -124,6 +140,36 @@ def _parser() -> argparse.ArgumentParser:
         default=d.max_streams_per_uid,
         metavar="N",
         help="streaming calls at once for one UID (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-open-streams",
+        type=int,
+        default=d.max_open_streams,
+        metavar="N",
+        help="of those, streams anybody may open without authorization (Watch), all users "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-open-streams-per-uid",
+        type=int,
+        default=d.max_open_streams_per_uid,
+        metavar="N",
+        help="streams without authorization at once for one UID (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-waiting-calls",
+        type=int,
+        default=d.max_waiting_calls,
+        metavar="N",
+        help="calls waiting for interactive authentication, which hold no in-flight slot "
+        "meanwhile, all users (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-waiting-calls-per-uid",
+        type=int,
+        default=d.max_waiting_calls_per_uid,
+        metavar="N",
+        help="calls waiting for interactive authentication for one UID (default: %(default)s)",
     )
     p.add_argument(
         "--shutdown-grace-sec",
@@ -177,11 +223,17 @@ def main(argv: list[str] | None = None) -> int:
             max_inflight_calls=args.max_inflight_calls,
             max_inflight_calls_per_uid=args.max_inflight_calls_per_uid,
             max_message_bytes=args.max_message_bytes,
-            write_buffer_bytes=args.write_buffer_bytes,
+            max_json_depth=args.max_json_depth,
+            max_json_values=args.max_json_values,
+            max_buffered_bytes=args.max_buffered_bytes,
             send_timeout_s=args.send_timeout_sec,
             slot_wait_s=args.slot_wait_sec,
             max_streams=args.max_streams,
             max_streams_per_uid=args.max_streams_per_uid,
+            max_open_streams=args.max_open_streams,
+            max_open_streams_per_uid=args.max_open_streams_per_uid,
+            max_waiting_calls=args.max_waiting_calls,
+            max_waiting_calls_per_uid=args.max_waiting_calls_per_uid,
         )
     except ValueError as exc:
         parser.error(str(exc))

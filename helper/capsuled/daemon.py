@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from capsuled import errors
-from capsuled.transport import Handle, Limits, Server, ServerErrors
+from capsuled.transport import Account, Handle, Limits, Listener, Server, ServerErrors
 from capsuled.varlink.interface import Interface, parse_interface
 from capsuled.varlink.service import ServiceInfo
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from capsuled.methods.context import Services
     from capsuled.peer import Peer
     from capsuled.policy.authorizer import Authorizer
+    from capsuled.records import RecordStore
     from capsuled.transport import NotifyFn
     from capsuled.varlink.messages import Call
 
@@ -106,13 +107,16 @@ def service_info() -> ServiceInfo:
 @dataclass(frozen=True, slots=True)
 class Wiring:
     """What `capsuled serve` runs: the per-call handler (a Dispatcher's), the errors the transport
-    answers by itself, the reloader holding the Services (SIGHUP), and the one system bus
-    connection PID 1's backend and polkit share (closed when serving ends)."""
+    answers by itself, the reloader holding the Services (SIGHUP), the one system bus
+    connection PID 1's backend and polkit share (closed when serving ends), whom a peer's
+    connections count against, and the methods anybody may stream from unauthorized."""
 
     handle: Handle
     errors: ServerErrors
     reloader: PolicyReloader | None = None
     system_bus: SystemBus | None = None
+    account: Account | None = None  # None: every peer counts against its own uid
+    open_streams: frozenset[str] = frozenset()
     # Its refusal summaries are written while serving and at exit, and its trail gets a
     # signed checkpoint when serving ends.
     audit: AuditLog | None = None
@@ -142,17 +146,19 @@ def build_wiring(options: Options) -> Wiring:
     info = service_info()
     # Opened on first use: a call that needs neither PID 1 nor polkit never touches the bus.
     system_bus = SystemBus()
+    records = RecordStore()
     audit = AuditLog(trail=Trail())
     services = Services(
         backend=DBusSystemdBackend(system_bus),
         journal=SdJournal(),
         authorizer=Authorizer.from_config(config_dir, system_bus=system_bus),
-        records=RecordStore(),
+        records=records,
         audit=audit,
         version=info.version,
     )
+    interface = load_interface()
     dispatcher = methods.build_dispatcher(
-        load_interface(), services, info, validate_replies=options.validate_replies
+        interface, services, info, validate_replies=options.validate_replies
     )
     return Wiring(
         handle=dispatcher.handle,
@@ -161,8 +167,46 @@ def build_wiring(options: Options) -> Wiring:
             services, lambda: Authorizer.from_config(config_dir, system_bus=system_bus)
         ),
         system_bus=system_bus,
+        account=capsule_owner_account(records),
+        open_streams=frozenset(f"{interface.name}.{m}" for m in methods.OPEN_STREAMS),
         audit=services.audit,
     )
+
+
+def capsule_owner_account(
+    records: RecordStore, user_name: Callable[[int], str | None] | None = None
+) -> Account:
+    """Whom a peer's connections, calls and streams count against (transport's `account`):
+    its uid, but a capsule's dynamic uid counts against the capsule's owner, so that every
+    capsule one owns is not another share of the limits (issue 11, finding 8). A capsule
+    without an owner record (made by root outside capsuled) counts as its own uid.
+
+    The dynamic uid's name (c-NAME) comes from NSS (nss-systemd asks PID 1, which handed it
+    out): systemd 257 also kept /run/systemd/dynamic-uid/direct:UID links, 262 no longer does.
+    Asked only for uids in the dynamic range. `user_name` is for tests."""
+    from capsuled.names import CAPSULE_USER_PREFIX, is_valid_capsule_name
+    from capsuled.policy.identity import user_name as nss_user_name
+    from capsuled.records import CorruptRecord
+    from capsuled.safefs import DYNAMIC_UID_MAX, DYNAMIC_UID_MIN
+
+    name_of = nss_user_name if user_name is None else user_name
+
+    def account(uid: int) -> int:
+        if not DYNAMIC_UID_MIN <= uid <= DYNAMIC_UID_MAX:
+            return uid
+        user = name_of(uid)
+        if user is None or not user.startswith(CAPSULE_USER_PREFIX):
+            return uid
+        name = user.removeprefix(CAPSULE_USER_PREFIX)
+        if not is_valid_capsule_name(name):
+            return uid
+        try:
+            record = records.get(name)
+        except (CorruptRecord, OSError):
+            return uid
+        return record.owner if record is not None else uid
+
+    return account
 
 
 @dataclass(slots=True)
@@ -377,16 +421,25 @@ async def serve(options: Options, wiring: Wiring) -> int:
     target = _socket_to_serve(options)
     reloader = wiring.reloader
     handle = wiring.handle if reloader is None else reloader.track(wiring.handle)
-    server = Server(handle, wiring.errors, options.limits)
+    server = Server(
+        handle,
+        wiring.errors,
+        options.limits,
+        account=wiring.account,
+        open_streams=wiring.open_streams,
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    listener: asyncio.Server | None = None
+    listener: Listener | None = None
     # What ends serving: a signal, idleness, or the end of the one connection we were given.
     ends: list[asyncio.Task[object] | asyncio.Task[None]] = [asyncio.create_task(stop.wait())]
     if target.listening:
-        listener = await _start_listener(server, target.sock)
+        listener = await server.listen(target.sock)
+        # The accept loop ends only if the listening socket broke: stop, and let socket
+        # activation start a fresh helper.
+        ends.append(asyncio.create_task(listener.wait_closed()))
         if target.idle_exit_s > 0:
             ends.append(asyncio.create_task(server.wait_idle(target.idle_exit_s)))
         status = f"Serving on {target.where}"
@@ -445,13 +498,6 @@ async def _wind_down(
     if created_path is not None:
         with contextlib.suppress(OSError):
             os.unlink(created_path)
-
-
-async def _start_listener(server: Server, sock: socket.socket) -> asyncio.Server:
-    if sys.version_info >= (3, 13):
-        # 3.13 unlinks the socket path on close by default: that would delete systemd's socket.
-        return await asyncio.start_unix_server(server.serve_stream, sock=sock, cleanup_socket=False)
-    return await server.listen(sock)
 
 
 def setup_logging(debug: bool = False) -> None:

@@ -22,17 +22,30 @@ other one (signals, unwanted replies, dropped messages) is closed on arrival.
 Limits (`BusLimits`, a parameter: how far a peer is trusted is the opener's business). jeepney's
 parser trusts its bus, and parses at roughly 0.37 s of CPU per MiB in the event loop (measured on
 systemd 257's testbed host: a 32 MiB message from a hostile "manager" stalled the daemon ~12 s),
-so, before anything is buffered or parsed:
-- a message over ``max_message_bytes``, a header fields array over ``max_header_fields_bytes``,
-  more than ``max_unix_fds`` fds, or a signal over ``max_signal_bytes`` closes the link (every
-  call waiting on it fails with `BusClosed`);
-- only the header is parsed before we know somebody wants the message: a reply to a serial we
-  are not waiting for, a signal no registered queue's rule matches on its header (type, sender,
-  path, interface, member), or a method call to us (we export nothing) is dropped with its body
-  unparsed;
+so a message is read in three steps, its fixed header, its header fields, its body, and the body
+is read (let alone parsed) only once the header says somebody wants it:
+- a reply is wanted if a call waits for its serial; a signal if a registered queue's rule
+  matches its header (type, sender, path, interface, member); a method call to us never (we
+  export nothing);
+- a message nobody wants, of any size, is skipped: its body is read in chunks and thrown away,
+  so it costs neither memory nor a parse. On the system bus that is all (any client may send us
+  unicast signals, and closing our connection would fail PID 1's and polkit's calls in flight
+  for nothing: the next one would reach the new connection as easily);
+- a link opened with ``close_on_unsolicited`` (a capsule's manager, which should send nothing
+  but replies and its own broadcasts) is closed instead, except for the signals it broadcasts
+  whether asked or not (``broadcasts``), which are skipped up to ``max_skipped_per_s`` a
+  second on average (a token bucket as deep);
+- a wanted message over ``max_message_bytes`` (a signal over ``max_signal_bytes``) is skipped
+  too, and whoever wanted it is told: the waiting call fails with `ReplyTooLarge`, a matching
+  queue overflows; a ``close_on_unsolicited`` link is closed instead;
+- a header fields array over ``max_header_fields_bytes`` is never parsed: skipped, or the
+  link closed as above; a header claiming more than the D-Bus maximum (128 MiB), more than
+  ``max_unix_fds`` fds, or anything malformed closes the link (every call waiting on it fails
+  with `BusClosed`);
 - calls in flight are capped by one semaphore (dbus-daemon's system.conf allows 128 pending
   replies per connection, max_replies_per_connection).
-Malformed input closes the link instead of crashing the daemon.
+After each message the receiver yields to the event loop, so a peer flooding us is one task
+among the others, never a loop that runs ahead of them.
 
 Errors (each layer above translates them once, e.g. capsuled.systemd.bus into BackendError)::
 
@@ -40,6 +53,7 @@ Errors (each layer above translates them once, e.g. capsuled.systemd.bus into Ba
     ├── BusClosed            the link is gone: peer hung up, refused us, broke a limit, or sent
     │                        garbage; every later call raises it too (also an OSError)
     ├── BusTimeout           no reply in time (also a TimeoutError)
+    ├── ReplyTooLarge        the reply was over our cap and was skipped unread
     ├── ErrorReply           the peer answered with an error (.name, .text, .body)
     └── SignalOverflow       a signal queue's consumer fell behind (the default overflow error)
 """
@@ -50,6 +64,7 @@ import array
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import socket
 import struct
@@ -72,6 +87,7 @@ __all__ = [
     "DBusConnection",
     "DBusError",
     "ErrorReply",
+    "ReplyTooLarge",
     "SignalOverflow",
     "SignalQueue",
     "SystemBus",
@@ -94,6 +110,15 @@ DEFAULT_SIGNAL_QUEUE: Final = 256
 # The fixed part of every message: endianness, type, flags, version, body length, serial and the
 # header fields array's length (D-Bus specification, "Message Format").
 _FIXED_HEADER_BYTES: Final = 16
+# D-Bus specification, "Valid Messages": a message is at most 2^27 bytes; dbus-daemon enforces it.
+SPEC_MAX_MESSAGE_BYTES: Final = 1 << 27
+# Late replies to calls we gave up on are skipped, not taken for unsolicited traffic, for this
+# many of the most recent such calls.
+MAX_ABANDONED_SERIALS: Final = 256
+# Skipped messages lose at most this many log lines per interval: any client can send them.
+_SKIP_LOG_INTERVAL_S: Final = 10.0
+
+log = logging.getLogger(__name__)
 
 # What a peer may send that jeepney's decoder chokes on: treat as a broken link.
 _DECODE_ERRORS = (ValueError, KeyError, IndexError, struct.error, UnicodeDecodeError, TypeError)
@@ -115,22 +140,33 @@ class BusLimits:
     max_unix_fds: int = 16
     # sd-bus's default method call timeout (BUS_DEFAULT_TIMEOUT) is 25 s.
     call_timeout_s: float = 25.0
+    # Traffic nobody asked for: skipped (False), or the link closed (True; see the module
+    # docstring), except for `broadcasts` (header-matched), skipped up to `max_skipped_per_s`.
+    close_on_unsolicited: bool = False
+    broadcasts: tuple[MatchRule, ...] = ()
+    max_skipped_per_s: int = 1000
 
     def __post_init__(self) -> None:
         if min(self.max_message_bytes, self.max_signal_bytes, self.max_in_flight_calls) < 1:
             raise ValueError("bus limits must be positive")
         if self.max_header_fields_bytes < 1 or self.max_unix_fds < 0 or self.call_timeout_s <= 0:
             raise ValueError("bus limits must be positive")
+        if self.max_skipped_per_s < 1:
+            raise ValueError("bus limits must be positive")
 
 
-# The system bus carries PID 1 and polkitd, which we trust; dbus-daemon itself caps a message at
-# 128 MiB. ListUnits on a large host is a few MiB, so the cap only guards against a runaway.
-# One connection serves PID 1 and polkitd: polkit keeps at most 64 checks waiting (an interactive
-# one may wait minutes for a human), so 120 in flight leave PID 1 at least 56 under dbus-daemon's
-# 128 pending replies per connection.
+# The system bus carries PID 1 and polkitd, whose replies we trust; dbus-daemon itself caps a
+# message at 128 MiB. ListUnits on a large host is a few MiB, so the cap only guards against a
+# runaway. Signals are another matter: any client on the bus may send one to our unique name
+# (dbus-daemon's default policy allows signals), and only PID 1's, header-matched on its sender,
+# ever get to their body; its PropertiesChanged and JobRemoved are a few KiB, so 1 MiB is
+# ample. One connection serves PID 1 and polkitd: polkit keeps at most 64 checks waiting (an
+# interactive one may wait minutes for a human), so 120 in flight leave PID 1 at least 56 under
+# dbus-daemon's 128 pending replies per connection. Unsolicited traffic is skipped, never a
+# reason to close (see the module docstring).
 SYSTEM_BUS_LIMITS: Final = BusLimits(
     max_message_bytes=32 * 1024 * 1024,
-    max_signal_bytes=32 * 1024 * 1024,
+    max_signal_bytes=1024 * 1024,
     max_in_flight_calls=120,
 )
 
@@ -145,6 +181,10 @@ class BusClosed(DBusError, ConnectionError):
 
 class BusTimeout(DBusError, TimeoutError):
     """The peer did not answer a call in time."""
+
+
+class ReplyTooLarge(DBusError):
+    """The reply to a call was over the connection's cap; it was skipped without being read."""
 
 
 class ErrorReply(DBusError):
@@ -191,10 +231,23 @@ def get_name_owner(name: str) -> Message:
 
 def header_matches(rule: MatchRule, header: Header) -> bool:
     """Whether a message with this header could match ``rule`` (its arg conditions need the
-    body, so they are left to MatchRule.matches once the body is parsed)."""
+    body: `signal_matches` checks them once it is parsed).
+
+    A rule's sender may be a well-known name (org.freedesktop.systemd1). Only the bus daemon
+    knows who owns such a name now: it changes hands (PID 1 re-executing reconnects under a new
+    unique name), and a message carries its sender's unique name only. The daemon checks it when
+    it routes a broadcast signal to us under our AddMatch of the same rule, so a signal without
+    a destination passes here. A unicast signal (it has a destination: us) reaches us whatever
+    our match rules say, from anybody, so it never matches a well-known sender. This holds
+    because every AddMatch we make for a well-known sender's signals names that sender
+    (capsuled.systemd's rules do): a broader one would let anybody's broadcast through."""
     if rule.message_type is not None and header.message_type is not rule.message_type:
         return False
     for name, expected in rule.header_fields.items():
+        if name == "sender" and not expected.startswith(":"):
+            if HeaderFields.destination in header.fields:
+                return False
+            continue
         if header.fields.get(HeaderFields[name]) != expected:
             return False
     if rule.path_namespace is not None:
@@ -203,6 +256,18 @@ def header_matches(rule: MatchRule, header: Header) -> bool:
         if not isinstance(path, str) or not (path == namespace or path.startswith(namespace + "/")):
             return False
     return True
+
+
+def signal_matches(rule: MatchRule, msg: Message) -> bool:
+    """Whether a parsed signal matches ``rule``: its header (`header_matches`), then its args."""
+    if not header_matches(rule, msg.header):
+        return False
+    if not rule.arg_conditions:
+        return True
+    # jeepney checks the args; its header check would compare a well-known sender literally.
+    args_only = MatchRule()
+    args_only.arg_conditions = rule.arg_conditions
+    return bool(args_only.matches(msg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +304,12 @@ class SignalQueue:
             self._error = self._overflow_error
         else:
             self._items.append(msg)
+        self._wakeup.set()
+
+    def _overflow(self) -> None:
+        """A signal for this queue had to be dropped (too large): its consumer must resync."""
+        if self._error is None:
+            self._error = self._overflow_error
         self._wakeup.set()
 
     def _fail(self, error: BusClosed) -> None:
@@ -321,6 +392,12 @@ class DBusConnection:
         self._writing = False
         self._closed_error: BusClosed | None = None
         self.unique_name: str | None = None
+        self.skipped = 0  # messages skipped unread, for logs and tests
+        # Serials of calls we stopped waiting for (timed out, cancelled), oldest first.
+        self._abandoned: dict[int, None] = {}
+        self._last_skip_log = -_SKIP_LOG_INTERVAL_S
+        self._skip_tokens = float(limits.max_skipped_per_s)  # see BusLimits.broadcasts
+        self._skip_refilled = self._loop.time()
         self._receiver = self._loop.create_task(self._receive_loop(), name=f"capsuled-{name}")
 
     # -- life cycle ------------------------------------------------------------------------
@@ -400,8 +477,14 @@ class DBusConnection:
                     member = msg.header.fields.get(HeaderFields.member)
                     raise BusTimeout(f"no reply to {member}") from exc
             finally:
-                # Also on cancellation: a late reply then finds no serial and is dropped.
-                self._pending.pop(serial, None)
+                # Also on cancellation: a late reply then finds no serial and is skipped, as
+                # an answer we gave up on, not as traffic nobody asked for.
+                if self._pending.pop(serial, None) is not None and (
+                    future.cancelled() or not future.done()
+                ):
+                    self._abandoned[serial] = None
+                    if len(self._abandoned) > MAX_ABANDONED_SERIALS:
+                        del self._abandoned[next(iter(self._abandoned))]
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -497,8 +580,21 @@ class DBusConnection:
         """``n`` bytes of the message being read; fds that come with them go to ``fds``."""
         chunks: list[bytes] = []
         want = n
-        ancillary = socket.CMSG_SPACE(self.limits.max_unix_fds * 4) if self.unix_fds else 0
         while want:
+            data = await self._recv_some(want, fds)
+            chunks.append(data)
+            want -= len(data)
+        return b"".join(chunks)
+
+    async def _skip(self, n: int, fds: list[FileDescriptor]) -> None:
+        """Read ``n`` bytes of the message being read and throw them away, a chunk at a time."""
+        while n:
+            n -= len(await self._recv_some(n, fds))
+
+    async def _recv_some(self, want: int, fds: list[FileDescriptor]) -> bytes:
+        """Up to ``want`` bytes (at most a chunk), at least one; fds that come go to ``fds``."""
+        ancillary = socket.CMSG_SPACE(self.limits.max_unix_fds * 4) if self.unix_fds else 0
+        while True:
             try:
                 data, ancdata, flags, _ = self._sock.recvmsg(
                     min(want, READ_CHUNK_BYTES), ancillary, socket.MSG_CMSG_CLOEXEC
@@ -513,50 +609,123 @@ class DBusConnection:
                 raise BusClosed(f"{self.name} sent {len(fds)} file descriptors with one message")
             if not data:
                 raise BusClosed("D-Bus peer closed the connection")
-            chunks.append(data)
-            want -= len(data)
-        return b"".join(chunks)
+            return data
 
-    def _sizes(self, fixed: bytes) -> int:
-        """The message's total size from its fixed header, refused over the caps."""
+    def _sizes(self, fixed: bytes) -> tuple[int, int]:
+        """The message's total size and the end of its header (fields and padding included).
+
+        Raises:
+            BusClosed: the fixed header is malformed or claims more than D-Bus allows.
+        """
         try:
             size = calc_msg_size(fixed)
             # Bytes 12..16: the header fields array's length, in the message's byte order.
             (fields_len,) = struct.unpack("<I" if fixed[:1] == b"l" else ">I", fixed[12:16])
         except _DECODE_ERRORS as exc:
             raise BusClosed(f"malformed D-Bus header: {exc}") from exc
-        if not _FIXED_HEADER_BYTES <= size <= self.limits.max_message_bytes:
-            raise BusClosed(f"D-Bus message of {size} bytes exceeds our cap")
-        if fields_len > self.limits.max_header_fields_bytes:
-            raise BusClosed(f"D-Bus header of {fields_len} bytes exceeds our cap")
-        return int(size)
+        header_end = _FIXED_HEADER_BYTES + fields_len
+        header_end += -header_end % 8  # the body starts 8-aligned
+        if not header_end <= size <= SPEC_MAX_MESSAGE_BYTES:
+            raise BusClosed(f"D-Bus message claims {size} bytes")
+        return int(size), header_end
+
+    def _unwanted(self, what: str, size: int, header: Header | None = None) -> None:
+        """A message nobody asked for: skip it, or (close_on_unsolicited) close the link,
+        except for the peer's own broadcasts within their rate (see the module docstring)."""
+        limits = self.limits
+        broadcast = header is not None and any(
+            header_matches(rule, header) for rule in limits.broadcasts
+        )
+        if limits.close_on_unsolicited:
+            if not broadcast or size > limits.max_signal_bytes:
+                raise BusClosed(f"{self.name} sent {what} nobody asked for")
+            now = self._loop.time()
+            rate = limits.max_skipped_per_s
+            self._skip_tokens = min(rate, self._skip_tokens + (now - self._skip_refilled) * rate)
+            self._skip_refilled = now
+            if self._skip_tokens < 1:
+                raise BusClosed(f"{self.name} sent more than {rate} unasked-for signals a second")
+            self._skip_tokens -= 1
+        self.skipped += 1
+        now = self._loop.time()
+        sender = header.fields.get(HeaderFields.sender) if header is not None else None
+        # No news: the peer's own broadcasts, a broadcast our AddMatch brought while nobody
+        # waits for it (a bus signal without a destination), the bus daemon's NameAcquired.
+        routed = (
+            header is not None
+            and header.message_type is MessageType.signal
+            and HeaderFields.destination not in header.fields
+        )
+        if broadcast or routed or sender == BUS_DAEMON.bus_name:
+            return
+        if now - self._last_skip_log >= _SKIP_LOG_INTERVAL_S:
+            self._last_skip_log = now
+            log.info(
+                "%s: skipped %s from %s (%d skipped so far)", self.name, what, sender, self.skipped
+            )
+
+    def _too_large(self, header: Header, size: int, limit: int) -> bool:
+        """Whether a wanted message is over `limit`; if so, tell whoever wanted it."""
+        if size <= limit:
+            return False
+        what = f"{size}-byte {header.message_type.name}"
+        if self.limits.close_on_unsolicited:
+            raise BusClosed(f"{self.name} sent a {what}, over our cap of {limit}")
+        if header.message_type is MessageType.signal:
+            for queue in self._queues:
+                if header_matches(queue.rule, header):
+                    queue._overflow()
+        else:
+            entry = self._pending.get(header.fields.get(HeaderFields.reply_serial, -1))
+            if entry is not None and not entry.future.done():
+                entry.future.set_exception(ReplyTooLarge(f"{what} over our cap of {limit}"))
+        log.warning("%s: skipped a %s, over our cap of %d", self.name, what, limit)
+        return True
 
     def _wanted(self, header: Header, size: int) -> bool:
-        """Whether a message with this header is worth parsing its body (see module doc)."""
+        """Whether a message with this header is worth reading (see the module docstring)."""
         kind = header.message_type
         if kind in (MessageType.method_return, MessageType.error):
             serial = header.fields.get(HeaderFields.reply_serial)
             entry = self._pending.get(serial) if isinstance(serial, int) else None
-            return entry is not None and not entry.future.done()
+            if entry is None or entry.future.done():
+                if isinstance(serial, int) and self._abandoned.pop(serial, 0) is None:
+                    self.skipped += 1  # late, not unsolicited
+                else:
+                    self._unwanted(f"a reply to serial {serial}", size, header)
+                return False
+            return not self._too_large(header, size, self.limits.max_message_bytes)
         if kind is MessageType.signal:
-            if size > self.limits.max_signal_bytes:
-                raise BusClosed(f"D-Bus signal of {size} bytes exceeds our cap")
-            return any(header_matches(queue.rule, header) for queue in self._queues)
+            if not any(header_matches(queue.rule, header) for queue in self._queues):
+                member = header.fields.get(HeaderFields.member)
+                self._unwanted(f"a {size}-byte signal {member}", size, header)
+                return False
+            return not self._too_large(header, size, self.limits.max_signal_bytes)
         # Method calls *to* us (a peer probing) get no answer: we export nothing.
+        self._unwanted(f"a method call {header.fields.get(HeaderFields.member)}", size, header)
         return False
 
     async def _receive_one(self) -> None:
         fds: list[FileDescriptor] = []
         try:
             fixed = await self._recv_exactly(_FIXED_HEADER_BYTES, fds)
-            size = self._sizes(fixed)
-            buf = fixed + await self._recv_exactly(size - _FIXED_HEADER_BYTES, fds)
+            size, header_end = self._sizes(fixed)
+            if header_end - _FIXED_HEADER_BYTES > self.limits.max_header_fields_bytes:
+                self._unwanted(f"a message with a {header_end}-byte header", size)
+                await self._skip(size - _FIXED_HEADER_BYTES, fds)
+                return
+            head = fixed + await self._recv_exactly(header_end - _FIXED_HEADER_BYTES, fds)
             try:
-                header, _pos = Header.from_buffer(buf)
-                if header.fields.get(HeaderFields.unix_fds, 0) != len(fds):
-                    raise BusClosed(f"{self.name} sent a message with the wrong number of fds")
-                if not self._wanted(header, size):
-                    return
+                header, _pos = Header.from_buffer(head)
+            except _DECODE_ERRORS as exc:
+                raise BusClosed(f"malformed D-Bus header: {exc}") from exc
+            if not self._wanted(header, size):
+                await self._skip(size - header_end, fds)
+                return
+            buf = head + await self._recv_exactly(size - header_end, fds)
+            if header.fields.get(HeaderFields.unix_fds, 0) != len(fds):
+                raise BusClosed(f"{self.name} sent a message with the wrong number of fds")
+            try:
                 msg = Message.from_buffer(buf, fds)
             except _DECODE_ERRORS as exc:
                 raise BusClosed(f"malformed D-Bus message: {exc}") from exc
@@ -579,7 +748,7 @@ class DBusConnection:
         elif kind is MessageType.signal:
             _close_all(fds)  # no signal we consume carries fds
             for queue in list(self._queues):
-                if queue.rule.matches(msg):
+                if signal_matches(queue.rule, msg):
                     queue._push(msg)
         return fds
 
@@ -588,6 +757,9 @@ class DBusConnection:
         try:
             while True:
                 await self._receive_one()
+                # Let every other task run between two messages: reading a socket that always
+                # has data never suspends by itself.
+                await asyncio.sleep(0)
         except BusClosed as exc:
             error = exc
         except OSError as exc:

@@ -9,7 +9,7 @@
         ├── NoSuchUnit, InvalidUnit, UnsafeCapsuleHome, InvalidValue
         ├── InvalidBundle, UnsignedBundle, UntrustedSigner, BadSignature
         ├── DowngradeRefused, DeployFailed, NoPreviousBundle
-        ├── Busy, AccessChanged
+        ├── Busy, AccessChanged, RecordsUnwritable
         └── InternalError
 
 A unit test checks that this set and the IDL's `error` declarations are the same.
@@ -162,6 +162,12 @@ class AccessChanged(ManagerError):
     """A stream's grant no longer holds (capsule removed, replaced, or access withdrawn)."""
 
     name = f"{INTERFACE}.AccessChanged"
+
+
+class RecordsUnwritable(ManagerError):
+    """The helper's records (/var/lib/capsuled) could not be written; none is half written."""
+
+    name = f"{INTERFACE}.RecordsUnwritable"
 
 
 class InternalError(ManagerError):

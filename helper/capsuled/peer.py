@@ -42,6 +42,7 @@ __all__ = [
     "Peer",
     "parse_start_time",
     "peer_credentials",
+    "peer_uid",
     "process_is_alive",
     "read_start_time",
     "read_unit",
@@ -113,6 +114,19 @@ def read_start_time(pid: int, proc: str = PROC) -> int:
         raise ProcessLookupError(pid) from exc
 
 
+_UCRED = "iII"  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The peer's uid alone (SO_PEERCRED): enough to admit or refuse a connection.
+
+    Raises:
+        OSError: SO_PEERCRED failed (not a Unix socket, or already gone).
+    """
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(_UCRED))
+    return int(struct.unpack(_UCRED, raw)[1])
+
+
 def unit_of_cgroup(path: str) -> str | None:
     """The unit a cgroup path belongs to, as systemd's cg_path_get_unit() finds it: slices are
     skipped, the first other component (cg_unescape'd: a leading '_' dropped) is the unit if it
@@ -161,9 +175,8 @@ def peer_credentials(sock: socket.socket) -> Peer:
     Raises:
         OSError: SO_PEERCRED failed (not a Unix socket, or already gone).
     """
-    fmt = "iII"  # struct ucred: pid_t pid; uid_t uid; gid_t gid
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
-    pid, uid, gid = struct.unpack(fmt, raw)
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(_UCRED))
+    pid, uid, gid = struct.unpack(_UCRED, raw)
     pidfd: int | None = None
     try:
         fd = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]

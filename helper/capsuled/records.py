@@ -57,6 +57,12 @@ class CorruptRecord(Exception):
     """A record file exists but is not one we wrote; it is left in place for an admin."""
 
 
+class RecordsUnwritable(Exception):
+    """A record could not be written or removed (the directory is full, read-only, failing).
+
+    Nothing is half written: a put either replaced the record or left the old one."""
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     name: str
@@ -146,8 +152,18 @@ class RecordStore:
                     yield record
 
     def put(self, record: Record) -> None:
-        """Replace NAME's record atomically and durably."""
-        self._ensure_dir()
+        """Replace NAME's record atomically and durably.
+
+        Raises:
+            RecordsUnwritable: it could not be written; the old record (if any) is left.
+        """
+        try:
+            self._ensure_dir()
+            self._put(record)
+        except OSError as exc:
+            raise RecordsUnwritable(f"{record.name}: {exc.strerror or exc}") from exc
+
+    def _put(self, record: Record) -> None:
         final = self._path(record.name)
         tmp = self._dir / f".{record.name}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -164,10 +180,17 @@ class RecordStore:
         self._sync_dir()
 
     def delete(self, name: str) -> None:
-        """Forget NAME; a missing record is not an error (Remove may be retried)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(name))
-            self._sync_dir()
+        """Forget NAME; a missing record is not an error (Remove may be retried).
+
+        Raises:
+            RecordsUnwritable: it could not be removed.
+        """
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(name))
+                self._sync_dir()
+        except OSError as exc:
+            raise RecordsUnwritable(f"{name}: {exc.strerror or exc}") from exc
 
     def owned_by(self, uid: int, user: str | None) -> list[Record]:
         """The records whose owner is the account that is `uid` (named `user`) now."""

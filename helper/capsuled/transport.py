@@ -1,19 +1,45 @@
 """The asyncio Varlink server: accept, peer credentials, limits, timeouts, the one error boundary.
 
-One task per connection reads bytes into a `ServerConnection` (capsuled.varlink) and handles its
-calls one after the other, as sd-varlink does, so pipelined calls are answered in order. While a
-call runs the task keeps reading (bounded by the message cap) to notice the peer going away.
+One task per connection reads straight from its socket into a `ServerConnection`
+(capsuled.varlink) and handles its calls one after the other, as sd-varlink does, so pipelined
+calls are answered in order. While a call runs the task reads on a little (READ_AHEAD_BYTES) to
+notice the peer going away. Nothing buffers between the socket and the protocol core (no asyncio
+streams): every byte a peer makes us hold is in the core's buffer or in a reply being sent, and
+both count against one budget.
 
-Limits (see `Limits`; defaults chosen for a Python daemon under systemd's default RLIMIT_NOFILE soft
-limit of 1024, each connection holding a socket and a pidfd):
-- connections in total, and per UID (at most 3/4 of the total, as sd-varlink's
-  VARLINK_DEFAULT_CONNECTIONS_PER_UID_MAX); a connection over either limit is closed at once;
+Limits (`Limits`; each is a `capsuled serve` option). Every per-caller share is counted against
+the connection's *account*: its uid, except that a process inside a capsule (running as the
+capsule's dynamic uid) counts against the capsule's owner, so owning capsules buys no extra
+shares (`Server(account=...)`, wired in daemon.py). The defaults, and why:
+- connections: 512 in total, 32 per account. A caller needs one per command and one per
+  `logs -f` or Watch; 32 leaves room for scripts running many at once, and sixteen accounts must
+  be busy together to fill the table (three hold at most 3/16 of it). 512 connections cost 1024
+  fds (socket + pidfd), well within capsuled.service's LimitNOFILE. sd-varlink allows 1/4 of
+  its table per uid, but its table is 4096 and its connections cost a few KiB in C.
 - an idle timeout per connection: time without a complete call while none is running (bytes
   trickling in do not count, so a slow sender cannot hold a slot forever);
-- calls running at once, in total and per UID (3/4 of the total again);
-- the message size cap (in the protocol core);
-- a write buffer high-water mark: notify() and the final reply wait for the peer to read; a peer
-  that stays blocked longer than `send_timeout_s` is disconnected, so nothing buffers without bound.
+- calls running at once: 64 in total, 4 per account (a person runs one command at a time; four
+  let a script work in parallel), so sixteen accounts must be busy together to fill them: a call
+  may spend most of its time waiting on polkitd or PID 1, and with slots to spare a quiet
+  caller never waits behind that. Free slots go to the waiting accounts in turn
+  (capsuled.fairslots). A call waits at most `slot_wait_s` for a slot, then gets
+  ServerErrors.busy;
+- streams (a call's first `continues` reply turns it into one; it gives its call slot back):
+  128 in total, 8 per account, and of those, streams that anybody may open without any
+  authorization (`open_streams`: Watch) at most 16 in total and 2 per account;
+- waits outside a slot: a call waiting for a human (interactive polkit) gives its call slot back
+  and holds one of 16 waiting slots, 2 per account (capsuled.callslot);
+- the message cap and the JSON shape limits, enforced in the protocol core;
+- an input rate per account: 2 MiB a second on average, bursts of two whole calls at once. A
+  peer that sends its call in full and gets closed, again and again (an unterminated call past
+  the budget, a malformed one), made the helper read and drop hundreds of MiB a second, most of
+  its CPU; past its rate an account's sockets are simply not read for a while, and it waits in
+  its own kernel buffers. No call this interface takes comes near it;
+- one buffer budget for all connections together: bytes received and not yet handled, plus
+  replies being sent. Past it, the connection holding the most unhandled input is closed (then,
+  with no input left to blame, the one with the largest reply outstanding; the oldest first
+  among equals), until the total fits again;
+- a send timeout: a peer that takes no bytes for `send_timeout_s` is disconnected.
 
 Error boundary (style guide "Errors"): VarlinkError -> its error reply; any other exception ->
 logged with its traceback, answered with the interface's InternalError; RemoteProtocolError ->
@@ -24,76 +50,133 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import itertools
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
-from capsuled.peer import Peer, peer_credentials
+from capsuled import callslot
+from capsuled.fairslots import FairSlots
+from capsuled.peer import Peer, peer_credentials, peer_uid
 from capsuled.varlink.connection import ConnectionState, ServerConnection
 from capsuled.varlink.errors import LocalProtocolError, RemoteProtocolError, VarlinkError
-from capsuled.varlink.framing import MAX_MESSAGE_BYTES
 from capsuled.varlink.messages import Call, ErrorReply, Reply
 
-__all__ = ["Limits", "PeerGone", "Server", "ServerErrors"]
+__all__ = [
+    "MAX_CALL_BYTES",
+    "MAX_CALL_DEPTH",
+    "MAX_CALL_VALUES",
+    "Limits",
+    "Listener",
+    "PeerGone",
+    "Server",
+    "ServerErrors",
+]
 
 log = logging.getLogger("capsuled.transport")
 
-READ_CHUNK_BYTES = 64 * 1024
-_REJECT_LOG_INTERVAL_S = 10.0
+# The largest call org.capsuled.Manager needs, with room to spare: InstallUnit carries a unit
+# file of at most 64 KiB (unitfile.UNIT_FILE_MAX_BYTES), which JSON escaping can blow up at most
+# six-fold (a control character becomes \u00XX), 384 KiB; Run carries at most 4096 arguments and
+# 1024 environment entries, far below ARG_MAX-sized command lines in practice. 1 MiB holds either
+# 2.6 times over. (systemd's VARLINK_BUFFER_MAX of 16 MiB is for any interface; ours needs less,
+# and every byte of it is memory any local user can make us hold.) test_transport_limits.py
+# holds these to the interface's own caps.
+MAX_CALL_BYTES: Final = 1024 * 1024
+# A call's JSON is an object holding `parameters`, holding at most an array of strings or a map:
+# three levels. 16 is margin, and a small enough nesting that nothing recursive gets deep.
+MAX_CALL_DEPTH: Final = 16
+# Run's 4096 arguments + 1024 environment entries are the most values a call carries (a few
+# dozen more for the other fields); 8192 leaves room, and bounds what json builds from 1 MiB of
+# tiny values (~250 MiB for 8 MiB of `{}` in the testbed) to a few hundred KiB.
+MAX_CALL_VALUES: Final = 8192
+
+READ_CHUNK_BYTES: Final = 64 * 1024
+# Connections accepted (or refused) per turn of the event loop.
+ACCEPT_BATCH: Final = 64
+# While a call runs, read on only this far: enough to notice a hang-up, and any peer pipelining
+# calls waits in the kernel's socket buffer (its own memory) instead of ours.
+READ_AHEAD_BYTES: Final = 64 * 1024
+_REJECT_LOG_INTERVAL_S: Final = 10.0
+# After accept() fails for lack of fds or memory, wait this long before trying again (asyncio's
+# own server waits a second; a short pause suffices to let connections end).
+_ACCEPT_RETRY_S: Final = 0.1
+_ACCEPT_RETRY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept() failing like this means the listening socket itself is unusable: stop serving.
+_ACCEPT_FATAL_ERRNOS: Final = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Server limits; every one is a daemon option (capsuled serve --help)."""
 
-    max_connections: int = 256
-    max_connections_per_uid: int | None = None  # None: 3/4 of max_connections
+    max_connections: int = 512
+    max_connections_per_uid: int | None = None  # None: 1/16 of max_connections
     idle_timeout_s: float = 60.0
     max_inflight_calls: int = 64
-    max_inflight_calls_per_uid: int | None = None  # None: 3/4 of max_inflight_calls
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-    write_buffer_bytes: int = 1024 * 1024
+    max_inflight_calls_per_uid: int | None = None  # None: 1/16 of max_inflight_calls
+    max_message_bytes: int = MAX_CALL_BYTES
+    max_json_depth: int = MAX_CALL_DEPTH
+    max_json_values: int = MAX_CALL_VALUES
+    # Input received and not yet handled plus replies being sent, all connections together.
+    max_buffered_bytes: int = 64 * 1024 * 1024
+    # Bytes read per second for one account, on average (bursts of two whole calls pass at once).
+    max_input_bytes_per_uid_s: int = 2 * 1024 * 1024
     send_timeout_s: float = 30.0
     # How long a call may wait for an in-flight slot before it is answered ServerErrors.busy.
     slot_wait_s: float = 10.0
-    # A call that streams (its first `continues` reply) gives its in-flight slot back and
-    # holds a stream slot instead: a Watch or a followed Logs may last for hours and must
-    # not starve short calls. Streams are capped separately, in total and per UID.
     max_streams: int = 128
-    max_streams_per_uid: int = 16
+    max_streams_per_uid: int = 8
+    # Streams anybody may open without authorization (Server(open_streams=...)): Watch.
+    max_open_streams: int = 16
+    max_open_streams_per_uid: int = 2
+    # Calls waiting for a human without a call slot (capsuled.callslot).
+    max_waiting_calls: int = 16
+    max_waiting_calls_per_uid: int = 2
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.max_inflight_calls < 1:
             raise ValueError("connection and call limits must be at least 1")
         if self.connections_per_uid < 1 or self.inflight_calls_per_uid < 1:
             raise ValueError("per-UID limits must be at least 1")
+        # As sd-varlink (VARLINK_DEFAULT_CONNECTIONS_PER_UID_MAX): one uid never gets it all.
         if self.connections_per_uid > _three_quarters(self.max_connections):
             raise ValueError("max_connections_per_uid must be at most 3/4 of max_connections")
         if self.inflight_calls_per_uid > _three_quarters(self.max_inflight_calls):
             raise ValueError("max_inflight_calls_per_uid must be at most 3/4 of max_inflight_calls")
-        if not 1 <= self.max_streams_per_uid <= self.max_streams:
-            raise ValueError("stream limits must be at least 1, per UID at most the total")
+        for total, per_uid, what in (
+            (self.max_streams, self.max_streams_per_uid, "stream"),
+            (self.max_open_streams, self.max_open_streams_per_uid, "open stream"),
+            (self.max_waiting_calls, self.max_waiting_calls_per_uid, "waiting call"),
+        ):
+            if not 1 <= per_uid <= total:
+                raise ValueError(f"{what} limits must be at least 1, per UID at most the total")
         if min(self.idle_timeout_s, self.send_timeout_s, self.slot_wait_s) <= 0:
             raise ValueError("timeouts must be positive")
-        if self.max_message_bytes < 1 or self.write_buffer_bytes < 1:
+        if min(self.max_message_bytes, self.max_json_depth, self.max_json_values) < 1:
+            raise ValueError("sizes must be positive")
+        if self.max_buffered_bytes < self.max_message_bytes:
+            raise ValueError("max_buffered_bytes must hold at least one message")
+        if self.max_input_bytes_per_uid_s < 1:
             raise ValueError("sizes must be positive")
 
     @property
     def connections_per_uid(self) -> int:
-        """The effective per-UID connection limit."""
+        """The effective per-account connection limit."""
         if self.max_connections_per_uid is not None:
             return self.max_connections_per_uid
-        return _three_quarters(self.max_connections)
+        return max(1, self.max_connections // 16)
 
     @property
     def inflight_calls_per_uid(self) -> int:
-        """The effective per-UID limit on calls running at once."""
+        """The effective per-account limit on calls running at once."""
         if self.max_inflight_calls_per_uid is not None:
             return self.max_inflight_calls_per_uid
-        return _three_quarters(self.max_inflight_calls)
+        return max(1, self.max_inflight_calls // 16)
 
 
 def _three_quarters(n: int) -> int:
@@ -106,7 +189,7 @@ class ServerErrors:
     (the core knows no interface), so whoever wires the server names them."""
 
     internal: type[VarlinkError]  # a handler failed unexpectedly (the details go to the journal)
-    busy: type[VarlinkError]  # no call or stream slot came free in time
+    busy: type[VarlinkError]  # no call, stream or waiting slot came free in time
 
 
 class PeerGone(ConnectionError):
@@ -115,55 +198,15 @@ class PeerGone(ConnectionError):
 
 NotifyFn = Callable[[dict[str, object]], Awaitable[None]]
 Handle = Callable[[Call, Peer, NotifyFn], Awaitable[dict[str, object]]]
+Account = Callable[[int], int]  # a peer's uid -> the uid its connections count against
 
 
-class _UidSlot:
-    __slots__ = ("sem", "users")
-
-    def __init__(self, n: int) -> None:
-        self.sem = asyncio.Semaphore(n)
-        self.users = 0
+def _own_uid(uid: int) -> int:
+    return uid
 
 
-class _CallSlots:
-    """Bounds calls running at once, in total and per UID; per-UID entries vanish when unused."""
-
-    def __init__(self, total: int, per_uid: int) -> None:
-        self._total = asyncio.Semaphore(total)
-        self._per_uid = per_uid
-        self._uids: dict[int, _UidSlot] = {}
-
-    async def acquire(self, uid: int) -> None:
-        """Wait for a slot (the caller bounds the wait); pair with release()."""
-        slot = self._uids.get(uid)
-        if slot is None:
-            slot = self._uids[uid] = _UidSlot(self._per_uid)
-        slot.users += 1
-        try:
-            await slot.sem.acquire()
-            try:
-                await self._total.acquire()
-            except BaseException:
-                slot.sem.release()
-                raise
-        except BaseException:
-            self._forget(uid, slot)
-            raise
-
-    def release(self, uid: int) -> None:
-        slot = self._uids[uid]
-        self._total.release()
-        slot.sem.release()
-        self._forget(uid, slot)
-
-    def _forget(self, uid: int, slot: _UidSlot) -> None:
-        slot.users -= 1
-        if slot.users == 0:
-            del self._uids[uid]
-
-
-class _StreamSlots:
-    """Counts long-lived streams in total and per UID; never waits: full means refused."""
+class _Counted:
+    """Counts holders in total and per account; never waits: full means refused."""
 
     def __init__(self, total: int, per_uid: int) -> None:
         self._limit, self._per_uid_limit = total, per_uid
@@ -184,40 +227,178 @@ class _StreamSlots:
             del self._uids[uid]
 
 
+class _InputRate:
+    """Token buckets of bytes per account: `delay()` says how long an account must wait before
+    its next read, `spend()` takes what a read got (the bucket may go below zero: a read takes
+    what is there, up to a chunk). Buckets outlive their connections until refilled, so that
+    closing every connection and opening new ones does not buy a fresh burst."""
+
+    def __init__(self, per_s: float, burst: float, keep: int) -> None:
+        self._per_s, self._burst, self._keep = per_s, burst, keep
+        self._buckets: dict[int, tuple[float, float]] = {}  # account -> (tokens, when)
+
+    def _now(self, account: int) -> float:
+        now = asyncio.get_running_loop().time()
+        tokens, when = self._buckets.get(account, (self._burst, now))
+        return min(self._burst, tokens + (now - when) * self._per_s)
+
+    def delay(self, account: int) -> float:
+        tokens = self._now(account)
+        return 0.0 if tokens > 0 else -tokens / self._per_s + 1e-3
+
+    def spend(self, account: int, n: int) -> None:
+        self._buckets[account] = (self._now(account) - n, asyncio.get_running_loop().time())
+        if len(self._buckets) > self._keep:
+            self._buckets = {a: b for a, b in self._buckets.items() if self._now(a) < self._burst}
+
+
 class _Closing(Exception):
     """Internal: end this connection now (peer gone, blocked, or protocol state broken)."""
 
 
-class Server:
-    """Serves Varlink connections through `handle` (normally Dispatcher.handle)."""
+async def _writable(sock: socket.socket) -> None:
+    """Wait until ``sock`` can take more bytes (or is closed by the peer)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
 
-    def __init__(self, handle: Handle, errors: ServerErrors, limits: Limits | None = None) -> None:
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock.fileno())
+
+
+class Listener:
+    """An accepting socket being served (`Server.listen`); `close()` stops accepting.
+
+    `wait_closed()` also returns if the accept loop died (the listening socket became unusable):
+    the daemon then stops serving, and socket activation starts a fresh one.
+    """
+
+    def __init__(self, task: asyncio.Task[None]) -> None:
+        self._task = task
+
+    def close(self) -> None:
+        """Stop accepting; connections already accepted go on (Server.shutdown ends them)."""
+        self._task.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until the accept loop has stopped (closed, or failed: logged here)."""
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        except OSError as exc:
+            log.error("the listening socket failed (%s); no longer accepting", exc)
+
+
+class Server:
+    """Serves Varlink connections through `handle` (normally Dispatcher.handle).
+
+    `account` says which uid a peer's connections, calls and streams count against (None: its
+    own); `open_streams` names the methods anybody may stream from without authorization,
+    which get their own small share of the streams.
+    """
+
+    def __init__(
+        self,
+        handle: Handle,
+        errors: ServerErrors,
+        limits: Limits | None = None,
+        *,
+        account: Account | None = None,
+        open_streams: frozenset[str] = frozenset(),
+    ) -> None:
         self.handle = handle
         self.errors = errors
         self.limits = limits or Limits()
+        self._account = account or _own_uid
+        self._open_streams = open_streams
         self._total = 0
         self._per_uid: dict[int, int] = {}
-        self._slots = _CallSlots(self.limits.max_inflight_calls, self.limits.inflight_calls_per_uid)
-        self._streams = _StreamSlots(self.limits.max_streams, self.limits.max_streams_per_uid)
+        lim = self.limits
+        self._slots = FairSlots(lim.max_inflight_calls, lim.inflight_calls_per_uid)
+        self._streams = _Counted(lim.max_streams, lim.max_streams_per_uid)
+        self._open = _Counted(lim.max_open_streams, lim.max_open_streams_per_uid)
+        self._waiting = _Counted(lim.max_waiting_calls, lim.max_waiting_calls_per_uid)
         self._changed = asyncio.Event()
+        self._budget_changed = asyncio.Event()  # for wait_until(): any charge or eviction
         self._conns: dict[asyncio.Task[None], _Connection] = {}
+        self._accepted: set[asyncio.Task[None]] = set()  # strong refs until each task ends
         self.draining = False  # set by shutdown(): finish the running call, take no new ones
         self._last_reject_log = -_REJECT_LOG_INTERVAL_S
+        self._last_evict_log = -_REJECT_LOG_INTERVAL_S
+        self._last_accept_error_log = -_REJECT_LOG_INTERVAL_S
         self.rejected = 0  # connections refused by a limit, for logs and tests
+        self.evicted = 0  # connections closed by the buffer budget, for logs and tests
+        self.throttled = 0  # reads put off for an account's input rate, for tests
+        self.buffered_bytes = 0  # what the budget counts now, all connections together
+        # Every read goes through here and is copied out at once (_Connection._read_available).
+        self._scratch = bytearray(READ_CHUNK_BYTES)
+        self._input = _InputRate(
+            lim.max_input_bytes_per_uid_s, 2 * lim.max_message_bytes, lim.max_connections
+        )
 
     @property
     def connections(self) -> int:
         """Connections currently admitted."""
         return self._total
 
-    async def listen(self, sock: socket.socket) -> asyncio.Server:
-        """Serve a listening Unix socket (already bound and listening)."""
-        return await asyncio.start_unix_server(self.serve_stream, sock=sock)
+    async def listen(self, sock: socket.socket) -> Listener:
+        """Serve a listening Unix socket (already bound and listening) until closed."""
+        sock.setblocking(False)
+        return Listener(asyncio.create_task(self._accept_loop(sock), name="capsuled-accept"))
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn_sock, _ = await loop.sock_accept(sock)
+                self._take(conn_sock)
+                # Then whatever else waits in the backlog, up to a batch: a flood of
+                # connections fills the backlog, and everybody else's waits behind it there.
+                # Refusing one costs a getsockopt and a close.
+                for _ in range(ACCEPT_BATCH - 1):
+                    conn_sock, _ = sock.accept()
+                    self._take(conn_sock)
+            except BlockingIOError:
+                continue  # the backlog is empty
+            except OSError as exc:
+                if exc.errno in _ACCEPT_FATAL_ERRNOS:
+                    raise
+                self._log_accept_error(exc)
+                if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                    await asyncio.sleep(_ACCEPT_RETRY_S)
+                continue  # ECONNABORTED and the like: that client is gone, the next may come
+            # One batch per turn of the loop: the connections already admitted get theirs.
+            await asyncio.sleep(0)
+
+    def _take(self, sock: socket.socket) -> None:
+        """Admit an accepted socket (then serve it in a task of its own) or close it now."""
+        account = self._admission(sock)
+        if account is None:
+            sock.close()
+            return
+        task = asyncio.create_task(self._serve(sock, account))
+        self._accepted.add(task)
+        task.add_done_callback(self._accepted.discard)
+        # A task cancelled before it ever ran (close_connections) never reaches _serve's
+        # `finally`: give its admission back here instead.
+        task.add_done_callback(lambda _: self._release_unserved(sock, account))
+
+    def _log_accept_error(self, exc: OSError) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._last_accept_error_log >= _REJECT_LOG_INTERVAL_S:
+            self._last_accept_error_log = now
+            log.warning("accept failed (%s); going on", exc)
 
     async def serve_connected(self, sock: socket.socket) -> None:
         """Serve one already-connected socket (Accept=yes, varlinkctl exec:) until it closes."""
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
-        await self.serve_stream(reader, writer)
+        await self.serve_socket(sock)
 
     async def wait_idle(self, seconds: float) -> None:
         """Return once no connection has existed for `seconds` in a row."""
@@ -238,9 +419,24 @@ class Server:
             self._changed.clear()
             await self._changed.wait()
 
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Return once `condition()` holds, checked whenever connections or the bytes they
+        hold change (tests, diagnostics); the caller bounds the wait."""
+        while not condition():
+            self._changed.clear()
+            self._budget_changed.clear()
+            changed = [
+                asyncio.ensure_future(e.wait()) for e in (self._changed, self._budget_changed)
+            ]
+            try:
+                await asyncio.wait(changed, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in changed:
+                    waiting.cancel()
+
     async def close_connections(self) -> None:
         """Cancel every connection task and wait for them to finish."""
-        tasks = list(self._conns)
+        tasks = set(self._conns) | self._accepted
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -259,14 +455,14 @@ class Server:
             log.warning("%d call(s) still running after %.0f s; cancelling", self._total, grace_s)
         await self.close_connections()
 
-    def _admit(self, peer: Peer) -> bool:
+    def _admit(self, uid: int, account: int) -> bool:
         if self._total >= self.limits.max_connections:
             why = "total"
-        elif self._per_uid.get(peer.uid, 0) >= self.limits.connections_per_uid:
+        elif self._per_uid.get(account, 0) >= self.limits.connections_per_uid:
             why = "per-UID"
         else:
             self._total += 1
-            self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
+            self._per_uid[account] = self._per_uid.get(account, 0) + 1
             self._changed.set()
             return True
         self.rejected += 1
@@ -274,80 +470,159 @@ class Server:
         if now - self._last_reject_log >= _REJECT_LOG_INTERVAL_S:  # a flood must not flood the log
             self._last_reject_log = now
             log.warning(
-                "connection limit (%s) reached; refusing uid=%d pid=%d (%d refused so far)",
+                "connection limit (%s) reached; refusing uid=%d (account %d; %d refused so far)",
                 why,
-                peer.uid,
-                peer.pid,
+                uid,
+                account,
                 self.rejected,
             )
         return False
 
-    def _release(self, peer: Peer) -> None:
+    def _release(self, account: int) -> None:
         self._total -= 1
-        left = self._per_uid[peer.uid] - 1
+        left = self._per_uid[account] - 1
         if left:
-            self._per_uid[peer.uid] = left
+            self._per_uid[account] = left
         else:
-            del self._per_uid[peer.uid]
+            del self._per_uid[account]
         self._changed.set()
 
-    async def serve_stream(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        """Serve one connection (the asyncio.start_unix_server callback)."""
-        sock: socket.socket = writer.get_extra_info("socket")
+    def _rebudget(self, conn: _Connection, charged: int) -> None:
+        """`conn` now holds `charged` bytes; close the worst offenders while over the budget."""
+        if charged != conn.charged:
+            self.buffered_bytes += charged - conn.charged
+            conn.charged = charged
+            self._budget_changed.set()
+        while self.buffered_bytes > self.limits.max_buffered_bytes:
+            victim = self._worst_offender()
+            if victim is None:
+                return
+            self._evict(victim)
+
+    def _worst_offender(self) -> _Connection | None:
+        live = [c for c in self._conns.values() if not c.evicted and c.charged]
+        if not live:
+            return None
+        # Unhandled input first: a reply being sent is work a caller asked for.
+        return max(live, key=lambda c: (c.conn.buffered_bytes, c.charged, -c.serial))
+
+    def _evict(self, victim: _Connection) -> None:
+        victim.evicted = True
+        self.buffered_bytes -= victim.charged
+        victim.charged = 0
+        self.evicted += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._last_evict_log >= _REJECT_LOG_INTERVAL_S:
+            self._last_evict_log = now
+            log.warning(
+                "buffer budget of %d bytes exceeded; closing %s (%d closed so far)",
+                self.limits.max_buffered_bytes,
+                victim.who(),
+                self.evicted,
+            )
+        if victim.task is not asyncio.current_task():
+            victim.task.cancel()
+        # Our own connection: _Connection._charge raises _Closing once this returns.
+
+    def _admission(self, sock: socket.socket) -> int | None:
+        """The account a new connection counts against, if admitted; None if refused.
+
+        On the peer's uid alone: refusing a connection reads nothing else about it."""
         try:
-            peer = peer_credentials(sock)
+            uid = peer_uid(sock)
         except OSError as exc:
             log.info("cannot read peer credentials (%s); closing", exc)
-            writer.transport.abort()
+            return None
+        account = self._account(uid)
+        return account if self._admit(uid, account) else None
+
+    async def serve_socket(self, sock: socket.socket) -> None:
+        """Serve one accepted (or passed) connection until it ends."""
+        account = self._admission(sock)
+        if account is None:
+            sock.close()
             return
-        if not self._admit(peer):
-            if peer.pidfd is not None:
-                os.close(peer.pidfd)
-            writer.transport.abort()
-            return
-        task = asyncio.current_task()
-        conn = _Connection(self, reader, writer, peer)
-        if task is not None:
-            self._conns[task] = conn
+        await self._serve(sock, account)
+
+    def _release_unserved(self, sock: socket.socket, account: int) -> None:
+        if sock.fileno() >= 0:  # _serve closed it if it ran
+            sock.close()
+            self._release(account)
+
+    async def _serve(self, sock: socket.socket, account: int) -> None:
         try:
-            writer.transport.set_write_buffer_limits(high=self.limits.write_buffer_bytes)
-            await conn.run()
-        except asyncio.CancelledError:
-            # close_connections() cancels us; end quietly. (Python 3.11's StreamReaderProtocol
-            # callback calls task.exception() on a cancelled task and logs a spurious error.)
-            pass
-        finally:
-            if task is not None:
+            try:
+                peer = peer_credentials(sock)
+            except OSError as exc:
+                log.info("cannot read peer credentials (%s); closing", exc)
+                return
+            task = asyncio.current_task()
+            assert task is not None  # a coroutine the loop runs
+            conn = _Connection(self, sock, peer, account, task)
+            self._conns[task] = conn
+            try:
+                sock.setblocking(False)
+                await conn.run()
+            except asyncio.CancelledError:
+                pass  # close_connections(), shutdown() or the budget ended us: end quietly
+            finally:
                 self._conns.pop(task, None)
-            writer.transport.abort()
-            if peer.pidfd is not None:
-                os.close(peer.pidfd)
-            self._release(peer)
+                self._rebudget(conn, 0)
+                if peer.pidfd is not None:
+                    os.close(peer.pidfd)
+        finally:
+            sock.close()
+            self._release(account)
+
+
+_serials = itertools.count(1)
 
 
 class _Connection:
     def __init__(
         self,
         server: Server,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        sock: socket.socket,
         peer: Peer,
+        account: int,
+        task: asyncio.Task[None],
     ) -> None:
         self.server = server
         self.limits = server.limits
-        self.reader = reader
-        self.writer = writer
+        self.sock = sock
         self.peer = peer
-        self.conn = ServerConnection(self.limits.max_message_bytes)
+        self.account = account
+        self.task = task
+        self.serial = next(_serials)  # admission order: the budget closes the oldest first
+        self.conn = ServerConnection(
+            self.limits.max_message_bytes,
+            max_depth=self.limits.max_json_depth,
+            max_values=self.limits.max_json_values,
+        )
         self.eof = False
         self.busy = False  # a call is running: shutdown() lets it finish
+        self.charged = 0  # bytes this connection holds, as the budget counts them
+        self.evicted = False  # closed by the budget; its task is being cancelled
+        self._sending = 0  # size of the reply being sent
         # Which slot the running call holds (calls on one connection run one at a time).
-        self._holding: Literal["call", "stream"] | None = None
+        self._holding: Literal["call", "stream", "waiting"] | None = None
+        self._open_stream = False  # its stream slot is also an open-stream slot
+        self._wait: asyncio.Future[None] | None = None  # see _readable()
+        self._timer: asyncio.TimerHandle | None = None  # the account's input rate
+        self._watching = False  # a reader is registered for the socket
 
-    def _who(self) -> str:
+    def who(self) -> str:
+        """The peer, for log lines."""
+        if self.account != self.peer.uid:
+            return f"uid={self.peer.uid} pid={self.peer.pid} (account {self.account})"
         return f"uid={self.peer.uid} pid={self.peer.pid}"
+
+    def _charge(self) -> None:
+        """Tell the budget what this connection holds now; raises _Closing if that ended it."""
+        if not self.evicted:
+            self.server._rebudget(self, self.conn.buffered_bytes + self._sending)
+        if self.evicted:
+            raise _Closing()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -359,17 +634,16 @@ class _Connection:
                     if self.eof:
                         return
                     remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        log.debug("idle timeout, closing %s", self._who())
+                    done = (
+                        remaining > 0
+                        and (await asyncio.wait({self._readable()}, timeout=remaining))[0]
+                    )
+                    if not done:
+                        log.debug("idle timeout, closing %s", self.who())
                         return
-                    try:
-                        async with asyncio.timeout(remaining):
-                            data = await self.reader.read(READ_CHUNK_BYTES)
-                    except TimeoutError:
-                        log.debug("idle timeout, closing %s", self._who())
-                        return
-                    self._received(data)
+                    self._read_available()
                     continue
+                self._charge()  # the call left the buffer
                 self.busy = True
                 try:
                     await self._run_call(call)
@@ -379,39 +653,83 @@ class _Connection:
         except RemoteProtocolError as exc:
             # Peer garbage: close without a reply (UAPI.20; sd-varlink does the same). Debug level,
             # as in sd-varlink: any local user could otherwise fill the journal at will.
-            log.debug("protocol error from %s, closing: %s", self._who(), exc)
+            log.debug("protocol error from %s, closing: %s", self.who(), exc)
         except LocalProtocolError:
-            log.error("protocol misuse on our side with %s, closing", self._who(), exc_info=True)
+            log.error("protocol misuse on our side with %s, closing", self.who(), exc_info=True)
         except (_Closing, OSError):  # OSError: ConnectionResetError and the like
-            log.debug("connection to %s closed", self._who())
+            log.debug("connection to %s closed", self.who())
+        finally:
+            self._stop_waiting()
 
-    def _received(self, data: bytes) -> None:
-        if data:
-            self.conn.receive_data(data)
-        else:
+    def _readable(self) -> asyncio.Future[None]:
+        """Done once the socket has bytes (or the peer hung up); then `_read_available()`.
+
+        An account past its input rate waits for it before the socket is even watched.
+        Waiting consumes nothing, so giving up on the wait loses no data."""
+        if self._wait is None or self._wait.done():
+            loop = asyncio.get_running_loop()
+            self._wait = loop.create_future()
+            delay = self.server._input.delay(self.account)
+            if delay > 0:
+                self.server.throttled += 1
+                self._timer = loop.call_later(delay, self._watch)
+            else:
+                self._watch()
+        return self._wait
+
+    def _watch(self) -> None:
+        self._timer = None
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._wake)
+        self._watching = True
+
+    def _wake(self) -> None:
+        self._stop_waiting(ready=True)
+
+    def _stop_waiting(self, ready: bool = False) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._watching:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self._watching = False
+        if self._wait is not None and not self._wait.done():
+            if ready:
+                self._wait.set_result(None)
+            else:
+                self._wait.cancel()
+
+    def _read_available(self) -> None:
+        """Move what the socket holds (up to a chunk) into the protocol core's buffer.
+
+        Through the server's one scratch buffer, read and copied with no await in between:
+        a read allocates nothing of its own, which keeps the allocator from fragmenting under
+        many connections each holding a little (issue 11, finding 3)."""
+        scratch = self.server._scratch
+        try:
+            n = self.sock.recv_into(scratch)
+        except BlockingIOError:
+            return  # woken for nothing
+        except ConnectionError:
+            n = 0  # reset by the peer: the same as a hang-up
+        if not n:
             self.eof = True
+            return
+        self.server._input.spend(self.account, n)
+        with memoryview(scratch) as view:
+            self.conn.receive_data(view[:n])
+        self._charge()
 
     async def _read_while_running(self, task: asyncio.Task[None], call: Call) -> None:
-        """Wait for the call's task, reading ahead so a hang-up is noticed; bounded by the cap."""
+        """Wait for the call's task, reading ahead (READ_AHEAD_BYTES) so a hang-up is noticed."""
         while not task.done():
-            if self.eof or self.conn.buffered_bytes > self.limits.max_message_bytes:
+            if self.eof or self.conn.buffered_bytes >= READ_AHEAD_BYTES:
                 await asyncio.wait({task})
                 return
-            read = asyncio.ensure_future(self.reader.read(READ_CHUNK_BYTES))
-            try:
-                await asyncio.wait({task, read}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not read.done():
-                    read.cancel()  # StreamReader.read loses no data when cancelled while waiting
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await read
-            if read.cancelled():
-                continue
-            try:
-                data = read.result()
-            except ConnectionError:
-                data = b""
-            self._received(data)
+            readable = self._readable()
+            await asyncio.wait((task, readable), return_when=asyncio.FIRST_COMPLETED)
+            if not readable.done():
+                continue  # the call ended
+            self._read_available()
             if self.eof and call.more:
                 # A streaming client hangs up to end the stream (varlinkctl --more, Ctrl-C).
                 # A plain call is still answered after a half-close, as sd-varlink does.
@@ -422,66 +740,111 @@ class _Connection:
         try:
             await self._read_while_running(task, call)
         except BaseException:
-            # Leaving early (hang-up, our own cancellation): stop the call and collect its
-            # outcome, so no exception is left "never retrieved".
+            # Leaving early (hang-up, the budget, our own cancellation): stop the call and
+            # collect its outcome, so no exception is left "never retrieved".
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             raise
         task.result()  # re-raise _Closing / protocol errors from the call itself
 
-    async def _write(self, data: bytes) -> None:
-        if self.writer.transport.is_closing():
-            raise _Closing()
-        self.writer.write(data)
+    async def _send(self, data: bytes) -> None:
+        """Hand `data` to the kernel; a peer that takes nothing for send_timeout_s is dropped."""
+        self._sending = len(data)
         try:
-            async with asyncio.timeout(self.limits.send_timeout_s):
-                await self.writer.drain()
-        except TimeoutError:
-            log.info(
-                "%s stopped reading for %.0f s, closing", self._who(), self.limits.send_timeout_s
-            )
-            raise _Closing() from None
-        except ConnectionError as exc:
-            raise _Closing() from exc
+            self._charge()
+            view = memoryview(data)
+            sent = 0
+            while sent < len(view):
+                try:
+                    sent += self.sock.send(view[sent:])
+                except BlockingIOError:
+                    try:
+                        async with asyncio.timeout(self.limits.send_timeout_s):
+                            await _writable(self.sock)
+                    except TimeoutError:
+                        log.info(
+                            "%s stopped reading for %.0f s, closing",
+                            self.who(),
+                            self.limits.send_timeout_s,
+                        )
+                        raise _Closing() from None
+                except OSError as exc:  # EPIPE, ECONNRESET: the peer is gone
+                    raise _Closing() from exc
+        finally:
+            self._sending = 0
+            if not self.evicted:
+                self.server._rebudget(self, self.conn.buffered_bytes)
 
     async def _notify(self, params: dict[str, object]) -> None:
         if self._holding == "call":
-            # From its first `continues` on, this call is a stream: it gives back its call
-            # slot and needs a stream slot, or it ends here with ServerErrors.busy.
-            server = self.server
-            server._slots.release(self.peer.uid)
-            self._holding = None
-            if not server._streams.try_take(self.peer.uid):
-                raise server.errors.busy()
-            self._holding = "stream"
+            self._become_stream()
         try:
-            await self._write(self.conn.send(Reply(params, continues=True)))
+            await self._send(self.conn.send(Reply(params, continues=True)))
         except _Closing as exc:
             raise PeerGone("the peer went away") from exc
+
+    def _become_stream(self) -> None:
+        # From its first `continues` on, a call is a stream: it gives back its call slot and
+        # needs a stream slot (and an open-stream slot, for methods anybody may open), or it
+        # ends here with ServerErrors.busy.
+        server, account = self.server, self.account
+        server._slots.release(account)
+        self._holding = None
+        if not server._streams.try_take(account):
+            raise server.errors.busy()
+        if self._open_stream and not server._open.try_take(account):
+            server._streams.give_back(account)
+            raise server.errors.busy()
+        self._holding = "stream"
 
     async def _hold_call_slot(self) -> None:
         server = self.server
         try:
             async with asyncio.timeout(self.limits.slot_wait_s):
-                await server._slots.acquire(self.peer.uid)
+                await server._slots.acquire(self.account)
         except TimeoutError:
             raise server.errors.busy() from None
         self._holding = "call"
 
     def _release_slot(self) -> None:
+        server, account = self.server, self.account
         if self._holding == "call":
-            self.server._slots.release(self.peer.uid)
+            server._slots.release(account)
         elif self._holding == "stream":
-            self.server._streams.give_back(self.peer.uid)
+            server._streams.give_back(account)
+            if self._open_stream:
+                server._open.give_back(account)
+        elif self._holding == "waiting":
+            server._waiting.give_back(account)
         self._holding = None
+
+    @contextlib.asynccontextmanager
+    async def released(self) -> AsyncIterator[None]:
+        """capsuled.callslot's SlotHolder: wait in a waiting slot instead of the call slot."""
+        if self._holding != "call":
+            yield  # a stream holds no call slot to give back
+            return
+        server, account = self.server, self.account
+        if not server._waiting.try_take(account):
+            raise server.errors.busy()
+        server._slots.release(account)
+        self._holding = "waiting"
+        try:
+            yield
+        finally:
+            server._waiting.give_back(account)
+            self._holding = None
+        await self._hold_call_slot()  # only when the block ended normally
 
     async def _answer(self, call: Call) -> None:
         server = self.server
+        self._open_stream = call.method in server._open_streams
         reply: Reply | ErrorReply
         try:
             try:
                 await self._hold_call_slot()
-                result = await server.handle(call, self.peer, self._notify)
+                with callslot.holding(self):
+                    result = await server.handle(call, self.peer, self._notify)
             finally:
                 self._release_slot()
             reply = Reply(result)
@@ -491,7 +854,7 @@ class _Connection:
             raise
         except Exception:
             # The one broad catch (style guide): log the traceback, tell the client nothing of it.
-            log.exception("method %s failed for %s", call.method, self._who())
+            log.exception("method %s failed for %s", call.method, self.who())
             reply = ErrorReply(server.errors.internal.name, server.errors.internal().parameters)
         if call.oneway:
             if isinstance(reply, ErrorReply):
@@ -506,7 +869,7 @@ class _Connection:
             log.exception("reply to %s cannot be encoded", call.method)
             internal = server.errors.internal()
             data = self.conn.send(ErrorReply(internal.name, internal.parameters))
-        await self._write(data)
+        await self._send(data)
 
 
 def _error_reply(exc: VarlinkError, internal_error: type[VarlinkError]) -> ErrorReply:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from jeepney import HeaderFields, Message
 
-from capsuled.transport import Limits
+from capsuled.transport import Account, Limits
 from protocol.harness import Parsed, RawClient, ThreadServer
 
 MakeServer = Callable[..., ThreadServer]
@@ -48,9 +48,18 @@ def sockdir() -> Iterator[Path]:
 def make_server(sockdir: Path) -> Iterator[MakeServer]:
     servers: list[ThreadServer] = []
 
-    def make(**limits: object) -> ThreadServer:
+    def make(
+        account: Account | None = None,
+        open_streams: frozenset[str] = frozenset(),
+        **limits: object,
+    ) -> ThreadServer:
         path = str(sockdir / f"s{len(servers)}.sock")
-        srv = ThreadServer(path, Limits(**limits))  # type: ignore[arg-type]  # test knobs
+        srv = ThreadServer(
+            path,
+            Limits(**limits),  # type: ignore[arg-type]  # test knobs
+            account=account,
+            open_streams=open_streams,
+        )
         servers.append(srv)
         return srv
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from capsuled import callslot
 from capsuled.dispatch import Dispatcher, Notify
 from capsuled.peer import Peer
-from capsuled.transport import Limits, Server, ServerErrors
+from capsuled.transport import Account, Limits, Listener, Server, ServerErrors
 from capsuled.varlink.errors import VarlinkError
 from capsuled.varlink.interface import parse_interface
 from capsuled.varlink.messages import Call
@@ -114,6 +115,11 @@ async def block(ctx: Ctx, p: Params) -> Params:
     return {}
 
 
+async def park(ctx: Ctx, p: Params) -> Params:
+    async with callslot.released():
+        return await block(ctx, p)
+
+
 class _Unencodable:
     pass
 
@@ -162,6 +168,7 @@ HANDLERS = {
     "StreamOnly": stream,
     "Forever": forever,
     "Block": block,
+    "Park": park,
     "Fail": fail,
     "Record": record,
     "Notes": notes,
@@ -192,21 +199,32 @@ def build_dispatcher(state: State, validate_replies: bool = True) -> Dispatcher[
 class ThreadServer:
     """The real asyncio server on a Unix socket, its loop in a background thread."""
 
-    def __init__(self, path: str, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        limits: Limits | None = None,
+        *,
+        account: Account | None = None,
+        open_streams: frozenset[str] = frozenset(),
+    ) -> None:
         self.path = path
         self.state = State()
         self.limits = limits or Limits()
+        self._account = account
+        self._open_streams = open_streams
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server: Server = self.run(self._make_server())
-        self.listener: asyncio.Server = self.run(self._listen())
+        self.listener: Listener = self.run(self._listen())
 
     async def _make_server(self) -> Server:
         d = build_dispatcher(self.state)
-        return Server(d.handle, ERRORS, self.limits)
+        return Server(
+            d.handle, ERRORS, self.limits, account=self._account, open_streams=self._open_streams
+        )
 
-    async def _listen(self) -> asyncio.Server:
+    async def _listen(self) -> Listener:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(self.path)
         os.chmod(self.path, 0o666)

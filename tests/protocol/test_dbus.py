@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import tempfile
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -295,6 +296,116 @@ def test_signals_are_filtered_on_their_header_before_any_body_is_parsed(
     # Only the signal the rule wants had its body parsed (the peer parses nothing here: we send
     # it nothing after the handshake).
     assert [p.member for p in parsed] == ["Right"]
+
+
+# -- what nobody asked for, on a bus (finding 4) -----------------------------------------------
+
+
+def _from(msg: Message, sender: str) -> Message:
+    msg.header.fields[HeaderFields.sender] = sender
+    return msg
+
+
+def test_an_oversized_signal_from_anyone_is_skipped_without_closing_or_buffering(
+    parsed: list[Parsed],
+) -> None:
+    # On the shared system bus any client may send a unicast signal to our unique name. One
+    # over our cap used to close the connection (failing PID 1's and polkit's calls in flight)
+    # after it had been buffered whole; now it is read past in chunks and the link lives on.
+    async def scenario() -> None:
+        conn, peer = await connected()
+        call = asyncio.create_task(conn.call(new_method_call(TARGET, "Ping")))
+        msg = await peer.next_message()
+        spam = DBusAddress("/x", interface="org.example.Spam")
+        big = _from(new_signal(spam, "Spam", "s", ("z" * (3 << 20),)), ":1.666").serialise(5)
+        wire = big + new_method_return(msg, "s", ("still here",)).serialise(6)
+        del big
+        tracemalloc.start()
+        try:
+            await asyncio.to_thread(peer.sock.sendall, wire)
+            assert await call == ("still here",)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, peak  # the 3 MiB were never held at once
+        assert not conn.closed
+        assert conn.skipped == 1
+        await conn.close()
+
+    run(scenario)
+    assert all(p.member != "Spam" for p in parsed)
+
+
+def test_method_calls_and_huge_headers_are_skipped_on_a_bus() -> None:
+    async def scenario() -> None:
+        conn, peer = await connected()
+        # A method call to us (dbus-daemon lets only root send one): we export nothing.
+        await peer.send(_from(new_method_call(TARGET, "Poke"), ":1.9"), serial=7)
+        # A signal whose header fields array is over our cap: never parsed.
+        fields = LIMITS.max_header_fields_bytes + 8
+        huge = b"l\x04\x01\x01" + struct.pack("<III", 8, 8, fields) + b"\0" * (fields + 8)
+        await asyncio.to_thread(peer.sock.sendall, huge)
+        call = asyncio.create_task(conn.call(new_method_call(TARGET, "Ping")))
+        await peer.send(new_method_return(await peer.next_message(), "s", ("ok",)), serial=9)
+        assert await call == ("ok",)
+        assert conn.skipped == 2
+        assert not conn.closed
+        await conn.close()
+
+    run(scenario)
+
+
+def test_a_reply_over_the_cap_fails_its_call_only() -> None:
+    async def scenario() -> None:
+        conn, peer = await connected()
+        call = asyncio.create_task(conn.call(new_method_call(TARGET, "Big")))
+        big = new_method_return(await peer.next_message(), "s", ("z" * (2 << 20),))
+        await peer.send(big, serial=5)
+        with pytest.raises(dbus.ReplyTooLarge):
+            await call
+        call = asyncio.create_task(conn.call(new_method_call(TARGET, "Small")))
+        await peer.send(new_method_return(await peer.next_message(), "s", ("ok",)), serial=6)
+        assert await call == ("ok",)
+        await conn.close()
+
+    run(scenario)
+
+
+def test_a_well_known_sender_is_the_bus_daemons_to_check(parsed: list[Parsed]) -> None:
+    # PID 1 re-executing gets a new unique name; its broadcasts (routed to us by the daemon
+    # under an AddMatch naming org.freedesktop.systemd1) must still match. A unicast signal
+    # reaches us whatever our match rules say, so it never passes for PID 1's.
+    def job_removed(sender: str, destination: str | None) -> Message:
+        emitter = DBusAddress(
+            "/org/freedesktop/systemd1", interface="org.freedesktop.systemd1.Manager"
+        )
+        msg = _from(new_signal(emitter, "JobRemoved", "s", ("z" * 4096,)), sender)
+        if destination is not None:
+            msg.header.fields[HeaderFields.destination] = destination
+        return msg
+
+    async def scenario() -> list[str]:
+        conn, peer = await connected()
+        rule = MatchRule(
+            type="signal",
+            sender="org.freedesktop.systemd1",
+            interface="org.freedesktop.systemd1.Manager",
+            member="JobRemoved",
+        )
+        senders = []
+        with conn.signals(rule) as queue:
+            for serial, (sender, dest) in enumerate(
+                [(":1.0", None), (":1.666", ":1.42"), (":1.3", None)], start=1
+            ):
+                await peer.send(job_removed(sender, dest), serial=serial)
+            for _ in range(2):
+                senders.append((await queue.get()).header.fields[HeaderFields.sender])
+        assert conn.skipped == 1
+        await conn.close()
+        return senders
+
+    assert run(scenario) == [":1.0", ":1.3"]  # before and after the re-exec; not the forger
+    assert len(parsed) == 2
 
 
 def test_header_matches_follows_match_rule_semantics() -> None:

@@ -80,7 +80,11 @@ def _ping_as(uid: int, path: str) -> dict[str, object]:
 
 
 def test_limits_are_validated() -> None:
-    assert Limits(max_connections=4).connections_per_uid == 3
+    # Per-uid shares by default: 1/16 of the connections and of the calls (transport docstring).
+    assert Limits(max_connections=512).connections_per_uid == 32
+    assert Limits(max_inflight_calls=64).inflight_calls_per_uid == 4
+    assert Limits(max_connections=4).connections_per_uid == 1
+    assert Limits(max_connections=4, max_connections_per_uid=3).connections_per_uid == 3
     with pytest.raises(ValueError, match="3/4"):
         Limits(max_connections=4, max_connections_per_uid=4)
     with pytest.raises(ValueError, match="timeouts must be positive"):
@@ -162,7 +166,7 @@ def test_a_running_call_is_not_idle(make_server: object) -> None:
 
 @needs_root
 def test_calls_running_at_once_are_bounded_per_uid(make_server: object) -> None:
-    srv: ThreadServer = make_server(max_inflight_calls=4)  # type: ignore[operator]  # 3 per uid
+    srv: ThreadServer = make_server(max_inflight_calls=4, max_inflight_calls_per_uid=3)  # type: ignore[operator]
     conns = [RawClient(srv.path) for _ in range(4)]
     for i, c in enumerate(conns):
         c.send({"method": f"{T}.Block", "parameters": {"key": str(i)}})

@@ -1,5 +1,5 @@
 """Malformed input: the server closes the connection without a single byte of reply (UAPI.20,
-sd-varlink), keeps serving everyone else, and enforces the 16 MiB message cap exactly."""
+sd-varlink), keeps serving everyone else, and enforces the message cap (1 MiB for calls) exactly."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from capsuled.varlink.framing import MAX_MESSAGE_BYTES
+from capsuled.transport import MAX_CALL_BYTES
 from protocol.harness import RawClient, ThreadServer
 
 PING = "org.example.test.Ping"
@@ -89,26 +89,26 @@ def _ping_of_size(size: int) -> bytes:
 
 
 def test_message_exactly_at_the_cap_is_served(server: ThreadServer) -> None:
-    raw = _ping_of_size(MAX_MESSAGE_BYTES)
-    assert len(raw) == 16 * 1024 * 1024
+    raw = _ping_of_size(MAX_CALL_BYTES)
+    assert len(raw) == 1024 * 1024
     with RawClient(server.path, timeout=30) as c:
         c.send_raw(raw + b"\0")
         reply = c.recv()
     text = reply["parameters"]
     assert isinstance(text, dict)
-    assert len(text["text"]) == MAX_MESSAGE_BYTES - OVERHEAD
+    assert len(text["text"]) == MAX_CALL_BYTES - OVERHEAD
 
 
 def test_message_one_byte_over_the_cap_is_refused(server: ThreadServer) -> None:
     with RawClient(server.path, timeout=30) as c:
-        c.send_raw(_ping_of_size(MAX_MESSAGE_BYTES + 1) + b"\0")
+        c.send_raw(_ping_of_size(MAX_CALL_BYTES + 1) + b"\0")
         c.expect_closed()
 
 
 def test_incomplete_message_past_the_cap_closes_before_the_nul(server: ThreadServer) -> None:
     with RawClient(server.path, timeout=30) as c:
         # No NUL ever comes: the server must give up as soon as the cap is passed.
-        c.send_raw(b'{"method":"' + b"a" * MAX_MESSAGE_BYTES)
+        c.send_raw(b'{"method":"' + b"a" * MAX_CALL_BYTES)
         c.expect_closed()
 
 

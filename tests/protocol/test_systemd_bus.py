@@ -8,6 +8,7 @@ descriptor passing and the header filter: tests/protocol/test_dbus.py.)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,7 @@ from jeepney import (
 )
 
 from capsuled import dbus
-from capsuled.systemd import bus, errors
+from capsuled.systemd import bus, errors, jobs
 from capsuled.systemd import messages as m
 from protocol.harness import Parsed
 
@@ -66,17 +67,23 @@ class FakePeer:
 
 
 async def connected(
-    handshake_answer: bytes = AUTH_OK, max_message_bytes: int | None = None
+    handshake_answer: bytes = AUTH_OK,
+    max_message_bytes: int | None = None,
+    limits: dbus.BusLimits | None = None,
 ) -> tuple[bus.Link, FakePeer]:
-    """open_peer on a socketpair; ``max_message_bytes`` None keeps open_peer's default."""
+    """open_peer on a socketpair; ``max_message_bytes`` and ``limits`` None keep open_peer's
+    default (a capsule manager's)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     reader, writer = await asyncio.open_unix_connection(sock=theirs)
     peer = FakePeer(reader, writer)
     hs = asyncio.create_task(peer.handshake(handshake_answer))
-    if max_message_bytes is None:
+    if limits is not None:
+        conn = await bus.open_peer(ours, uid=0, limits=limits)
+    elif max_message_bytes is None:
         conn = await bus.open_peer(ours, uid=0)
     else:
-        limits = dbus.BusLimits(
+        limits = dataclasses.replace(
+            bus.CAPSULE_MANAGER_LIMITS,
             max_message_bytes=max_message_bytes,
             max_signal_bytes=min(max_message_bytes, bus.MAX_PEER_SIGNAL_BYTES),
         )
@@ -159,7 +166,7 @@ def test_oversized_message_closes_the_link_before_buffering() -> None:
         msg = await peer.next_call()
         reply = new_method_return(msg, "s", ("x" * 8192,))
         peer.send(reply)
-        with pytest.raises(errors.SystemdUnavailable, match="exceeds"):
+        with pytest.raises(errors.SystemdUnavailable, match="over our cap"):
             await call
         assert conn.closed
         with pytest.raises(errors.SystemdUnavailable):
@@ -189,7 +196,7 @@ def test_peer_link_caps_messages_at_1_mib_by_default() -> None:
         assert len(str((await call)[0])) > 1000 * 1000  # exactly at the cap: accepted
         call = asyncio.create_task(conn.call(m.list_units()))
         peer.writer.write(_reply_of_size(await peer.next_call(), bus.MAX_PEER_MESSAGE_BYTES + 8))
-        with pytest.raises(errors.SystemdUnavailable, match="exceeds"):
+        with pytest.raises(errors.SystemdUnavailable, match="over our cap"):
             await call
         assert conn.closed
         await conn.close()
@@ -228,29 +235,87 @@ def test_system_bus_keeps_the_larger_cap(tmp_path: Path) -> None:
     run(scenario)
 
 
-def test_unsolicited_messages_are_dropped_without_parsing_their_body(
-    parsed: list[Parsed],
+@pytest.mark.parametrize("junk", ["stray reply", "method call", "foreign signal"])
+def test_a_manager_link_is_closed_on_anything_a_manager_would_not_send(
+    parsed: list[Parsed], junk: str
 ) -> None:
-    # Near-cap replies to serials we never sent and method calls to us cost only a header parse.
+    # Finding 4: a fake manager (any process in the capsule can bind systemd/private) must not
+    # keep us reading; its junk is judged on the header and ends the link, unparsed.
     async def scenario() -> None:
         conn, peer = await connected()
         call = asyncio.create_task(conn.call(m.list_units()))
         msg = await peer.next_call()
-        stray = new_method_return(msg, "s", ("",))
-        stray.header.fields[HeaderFields.reply_serial] = 4242  # nobody waits for this
         probe = DBusAddress("/x", bus_name="org.example", interface="org.example.I")
-        for junk in (stray, new_method_call(probe, "Poke", "s", ("",))):
-            junk.body = ("z" * (bus.MAX_PEER_MESSAGE_BYTES - 512),)
-            peer.send(junk)
-        peer.send(_signal(1), serial=7)  # no signal queue registered: dropped too
-        peer.send(new_method_return(msg, "s", ("mine",)))
-        assert await call == ("mine",)
+        if junk == "stray reply":
+            sent = new_method_return(msg, "s", ("",))
+            sent.header.fields[HeaderFields.reply_serial] = 4242  # nobody waits for this
+        elif junk == "method call":
+            sent = new_method_call(probe, "Poke", "s", ("",))
+        else:
+            sent = new_signal(probe, "Tick", "s", ("",))
+        sent.body = ("z" * (bus.MAX_PEER_MESSAGE_BYTES - 512),)
+        peer.send(sent)
+        with pytest.raises(errors.SystemdUnavailable, match="nobody asked for"):
+            await call
+        assert conn.closed
         await conn.close()
 
     run(scenario)
-    # Parsed: the fake peer's view of our call, and our awaited reply; never a 1 MiB junk body.
+    # Parsed: only the fake peer's view of our call; never the 1 MiB junk body.
     assert parsed
     assert max(p.size for p in parsed) < 4096
+
+
+def test_a_managers_own_broadcasts_are_skipped_unparsed_within_their_rate(
+    parsed: list[Parsed],
+) -> None:
+    # A real manager sends every unit's changes to every private link; we follow some.
+    async def scenario() -> None:
+        conn, peer = await connected()
+        call = asyncio.create_task(conn.call(m.list_units()))
+        msg = await peer.next_call()
+        for i in range(50):
+            peer.send(_signal(i), serial=10 + i)  # no queue wants them
+        peer.send(new_method_return(msg, "s", ("mine",)))
+        assert await call == ("mine",)
+        assert conn.conn.skipped == 50
+        assert not conn.closed
+        await conn.close()
+
+    run(scenario)
+    assert all(p.member != "JobRemoved" for p in parsed)
+
+
+def test_a_flood_of_broadcasts_closes_the_manager_link(parsed: list[Parsed]) -> None:
+    # Small signals a manager might send, but far more than it would: cut off after the
+    # bucket's worth, never parsed, while the loop stays free for everyone else.
+    rate = 100
+    limits = dataclasses.replace(bus.CAPSULE_MANAGER_LIMITS, max_skipped_per_s=rate)
+
+    async def scenario() -> None:
+        conn, peer = await connected(limits=limits)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticking = asyncio.create_task(ticker())
+        call = asyncio.create_task(conn.call(m.list_units()))
+        await peer.next_call()
+        peer.writer.write(_signal(0).serialise(10) * (50 * rate))
+        with pytest.raises(errors.SystemdUnavailable, match="a second"):
+            await call
+        ticking.cancel()
+        # The receiver yielded after each skipped signal: the ticker ran alongside it.
+        assert ticks >= conn.conn.skipped >= rate
+        assert conn.conn.skipped < 50 * rate
+        await conn.close()
+
+    run(scenario)
+    assert all(p.member != "JobRemoved" for p in parsed)
 
 
 def test_peer_signal_over_its_lower_cap_closes_the_link() -> None:
@@ -261,7 +326,7 @@ def test_peer_signal_over_its_lower_cap_closes_the_link() -> None:
         call = asyncio.create_task(conn.call(m.list_units()))
         await peer.next_call()
         peer.send(big)
-        with pytest.raises(errors.SystemdUnavailable, match=r"signal of .* exceeds"):
+        with pytest.raises(errors.SystemdUnavailable, match="nobody asked for"):
             await call
         assert conn.closed
         await conn.close()
@@ -277,7 +342,7 @@ def test_header_fields_over_the_cap_are_refused_before_the_body() -> None:
         # Little-endian method return: 8-byte body, header fields array claiming 1 MiB.
         fields_len = bus.CAPSULE_MANAGER_LIMITS.max_header_fields_bytes + 1
         peer.writer.write(b"l\x02\x01\x01" + struct.pack("<III", 8, 1, fields_len))
-        with pytest.raises(errors.SystemdUnavailable, match=r"header of .* exceeds"):
+        with pytest.raises(errors.SystemdUnavailable, match=r"-byte header nobody asked for"):
             await call
         await conn.close()
 
@@ -291,7 +356,7 @@ def test_header_claiming_gigabytes_is_refused_at_once() -> None:
         await peer.next_call()
         # Little-endian method return claiming a 1 GiB body; nothing else follows.
         peer.writer.write(b"l\x02\x01\x01" + struct.pack("<III", 1 << 30, 1, 0))
-        with pytest.raises(errors.SystemdUnavailable, match="exceeds"):
+        with pytest.raises(errors.SystemdUnavailable, match="claims 1073741840 bytes"):
             await call
         await conn.close()
 
@@ -329,7 +394,8 @@ def test_silent_peer_times_out_and_forgets_the_call() -> None:
         conn, peer = await connected()
         with pytest.raises(errors.BackendTimeout):
             await conn.call(m.list_units(), timeout_s=0.05)
-        # A late reply to the abandoned serial is dropped; the link still works.
+        # A late reply to the abandoned serial is dropped (a real manager may answer late, so
+        # it does not count as unsolicited); the link still works.
         late = peer.received[0] if peer.received else await peer.next_call()
         peer.send(new_method_return(late, "s", ("late",)))
         call = asyncio.create_task(conn.call(m.list_units()))
@@ -372,8 +438,12 @@ def test_signal_queue_is_bounded_and_reports_overflow() -> None:
 
 
 def test_signals_of_other_rules_and_method_calls_are_ignored() -> None:
+    # On a link that skips what nobody asked for (the system bus's way; a manager's link is
+    # closed instead, test_a_manager_link_is_closed_on_anything_a_manager_would_not_send).
+    skipping = dataclasses.replace(bus.CAPSULE_MANAGER_LIMITS, close_on_unsolicited=False)
+
     async def scenario() -> None:
-        conn, peer = await connected()
+        conn, peer = await connected(limits=skipping)
         rule = m.job_removed_rule(sender=None)
         rule.add_arg_condition(2, "b.service")
         with conn.signals(rule, maxsize=4) as queue:
@@ -402,3 +472,32 @@ def test_closed_connection_fails_waiting_signal_consumers() -> None:
         await conn.close()
 
     run(scenario)
+
+
+def test_a_job_whose_jobremoved_never_comes_is_found_gone_and_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The fault proof: PID 1 re-executing sends a finishing job's JobRemoved before it owns its
+    # bus name again, and the bus routes it nowhere. The wait asks after the job instead.
+    monkeypatch.setattr(jobs, "JOB_RECHECK_S", 0.05)
+
+    async def scenario() -> tuple[str, list[str | None]]:
+        conn, peer = await connected()
+        running = asyncio.create_task(
+            jobs.run_job(conn, "a.service", m.start_unit("a.service"), timeout_s=5)
+        )
+        start = await peer.next_call()
+        peer.send(new_method_return(start, "o", ("/org/freedesktop/systemd1/job/7",)))
+        # No JobRemoved. The wait asks for the job's State: there is no such job any more...
+        ask = await peer.next_call()
+        peer.send(new_error(ask, "org.freedesktop.DBus.Error.UnknownObject", "s", ("gone",)))
+        # ...so it reads the unit's state.
+        state = await peer.next_call()
+        peer.send(new_method_return(state, "v", (("s", "active"),)))
+        result = await running
+        await conn.close()
+        return result, [msg.header.fields.get(HeaderFields.member) for msg in (start, ask, state)]
+
+    result, asked = run(scenario)
+    assert result == "done"
+    assert asked == ["StartUnit", "Get", "Get"]

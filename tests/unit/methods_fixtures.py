@@ -27,7 +27,7 @@ from capsuled.audit import AuditLog
 from capsuled.deployments import DeploymentStore
 from capsuled.dispatch import Dispatcher
 from capsuled.methods import build_dispatcher
-from capsuled.methods.context import CallContext, CapsuleLocks, Services
+from capsuled.methods.context import LOCK_WAIT_S, CallContext, CapsuleLocks, Services
 from capsuled.peer import Peer
 from capsuled.policy import actions as act
 from capsuled.policy.authorizer import Authorizer
@@ -316,8 +316,8 @@ def make_world(
 class ObservedLocks(CapsuleLocks):
     """CapsuleLocks that report each caller arriving at a capsule's lock (before it waits)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, wait_s: float = LOCK_WAIT_S) -> None:
+        super().__init__(wait_s)
         self.arrivals: asyncio.Queue[str] | None = None
 
     @contextlib.asynccontextmanager

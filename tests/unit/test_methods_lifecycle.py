@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from capsuled.peer import Peer
 from capsuled.policy import actions as act
 from capsuled.policy.authorizer import Authorizer
 from capsuled.policy.engine import Decision, Identity, Quota, Request, Rule, Who
-from capsuled.records import Phase
+from capsuled.records import Phase, Record, RecordStore
 from capsuled.systemd import errors as sd
 from capsuled.systemd.backend import CapsuleInfo
 from capsuled.varlink.errors import PermissionDenied, VarlinkError
@@ -148,6 +150,25 @@ def test_create_records_the_caller_as_owner_and_leaves_it_stopped(world: World, 
     assert record is not None
     assert (record.owner, record.phase) == (uid, Phase.READY)
     assert world.backend.calls == [("start", "fresh"), ("stop", "fresh")]
+
+
+class FullRecordStore(RecordStore):
+    """A store whose file system is full: every write fails as os.open would (ENOSPC)."""
+
+    def _put(self, record: Record) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_create_with_unwritable_records_says_so_and_touches_nothing(world: World) -> None:
+    # The fault proof's "/var/lib/capsuled full" (tests/e2e/test_faults.py does it on a real
+    # tmpfs): a clear error, not InternalError, and systemd never asked, since the record is
+    # written before systemd is touched.
+    world.services.records = FullRecordStore(world.root / "state")
+    exc = world.error("Create", {"name": "fresh"})
+    assert isinstance(exc, errors.RecordsUnwritable)
+    assert exc.parameters == {"reason": "fresh: No space left on device"}
+    assert world.backend.calls == []
+    assert world.services.records.get("fresh") is None
 
 
 def test_create_with_start_leaves_it_running(world: World) -> None:
@@ -666,8 +687,10 @@ class GatedBackend(SpyBackend):
             self.order.append(("leave", name))
 
 
-def _gated_world(tmp_path: Path, names: list[str]) -> tuple[World, GatedBackend, ObservedLocks]:
-    locks = ObservedLocks()
+def _gated_world(
+    tmp_path: Path, names: list[str], lock_wait_s: float = 10.0
+) -> tuple[World, GatedBackend, ObservedLocks]:
+    locks = ObservedLocks(lock_wait_s)
     world = make_world(tmp_path, locks=locks)
     backend = GatedBackend()
     world.services.backend = backend
@@ -881,6 +904,24 @@ def test_a_caller_cancelled_while_waiting_for_the_lock_leaves_no_entry(tmp_path:
         assert ("stop", "alpha") not in backend.calls
         # The capsule is usable afterwards: nothing stayed locked.
         await asyncio.wait_for(world.call("Stop", {"name": "alpha"}), 1.0)
+
+    asyncio.run(main())
+
+
+def test_a_call_waiting_too_long_for_the_lock_is_answered_busy(tmp_path: Path) -> None:
+    # Finding 8: a call queued behind a slow one on the same capsule must not hold its call
+    # slot for as long as the slow one takes (a Stop may take TimeoutStopSec=, 90 s).
+    async def main() -> None:
+        world, backend, locks = _gated_world(tmp_path, ["alpha"], lock_wait_s=0.1)
+        assert backend.gate is not None
+        first = asyncio.create_task(world.call("Start", {"name": "alpha"}))
+        await asyncio.wait_for(backend.arrived.get(), 1.0)
+        with pytest.raises(errors.Busy):
+            await asyncio.wait_for(world.call("Stop", {"name": "alpha"}), 1.0)
+        assert ("stop", "alpha") not in backend.calls
+        backend.gate.set()
+        await asyncio.wait_for(first, 1.0)
+        assert len(locks) == 0
 
     asyncio.run(main())
 

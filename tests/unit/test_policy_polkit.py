@@ -4,12 +4,15 @@ cancellation, against a fake bus link. (Real polkitd 126: tests/e2e/test_policy_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
+from collections.abc import AsyncIterator
 
 import pytest
 from jeepney import HeaderFields, Message, new_error, new_method_return
 
+from capsuled import callslot
 from capsuled.dbus import BusClosed
 from capsuled.peer import Peer, read_start_time
 from capsuled.policy import actions
@@ -17,6 +20,8 @@ from capsuled.policy.engine import Decision, Identity, Request
 from capsuled.policy.polkit import (
     ALLOW_USER_INTERACTION,
     MAX_IN_FLIGHT,
+    MAX_IN_FLIGHT_PER_UID,
+    MAX_QUICK_IN_FLIGHT,
     PolkitBackend,
     check_authorization,
     decision_from_reply,
@@ -189,24 +194,55 @@ def test_answers_map_through() -> None:
     assert asyncio.run(main()) == [Decision.YES, Decision.AUTH_ADMIN, Decision.NO]
 
 
-def test_at_most_64_checks_in_flight() -> None:
+@pytest.mark.parametrize(
+    ("allow_interactive", "bound"),
+    [(False, MAX_QUICK_IN_FLIGHT), (True, MAX_IN_FLIGHT - MAX_QUICK_IN_FLIGHT)],
+)
+def test_checks_in_flight_are_bounded(allow_interactive: bool, bound: int) -> None:
     async def main() -> tuple[int, list[Decision]]:
         link = FakeLink()
         backend = backend_for(link)
-        tasks = [asyncio.create_task(backend.check(ME, ALICE, REQUEST)) for _ in range(100)]
-        await asyncio.wait_for(link.when_waiting(MAX_IN_FLIGHT).wait(), 5)
-        for _ in range(10):  # give the other 36 every chance to get in
+        peers = [dataclasses.replace(ME, uid=1000 + i) for i in range(100)]
+        read = Request(actions.READ, "web-a", None)  # one check each: no owner probe
+        request = interactive(read) if allow_interactive else read
+        tasks = [asyncio.create_task(backend.check(p, ALICE, request)) for p in peers]
+        await asyncio.wait_for(link.when_waiting(bound).wait(), 5)
+        for _ in range(10):  # give the others every chance to get in
             await asyncio.sleep(0)
         waiting = link.waiting
         link.release.set()
         results = await asyncio.wait_for(asyncio.gather(*tasks), 5)
-        assert link.max_waiting == MAX_IN_FLIGHT
+        assert link.max_waiting == bound
         return waiting, results
 
     waiting, results = asyncio.run(main())
-    assert MAX_IN_FLIGHT == 64
-    assert waiting == 64
+    assert (MAX_IN_FLIGHT, MAX_QUICK_IN_FLIGHT) == (64, 8)
+    assert waiting == bound
     assert results == [Decision.YES] * 100
+
+
+def test_one_uid_keeps_at_most_two_checks_waiting_in_polkitd() -> None:
+    # Finding 8: polkitd answers in order, so a uid flooding it delayed everyone's checks.
+    async def main() -> tuple[int, list[int]]:
+        link = FakeLink()
+        backend = backend_for(link)
+        flooding = [asyncio.create_task(backend.check(ME, ALICE, REQUEST)) for _ in range(20)]
+        await asyncio.wait_for(link.when_waiting(MAX_IN_FLIGHT_PER_UID).wait(), 5)
+        other = dataclasses.replace(ME, uid=2000)
+        quiet = asyncio.create_task(backend.check(other, ALICE, REQUEST))
+        await asyncio.wait_for(link.when_waiting(MAX_IN_FLIGHT_PER_UID + 1).wait(), 5)
+        for _ in range(10):  # give the flooding uid every chance to get more in
+            await asyncio.sleep(0)
+        waiting = link.waiting
+        uids = [m.body[0][1]["uid"][1] for m in link.calls]
+        link.release.set()
+        await asyncio.wait_for(asyncio.gather(quiet, *flooding), 5)
+        return waiting, uids
+
+    waiting, uids = asyncio.run(main())
+    assert MAX_IN_FLIGHT_PER_UID == 2
+    assert waiting == 3
+    assert uids == [ME.uid, ME.uid, 2000]  # the quiet uid's check went in at once
 
 
 def test_a_cancelled_check_is_cancelled_in_polkitd() -> None:
@@ -374,3 +410,41 @@ def test_a_failed_read_probe_refuses_without_asking_more() -> None:
     link = ErrorLink()
     assert asyncio.run(backend_for(link).check(ME, ALICE, OTHERS)) is Decision.NO
     assert [c.body[1] for c in link.calls] == [actions.READ]
+
+
+class RecordingHolder:
+    """A stand-in for the transport's slot holder: records when a call waits without its slot."""
+
+    def __init__(self, link: FakeLink) -> None:
+        self.link = link
+        self.events: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def released(self) -> AsyncIterator[None]:
+        self.events.append(f"released with {self.link.waiting} waiting in polkitd")
+        try:
+            yield
+        finally:
+            self.events.append(f"back with {self.link.waiting} waiting in polkitd")
+
+
+@pytest.mark.parametrize("allow_interactive", [True, False])
+def test_an_interactive_check_waits_without_its_call_slot(allow_interactive: bool) -> None:
+    # Finding 8: an agent that never answers must not pin a call slot for the 300 s an
+    # interactive check may take; a non-interactive one (milliseconds) keeps its slot.
+    async def main() -> list[str]:
+        link = FakeLink()
+        holder = RecordingHolder(link)
+        request = interactive(REQUEST) if allow_interactive else REQUEST
+        with callslot.holding(holder):
+            checking = asyncio.create_task(backend_for(link).check(ME, ALICE, request))
+            await asyncio.wait_for(link.when_waiting(1).wait(), 5)
+            link.release.set()
+            assert await asyncio.wait_for(checking, 5) is Decision.YES
+        return holder.events
+
+    events = asyncio.run(main())
+    if allow_interactive:
+        assert events == ["released with 0 waiting in polkitd", "back with 0 waiting in polkitd"]
+    else:
+        assert events == []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from capsuled.records import CorruptRecord, Phase, RecordStore, new_record
+from capsuled.records import CorruptRecord, Phase, RecordStore, RecordsUnwritable, new_record
 
 
 def test_round_trip_and_phases(tmp_path: Path) -> None:
@@ -97,3 +97,15 @@ def test_a_kept_record_round_trips(tmp_path: Path) -> None:
     record = new_record("web", 1000, "alice").with_phase(Phase.KEPT)
     store.put(record)
     assert store.get("web") == record
+
+
+def test_a_write_that_fails_says_so_and_leaves_nothing(tmp_path: Path) -> None:
+    # records.py translates its OSError once: the methods answer RecordsUnwritable.
+    blocked = tmp_path / "state"
+    blocked.write_text("a file where the directory should be")
+    store = RecordStore(blocked)
+    with pytest.raises(RecordsUnwritable, match="web: "):
+        store.put(new_record("web", 1000, "alice"))
+    with pytest.raises(RecordsUnwritable):
+        store.delete("web")
+    assert blocked.read_text() == "a file where the directory should be"

@@ -17,6 +17,7 @@ from capsuled.dispatch import Dispatcher
 from capsuled.methods import deploy, inside, lifecycle, streams, trail
 from capsuled.methods.context import CallContext, Notify, Outcome, Services
 from capsuled.peer import Peer
+from capsuled.records import RecordsUnwritable
 from capsuled.varlink.errors import InvalidParameter, VarlinkError
 from capsuled.varlink.interface import Interface
 from capsuled.varlink.messages import Call
@@ -68,6 +69,12 @@ HANDLERS: Mapping[str, Handler] = {
 # Streaming-only methods: a plain call gets org.varlink.service.ExpectedMore.
 REQUIRES_MORE = frozenset({"Watch"})
 
+# Methods anybody may stream from without any authorization (each filters what it sends to
+# what the caller may read): the transport gives their streams a small share of their own
+# (transport.Limits.max_open_streams), so that nobody can take every stream slot without
+# being allowed anything.
+OPEN_STREAMS = frozenset({"Watch", "List"})
+
 # Mutating methods and the audit action each is recorded under (invariant 6). Handlers audit
 # their own outcome with details; `audited` makes sure a refusal, a failure or a hang-up in
 # the middle is recorded too, reading what the call's context says happened (ctx.outcome).
@@ -115,7 +122,12 @@ def audited(action: AuditAction, handler: Handler) -> Handler:
         raw_name = p.get("name")
         name = raw_name if isinstance(raw_name, str) else None
         try:
-            reply = await handler(ctx, p)
+            try:
+                reply = await handler(ctx, p)
+            except RecordsUnwritable as exc:
+                # records.py's OSError, translated once here, where every writer of records
+                # passes: a Create or Remove cut short is finished by the same call later.
+                raise errors.RecordsUnwritable(reason=str(exc)) from exc
         except VarlinkError as exc:
             if ctx.outcome is Outcome.DENIED:
                 ctx.audit(action, name, RESULT_DENIED)

@@ -33,21 +33,42 @@ from capsuled.varlink.errors import PermissionDenied, VarlinkError
 Notify = Callable[[dict[str, object]], Awaitable[None]]
 
 
+# How long a call waits for another call on the same capsule to finish before it is answered
+# Busy. A mutating call can hold the lock for as long as its job takes (a capsule that ignores
+# SIGTERM holds a Stop for TimeoutStopSec=, 90 s by default); waiting that long in a call slot
+# would let one slow capsule pin the slots of everyone calling on it (issue 11, finding 8).
+LOCK_WAIT_S = 10.0
+
+
 class CapsuleLocks:
     """One asyncio.Lock per capsule name: calls on one capsule run one at a time,
     calls on different capsules in parallel. Entries go away when unused, so the
-    table is bounded by the calls in flight, not by every name ever asked for."""
+    table is bounded by the calls in flight, not by every name ever asked for.
+    A call that cannot have the lock within `wait_s` gets Busy."""
 
-    def __init__(self) -> None:
+    def __init__(self, wait_s: float = LOCK_WAIT_S) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._wait_s = wait_s
 
     @contextlib.asynccontextmanager
     async def hold(self, name: str) -> AsyncIterator[None]:
+        """Hold NAME's lock for the block.
+
+        Raises:
+            Busy: another call held it for longer than `wait_s`.
+        """
         lock, users = self._locks.get(name, (asyncio.Lock(), 0))
         self._locks[name] = (lock, users + 1)
         try:
-            async with lock:
+            try:
+                async with asyncio.timeout(self._wait_s):
+                    await lock.acquire()
+            except TimeoutError:
+                raise errors.Busy() from None
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             lock, users = self._locks[name]
             if users == 1:
@@ -236,7 +257,11 @@ class CallContext:
         if verdict.decision is Decision.YES:
             return
         self.outcome = Outcome.DENIED
-        if request.action != act.CREATE and not await self.may_read(request.capsule, request.owner):
+        # A refused read is the answer to may_read already: asking it again would only double
+        # every refusal's cost in polkitd (issue 11, finding 8).
+        if request.action == act.READ or (
+            request.action != act.CREATE and not await self.may_read(request.capsule, request.owner)
+        ):
             raise errors.NoSuchCapsule(name=request.capsule)
         if verdict.decision is Decision.AUTH_ADMIN:
             raise errors.InteractiveAuthenticationRequired()

@@ -26,7 +26,6 @@ from .bus import Link, open_peer
 from .capsule_socket import UnsafeSocket, connect_capsule_manager
 from .errors import (
     BackendError,
-    BadReply,
     InvalidArgument,
     JobFailed,
     ManagerUnavailable,
@@ -243,11 +242,11 @@ class DBusSystemdBackend:
             return link
         async with self._setup_lock:
             if self._link is None or self._link.conn is not conn:
-                link = Link(conn)
-                owner = (await link.call(dbus.get_name_owner(m.SYSTEMD_BUS_NAME)))[0]
-                if not isinstance(owner, str):
-                    raise BadReply("GetNameOwner did not return a name")
-                link.signal_sender = owner
+                # PID 1's signals by its well-known name, not the unique name it has now: it
+                # gets a new one each time it re-executes (daemon-reexec, an upgrade), and a
+                # job waiting across that would never see its JobRemoved (dbus.header_matches
+                # says how a well-known sender is checked).
+                link = Link(conn, signal_sender=m.SYSTEMD_BUS_NAME)
                 # Route JobRemoved to us for the life of the connection (one AddMatch).
                 await link.add_match(m.job_removed_rule())
                 self._link = link

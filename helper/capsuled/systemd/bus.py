@@ -3,17 +3,21 @@
 A ``Link`` is a `capsuled.dbus.DBusConnection` as the systemd backend uses it: every call's
 D-Bus error becomes a BackendError (``errors.error_from_dbus``; ``unit`` names the unit in
 NoSuchUnit/UnitBusy), a lost link SystemdUnavailable, a missing reply BackendTimeout. This is the
-one place those are translated. ``signal_sender`` is the unique name whose signals we believe:
-PID 1's on the system bus (GetNameOwner), None on a peer-to-peer link, where only the peer can
-send.
+one place those are translated. ``signal_sender`` is whose signals we believe: on the system
+bus PID 1's well-known name (the bus daemon checks who owns it; capsuled.dbus.header_matches),
+None on a peer-to-peer link, where only the peer can send.
 
 A capsule's manager (``open_capsule_manager``) is a peer-to-peer link to
 ``/run/capsules/NAME/systemd/private``. As root we authenticate as uid 0; claiming the capsule's
 uid from a root process gets the connection reset (verified on systemd 257). Anything inside the
 capsule runs as the capsule's uid, so it can bind its own socket there and pass the ownership
 pinning: its messages are capped at ``MAX_PEER_MESSAGE_BYTES`` (1 MiB, a stall of well under half
-a second of parsing) and its unasked-for signals lower still (``MAX_PEER_SIGNAL_BYTES``). The
-system bus carries PID 1, which we trust, and keeps capsuled.dbus.SYSTEM_BUS_LIMITS.
+a second of parsing) and its signals lower still (``MAX_PEER_SIGNAL_BYTES``), and the link is
+closed on anything a manager would not send (``close_on_unsolicited``): a reply nobody waits
+for, a method call, a signal that is not one of a manager's broadcasts, or more of those
+broadcasts than ``MAX_PEER_SKIPPED_PER_S`` a second beyond the ones we follow. The system bus
+carries PID 1, which we trust, and any client's signals, which are skipped on their header
+(capsuled.dbus.SYSTEM_BUS_LIMITS).
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ from typing import Final
 from jeepney import MatchRule, Message
 
 from .. import dbus
-from .errors import BackendError, BackendTimeout, SystemdUnavailable, WatchOverflow, error_from_dbus
+from . import messages as m
+from .errors import (
+    BackendError,
+    BackendTimeout,
+    BadReply,
+    SystemdUnavailable,
+    WatchOverflow,
+    error_from_dbus,
+)
 
 # A capsule's manager link: the peer may be any process in the capsule (see the module
 # docstring). 1 MiB is ample: a user manager's ListUnits is tens of KiB (~200 bytes per unit;
@@ -38,10 +50,17 @@ MAX_PEER_MESSAGE_BYTES: Final = 1024 * 1024
 MAX_PEER_SIGNAL_BYTES: Final = 128 * 1024
 # A capsule's manager is no reason to keep more calls waiting than PID 1's own share.
 MAX_PEER_IN_FLIGHT_CALLS: Final = 64
+# A manager broadcasts every change of every unit to each private link; we follow only some.
+# A unit restarting ten times a second makes a few dozen such signals a second; a fake manager
+# flooding us makes tens of thousands, and is cut off after about a second's worth of these.
+MAX_PEER_SKIPPED_PER_S: Final = 1000
 CAPSULE_MANAGER_LIMITS: Final = dbus.BusLimits(
     max_message_bytes=MAX_PEER_MESSAGE_BYTES,
     max_signal_bytes=MAX_PEER_SIGNAL_BYTES,
     max_in_flight_calls=MAX_PEER_IN_FLIGHT_CALLS,
+    close_on_unsolicited=True,
+    broadcasts=m.manager_broadcast_rules(),
+    max_skipped_per_s=MAX_PEER_SKIPPED_PER_S,
 )
 
 
@@ -82,6 +101,8 @@ class Link:
             raise BackendTimeout(str(exc)) from exc
         except dbus.BusClosed as exc:
             raise SystemdUnavailable(str(exc)) from exc
+        except dbus.ReplyTooLarge as exc:
+            raise BadReply(str(exc)) from exc
 
     def signals(
         self,

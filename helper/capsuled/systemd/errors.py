@@ -96,7 +96,7 @@ class InvalidArgument(BackendError):
 
 
 class BadReply(BackendError):
-    """A reply or signal body did not have the shape we expected."""
+    """A reply or signal body did not have the shape (or a size) we expected."""
 
 
 class WatchOverflow(BackendError):

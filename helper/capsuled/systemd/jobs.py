@@ -14,7 +14,7 @@ from jeepney import HeaderFields, MatchRule, Message
 from ..dbus import SignalQueue
 from . import messages as m
 from .bus import Link
-from .errors import BackendError, BackendTimeout, BadReply, JobFailed
+from .errors import BackendError, BackendTimeout, BadReply, DBusCallFailed, JobFailed
 from .values import MAX_KNOWN_UNIT_STATES
 
 
@@ -26,16 +26,51 @@ def job_rule(conn: Link, unit: str) -> MatchRule:
     return rule
 
 
-async def wait_job(queue: SignalQueue, job: str, timeout_s: float) -> str:
-    """The result of ``job`` from its JobRemoved. Raises BackendTimeout."""
+# How long a job wait trusts the signal before it asks whether the job is still there.
+JOB_RECHECK_S = 5.0
+
+
+async def wait_job(conn: Link, queue: SignalQueue, job: str, unit: str, timeout_s: float) -> str:
+    """The result of ``job`` from its JobRemoved. Raises BackendTimeout.
+
+    A JobRemoved can be lost: PID 1 re-executing (daemon-reexec, an upgrade) reconnects to the
+    bus and sends the signals of jobs finishing meanwhile before it owns its well-known name
+    again, and the bus daemon routes none of those to our match rule (seen on systemd 262 in
+    the fault proof). So every JOB_RECHECK_S without the signal, the job is looked for; once
+    it is gone, the unit's state gives the answer ("failed" if the unit failed, else "done").
+    """
     try:
         async with asyncio.timeout(timeout_s):
             while True:
-                event = m.parse_job_removed((await queue.get()).body)
+                try:
+                    async with asyncio.timeout(JOB_RECHECK_S):
+                        msg = await queue.get()
+                except TimeoutError:
+                    if await _job_gone(conn, job):
+                        return "failed" if await active_state(conn, unit) == "failed" else "done"
+                    continue
+                event = m.parse_job_removed(msg.body)
                 if event.job == job:
                     return event.result
     except TimeoutError as exc:
         raise BackendTimeout(f"job {job} did not finish in {timeout_s:.0f}s") from exc
+
+
+async def _job_gone(conn: Link, job: str) -> bool:
+    """Whether PID 1 (or the manager) no longer knows the job; False if it cannot tell now."""
+    try:
+        await conn.call(m.get_property(job, m.JOB_IFACE, "State"))
+    except DBusCallFailed as exc:
+        # sd-bus answers for an object path nobody serves (systemd's job vtable finds no job).
+        return exc.name in _NO_SUCH_JOB
+    except BackendError:
+        return False  # not answering right now (re-executing): ask again later
+    return False
+
+
+_NO_SUCH_JOB = frozenset(
+    {"org.freedesktop.DBus.Error.UnknownObject", "org.freedesktop.systemd1.NoSuchJob"}
+)
 
 
 async def unit_result(conn: Link, unit: str) -> str | None:
@@ -53,7 +88,7 @@ async def run_job(conn: Link, unit: str, call: Message, timeout_s: float) -> str
     # read) the reply, and nothing may slip between call and wait.
     with conn.signals(job_rule(conn, unit), maxsize=64) as queue:
         job = m.parse_object_path(await conn.call(call, unit=unit))
-        result = await wait_job(queue, job, timeout_s)
+        result = await wait_job(conn, queue, job, unit, timeout_s)
     if result != "done":
         raise JobFailed(result, await unit_result(conn, unit))
     return result

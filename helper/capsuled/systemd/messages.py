@@ -28,6 +28,7 @@ MANAGER_PATH = "/org/freedesktop/systemd1"
 MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+JOB_IFACE = "org.freedesktop.systemd1.Job"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 
@@ -98,6 +99,21 @@ def job_removed_rule(sender: str | None = SYSTEMD_BUS_NAME) -> MatchRule:
     gets it without Subscribe(); on a private (peer-to-peer) link it is always sent.
     """
     return MatchRule(type="signal", sender=sender, interface=MANAGER_IFACE, member="JobRemoved")
+
+
+def manager_broadcast_rules() -> tuple[MatchRule, ...]:
+    """What a service manager sends on a private link whether asked or not (bus_foreach_bus() in
+    src/core/dbus.c: "Send to all direct buses, unconditionally"): its Manager signals (UnitNew,
+    JobRemoved, Reloading, ...) and PropertiesChanged of itself, its units and its jobs."""
+    return (
+        MatchRule(type="signal", interface=MANAGER_IFACE, path=MANAGER_PATH),
+        MatchRule(
+            type="signal",
+            interface=PROPERTIES_IFACE,
+            member="PropertiesChanged",
+            path_namespace=MANAGER_PATH,
+        ),
+    )
 
 
 def unit_properties_changed_rule(

@@ -76,16 +76,33 @@ class _Connection:
         if self._state is ConnectionState.ERROR:
             raise LocalProtocolError("connection is in the ERROR state")
 
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes read from the socket."""
+    def receive_data(self, data: bytes | memoryview) -> None:
+        """Feed bytes read from the socket (copied: the caller may reuse its buffer)."""
         self._check_open()
         self._buffer.feed(data)
 
 
 class ServerConnection(_Connection):
-    """The server side of one Varlink connection."""
+    """The server side of one Varlink connection.
 
-    __slots__ = ()
+    `max_depth` and `max_values` bound a call's JSON nesting and number of values, checked on
+    the bytes before anything is built (capsuled.varlink.shape); None leaves that bound out.
+    """
+
+    __slots__ = ("_max_depth", "_max_values")
+
+    def __init__(
+        self,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        *,
+        max_depth: int | None = None,
+        max_values: int | None = None,
+    ) -> None:
+        super().__init__(max_message_bytes)
+        if (max_depth is not None and max_depth < 1) or (max_values is not None and max_values < 1):
+            raise ValueError("JSON limits must be positive")
+        self._max_depth = max_depth
+        self._max_values = max_values
 
     def next_call(self) -> Call | None:
         """Return the next complete call, or None if more bytes are needed.
@@ -98,7 +115,7 @@ class ServerConnection(_Connection):
             raw = self._buffer.next_message()
             if raw is None:
                 return None
-            call = parse_call(raw)
+            call = parse_call(raw, max_depth=self._max_depth, max_values=self._max_values)
         except ProtocolError:
             self._state = ConnectionState.ERROR
             raise

@@ -36,8 +36,8 @@ class MessageBuffer:
         """The largest message (without its NUL) this buffer accepts."""
         return self._max
 
-    def feed(self, data: bytes) -> None:
-        """Append received bytes."""
+    def feed(self, data: bytes | memoryview) -> None:
+        """Append received bytes (copied: the caller may reuse its buffer)."""
         self._buf += data
 
     def next_message(self) -> bytes | None:

@@ -320,12 +320,24 @@ def _flag(obj: dict[str, object], key: str) -> bool:
     return value
 
 
-def parse_call(raw: bytes) -> Call:
+def parse_call(raw: bytes, *, max_depth: int | None = None, max_values: int | None = None) -> Call:
     """Parse one message (without its NUL) sent by a client.
 
+    With `max_depth` and `max_values`, the text's shape is checked before any of it is built
+    (capsuled.varlink.shape): a server facing untrusted peers passes both.
+
     Raises:
-        RemoteProtocolError: the bytes are not a well-formed Varlink call.
+        RemoteProtocolError: the bytes are not a well-formed Varlink call, or break the limits.
     """
+    if max_depth is not None or max_values is not None:
+        # Imported here: only a server passes limits, and the client's start-up stays as it was.
+        from capsuled.varlink.shape import check_shape
+
+        check_shape(
+            raw,
+            max_depth=max_depth if max_depth is not None else len(raw),
+            max_values=max_values if max_values is not None else len(raw) + 1,
+        )
     obj = _load_object(raw)
     unknown = obj.keys() - _CALL_KEYS
     if unknown:
