@@ -249,6 +249,7 @@ class RunParams(TypedDict):
     unit: str | None
     environment: list[str] | None
     workingDirectory: str | None
+    stdio: Literal["pipe", "pty"] | None
     allowInteractiveAuthentication: bool | None
 
 
