@@ -63,7 +63,7 @@ def test_version_matches_the_distribution() -> None:
 def test_every_verb_has_help_with_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     parser = cli.build_parser()
     verbs = [v.name for v in verb_table()]
-    assert len(verbs) == 27
+    assert len(verbs) == 29
     for verb in verbs:
         with pytest.raises(SystemExit) as info:
             parser.parse_args([verb, "--help"])
