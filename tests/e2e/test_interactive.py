@@ -1,0 +1,121 @@
+"""Interactive use of a capsule, end to end with real ptys and pipes in the testbed: shell,
+run --pty and --pipe, systemctl; who is refused; what the helper keeps of the fds (nothing)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from e2e.test_inside import capsule_systemctl
+from e2e.vcall import ok
+from testbed import Testbed
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUT_S = 120.0
+MIB = 1024 * 1024
+
+
+def on_pty(bed: Testbed, user: str, typed: str, *argv: str) -> dict[str, object]:
+    """capsulectl ARGV as USER on a fresh pty in the bed, INPUT typed once it has started."""
+    r = bed.run_module(
+        user, "e2e.inbed.interactive", "pty", json.dumps(typed), *argv, timeout=TIMEOUT_S
+    )
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert isinstance(result, dict)
+    return result
+
+
+def with_pipes(bed: Testbed, user: str, size: int, *argv: str) -> dict[str, object]:
+    r = bed.run_module(user, "e2e.inbed.interactive", "pipe", str(size), *argv, timeout=TIMEOUT_S)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert isinstance(result, dict)
+    return result
+
+
+@pytest.fixture
+def running(bed: Testbed, capsule_name: str) -> str:
+    ok(bed, "alice", "Create", name=capsule_name, start=True)
+    return capsule_name
+
+
+def test_shell_is_a_login_shell_as_the_capsules_user_on_its_own_terminal(
+    bed: Testbed, running: str
+) -> None:
+    name = running
+    typed = 'id -un; tty; echo "home=$HOME rt=$XDG_RUNTIME_DIR term=$TERM"; exit 7\r'
+    result = on_pty(bed, "alice", typed, "shell", name)
+    output = str(result["output"])
+    assert result["status"] == 7, output  # typed input reached the shell; its status came back
+    assert f"c-{name}" in output
+    assert "/dev/pts/" in output
+    assert f"home=/var/lib/capsules/{name} rt=/run/capsules/{name} term=xterm-256color" in output
+
+
+def test_shell_with_a_command(bed: Testbed, running: str) -> None:
+    result = on_pty(bed, "alice", "", "shell", running, "id", "-un")
+    assert result["status"] == 0
+    assert f"c-{running}" in str(result["output"])
+
+
+def test_run_pty_gives_the_command_a_terminal_not_the_callers(bed: Testbed, running: str) -> None:
+    check = "test -t 0 && test -t 1 && test -t 2 && tty && stat -c %U $(tty); exit 5"
+    result = on_pty(bed, "alice", "", "run", running, "--pty", "--", "/bin/sh", "-c", check)
+    output = str(result["output"])
+    assert result["status"] == 5, output
+    assert "/dev/pts/" in output
+    assert f"c-{running}" in output  # the peer is the capsule user's (fchown_to_capsule)
+
+
+def test_run_pipe_round_trips_a_mebibyte_byte_for_byte(bed: Testbed, running: str) -> None:
+    argv = ("run", running, "--pipe", "--", "/bin/sh", "-c", "cat; exit 3")
+    result = with_pipes(bed, "alice", MIB, *argv)
+    assert result["status"] == 3, result["stderr"]
+    assert result["size"] == MIB
+    assert result["identical"] is True
+
+
+def test_systemctl_verbs_work_for_the_owner(bed: Testbed, running: str) -> None:
+    state = with_pipes(bed, "alice", 0, "systemctl", running, "--", "is-system-running")
+    assert state["status"] == 0, state
+    assert state["output"] == "running\n"
+    units = with_pipes(bed, "alice", 0, "systemctl", running, "--", "list-units", "--all")
+    assert units["status"] == 0, units["stderr"]
+    assert "loaded units listed" in str(units["output"])
+
+
+def test_systemctl_on_a_terminal(bed: Testbed, running: str) -> None:
+    result = on_pty(bed, "alice", "", "systemctl", running, "--", "is-system-running")
+    assert result["status"] == 0, result["output"]
+    assert "running" in str(result["output"])
+
+
+@pytest.mark.parametrize("user", ["bob", "mallory"], ids=["other-member", "non-member"])
+def test_others_are_refused_and_nothing_runs(bed: Testbed, running: str, user: str) -> None:
+    name = running
+    marker = "/bin/sh -c 'touch $HOME/ran-by-someone'"
+    attempts = [
+        on_pty(bed, user, "", "shell", name, "/bin/sh", "-c", "touch $HOME/ran-by-someone"),
+        on_pty(bed, user, "", "run", name, "--pty", "--", *marker.split(" ", 2)),
+        with_pipes(bed, user, 16, "run", name, "--pipe", "--", "/bin/touch", "/tmp/x"),
+        with_pipes(bed, user, 0, "systemctl", name, "--", "is-system-running"),
+    ]
+    for result in attempts:
+        assert result["status"] in (4, 5), result
+    home = f"/var/lib/private/capsules/{name}"
+    assert bed.as_root("test", "-e", f"{home}/ran-by-someone").returncode == 1
+    units = capsule_systemctl(bed, name, "list-units", "--all", "--plain", "--no-legend", "run-u*")
+    assert units.stdout.strip() == ""
+
+
+def test_the_helper_keeps_none_of_the_passed_fds(bed: Testbed, running: str) -> None:
+    r = bed.run_module("root", "e2e.inbed.interactive", "held", "alice", running, timeout=TIMEOUT_S)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["output"] == "got-x\n"
+    assert result["status"] == 0
+    assert result["during"] == []  # closed once the manager had them, while the command ran
+    assert result["after"] == []
