@@ -401,14 +401,17 @@ class Client:
         stdio: str | None = None,
         fds: tuple[int, ...] = (),
         received: ReceivedFds | None = None,
+        size: tuple[int, int] | None = None,
     ) -> Generator[wire.RunReply, None, None]:
         """Run with `more`: yields the started reply, then the last one carrying exitStatus.
 
         stdio "pipe" sends `fds` (stdin, stdout, stderr: still ours afterwards) for the
         command; "pty" gets the master of the command's pty into `received` with the started
-        reply (ours to relay and close)."""
+        reply (ours to relay and close), of `size` (rows, columns) from the start."""
         params = self._run_params(name, command, unit, environment, working_directory)
         params["stdio"] = stdio
+        if size is not None:
+            params["rows"], params["columns"] = size
         replies = self._replies(
             "Run", params, more=True, wait_later=True, fds=fds, received=received
         )

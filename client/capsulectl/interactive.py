@@ -135,6 +135,17 @@ def run_with_pipes(
     return status
 
 
+def _winsize(fd: int) -> tuple[int, int] | None:
+    """Our terminal's (rows, columns), if it has a size."""
+    try:
+        rows, cols, _, _ = struct.unpack(
+            "HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * _WINSIZE)
+        )
+    except OSError:
+        return None
+    return (rows, cols) if rows and cols else None
+
+
 def _copy_winsize(src: int, master: int) -> None:
     with contextlib.suppress(OSError):
         size = fcntl.ioctl(src, termios.TIOCGWINSZ, b"\0" * _WINSIZE)
@@ -194,6 +205,8 @@ def run_with_pty(
                 working_directory=working_directory,
                 stdio="pty",
                 received=received,
+                # Set by the helper before the command starts: it may read it only once.
+                size=_winsize(window) if window is not None else None,
             )
             status = _finish(replies, started, relay)
             if relaying:

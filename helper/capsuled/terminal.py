@@ -16,8 +16,11 @@ it to their own terminal. Why here and not in the client:
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
+import struct
+import termios
 from dataclasses import dataclass
 from typing import Final
 
@@ -37,8 +40,9 @@ class Pty:
     path: str  # the peer's /dev/pts/N, for TTYPath=
 
 
-def allocate_pty(uid: int) -> Pty:
-    """A fresh pty whose peer is owned by `uid` (and its group, a dynamic user's) mode 0600.
+def allocate_pty(uid: int, size: tuple[int, int] | None = None) -> Pty:
+    """A fresh pty whose peer is owned by `uid` (and its group, a dynamic user's) mode 0600,
+    of `size` (rows, columns) if given: set before the command starts, which reads it once.
 
     Raises:
         PermissionError: `uid` is a system uid (systemd's paranoid check, mirrored).
@@ -53,6 +57,8 @@ def allocate_pty(uid: int) -> Pty:
         path = os.ttyname(peer)
         os.fchmod(peer, 0o600)  # before the chown: still ours, no CAP_FOWNER needed
         os.fchown(peer, uid, uid)  # DynamicUser= accounts have gid == uid
+        if size is not None:
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
     except BaseException:
         os.close(master)
         os.close(peer)

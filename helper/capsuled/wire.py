@@ -250,6 +250,8 @@ class RunParams(TypedDict):
     environment: list[str] | None
     workingDirectory: str | None
     stdio: Literal["pipe", "pty"] | None
+    rows: int | None
+    columns: int | None
     allowInteractiveAuthentication: bool | None
 
 

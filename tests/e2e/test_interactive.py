@@ -17,7 +17,9 @@ TIMEOUT_S = 120.0
 MIB = 1024 * 1024
 
 
-def on_pty(bed: Testbed, user: str, typed: str, *argv: str) -> dict[str, object]:
+def on_pty(
+    bed: Testbed, user: str, typed: str | dict[str, object], *argv: str
+) -> dict[str, object]:
     """capsulectl ARGV as USER on a fresh pty in the bed, INPUT typed once it has started."""
     r = bed.run_module(
         user, "e2e.inbed.interactive", "pty", json.dumps(typed), *argv, timeout=TIMEOUT_S
@@ -68,6 +70,26 @@ def test_run_pty_gives_the_command_a_terminal_not_the_callers(bed: Testbed, runn
     assert result["status"] == 5, output
     assert "/dev/pts/" in output
     assert f"c-{running}" in output  # the peer is the capsule user's (fchown_to_capsule)
+
+
+def test_ctrl_c_reaches_the_command_and_the_terminal_is_restored(
+    bed: Testbed, running: str
+) -> None:
+    script = 'trap "echo got-int; exit 42" INT; echo ready; while :; do sleep 1; done'
+    result = on_pty(bed, "alice", "\x03", "run", running, "--pty", "--", "/bin/sh", "-c", script)
+    assert result["status"] == 42, result["output"]
+    assert "got-int" in str(result["output"])
+    assert result["restored"] is True  # raw mode undone when capsulectl left
+
+
+def test_window_size_and_its_changes_reach_the_command(bed: Testbed, running: str) -> None:
+    script = 'trap "stty size; exit 3" WINCH; stty size; while :; do sleep 1; done'
+    spec: dict[str, object] = {"typed": "", "resize": [33, 101]}
+    result = on_pty(bed, "alice", spec, "run", running, "--pty", "--", "/bin/sh", "-c", script)
+    output = str(result["output"])
+    assert result["status"] == 3, output
+    assert "33 101" in output, output
+    assert output.index("24 80") < output.index("33 101")
 
 
 def test_run_pipe_round_trips_a_mebibyte_byte_for_byte(bed: Testbed, running: str) -> None:

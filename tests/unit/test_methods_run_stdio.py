@@ -4,8 +4,11 @@ the helper keeps of them (nothing), and what it refuses before anything runs."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
+import struct
+import termios
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -173,3 +176,33 @@ def test_the_fd_table_is_what_the_idl_documents() -> None:
     documented = {name for name, text in _method_blocks(idl).items() if "SCM_RIGHTS" in text}
     assert documented == set(TAKES_FDS)
     assert TAKES_FDS["Run"] == max(_STDIO_FDS.values())
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"stdio": "pty", "rows": 0, "columns": 80}, "rows"),
+        ({"stdio": "pty", "rows": 24, "columns": 65536}, "columns"),
+        ({"stdio": "pty", "rows": 24}, "rows"),
+        ({"rows": 24, "columns": 80}, "rows"),
+    ],
+)
+def test_a_terminal_size_that_makes_no_sense_is_refused(
+    world: World, extra: dict[str, object], field: str
+) -> None:
+    with fdpass.holding(Holder()):
+        exc = world.error("Run", {"name": "alpha", "command": ["/bin/true"], **extra}, more=True)
+    assert isinstance(exc, errors.InvalidValue)
+    assert exc.parameters["parameter"] == field
+    assert world.backend.capsules["alpha"].started == []
+
+
+def test_pty_of_the_size_asked_for(world: World) -> None:
+    holder = Holder()
+    _run(world, holder, stdio="pty", rows=33, columns=101)
+    (master,) = holder.pushed
+    try:
+        size = fcntl.ioctl(master, termios.TIOCGWINSZ, b"\0" * 8)
+        assert struct.unpack("HHHH", size)[:2] == (33, 101)
+    finally:
+        os.close(master)

@@ -373,25 +373,41 @@ def _checked_run(p: wire.RunParams) -> tuple[list[str], str | None, list[str], s
 _STDIO_FDS = {None: 0, "pipe": 3, "pty": 0}
 
 
-def _checked_stdio(ctx: CallContext, mode: str | None) -> None:
-    """The fds that came with the call fit the mode, and the mode fits the call."""
+def _checked_stdio(ctx: CallContext, p: wire.RunParams) -> tuple[int, int] | None:
+    """The fds that came with the call fit the mode, and the mode fits the call; returns the
+    pty's size if one was given."""
+    mode = p["stdio"]
+    size = None
+    for field in ("rows", "columns"):
+        value = p[field]
+        if value is not None and not 1 <= value <= 65535:
+            raise errors.InvalidValue(parameter=field, reason="1..65535")
+        if value is not None and mode != "pty":
+            raise errors.InvalidValue(parameter=field, reason="only with stdio pty")
+    if p["rows"] is not None and p["columns"] is not None:
+        size = (p["rows"], p["columns"])
+    elif p["rows"] is not None or p["columns"] is not None:
+        raise errors.InvalidValue(parameter="rows", reason="rows and columns come together")
     wanted, got = _STDIO_FDS[mode], len(fdpass.received())
     if got != wanted:
         reason = f"stdio {mode or 'absent'} takes {wanted} file descriptors, the call brought {got}"
         raise errors.InvalidValue(parameter="stdio", reason=reason)
     if mode is not None and not ctx.more:
         raise errors.InvalidValue(parameter="stdio", reason="pipe and pty need more (to wait)")
+    return size
 
 
 @contextlib.contextmanager
-def _stdio(mode: str | None, uid: int) -> Iterator[tuple[Stdio | None, int | None]]:
+def _stdio(
+    mode: str | None, uid: int, size: tuple[int, int] | None
+) -> Iterator[tuple[Stdio | None, int | None]]:
     """The unit's stdio for `mode`, and the pty master to send back (taken by the caller,
     who must push or close it); everything else opened here is closed when the block ends."""
     if mode == "pipe":
         stdin, stdout, stderr = fdpass.received()
         yield Stdio(stdin, stdout, stderr), None
     elif mode == "pty":
-        pty = allocate_pty(uid)
+        pty = allocate_pty(uid, size)
         try:
             yield Stdio(pty.peer, pty.peer, pty.peer, tty_path=pty.path), pty.master
         except BaseException:
@@ -432,7 +448,7 @@ async def run(ctx: CallContext, p: wire.RunParams) -> wire.RunReply:
     name = params.capsule_name(p["name"])
     command, unit, environment, cwd = _checked_run(p)
     mode = p["stdio"]
-    _checked_stdio(ctx, mode)
+    size = _checked_stdio(ctx, p)
     await ctx.authorize(act.RUN, name, interactive=p["allowInteractiveAuthentication"])
     await ctx.require_systemd()
     async with contextlib.AsyncExitStack() as stack:
@@ -445,7 +461,7 @@ async def run(ctx: CallContext, p: wire.RunParams) -> wire.RunReply:
             try:
                 with backend_errors(name):
                     mgr = await stack.enter_async_context(ctx.backend.capsule_manager(name))
-                    with _stdio(mode, mgr.uid) as (stdio, master):
+                    with _stdio(mode, mgr.uid, size) as (stdio, master):
                         started = await _start_transient(
                             mgr,
                             unit or f"run-u{secrets.token_hex(8)}.service",

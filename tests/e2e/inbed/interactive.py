@@ -1,9 +1,12 @@
 """Drive capsulectl's interactive verbs in the bed, as a user at a real terminal would.
 
     python3 -m e2e.inbed.interactive pty INPUT_JSON ARGV...
-        runs `capsulectl ARGV...` on a fresh pty (its stdin, stdout and stderr), types INPUT
-        (a JSON string) once it has started, reads until it exits; prints
-        {"status", "output"} (output decoded as UTF-8 with replacement).
+        runs `capsulectl ARGV...` on a fresh pty (its stdin, stdout and stderr) of 24x80,
+        types INPUT (a JSON string) once it has started, reads until it exits; prints
+        {"status", "output", "restored"} (output decoded as UTF-8 with replacement; restored:
+        the terminal is back in canonical mode with echo). INPUT_JSON may instead be an object
+        {"typed": ..., "resize": [ROWS, COLS]}: the pty is resized when the first output
+        comes, before typing.
     python3 -m e2e.inbed.interactive pipe SIZE ARGV...
         runs `capsulectl ARGV...` with SIZE random bytes as stdin (a file), stdout a file and
         stderr a pipe; prints {"status", "identical", "size", "output" (its start, as
@@ -19,19 +22,28 @@ Waits on events only (the child's output and its exit); the timeouts are the tes
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import select
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 
 READ_TIMEOUT_S = 60.0
 
 
-def _read_until_exit(fd: int, pid: int, typed: bytes) -> tuple[int, bytes]:
+def _set_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _read_until_exit(
+    fd: int, pid: int, typed: bytes, resize: list[int] | None = None
+) -> tuple[int, bytes]:
     out = bytearray()
     deadline = time.monotonic() + READ_TIMEOUT_S
     sent = False
@@ -51,23 +63,33 @@ def _read_until_exit(fd: int, pid: int, typed: bytes) -> tuple[int, bytes]:
         out += data
         # Type only once the far side shows a sign of life (the shell's first output or
         # prompt), as a person would: before that, the pty is not yet in raw mode.
-        if not sent and typed:
-            os.write(fd, typed)
+        if not sent:
+            if resize is not None:
+                _set_size(fd, resize[0], resize[1])  # SIGWINCH for capsulectl, as a resize
+            if typed:
+                os.write(fd, typed)
             sent = True
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status), bytes(out)
 
 
-def run_on_pty(typed: str, argv: list[str]) -> dict[str, object]:
+def run_on_pty(spec: str | dict[str, object], argv: list[str]) -> dict[str, object]:
+    typed = spec if isinstance(spec, str) else str(spec.get("typed", ""))
+    resize = None if isinstance(spec, str) else spec.get("resize")
     pid, fd = pty.fork()
     if pid == 0:  # the child: capsulectl with the pty as its controlling terminal
         os.environ["TERM"] = "xterm-256color"
+        _set_size(0, 24, 80)
         os.execvp("capsulectl", ["capsulectl", *argv])
     try:
-        status, out = _read_until_exit(fd, pid, typed.encode())
+        status, out = _read_until_exit(
+            fd, pid, typed.encode(), resize if isinstance(resize, list) else None
+        )
+        lflag = termios.tcgetattr(fd)[3]  # the terminal's (the slave's) settings, seen here
+        restored = bool(lflag & termios.ICANON and lflag & termios.ECHO)
     finally:
         os.close(fd)
-    return {"status": status, "output": out.decode("utf-8", "replace")}
+    return {"status": status, "output": out.decode("utf-8", "replace"), "restored": restored}
 
 
 def run_with_pipe(size: int, argv: list[str]) -> dict[str, object]:
