@@ -141,3 +141,48 @@ def test_the_helper_keeps_none_of_the_passed_fds(bed: Testbed, running: str) -> 
     assert result["status"] == 0
     assert result["during"] == []  # closed once the manager had them, while the command ran
     assert result["after"] == []
+
+
+# No sshd in the testbed: the stand-in notes ssh's -t/-T, drops "-t|-T -- HOST" and lets a
+# shell run the rest, as sshd hands the (quoted) remote command to the user's shell.
+FAKE_SSH = 'sh -c \'echo "$1" >> /tmp/ssh-flags-$(id -un); shift 3; eval "exec $*"\' ssh'
+
+
+def ssh_flags(bed: Testbed, user: str) -> list[str]:
+    return bed.as_root("cat", f"/tmp/ssh-flags-{user}").stdout.split()
+
+
+def test_over_ssh_pipe_runs_capsulectl_remotely_binary_safe(bed: Testbed, running: str) -> None:
+    bed.as_root("rm", "-f", "/tmp/ssh-flags-alice")
+    argv = ("-H", "alice@localhost", "run", running, "--pipe", "--", "/bin/sh", "-c", "cat; exit 3")
+    r = bed.run_module(
+        "alice",
+        "e2e.inbed.interactive",
+        "pipe",
+        f"--ssh={FAKE_SSH}",
+        str(MIB),
+        *argv,
+        timeout=TIMEOUT_S,
+    )
+    result = json.loads(r.stdout)
+    assert result["status"] == 3, result["stderr"]
+    assert result["identical"] is True
+    assert ssh_flags(bed, "alice") == ["-T"]  # no remote pty: the bytes pass untouched
+
+
+def test_over_ssh_shell_runs_on_a_remote_terminal(bed: Testbed, running: str) -> None:
+    bed.as_root("rm", "-f", "/tmp/ssh-flags-alice")
+    argv = ("-H", "alice@localhost", "shell", running, "/bin/sh", "-c", "id -un; exit 6")
+    r = bed.run_module(
+        "alice",
+        "e2e.inbed.interactive",
+        "pty",
+        f"--ssh={FAKE_SSH}",
+        '""',
+        *argv,
+        timeout=TIMEOUT_S,
+    )
+    result = json.loads(r.stdout)
+    assert result["status"] == 6, result
+    assert f"c-{running}" in str(result["output"])
+    assert ssh_flags(bed, "alice") == ["-t"]

@@ -17,6 +17,8 @@
         of those pipes capsuled's main process holds (/proc/MAINPID/fd); prints {"during",
         "after", "output", "status"}.
 
+With --ssh=COMMAND right after pty or pipe, capsulectl's $CAPSULECTL_SSH is COMMAND.
+
 Waits on events only (the child's output and its exit); the timeouts are the test's.
 """
 
@@ -176,6 +178,9 @@ def held_by_helper(user: str, name: str) -> dict[str, object]:
 
 def main(argv: list[str]) -> int:
     mode = argv[1]
+    if argv[2].startswith("--ssh="):  # pty/pipe: the ssh stand-in capsulectl -H is to use
+        os.environ["CAPSULECTL_SSH"] = argv[2].removeprefix("--ssh=")
+        argv = argv[:2] + argv[3:]
     if mode == "pty":
         result = run_on_pty(json.loads(argv[2]), argv[3:])
     elif mode == "pipe":
