@@ -186,3 +186,24 @@ def test_over_ssh_shell_runs_on_a_remote_terminal(bed: Testbed, running: str) ->
     assert result["status"] == 6, result
     assert f"c-{running}" in str(result["output"])
     assert ssh_flags(bed, "alice") == ["-t"]
+
+
+def test_audit_names_the_unit_and_executable_never_arguments_or_environment(
+    bed: Testbed, running: str
+) -> None:
+    name = running
+    argv = ("run", name, "--pty", "-E", "TOKEN=s3cret-env", "--", "/bin/echo", "s3cret-arg")
+    assert on_pty(bed, "alice", "", *argv)["status"] == 0
+    bed.as_root("journalctl", "--sync").check()
+    out = bed.as_root(
+        "journalctl", "-o", "json", "--no-pager",
+        "_SYSTEMD_UNIT=capsuled.service", "_UID=0", "_TRANSPORT=journal",
+        f"CAPSULE={name}", "CAPSULED_ACTION=run",
+    ).check().stdout  # fmt: skip
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    started = [r for r in records if r.get("CAPSULED_RESULT") == "started"]
+    assert len(started) == 1, records
+    assert started[0]["CAPSULED_COMMAND"] == "/bin/echo"
+    assert started[0]["CAPSULED_STDIO"] == "pty"
+    assert started[0]["CAPSULED_UNIT"].startswith("run-u")
+    assert "s3cret" not in out
