@@ -719,6 +719,7 @@ class _Connection:
                         return
                     self._read_available()
                     continue
+                self._call_fds = list(call.fds)  # ours now; closed when the call ends
                 self._charge()  # the call left the buffer
                 self.busy = True
                 try:
@@ -736,6 +737,7 @@ class _Connection:
             log.debug("connection to %s closed", self.who())
         finally:
             self._stop_waiting()
+            self.close_received()  # a call taken from the buffer but never run (eviction)
             self._drop_fds(list(self.conn.release_fds()))
 
     def _drop_fds(self, fds: list[int]) -> None:
@@ -840,7 +842,6 @@ class _Connection:
                 raise _Closing()
 
     async def _run_call(self, call: Call) -> None:
-        self._call_fds = list(call.fds)
         try:
             task = asyncio.create_task(self._answer(call))
             try:
