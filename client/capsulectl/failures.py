@@ -229,7 +229,8 @@ def explanations() -> dict[type[VarlinkError], tuple[Line, int]]:
         e.Busy: (
             lambda f: (
                 f"cannot {f.doing} now: capsuled is busy (too many calls or streams "
-                "running, yours or everyone's); try again later"
+                "running, yours or everyone's, or another call on the same capsule); "
+                "try again later"
             ),
             EXIT_FAILURE,
         ),

@@ -86,13 +86,15 @@ __all__ = [
 
 log = logging.getLogger("capsuled.transport")
 
-# The largest call org.capsuled.Manager needs, with room to spare: InstallUnit carries a unit
-# file of at most 64 KiB (unitfile.UNIT_FILE_MAX_BYTES), which JSON escaping can blow up at most
-# six-fold (a control character becomes \u00XX), 384 KiB; Run carries at most 4096 arguments and
-# 1024 environment entries, far below ARG_MAX-sized command lines in practice. 1 MiB holds either
-# 2.6 times over. (systemd's VARLINK_BUFFER_MAX of 16 MiB is for any interface; ours needs less,
-# and every byte of it is memory any local user can make us hold.) test_transport_limits.py
-# holds these to the interface's own caps.
+# The largest call org.capsuled.Manager needs, with room to spare: Deploy carries a bundle of at
+# most 512 KiB (bundle.MAX_BUNDLE_BYTES) in base64, whose alphabet JSON does not escape: ~683 KiB;
+# InstallUnit carries a unit file of at most 64 KiB (unitfile.UNIT_FILE_MAX_BYTES), which JSON
+# escaping can blow up at most six-fold (a control character becomes \u00XX), 384 KiB; Run
+# carries at most 4096 arguments and 1024 environment entries, far below ARG_MAX-sized command
+# lines in practice. 1 MiB holds the largest Deploy with ~340 KiB to spare. (systemd's
+# VARLINK_BUFFER_MAX of 16 MiB is for any interface; ours needs less, and every byte of it is
+# memory any local user can make us hold.) test_transport_limits.py holds these to the
+# interface's own caps.
 MAX_CALL_BYTES: Final = 1024 * 1024
 # A call's JSON is an object holding `parameters`, holding at most an array of strings or a map:
 # three levels. 16 is margin, and a small enough nesting that nothing recursive gets deep.
@@ -1002,6 +1004,10 @@ class _Connection:
                 self._release_slot()
             reply = Reply(result, fds=self._take_out_fds())
         except VarlinkError as exc:
+            if isinstance(exc, server.errors.internal):
+                # Raised on purpose for a cause nobody expected (a backend error no table
+                # names): the cause goes to the journal, as any other exception's does.
+                log.error("method %s failed for %s", call.method, self.who(), exc_info=exc)
             reply = _error_reply(exc, server.errors.internal)
         except (LocalProtocolError, PeerGone):
             raise

@@ -142,6 +142,9 @@ async def fail(ctx: Ctx, p: Params) -> Params:
     kind = p["kind"]
     if kind == "internal":
         raise RuntimeError(SECRET)
+    if kind == "raised-internal":
+        # As context.backend_errors does for a backend error no table names.
+        raise TestInternalError() from RuntimeError(SECRET)
     if kind == "declared":
         raise TestFailed(reason="on purpose")
     if kind == "notify":

@@ -97,6 +97,23 @@ def test_internal_error_hides_the_exception_and_logs_it(
     assert SECRET in str(exc_info[1])
 
 
+def test_an_internal_error_raised_on_purpose_logs_its_cause(
+    client: RawClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The fuzz proof got a few InternalError replies with nothing in the journal to say why:
+    # an InternalError a handler raises from its cause was answered without a word.
+    with caplog.at_level(logging.ERROR, logger="capsuled.transport"):
+        reply = client.call(f"{T}.Fail", kind="raised-internal")
+        assert reply == INTERNAL
+        assert SECRET not in json.dumps(reply)
+    logged = [r for r in caplog.records if r.exc_info]
+    assert logged
+    exc_info = logged[0].exc_info
+    assert exc_info is not None
+    assert exc_info[1] is not None
+    assert SECRET in str(exc_info[1].__cause__)
+
+
 @pytest.mark.parametrize("kind", ["unencodable", "badreply", "undeclared-error"])
 def test_handler_bugs_become_internal_error(client: RawClient, kind: str) -> None:
     # badreply / undeclared-error are caught by validate_replies=True (the suite's dispatcher).

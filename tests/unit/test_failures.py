@@ -247,7 +247,7 @@ def test_busy_says_try_again() -> None:
     line, code = failures.explain_error(errors.Busy(), "watch capsules")
     assert (line, code) == (
         "cannot watch capsules now: capsuled is busy (too many calls or streams running, yours "
-        "or everyone's); try again later",
+        "or everyone's, or another call on the same capsule); try again later",
         1,
     )
 

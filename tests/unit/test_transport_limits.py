@@ -3,13 +3,17 @@ them (issue 11, findings 3 and 8)."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from capsuled import daemon, wire
+from capsuled.bundle import MAX_BUNDLE_BYTES
 from capsuled.methods import OPEN_STREAMS, REQUIRES_MORE
+from capsuled.methods.deploy import MAX_BUNDLE_BASE64_CHARS
 from capsuled.methods.inside import MAX_RUN_ARGS, MAX_RUN_ENV
 from capsuled.methods.streams import MAX_WATCH_NAMES
 from capsuled.names import CAPSULE_NAME_MAX
@@ -70,6 +74,27 @@ def test_the_largest_run_fits_the_call_cap() -> None:
 def test_the_largest_watch_fits_the_call_cap() -> None:
     names = [f"{i:0{CAPSULE_NAME_MAX}d}" for i in range(MAX_WATCH_NAMES)]
     _fits(_wire("Watch", {"names": names}, ensure_ascii=True))
+
+
+# The largest Deploy: a bundle of MAX_BUNDLE_BYTES in base64, the most the method accepts. Base64's
+# alphabet needs no JSON escaping, so random content is the worst case a client sends ("/" left
+# as is, as Python's json and systemd's sd-json write it); the pre-scan sees one string.
+@pytest.mark.parametrize("content", ["random", "slashes"])
+def test_the_largest_deploy_fits_the_call_cap_and_the_json_pre_scan(content: str) -> None:
+    raw_bundle = os.urandom(MAX_BUNDLE_BYTES) if content == "random" else b"\xff" * MAX_BUNDLE_BYTES
+    bundle = base64.b64encode(raw_bundle).decode()
+    assert len(bundle) == MAX_BUNDLE_BASE64_CHARS
+    params: dict[str, object] = {
+        "name": "n" * CAPSULE_NAME_MAX,
+        "bundle": bundle,
+        "allowDowngrade": True,
+        "allowInteractiveAuthentication": True,
+    }
+    for ensure_ascii in (True, False):
+        raw = _wire("Deploy", params, ensure_ascii=ensure_ascii)
+        _fits(raw)
+        # Margin for a client that escapes more than it must (~340 KiB of the cap are left).
+        assert MAX_CALL_BYTES - len(raw) > 320 * 1024
 
 
 def test_the_server_caps_calls_well_below_the_clients_reply_cap() -> None:
