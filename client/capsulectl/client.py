@@ -24,12 +24,15 @@ runs: one implementation of Varlink. Only the socket I/O is here, as in jeepney'
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, cast
 
 from capsulectl.transport import (
     DEFAULT_ADDRESS,
+    MAX_REPLY_FDS,
     ConnectionLost,
     SshTransport,
     Transport,
@@ -81,6 +84,7 @@ _REPLY_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 TransportFactory = Callable[[float | None], Transport]
+ReceivedFds = list[int]  # fds that came with replies, the caller's to close
 
 
 class Client:
@@ -143,28 +147,39 @@ class Client:
     def _deadline(self) -> float | None:
         return None if self.timeout is None else time.monotonic() + self.timeout
 
-    def _exchange(self, call: Call, *, wait_later: bool) -> Iterator[Reply]:
-        """Send one call and yield its replies; raise the error class of an error reply.
+    def _exchange(
+        self, call: Call, *, wait_later: bool, received: ReceivedFds | None = None
+    ) -> Iterator[Reply]:
+        """Send one call (and its fds) and yield its replies; raise the error class of an
+        error reply. Fds that come with replies go to `received` (the caller's to close), or
+        are closed here if the caller expects none.
 
         Abandoning the generator early (a broken stream, ^C, a consumer that stops) closes the
         connection: replies still in flight would otherwise be read as answers to the next call.
         """
         if self._transport is None or self._conn is None:
             self._transport = self._factory(self.timeout)
-            self._conn = ClientConnection()
+            self._conn = ClientConnection(max_fds=MAX_REPLY_FDS)
         transport, conn = self._transport, self._conn
         finished = False
         try:
-            transport.send(conn.send(call), self._deadline())
+            transport.send(conn.send(call), self._deadline(), call.fds)
             deadline = self._deadline()
             while True:
                 reply = conn.next_reply()
                 if reply is None:
                     data = transport.recv(deadline)
+                    fds = transport.take_fds()
                     if not data:
+                        _close_fds(fds)
                         raise ConnectionLost("capsuled closed the connection without replying")
-                    conn.receive_data(data)
+                    conn.receive_data(data, fds)  # refused fds are closed below
                     continue
+                if isinstance(reply, Reply) and reply.fds:
+                    if received is None:
+                        _close_fds(reply.fds)
+                    else:
+                        received.extend(reply.fds)
                 if isinstance(reply, ErrorReply):
                     finished = True
                     raise _error(reply)
@@ -177,9 +192,11 @@ class Client:
                     deadline = None
         except RemoteProtocolError as exc:
             # The stream cannot be trusted any more; LocalProtocolError (our bug) propagates.
+            _close_fds(conn.release_fds())
             raise ConnectionLost(f"capsuled sent an invalid reply: {exc}") from exc
         finally:
             if not finished:
+                _close_fds(conn.release_fds())
                 self.close()
 
     def _replies(
@@ -190,6 +207,8 @@ class Client:
         more: bool = False,
         auth: bool = True,
         wait_later: bool = False,
+        fds: tuple[int, ...] = (),
+        received: ReceivedFds | None = None,
     ) -> Iterator[dict[str, object]]:
         """Call org.capsuled.Manager.METHOD; yield each reply's parameters, checked for shape.
 
@@ -197,10 +216,10 @@ class Client:
         InteractiveAuthenticationRequired before the first reply is retried once interactively.
         """
         body = {key: value for key, value in params.items() if value is not None}
-        call = Call(method=f"{INTERFACE}.{method}", parameters=body, more=more)
+        call = Call(method=f"{INTERFACE}.{method}", parameters=body, more=more, fds=fds)
         try:
             first = True
-            for reply in self._exchange(call, wait_later=wait_later):
+            for reply in self._exchange(call, wait_later=wait_later, received=received):
                 first = False
                 yield _checked(method, reply.parameters)
         except manager_errors.InteractiveAuthenticationRequired:
@@ -211,8 +230,8 @@ class Client:
         if self.on_interactive is not None:
             self.on_interactive()
         body["allowInteractiveAuthentication"] = True
-        call = Call(method=call.method, parameters=body, more=more)
-        for reply in self._exchange(call, wait_later=wait_later):
+        call = Call(method=call.method, parameters=body, more=more, fds=fds)
+        for reply in self._exchange(call, wait_later=wait_later, received=received):
             yield _checked(method, reply.parameters)
 
     def call(
@@ -379,10 +398,24 @@ class Client:
         unit: str | None = None,
         environment: Sequence[str] | None = None,
         working_directory: str | None = None,
+        stdio: str | None = None,
+        fds: tuple[int, ...] = (),
+        received: ReceivedFds | None = None,
+        size: tuple[int, int] | None = None,
     ) -> Generator[wire.RunReply, None, None]:
-        """Run with `more`: yields the started reply, then the last one carrying exitStatus."""
+        """Run with `more`: yields the started reply, then the last one carrying exitStatus.
+
+        stdio "pipe" sends `fds` (stdin, stdout, stderr: still ours afterwards) for the
+        command; "pty" gets the master of the command's pty into `received` with the started
+        reply (ours to relay and close), of `size` (rows, columns) from the start."""
         params = self._run_params(name, command, unit, environment, working_directory)
-        for reply in self._replies("Run", params, more=True, wait_later=True):
+        params["stdio"] = stdio
+        if size is not None:
+            params["rows"], params["columns"] = size
+        replies = self._replies(
+            "Run", params, more=True, wait_later=True, fds=fds, received=received
+        )
+        for reply in replies:
             yield cast("wire.RunReply", reply)
 
     def logs(
@@ -440,6 +473,12 @@ class Client:
     def info(self) -> wire.InfoReply:
         """The helper's version, systemd's version, the policy backend and the caller's uid."""
         return cast("wire.InfoReply", self.call("Info", {}, auth=False))
+
+
+def _close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):  # already closed: nothing more to give back
+            os.close(fd)
 
 
 def _error(reply: ErrorReply) -> VarlinkError:

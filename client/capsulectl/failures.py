@@ -235,6 +235,14 @@ def explanations() -> dict[type[VarlinkError], tuple[Line, int]]:
             EXIT_FAILURE,
         ),
         e.AccessChanged: (_access_changed, EXIT_FAILURE),
+        e.FileDescriptorsRefused: (
+            lambda f: (
+                f"cannot {f.doing}: capsuled refused the file descriptors sent with "
+                f"{f.p.get('method')} (it takes {f.p.get('accepted')}); capsulectl and capsuled "
+                "may be of different versions"
+            ),
+            EXIT_FAILURE,
+        ),
         e.RecordsUnwritable: (
             lambda f: (
                 f"capsuled could not {f.doing}: it cannot write its records "

@@ -17,6 +17,7 @@ import errno
 import os
 import select
 import socket
+import struct
 import time
 from typing import Protocol
 
@@ -37,6 +38,8 @@ __all__ = [
 
 DEFAULT_ADDRESS = "unix:/run/capsuled/org.capsuled.Manager"
 RECV_CHUNK_BYTES = 64 * 1024
+# The most fds one reply may bring (Run --pty brings one); more truncate and close the link.
+MAX_REPLY_FDS = 4
 SSH_EXIT_WAIT_S = 5.0
 # `capsulectl --bridge` exits with this (sysexits.h EX_UNAVAILABLE) when capsuled is not running
 # on its host; ssh exits with the remote command's status, so -H can say so in one line.
@@ -109,13 +112,20 @@ def _remaining(deadline: float | None) -> float | None:
 
 
 class Transport(Protocol):
-    """A connected byte stream to a Varlink service."""
+    """A connected byte stream to a Varlink service.
 
-    def send(self, data: bytes, deadline: float | None) -> None:
+    File descriptors ride with a message's bytes (SCM_RIGHTS) on a Unix socket only: `send`
+    sends `fds` with the first byte of `data`; `take_fds` hands out what the last `recv` got
+    (the caller owns them then). Over ssh none can travel."""
+
+    def send(self, data: bytes, deadline: float | None, fds: tuple[int, ...] = ()) -> None:
         """Write all of data before the monotonic deadline (None: no limit)."""
 
     def recv(self, deadline: float | None) -> bytes:
         """Read what is available (b"" at end of stream), waiting at most until the deadline."""
+
+    def take_fds(self) -> tuple[int, ...]:
+        """The fds the last recv() brought, now the caller's (O_CLOEXEC)."""
 
     def close(self) -> None:
         """Release the connection; idempotent."""
@@ -128,6 +138,7 @@ class UnixTransport:
         path = parse_address(address)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.socket = self._sock  # the bridge relays on it directly
+        self._fds: tuple[int, ...] = ()
         try:
             self._sock.settimeout(timeout)
             self._sock.connect(path)
@@ -143,11 +154,16 @@ class UnixTransport:
                 raise NotRunning(address) from exc
             raise ConnectFailed(address, exc) from exc
 
-    def send(self, data: bytes, deadline: float | None) -> None:
-        """Write all of data before the deadline."""
+    def send(self, data: bytes, deadline: float | None, fds: tuple[int, ...] = ()) -> None:
+        """Write all of data before the deadline, `fds` with its first byte."""
         try:
             self._sock.settimeout(_remaining(deadline))
-            self._sock.sendall(data)
+            if fds:
+                rights = struct.pack(f"{len(fds)}i", *fds)
+                sent = self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+                data = data[sent:]
+            if data:
+                self._sock.sendall(data)
         except TimeoutError as exc:
             raise Timeout("capsuled did not accept the call in time") from exc
         except OSError as exc:
@@ -157,11 +173,27 @@ class UnixTransport:
         """Read up to one chunk, waiting at most until the deadline."""
         try:
             self._sock.settimeout(_remaining(deadline))
-            return self._sock.recv(RECV_CHUNK_BYTES)
+            data, ancdata, flags, _ = self._sock.recvmsg(
+                RECV_CHUNK_BYTES, socket.CMSG_SPACE(MAX_REPLY_FDS * 4), socket.MSG_CMSG_CLOEXEC
+            )
         except TimeoutError as exc:
             raise Timeout("capsuled did not answer in time") from exc
         except OSError as exc:
             raise ConnectionLost(f"reading from capsuled failed: {exc.strerror or exc}") from exc
+        for level, kind, raw in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                whole = len(raw) - len(raw) % 4
+                self._fds += struct.unpack(f"{whole // 4}i", raw[:whole])
+        if flags & socket.MSG_CTRUNC:
+            for fd in self.take_fds():
+                os.close(fd)
+            raise ConnectionLost("capsuled sent more file descriptors than a reply may carry")
+        return data
+
+    def take_fds(self) -> tuple[int, ...]:
+        """The fds received since the last call, now the caller's."""
+        fds, self._fds = self._fds, ()
+        return fds
 
     def close(self) -> None:
         """Close the socket."""
@@ -204,8 +236,11 @@ class SshTransport:
         self._stdin = self._proc.stdin
         self._stdout = self._proc.stdout
 
-    def send(self, data: bytes, deadline: float | None) -> None:
-        """Write all of data to ssh's stdin."""
+    def send(self, data: bytes, deadline: float | None, fds: tuple[int, ...] = ()) -> None:
+        """Write all of data to ssh's stdin (no fds can cross ssh: capsulectl on the remote
+        host passes its own there, see cli's -H handling of --pipe and --pty)."""
+        if fds:
+            raise ClientError(f"file descriptors cannot be passed to {self.host} over ssh")
         view = memoryview(data)
         while view:
             _, writable, _ = select.select([], [self._stdin], [], _remaining(deadline))
@@ -229,6 +264,10 @@ class SshTransport:
         if not data:
             self._raise_for_exit()
         return data
+
+    def take_fds(self) -> tuple[int, ...]:
+        """None ever arrive over ssh."""
+        return ()
 
     def _raise_for_exit(self) -> None:
         """At end of stream: turn ssh's (or the remote bridge's) exit status into our error."""

@@ -28,6 +28,7 @@ from capsulectl.failures import EXIT_FAILURE, EXIT_NOT_RUNNING, EXIT_OK, explain
 
 if TYPE_CHECKING:
     from capsulectl.client import Client
+    from capsuled import wire
     from capsuled.wire import LogEntry
 
 __all__ = ["OnCapsules", "OnUnit", "Verb", "verb_table"]
@@ -453,13 +454,72 @@ class DisableUnit(OnUnit):
         return client.disable_unit(name, unit)
 
 
+def run_interactively(
+    ctx: Context,
+    name: str,
+    command: Sequence[str],
+    *,
+    pty: bool,
+    environment: Sequence[str] = (),
+    unit: str | None = None,
+    working_directory: str | None = None,
+    remote: Sequence[str],
+    quiet: bool = False,
+) -> int:
+    """Run `command` with the caller's stdio (capsulectl.interactive), waiting for its exit
+    status. Over -H no fd can cross ssh: capsulectl itself runs on the remote host instead,
+    through `ssh -t` for a pty (`ssh -T` for pipes, which must stay binary-safe), given the
+    `remote` command line; ssh exits with its exit status."""
+    if ctx.args.host is not None:
+        return exec_remote(ctx, remote, tty=pty)
+    from capsulectl import interactive
+
+    def started(reply: wire.RunReply) -> None:
+        if not quiet:
+            ctx.error(f"Running as unit: {output.printable(reply['unit'])}")
+
+    run = interactive.run_with_pty if pty else interactive.run_with_pipes
+    return run(
+        ctx.client,
+        name,
+        command,
+        environment=list(environment),
+        unit=unit,
+        working_directory=working_directory,
+        started=started,
+    )
+
+
+def exec_remote(ctx: Context, remote: Sequence[str], *, tty: bool) -> int:
+    """Become `ssh -t|-T HOST capsulectl REMOTE...` ($CAPSULECTL_SSH for ssh, as -H uses)."""
+    import shlex
+
+    host = ctx.args.host
+    if not host or host.startswith("-"):
+        raise UsageError(f"invalid host {host!r}")
+    ssh = shlex.split(os.environ.get("CAPSULECTL_SSH", "ssh"))
+    options: list[str] = []
+    if ctx.args.address is not None:
+        options += ["--address", ctx.args.address]
+    if ctx.args.no_ask_password:
+        options.append("--no-ask-password")
+    # ssh joins the remote command with spaces for the remote shell: quote every word.
+    words = [shlex.quote(w) for w in ["capsulectl", *options, *remote]]
+    ctx.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(ssh[0], [*ssh, "-t" if tty else "-T", "--", host, *words])
+
+
 class Run(Verb):
     name = "run"
     summary = "run a command in a capsule (like systemd-run --capsule)"
     description = (
         "Runs CMD as a transient service inside the running capsule. Put -- before CMD when it "
         "has options: capsulectl run web --wait -- /bin/sh -c 'exit 3'. With --wait, exits with "
-        "the command's exit status."
+        "the command's exit status. --pipe gives CMD this command's stdin, stdout and stderr "
+        "(capsulectl run web --pipe -- /bin/tar c . > backup.tar); --pty gives it a fresh "
+        "terminal relayed to this one. Both wait and exit with CMD's exit status."
     )
 
     def arguments(self, p: argparse.ArgumentParser) -> None:
@@ -488,6 +548,19 @@ class Run(Verb):
             action="store_true",
             help="wait for the command and exit with its exit status",
         )
+        stdio = p.add_mutually_exclusive_group()
+        stdio.add_argument(
+            "-P",
+            "--pipe",
+            action="store_true",
+            help="give CMD this command's stdin, stdout and stderr (implies --wait)",
+        )
+        stdio.add_argument(
+            "-t",
+            "--pty",
+            action="store_true",
+            help="give CMD a fresh terminal relayed to this one (implies --wait)",
+        )
         p.add_argument(
             "command",
             nargs="+",
@@ -499,6 +572,25 @@ class Run(Verb):
         a = ctx.args
         ctx.doing = f"run commands in capsule {quote(a.name)}"
         unit, env, cwd = a.unit, a.setenv, a.working_directory
+        if a.pipe or a.pty:
+            remote = ["run", a.name, "--pty" if a.pty else "--pipe"]
+            remote += ["--unit", unit] if unit is not None else []
+            remote += [f"--setenv={e}" for e in env or []]
+            remote += ["--working-directory", cwd] if cwd is not None else []
+            environment = list(env or [])
+            if a.pty and not any(e.startswith("TERM=") for e in environment):
+                environment.append(f"TERM={terminal_type()}")
+            return run_interactively(
+                ctx,
+                a.name,
+                a.command,
+                pty=a.pty,
+                environment=environment,
+                unit=unit,
+                working_directory=cwd,
+                remote=[*remote, "--", *a.command],
+                quiet=a.pty or ctx.json,
+            )
         if not a.wait:
             reply = ctx.client.run(
                 a.name, a.command, unit=unit, environment=env, working_directory=cwd
@@ -529,6 +621,100 @@ class Run(Verb):
         if status is not None:
             return status if 0 <= status <= 255 else EXIT_FAILURE
         return EXIT_OK if result == "success" else EXIT_FAILURE
+
+
+def terminal_type() -> str:
+    """$TERM for a command on a pty relayed to ours: ours, as systemd-run passes it on."""
+    return os.environ.get("TERM") or "vt220"
+
+
+# Where systemd puts a capsule's home and runtime directory (capsule@.service's Environment=).
+CAPSULE_HOME = "/var/lib/capsules/{name}"
+CAPSULE_RUNTIME_DIR = "/run/capsules/{name}"
+# A login shell: bash where there is one (the capsule's user has no shell of its own: a
+# DynamicUser= account's is nologin), else sh; a CMD that is not a path is looked up by it.
+LOGIN_SHELL = "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l"
+LOGIN_EXEC = 'exec "$0" "$@"'
+
+
+def capsule_environment(name: str, *, term: str | None) -> list[str]:
+    env = [
+        f"HOME={CAPSULE_HOME.format(name=name)}",
+        f"XDG_RUNTIME_DIR={CAPSULE_RUNTIME_DIR.format(name=name)}",
+    ]
+    return [*env, f"TERM={term}"] if term is not None else env
+
+
+class Shell(Verb):
+    name = "shell"
+    summary = "an interactive login shell (or CMD) in a capsule, as its user"
+    description = (
+        "Like machinectl shell: starts a login shell as the capsule's user (bash if the capsule "
+        "has one, else sh) on a fresh terminal relayed to this one, with the capsule's HOME, "
+        "XDG_RUNTIME_DIR and this terminal's TERM, and exits with its exit status. With CMD, "
+        "runs CMD ARG... instead (looked up in PATH unless it is a path)."
+    )
+
+    def arguments(self, p: argparse.ArgumentParser) -> None:
+        capsule_name(p)
+        p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD", help="command and args")
+
+    def run(self, ctx: Context) -> int:
+        a = ctx.args
+        ctx.doing = f"run commands in capsule {quote(a.name)}"
+        command = list(a.command)
+        if command and command[0] == "--":
+            command = command[1:]
+        if not command:
+            argv = ["/bin/sh", "-c", LOGIN_SHELL]
+        elif command[0].startswith("/"):
+            argv = command
+        else:
+            argv = ["/bin/sh", "-lc", LOGIN_EXEC, *command]
+        return run_interactively(
+            ctx,
+            a.name,
+            argv,
+            pty=True,
+            environment=capsule_environment(a.name, term=terminal_type()),
+            remote=["shell", a.name, "--", *command],
+            quiet=True,
+        )
+
+
+SYSTEMCTL = "/usr/bin/systemctl"
+
+
+class Systemctl(Verb):
+    name = "systemctl"
+    summary = "systemctl --user inside a capsule: every systemctl verb"
+    description = (
+        "Runs systemctl --user ARG... inside the capsule as its user, on a terminal relayed to "
+        "this one when stdout is a terminal, else with this command's stdin, stdout and stderr, "
+        "and exits with its exit status. Put -- before ARGs that are options: capsulectl "
+        "systemctl web -- list-units --all. (systemctl --capsule=NAME needs root.)"
+    )
+
+    def arguments(self, p: argparse.ArgumentParser) -> None:
+        capsule_name(p)
+        p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG", help="systemctl arguments")
+
+    def run(self, ctx: Context) -> int:
+        a = ctx.args
+        ctx.doing = f"run commands in capsule {quote(a.name)}"
+        args = list(a.args)
+        if args and args[0] == "--":
+            args = args[1:]
+        pty = os.isatty(1)
+        return run_interactively(
+            ctx,
+            a.name,
+            [SYSTEMCTL, "--user", *args],
+            pty=pty,
+            environment=capsule_environment(a.name, term=terminal_type() if pty else None),
+            remote=["systemctl", a.name, "--", *args],
+            quiet=True,
+        )
 
 
 class Deploy(Verb):

@@ -172,6 +172,29 @@ def _parser() -> argparse.ArgumentParser:
         help="calls waiting for interactive authentication for one UID (default: %(default)s)",
     )
     p.add_argument(
+        "--max-fds-per-message",
+        type=int,
+        default=d.max_fds_per_message,
+        metavar="N",
+        help="file descriptors one call may carry; more close the connection "
+        "(default: %(default)s; Run --pipe needs 3)",
+    )
+    p.add_argument(
+        "--max-fds",
+        type=int,
+        default=d.max_fds,
+        metavar="N",
+        help="file descriptors received from callers held at once, all users "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-fds-per-uid",
+        type=int,
+        default=d.max_fds_per_uid,
+        metavar="N",
+        help="file descriptors received and held at once for one UID (default: %(default)s)",
+    )
+    p.add_argument(
         "--shutdown-grace-sec",
         type=float,
         default=10.0,
@@ -234,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             max_open_streams_per_uid=args.max_open_streams_per_uid,
             max_waiting_calls=args.max_waiting_calls,
             max_waiting_calls_per_uid=args.max_waiting_calls_per_uid,
+            max_fds_per_message=args.max_fds_per_message,
+            max_fds=args.max_fds,
+            max_fds_per_uid=args.max_fds_per_uid,
         )
     except ValueError as exc:
         parser.error(str(exc))

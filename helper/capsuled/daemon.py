@@ -27,7 +27,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
@@ -117,13 +117,16 @@ class Wiring:
     system_bus: SystemBus | None = None
     account: Account | None = None  # None: every peer counts against its own uid
     open_streams: frozenset[str] = frozenset()
+    takes_fds: Mapping[str, int] = field(default_factory=dict)  # method -> fds it takes
     # Its refusal summaries are written while serving and at exit, and its trail gets a
     # signed checkpoint when serving ends.
     audit: AuditLog | None = None
 
 
 # The interface's own errors for what the transport answers itself (the core knows no interface).
-MANAGER_ERRORS: Final = ServerErrors(internal=errors.InternalError, busy=errors.Busy)
+MANAGER_ERRORS: Final = ServerErrors(
+    internal=errors.InternalError, busy=errors.Busy, fds_refused=errors.fds_refused
+)
 # How often refusal summaries whose window ended are written when no call triggers it
 # (audit.REFUSAL_WINDOW_S is the window; a summary is at most this late).
 REFUSAL_FLUSH_S: Final = 10.0
@@ -169,6 +172,7 @@ def build_wiring(options: Options) -> Wiring:
         system_bus=system_bus,
         account=capsule_owner_account(records),
         open_streams=frozenset(f"{interface.name}.{m}" for m in methods.OPEN_STREAMS),
+        takes_fds={f"{interface.name}.{m}": n for m, n in methods.TAKES_FDS.items()},
         audit=services.audit,
     )
 
@@ -427,6 +431,7 @@ async def serve(options: Options, wiring: Wiring) -> int:
         options.limits,
         account=wiring.account,
         open_streams=wiring.open_streams,
+        takes_fds=wiring.takes_fds,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -9,7 +9,7 @@
         ├── NoSuchUnit, InvalidUnit, UnsafeCapsuleHome, InvalidValue
         ├── InvalidBundle, UnsignedBundle, UntrustedSigner, BadSignature
         ├── DowngradeRefused, DeployFailed, NoPreviousBundle
-        ├── Busy, AccessChanged, RecordsUnwritable
+        ├── Busy, AccessChanged, FileDescriptorsRefused, RecordsUnwritable
         └── InternalError
 
 A unit test checks that this set and the IDL's `error` declarations are the same.
@@ -156,6 +156,21 @@ class Busy(ManagerError):
     """Too many calls or streams are running (for this caller, or in all); try again later."""
 
     name = f"{INTERFACE}.Busy"
+
+
+class FileDescriptorsRefused(ManagerError):
+    """The call brought file descriptors its method does not take (or more than it takes);
+    they were closed and nothing was done."""
+
+    name = f"{INTERFACE}.FileDescriptorsRefused"
+
+    def __init__(self, *, method: str, accepted: int) -> None:
+        super().__init__(method=method, accepted=accepted)
+
+
+def fds_refused(method: str, accepted: int) -> FileDescriptorsRefused:
+    """transport.ServerErrors.fds_refused for org.capsuled.Manager."""
+    return FileDescriptorsRefused(method=method, accepted=accepted)
 
 
 class AccessChanged(ManagerError):

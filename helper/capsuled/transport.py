@@ -39,7 +39,13 @@ shares (`Server(account=...)`, wired in daemon.py). The defaults, and why:
   replies being sent. Past it, the connection holding the most unhandled input is closed (then,
   with no input left to blame, the one with the largest reply outstanding; the oldest first
   among equals), until the total fits again;
-- a send timeout: a peer that takes no bytes for `send_timeout_s` is disconnected.
+- a send timeout: a peer that takes no bytes for `send_timeout_s` is disconnected;
+- file descriptors (SCM_RIGHTS, capsuled.fdpass): at most `max_fds_per_message` per message
+  (more, a truncated control message, or fds the protocol core refuses close the connection),
+  and fds held at once 64 per account, 1024 in total (each is one of the helper's own
+  RLIMIT_NOFILE): past either, the connection that brought them is closed. Every fd received
+  is O_CLOEXEC (MSG_CMSG_CLOEXEC: no child of ours inherits one) and is closed when its call
+  ends, when the method takes none (answered `fds_refused`), or when the connection ends.
 
 Error boundary (style guide "Errors"): VarlinkError -> its error reply; any other exception ->
 logged with its traceback, answered with the interface's InternalError; RemoteProtocolError ->
@@ -55,11 +61,12 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from capsuled import callslot
+from capsuled import callslot, fdpass
 from capsuled.fairslots import FairSlots
 from capsuled.peer import Peer, peer_credentials, peer_uid
 from capsuled.varlink.connection import ConnectionState, ServerConnection
@@ -139,6 +146,10 @@ class Limits:
     # Calls waiting for a human without a call slot (capsuled.callslot).
     max_waiting_calls: int = 16
     max_waiting_calls_per_uid: int = 2
+    # File descriptors: per message (Run --pipe needs 3), and held at once.
+    max_fds_per_message: int = 8
+    max_fds: int = 1024
+    max_fds_per_uid: int = 64
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.max_inflight_calls < 1:
@@ -165,6 +176,8 @@ class Limits:
             raise ValueError("max_buffered_bytes must hold at least one message")
         if self.max_input_bytes_per_uid_s < 1:
             raise ValueError("sizes must be positive")
+        if not 0 <= self.max_fds_per_message <= self.max_fds_per_uid <= self.max_fds:
+            raise ValueError("fd limits: per message <= per UID <= total")
 
     @property
     def connections_per_uid(self) -> int:
@@ -192,6 +205,8 @@ class ServerErrors:
 
     internal: type[VarlinkError]  # a handler failed unexpectedly (the details go to the journal)
     busy: type[VarlinkError]  # no call, stream or waiting slot came free in time
+    # fds came with a call whose method takes none, or fewer: (method, how many it takes).
+    fds_refused: Callable[[str, int], VarlinkError]
 
 
 class PeerGone(ConnectionError):
@@ -254,6 +269,51 @@ class _InputRate:
             self._buckets = {a: b for a, b in self._buckets.items() if self._now(a) < self._burst}
 
 
+class _FdCount:
+    """File descriptors held, in total and per account (they are the helper's own fds)."""
+
+    def __init__(self, total: int, per_uid: int) -> None:
+        self._limit, self._per_uid_limit = total, per_uid
+        self.total = 0
+        self._uids: dict[int, int] = {}
+
+    def take(self, account: int, n: int) -> bool:
+        """Count `n` more for `account`, or refuse (counting nothing) past either limit."""
+        held = self._uids.get(account, 0)
+        if self.total + n > self._limit or held + n > self._per_uid_limit:
+            return False
+        self.total += n
+        self._uids[account] = held + n
+        return True
+
+    def give_back(self, account: int, n: int) -> None:
+        self.total -= n
+        left = self._uids[account] - n
+        if left:
+            self._uids[account] = left
+        else:
+            del self._uids[account]
+
+
+_FD_SIZE: Final = struct.calcsize("i")
+
+
+def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """Every fd in a recvmsg()'s control messages (SCM_RIGHTS); other kinds carry none."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            whole = len(data) - len(data) % _FD_SIZE
+            fds.extend(struct.unpack(f"{whole // _FD_SIZE}i", data[:whole]))
+    return fds
+
+
+def _close_fds(fds: tuple[int, ...] | list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 class _Closing(Exception):
     """Internal: end this connection now (peer gone, blocked, or protocol state broken)."""
 
@@ -303,7 +363,8 @@ class Server:
 
     `account` says which uid a peer's connections, calls and streams count against (None: its
     own); `open_streams` names the methods anybody may stream from without authorization,
-    which get their own small share of the streams.
+    which get their own small share of the streams; `takes_fds` maps each method that takes
+    file descriptors to how many it takes at most (fds sent to any other are refused).
     """
 
     def __init__(
@@ -314,12 +375,17 @@ class Server:
         *,
         account: Account | None = None,
         open_streams: frozenset[str] = frozenset(),
+        takes_fds: Mapping[str, int] | None = None,
     ) -> None:
         self.handle = handle
         self.errors = errors
         self.limits = limits or Limits()
         self._account = account or _own_uid
         self._open_streams = open_streams
+        self._takes_fds = dict(takes_fds or {})
+        if any(n > self.limits.max_fds_per_message for n in self._takes_fds.values()):
+            raise ValueError("a method takes more fds than max_fds_per_message allows")
+        self._fds = _FdCount(self.limits.max_fds, self.limits.max_fds_per_uid)
         self._total = 0
         self._per_uid: dict[int, int] = {}
         lim = self.limits
@@ -600,7 +666,17 @@ class _Connection:
             self.limits.max_message_bytes,
             max_depth=self.limits.max_json_depth,
             max_values=self.limits.max_json_values,
+            max_fds=self.limits.max_fds_per_message,
         )
+        # Control buffer for one read: room for the per-message cap, no more (MSG_CTRUNC past it).
+        self._cmsg_bytes = (
+            socket.CMSG_SPACE(self.limits.max_fds_per_message * _FD_SIZE)
+            if self.limits.max_fds_per_message
+            else 0
+        )
+        self.fds_held = 0  # fds of this connection counted in server._fds
+        self._call_fds: list[int] = []  # the running call's, still open
+        self._out_fds: list[int] = []  # pushed by the running call, for its next reply
         self.eof = False
         self.busy = False  # a call is running: shutdown() lets it finish
         self.charged = 0  # bytes this connection holds, as the budget counts them
@@ -645,6 +721,7 @@ class _Connection:
                         return
                     self._read_available()
                     continue
+                self._call_fds = list(call.fds)  # ours now; closed when the call ends
                 self._charge()  # the call left the buffer
                 self.busy = True
                 try:
@@ -662,6 +739,16 @@ class _Connection:
             log.debug("connection to %s closed", self.who())
         finally:
             self._stop_waiting()
+            self.close_received()  # a call taken from the buffer but never run (eviction)
+            self._drop_fds(list(self.conn.release_fds()))
+
+    def _drop_fds(self, fds: list[int]) -> None:
+        """Close fds this connection received and give them back to the count."""
+        _close_fds(fds)
+        n = min(len(fds), self.fds_held)
+        if n:
+            self.fds_held -= n
+            self.server._fds.give_back(self.account, n)
 
     def _readable(self) -> asyncio.Future[None]:
         """Done once the socket has bytes (or the peer hung up); then `_read_available()`.
@@ -707,18 +794,37 @@ class _Connection:
         a read allocates nothing of its own, which keeps the allocator from fragmenting under
         many connections each holding a little (issue 11, finding 3)."""
         scratch = self.server._scratch
+        fds: list[int] = []
         try:
-            n = self.sock.recv_into(scratch)
+            if self._cmsg_bytes:
+                # MSG_CMSG_CLOEXEC: no fd a peer sends is ever inherited by a child of ours.
+                n, ancdata, flags, _ = self.sock.recvmsg_into(
+                    [scratch], self._cmsg_bytes, socket.MSG_CMSG_CLOEXEC
+                )
+                fds = _fds_of(ancdata)
+            else:
+                n, flags = self.sock.recv_into(scratch), 0
         except BlockingIOError:
             return  # woken for nothing
         except ConnectionError:
-            n = 0  # reset by the peer: the same as a hang-up
+            n, flags = 0, 0  # reset by the peer: the same as a hang-up
+        if fds:
+            if flags & socket.MSG_CTRUNC or not self.server._fds.take(self.account, len(fds)):
+                # More fds than a message may carry (the kernel dropped the rest), or more than
+                # this account may make us hold: nothing of this read is used.
+                _close_fds(fds)
+                log.debug("too many file descriptors from %s, closing", self.who())
+                raise _Closing()
+            self.fds_held += len(fds)
+        elif flags & socket.MSG_CTRUNC:
+            raise _Closing()
         if not n:
+            self._drop_fds(fds)  # fds with no bytes belong to no message
             self.eof = True
             return
         self.server._input.spend(self.account, n)
         with memoryview(scratch) as view:
-            self.conn.receive_data(view[:n])
+            self.conn.receive_data(view[:n], tuple(fds))
         self._charge()
 
     async def _read_while_running(self, task: asyncio.Task[None], call: Call) -> None:
@@ -738,19 +844,44 @@ class _Connection:
                 raise _Closing()
 
     async def _run_call(self, call: Call) -> None:
-        task = asyncio.create_task(self._answer(call))
         try:
-            await self._read_while_running(task, call)
-        except BaseException:
-            # Leaving early (hang-up, the budget, our own cancellation): stop the call and
-            # collect its outcome, so no exception is left "never retrieved".
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise
-        task.result()  # re-raise _Closing / protocol errors from the call itself
+            task = asyncio.create_task(self._answer(call))
+            try:
+                await self._read_while_running(task, call)
+            except BaseException:
+                # Leaving early (hang-up, the budget, our own cancellation): stop the call and
+                # collect its outcome, so no exception is left "never retrieved".
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise
+            task.result()  # re-raise _Closing / protocol errors from the call itself
+        finally:
+            # However the call ended, the helper keeps none of its fds, nor any it never sent.
+            self.close_received()
+            out, self._out_fds = self._out_fds, []
+            _close_fds(out)
 
-    async def _send(self, data: bytes) -> None:
-        """Hand `data` to the kernel; a peer that takes nothing for send_timeout_s is dropped."""
+    # capsuled.fdpass's FdHolder, for the running call.
+
+    def received(self) -> tuple[int, ...]:
+        """The running call's fds still open."""
+        return tuple(self._call_fds)
+
+    def close_received(self) -> None:
+        """Close the running call's fds now."""
+        fds, self._call_fds = self._call_fds, []
+        self._drop_fds(fds)
+
+    def push_fd(self, fd: int) -> None:
+        """Take `fd` to send with the running call's next reply."""
+        if len(self._out_fds) >= self.limits.max_fds_per_message:
+            os.close(fd)  # taken means taken: it is ours to close even when refused
+            raise LocalProtocolError("more fds pushed than one message may carry")
+        self._out_fds.append(fd)
+
+    async def _send(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+        """Hand `data` to the kernel, `fds` with its first byte (then closed, whatever
+        happens); a peer that takes nothing for send_timeout_s is dropped."""
         self._sending = len(data)
         try:
             self._charge()
@@ -758,7 +889,12 @@ class _Connection:
             sent = 0
             while sent < len(view):
                 try:
-                    sent += self.sock.send(view[sent:])
+                    if fds and not sent:
+                        rights = struct.pack(f"{len(fds)}i", *fds)
+                        cmsg = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)]
+                        sent += self.sock.sendmsg([view], cmsg)
+                    else:
+                        sent += self.sock.send(view[sent:])
                 except BlockingIOError:
                     try:
                         async with asyncio.timeout(self.limits.send_timeout_s):
@@ -773,15 +909,26 @@ class _Connection:
                 except OSError as exc:  # EPIPE, ECONNRESET: the peer is gone
                     raise _Closing() from exc
         finally:
+            _close_fds(fds)  # the kernel has its own references once sendmsg() returned
             self._sending = 0
             if not self.evicted:
                 self.server._rebudget(self, self.conn.buffered_bytes)
 
+    def _take_out_fds(self) -> tuple[int, ...]:
+        out, self._out_fds = self._out_fds, []
+        return tuple(out)
+
     async def _notify(self, params: dict[str, object]) -> None:
         if self._holding == "call":
             self._become_stream()
+        fds = self._take_out_fds()
         try:
-            await self._send(self.conn.send(Reply(params, continues=True)))
+            data = self.conn.send(Reply(params, continues=True, fds=fds))
+        except BaseException:
+            _close_fds(fds)
+            raise
+        try:
+            await self._send(data, fds)
         except _Closing as exc:
             raise PeerGone("the peer went away") from exc
 
@@ -843,13 +990,19 @@ class _Connection:
         self._open_stream = call.method in server._open_streams
         reply: Reply | ErrorReply
         try:
+            if call.fds:
+                takes = server._takes_fds.get(call.method, 0)
+                if len(call.fds) > takes:
+                    # Refused before any slot or handler: the fds are closed here and now.
+                    self.close_received()
+                    raise server.errors.fds_refused(call.method, takes)
             try:
                 await self._hold_call_slot()
-                with callslot.holding(self):
+                with callslot.holding(self), fdpass.holding(self):
                     result = await server.handle(call, self.peer, self._notify)
             finally:
                 self._release_slot()
-            reply = Reply(result)
+            reply = Reply(result, fds=self._take_out_fds())
         except VarlinkError as exc:
             if isinstance(exc, server.errors.internal):
                 # Raised on purpose for a cause nobody expected (a backend error no table
@@ -862,20 +1015,23 @@ class _Connection:
             # The one broad catch (style guide): log the traceback, tell the client nothing of it.
             log.exception("method %s failed for %s", call.method, self.who())
             reply = ErrorReply(server.errors.internal.name, server.errors.internal().parameters)
+        fds = reply.fds if isinstance(reply, Reply) else ()
         if call.oneway:
+            _close_fds(fds)
             if isinstance(reply, ErrorReply):
                 log.debug("oneway call %s ended with %s", call.method, reply.error)
             return
         try:
             data = self.conn.send(reply)
         except LocalProtocolError:
+            _close_fds(fds)
             if self.conn.state is ConnectionState.ERROR:
                 raise
             # Unencodable parameters (a handler bug): answer InternalError instead.
             log.exception("reply to %s cannot be encoded", call.method)
             internal = server.errors.internal()
-            data = self.conn.send(ErrorReply(internal.name, internal.parameters))
-        await self._send(data)
+            data, fds = self.conn.send(ErrorReply(internal.name, internal.parameters)), ()
+        await self._send(data, fds)
 
 
 def _error_reply(exc: VarlinkError, internal_error: type[VarlinkError]) -> ErrorReply:

@@ -249,6 +249,9 @@ class RunParams(TypedDict):
     unit: str | None
     environment: list[str] | None
     workingDirectory: str | None
+    stdio: Literal["pipe", "pty"] | None
+    rows: int | None
+    columns: int | None
     allowInteractiveAuthentication: bool | None
 
 

@@ -46,6 +46,7 @@ from capsuled.systemd.backend import (
     CapsuleInfo,
     CapsuleManager,
     ExitStatus,
+    Stdio,
     UnitEvent,
     UnitInfo,
     capsule_unit,
@@ -77,6 +78,9 @@ class FakeUnit:
     unit_file_state: str | None = "disabled"  # TRANSIENT: started by start_transient, no file
     fail_start: bool = False
     exit: ExitStatus | None = None  # how a transient unit will end
+    # A transient unit's stdin/stdout/stderr as inodes (the fds were the caller's), TTYPath=.
+    stdio_inodes: tuple[int, int, int] | None = None
+    tty_path: str | None = None
 
     @property
     def has_file(self) -> bool:
@@ -100,6 +104,7 @@ class FakeCapsule:
     tasks_max: int | None = None
     cpu_weight: int | None = None
     units: dict[str, FakeUnit] = field(default_factory=dict)
+    started: list[FakeUnit] = field(default_factory=list)  # transient units, in start order
 
     def info(self) -> CapsuleInfo:
         running = self.state not in FINISHED_STATES
@@ -366,6 +371,11 @@ class FakeCapsuleManager:
         self.reloads = 0
         self._watchers: set[_Watcher[UnitEvent]] = set()
 
+    @property
+    def uid(self) -> int:
+        """The capsule's uid (a dynamic one by default, as systemd picks them)."""
+        return self._capsule.uid if self._capsule.uid is not None else 61184
+
     def _set(self, unit: str, fake: FakeUnit, state: str, sub_state: str) -> None:
         fake.active_state, fake.sub_state = state, sub_state
         for watcher in list(self._watchers):
@@ -457,6 +467,7 @@ class FakeCapsuleManager:
         environment: Sequence[str] = (),
         working_directory: str | None = None,
         keep: bool = False,
+        stdio: Stdio | None = None,
     ) -> str:
         """Runs until wait_exit() or stop_unit(); see the module docstring for how it ends."""
         if unit in self._capsule.units:
@@ -471,6 +482,12 @@ class FakeCapsuleManager:
             unit_file_state=TRANSIENT,
             exit=ExitStatus(unit, "exit-code" if failed else "success", "exited", int(failed)),
         )
+        if stdio is not None:
+            fds = (stdio.stdin, stdio.stdout, stdio.stderr)
+            inodes = tuple(os.fstat(fd).st_ino for fd in fds)
+            self._capsule.units[unit].stdio_inodes = (inodes[0], inodes[1], inodes[2])
+            self._capsule.units[unit].tty_path = stdio.tty_path
+        self._capsule.started.append(self._capsule.units[unit])
         return unit
 
     async def wait_exit(self, unit: str, timeout_s: float | None = None) -> ExitStatus:

@@ -6,7 +6,9 @@ exactly the bytes the server sends.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import json
 import os
 import socket
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from capsuled import callslot
+from capsuled import callslot, fdpass
 from capsuled.dispatch import Dispatcher, Notify
 from capsuled.peer import Peer
 from capsuled.transport import Account, Limits, Listener, Server, ServerErrors
@@ -46,6 +48,16 @@ class TestBusy(VarlinkError):
     name = "org.example.test.Busy"
 
 
+class TestFdsRefused(VarlinkError):
+    """The test server's answer to fds its method does not take."""
+
+    name = "org.example.test.FdsRefused"
+
+
+def fds_refused(method: str, accepted: int) -> VarlinkError:
+    return TestFdsRefused(method=method, accepted=accepted)
+
+
 class TestInternalError(VarlinkError):
     """The test interface's generic error for unexpected exceptions."""
 
@@ -61,6 +73,8 @@ class State:
     notes: list[str] = field(default_factory=list)
     forever_ended: threading.Event = field(default_factory=threading.Event)
     forever_sent_bytes: int = 0
+    seen_fds: list[int] = field(default_factory=list)  # as FdInfo got them
+    kept_read_ends: list[int] = field(default_factory=list)  # of the pipes FdBack sent
 
     def started_event(self, key: str) -> threading.Event:
         return self.started.setdefault(key, threading.Event())
@@ -160,6 +174,30 @@ async def who_am_i(ctx: Ctx, p: Params) -> Params:
     return {"uid": peer.uid, "gid": peer.gid, "pid": peer.pid, "hasPidfd": peer.pidfd is not None}
 
 
+async def fd_info(ctx: Ctx, p: Params) -> Params:
+    fds = ctx.call.fds
+    ctx.state.seen_fds.extend(fds)
+    if p["hold"]:
+        await block(ctx, {"key": "fds"})
+    return {
+        "inodes": [os.fstat(fd).st_ino for fd in fds],
+        "cloexec": [bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC) for fd in fds],
+    }
+
+
+async def fd_back(ctx: Ctx, p: Params) -> Params:
+    count = p["count"]
+    assert isinstance(count, int)
+    for _ in range(count):
+        r, w = os.pipe2(os.O_CLOEXEC)
+        ctx.state.kept_read_ends.append(r)
+        fdpass.push_fd(w)
+    if p["fail"]:
+        raise TestFailed(reason="after pushing")
+    await ctx.notify({"count": count})
+    return {"count": 0}
+
+
 async def environment(ctx: Ctx, p: Params) -> Params:
     return {"listen": sorted(k for k in os.environ if k.startswith("LISTEN_"))}
 
@@ -177,10 +215,14 @@ HANDLERS = {
     "Notes": notes,
     "WhoAmI": who_am_i,
     "Environment": environment,
+    "FdInfo": fd_info,
+    "FdBack": fd_back,
 }
 
+TAKES_FDS = {"org.example.test.FdInfo": 2}
+
 # What the transport answers by itself for org.example.test.
-ERRORS = ServerErrors(internal=TestInternalError, busy=TestBusy)
+ERRORS = ServerErrors(internal=TestInternalError, busy=TestBusy, fds_refused=fds_refused)
 
 INFO = ServiceInfo(vendor="capsuled", product="test", version="1", url="https://example.org/")
 
@@ -224,7 +266,12 @@ class ThreadServer:
     async def _make_server(self) -> Server:
         d = build_dispatcher(self.state)
         return Server(
-            d.handle, ERRORS, self.limits, account=self._account, open_streams=self._open_streams
+            d.handle,
+            ERRORS,
+            self.limits,
+            account=self._account,
+            open_streams=self._open_streams,
+            takes_fds=TAKES_FDS,
         )
 
     async def _listen(self) -> Listener:
@@ -287,8 +334,32 @@ class RawClient:
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def send(self, obj: object) -> None:
-        self.send_raw(json.dumps(obj).encode() + b"\0")
+    def send(self, obj: object, fds: list[int] | None = None) -> None:
+        data = json.dumps(obj).encode() + b"\0"
+        if fds is None:
+            self.send_raw(data)
+            return
+        rights = array.array("i", fds).tobytes()
+        sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
+
+    def recv_with_fds(self, max_fds: int = 16) -> tuple[dict[str, object], list[int]]:
+        """One message and the fds that came with its bytes (nothing may be buffered yet)."""
+        assert not self.buf
+        fds: list[int] = []
+        space = socket.CMSG_SPACE(max_fds * 4)
+        while b"\0" not in self.buf:
+            chunk, ancdata, _, _ = self.sock.recvmsg(1 << 20, space, socket.MSG_CMSG_CLOEXEC)
+            for _, _, data in ancdata:
+                fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+            if not chunk:
+                raise Closed(self.buf)
+            self.buf += chunk
+        msg, _, self.buf = self.buf.partition(b"\0")
+        value = json.loads(msg)
+        assert isinstance(value, dict)
+        return value, fds
 
     def recv_raw(self) -> bytes:
         """One message's bytes without the NUL; raises Closed at EOF."""

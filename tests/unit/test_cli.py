@@ -63,7 +63,7 @@ def test_version_matches_the_distribution() -> None:
 def test_every_verb_has_help_with_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     parser = cli.build_parser()
     verbs = [v.name for v in verb_table()]
-    assert len(verbs) == 27
+    assert len(verbs) == 29
     for verb in verbs:
         with pytest.raises(SystemExit) as info:
             parser.parse_args([verb, "--help"])
@@ -207,3 +207,43 @@ def test_declaring_a_verb_is_the_whole_edit(
     text = capsys.readouterr().out
     assert "Says hello to someone." in text
     assert "5  permission denied" in text
+
+
+class _Execed(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "remote"),
+    [
+        (
+            ["run", "web", "--pty", "-E", "A=b c", "--", "/bin/cmd", "a b"],
+            "-t",
+            ["run", "web", "--pty", "'--setenv=A=b c'", "--", "/bin/cmd", "'a b'"],
+        ),
+        (["run", "web", "-P", "--", "/bin/tar", "c", "."], "-T", None),
+        (["shell", "web"], "-t", ["shell", "web", "--"]),
+        (["systemctl", "web", "--", "cat", "x.service"], None, None),
+    ],
+)
+def test_over_ssh_the_interactive_verbs_run_capsulectl_on_the_host(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], flag: str | None, remote: list[str] | None
+) -> None:
+    execed: list[list[str]] = []
+
+    def execvp(path: str, args: list[str]) -> None:
+        execed.append(args)
+        raise _Execed
+
+    monkeypatch.setattr("os.execvp", execvp)
+    monkeypatch.setenv("CAPSULECTL_SSH", "myssh -o X=1")
+    with pytest.raises(_Execed):
+        cli.main(["-H", "alice@server", *argv], out=io.StringIO(), err=io.StringIO())
+    (args,) = execed
+    assert args[:2] == ["myssh", "-o"]
+    assert args[3] in ("-t", "-T")
+    if flag is not None:
+        assert args[3] == flag
+    assert args[4:7] == ["--", "alice@server", "capsulectl"]
+    if remote is not None:
+        assert args[7:] == remote

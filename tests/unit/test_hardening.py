@@ -492,7 +492,7 @@ class ScriptedLink:
 def test_unit_names_from_a_capsules_manager_are_checked() -> None:
     bad = f"evil{OSC52}.service"
     link = ScriptedLink(["web.service", bad, "../../x.service"], ["web.service", bad, "t@.service"])
-    manager = DBusCapsuleManager(link, "a", 1.0)  # type: ignore[arg-type]  # a scripted stand-in
+    manager = DBusCapsuleManager(link, "a", 1.0, uid=61184)  # type: ignore[arg-type]  # a scripted stand-in
     names = [u.name for u in asyncio.run(manager.list_units())]
     assert names == ["t@.service", "web.service"]
 

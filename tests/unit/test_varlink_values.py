@@ -90,9 +90,13 @@ def test_no_equality_with_tuples_or_dicts() -> None:
     [
         (
             Call("a.b.C", {"x": 1}, more=True),
-            "Call(method='a.b.C', parameters={'x': 1}, oneway=False, more=True, upgrade=False)",
+            "Call(method='a.b.C', parameters={'x': 1}, oneway=False, more=True, upgrade=False,"
+            " fds=())",
         ),
-        (Reply({"x": "y"}, continues=True), "Reply(parameters={'x': 'y'}, continues=True)"),
+        (
+            Reply({"x": "y"}, continues=True),
+            "Reply(parameters={'x': 'y'}, continues=True, fds=())",
+        ),
         (ErrorReply("a.b.E"), "ErrorReply(error='a.b.E', parameters={})"),
     ],
 )

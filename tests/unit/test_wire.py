@@ -13,6 +13,7 @@ from capsuled import wire
 from capsuled.methods import HANDLERS
 from capsuled.varlink.interface import (
     Array,
+    Enum,
     Interface,
     Maybe,
     Named,
@@ -69,6 +70,8 @@ def annotation(t: VarlinkType) -> object:
         return list[annotation(t.inner)]  # type: ignore[misc] # a runtime-built alias
     if isinstance(t, Named):
         return getattr(wire, t.name)
+    if isinstance(t, Enum):
+        return typing.Literal[t.values]  # a Literal of the values, in the IDL's order
     raise AssertionError(f"no mapping for {t!r}")
 
 

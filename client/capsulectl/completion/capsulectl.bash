@@ -22,7 +22,7 @@ _capsulectl() {
 
     local verbs="list status create start stop restart remove enable disable set-limits units
         install-unit remove-unit start-unit stop-unit restart-unit enable-unit disable-unit run
-        logs watch deploy rollback audit bundle can-i info"
+        shell systemctl logs watch deploy rollback audit bundle can-i info"
     local global_opts="--json --no-ask-password --address -H --host --timeout --no-legend --help"
     local with_value="--address -H --host --timeout -u --unit -E --setenv --working-directory
         -n --lines -S --since --memory-max --tasks-max --cpu-weight --name --verb -o --output
@@ -112,7 +112,8 @@ _capsulectl() {
             remove) opts="--keep-data" ;;
             set-limits) opts="--memory-max --tasks-max --cpu-weight" ;;
             install-unit) opts="--name --enable --now" ;;
-            run) opts="-u --unit -E --setenv --working-directory -W --wait --" ;;
+            run) opts="-u --unit -E --setenv --working-directory -W --wait -P --pipe -t --pty --" ;;
+            shell | systemctl) opts="--" ;;
             logs) opts="-u --unit -n --lines -f --follow -S --since" ;;
             deploy) opts="--allow-downgrade" ;;
             audit) opts="-n --lines" ;;
@@ -163,12 +164,20 @@ _capsulectl() {
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi
             ;;
-        run)
+        run | shell)
             if ((n == 0)); then
                 COMPREPLY=($(compgen -W "$(_capsulectl_query list -q)" -- "$cur"))
             else
                 compopt -o filenames 2>/dev/null
                 COMPREPLY=($(compgen -f -- "$cur"))
+            fi
+            ;;
+        systemctl)
+            if ((n == 0)); then
+                COMPREPLY=($(compgen -W "$(_capsulectl_query list -q)" -- "$cur"))
+            elif ((n == 1)); then
+                COMPREPLY=($(compgen -W "list-units list-timers list-unit-files status show cat
+                    start stop restart reload daemon-reload is-system-running" -- "$cur"))
             fi
             ;;
         can-i)

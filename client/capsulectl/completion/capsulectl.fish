@@ -96,9 +96,11 @@ function __capsulectl_expects
         case install-unit
             test $n -eq 0; and set want capsule
             test $n -eq 1; and set want file
-        case run
+        case run shell
             test $n -eq 0; and set want capsule
             test $n -ge 1; and set want file
+        case systemctl
+            test $n -eq 0; and set want capsule
         case can-i
             test $n -eq 0; and set want action
             test $n -eq 1; and set want capsule
@@ -145,6 +147,8 @@ complete -c capsulectl -n __capsulectl_no_verb -a restart-unit -d 'restart a uni
 complete -c capsulectl -n __capsulectl_no_verb -a enable-unit -d 'make a unit start with its capsule'
 complete -c capsulectl -n __capsulectl_no_verb -a disable-unit -d 'undo enable-unit'
 complete -c capsulectl -n __capsulectl_no_verb -a run -d 'run a command in a capsule (like systemd-run --capsule)'
+complete -c capsulectl -n __capsulectl_no_verb -a shell -d 'an interactive login shell (or CMD) in a capsule, as its user'
+complete -c capsulectl -n __capsulectl_no_verb -a systemctl -d 'systemctl --user inside a capsule: every systemctl verb'
 complete -c capsulectl -n __capsulectl_no_verb -a logs -d "show a capsule's journal"
 complete -c capsulectl -n __capsulectl_no_verb -a watch -d 'print capsule state changes as they happen'
 complete -c capsulectl -n __capsulectl_no_verb -a deploy -d 'deploy a signed bundle into a capsule'
@@ -175,6 +179,8 @@ complete -c capsulectl -n '__capsulectl_verb_is run' -s u -l unit -x -d 'name of
 complete -c capsulectl -n '__capsulectl_verb_is run' -s E -l setenv -x -d 'set an environment variable (NAME=VALUE)'
 complete -c capsulectl -n '__capsulectl_verb_is run' -l working-directory -x -a '(__fish_complete_directories)' -d 'absolute working directory'
 complete -c capsulectl -n '__capsulectl_verb_is run' -s W -l wait -d 'wait for the command and exit with its status'
+complete -c capsulectl -n '__capsulectl_verb_is run' -s P -l pipe -d 'give the command this stdin, stdout and stderr'
+complete -c capsulectl -n '__capsulectl_verb_is run' -s t -l pty -d 'give the command a terminal relayed to this one'
 complete -c capsulectl -n '__capsulectl_verb_is logs' -s u -l unit -x -a '(__capsulectl_units)' -d "only this user unit's entries"
 complete -c capsulectl -n '__capsulectl_verb_is logs' -s n -l lines -x -d 'the N newest entries'
 complete -c capsulectl -n '__capsulectl_verb_is logs' -s f -l follow -d 'keep printing new entries'

@@ -75,6 +75,12 @@ REQUIRES_MORE = frozenset({"Watch"})
 # being allowed anything.
 OPEN_STREAMS = frozenset({"Watch", "List"})
 
+# Methods that take file descriptors (SCM_RIGHTS) with their call, and how many at most; the
+# IDL documents each (a test holds the two together). fds sent to any other method are closed
+# and the call is answered FileDescriptorsRefused before its handler runs (capsuled.fdpass).
+# Run --pipe: the command's stdin, stdout and stderr.
+TAKES_FDS: Mapping[str, int] = {"Run": 3}
+
 # Mutating methods and the audit action each is recorded under (invariant 6). Handlers audit
 # their own outcome with details; `audited` makes sure a refusal, a failure or a hang-up in
 # the middle is recorded too, reading what the call's context says happened (ctx.outcome).

@@ -19,10 +19,10 @@ import os
 import posixpath
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from capsuled import errors, wire
+from capsuled import errors, fdpass, wire
 from capsuled.audit import RESULT_FAILED, RESULT_OK, AuditAction
 from capsuled.methods import params
 from capsuled.methods.context import CallContext, backend_errors
@@ -30,7 +30,8 @@ from capsuled.names import unit_name_problem
 from capsuled.policy import actions as act
 from capsuled.safefs import CapsuleHome, EntryKind, NoHome, SafeFsError
 from capsuled.systemd import errors as sd
-from capsuled.systemd.backend import CapsuleManager, UnitInfo
+from capsuled.systemd.backend import CapsuleManager, Stdio, UnitInfo
+from capsuled.terminal import allocate_pty
 from capsuled.unitfile import InvalidUnitFile, check_unit_file
 
 UNIT_DIR = (".config", "systemd", "user")
@@ -368,6 +369,56 @@ def _checked_run(p: wire.RunParams) -> tuple[list[str], str | None, list[str], s
     return command, unit, environment, cwd
 
 
+# Run's stdio modes and the fds each takes with the call (methods.TAKES_FDS holds the most).
+_STDIO_FDS = {None: 0, "pipe": 3, "pty": 0}
+
+
+def _checked_stdio(ctx: CallContext, p: wire.RunParams) -> tuple[int, int] | None:
+    """The fds that came with the call fit the mode, and the mode fits the call; returns the
+    pty's size if one was given."""
+    mode = p["stdio"]
+    size = None
+    for field in ("rows", "columns"):
+        value = p[field]
+        if value is not None and not 1 <= value <= 65535:
+            raise errors.InvalidValue(parameter=field, reason="1..65535")
+        if value is not None and mode != "pty":
+            raise errors.InvalidValue(parameter=field, reason="only with stdio pty")
+    if p["rows"] is not None and p["columns"] is not None:
+        size = (p["rows"], p["columns"])
+    elif p["rows"] is not None or p["columns"] is not None:
+        raise errors.InvalidValue(parameter="rows", reason="rows and columns come together")
+    wanted, got = _STDIO_FDS[mode], len(fdpass.received())
+    if got != wanted:
+        reason = f"stdio {mode or 'absent'} takes {wanted} file descriptors, the call brought {got}"
+        raise errors.InvalidValue(parameter="stdio", reason=reason)
+    if mode is not None and not ctx.more:
+        raise errors.InvalidValue(parameter="stdio", reason="pipe and pty need more (to wait)")
+    return size
+
+
+@contextlib.contextmanager
+def _stdio(
+    mode: str | None, uid: int, size: tuple[int, int] | None
+) -> Iterator[tuple[Stdio | None, int | None]]:
+    """The unit's stdio for `mode`, and the pty master to send back (taken by the caller,
+    who must push or close it); everything else opened here is closed when the block ends."""
+    if mode == "pipe":
+        stdin, stdout, stderr = fdpass.received()
+        yield Stdio(stdin, stdout, stderr), None
+    elif mode == "pty":
+        pty = allocate_pty(uid, size)
+        try:
+            yield Stdio(pty.peer, pty.peer, pty.peer, tty_path=pty.path), pty.master
+        except BaseException:
+            os.close(pty.master)
+            raise
+        finally:
+            os.close(pty.peer)  # the manager has its own copies now, or nobody needs it
+    else:
+        yield None, None
+
+
 async def _start_transient(
     mgr: CapsuleManager,
     unit: str,
@@ -376,10 +427,16 @@ async def _start_transient(
     environment: list[str],
     working_directory: str | None,
     keep: bool,
+    stdio: Stdio | None = None,
 ) -> str:
     try:
         return await mgr.start_transient(
-            unit, command, environment=environment, working_directory=working_directory, keep=keep
+            unit,
+            command,
+            environment=environment,
+            working_directory=working_directory,
+            keep=keep,
+            stdio=stdio,
         )
     except sd.UnitBusy:
         raise errors.InvalidUnit(
@@ -390,6 +447,8 @@ async def _start_transient(
 async def run(ctx: CallContext, p: wire.RunParams) -> wire.RunReply:
     name = params.capsule_name(p["name"])
     command, unit, environment, cwd = _checked_run(p)
+    mode = p["stdio"]
+    size = _checked_stdio(ctx, p)
     await ctx.authorize(act.RUN, name, interactive=p["allowInteractiveAuthentication"])
     await ctx.require_systemd()
     async with contextlib.AsyncExitStack() as stack:
@@ -402,18 +461,30 @@ async def run(ctx: CallContext, p: wire.RunParams) -> wire.RunReply:
             try:
                 with backend_errors(name):
                     mgr = await stack.enter_async_context(ctx.backend.capsule_manager(name))
-                    started = await _start_transient(
-                        mgr,
-                        unit or f"run-u{secrets.token_hex(8)}.service",
-                        command,
-                        environment=environment,
-                        working_directory=cwd,
-                        keep=ctx.more,
-                    )
+                    with _stdio(mode, mgr.uid, size) as (stdio, master):
+                        started = await _start_transient(
+                            mgr,
+                            unit or f"run-u{secrets.token_hex(8)}.service",
+                            command,
+                            environment=environment,
+                            working_directory=cwd,
+                            keep=ctx.more,
+                            stdio=stdio,
+                        )
+                    if master is not None:
+                        # The transport's from here: sent with the next reply (the started
+                        # one below), closed if that never goes out.
+                        fdpass.push_fd(master)
             except errors.JobFailed:
                 ctx.audit(AuditAction.RUN, name, RESULT_FAILED, command=command[0])
                 raise
-            ctx.audit(AuditAction.RUN, name, "started", unit=started, command=command[0])
+            finally:
+                # The manager holds its own copies now (or the start failed): the helper keeps
+                # none of the caller's fds while the command runs.
+                fdpass.close_received()
+            ctx.audit(
+                AuditAction.RUN, name, "started", unit=started, command=command[0], stdio=mode
+            )
         if not ctx.more:
             return {"unit": started, "exitStatus": None, "result": None}
         await ctx.notify({"unit": started, "exitStatus": None, "result": None})

@@ -65,6 +65,7 @@ from .values import (
     CapsuleEvent,
     CapsuleInfo,
     ExitStatus,
+    Stdio,
     UnitEvent,
     UnitInfo,
     capsule_from_unit,
@@ -104,6 +105,11 @@ class CapsuleManager(Protocol):
         """ResetFailedUnit; a unit that is not loaded is not an error."""
         ...
 
+    @property
+    def uid(self) -> int:
+        """The capsule's dynamic uid (its manager's), as the helper found it when connecting."""
+        ...
+
     async def start_transient(
         self,
         unit: str,
@@ -111,8 +117,11 @@ class CapsuleManager(Protocol):
         environment: Sequence[str] = (),
         working_directory: str | None = None,
         keep: bool = False,
+        stdio: Stdio | None = None,
     ) -> str:
         """Start a transient Type=exec service (like `systemd-run`); returns once it started.
+
+        `stdio`: its stdin, stdout and stderr (duplicated to the manager; still the caller's).
 
         keep=True: keep the unit's state signals, recorded from before the start, so that
         ``wait_exit`` gets the exit status even though the unit is garbage-collected the moment
@@ -468,7 +477,7 @@ class DBusSystemdBackend:
         except SystemdUnavailable as exc:
             raise ManagerUnavailable(name, str(exc)) from exc
         try:
-            yield DBusCapsuleManager(peer, name, self._job_timeout_s)
+            yield DBusCapsuleManager(peer, name, self._job_timeout_s, uid=uid)
         finally:
             await peer.close()
 
@@ -531,6 +540,7 @@ __all__ = [
     "DBusCapsuleManager",
     "DBusSystemdBackend",
     "ExitStatus",
+    "Stdio",
     "SystemdBackend",
     "UnitEvent",
     "UnitInfo",

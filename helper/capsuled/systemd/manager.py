@@ -35,6 +35,7 @@ from .values import (
     MAX_TRACKED_EXITS,
     MAX_WATCH_SIGNALS_QUEUED,
     ExitStatus,
+    Stdio,
     UnitEvent,
     UnitInfo,
 )
@@ -51,11 +52,17 @@ async def _unit_events(
 class DBusCapsuleManager:
     """CapsuleManager over the capsule's private socket (see the module docstring)."""
 
-    def __init__(self, conn: Link, name: str, job_timeout_s: float) -> None:
+    def __init__(self, conn: Link, name: str, job_timeout_s: float, *, uid: int) -> None:
         self._conn = conn
         self.name = name
+        self._uid = uid
         self._job_timeout_s = job_timeout_s
         self._exit_trackers: dict[str, tuple[contextlib.ExitStack, SignalQueue]] = {}
+
+    @property
+    def uid(self) -> int:
+        """The capsule's dynamic uid."""
+        return self._uid
 
     async def list_units(self) -> list[UnitInfo]:
         """ListUnits + ListUnitFiles, merged by unit name."""
@@ -119,9 +126,10 @@ class DBusCapsuleManager:
         environment: Sequence[str] = (),
         working_directory: str | None = None,
         keep: bool = False,
+        stdio: Stdio | None = None,
     ) -> str:
         """StartTransientUnit(mode=fail) + wait for the start job."""
-        props = m.transient_service_properties(argv, environment, working_directory)
+        props = m.transient_service_properties(argv, environment, working_directory, stdio=stdio)
         call = m.start_transient_unit(unit, props)
         if unit in self._exit_trackers or len(self._exit_trackers) >= MAX_TRACKED_EXITS:
             raise UnitBusy(unit)

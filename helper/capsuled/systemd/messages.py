@@ -21,7 +21,7 @@ from jeepney import (
 )
 
 from .errors import BadReply
-from .values import UINT64_MAX
+from .values import UINT64_MAX, Stdio
 
 SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
 MANAGER_PATH = "/org/freedesktop/systemd1"
@@ -274,6 +274,7 @@ def transient_service_properties(
     environment: Sequence[str] = (),
     working_directory: str | None = None,
     description: str | None = None,
+    stdio: Stdio | None = None,
 ) -> list[tuple[str, PropertyValue]]:
     """Properties for a transient Type=exec service, as `systemd-run` builds them.
 
@@ -304,6 +305,17 @@ def transient_service_properties(
         props.append(("Environment", ("as", list(environment))))
     if working_directory is not None:
         props.append(("WorkingDirectory", ("s", working_directory)))
+    if stdio is not None:
+        # As run.c: TTYPath= first for a pty, then the three fds (the link must have
+        # negotiated unix fds), and SIGPIPE as an interactive command expects it.
+        if stdio.tty_path is not None:
+            props.append(("TTYPath", ("s", stdio.tty_path)))
+        props += [
+            ("StandardInputFileDescriptor", ("h", stdio.stdin)),
+            ("StandardOutputFileDescriptor", ("h", stdio.stdout)),
+            ("StandardErrorFileDescriptor", ("h", stdio.stderr)),
+            ("IgnoreSIGPIPE", ("b", False)),
+        ]
     return props
 
 

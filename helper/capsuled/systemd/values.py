@@ -105,3 +105,16 @@ class ExitStatus:
     result: str  # success, exit-code, signal, core-dump, timeout, ...
     code: str  # exited, killed, dumped ("" if it never ran)
     status: int  # exit status, or signal number when killed/dumped
+
+
+@dataclass(frozen=True, slots=True)
+class Stdio:
+    """What a transient service's stdin, stdout and stderr are (StandardInputFileDescriptor=
+    and friends, as systemd-run --pipe/--pty pass them), and its TTYPath= for a pty.
+
+    The fds are borrowed: D-Bus sends duplicates; whoever made this value closes them."""
+
+    stdin: int
+    stdout: int
+    stderr: int
+    tty_path: str | None = None

@@ -111,17 +111,30 @@ def _own_parameters(parameters: dict[str, object]) -> dict[str, object]:
     return {} if parameters is _NO_PARAMETERS else parameters
 
 
-class Call(_Value):
-    """A method call. At most one of oneway/more/upgrade may be set."""
+def _checked_fds(fds: tuple[int, ...]) -> tuple[int, ...]:
+    if not isinstance(fds, tuple) or not all(type(fd) is int and fd >= 0 for fd in fds):
+        raise LocalProtocolError("fds must be a tuple of non-negative ints")
+    return fds
 
-    __slots__ = ("method", "more", "oneway", "parameters", "upgrade")
-    __match_args__ = ("method", "parameters", "oneway", "more", "upgrade")
+
+class Call(_Value):
+    """A method call. At most one of oneway/more/upgrade may be set.
+
+    `fds` are the file descriptors that ride with it (SCM_RIGHTS, as sd-varlink passes them):
+    not part of the JSON; the I/O layer sends them with the call's bytes, or the connection
+    hands them out with the call they arrived with. The numbers only: whoever holds the
+    message decides when they are closed (capsuled.transport: when the call ends).
+    """
+
+    __slots__ = ("fds", "method", "more", "oneway", "parameters", "upgrade")
+    __match_args__ = ("method", "parameters", "oneway", "more", "upgrade", "fds")
 
     method: str
     parameters: dict[str, object]
     oneway: bool
     more: bool
     upgrade: bool
+    fds: tuple[int, ...]
 
     def __init__(
         self,
@@ -130,6 +143,7 @@ class Call(_Value):
         oneway: bool = False,
         more: bool = False,
         upgrade: bool = False,
+        fds: tuple[int, ...] = (),
     ) -> None:
         parameters = _own_parameters(parameters)
         if not isinstance(method, str) or not is_valid_method_name(method):
@@ -146,6 +160,11 @@ class Call(_Value):
         self._init_field("oneway", oneway)
         self._init_field("more", more)
         self._init_field("upgrade", upgrade)
+        self._init_field("fds", _checked_fds(fds))
+
+    def with_fds(self, fds: tuple[int, ...]) -> Call:
+        """This call with `fds` riding along."""
+        return Call(self.method, self.parameters, self.oneway, self.more, self.upgrade, fds)
 
     @property
     def interface(self) -> str:
@@ -159,16 +178,22 @@ class Call(_Value):
 
 
 class Reply(_Value):
-    """A successful reply; `continues` means more replies to the same call follow."""
+    """A successful reply; `continues` means more replies to the same call follow.
 
-    __slots__ = ("continues", "parameters")
-    __match_args__ = ("parameters", "continues")
+    `fds` ride with it as with a Call (an error reply carries none, as in sd-varlink)."""
+
+    __slots__ = ("continues", "fds", "parameters")
+    __match_args__ = ("parameters", "continues", "fds")
 
     parameters: dict[str, object]
     continues: bool
+    fds: tuple[int, ...]
 
     def __init__(
-        self, parameters: dict[str, object] = _NO_PARAMETERS, continues: bool = False
+        self,
+        parameters: dict[str, object] = _NO_PARAMETERS,
+        continues: bool = False,
+        fds: tuple[int, ...] = (),
     ) -> None:
         parameters = _own_parameters(parameters)
         if not isinstance(parameters, dict):
@@ -177,6 +202,11 @@ class Reply(_Value):
             raise LocalProtocolError("continues must be a boolean")
         self._init_field("parameters", parameters)
         self._init_field("continues", continues)
+        self._init_field("fds", _checked_fds(fds))
+
+    def with_fds(self, fds: tuple[int, ...]) -> Reply:
+        """This reply with `fds` riding along."""
+        return Reply(self.parameters, self.continues, fds)
 
 
 class ErrorReply(_Value):
