@@ -106,6 +106,9 @@ def test_fuzzing_as_a_user_who_owns_nothing_changes_nothing(
         assert report["malformed_not_closed"] == 0, report["examples"]
         assert report["unanswered"] == 0, report["examples"]
         assert report["stream_closed_without_reply"] == 0, report["examples"]
+        # A well-formed call is never a helper fault: two Watch streams at once once made PID 1
+        # answer AlreadySubscribed, seen 3-4 times in 100,000 (fixed by the model subscribing once).
+        assert report["errors"].get("org.capsuled.Manager.InternalError", 0) == 0, report["errors"]
         # Never restarted: the same invocation, and nothing in the journal says it exited.
         assert invocation(bed) == started_as
         exits = bed.as_root(
