@@ -8,7 +8,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from _bed import inbed
+from _bed import inbed, main_pid, vm_kib
 from _table import Pair, Side, pair_table
 
 if TYPE_CHECKING:
@@ -54,22 +54,6 @@ print(json.dumps({"errors": errors}))
 """
 
 
-def main_pid(bed: Testbed, unit: str) -> int:
-    out = bed.as_root("systemctl", "show", "-p", "MainPID", "--value", unit).check().stdout
-    return int(out.strip() or 0)
-
-
-def status_kib(bed: Testbed, pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of pid, in KiB, from /proc/PID/status inside the bed."""
-    out = bed.as_root("cat", f"/proc/{pid}/status").check().stdout
-    fields: dict[str, int] = {}
-    for line in out.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0])
-    return fields
-
-
 def mib(kib: int) -> float:
     return kib / 1024
 
@@ -80,7 +64,7 @@ def run(bed: Testbed, name: str) -> None:
     one = json.dumps([SOCKET, name, 1])
     bed.run("python3", "-c", CLIENT, one, user="alice").check()
     pid = main_pid(bed, "capsuled.service")
-    idle = status_kib(bed, pid)
+    idle = vm_kib(bed, pid)
 
     share = CONNECTIONS // len(USERS)
 
@@ -92,7 +76,7 @@ def run(bed: Testbed, name: str) -> None:
     with ThreadPoolExecutor(len(USERS)) as pool:
         errors = sum(pool.map(client, USERS))
     same_pid = main_pid(bed, "capsuled.service") == pid
-    after = status_kib(bed, pid)
+    after = vm_kib(bed, pid)
 
     # polkitd is bus-activated and the builtin policy never asks it: one call starts it, for the
     # context line. (systemd-machined is not in the testbed: it comes with systemd-container.)
@@ -108,7 +92,7 @@ def run(bed: Testbed, name: str) -> None:
     for unit in (*REFERENCES, *CONTEXT):
         ref_pid = main_pid(bed, unit)
         if ref_pid:
-            refs[unit] = status_kib(bed, ref_pid)
+            refs[unit] = vm_kib(bed, ref_pid)
 
     ours = [
         ("capsuled idle, just activated", idle["VmRSS"]),
@@ -156,14 +140,14 @@ def soak(bed: Testbed, name: str, calls: int) -> None:
     ops = [["Describe", {"name": name}], ["Info", {}]]
     inbed(bed, "alice", "calls", {"ops": ops, "calls": 100, "window": 32})
     pid = main_pid(bed, "capsuled.service")
-    readings: list[tuple[int, int]] = [(0, status_kib(bed, pid)["VmRSS"])]
+    readings: list[tuple[int, int]] = [(0, vm_kib(bed, pid)["VmRSS"])]
     errors = done = 0
     chunk = max(1, calls // SOAK_CHUNKS)
     while done < calls:
         out = inbed(bed, "alice", "calls", {"ops": ops, "calls": chunk, "window": 32})
         done += out["calls"]
         errors += out["errors"]
-        readings.append((done, status_kib(bed, pid)["VmRSS"]))
+        readings.append((done, vm_kib(bed, pid)["VmRSS"]))
     same_pid = main_pid(bed, "capsuled.service") == pid
     first, last = readings[1][1], readings[-1][1]
     print(f"\n== Memory over {done} calls (Describe and Info, 32 in flight), VmRSS of capsuled")
