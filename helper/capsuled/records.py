@@ -53,6 +53,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Self
 
+from .statefiles import replace_file, sync_dir
+
 DEFAULT_STATE_DIR = Path("/var/lib/capsuled")
 RECORD_FORMAT = 1
 # A record is a few hundred bytes; anything larger was not written by us.
@@ -230,20 +232,7 @@ class RecordStore:
             raise RecordsUnwritable(f"{record.name}: {exc.strerror or exc}") from exc
 
     def _put(self, record: Record) -> None:
-        final = self._path(record.name)
-        tmp = self._dir / f".{record.name}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(record.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        self._sync_dir()
+        replace_file(self._path(record.name), record.to_json())
         # Just written, so too recent to keep (module docstring): the next read parses it.
         self._cache.pop(record.name, None)
 
@@ -257,20 +246,13 @@ class RecordStore:
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(name))
-                self._sync_dir()
+                sync_dir(self._dir)
         except OSError as exc:
             raise RecordsUnwritable(f"{name}: {exc.strerror or exc}") from exc
 
     def owned_by(self, uid: int, user: str | None) -> list[Record]:
         """The records whose owner is the account that is `uid` (named `user`) now."""
         return [r for r in self.all() if r.is_owner(uid, user)]
-
-    def _sync_dir(self) -> None:
-        fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def new_record(name: str, owner: int, owner_name: str | None) -> Record:
