@@ -223,6 +223,17 @@ def test_alice_deploys_upgrades_rolls_back_and_every_refusal_changes_nothing(
     r = ctl(bed, "bob", "deploy", name, v2)
     assert r.returncode == 4, r
     assert home_tree(bed, name) == before
+    # Nor may mallory (not in the group); neither of them may roll it back or read its audit.
+    r = ctl(bed, "mallory", "deploy", name, v2)
+    assert r.returncode == 4, r
+    for user in ("bob", "mallory"):
+        for method in ("Rollback", "Audit"):
+            error, _ = fails(bed, user, method, name=name)
+            assert error == "org.capsuled.Manager.NoSuchCapsule", (user, method, error)
+    assert home_tree(bed, name) == before
+    bundle = described(bed, "alice", name)["bundle"]
+    assert isinstance(bundle, dict)
+    assert bundle["version"] == "1.0"
 
     # Everyone who may read the capsule sees who did what.
     records = ok(bed, "alice", "Audit", name=name)["records"]
