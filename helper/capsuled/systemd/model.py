@@ -379,10 +379,15 @@ class CapsuleModel:
         # rules name the senders as the AddMatch rules do: a well-known sender matches only
         # what the bus daemon routed to us under those (dbus.header_matches), never a unicast
         # signal from anybody; the handlers check PID 1's unique name too. A signal of theirs
-        # over our cap is skipped unread: then the model looks at PID 1 again.
+        # over our cap is skipped unread: then the model looks at PID 1 again. PropertiesChanged
+        # of units that are no capsule (mounts, slices, the capsule's user@ helpers: most of
+        # what a Start or Stop brings) are skipped on their header, never parsed.
         handlers = (self._on_properties_changed, self._on_manager_signal, self._on_owner_changed)
-        for rule, handler in zip(_bus_rules(), handlers, strict=True):  # _bus_rules' order
-            stack.enter_context(link.conn.handle_signals(rule, handler, on_lost=self._lost))
+        prefixes = (_CAPSULE_PATH_PREFIX, None, None)
+        for rule, handler, prefix in zip(_bus_rules(), handlers, prefixes, strict=True):
+            stack.enter_context(
+                link.conn.handle_signals(rule, handler, on_lost=self._lost, path_prefix=prefix)
+            )
         self._handlers, self._link = stack, link
         self._spawn(self._watch_connection(link))
         try:
