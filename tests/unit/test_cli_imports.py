@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from doubles.scripted_capsuled import FakeCapsuled, capsule, fake, ok
+from doubles.scripted_capsuled import FakeCapsuled, capsule, err, fake, ok
 
 __all__ = ["fake"]
 
@@ -125,3 +125,44 @@ def test_a_real_call_loads_no_idl_parser_or_dataclasses(fake: FakeCapsuled) -> N
 @pytest.mark.parametrize("code", ["import dataclasses", "import capsuled.varlink.interface"])
 def test_the_idl_check_would_notice(code: str) -> None:
     assert offenders(modules_after(code), NOT_IN_THE_CLIENT) != []
+
+
+# What a command that succeeds never needs: paths (deploy and bundle read files), socket.py's
+# wrapper (the transport uses the C socket type), the error classes (an error reply loads
+# them). Together ~9 ms of a `capsulectl status` (python -X importtime).
+NOT_WHEN_IT_WORKS = ("pathlib", "socket", "selectors", "capsuled.errors")
+
+
+@pytest.mark.parametrize(
+    ("argv", "method", "reply"),
+    [
+        (["status", "web"], "Describe", ok(capsule=capsule())),
+        (["list"], "List", ok(capsules=[capsule()])),
+        (["stop", "web"], "Stop", ok(capsule=capsule(), job="done")),
+    ],
+)
+def test_a_verb_that_succeeds_loads_no_paths_sockets_or_errors(
+    fake: FakeCapsuled, argv: list[str], method: str, reply: object
+) -> None:
+    fake.on(method, reply)  # type: ignore[arg-type]  # the double's reply type
+    modules = modules_after(
+        "from capsulectl.cli import main\n"
+        f"rc = main(['--address', {fake.address!r}, *{argv!r}])\n"
+        "assert rc in (0, 3), rc"
+    )
+    assert fake.methods() == [method]
+    assert offenders(modules, NOT_WHEN_IT_WORKS) == []
+
+
+def test_an_error_reply_still_raises_its_own_class(fake: FakeCapsuled) -> None:
+    # The error classes load with the error: the CLI still says what the helper meant.
+    fake.on("Describe", err("org.capsuled.Manager.NoSuchCapsule", name="web"))
+    modules = modules_after(
+        "import io\n"
+        "from capsulectl.cli import main\n"
+        "err = io.StringIO()\n"
+        f"rc = main(['--address', {fake.address!r}, 'status', 'web'], err=err)\n"
+        "assert rc == 4, (rc, err.getvalue())\n"
+        "assert 'does not exist' in err.getvalue(), err.getvalue()"
+    )
+    assert "capsuled.errors" in modules
