@@ -24,7 +24,6 @@ runs: one implementation of Varlink. Only the socket I/O is here, as in jeepney'
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
@@ -482,8 +481,10 @@ class Client:
 
 def _close_fds(fds: Sequence[int]) -> None:
     for fd in fds:
-        with contextlib.suppress(OSError):  # already closed: nothing more to give back
+        try:  # noqa: SIM105 -- not contextlib.suppress: contextlib costs every command ~0.8 ms
             os.close(fd)
+        except OSError:
+            pass  # already closed: nothing more to give back
 
 
 def _error(reply: ErrorReply) -> VarlinkError:
