@@ -30,9 +30,10 @@ parser trusts its bus, and parses at roughly 0.37 s of CPU per MiB in the event 
 systemd 257's testbed host: a 32 MiB message from a hostile "manager" stalled the daemon ~12 s),
 so a message is read in three steps, its fixed header, its header fields, its body, and the body
 is read (let alone parsed) only once the header says somebody wants it:
-- a reply is wanted if a call waits for its serial; a signal if a registered queue's rule
-  matches its header (type, sender, path, interface, member); a method call to us never (we
-  export nothing);
+- a reply is wanted if a call waits for its serial; a signal if a registered queue's or
+  handler's rule matches its header (type, sender, path, interface, member; a handler's path
+  prefix too); a method call to us never (we export nothing). A wanted body is parsed with
+  the header already read, not the whole message again;
 - a message nobody wants, of any size, is skipped: its body is read in chunks and thrown away,
   so it costs neither memory nor a parse. On the system bus that is all (any client may send us
   unicast signals, and closing our connection would fail PID 1's and polkit's calls in flight
