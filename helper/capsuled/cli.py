@@ -5,24 +5,29 @@ capsuled install ...     (capsuled.install, imported only when asked for)
 capsuled uninstall ...
 capsuled audit verify [FILE...]   (capsuled.verify)
 capsuled --version
+
+Socket activation runs `capsuled` with no arguments (ExecStart=): that start builds the
+default Options without argparse, and `--version` is answered before anything is imported,
+since every millisecond here is a millisecond of the first caller's wait (issue 12).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+from capsuled import __version__
+
+if TYPE_CHECKING:
+    import argparse
 
 __all__ = ["main"]
 
 
-def _version() -> str:
-    from capsuled.daemon import service_info
-
-    return service_info().version
-
-
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+    from pathlib import Path
+
     from capsuled.transport import Limits
 
     d = Limits()
@@ -32,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Subcommands: serve (default), install, uninstall, audit (see `capsuled install "
         "--help`, `capsuled audit verify --help`).",
     )
-    p.add_argument("--version", action="version", version=f"capsuled {_version()}")
+    p.add_argument("--version", action="version", version=f"capsuled {__version__}")
     p.add_argument(
         "--listen",
         metavar="PATH",
@@ -232,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         return main_audit(args_in[1:])
     if args_in and args_in[0] == "serve":
         args_in = args_in[1:]
+    if args_in == ["--version"]:
+        print(f"capsuled {__version__}")
+        return 0
+    _block_ssl()  # before anything imports asyncio
+    if not args_in:
+        return _serve_defaults()
     parser = _parser()
     args = parser.parse_args(args_in)
 
@@ -273,3 +284,24 @@ def main(argv: list[str] | None = None) -> int:
         config_dir=args.config_dir,
     )
     return run(options)
+
+
+def _serve_defaults() -> int:
+    """`capsuled` as socket activation starts it: every option at its default."""
+    from capsuled.daemon import Options, run, setup_logging
+
+    setup_logging(False)
+    return run(Options())
+
+
+def _block_ssl() -> None:
+    """Make `import ssl` fail in this process: asyncio then runs without TLS support.
+
+    capsuled speaks only over Unix sockets (RestrictAddressFamilies=AF_UNIX) and never uses
+    TLS, but asyncio imports ssl when it can, which loads libssl and costs ~7-25 ms of every
+    start and ~1 MiB resident (measured in the testbed, issue 12). asyncio treats a missing ssl
+    as "no TLS" (`try: import ssl except ImportError: ssl = None` in base_events, sslproto,
+    selector_events). A None entry is how sys.modules marks a module as unimportable. Only the
+    daemon does this: install, audit verify and tests run with ssl as usual.
+    """
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]  # None: unimportable
