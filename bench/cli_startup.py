@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from testbed import Testbed
 
 ROOT = Path(__file__).resolve().parents[1]
-# What pip's console-script wrapper for capsulectl runs (see the wheel's entry_points.txt).
-ENTRY = "import re, sys; from capsulectl.cli import main; sys.exit(main())"
+# What the installed launcher (client/scripts/capsulectl) runs.
+ENTRY = "import sys; from capsulectl.cli import main; sys.exit(main())"
 
 
 def host_env() -> dict[str, str]:

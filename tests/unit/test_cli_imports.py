@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,45 @@ def test_a_real_call_loads_no_idl_parser_or_dataclasses(fake: FakeCapsuled) -> N
 @pytest.mark.parametrize("code", ["import dataclasses", "import capsuled.varlink.interface"])
 def test_the_idl_check_would_notice(code: str) -> None:
     assert offenders(modules_after(code), NOT_IN_THE_CLIENT) != []
+
+
+# What `capsulectl --version` may load beyond the interpreter's start-up: the package and its
+# cli module (and __future__ for their annotations). argparse, typing, re and the failure table
+# were ~15 ms of it, as much as the interpreter itself (issue 12).
+VERSION_MODULES = {"__future__", "capsulectl", "capsulectl.cli"}
+LAUNCHER = ROOT / "client" / "scripts" / "capsulectl"
+
+
+def run_launcher(*argv: str) -> str:
+    """The installed launcher's code, run as the script would be (its sys.exit caught)."""
+    return (
+        f"sys.argv = ['capsulectl', *{list(argv)!r}]\n"
+        f"try:\n    exec(compile(open({str(LAUNCHER)!r}).read(), 'capsulectl', 'exec'), {{}})\n"
+        "except SystemExit as exc:\n    assert exc.code == 0, exc.code"
+    )
+
+
+def test_version_loads_only_the_package_and_its_cli() -> None:
+    assert modules_after("from capsulectl.cli import main; main(['--version'])") <= (
+        VERSION_MODULES
+    )
+
+
+def test_the_launcher_adds_nothing_to_version() -> None:
+    modules = modules_after(run_launcher("--version"))
+    assert "capsulectl.cli" in modules  # it really ran
+    assert modules <= VERSION_MODULES
+
+
+def test_the_launcher_check_would_notice_an_import() -> None:
+    # argparse pulls in re (unless site did): what pip's generated launcher paid for.
+    modules = modules_after(run_launcher("--version") + "\nimport argparse")
+    assert not modules <= VERSION_MODULES
+
+
+def test_capsulectl_is_installed_from_the_launcher_not_a_console_script() -> None:
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "capsulectl" not in meta["project"]["scripts"]
+    assert meta["tool"]["setuptools"]["script-files"] == ["client/scripts/capsulectl"]
+    assert LAUNCHER.stat().st_mode & 0o111
+    assert LAUNCHER.read_text().startswith("#!/usr/bin/python3\n")  # pip/pybuild rewrite it
