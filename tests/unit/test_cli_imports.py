@@ -168,3 +168,44 @@ def test_capsulectl_is_installed_from_the_launcher_not_a_console_script() -> Non
     assert meta["tool"]["setuptools"]["script-files"] == ["client/scripts/capsulectl"]
     assert LAUNCHER.stat().st_mode & 0o111
     assert LAUNCHER.read_text().startswith("#!/usr/bin/python3\n")  # pip/pybuild rewrite it
+
+
+def modules_without_site(code: str) -> set[str]:
+    """Like modules_after, but with `python3 -S`: this host's site may import shutil itself."""
+    env = {"PYTHONPATH": f"{ROOT / 'helper'}:{ROOT / 'client'}", "PATH": "/usr/bin:/bin"}
+    script = f"{code}\nimport sys, json\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+def test_building_the_parser_imports_no_shutil() -> None:
+    # argparse's HelpFormatter imports shutil (and with it bz2 and lzma) for the terminal
+    # width unless given one, and add_argument makes a formatter for every option.
+    modules = modules_without_site(
+        "from capsulectl.cli import build_parser; build_parser('status')"
+    )
+    assert "argparse" in modules
+    assert offenders(modules, ("shutil", "bz2", "lzma")) == []
+
+
+def test_the_shutil_check_would_notice() -> None:
+    assert "shutil" in modules_without_site("import argparse; argparse.HelpFormatter('x')")
+
+
+def test_the_help_width_is_the_terminals_as_shutil_reports_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+
+    from capsulectl.cli import terminal_columns
+
+    for columns in ("57", "", "0", "x"):
+        monkeypatch.setenv("COLUMNS", columns)
+        assert terminal_columns() == shutil.get_terminal_size().columns
