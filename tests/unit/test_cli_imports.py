@@ -209,3 +209,15 @@ def test_the_help_width_is_the_terminals_as_shutil_reports_it(
     for columns in ("57", "", "0", "x"):
         monkeypatch.setenv("COLUMNS", columns)
         assert terminal_columns() == shutil.get_terminal_size().columns
+
+
+def test_a_status_call_imports_no_pathlib_or_shutil(fake: FakeCapsuled) -> None:
+    # pathlib is for the verbs that take files (deploy, bundle); ~4 ms of every other command.
+    fake.on("Describe", ok(capsule=capsule()))
+    modules = modules_without_site(
+        "from capsulectl.cli import main\n"
+        f"rc = main(['--address', {fake.address!r}, 'status', 'web'])\n"
+        "assert rc == 0, rc"
+    )
+    assert fake.methods() == ["Describe"]
+    assert offenders(modules, ("pathlib", "shutil")) == []
