@@ -21,6 +21,8 @@ from capsuled import __version__
 if TYPE_CHECKING:
     import argparse
 
+    from capsuled.daemon import Options
+
 __all__ = ["main"]
 
 
@@ -245,37 +247,48 @@ def main(argv: list[str] | None = None) -> int:
         return _serve_defaults()
     parser = _parser()
     args = parser.parse_args(args_in)
-
-    from capsuled.daemon import Options, run, setup_logging
-    from capsuled.transport import Limits
+    from capsuled.daemon import run, setup_logging
 
     try:
-        limits = Limits(
-            max_connections=args.max_connections,
-            max_connections_per_uid=args.max_connections_per_uid,
-            idle_timeout_s=args.idle_timeout_sec,
-            max_inflight_calls=args.max_inflight_calls,
-            max_inflight_calls_per_uid=args.max_inflight_calls_per_uid,
-            max_message_bytes=args.max_message_bytes,
-            max_json_depth=args.max_json_depth,
-            max_json_values=args.max_json_values,
-            max_buffered_bytes=args.max_buffered_bytes,
-            send_timeout_s=args.send_timeout_sec,
-            slot_wait_s=args.slot_wait_sec,
-            max_streams=args.max_streams,
-            max_streams_per_uid=args.max_streams_per_uid,
-            max_open_streams=args.max_open_streams,
-            max_open_streams_per_uid=args.max_open_streams_per_uid,
-            max_waiting_calls=args.max_waiting_calls,
-            max_waiting_calls_per_uid=args.max_waiting_calls_per_uid,
-            max_fds_per_message=args.max_fds_per_message,
-            max_fds=args.max_fds,
-            max_fds_per_uid=args.max_fds_per_uid,
-        )
+        options = options_from(args)
     except ValueError as exc:
         parser.error(str(exc))
     setup_logging(args.debug)
-    options = Options(
+    return run(options)
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    """What `capsuled serve OPTIONS...` asks for.
+
+    Raises:
+        ValueError: the limits do not fit together (transport.Limits says which).
+    """
+    from capsuled.daemon import Options
+    from capsuled.transport import Limits
+
+    limits = Limits(
+        max_connections=args.max_connections,
+        max_connections_per_uid=args.max_connections_per_uid,
+        idle_timeout_s=args.idle_timeout_sec,
+        max_inflight_calls=args.max_inflight_calls,
+        max_inflight_calls_per_uid=args.max_inflight_calls_per_uid,
+        max_message_bytes=args.max_message_bytes,
+        max_json_depth=args.max_json_depth,
+        max_json_values=args.max_json_values,
+        max_buffered_bytes=args.max_buffered_bytes,
+        send_timeout_s=args.send_timeout_sec,
+        slot_wait_s=args.slot_wait_sec,
+        max_streams=args.max_streams,
+        max_streams_per_uid=args.max_streams_per_uid,
+        max_open_streams=args.max_open_streams,
+        max_open_streams_per_uid=args.max_open_streams_per_uid,
+        max_waiting_calls=args.max_waiting_calls,
+        max_waiting_calls_per_uid=args.max_waiting_calls_per_uid,
+        max_fds_per_message=args.max_fds_per_message,
+        max_fds=args.max_fds,
+        max_fds_per_uid=args.max_fds_per_uid,
+    )
+    return Options(
         listen=args.listen,
         idle_exit_s=args.idle_exit_sec,
         limits=limits,
@@ -283,11 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_grace_s=args.shutdown_grace_sec,
         config_dir=args.config_dir,
     )
-    return run(options)
 
 
 def _serve_defaults() -> int:
-    """`capsuled` as socket activation starts it: every option at its default."""
+    """`capsuled` as socket activation starts it: every option at its default (the same
+    Options as options_from(no options), tests/unit/test_helper_cli.py checks)."""
     from capsuled.daemon import Options, run, setup_logging
 
     setup_logging(False)
