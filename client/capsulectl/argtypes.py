@@ -6,10 +6,20 @@ Each parser raises argparse.ArgumentTypeError, so argparse reports a bad value a
 
 from __future__ import annotations
 
-import argparse
-import re
+TYPE_CHECKING = False  # not typing's (mypy: true)
+if TYPE_CHECKING:
+    import argparse
 
 __all__ = ["parse_count", "parse_since", "parse_size", "parse_timeout"]
+
+
+def _invalid(message: str) -> argparse.ArgumentTypeError:
+    """argparse's error for a bad value, argparse imported only then: a plain command line is
+    parsed without it (capsulectl/fastargs.py) and converts nothing."""
+    import argparse
+
+    return argparse.ArgumentTypeError(message)
+
 
 _SIZE_RE = r"(\d+(?:\.\d+)?)\s*([KMGTPE]?)B?"  # compiled (and cached by re) on first use
 _SIZE_FACTORS = {
@@ -26,11 +36,13 @@ _RESET_WORDS = frozenset({"infinity", "default"})  # -1 on the wire: back to sys
 
 def parse_size(text: str) -> int:
     """MemoryMax= syntax: bytes with an optional 1024-based K/M/G/T/P/E suffix, or infinity (-1)."""
+    import re  # only a value to convert needs it; a plain command line has none
+
     if text.strip().lower() in _RESET_WORDS:
         return -1
     m = re.fullmatch(_SIZE_RE, text.strip(), re.IGNORECASE)
     if m is None:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 512M, 2G, infinity)")
+        raise _invalid(f"invalid size {text!r} (e.g. 512M, 2G, infinity)")
     number, suffix = m.groups()
     whole, _, frac = number.partition(".")
     factor = _SIZE_FACTORS[suffix.upper()]
@@ -46,9 +58,9 @@ def parse_count(text: str) -> int:
     try:
         value = int(text, 10)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+        raise _invalid(f"invalid number {text!r}") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative (use infinity to reset)")
+        raise _invalid(f"{text!r} is negative (use infinity to reset)")
     return value
 
 
@@ -59,9 +71,9 @@ def parse_timeout(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}") from None
+        raise _invalid(f"invalid timeout {text!r}") from None
     if value < 0 or value != value:
-        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}")
+        raise _invalid(f"invalid timeout {text!r}")
     return None if value == 0 else value
 
 
@@ -72,13 +84,14 @@ _REL_USEC = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 6
 def parse_since(text: str, now_usec: int) -> int:
     """journalctl-like --since: "2026-11-25 12:00", today, yesterday, -1h, "5min ago", @EPOCH."""
     import datetime
+    import re
 
     t = text.strip()
     if t.startswith("@"):
         try:
             return int(float(t[1:]) * 1_000_000)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid time {text!r}") from None
+            raise _invalid(f"invalid time {text!r}") from None
     if t in ("now",):
         return now_usec
     if t in ("today", "yesterday"):
@@ -96,6 +109,6 @@ def parse_since(text: str, now_usec: int) -> int:
     try:
         return int(datetime.datetime.fromisoformat(t).timestamp() * 1_000_000)
     except ValueError:
-        raise argparse.ArgumentTypeError(
+        raise _invalid(
             f"invalid time {text!r} (e.g. '2026-11-25 12:00', today, -1h, '5min ago')"
         ) from None

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     # The verbs, their context and the output formats load after `--version` has been answered.
     from capsulectl.context import Context
+    from capsulectl.fastargs import Declared, Namespace
     from capsulectl.verbs import Verb
 
 __all__ = ["build_parser", "main"]
@@ -67,18 +68,24 @@ examples:
 See capsuled(8) for the policy that decides who may do what."""
 
 
-def _add_global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
+def add_global_options(p: argparse.ArgumentParser | Declared, top: bool) -> None:
     """Global options, accepted before and after the verb (systemctl takes them anywhere).
 
     On subparsers every default is SUPPRESS, so an option not given after the verb does not
-    overwrite the one given before it.
+    overwrite the one given before it. p is a parser, or fastargs' recorder of the same calls.
     """
-    import argparse
-
     from capsulectl.argtypes import parse_timeout
+    from capsulectl.fastargs import SUPPRESS, Declared
+
+    if isinstance(p, Declared):
+        suppress: object = SUPPRESS  # its value; fastargs does not import argparse
+    else:
+        import argparse  # loaded with the parser p; argparse compares SUPPRESS by identity
+
+        suppress = argparse.SUPPRESS
 
     def d(value: object) -> object:
-        return value if top else argparse.SUPPRESS
+        return value if top else suppress
 
     g = p.add_argument_group("global options")
     g.add_argument(
@@ -230,7 +237,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="relay standard input/output to the local socket (what -H runs on the remote host)",
     )
-    _add_global_options(parser, top=True)
+    add_global_options(parser, True)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", title="verbs")
     for verb in verb_table():
         if only is not None and verb.name != only:
@@ -243,7 +250,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             formatter_class=fmt,
         )
         verb.arguments(p)
-        _add_global_options(p, top=False)
+        add_global_options(p, False)
         p.set_defaults(handler=verb.run)
     return parser
 
@@ -258,31 +265,49 @@ def main(
     if arglist == ["--version"]:  # the most common probe: answer before building the parser
         print(f"capsulectl {__version__}", file=out)
         return 0  # failures.EXIT_OK, not imported for this
-    from capsulectl import output
+    from capsulectl import fastargs, output
     from capsulectl.context import ENV_ADDRESS, Context
     from capsulectl.verbs import verb_table
 
     arglist = attach_dash_values(arglist)
-    verb = find_verb(arglist, verb_table())
-    parser = build_parser(verb.name if verb is not None else None)
-    args = parser.parse_args(arglist)
+    args: argparse.Namespace | Namespace | None = fastargs.parse(
+        arglist, verb_table(), add_global_options
+    )
+    if args is None:  # not a plain command line: argparse's (help, usage errors, conversions)
+        verb = find_verb(arglist, verb_table())
+        args = build_parser(verb.name if verb is not None else None).parse_args(arglist)
     if args.bridge:
         from capsulectl.bridge import relay
         from capsulectl.transport import DEFAULT_ADDRESS
 
         return relay(args.address or os.environ.get(ENV_ADDRESS) or DEFAULT_ADDRESS)
     if args.verb is None:
-        parser = build_parser("list")
-        args = parser.parse_args([*arglist, "list"])  # like systemctl: no verb lists
+        args = fastargs.parse([*arglist, "list"], verb_table(), add_global_options)
+        if args is None:
+            args = build_parser("list").parse_args([*arglist, "list"])  # no verb lists
     style = output.Style(output.should_colour(out, os.environ), getattr(out, "encoding", None))
     ctx = Context(args=args, out=out, err=err, style=style)
-    return run_verb(ctx, parser)
+    return run_verb(ctx)
 
 
-def run_verb(ctx: Context, parser: argparse.ArgumentParser) -> int:
+def run_verb(ctx: Context) -> int:
     """Run the verb; turn every failure into one line on stderr and its exit status."""
-    import argparse
+    try:
+        return int(ctx.args.handler(ctx))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # explain_failure() re-raises what it cannot name
+        return explain_failure(ctx, exc)
+    finally:
+        ctx.close()
 
+
+def explain_failure(ctx: Context, exc: Exception) -> int:
+    """Print the line for a verb's failure and return its exit status; re-raise any other.
+
+    The classes are imported here, once a verb has failed: a command that succeeds loads none of
+    them (and no argparse: an ArgumentTypeError can only come from argparse once it is loaded).
+    """
     from capsulectl.context import UsageError
     from capsulectl.failures import (
         EXIT_BROKEN_PIPE,
@@ -293,30 +318,25 @@ def run_verb(ctx: Context, parser: argparse.ArgumentParser) -> int:
     from capsulectl.transport import ClientError
     from capsuled.varlink.errors import VarlinkError
 
-    try:
-        return int(ctx.args.handler(ctx))
-    except UsageError as exc:
+    argparse_module = sys.modules.get("argparse")
+    if isinstance(exc, UsageError) or (
+        argparse_module is not None and isinstance(exc, argparse_module.ArgumentTypeError)
+    ):
         ctx.error(f"capsulectl: {exc}")
         return EXIT_USAGE
-    except argparse.ArgumentTypeError as exc:
-        ctx.error(f"capsulectl: {exc}")
-        return EXIT_USAGE
-    except VarlinkError as exc:
+    if isinstance(exc, VarlinkError):
         message, code = explain_error(exc, ctx.doing, asked=ctx.asked)
         ctx.error(message)
         return code
-    except ClientError as exc:
+    if isinstance(exc, ClientError):
         message, code = explain_client_error(exc, host=ctx.args.host, timeout=ctx.args.timeout)
         ctx.error(message)
         return code
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
+    if isinstance(exc, BrokenPipeError):
         # The reader went away (capsulectl list | head): stop quietly, as a SIGPIPE'd tool would.
         os.dup2(os.open(os.devnull, os.O_WRONLY), ctx.out.fileno())
         return EXIT_BROKEN_PIPE
-    finally:
-        ctx.close()
+    raise exc
 
 
 if __name__ == "__main__":

@@ -3,16 +3,19 @@ first use (`Context`), and the error a verb raises for a command line argparse c
 
 from __future__ import annotations
 
-import argparse
 import os
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, TextIO
 
 from capsulectl import output
 
+TYPE_CHECKING = False  # not typing's: a plain command loads no typing (capsulectl/fastargs.py)
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Iterable
+    from typing import TextIO
+
     from capsulectl.agent import TtyAgent
     from capsulectl.client import Client
+    from capsulectl.fastargs import Namespace
 
 __all__ = ["ENV_ADDRESS", "Context", "UsageError"]
 
@@ -28,7 +31,7 @@ class Context:
 
     # A plain class, not a dataclass: importing dataclasses costs ~8 ms of start-up (inspect).
     def __init__(
-        self, args: argparse.Namespace, out: TextIO, err: TextIO, style: output.Style
+        self, args: argparse.Namespace | Namespace, out: TextIO, err: TextIO, style: output.Style
     ) -> None:
         self.args = args
         self.out = out

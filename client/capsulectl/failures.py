@@ -6,11 +6,10 @@ statuses are the LSB/systemctl ones documented in `capsulectl --help`.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
+TYPE_CHECKING = False  # not typing's: a plain command loads no typing (capsulectl/fastargs.py)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from capsuled.varlink.errors import VarlinkError
 
 __all__ = [
@@ -61,7 +60,8 @@ class Facts:
         self.unit = quote(self.p.get("unit", "?"))
 
 
-Line = Callable[[Facts], str]
+if TYPE_CHECKING:
+    Line = Callable[[Facts], str]
 
 
 def _auth_required(f: Facts) -> str:
@@ -112,12 +112,13 @@ def _generic(f: Facts) -> str:
     return f"failed to {f.doing}: {f.error}"
 
 
-@functools.cache
 def explanations() -> dict[type[VarlinkError], tuple[Line, int]]:
     """Every error class capsuled can answer with -> (its line, its exit status).
 
-    Built on first use: the classes live in the protocol core, which the CLI loads only once it
-    makes a call. tests/unit/test_failures.py checks that every class of capsuled.errors and
+    Built when a call has failed: the classes live in the protocol core, which the CLI loads only
+    once it makes a call. Not cached (functools would cost every command ~1-4 ms of start-up, with
+    the collections it imports): a command explains a handful of errors at most.
+    tests/unit/test_failures.py checks that every class of capsuled.errors and
     capsuled.varlink.errors has an entry.
     """
     from capsuled import errors as e

@@ -8,10 +8,12 @@ format_timespan() and format_timestamp_relative(), so the numbers read like syst
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, TextIO
 
+TYPE_CHECKING = False  # not typing's: a plain command loads no typing (capsulectl/fastargs.py)
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import TextIO
+
     from capsuled import wire
 
 __all__ = [

@@ -11,8 +11,8 @@ repository imports from the submodules directly; the package-level names stay fo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+# Not typing's: capsulectl's start-up loads no typing, ~5 ms of it (mypy: true all the same).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     # For type checkers and editors only; at run time __getattr__ below resolves these.
     from capsuled.varlink.connection import ClientConnection, ConnectionState, ServerConnection
