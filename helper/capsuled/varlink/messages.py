@@ -12,8 +12,7 @@ of which is JSON (RFC 8259) and each of which would let two parsers disagree abo
 
 from __future__ import annotations
 
-import json
-import re
+import _json  # json's own C scanner and encoder (below: why not the json package)
 
 from capsuled.varlink.errors import LocalProtocolError, RemoteProtocolError
 
@@ -42,20 +41,45 @@ __all__ = [
 # UAPI.20 grammar: interface  [A-Za-z]([-]*[A-Za-z0-9])*([.][A-Za-z0-9]([-]*[A-Za-z0-9])*)+
 #                  member     [A-Z][A-Za-z0-9]*
 _INTERFACE = r"[A-Za-z](?:-*[A-Za-z0-9])*(?:\.[A-Za-z0-9](?:-*[A-Za-z0-9])*)+"
-# Compiled at import: every Call and ErrorReply checks its name. The bare interface pattern is
-# needed only by the IDL parser, so re compiles (and caches) it on first use instead: ~0.5 ms the
-# client does not spend.
-_QUALIFIED_RE = re.compile(rf"{_INTERFACE}\.[A-Z][A-Za-z0-9]*", re.ASCII)
+# Every Call and ErrorReply checks its name, so that check is written out below instead of with
+# re: re (and the enum it imports) cost capsulectl's start-up ~4 ms. tests/unit/
+# test_varlink_messages.py holds it equal to the grammar's pattern. The IDL parser's bare
+# interface names still use re, imported on first use.
+_UPPER = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_LETTERS = _UPPER | frozenset("abcdefghijklmnopqrstuvwxyz")
+_ALNUM = _LETTERS | frozenset("0123456789")
+_ALNUM_DASH = _ALNUM | {"-"}
 
 
 def is_valid_interface_name(name: str) -> bool:
     """True if `name` is a Varlink interface name such as org.varlink.service."""
+    import re
+
     return re.fullmatch(_INTERFACE, name, re.ASCII) is not None
+
+
+def _is_label(part: str, first: bool) -> bool:
+    """One dot-separated part of an interface name: [A-Za-z0-9] (the first: a letter), then
+    letters, digits and dashes, not ending in a dash."""
+    return (
+        part != ""
+        and part[0] in (_LETTERS if first else _ALNUM)
+        and part[-1] in _ALNUM
+        and _ALNUM_DASH.issuperset(part)
+    )
 
 
 def is_valid_method_name(name: str) -> bool:
     """True if `name` is an interface-qualified member name such as org.varlink.service.GetInfo."""
-    return _QUALIFIED_RE.fullmatch(name) is not None
+    *interface, member = name.split(".")
+    return (
+        len(interface) >= 2
+        and member != ""
+        and member[0] in _UPPER
+        and _ALNUM.issuperset(member)
+        and _is_label(interface[0], True)
+        and all(_is_label(part, False) for part in interface[1:])
+    )
 
 
 # dataclass_transform (PEP 681) tells type checkers what the runtime does: the subclasses are frozen
@@ -268,10 +292,38 @@ def encode(msg: Message) -> bytes:
     else:
         raise LocalProtocolError(f"not a Varlink message: {type(msg).__name__}")
     try:
-        text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text = _dumps(obj)
         return text.encode("utf-8") + b"\0"
     except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
         raise LocalProtocolError(f"cannot encode message: {exc}") from exc
+
+
+# The json package imports re (and re enum): ~4 ms of capsulectl's start-up, a sixth of it. Its
+# loads() and dumps() run _json's C scanner and encoder, built as below from the arguments they
+# would pass; whatever these do not simply succeed at goes to json itself, so every error (and
+# its text) is json's. tests/unit/test_varlink_messages.py compares both with json's.
+
+
+def _not_serializable(value: object) -> object:
+    raise TypeError("not JSON")  # only a signal to ask json.dumps, which says it properly
+
+
+# json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")), but without
+# json's circular-reference markers (a dict per call): a cycle ends in RecursionError here, and
+# json.dumps then names it.
+_encode_c = _json.make_encoder(
+    None, _not_serializable, _json.encode_basestring, None, ":", ",", False, False, False
+)
+
+
+def _dumps(obj: dict[str, object]) -> str:
+    try:
+        chunks = _encode_c(obj, 0)
+    except (TypeError, ValueError, RecursionError):
+        import json
+
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return "".join(chunks)
 
 
 def _short(value: object, limit: int = 80) -> str:
@@ -321,16 +373,46 @@ def _has_surrogate(value: object) -> bool:
     return False
 
 
-def _load_object(raw: bytes) -> dict[str, object]:
+class _Hooks:
+    """What json.JSONDecoder hands its scanner: json.loads(parse_constant=_refuse_constant,
+    parse_float=_finite_float, object_pairs_hook=_object_without_duplicates)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = staticmethod(_object_without_duplicates)
+    parse_float = staticmethod(_finite_float)
+    parse_int = int
+    parse_constant = staticmethod(_refuse_constant)
+
+
+_scan_c = _json.make_scanner(_Hooks())  # type: ignore[arg-type]  # typeshed: a scanner; it reads these
+_JSON_SPACE = " \t\n\r"  # json.decoder's WHITESPACE
+
+
+def _loads(text: str) -> object:
+    """json.loads(text) with the hooks above: the value of one JSON document."""
+    start = len(text) - len(text.lstrip(_JSON_SPACE))
     try:
-        # Decode explicitly: json.loads(bytes) would also guess UTF-16/32.
-        text = raw.decode("utf-8")
-        value = json.loads(
+        value, end = _scan_c(text, start)
+    except StopIteration:
+        value, end = None, -1  # "Expecting value": json's to say
+    if end < 0 or text[end:].strip(_JSON_SPACE) or text.startswith("\ufeff"):
+        import json
+
+        return json.loads(
             text,
             parse_constant=_refuse_constant,
             parse_float=_finite_float,
             object_pairs_hook=_object_without_duplicates,
         )
+    return value
+
+
+def _load_object(raw: bytes) -> dict[str, object]:
+    try:
+        # Decode explicitly: json.loads(bytes) would also guess UTF-16/32.
+        text = raw.decode("utf-8")
+        value = _loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError, _Refused) as exc:
         # ValueError covers JSONDecodeError and ints longer than sys.get_int_max_str_digits().
         raise RemoteProtocolError(f"malformed message: {exc}") from exc
