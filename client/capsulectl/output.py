@@ -235,10 +235,14 @@ def now_usec() -> int:
 
 
 def dump_json(value: object) -> str:
-    """One compact JSON document on one line (a stream is one of these per line)."""
-    import json  # only --json needs it (the client's protocol core loads it anyway)
+    """One compact JSON document on one line (a stream is one of these per line).
 
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    The protocol core's writer, json.dumps without the json package (and its re): what comes
+    in a reply was read as JSON, so it has no NaN or infinity for allow_nan=False to refuse.
+    """
+    from capsuled.varlink.messages import compact_json
+
+    return compact_json(value)
 
 
 # --- tables -------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ __all__ = [
     "Call",
     "ErrorReply",
     "Reply",
+    "compact_json",
     "encode",
     "is_valid_interface_name",
     "is_valid_method_name",
@@ -292,7 +293,7 @@ def encode(msg: Message) -> bytes:
     else:
         raise LocalProtocolError(f"not a Varlink message: {type(msg).__name__}")
     try:
-        text = _dumps(obj)
+        text = compact_json(obj)
         return text.encode("utf-8") + b"\0"
     except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
         raise LocalProtocolError(f"cannot encode message: {exc}") from exc
@@ -316,7 +317,9 @@ _encode_c = _json.make_encoder(
 )
 
 
-def _dumps(obj: dict[str, object]) -> str:
+def compact_json(obj: object) -> str:
+    """json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")), the same text
+    and the same errors, without importing json (or re) unless obj cannot be written."""
     try:
         chunks = _encode_c(obj, 0)
     except (TypeError, ValueError, RecursionError):
