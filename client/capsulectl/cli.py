@@ -3,10 +3,11 @@ failure becomes a line on stderr and an exit status; the verbs themselves (each 
 arguments and handler) are declared in verbs.py.
 
 Start-up stays cheap: `--version` is answered before anything but this module and the package
-is imported (not even argparse or typing); only argparse and the standard library's small
-modules load before a verb runs; the protocol core loads when the
-first call is made, and nothing here imports asyncio, jeepney, the `varlink` package or systemd
-(tests/unit/test_cli_imports.py checks it in a fresh interpreter).
+is imported (not even argparse or typing); a plain command line (`status web`, `--json list`)
+is read by fastargs.py from the same verb declarations, without argparse, typing, json or re;
+argparse parses every other one (help, usage errors, values to convert); the protocol core loads
+when the first call is made, and nothing here imports asyncio, jeepney, the `varlink` package or
+systemd (tests/unit/test_cli_imports.py checks it in a fresh interpreter).
 """
 
 from __future__ import annotations
