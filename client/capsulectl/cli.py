@@ -274,8 +274,11 @@ def main(
     args: argparse.Namespace | Namespace | None = fastargs.parse(
         arglist, verb_table(), add_global_options
     )
+    verb = find_verb(arglist, verb_table()) if args is None else None
+    if args is None and verb is None:
+        # No verb lists (below): plain global options and `list` need no parser either.
+        args = fastargs.parse([*arglist, "list"], verb_table(), add_global_options)
     if args is None:  # not a plain command line: argparse's (help, usage errors, conversions)
-        verb = find_verb(arglist, verb_table())
         args = build_parser(verb.name if verb is not None else None).parse_args(arglist)
     if args.bridge:
         from capsulectl.bridge import relay

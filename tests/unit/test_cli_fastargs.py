@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 
 from capsulectl import cli, fastargs
 from capsulectl.verbs import verb_table
+from doubles.scripted_capsuled import FakeCapsuled, capsule, fake, ok
+
+__all__ = ["fake"]  # the fixture, re-exported for pytest
 
 VERBS = [v.name for v in verb_table()]
 
@@ -163,3 +166,14 @@ def test_a_usage_error_is_argparse_s_byte_for_byte(capsys: pytest.CaptureFixture
         cli.build_parser("status").parse_args(["status", "a", "--json", "b"])
     assert ours == capsys.readouterr().err
     assert "unrecognized arguments: b" in ours
+
+
+@pytest.mark.parametrize("words", [[], ["--json"], ["--no-legend", "--no-ask-password"]])
+def test_no_verb_lists_as_before(fake: FakeCapsuled, words: list[str]) -> None:
+    fake.on("List", ok(capsules=[capsule("b"), capsule("a")]))
+    out = io.StringIO()
+    assert cli.main(["--address", fake.address, *words], out=out) == 0
+    expected = io.StringIO()
+    assert cli.main(["--address", fake.address, *words, "list"], out=expected) == 0
+    assert out.getvalue() == expected.getvalue()
+    assert fake.methods() == ["List", "List"]

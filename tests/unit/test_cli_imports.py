@@ -303,6 +303,7 @@ NOT_FOR_A_PLAIN_COMMAND = (
         (["status", "web"], "Describe", ok(capsule=capsule())),
         (["list"], "List", ok(capsules=[capsule(), capsule("b")])),
         (["--json", "list"], "List", ok(capsules=[capsule()])),
+        (["--no-legend"], "List", ok(capsules=[capsule()])),  # no verb lists
         (["stop", "web", "b"], "Stop", ok(capsule=capsule(), job="done")),
         (["start", "web"], "Start", ok(capsule=capsule(), job="done")),
     ],
