@@ -3,13 +3,17 @@
     python3 bench/cli_startup.py            # this host; `status` against an in-process fake
     python3 bench/cli_startup.py --testbed  # inside the systemd 257 testbed, real capsuled
     python3 bench/cli_startup.py -n 50 --imports
+    python3 bench/cli_startup.py --testbed --before /tmp/main  # another checkout's client too
 
 bench/run.py runs the testbed table below together with the other benchmarks.
 
 On this host PID 1 is not systemd, so `systemctl status` cannot run and the capsulectl status
 measured here is the client alone (the fake answers at once). In the testbed both talk to real
 daemons; the cost of entering the container (nsenter + setpriv + env, measured with `true`) is
-subtracted from every row. Benchmarks report; they never assert (design brief).
+subtracted from every row. With --before CHECKOUT, that checkout's client (and the protocol
+core it runs) is installed beside this one in the same bed, and its rows are measured in the
+same interleaved rounds: a before/after that no difference between two boots can blur.
+Benchmarks report; they never assert (design brief).
 """
 
 from __future__ import annotations
@@ -154,12 +158,43 @@ def import_summary() -> None:
     print(f"total (top-level imports): {sum(top) / 1000:.1f} ms")
 
 
+BEFORE_INSIDE = "/opt/capsulectl-before"
+
+
+def install_before(bed: Testbed, checkout: Path) -> str:
+    """Put checkout's client and protocol core into the bed under BEFORE_INSIDE, byte-compiled
+    as an installed wheel is; return a label naming its commit."""
+    dest = bed.root_dir / BEFORE_INSIDE.lstrip("/")
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(checkout / "client" / "capsulectl", dest / "capsulectl", ignore=skip)
+    shutil.copytree(checkout / "helper" / "capsuled", dest / "capsuled", ignore=skip)
+    shutil.copy(checkout / "client" / "scripts" / "capsulectl", dest / "launcher")
+    bed.as_root("python3", "-m", "compileall", "-q", BEFORE_INSIDE).check()
+    bed.as_root("chmod", "-R", "a+rX", BEFORE_INSIDE).check()
+    rev = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return rev or checkout.name
+
+
 def testbed_table(bed: Testbed, n: int) -> None:
     """Client start-up inside a booted testbed (bench/run.py calls this with its own bed)."""
+    startup_table(bed, n, None)
+
+
+def startup_table(bed: Testbed, n: int, before: Path | None) -> None:
+    """testbed_table(), and with before that checkout's client beside this one."""
     bed.as_user("alice", "capsulectl", "create", "bench", "--start").check()
 
     def inside(*argv: str) -> Callable[[], object]:
         return lambda: bed.run(*argv, user="alice")
+
+    def inside_before(*argv: str) -> Callable[[], object]:
+        launcher = ("python3", f"{BEFORE_INSIDE}/launcher", *argv)
+        return lambda: bed.run(*launcher, user="alice", env={"PYTHONPATH": BEFORE_INSIDE})
 
     describe = [
         "varlinkctl",
@@ -169,6 +204,15 @@ def testbed_table(bed: Testbed, n: int) -> None:
         '{"name":"bench"}',
     ]
     status_ref = "systemctl status capsule@bench.service"
+    list_ref = "systemctl list-units capsule@*"
+    extra: list[Spec] = []
+    if before is not None:
+        label = install_before(bed, before)
+        extra = [
+            (f"capsulectl --version ({label})", inside_before("--version"), "python3 -c pass"),
+            (f"capsulectl status bench ({label})", inside_before("status", "bench"), status_ref),
+            (f"capsulectl list ({label})", inside_before("list"), list_ref),
+        ]
     rows = measure(
         [
             ("true (cost of entering the container)", inside("true"), None),
@@ -180,7 +224,9 @@ def testbed_table(bed: Testbed, n: int) -> None:
             (status_ref, inside("systemctl", "status", "capsule@bench.service"), None),
             ("varlinkctl call ... Describe bench", inside(*describe), status_ref),
             ("capsulectl status bench", inside("capsulectl", "status", "bench"), status_ref),
-            ("capsulectl list", inside("capsulectl", "list"), status_ref),
+            (list_ref, inside("systemctl", "list-units", "capsule@*"), None),
+            ("capsulectl list", inside("capsulectl", "list"), list_ref),
+            *extra,
         ],
         n,
     )
@@ -193,13 +239,13 @@ def testbed_table(bed: Testbed, n: int) -> None:
     table(rows, offset)
 
 
-def run_testbed(n: int) -> None:
+def run_testbed(n: int, before: Path | None = None) -> None:
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "helper"), str(ROOT / "client")]
     from testbed import Testbed
 
     bed = Testbed.boot()
     try:
-        testbed_table(bed, n)
+        startup_table(bed, n, before)
     finally:
         bed.close()
 
@@ -211,9 +257,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=20, help="runs per command (default 20)")
     p.add_argument("--testbed", action="store_true", help="measure inside the systemd testbed")
     p.add_argument("--imports", action="store_true", help="also print an import-time summary")
+    p.add_argument(
+        "--before",
+        type=Path,
+        metavar="CHECKOUT",
+        help="with --testbed: also measure CHECKOUT's client in the same bed (a before/after)",
+    )
     args = p.parse_args(argv)
+    if args.before is not None and not args.testbed:
+        p.error("--before needs --testbed")
     if args.testbed:
-        run_testbed(args.n)
+        run_testbed(args.n, args.before)
     else:
         run_host(args.n)
     if args.imports:
