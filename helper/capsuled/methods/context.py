@@ -194,9 +194,10 @@ class CallContext:
     # Every request authorize() allowed, per capsule: a call may need several (InstallUnit with
     # enable and start), and `locked` decides each again if the owner changed meanwhile.
     _authorized: dict[str, list[_Authorization]] = field(default_factory=dict)
-    # Accounts read from the user database during one pass (`one_pass`), by uid; None outside
-    # one, so that every other decision reads it anew (policy/identity.py) and a stream's
-    # later re-checks see a group the caller left.
+    # Accounts read during one pass (`one_pass`), by uid: one answer for all of a call's
+    # decisions, and one look at the Authorizer's account cache. None outside one, so that
+    # every other decision asks that cache again (policy/accounts.py: its files' changes at
+    # once, anything else within 1 s) and a stream's later re-checks see a group the caller left.
     _identities: dict[int, Identity] | None = None
     _names: dict[int, str | None] | None = None  # the same for user names alone
 
@@ -216,7 +217,8 @@ class CallContext:
     def one_pass(self) -> Iterator[None]:
         """Read each account from the user database once until the end of the block (one
         call's decisions: an authorize, a Describe, a List's rows). A lookup costs ~0.7 ms
-        with nss-systemd (getgrouplist); a List of 1,000 capsules made 2,000 of them."""
+        with nss-systemd (getgrouplist) unless the account cache has it, and even then a few
+        stats (policy/accounts.py); a List of 1,000 capsules made 2,000 of them."""
         if self._identities is not None:  # already in one: it lasts as long as the outer
             yield
             return

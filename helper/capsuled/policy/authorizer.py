@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from capsuled.peer import Peer, process_is_alive
 from capsuled.policy import actions
+from capsuled.policy.accounts import AccountCache
 from capsuled.policy.builtin import BuiltinBackend
 from capsuled.policy.config import load_config
 from capsuled.policy.engine import (
@@ -96,10 +97,17 @@ class Authorizer:
         # The keys trusted to sign deploy bundles: read with the policy, reloaded with it.
         self.trusted_keys = trusted_keys if trusted_keys is not None else TrustedKeys()
         self._backend = backend
-        self._lookup = lookup
+        # The user database itself is read through a cache with a stated bound (policy/
+        # accounts.py: a change of its files at the next call, anything else within 1 s).
         # A user name alone needs no groups: the passwd entry (another `lookup` says both).
+        if lookup is lookup_identity and name_of is None:
+            self.accounts: AccountCache | None = AccountCache()
+            lookup, name_of = self.accounts.identity, self.accounts.user_name
+        else:
+            self.accounts = None
         if name_of is None:
             name_of = user_name if lookup is lookup_identity else lambda uid: lookup(uid).user
+        self._lookup = lookup
         self._name_of = name_of
         self._is_alive = is_alive
 
