@@ -164,7 +164,7 @@ def test_real_stamps_see_a_rename_and_an_edit_in_place(tmp_path: Path) -> None:
 
 
 def test_every_source_systemd_reads_is_watched() -> None:
-    for path in ("/etc/group", "/etc/passwd", "/etc/gshadow", "/run/systemd/userdb"):
+    for path in ("/etc/group", "/etc/passwd", "/etc/nsswitch.conf", "/run/systemd/userdb"):
         assert path in SOURCES
     for root in ("/etc", "/run", "/run/host", "/usr/local/lib", "/usr/lib"):
         assert f"{root}/userdb" in SOURCES  # systemd's USERDB_DROPIN_DIR_NULSTR("userdb")

@@ -251,7 +251,12 @@ class CallContext:
         if memo is None:
             return self.services.authorizer.user_name(uid)
         if uid not in memo:
-            memo[uid] = self.services.authorizer.user_name(uid)
+            if uid == self.peer.uid and uid != 0:
+                # The caller's own capsule: the decision reads their whole account anyway
+                # (root's needs none), and its name is the same passwd entry's.
+                memo[uid] = self.identity(uid).user
+            else:
+                memo[uid] = self.services.authorizer.user_name(uid)
         return memo[uid]
 
     def record_of(self, name: str) -> Record | None:

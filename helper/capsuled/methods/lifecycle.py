@@ -182,7 +182,9 @@ async def describe(ctx: CallContext, p: wire.CapsuleParams) -> wire.CapsuleReply
         )
         info = await ctx.existing(name, record)
         owner = ctx.owner_of(record)
-    return {"capsule": capsule_to_wire(name, info, owner, deployment_of(ctx, name))}
+        # The owner's name from this pass too: the caller's own account when they own it.
+        wired = capsule_to_wire(name, info, owner, deployment_of(ctx, name), name_of=ctx.user_name)
+    return {"capsule": wired}
 
 
 # --- create and remove --------------------------------------------------------------------

@@ -39,14 +39,15 @@ ACCOUNT_TTL_S: Final = 1.0
 # used goes: a caller cycling through uids costs lookups, never memory.
 MAX_ACCOUNTS: Final = 1024
 
-# What glibc's NSS (files, systemd) and systemd-userdbd read: the classic files, the userdb
-# drop-in directories (systemd's USERDB_DROPIN_DIR_NULSTR: *.user, *.group, *.membership) and
-# the directory of the services' sockets (/run/systemd/userdb: homed, DynamicUser, machined).
+# What glibc's NSS (files, systemd) and systemd-userdbd read for a user's name and groups: the
+# classic files, the userdb drop-in directories (systemd's USERDB_DROPIN_DIR_NULSTR: *.user,
+# *.group, *.membership) and the directory of the services' sockets (/run/systemd/userdb:
+# homed, DynamicUser, machined). Not /etc/shadow or /etc/gshadow: getpwuid, getgrouplist and
+# getgrgid never read them (every tool that changes a membership, gpasswd and usermod
+# included, rewrites /etc/group), and each path here is a stat at every lookup.
 SOURCES: Final[tuple[str, ...]] = (
     "/etc/passwd",
     "/etc/group",
-    "/etc/shadow",
-    "/etc/gshadow",
     "/etc/nsswitch.conf",
     "/etc/userdb",
     "/run/userdb",
