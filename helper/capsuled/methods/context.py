@@ -22,7 +22,7 @@ from capsuled.deployments import DeploymentStore
 from capsuled.journal import Journal
 from capsuled.peer import Peer
 from capsuled.policy import actions as act
-from capsuled.policy.authorizer import Authorizer
+from capsuled.policy.authorizer import Authorizer, Verdict
 from capsuled.policy.engine import Decision, Identity, Request
 from capsuled.records import CorruptRecord, Record, RecordStore
 from capsuled.safefs import CapsuleHomes
@@ -200,6 +200,9 @@ class CallContext:
     # once, anything else within 1 s) and a stream's later re-checks see a group the caller left.
     _identities: dict[int, Identity] | None = None
     _names: dict[int, str | None] | None = None  # the same for user names alone
+    # A decision of this pass found the peer alive: the rest of the pass's decisions (a
+    # List's rows) do not check it again (one pidfd signal per call, not per row).
+    _alive: bool = False
 
     @property
     def backend(self) -> SystemdBackend:
@@ -227,6 +230,7 @@ class CallContext:
             yield
         finally:
             self._identities = self._names = None
+            self._alive = False
 
     def identity(self, uid: int) -> Identity:
         """The account that is `uid` now (read once per pass, see `one_pass`)."""
@@ -297,8 +301,16 @@ class CallContext:
         self._authorized.setdefault(name, []).append(_Authorization(request, pinned))
         return record
 
+    async def _decide(self, request: Request) -> Verdict:
+        verdict = await self.services.authorizer.decide(
+            self.peer, request, lookup=self.identity, known_alive=self._alive
+        )
+        if self._identities is not None and verdict.step != "peer-gone":
+            self._alive = True  # the check ran (or was not needed: root) within this pass
+        return verdict
+
     async def _require(self, request: Request) -> None:
-        verdict = await self.services.authorizer.decide(self.peer, request, lookup=self.identity)
+        verdict = await self._decide(request)
         if verdict.decision is Decision.YES:
             return
         self.outcome = Outcome.DENIED
@@ -346,9 +358,7 @@ class CallContext:
 
     async def may_read(self, name: str, owner: int | None) -> bool:
         """Whether the caller may read the capsule (never interactive: nobody is asked)."""
-        verdict = await self.services.authorizer.decide(
-            self.peer, Request(act.READ, name, owner), lookup=self.identity
-        )
+        verdict = await self._decide(Request(act.READ, name, owner))
         return verdict.decision is Decision.YES
 
     def audit(

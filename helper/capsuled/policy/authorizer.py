@@ -153,12 +153,19 @@ class Authorizer:
         return cls(config, BuiltinBackend(config), trusted_keys=keys)
 
     async def decide(
-        self, peer: Peer, request: Request, *, lookup: Callable[[int], Identity] | None = None
+        self,
+        peer: Peer,
+        request: Request,
+        *,
+        lookup: Callable[[int], Identity] | None = None,
+        known_alive: bool = False,
     ) -> Verdict:
         """The decision for `peer` asking `request`, and which step took it.
 
         `lookup`: how to read the peer's account (default: the user database now); a caller
         deciding many requests in one pass (a List's rows) reads it once for all of them.
+        `known_alive`: an earlier decision of the same pass found the peer alive (a List's
+        later rows), so its liveness is not checked again.
 
         Raises:
             ValueError: `request.action` is not one of ours (a bug in the caller).
@@ -168,7 +175,7 @@ class Authorizer:
         if peer.uid == 0:
             # As systemd's bus-polkit.c does for the daemon's own uid: no query, no liveness check.
             return Verdict(Decision.YES, "root")
-        if not self._is_alive(peer):
+        if not known_alive and not self._is_alive(peer):
             # Debug only: any caller can make this happen at will (send, then exit), and one
             # journal line each would be a way around the audit's refusal aggregation; the
             # refusal itself is audited (aggregated per uid).
