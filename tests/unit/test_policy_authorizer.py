@@ -345,3 +345,87 @@ def test_builtin_backend_ignores_interaction() -> None:
     interactive = dataclasses.replace(request, allow_interactive=True)
     got = run(backend.check(subject(MALLORY_UID), identity, interactive))
     assert got is Decision.AUTH_ADMIN
+
+
+# --- decide_many: a List's rows ------------------------------------------------------------
+
+
+class SlowBackend:
+    """A polkit-like backend whose answers all wait for one event: how many it holds at once
+    says whether the rows were asked together or one after the other."""
+
+    name = "slow"
+
+    def __init__(self, answer: Decision) -> None:
+        self.answer = answer
+        self.asked: list[Request] = []
+        self.in_flight = self.most_in_flight = 0
+        self.release: asyncio.Event | None = None
+
+    async def check(self, peer: Peer, identity: Identity, request: Request) -> Decision:
+        self.asked.append(request)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        assert self.release is not None
+        if self.in_flight == 3:
+            self.release.set()  # every undecided row is waiting now
+        await self.release.wait()
+        self.in_flight -= 1
+        return self.answer
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _rows(*owners: int | None) -> list[Request]:
+    return [Request(actions.READ, f"c{i}", owner) for i, owner in enumerate(owners)]
+
+
+def test_decide_many_answers_as_decide_does_row_by_row() -> None:
+    requests = _rows(ALICE_UID, BOB_UID, None, ALICE_UID, MALLORY_UID)
+    for uid in (0, ALICE_UID, BOB_UID, MALLORY_UID):
+        for answer in (Decision.YES, Decision.NO, Decision.AUTH_ADMIN):
+            for config in (DEFAULT_CONFIG, DENY_ALL):
+                auth, _, _ = make(answer, config)
+                peer = subject(uid)
+                one_by_one = [run(auth.decide(peer, r)) for r in requests]
+                assert run(auth.decide_many(peer, requests)) == one_by_one
+
+
+def test_decide_many_asks_the_backend_only_for_rows_the_engine_leaves() -> None:
+    auth, _, backend = make(Decision.NO)
+    requests = _rows(ALICE_UID, BOB_UID, ALICE_UID, None)
+    verdicts = run(auth.decide_many(subject(ALICE_UID), requests))
+    assert [v.step for v in verdicts] == ["owner", "fake", "owner", "fake"]  # type: ignore[attr-defined]
+    assert [r for _, r, _ in backend.asked] == [requests[1], requests[3]]
+
+
+def test_decide_many_asks_a_polkit_like_backend_for_all_its_rows_at_once() -> None:
+    backend = SlowBackend(Decision.YES)
+    auth = Authorizer(DEFAULT_CONFIG, backend, lookup=Directory().lookup)
+
+    async def go() -> list[Verdict]:
+        backend.release = asyncio.Event()
+        requests = _rows(ALICE_UID, BOB_UID, None, ALICE_UID, MALLORY_UID)
+        async with asyncio.timeout(5):  # asked one at a time, the first would wait forever
+            return await auth.decide_many(subject(ALICE_UID), requests)
+
+    verdicts = run(go())
+    assert [v.decision for v in verdicts] == [Decision.YES] * 5  # type: ignore[attr-defined]
+    assert len(backend.asked) == 3
+    assert backend.most_in_flight == 3  # one after the other would hold one at a time
+
+
+def test_decide_many_checks_liveness_once_and_refuses_every_row_of_a_gone_peer() -> None:
+    calls: list[Peer] = []
+
+    def alive(peer: Peer) -> bool:
+        calls.append(peer)
+        return False
+
+    backend = RecordingBackend(Decision.YES)
+    auth = Authorizer(DEFAULT_CONFIG, backend, lookup=Directory().lookup, is_alive=alive)
+    verdicts = run(auth.decide_many(subject(ALICE_UID), _rows(ALICE_UID, BOB_UID, None)))
+    assert [v.step for v in verdicts] == ["peer-gone"] * 3  # type: ignore[attr-defined]
+    assert len(calls) == 1
+    assert backend.asked == []

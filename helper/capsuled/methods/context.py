@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -355,6 +355,17 @@ class CallContext:
         if info is None and record is None:
             raise errors.NoSuchCapsule(name=name)
         return info
+
+    async def may_read_many(self, rows: Sequence[tuple[str, int | None]]) -> list[bool]:
+        """`may_read` for each (capsule, owner) of a List, decided together (within a pass:
+        the engine's rows at once, polkit's in flight together; Authorizer.decide_many)."""
+        requests = [Request(act.READ, name, owner) for name, owner in rows]
+        verdicts = await self.services.authorizer.decide_many(
+            self.peer, requests, lookup=self.identity, known_alive=self._alive
+        )
+        if verdicts and self._identities is not None and verdicts[0].step != "peer-gone":
+            self._alive = True
+        return [v.decision is Decision.YES for v in verdicts]
 
     async def may_read(self, name: str, owner: int | None) -> bool:
         """Whether the caller may read the capsule (never interactive: nobody is asked)."""
