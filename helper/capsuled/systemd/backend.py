@@ -247,6 +247,7 @@ class DBusSystemdBackend:
         # the model's arrive in one order (see model.py).
         self._model = CapsuleModel(self._bus)
         self._unit_counts = UnitFileCounts()  # each capsule's unit files, counted when changed
+        self._warming: asyncio.Task[None] | None = None  # the model's first look, see version()
 
     async def _bus(self) -> Link:
         """PID 1's side of the current system bus connection, set up once per connection."""
@@ -271,6 +272,10 @@ class DBusSystemdBackend:
 
     async def close(self) -> None:
         """Forget the connection's setup and the model; close the bus connection if ours."""
+        warming, self._warming = self._warming, None
+        if warming is not None:
+            warming.cancel()
+            await asyncio.gather(warming, return_exceptions=True)
         await self._model.close()
         self._link = None
         if self._owns_bus:
@@ -289,7 +294,21 @@ class DBusSystemdBackend:
                 version = m.parse_get_property(await conn.call(m.manager_version()))
             except NoSuchUnit as exc:  # pragma: no cover - PID 1 without the Manager object
                 raise SystemdUnavailable("PID 1 is not systemd") from exc
+            # This call's answer goes out first; meanwhile the model takes its first look, so
+            # that the next Info reads the version from it instead of asking PID 1 each time
+            # (a client that only ever calls Info paid a D-Bus round trip per call).
+            self._warm_model()
         return m.parse_version(version)
+
+    def _warm_model(self) -> None:
+        if self._warming is None or self._warming.done():
+            self._warming = asyncio.create_task(self._warm(), name="capsuled-model-first-look")
+
+    async def _warm(self) -> None:
+        try:
+            await self._model.ready()
+        except BackendError as exc:  # the next read that needs the model tries again, and says
+            log.debug("the model's first look at PID 1 failed: %s", exc)
 
     async def check_version(self) -> int:
         """version(), raising SystemdTooOld below 256."""
