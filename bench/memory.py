@@ -35,7 +35,7 @@ for _ in range(count):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
     conns.append([s, b""])
-errors = 0
+errors = {}
 for method, params in calls:
     msg = json.dumps({"method": "org.capsuled.Manager." + method, "parameters": params})
     for c in conns:
@@ -47,7 +47,10 @@ for method, params in calls:
                 raise SystemExit("connection closed by capsuled")
             c[1] += chunk
         raw, _, c[1] = c[1].partition(b"\0")
-        errors += "error" in json.loads(raw)
+        error = json.loads(raw).get("error")
+        if error:
+            key = method + ": " + error
+            errors[key] = errors.get(key, 0) + 1
 for c in conns:
     c[0].close()
 print(json.dumps({"errors": errors}))
@@ -68,13 +71,15 @@ def run(bed: Testbed, name: str) -> None:
 
     share = CONNECTIONS // len(USERS)
 
-    def client(user: str) -> int:
+    def client(user: str) -> dict[str, int]:
         spec = json.dumps([SOCKET, name if user == "alice" else None, share])
         done = bed.run("python3", "-c", CLIENT, spec, user=user, timeout=300).check()
-        return int(json.loads(done.stdout)["errors"])
+        found: dict[str, int] = json.loads(done.stdout)["errors"]
+        return {f"{user} {kind}": n for kind, n in found.items()}
 
     with ThreadPoolExecutor(len(USERS)) as pool:
-        errors = sum(pool.map(client, USERS))
+        by_kind = {k: n for found in pool.map(client, USERS) for k, n in found.items()}
+    errors = sum(by_kind.values())
     same_pid = main_pid(bed, "capsuled.service") == pid
     after = vm_kib(bed, pid)
 
@@ -122,6 +127,11 @@ def run(bed: Testbed, name: str) -> None:
             f"capsuled peak (VmHWM) after {CONNECTIONS} connections from {len(USERS)} users at "
             f"once, 3 calls each (Info, List, Describe or Info): {mib(after['VmHWM']):.1f} MiB; "
             f"{errors} error replies"
+            + (
+                f" ({', '.join(f'{k} x{n}' for k, n in sorted(by_kind.items()))})"
+                if by_kind
+                else ""
+            )
             + ("" if same_pid else "; NOTE: capsuled restarted in between (MainPID changed)"),
             f"for context, VmRSS: {context or 'none running'}",
             *([f"not running in the testbed: {', '.join(missing)}"] if missing else []),

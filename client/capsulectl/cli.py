@@ -2,30 +2,29 @@
 failure becomes a line on stderr and an exit status; the verbs themselves (each one's help,
 arguments and handler) are declared in verbs.py.
 
-Start-up stays cheap: `--version` is answered before the verbs are imported; only argparse and
-the standard library's small modules load before a verb runs; the protocol core loads when the
+Start-up stays cheap: `--version` is answered before anything but this module and the package
+is imported (not even argparse or typing); only argparse and the standard library's small
+modules load before a verb runs; the protocol core loads when the
 first call is made, and nothing here imports asyncio, jeepney, the `varlink` package or systemd
 (tests/unit/test_cli_imports.py checks it in a fresh interpreter).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, TextIO
 
 from capsulectl import __version__
-from capsulectl.failures import (
-    EXIT_BROKEN_PIPE,
-    EXIT_OK,
-    EXIT_USAGE,
-    explain_client_error,
-    explain_error,
-)
 
+# Not typing.TYPE_CHECKING: importing typing (like argparse, collections.abc and the failure
+# table) is a third of what `capsulectl --version` costs beyond the interpreter's start-up;
+# mypy treats this name as true all the same.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
+    from typing import TextIO
+
     # The verbs, their context and the output formats load after `--version` has been answered.
     from capsulectl.context import Context
     from capsulectl.verbs import Verb
@@ -74,6 +73,7 @@ def _add_global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
     On subparsers every default is SUPPRESS, so an option not given after the verb does not
     overwrite the one given before it.
     """
+    import argparse
 
     from capsulectl.argtypes import parse_timeout
 
@@ -123,16 +123,44 @@ def _add_global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Wraps one-paragraph descriptions, keeps multi-line epilogs (exit status tables) as written.
+def terminal_columns() -> int:
+    """What shutil.get_terminal_size() reports as columns: $COLUMNS, else the terminal on
+    standard output, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]  # None: caught
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
 
-    Wrapping happens only when help is printed, so textwrap stays off the start-up path.
-    """
 
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        if "\n" in text:
-            return super()._fill_text(text, width, indent)
-        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+def help_formatter() -> type[argparse.HelpFormatter]:
+    """The formatter class of every capsulectl parser (made here: argparse loads only when a
+    parser is built, not for `--version`)."""
+    import argparse
+
+    class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+        """Wraps one-paragraph descriptions, keeps multi-line epilogs (exit status tables) as
+        written.
+
+        Wrapping happens only when help is printed, so textwrap stays off the start-up path.
+        The width is given: argparse would import shutil for it (and shutil bz2 and lzma, ~3 ms)
+        every time it makes a formatter, which add_argument does for every option it checks.
+        """
+
+        def __init__(self, prog: str) -> None:
+            super().__init__(prog, width=terminal_columns() - 2)  # argparse's own margin
+
+        def _fill_text(self, text: str, width: int, indent: str) -> str:
+            if "\n" in text:
+                return super()._fill_text(text, width, indent)
+            return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+    return HelpFormatter
 
 
 GLOBAL_OPTIONS_WITH_VALUE = frozenset({"--address", "-H", "--host", "--timeout"})
@@ -184,10 +212,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     full parser is built for --help without a verb and for unknown verbs (argparse's message
     then lists them all).
     """
+    import argparse
+
     from capsulectl.transport import DEFAULT_ADDRESS
     from capsulectl.verbs import verb_table
 
-    fmt = HelpFormatter
+    fmt = help_formatter()
     parser = argparse.ArgumentParser(
         prog="capsulectl",
         description="Manage the systemd capsules that capsuled's policy lets you manage.",
@@ -221,13 +251,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(
     argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
-    """Entry point of the capsulectl console script; returns the exit status."""
+    """Entry point of capsulectl (client/scripts/capsulectl runs it); returns the exit status."""
     arglist = list(sys.argv[1:] if argv is None else argv)
     out = out or sys.stdout
     err = err or sys.stderr
     if arglist == ["--version"]:  # the most common probe: answer before building the parser
         print(f"capsulectl {__version__}", file=out)
-        return EXIT_OK
+        return 0  # failures.EXIT_OK, not imported for this
     from capsulectl import output
     from capsulectl.context import ENV_ADDRESS, Context
     from capsulectl.verbs import verb_table
@@ -251,7 +281,15 @@ def main(
 
 def run_verb(ctx: Context, parser: argparse.ArgumentParser) -> int:
     """Run the verb; turn every failure into one line on stderr and its exit status."""
+    import argparse
+
     from capsulectl.context import UsageError
+    from capsulectl.failures import (
+        EXIT_BROKEN_PIPE,
+        EXIT_USAGE,
+        explain_client_error,
+        explain_error,
+    )
     from capsulectl.transport import ClientError
     from capsuled.varlink.errors import VarlinkError
 

@@ -13,11 +13,12 @@ shaped the same way). Failures to connect become the client's own exceptions her
 
 from __future__ import annotations
 
+# The C socket type itself, not socket.py: that wrapper (its enums, selectors) costs every
+# command ~4 ms of start-up (python -X importtime), and a client uses nothing it adds.
+import _socket
 import errno
 import os
 import select
-import socket
-import struct
 import time
 from typing import Protocol
 
@@ -136,7 +137,7 @@ class UnixTransport:
 
     def __init__(self, address: str, timeout: float | None) -> None:
         path = parse_address(address)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         self.socket = self._sock  # the bridge relays on it directly
         self._fds: tuple[int, ...] = ()
         try:
@@ -159,8 +160,11 @@ class UnixTransport:
         try:
             self._sock.settimeout(_remaining(deadline))
             if fds:
+                import struct  # only calls that pass fds (Run --pty/--pipe) need it
+
                 rights = struct.pack(f"{len(fds)}i", *fds)
-                sent = self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+                level = _socket.SOL_SOCKET
+                sent = self._sock.sendmsg([data], [(level, _socket.SCM_RIGHTS, rights)])
                 data = data[sent:]
             if data:
                 self._sock.sendall(data)
@@ -174,17 +178,19 @@ class UnixTransport:
         try:
             self._sock.settimeout(_remaining(deadline))
             data, ancdata, flags, _ = self._sock.recvmsg(
-                RECV_CHUNK_BYTES, socket.CMSG_SPACE(MAX_REPLY_FDS * 4), socket.MSG_CMSG_CLOEXEC
+                RECV_CHUNK_BYTES, _socket.CMSG_SPACE(MAX_REPLY_FDS * 4), _socket.MSG_CMSG_CLOEXEC
             )
         except TimeoutError as exc:
             raise Timeout("capsuled did not answer in time") from exc
         except OSError as exc:
             raise ConnectionLost(f"reading from capsuled failed: {exc.strerror or exc}") from exc
         for level, kind, raw in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                import struct  # only replies that bring fds need it
+
                 whole = len(raw) - len(raw) % 4
                 self._fds += struct.unpack(f"{whole // 4}i", raw[:whole])
-        if flags & socket.MSG_CTRUNC:
+        if flags & _socket.MSG_CTRUNC:
             for fd in self.take_fds():
                 os.close(fd)
             raise ConnectionLost("capsuled sent more file descriptors than a reply may carry")

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from capsuled.names import INSTALLABLE_UNIT_TYPES, unit_name_problem
-from capsuled.unitfile import InvalidUnitFile, check_unit_file
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -337,6 +336,10 @@ def _entries(value: object, content: memoryview) -> tuple[Entry, ...]:
 
 def _check_unit_file(entry: Entry) -> None:
     # The same checks as InstallUnit's: a unit that systemd would half-ignore is refused here.
+    # Imported here: the trusted keys (policy.signers) need this module at start, the unit
+    # file checker only a Deploy does (issue 12: cold activation).
+    from capsuled.unitfile import InvalidUnitFile, check_unit_file
+
     try:
         check_unit_file(entry.data, unit_name=entry.unit)
     except InvalidUnitFile as exc:

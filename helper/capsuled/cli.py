@@ -5,24 +5,31 @@ capsuled install ...     (capsuled.install, imported only when asked for)
 capsuled uninstall ...
 capsuled audit verify [FILE...]   (capsuled.verify)
 capsuled --version
+
+Socket activation runs `capsuled` with no arguments (ExecStart=): that start builds the
+default Options without argparse, and `--version` is answered before anything is imported,
+since every millisecond here is a millisecond of the first caller's wait (issue 12).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+from capsuled import __version__
+
+if TYPE_CHECKING:
+    import argparse
+
+    from capsuled.daemon import Options
 
 __all__ = ["main"]
 
 
-def _version() -> str:
-    from capsuled.daemon import service_info
-
-    return service_info().version
-
-
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+    from pathlib import Path
+
     from capsuled.transport import Limits
 
     d = Limits()
@@ -32,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Subcommands: serve (default), install, uninstall, audit (see `capsuled install "
         "--help`, `capsuled audit verify --help`).",
     )
-    p.add_argument("--version", action="version", version=f"capsuled {_version()}")
+    p.add_argument("--version", action="version", version=f"capsuled {__version__}")
     p.add_argument(
         "--listen",
         metavar="PATH",
@@ -232,39 +239,56 @@ def main(argv: list[str] | None = None) -> int:
         return main_audit(args_in[1:])
     if args_in and args_in[0] == "serve":
         args_in = args_in[1:]
+    if args_in == ["--version"]:
+        print(f"capsuled {__version__}")
+        return 0
+    _block_ssl()  # before anything imports asyncio
+    if not args_in:
+        return _serve_defaults()
     parser = _parser()
     args = parser.parse_args(args_in)
-
-    from capsuled.daemon import Options, run, setup_logging
-    from capsuled.transport import Limits
+    from capsuled.daemon import run, setup_logging
 
     try:
-        limits = Limits(
-            max_connections=args.max_connections,
-            max_connections_per_uid=args.max_connections_per_uid,
-            idle_timeout_s=args.idle_timeout_sec,
-            max_inflight_calls=args.max_inflight_calls,
-            max_inflight_calls_per_uid=args.max_inflight_calls_per_uid,
-            max_message_bytes=args.max_message_bytes,
-            max_json_depth=args.max_json_depth,
-            max_json_values=args.max_json_values,
-            max_buffered_bytes=args.max_buffered_bytes,
-            send_timeout_s=args.send_timeout_sec,
-            slot_wait_s=args.slot_wait_sec,
-            max_streams=args.max_streams,
-            max_streams_per_uid=args.max_streams_per_uid,
-            max_open_streams=args.max_open_streams,
-            max_open_streams_per_uid=args.max_open_streams_per_uid,
-            max_waiting_calls=args.max_waiting_calls,
-            max_waiting_calls_per_uid=args.max_waiting_calls_per_uid,
-            max_fds_per_message=args.max_fds_per_message,
-            max_fds=args.max_fds,
-            max_fds_per_uid=args.max_fds_per_uid,
-        )
+        options = options_from(args)
     except ValueError as exc:
         parser.error(str(exc))
     setup_logging(args.debug)
-    options = Options(
+    return run(options)
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    """What `capsuled serve OPTIONS...` asks for.
+
+    Raises:
+        ValueError: the limits do not fit together (transport.Limits says which).
+    """
+    from capsuled.daemon import Options
+    from capsuled.transport import Limits
+
+    limits = Limits(
+        max_connections=args.max_connections,
+        max_connections_per_uid=args.max_connections_per_uid,
+        idle_timeout_s=args.idle_timeout_sec,
+        max_inflight_calls=args.max_inflight_calls,
+        max_inflight_calls_per_uid=args.max_inflight_calls_per_uid,
+        max_message_bytes=args.max_message_bytes,
+        max_json_depth=args.max_json_depth,
+        max_json_values=args.max_json_values,
+        max_buffered_bytes=args.max_buffered_bytes,
+        send_timeout_s=args.send_timeout_sec,
+        slot_wait_s=args.slot_wait_sec,
+        max_streams=args.max_streams,
+        max_streams_per_uid=args.max_streams_per_uid,
+        max_open_streams=args.max_open_streams,
+        max_open_streams_per_uid=args.max_open_streams_per_uid,
+        max_waiting_calls=args.max_waiting_calls,
+        max_waiting_calls_per_uid=args.max_waiting_calls_per_uid,
+        max_fds_per_message=args.max_fds_per_message,
+        max_fds=args.max_fds,
+        max_fds_per_uid=args.max_fds_per_uid,
+    )
+    return Options(
         listen=args.listen,
         idle_exit_s=args.idle_exit_sec,
         limits=limits,
@@ -272,4 +296,25 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_grace_s=args.shutdown_grace_sec,
         config_dir=args.config_dir,
     )
-    return run(options)
+
+
+def _serve_defaults() -> int:
+    """`capsuled` as socket activation starts it: every option at its default (the same
+    Options as options_from(no options), tests/unit/test_helper_cli.py checks)."""
+    from capsuled.daemon import Options, run, setup_logging
+
+    setup_logging(False)
+    return run(Options())
+
+
+def _block_ssl() -> None:
+    """Make `import ssl` fail in this process: asyncio then runs without TLS support.
+
+    capsuled speaks only over Unix sockets (RestrictAddressFamilies=AF_UNIX) and never uses
+    TLS, but asyncio imports ssl when it can, which loads libssl and costs ~7-25 ms of every
+    start and ~1 MiB resident (measured in the testbed, issue 12). asyncio treats a missing ssl
+    as "no TLS" (`try: import ssl except ImportError: ssl = None` in base_events, sslproto,
+    selector_events). A None entry is how sys.modules marks a module as unimportable. Only the
+    daemon does this: install, audit verify and tests run with ssl as usual.
+    """
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]  # None: unimportable

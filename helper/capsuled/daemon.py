@@ -27,13 +27,12 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata, resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from capsuled import errors
+from capsuled import __version__, errors
 from capsuled.transport import Account, Handle, Limits, Listener, Server, ServerErrors
 from capsuled.varlink.interface import Interface, parse_interface
 from capsuled.varlink.service import ServiceInfo
@@ -60,6 +59,7 @@ __all__ = [
     "run",
     "sd_notify",
     "service_info",
+    "unsafe_import_paths",
 ]
 
 log = logging.getLogger("capsuled.daemon")
@@ -91,17 +91,15 @@ class Options:
 
 def load_interface() -> Interface:
     """The org.capsuled.Manager IDL shipped inside the package."""
-    text = resources.files("capsuled").joinpath(IDL_RESOURCE).read_text(encoding="utf-8")
+    # Beside this file, not through importlib.resources (which imports zipfile and tempfile at
+    # every start): the package is always installed as files (wheel, Debian package, checkout).
+    text = (Path(__file__).parent / IDL_RESOURCE).read_text(encoding="utf-8")
     return parse_interface(text)
 
 
 def service_info() -> ServiceInfo:
     """What org.varlink.service.GetInfo reports."""
-    try:
-        version = metadata.version("capsuled")
-    except metadata.PackageNotFoundError:  # running from a checkout without an install
-        version = "0+unknown"
-    return ServiceInfo(vendor="capsuled", product="capsuled", version=version, url=PROJECT_URL)
+    return ServiceInfo(vendor="capsuled", product="capsuled", version=__version__, url=PROJECT_URL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +130,56 @@ MANAGER_ERRORS: Final = ServerErrors(
 REFUSAL_FLUSH_S: Final = 10.0
 
 
+def unsafe_import_paths(
+    paths: Sequence[str] | None = None, stat_path: Callable[[str], os.stat_result] = os.stat
+) -> list[str]:
+    """The sys.path entries (default: this process's) that someone other than root could
+    change: the entry, or a directory above it, not owned by root, or writable by its group or
+    others (a sticky directory above is fine: nobody renames root's entry out of it); for a
+    missing entry, the directory that would hold it.
+
+    Run as root, capsuled imports some modules on first use (methods.Deferred, the key
+    parser): one found in such a place would run as root. It would be as bad at start, so
+    this is checked, not worked around: build_wiring logs each one (an installation problem,
+    e.g. a PYTHONPATH pointing into a home, which the unit never sets)."""
+    unsafe: list[str] = []
+    for entry in sys.path if paths is None else paths:
+        if not entry:
+            unsafe.append(entry)  # the current directory
+            continue
+        path = os.path.abspath(entry)
+        # True for the entry and, if it is missing, for the directory it would be created in:
+        # there a sticky bit does not help (anyone who may write it may create the entry).
+        own = True
+        while True:
+            try:
+                st = stat_path(path)
+            except OSError:
+                # Missing: it imports nothing until someone creates it, so its parent decides.
+                if path == "/":
+                    break
+                path = os.path.dirname(path)
+                continue
+            writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            sticky = not own and st.st_mode & stat.S_ISVTX
+            if st.st_uid != 0 or (writable and not sticky):
+                unsafe.append(entry)
+                break
+            if path == "/":
+                break
+            path, own = os.path.dirname(path), False
+    return unsafe
+
+
 def build_wiring(options: Options) -> Wiring:
     """Wiring: the one place that builds the services, the Dispatcher and the policy reloader."""
+    if os.geteuid() == 0:
+        for entry in unsafe_import_paths():
+            log.error(
+                "sys.path entry %r can be changed by a user other than root: code imported "
+                "from it runs as root (check PYTHONPATH and the installation)",
+                entry,
+            )
     # Imported here so `capsuled --version`/`install` do not pay for jeepney and policy.
     from capsuled import methods
     from capsuled.audit import AuditLog

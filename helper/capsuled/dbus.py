@@ -30,9 +30,10 @@ parser trusts its bus, and parses at roughly 0.37 s of CPU per MiB in the event 
 systemd 257's testbed host: a 32 MiB message from a hostile "manager" stalled the daemon ~12 s),
 so a message is read in three steps, its fixed header, its header fields, its body, and the body
 is read (let alone parsed) only once the header says somebody wants it:
-- a reply is wanted if a call waits for its serial; a signal if a registered queue's rule
-  matches its header (type, sender, path, interface, member); a method call to us never (we
-  export nothing);
+- a reply is wanted if a call waits for its serial; a signal if a registered queue's or
+  handler's rule matches its header (type, sender, path, interface, member; a handler's path
+  prefix too); a method call to us never (we export nothing). A wanted body is parsed with
+  the header already read, not the whole message again;
 - a message nobody wants, of any size, is skipped: its body is read in chunks and thrown away,
   so it costs neither memory nor a parse. On the system bus that is all (any client may send us
   unicast signals, and closing our connection would fail PID 1's and polkit's calls in flight
@@ -77,12 +78,12 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from jeepney import DBusAddress, Header, HeaderFields, MatchRule, Message, MessageType
 from jeepney import new_method_call as _new_method_call
 from jeepney.fds import FileDescriptor
-from jeepney.low_level import calc_msg_size
+from jeepney.low_level import calc_msg_size, parse_signature
 
 __all__ = [
     "SYSTEM_BUS_ADDRESS",
@@ -264,6 +265,28 @@ def header_matches(rule: MatchRule, header: Header) -> bool:
     return True
 
 
+# The parsed body types of the signatures seen (a handful: PID 1's signals and replies repeat
+# theirs), so that a message's signature is parsed once, not per message; bounded, since a
+# peer chooses its signatures.
+_BODY_TYPES: dict[str, Any] = {}  # jeepney's type objects (it ships no type hints)
+_MAX_BODY_TYPES: Final = 256
+
+
+def _parse_body(header: Header, buf: bytes, body_at: int, fds: list[FileDescriptor]) -> object:
+    """The body of a message whose header is already parsed (jeepney's Message.from_buffer
+    without parsing the header a second time); the caller has checked the fds' number."""
+    signature = header.fields.get(HeaderFields.signature)
+    if signature is None:
+        return ()
+    body_type = _BODY_TYPES.get(signature)
+    if body_type is None:
+        body_type = parse_signature(list(f"({signature})"))
+        if len(_BODY_TYPES) >= _MAX_BODY_TYPES:
+            _BODY_TYPES.clear()
+        _BODY_TYPES[signature] = body_type
+    return body_type.parse_data(buf, body_at, header.endianness, fds=fds)[0]
+
+
 def signal_matches(rule: MatchRule, msg: Message) -> bool:
     """Whether a parsed signal matches ``rule``: its header (`header_matches`), then its args."""
     if not header_matches(rule, msg.header):
@@ -376,6 +399,15 @@ class _Handler:
     rule: MatchRule
     handler: SignalHandler
     on_lost: Callable[[], None] | None
+    path_prefix: str | None = None
+
+    def wants(self, header: Header) -> bool:
+        """Whether a signal with this header is for the handler (before its body is read)."""
+        if self.path_prefix is not None:
+            path = header.fields.get(HeaderFields.path)
+            if not (isinstance(path, str) and path.startswith(self.path_prefix)):
+                return False
+        return header_matches(self.rule, header)
 
 
 @dataclass(slots=True)
@@ -554,15 +586,25 @@ class DBusConnection:
 
     @contextlib.contextmanager
     def handle_signals(
-        self, rule: MatchRule, handler: SignalHandler, on_lost: Callable[[], None] | None = None
+        self,
+        rule: MatchRule,
+        handler: SignalHandler,
+        on_lost: Callable[[], None] | None = None,
+        *,
+        path_prefix: str | None = None,
     ) -> Iterator[None]:
         """Call ``handler`` with every signal matching ``rule`` while the block runs, at its
         place among the messages (module docstring); as with `signals`, a bus also needs the
         AddMatch. ``on_lost`` is called instead when a matching signal was over our cap and
         skipped unread (as a queue overflows). Neither may raise: what they cannot use they
-        ignore."""
+        ignore.
+
+        ``path_prefix`` narrows the rule to object paths starting with it (a match rule's
+        path_namespace takes whole path elements only): PID 1 sends the PropertiesChanged of
+        every unit under one namespace, and those of other units are then skipped unread
+        instead of parsed and thrown away (they were most of the messages a Stop brings)."""
         key = object()
-        self._handlers[key] = _Handler(rule, handler, on_lost)
+        self._handlers[key] = _Handler(rule, handler, on_lost, path_prefix)
         try:
             yield
         finally:
@@ -728,7 +770,7 @@ class DBusConnection:
                 if header_matches(queue.rule, header):
                     queue._overflow()
             for hook in list(self._handlers.values()):
-                if hook.on_lost is not None and header_matches(hook.rule, header):
+                if hook.on_lost is not None and hook.wants(header):
                     hook.on_lost()
         else:
             entry = self._pending.get(header.fields.get(HeaderFields.reply_serial, -1))
@@ -752,7 +794,7 @@ class DBusConnection:
             return not self._too_large(header, size, self.limits.max_message_bytes)
         if kind is MessageType.signal:
             if not any(header_matches(queue.rule, header) for queue in self._queues) and not any(
-                header_matches(h.rule, header) for h in self._handlers.values()
+                h.wants(header) for h in self._handlers.values()
             ):
                 member = header.fields.get(HeaderFields.member)
                 self._unwanted(f"a {size}-byte signal {member}", size, header)
@@ -773,7 +815,7 @@ class DBusConnection:
                 return
             head = fixed + await self._recv_exactly(header_end - _FIXED_HEADER_BYTES, fds)
             try:
-                header, _pos = Header.from_buffer(head)
+                header, body_at = Header.from_buffer(head)
             except _DECODE_ERRORS as exc:
                 raise BusClosed(f"malformed D-Bus header: {exc}") from exc
             if not self._wanted(header, size):
@@ -783,7 +825,7 @@ class DBusConnection:
             if header.fields.get(HeaderFields.unix_fds, 0) != len(fds):
                 raise BusClosed(f"{self.name} sent a message with the wrong number of fds")
             try:
-                msg = Message.from_buffer(buf, fds)
+                msg = Message(header, _parse_body(header, buf, body_at, fds))
             except _DECODE_ERRORS as exc:
                 raise BusClosed(f"malformed D-Bus message: {exc}") from exc
             fds = self._deliver(msg, fds)
@@ -807,7 +849,7 @@ class DBusConnection:
         elif kind is MessageType.signal:
             _close_all(fds)  # no signal we consume carries fds
             for hook in list(self._handlers.values()):
-                if signal_matches(hook.rule, msg):
+                if hook.wants(msg.header) and signal_matches(hook.rule, msg):
                     hook.handler(msg)
             for queue in list(self._queues):
                 if signal_matches(queue.rule, msg):

@@ -43,7 +43,6 @@ worker threads, opening and closing the home's directory fd in that thread.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import os
 import secrets
@@ -337,6 +336,8 @@ def _fchownat_empty_path(fd: int, uid: int, gid: int) -> None:
     Raises:
         OSError: from the syscall.
     """
+    import ctypes  # here: only a write of a symlink into a home needs it (start-up cost)
+
     libc = ctypes.CDLL(None, use_errno=True)
     fchownat = libc.fchownat
     fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]

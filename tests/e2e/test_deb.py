@@ -42,6 +42,14 @@ SHIPPED = (
     "/usr/share/doc/capsuled/examples/capsuled.toml",
     "/etc/capsuled/capsuled.toml",
 )
+# Prints every module of the package without its byte code for this interpreter.
+NOT_COMPILED = """
+import importlib.util, pathlib
+for package in ("capsuled", "capsulectl"):
+    for source in sorted(pathlib.Path("/usr/lib/python3/dist-packages", package).rglob("*.py")):
+        if not pathlib.Path(importlib.util.cache_from_source(str(source))).is_file():
+            print(source)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +124,15 @@ def test_dpkg_installs_it_and_the_socket_is_enabled_and_listening(
     # Each file once: the package data `capsuled install` copies from is not shipped as well.
     for data in ("capsuled/data", "capsulectl/completion"):
         assert not deb_bed.as_root("test", "-e", f"/usr/lib/python3/dist-packages/{data}").ok
+    # Byte-compiled by the package's postinst (dh_python3's py3compile): /usr is read-only for
+    # the helper (ProtectSystem=strict), so a module without its .pyc would be compiled again
+    # at every socket-activated start (issue 12).
+    assert deb_bed.as_root("python3", "-c", NOT_COMPILED).check().stdout.split() == []
+    # capsulectl's own launcher (client/scripts/capsulectl), not a generated console script
+    # (which imports re), with its first line pointed at Debian's python3.
+    launcher = deb_bed.as_root("cat", "/usr/bin/capsulectl").check().stdout
+    assert launcher.split("\n", 1)[0] in ("#!/usr/bin/python3", "#! /usr/bin/python3"), launcher
+    assert "import re" not in launcher
 
 
 def test_capsuled_install_refuses_over_the_package(deb_bed: Testbed) -> None:

@@ -263,3 +263,41 @@ def test_a_run_of_crashes_leaves_the_socket_serving(bed: Testbed) -> None:
     assert len(pids) == CRASHES
     assert bed.as_root("systemctl", "is-active", "capsuled.socket").stdout.strip() == "active"
     bed.as_user("mallory", "varlinkctl", "info", SOCKET).check()
+
+
+UNSAFE_PATH_LOG = "can be changed by a user other than root"
+
+
+def _helper_log_of_one_start(bed: Testbed) -> str:
+    """The helper's journal from one fresh socket activation (a varlinkctl info as alice)."""
+    bed.as_root("systemctl", "stop", "capsuled.service").check()
+    cursor = bed.as_root("journalctl", "-n", "0", "--show-cursor", "-q").stdout.strip()
+    after = cursor.removeprefix("-- cursor: ")
+    bed.as_user("alice", "varlinkctl", "info", SOCKET).check()
+    bed.as_root("journalctl", "--sync").check()
+    return bed.as_root(
+        "journalctl", "-u", "capsuled.service", f"--after-cursor={after}", "-o", "cat"
+    ).stdout
+
+
+def test_nothing_on_the_helpers_import_path_is_another_users(bed: Testbed) -> None:
+    # The helper imports some modules on their first call (issue 12), as root: every place
+    # they could come from must be root's alone (daemon.unsafe_import_paths logs any other).
+    assert UNSAFE_PATH_LOG not in _helper_log_of_one_start(bed)
+    # The check really runs in the service: a PYTHONPATH entry alice owns is reported.
+    drop_in = "/run/systemd/system/capsuled.service.d/90-test-pythonpath.conf"
+    bed.as_root("install", "-d", "-o", "alice", "/opt/alice-lib").check()
+    bed.as_root("mkdir", "-p", "/run/systemd/system/capsuled.service.d").check()
+    bed.as_root(
+        "sh", "-c", f"printf '[Service]\\nEnvironment=PYTHONPATH=/opt/alice-lib\\n' > {drop_in}"
+    ).check()
+    try:
+        bed.as_root("systemctl", "daemon-reload").check()
+        log = _helper_log_of_one_start(bed)
+        assert UNSAFE_PATH_LOG in log, log
+        assert "'/opt/alice-lib'" in log, log
+    finally:
+        bed.as_root("rm", "-f", drop_in).check()
+        bed.as_root("systemctl", "daemon-reload").check()
+        bed.as_root("systemctl", "stop", "capsuled.service").check()
+        bed.as_root("rmdir", "/opt/alice-lib").check()

@@ -8,8 +8,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from jeepney import HeaderFields, Message
+from jeepney import Header, HeaderFields, Message
+from jeepney.fds import FileDescriptor
 
+from capsuled import dbus
 from capsuled.transport import Account, Limits
 from protocol.harness import Parsed, RawClient, ThreadServer
 
@@ -18,16 +20,26 @@ MakeServer = Callable[..., ThreadServer]
 
 @pytest.fixture
 def parsed(monkeypatch: pytest.MonkeyPatch) -> list[Parsed]:
-    """Every message parsed with its body (Message.from_buffer), in order, by anyone."""
+    """Every message parsed with its body, in order, by anyone: jeepney's Message.from_buffer,
+    and capsuled.dbus's body parser (which reuses the header it judged the message by)."""
     seen: list[Parsed] = []
     from_buffer = Message.from_buffer
+    parse_body = dbus._parse_body
 
     def counting(buf: bytes, fds: tuple[int, ...] = ()) -> Message:
         msg = from_buffer(buf, fds)
         seen.append(Parsed(len(buf), msg.header.fields.get(HeaderFields.member)))
         return msg
 
+    def counting_body(
+        header: Header, buf: bytes, body_at: int, fds: list[FileDescriptor]
+    ) -> object:
+        body = parse_body(header, buf, body_at, fds)
+        seen.append(Parsed(len(buf), header.fields.get(HeaderFields.member)))
+        return body
+
     monkeypatch.setattr(Message, "from_buffer", staticmethod(counting))
+    monkeypatch.setattr(dbus, "_parse_body", counting_body)
     return seen
 
 

@@ -437,6 +437,47 @@ def test_a_handler_sees_signals_in_order_and_is_told_of_one_skipped_unread() -> 
     assert run(scenario) == ["a", "lost", "b"]
 
 
+def test_a_handler_with_a_path_prefix_never_parses_other_paths(parsed: list[Parsed]) -> None:
+    # PID 1 sends every unit's PropertiesChanged under one path namespace; the model wants only
+    # the capsules'. The others are skipped on their header (never parsed, never handed over),
+    # and one over the cap outside the prefix is not the model's loss (no on_lost).
+    def changed(path: str, text: str) -> Message:
+        address = DBusAddress(path, interface="org.freedesktop.DBus.Properties")
+        return _from(new_signal(address, "PropertiesChanged", "s", (text,)), ":1.0")
+
+    async def scenario() -> list[object]:
+        conn, peer = await connected()
+        rule = MatchRule(type="signal", sender=":1.0", path_namespace="/u")
+        seen: list[object] = []
+        with conn.handle_signals(
+            rule,
+            lambda msg: seen.append(msg.body[0]),
+            on_lost=lambda: seen.append("lost"),
+            path_prefix="/u/capsule_40",
+        ):
+            for serial, (path, text) in enumerate(
+                [
+                    ("/u/capsule_40a", "a"),
+                    ("/u/var_2dlib_2emount", "mount"),
+                    ("/u/user_40", "z" * (2 << 20)),
+                    ("/u/capsule_40b", "b"),
+                ],
+                start=1,
+            ):
+                await peer.send(changed(path, text), serial=serial)
+            call = asyncio.create_task(conn.call(new_method_call(TARGET, "Ping")))
+            await peer.send(new_method_return(await peer.next_message(), "s", ("ok",)), serial=9)
+            assert await call == ("ok",)
+        assert not conn.closed
+        await conn.close()
+        return seen
+
+    assert run(scenario) == ["a", "b"]
+    # The two capsules' signals, the peer's read of our Ping, and its reply: neither the
+    # mount's signal nor the large one.
+    assert [p.member for p in parsed] == ["PropertiesChanged", "PropertiesChanged", "Ping", None]
+
+
 def test_header_matches_follows_match_rule_semantics() -> None:
     base = new_signal(DBusAddress("/org/x/unit/a", interface="i.x"), "M")
     base.header.fields[HeaderFields.sender] = ":1.2"

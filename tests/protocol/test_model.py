@@ -405,3 +405,54 @@ def test_units_pid1_loads_and_unloads_do_not_pile_up() -> None:
         assert len(w.model._units) <= 100  # the bound is the point
 
     run(scenario)
+
+
+# -- a capsule that stops ---------------------------------------------------------------------
+
+
+def test_a_capsule_unloaded_as_it_stops_is_not_loaded_again_nor_waited_for() -> None:
+    # PID 1 unloads a capsule nobody holds right after its stop job (UnitRemoved with the
+    # JobRemoved) and then goes on stopping its mounts before it reads its bus again. A Get
+    # would load the unit again from its files, and held Stop's reply until PID 1 got to it.
+    async def scenario(w: World) -> None:
+        w.prepare = lambda fake: fake.load("web", ActiveState=("s", "active"))
+        await w.model.ready()
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pinged = asyncio.Event()
+
+        def busy(msg: Message) -> asyncio.Future[None] | None:
+            if gate.done():
+                return None
+            pinged.set()
+            return gate  # PID 1 answers nothing while it stops the mounts
+
+        w.fake.hooks["Ping"] = busy
+        w.fake.gets.clear()  # the snapshot's
+        w.fake.set_state("web", "inactive", "dead")
+        await pinged.wait()  # the model saw the stop and asked whether the unit stays
+        w.fake.unit_removed("web")
+        view = await w.model.view("web", with_config=False)  # answers while PID 1 is busy
+        assert (view.loaded, view.active_state, view.cpu_usage_last) == (False, "inactive", None)
+        gate.set_result(None)
+        await settled(w)
+        assert w.fake.gets == []  # nothing asked of the unit: PID 1 did not load it again
+
+    run(scenario)
+
+
+def test_a_capsule_still_loaded_after_it_stopped_shows_its_last_cpu_figure() -> None:
+    # A failed capsule (or one something refers to) stays loaded: PID 1 keeps its last CPU
+    # figure, and a read after the stop waits for it.
+    async def scenario(w: World) -> None:
+        w.prepare = lambda fake: fake.load("web", ActiveState=("s", "active"))
+        await w.model.ready()
+        asked = asyncio.Event()
+        w.fake.hooks["Get"] = lambda msg: asked.set()
+        w.fake.unit("web").props[SERVICE_IFACE]["CPUUsageNSec"] = ("t", 51_000_000)
+        w.fake.set_state("web", "failed", "failed")
+        await settled(w)  # the model has read the signal (its fetch began then)
+        view = await w.model.view("web", with_config=False)
+        assert asked.is_set()
+        assert (view.loaded, view.active_state, view.cpu_usage_last) == (True, "failed", 51_000_000)
+
+    run(scenario)

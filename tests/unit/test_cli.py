@@ -14,6 +14,7 @@ import pytest
 from cli_fixtures import ROOT, plain_env
 
 import capsulectl
+import capsuled
 from capsulectl import cli, verbs
 from capsulectl.context import Context
 from capsulectl.verbs import verb_table
@@ -55,6 +56,7 @@ def test_global_options_after_the_verb(fake: FakeCapsuled) -> None:
 def test_version_matches_the_distribution() -> None:
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert capsulectl.__version__ == meta["project"]["version"]
+    assert capsuled.__version__ == meta["project"]["version"]  # the helper's GetInfo, --version
     out = io.StringIO()
     assert cli.main(["--version"], out=out) == 0
     assert out.getvalue() == f"capsulectl {meta['project']['version']}\n"

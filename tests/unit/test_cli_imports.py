@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from doubles.scripted_capsuled import FakeCapsuled, capsule, fake, ok
+from doubles.scripted_capsuled import FakeCapsuled, capsule, err, fake, ok
 
 __all__ = ["fake"]
 
@@ -125,3 +126,139 @@ def test_a_real_call_loads_no_idl_parser_or_dataclasses(fake: FakeCapsuled) -> N
 @pytest.mark.parametrize("code", ["import dataclasses", "import capsuled.varlink.interface"])
 def test_the_idl_check_would_notice(code: str) -> None:
     assert offenders(modules_after(code), NOT_IN_THE_CLIENT) != []
+
+
+# What a command that succeeds never needs: paths (deploy and bundle read files), socket.py's
+# wrapper (the transport uses the C socket type), contextlib, the error classes (an error
+# reply loads them). Together ~10 ms of a `capsulectl status` (python -X importtime).
+NOT_WHEN_IT_WORKS = ("pathlib", "socket", "selectors", "contextlib", "capsuled.errors")
+
+
+@pytest.mark.parametrize(
+    ("argv", "method", "reply"),
+    [
+        (["status", "web"], "Describe", ok(capsule=capsule())),
+        (["list"], "List", ok(capsules=[capsule()])),
+        (["stop", "web"], "Stop", ok(capsule=capsule(), job="done")),
+    ],
+)
+def test_a_verb_that_succeeds_loads_no_paths_sockets_or_errors(
+    fake: FakeCapsuled, argv: list[str], method: str, reply: object
+) -> None:
+    fake.on(method, reply)  # type: ignore[arg-type]  # the double's reply type
+    modules = modules_after(
+        "from capsulectl.cli import main\n"
+        f"rc = main(['--address', {fake.address!r}, *{argv!r}])\n"
+        "assert rc in (0, 3), rc"
+    )
+    assert fake.methods() == [method]
+    assert offenders(modules, NOT_WHEN_IT_WORKS) == []
+
+
+def test_an_error_reply_still_raises_its_own_class(fake: FakeCapsuled) -> None:
+    # The error classes load with the error: the CLI still says what the helper meant.
+    fake.on("Describe", err("org.capsuled.Manager.NoSuchCapsule", name="web"))
+    modules = modules_after(
+        "import io\n"
+        "from capsulectl.cli import main\n"
+        "err = io.StringIO()\n"
+        f"rc = main(['--address', {fake.address!r}, 'status', 'web'], err=err)\n"
+        "assert rc == 4, (rc, err.getvalue())\n"
+        "assert 'does not exist' in err.getvalue(), err.getvalue()"
+    )
+    assert "capsuled.errors" in modules
+
+
+# What `capsulectl --version` may load beyond the interpreter's start-up: the package and its
+# cli module (and __future__ for their annotations). argparse, typing, re and the failure table
+# were ~15 ms of it, as much as the interpreter itself (issue 12).
+VERSION_MODULES = {"__future__", "capsulectl", "capsulectl.cli"}
+LAUNCHER = ROOT / "client" / "scripts" / "capsulectl"
+
+
+def run_launcher(*argv: str) -> str:
+    """The installed launcher's code, run as the script would be (its sys.exit caught)."""
+    return (
+        f"sys.argv = ['capsulectl', *{list(argv)!r}]\n"
+        f"try:\n    exec(compile(open({str(LAUNCHER)!r}).read(), 'capsulectl', 'exec'), {{}})\n"
+        "except SystemExit as exc:\n    assert exc.code == 0, exc.code"
+    )
+
+
+def test_version_loads_only_the_package_and_its_cli() -> None:
+    assert modules_after("from capsulectl.cli import main; main(['--version'])") <= (
+        VERSION_MODULES
+    )
+
+
+def test_the_launcher_adds_nothing_to_version() -> None:
+    modules = modules_after(run_launcher("--version"))
+    assert "capsulectl.cli" in modules  # it really ran
+    assert modules <= VERSION_MODULES
+
+
+def test_the_launcher_check_would_notice_an_import() -> None:
+    # argparse pulls in re (unless site did): what pip's generated launcher paid for.
+    modules = modules_after(run_launcher("--version") + "\nimport argparse")
+    assert not modules <= VERSION_MODULES
+
+
+def test_capsulectl_is_installed_from_the_launcher_not_a_console_script() -> None:
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "capsulectl" not in meta["project"]["scripts"]
+    assert meta["tool"]["setuptools"]["script-files"] == ["client/scripts/capsulectl"]
+    assert LAUNCHER.stat().st_mode & 0o111
+    assert LAUNCHER.read_text().startswith("#!/usr/bin/python3\n")  # pip/pybuild rewrite it
+
+
+def modules_without_site(code: str) -> set[str]:
+    """Like modules_after, but with `python3 -S`: this host's site may import shutil itself."""
+    env = {"PYTHONPATH": f"{ROOT / 'helper'}:{ROOT / 'client'}", "PATH": "/usr/bin:/bin"}
+    script = f"{code}\nimport sys, json\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+def test_building_the_parser_imports_no_shutil() -> None:
+    # argparse's HelpFormatter imports shutil (and with it bz2 and lzma) for the terminal
+    # width unless given one, and add_argument makes a formatter for every option.
+    modules = modules_without_site(
+        "from capsulectl.cli import build_parser; build_parser('status')"
+    )
+    assert "argparse" in modules
+    assert offenders(modules, ("shutil", "bz2", "lzma")) == []
+
+
+def test_the_shutil_check_would_notice() -> None:
+    assert "shutil" in modules_without_site("import argparse; argparse.HelpFormatter('x')")
+
+
+def test_the_help_width_is_the_terminals_as_shutil_reports_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+
+    from capsulectl.cli import terminal_columns
+
+    for columns in ("57", "", "0", "x"):
+        monkeypatch.setenv("COLUMNS", columns)
+        assert terminal_columns() == shutil.get_terminal_size().columns
+
+
+def test_a_status_call_imports_no_pathlib_or_shutil(fake: FakeCapsuled) -> None:
+    # pathlib is for the verbs that take files (deploy, bundle); ~4 ms of every other command.
+    fake.on("Describe", ok(capsule=capsule()))
+    modules = modules_without_site(
+        "from capsulectl.cli import main\n"
+        f"rc = main(['--address', {fake.address!r}, 'status', 'web'])\n"
+        "assert rc == 0, rc"
+    )
+    assert fake.methods() == ["Describe"]
+    assert offenders(modules, ("pathlib", "shutil")) == []

@@ -44,6 +44,13 @@ def client(fake: FakeCapsuled, **kwargs: object) -> Client:
     return Client(fake.address, timeout=5.0, **kwargs)  # type: ignore[arg-type] # test kwargs
 
 
+def test_the_client_names_the_interface_capsuled_errors_does() -> None:
+    # The client spells it out so that capsuled.errors loads only with an error reply.
+    from capsulectl import client as client_module
+
+    assert client_module.INTERFACE == e.INTERFACE
+
+
 # --- every method sends exactly its call and returns the reply parameters -----------------------
 
 CASES: list[

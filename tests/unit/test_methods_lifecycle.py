@@ -1055,3 +1055,20 @@ def test_list_reads_each_account_once_for_all_its_rows(
     for _ in range(2):
         assert isinstance(world.error("Describe", {"name": "beta"}), errors.NoSuchCapsule)
     assert read == [("name", BOB), ("groups", ALICE)] * 2
+
+
+@pytest.mark.parametrize("method", ["Stop", "Start", "Restart"])
+def test_a_job_is_answered_only_once_its_record_is_on_disk(world: World, method: str) -> None:
+    # The record's fsync runs while the capsule is read back for the reply; the reply still
+    # waits for it (invariant 6, audit.py).
+    if method == "Start":
+        asyncio.run(world.backend.stop("alpha"))
+    trail = world.services.audit._trail
+    assert trail is not None
+    world.forget_history()
+    reply = world.run(method, {"name": "alpha"}).reply
+    assert reply["job"] == "done"
+    (record,) = world.audit_records
+    assert record["CAPSULED_ACTION"] == method.lower()
+    assert trail.written_seq > 0
+    assert trail.synced_seq == trail.written_seq

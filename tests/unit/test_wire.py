@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from capsuled import wire
-from capsuled.methods import HANDLERS
+from capsuled.methods import HANDLERS, handler_function
 from capsuled.varlink.interface import (
     Array,
     Enum,
@@ -91,5 +91,5 @@ def test_parameter_types_mirror_the_idl(interface: Interface, method: str) -> No
 @pytest.mark.parametrize("method", sorted(PARAMETERS))
 def test_each_handler_takes_its_methods_parameter_type(method: str) -> None:
     # What the method table binds is typed with the TypedDict this file checks against the IDL.
-    hints = typing.get_type_hints(HANDLERS[method])
+    hints = typing.get_type_hints(handler_function(HANDLERS[method]))
     assert hints["p"] is PARAMETERS[method]

@@ -3,18 +3,28 @@
 Like systemd's helpers bind all methods in one `sd_varlink_server_bind_method_many` call,
 this table shows the whole API surface at a glance. A method declared in the IDL but
 missing here answers org.varlink.service.MethodNotImplemented (the Dispatcher does that).
+
+The modules of the methods a socket-activated start does not need at once (inside, streams,
+deploy, trail: units, logs and watches, bundles, the audit trail, with the pty, unit file and
+bundle code they pull in) are imported on their method's first call (`Deferred`), which is a
+third of the helper's own imports (issue 12: cold activation). They come from the package
+directory `capsuled` itself was loaded from at start, through the same sys.path: nothing is
+found in a place that was not already trusted at start (daemon.unsafe_import_paths checks it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar, cast
 
 from capsuled import errors
 from capsuled.audit import RESULT_CANCELLED, RESULT_DENIED, AuditAction
 from capsuled.dispatch import Dispatcher
-from capsuled.methods import deploy, inside, lifecycle, streams, trail
+from capsuled.methods import lifecycle
 from capsuled.methods.context import CallContext, Notify, Outcome, Services
 from capsuled.peer import Peer
 from capsuled.records import RecordsUnwritable
@@ -38,6 +48,50 @@ def bind(handler: Callable[[CallContext, P], Awaitable[R]]) -> Handler:
     return cast(Handler, handler)
 
 
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A handler whose module (capsuled.methods.MODULE) is imported on its method's first call.
+
+    A module that cannot be imported (a dependency missing, say `cryptography` for Deploy)
+    fails that method only: the call is answered InternalError and the reason logged, every
+    other method goes on working, and the next call tries again (Python keeps no half-imported
+    module). The import runs on the event loop, once: later calls find it in sys.modules.
+    """
+
+    method: str
+    module: str
+    function: str
+
+    def resolve(self) -> Handler:
+        """The handler itself, importing its module if that has not happened yet.
+
+        Raises:
+            errors.InternalError: the module could not be imported (logged).
+        """
+        name = f"{__name__}.{self.module}"
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            log.error("method %s is unavailable: importing %s failed: %s", self.method, name, exc)
+            raise errors.InternalError() from exc
+        return cast(Handler, getattr(module, self.function))
+
+    async def __call__(self, ctx: CallContext, p: dict[str, object]) -> dict[str, object]:
+        return await self.resolve()(ctx, p)
+
+
+def handler_function(handler: Handler) -> Callable[..., object]:
+    """The function a table entry runs (a Deferred's once imported), for its type hints."""
+    return handler.resolve() if isinstance(handler, Deferred) else handler
+
+
+def _deferred(module: str, **functions: str) -> dict[str, Handler]:
+    return {method: Deferred(method, module, function) for method, function in functions.items()}
+
+
 HANDLERS: Mapping[str, Handler] = {
     "List": bind(lifecycle.list_capsules),
     "Describe": bind(lifecycle.describe),
@@ -50,20 +104,21 @@ HANDLERS: Mapping[str, Handler] = {
     "SetLimits": bind(lifecycle.set_limits),
     "CheckAccess": bind(lifecycle.check_access),
     "Info": bind(lifecycle.info),
-    "ListUnits": bind(inside.list_units),
-    "InstallUnit": bind(inside.install_unit),
-    "RemoveUnit": bind(inside.remove_unit),
-    "StartUnit": bind(inside.start_unit),
-    "StopUnit": bind(inside.stop_unit),
-    "RestartUnit": bind(inside.restart_unit),
-    "EnableUnit": bind(inside.enable_unit),
-    "DisableUnit": bind(inside.disable_unit),
-    "Run": bind(inside.run),
-    "Logs": bind(streams.logs),
-    "Watch": bind(streams.watch),
-    "Deploy": bind(deploy.deploy),
-    "Rollback": bind(deploy.rollback),
-    "Audit": bind(trail.audit),
+    **_deferred(
+        "inside",
+        ListUnits="list_units",
+        InstallUnit="install_unit",
+        RemoveUnit="remove_unit",
+        StartUnit="start_unit",
+        StopUnit="stop_unit",
+        RestartUnit="restart_unit",
+        EnableUnit="enable_unit",
+        DisableUnit="disable_unit",
+        Run="run",
+    ),
+    **_deferred("streams", Logs="logs", Watch="watch"),
+    **_deferred("deploy", Deploy="deploy", Rollback="rollback"),
+    **_deferred("trail", Audit="audit"),
 }
 
 # Streaming-only methods: a plain call gets org.varlink.service.ExpectedMore.

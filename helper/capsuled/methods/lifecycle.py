@@ -9,6 +9,7 @@ reply.
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import logging
 import pwd
@@ -347,7 +348,14 @@ async def _run_job(ctx: CallContext, p: wire.CapsuleParams, verb: str) -> wire.J
             ctx.audit(audit, name, RESULT_FAILED, job_result=str(failure.parameters.get("result")))
             raise
         ctx.audit(audit, name, RESULT_OK)
-        return {"capsule": await describe_wire(ctx, name), "job": result}
+        # The record's fsync (which the reply waits for: `audited`) runs while the capsule is
+        # read back, not after it.
+        on_disk = asyncio.ensure_future(ctx.services.audit.sync())
+        try:
+            capsule = await describe_wire(ctx, name)
+        finally:
+            await on_disk
+        return {"capsule": capsule, "job": result}
 
 
 async def start(ctx: CallContext, p: wire.CapsuleParams) -> wire.JobReply:

@@ -41,7 +41,8 @@ What PID 1 does not signal:
   unit_get_memory_accounting(), unit_get_tasks_current(), unit_get_cpu_usage_raw()). PID 1
   subtracts the CPU time the cgroup had when the unit's first process started, learnt once per
   run. A stopped capsule has no cgroup: memory and tasks are null, CPU is PID 1's last figure
-  while the unit stays loaded (a failed capsule), else null.
+  while the unit stays loaded (a failed capsule), else null. Which of the two PID 1 says once
+  its GC has run (a Ping, or the UnitRemoved): a Get before would load the unit again.
 
 Memory: one `_Unit` per capsule unit PID 1 has loaded or a read asked about (a dozen slots,
 about 0.6 KiB with its strings and Event); one cached `UnitConfig` (~0.3 KiB) per capsule with
@@ -301,6 +302,9 @@ class CapsuleModel:
         self._sync_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._watchers: set[_Watcher] = set()
+        # Capsules that stopped and whose last CPU figure waits to learn whether PID 1 unloads
+        # them (`_fetch_cpu_after_stop`): set by their UnitRemoved.
+        self._unloaded: dict[str, asyncio.Event] = {}
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -379,10 +383,15 @@ class CapsuleModel:
         # rules name the senders as the AddMatch rules do: a well-known sender matches only
         # what the bus daemon routed to us under those (dbus.header_matches), never a unicast
         # signal from anybody; the handlers check PID 1's unique name too. A signal of theirs
-        # over our cap is skipped unread: then the model looks at PID 1 again.
+        # over our cap is skipped unread: then the model looks at PID 1 again. PropertiesChanged
+        # of units that are no capsule (mounts, slices, the capsule's user@ helpers: most of
+        # what a Start or Stop brings) are skipped on their header, never parsed.
         handlers = (self._on_properties_changed, self._on_manager_signal, self._on_owner_changed)
-        for rule, handler in zip(_bus_rules(), handlers, strict=True):  # _bus_rules' order
-            stack.enter_context(link.conn.handle_signals(rule, handler, on_lost=self._lost))
+        prefixes = (_CAPSULE_PATH_PREFIX, None, None)
+        for rule, handler, prefix in zip(_bus_rules(), handlers, prefixes, strict=True):
+            stack.enter_context(
+                link.conn.handle_signals(rule, handler, on_lost=self._lost, path_prefix=prefix)
+            )
         self._handlers, self._link = stack, link
         self._spawn(self._watch_connection(link))
         try:
@@ -538,6 +547,8 @@ class CapsuleModel:
         # nobody holds would load it again and again.
         unit.loaded = member == "UnitNew"
         self._set_state(unit, "inactive", "dead", reset=True)
+        if not unit.loaded and (gone := self._unloaded.get(name)) is not None:
+            gone.set()
 
     def _on_properties_changed(self, msg: Message) -> None:
         if not self._from_pid1(msg):
@@ -596,7 +607,7 @@ class CapsuleModel:
             self._spawn_fetch(unit, self._fetch_cgroup)
         elif was_running and not running:
             unit.control_group = None
-            self._spawn_fetch(unit, self._fetch_last_cpu)
+            self._spawn_fetch(unit, self._fetch_cpu_after_stop)
 
     def _lost(self) -> None:
         """A signal of PID 1 (or the bus daemon) was too large to read: look again."""
@@ -698,6 +709,38 @@ class CapsuleModel:
 
         await self._get(link, unit.name, m.SERVICE_IFACE, "ControlGroup", cgroup)
         await self._get(link, unit.name, m.SERVICE_IFACE, "CPUUsageNSec", cpu)
+
+    async def _fetch_cpu_after_stop(self, link: Link, unit: _Unit) -> None:
+        """A capsule that stopped: its last CPU figure, if PID 1 keeps the unit loaded.
+
+        Most capsules are unloaded as soon as they stop (nothing references them): PID 1
+        collects the unit before it reads its next bus message (manager_loop() dispatches its
+        GC and D-Bus queues before each event), so a Get sent now would load the unit again
+        from its files, a few ms in which PID 1 answers nobody (Stop's reply waited for it),
+        and report no figure (UINT64_MAX). A Ping's reply comes after that UnitRemoved: only a
+        unit still loaded then has a figure to ask for. Its UnitRemoved, which PID 1 sends
+        with the stop job's JobRemoved, settles it sooner: reads then wait for neither reply
+        (PID 1 is still stopping the capsule's mounts meanwhile, 1.5-3 ms in the testbed).
+        """
+        gone = self._unloaded[unit.name] = asyncio.Event()
+        try:
+            async with self._fetch_slots:
+                ping = asyncio.ensure_future(link.call(m.ping()))
+                unloaded = asyncio.ensure_future(gone.wait())
+                try:
+                    await asyncio.wait((ping, unloaded), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    unloaded.cancel()
+                    answered = ping.done()
+                    if not answered:
+                        ping.cancel()  # a late reply is skipped (dbus: abandoned serials)
+                if answered:
+                    ping.result()  # its BackendError is the fetch's
+        finally:
+            if self._unloaded.get(unit.name) is gone:
+                del self._unloaded[unit.name]
+        if unit.loaded and unit.active_state in FINISHED_STATES:
+            await self._fetch_last_cpu(link, unit)
 
     async def _fetch_last_cpu(self, link: Link, unit: _Unit) -> None:
         """A stopped unit's last CPU figure (PID 1 keeps it while the unit stays loaded)."""

@@ -1,0 +1,93 @@
+"""Methods whose module is imported on first use (capsuled.methods.Deferred): a module that
+cannot be imported fails its own methods with InternalError and a log line, and nothing else.
+
+A fresh interpreter shows what a socket-activated start imports; in this process the module
+is made unimportable with a None in sys.modules (what Python does for a failed import too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from methods_fixtures import ALICE, World, make_world
+
+from capsuled import errors
+from capsuled.methods import HANDLERS, Deferred
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFERRED_MODULES = ("inside", "streams", "deploy", "trail")
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return make_world(tmp_path).standard()
+
+
+def test_a_method_whose_module_fails_to_import_answers_internal_error_and_logs_it(
+    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "capsuled.methods.deploy", None)
+    with caplog.at_level(logging.ERROR, logger="capsuled.methods"):
+        err = world.error("Rollback", {"name": "alpha"})
+    assert isinstance(err, errors.InternalError)
+    assert any(
+        "method Rollback is unavailable: importing capsuled.methods.deploy failed" in r.message
+        for r in caplog.records
+    )
+
+
+def test_only_the_failing_modules_methods_fail(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "capsuled.methods.deploy", None)
+    assert isinstance(world.error("Deploy", {"name": "alpha", "bundle": ""}), errors.InternalError)
+    # The rest of the helper answers as before: a read, a deferred module that does import,
+    # and Info.
+    assert world.run("Describe", {"name": "alpha"}).reply["capsule"]
+    assert world.run("ListUnits", {"name": "alpha"}, uid=ALICE).reply["units"] is not None
+    assert world.run("Info").reply["version"]
+
+
+def test_the_method_works_again_once_its_module_imports(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "capsuled.methods.trail", None)
+        assert isinstance(world.error("Audit", {"name": "alpha"}), errors.InternalError)
+    # No failure is remembered: the next call imports the module.
+    assert "records" in world.run("Audit", {"name": "alpha"}).reply
+
+
+def test_every_deferred_entry_names_a_handler_of_its_module() -> None:
+    deferred = [h for h in HANDLERS.values() if isinstance(h, Deferred)]
+    assert {h.module for h in deferred} == set(DEFERRED_MODULES)
+    for h in deferred:
+        assert callable(h.resolve()), h
+
+
+def test_a_start_imports_none_of_the_deferred_modules() -> None:
+    # What daemon.build_wiring imports, in a fresh interpreter (this process has them all).
+    code = (
+        "import sys, json\n"
+        "from capsuled import methods, daemon\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('capsuled'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": f"{ROOT / 'helper'}", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    loaded = set(json.loads(done.stdout))
+    assert "capsuled.methods.lifecycle" in loaded  # the check sees the table's modules
+    for module in DEFERRED_MODULES:
+        assert f"capsuled.methods.{module}" not in loaded
+    for module in ("capsuled.terminal", "capsuled.unitfile", "capsuled.verify"):
+        assert module not in loaded
