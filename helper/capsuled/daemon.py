@@ -131,12 +131,16 @@ REFUSAL_FLUSH_S: Final = 10.0
 
 
 def unsafe_import_paths(
-    paths: Sequence[str] | None = None, stat_path: Callable[[str], os.stat_result] = os.stat
+    paths: Sequence[str] | None = None,
+    stat_path: Callable[[str], os.stat_result] = os.stat,
+    realpath: Callable[[str], str] = os.path.realpath,
 ) -> list[str]:
     """The sys.path entries (default: this process's) that someone other than root could
     change: the entry, or a directory above it, not owned by root, or writable by its group or
     others (a sticky directory above is fine: nobody renames root's entry out of it); for a
-    missing entry, the directory that would hold it.
+    missing entry, the directory that would hold it. An entry reached through a symbolic link
+    is judged along both paths: the one named (whoever may replace the link) and the one the
+    link leads to (whoever may replace a directory above the target, e.g. a venv in a home).
 
     Run as root, capsuled imports some modules on first use (methods.Deferred, the key
     parser): one found in such a place would run as root. It would be as bad at start, so
@@ -147,28 +151,35 @@ def unsafe_import_paths(
         if not entry:
             unsafe.append(entry)  # the current directory
             continue
-        path = os.path.abspath(entry)
-        # True for the entry and, if it is missing, for the directory it would be created in:
-        # there a sticky bit does not help (anyone who may write it may create the entry).
-        own = True
-        while True:
-            try:
-                st = stat_path(path)
-            except OSError:
-                # Missing: it imports nothing until someone creates it, so its parent decides.
-                if path == "/":
-                    break
-                path = os.path.dirname(path)
-                continue
-            writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-            sticky = not own and st.st_mode & stat.S_ISVTX
-            if st.st_uid != 0 or (writable and not sticky):
-                unsafe.append(entry)
-                break
-            if path == "/":
-                break
-            path, own = os.path.dirname(path), False
+        named = os.path.abspath(entry)
+        if _changeable_by_others(named, stat_path) or _changeable_by_others(
+            realpath(named), stat_path
+        ):
+            unsafe.append(entry)
     return unsafe
+
+
+def _changeable_by_others(path: str, stat_path: Callable[[str], os.stat_result]) -> bool:
+    """Whether `path` (absolute), or a directory above it, is someone else's than root's."""
+    # True for the entry and, if it is missing, for the directory it would be created in:
+    # there a sticky bit does not help (anyone who may write it may create the entry).
+    own = True
+    while True:
+        try:
+            st = stat_path(path)
+        except OSError:
+            # Missing: it imports nothing until someone creates it, so its parent decides.
+            if path == "/":
+                return False
+            path = os.path.dirname(path)
+            continue
+        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        sticky = not own and st.st_mode & stat.S_ISVTX
+        if st.st_uid != 0 or (writable and not sticky):
+            return True
+        if path == "/":
+            return False
+        path, own = os.path.dirname(path), False
 
 
 def build_wiring(options: Options) -> Wiring:

@@ -56,6 +56,24 @@ def test_entries_others_can_change_are_reported() -> None:
     assert unsafe_import_paths(paths, fake_stat(TREE)) == paths
 
 
+def test_an_entry_through_a_link_is_judged_where_the_link_leads() -> None:
+    # /opt/venv -> /home/alice/venv: every directory on the named path is root's, but alice
+    # can rename the target's parent's content (her home) and put her own modules there.
+    tree = {**TREE, "/opt/venv": (0, DIR | 0o755), "/home/alice/venv": (0, DIR | 0o755)}
+    links = {"/opt/venv/lib": "/home/alice/venv/lib", "/usr/lib/python3": "/usr/lib/python3"}
+
+    def realpath(path: str) -> str:
+        return links.get(path, path)
+
+    assert unsafe_import_paths(["/opt/venv/lib"], fake_stat(tree), realpath) == ["/opt/venv/lib"]
+    assert unsafe_import_paths(["/usr/lib/python3"], fake_stat(tree), realpath) == []
+    # The named path still counts: a link in alice's home to root's tree is hers to replace.
+    links["/home/alice/lib"] = "/usr/lib/python3"
+    assert unsafe_import_paths(["/home/alice/lib"], fake_stat(tree), realpath) == [
+        "/home/alice/lib"
+    ]
+
+
 def test_this_interpreters_standard_library_is_safe_when_root_installed_it() -> None:
     stdlib = os.path.dirname(os.__file__)
     if os.stat(stdlib).st_uid != 0:  # a user's own Python build: nothing to say

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from methods_fixtures import ALICE, World, make_world
 
-from capsuled import errors
+from capsuled import errors, methods
 from capsuled.methods import HANDLERS, Deferred
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +24,9 @@ DEFERRED_MODULES = ("inside", "streams", "deploy", "trail")
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> World:
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
+    # Which failures were logged already is the process's; each test starts with none.
+    monkeypatch.setattr(methods, "_UNAVAILABLE", set())
     return make_world(tmp_path).standard()
 
 
@@ -39,6 +41,30 @@ def test_a_method_whose_module_fails_to_import_answers_internal_error_and_logs_i
         "method Rollback is unavailable: importing capsuled.methods.deploy failed" in r.message
         for r in caplog.records
     )
+
+
+def test_a_failing_import_is_logged_once_and_its_calls_are_not_audited(
+    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Anyone may call Rollback on any name: were each failure logged and audited (a record
+    # and an fsync), a loop of such calls would flood the journal and the trail.
+    monkeypatch.setitem(sys.modules, "capsuled.methods.deploy", None)
+    world.forget_history()
+    with caplog.at_level(logging.ERROR, logger="capsuled.methods"):
+        for name in ("alpha", "nosuch", "alpha", "other", "alpha"):
+            assert isinstance(world.error("Rollback", {"name": name}), errors.InternalError)
+    unavailable = [r for r in caplog.records if "method Rollback is unavailable" in r.message]
+    assert len(unavailable) == 1
+    assert world.audit_records == []
+    # Once it imported again, a new failure is news again.
+    monkeypatch.delitem(sys.modules, "capsuled.methods.deploy")
+    assert isinstance(HANDLERS["Rollback"], Deferred)
+    HANDLERS["Rollback"].resolve()
+    monkeypatch.setitem(sys.modules, "capsuled.methods.deploy", None)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="capsuled.methods"):
+        world.error("Rollback", {"name": "alpha"})
+    assert sum("method Rollback is unavailable" in r.message for r in caplog.records) == 1
 
 
 def test_only_the_failing_modules_methods_fail(

@@ -51,14 +51,26 @@ def bind(handler: Callable[[CallContext, P], Awaitable[R]]) -> Handler:
 log = logging.getLogger(__name__)
 
 
+class MethodUnavailable(errors.InternalError):
+    """A Deferred method's module could not be imported: InternalError on the wire, never
+    audited (the call ran nothing)."""
+
+
+# Methods whose import failure has been logged since their last successful import.
+_UNAVAILABLE: set[str] = set()
+
+
 @dataclass(frozen=True, slots=True)
 class Deferred:
     """A handler whose module (capsuled.methods.MODULE) is imported on its method's first call.
 
     A module that cannot be imported (a dependency missing, say `cryptography` for Deploy)
-    fails that method only: the call is answered InternalError and the reason logged, every
-    other method goes on working, and the next call tries again (Python keeps no half-imported
-    module). The import runs on the event loop, once: later calls find it in sys.modules.
+    fails that method only: the call is answered InternalError (MethodUnavailable), every other
+    method goes on working, and the next call tries again (Python keeps no half-imported
+    module). The reason is logged once per method until an import succeeds, and such a call is
+    not audited: it ran nothing, not even the policy, so any local user repeating it would
+    otherwise write a journal line, an audit record and an fsync per call. The import runs on
+    the event loop, once: later calls find it in sys.modules.
     """
 
     method: str
@@ -75,8 +87,13 @@ class Deferred:
         try:
             module = importlib.import_module(name)
         except ImportError as exc:
-            log.error("method %s is unavailable: importing %s failed: %s", self.method, name, exc)
-            raise errors.InternalError() from exc
+            if self.method not in _UNAVAILABLE:
+                _UNAVAILABLE.add(self.method)
+                log.error(
+                    "method %s is unavailable: importing %s failed: %s", self.method, name, exc
+                )
+            raise MethodUnavailable() from exc
+        _UNAVAILABLE.discard(self.method)
         return cast(Handler, getattr(module, self.function))
 
     async def __call__(self, ctx: CallContext, p: dict[str, object]) -> dict[str, object]:
@@ -192,7 +209,9 @@ def audited(action: AuditAction, handler: Handler) -> Handler:
         except VarlinkError as exc:
             if ctx.outcome is Outcome.DENIED:
                 ctx.audit(action, name, RESULT_DENIED)
-            elif ctx.outcome is Outcome.OPEN and not isinstance(exc, INPUT_ERRORS):
+            elif ctx.outcome is Outcome.OPEN and not isinstance(
+                exc, (*INPUT_ERRORS, MethodUnavailable)
+            ):
                 ctx.audit(action, name, exc.name)
             await ctx.services.audit.sync()
             raise
