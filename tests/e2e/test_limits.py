@@ -5,6 +5,7 @@ test is what the issue tried, and fails on the helper before the fix (the report
 - 4: a 30 MiB unicast signal to the helper's unique name on the system bus, and a flood of
   small ones: the helper keeps its bus connection, does not buffer them, keeps working.
 - 8: processes inside a capsule count against its owner's connections.
+- issue 12: one connection's pipelined burst does not hold up the others.
 """
 
 from __future__ import annotations
@@ -213,3 +214,18 @@ def test_a_capsules_processes_count_against_its_owner(bed: Testbed, capsule_name
     while not info_works(bed, "alice"):
         assert time.monotonic() < deadline, "alice's share never came back"
         time.sleep(POLL_INTERVAL_S * 5)
+
+
+def test_one_clients_pipelined_burst_does_not_make_another_wait_for_all_of_it(
+    bed: Testbed,
+) -> None:
+    # Any local user may pipeline calls that need no authorization (GetInfo, Info). The helper
+    # answers such a call in the turn it arrived (issue 12), but must still give other
+    # connections their turn between one pipelined call and the next: a burst answered whole
+    # first kept another user's call (and PID 1's and polkit's replies) waiting behind it.
+    n = 3000
+    found = json.loads(bed.run_module("mallory", "e2e.inbed.fairness", str(n)).check().stdout)
+    assert found["answered"] == n
+    # Served in turn, B's reply comes after a handful of A's (plus what arrived meanwhile);
+    # answered whole first, after nearly all 3,000.
+    assert found["before"] < n // 3, found
