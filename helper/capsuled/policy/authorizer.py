@@ -54,6 +54,10 @@ POLKIT_SERVICE_FILE: Final = Path(
     "/usr/share/dbus-1/system-services/org.freedesktop.PolicyKit1.service"
 )
 POLKIT_ACTIONS_FILE: Final = Path("/usr/share/polkit-1/actions/org.capsuled.policy")
+# How many of a List's rows are with the backend at once: polkit's per-caller slots
+# (polkit.MAX_IN_FLIGHT_PER_UID; a test keeps them equal, this module does not import polkit's).
+# More would only wait in its queue, each as a task of its own.
+ROWS_CHECKED_AT_ONCE: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,10 +213,10 @@ class Authorizer:
         known_alive: bool = False,
     ) -> list[Verdict]:
         """`decide` for each of `requests` (a List's rows), in order: the engine decides every
-        row it can first, in one go; the rows left go to the backend together, polkit's
-        CheckAuthorizations in flight at once (within its per-caller slots) instead of one
-        round trip after the other. The builtin rules answer without waiting, so they are
-        asked one by one (a task per row would cost more than the rule)."""
+        row it can first, in one go; the rows left go to the backend ROWS_CHECKED_AT_ONCE at a
+        time (polkit's per-caller slots) instead of one round trip after the other. The
+        builtin rules answer without waiting, so they are asked one by one (a task per row
+        would cost more than the rule)."""
         if not requests:
             return []
         first = await self.decide(peer, requests[0], lookup=lookup, known_alive=known_alive)
@@ -239,8 +243,7 @@ class Authorizer:
         if isinstance(backend, BuiltinBackend) or len(left) < 2:
             decisions = [await backend.check(peer, identity, requests[i]) for i in left]
         else:
-            asked = (backend.check(peer, identity, requests[i]) for i in left)
-            decisions = list(await asyncio.gather(*asked))
+            decisions = await _check_rows(backend, peer, identity, [requests[i] for i in left])
         for index, decision in zip(left, decisions, strict=True):
             verdicts[index] = Verdict(decision, backend.name)
         return [v for v in verdicts if v is not None]
@@ -262,3 +265,27 @@ class Authorizer:
     async def aclose(self) -> None:
         """Release what the backend holds (polkit's pending cancellations), if anything."""
         await self._backend.aclose()
+
+
+async def _check_rows(
+    backend: Backend, peer: Peer, identity: Identity, requests: Sequence[Request]
+) -> list[Decision]:
+    """backend.check for each request, ROWS_CHECKED_AT_ONCE in flight: a List of 1,000 rows
+    nobody owns is two waiting checks, not a task per row (~2 KiB each, times every List in
+    flight). The first failure stops the others (cancelled and collected, none left running)."""
+    decisions: list[Decision | None] = [None] * len(requests)
+    pending = iter(range(len(requests)))
+
+    async def worker() -> None:
+        for k in pending:  # one iterator shared: each row is taken by one worker
+            decisions[k] = await backend.check(peer, identity, requests[k])
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(ROWS_CHECKED_AT_ONCE)]
+    try:
+        await asyncio.gather(*workers)
+    except BaseException:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        raise
+    return [d for d in decisions if d is not None]
