@@ -320,6 +320,57 @@ def test_unit_counts_never_follow_a_symlink_swapped_in_later(
     assert counts.count("a") == 0
 
 
+@pytest.mark.parametrize("component", [".config", ".config/systemd"])
+def test_checking_a_kept_count_resolves_no_path_through_the_capsules_directories(
+    state_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, component: str
+) -> None:
+    # The capsule swaps a directory for a symlink while its kept count is being checked:
+    # root's lookups must not go through it (it may lead to an automount or a hung mount).
+    outside = tmp_path / "outside"
+    (outside / ".config" / "systemd" / "user").mkdir(parents=True)
+    (unit_dir(state_root, "a") / "web.service").touch()
+    counts = hostfs.UnitFileCounts(clock_ns=_late)
+    assert counts.count("a") == 1
+    link = state_root / "a" / component
+    looked_up: list[str] = []
+    real_open, real_lstat, real_stat = os.open, os.lstat, os.stat
+
+    def swap_once() -> None:
+        if not link.is_symlink():
+            link.rename(link.with_name(link.name + ".old"))
+            link.symlink_to(outside / component)
+
+    def record(path: object, dir_fd: object) -> None:
+        if dir_fd is None and isinstance(path, str):
+            looked_up.append(path)
+        if isinstance(path, str) and path.endswith(".config"):
+            swap_once()  # right after the first look at .config (by path or by fd)
+
+    def opening(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        fd = real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]  # as given
+        record(path, kwargs.get("dir_fd"))
+        return fd
+
+    def lstating(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        st = real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]  # as given
+        record(path, kwargs.get("dir_fd"))
+        return st
+
+    def stating(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        st = real_stat(path, *args, **kwargs)  # type: ignore[arg-type]  # as given
+        record(path, kwargs.get("dir_fd"))
+        return st
+
+    monkeypatch.setattr(os, "open", opening)
+    monkeypatch.setattr(os, "lstat", lstating)
+    monkeypatch.setattr(os, "stat", stating)
+    with monkeypatch.context() as m:
+        m.setattr(hostfs, "_walk_and_count", lambda name: ((), -1))  # the check alone
+        assert counts.count("a") == -1  # changed: not the kept 1
+    through_link = [p for p in looked_up if p.startswith(str(link) + os.sep)]
+    assert through_link == []
+
+
 def test_unit_counts_keep_nothing_changed_too_recently(
     state_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

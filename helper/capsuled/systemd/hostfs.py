@@ -166,12 +166,11 @@ class UnitFileCounts:
     any chmod or chown), and nobody can set it: so while the state dir, .config, systemd and
     user keep the inode and ctime the last walk saw, the unit directory holds the same names,
     and a component that was missing or not a directory still is (its parent is unchanged).
-    Checking that is one lstat per directory the walk opened, instead of an open, a close and
-    (at the end) a directory listing each. The lstat goes by path, so it could pass through a
-    symlink planted meanwhile; but then the inode it finds must be one the safe walk found, so
-    the answer is still about the capsule's own directories. Any difference: the safe walk
-    again. A directory changed within RACY_NS of the walk is not kept (timestamps move in
-    ticks). One entry per capsule with a state dir; gone ones are dropped by `forget`.
+    Checking that is an fstat per directory the walk opened, each reached through its
+    parent's O_PATH fd without following symlinks (no read fds, no listing). Any difference:
+    the safe walk again. A directory changed within RACY_NS of the walk is not kept
+    (timestamps move in ticks). One entry per capsule with a state dir; gone ones are dropped
+    by `forget`.
     """
 
     def __init__(self, clock_ns: Callable[[], int] = time.time_ns) -> None:
@@ -200,17 +199,33 @@ class UnitFileCounts:
 
     @staticmethod
     def _unchanged(name: str, stamps: tuple[DirStamp, ...]) -> bool:
-        path = os.path.join(STATE_ROOT, name)
-        for level, seen in enumerate(stamps):
-            if level:
-                path = os.path.join(path, USER_UNIT_DIR[level - 1])
-            try:
-                st = os.lstat(path)
-            except OSError:
+        # Each directory through its parent's O_PATH fd, never by a path through a component
+        # the capsule controls: a symlink swapped in between two looks is then neither
+        # followed (a lookup by path would let root's resolution wander wherever it points,
+        # an automount or a hung network mount included) nor mistaken for the directory.
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(os.path.join(STATE_ROOT, name), flags)  # STATE_ROOT is root's
+        except OSError:
+            return False
+        try:
+            if _dir_stamp(os.fstat(fd)) != stamps[0]:
                 return False
-            if not stat.S_ISDIR(st.st_mode) or _dir_stamp(st) != seen:
-                return False
-        return True
+            for level in range(1, len(stamps)):
+                component = USER_UNIT_DIR[level - 1]
+                if level == len(stamps) - 1:  # the last needs no fd: one fstatat
+                    st = os.stat(component, dir_fd=fd, follow_symlinks=False)
+                    return stat.S_ISDIR(st.st_mode) and _dir_stamp(st) == stamps[level]
+                child = os.open(component, flags, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                if _dir_stamp(os.fstat(fd)) != stamps[level]:
+                    return False
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
 
 def process_uid(pid: int) -> int | None:
