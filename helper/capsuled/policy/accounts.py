@@ -8,7 +8,9 @@ answer can be:
 - the files and directories the user database is read from (SOURCES) are stat'ed at every
   lookup; when one of them changed (inode or ctime: every write, rename or chmod moves ctime),
   everything kept is dropped. ``gpasswd -d alice capsule``, ``useradd``, a new userdb drop-in
-  in an existing directory: the next call sees them;
+  in an existing directory (each replaces or adds a file): the next call sees them. An
+  in-place edit within the same timestamp tick as the read may go unseen here; the next rule
+  covers it;
 - an entry is kept at most ACCOUNT_TTL_S, for what no file says: a systemd-homed or
   DynamicUser= account, LDAP through NSS, a userdb directory that did not exist at the last
   look, an edit the file system's timestamps cannot tell apart.
