@@ -5,20 +5,63 @@ builtin policy), as alice. The client is a few lines of Python on a raw socket (
 the figures are the helper's and the kernel's, not capsulectl's. The systemd side is PID 1's
 D-Bus API through the system bus, from Python (jeepney) on one connection the same way, and
 `busctl` as a whole command next to `varlinkctl`.
+
+Beside them, BARE_SERVER: the least a Python Varlink service can be (asyncio streams, json, one
+canned reply the size of capsuled's Info), run in the bed as alice and called by the same client
+on the same kind of socket, so that "Info at most 2x a bare asyncio server" is measured.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING
 
 from _bed import Cmd, Comparison, compare
 from _table import Pair, Side, pair_table
+from scale import RACY_S
 
 if TYPE_CHECKING:
     from testbed import Testbed
 
 SOCKET = "/run/capsuled/org.capsuled.Manager"
+BARE_SOCKET = "/tmp/capsuled-bench-bare.sock"  # the bed's /tmp; alice's own socket
+
+# A bare asyncio Varlink server: what any Python service pays per call (event loop, stream
+# reader, json both ways), and nothing else. Answers Info with a reply shaped like capsuled's.
+BARE_SERVER = r"""
+import asyncio, json, os, sys
+
+path = sys.argv[1]
+INFO = {"version": "0.0", "systemdVersion": 257, "policyBackend": "builtin", "callerUid": 0}
+REPLY = json.dumps({"parameters": INFO}).encode() + b"\0"
+
+async def serve(reader, writer):
+    try:
+        while True:
+            call = json.loads((await reader.readuntil(b"\0"))[:-1])
+            if call.get("method") == "org.capsuled.Manager.Info":
+                writer.write(REPLY)
+            else:
+                error = {"error": "org.varlink.service.MethodNotFound",
+                         "parameters": {"method": call.get("method")}}
+                writer.write(json.dumps(error).encode() + b"\0")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+async def main():
+    if os.path.exists(path):
+        os.unlink(path)
+    server = await asyncio.start_unix_server(serve, path)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
 BATCHES = 5  # throughput is measured in this many batches, for a median and a p90
 # Calls in flight when pipelining: all under the system bus's ~128 pending replies; 32 is also
 # under capsuled's 48 concurrent calls per uid, 100 is over it (the rest wait for a slot).
@@ -26,14 +69,14 @@ WINDOWS = (32, 100)
 
 # Runs inside the bed as the calling user; prints one JSON object of results.
 CLIENT = r"""
-import json, socket, sys, time
+import json, socket, subprocess, sys, time
 from jeepney import DBusAddress, new_method_call, MessageType
 from jeepney.io.blocking import open_dbus_connection
 
-path, name, k, batches, windows = json.loads(sys.argv[1])
+path, name, k, batches, windows, bare_path, bare_src = json.loads(sys.argv[1])
 
 class Varlink:
-    def __init__(self):
+    def __init__(self, path=path):
         self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.s.connect(path)
         self.buf = b""
@@ -89,12 +132,15 @@ def pipelined(send_many, reply, count, window):
     return rates, errors
 
 v = Varlink()
-def vcall(method, params):
+bare_proc = subprocess.Popen([sys.executable, "-c", bare_src, bare_path], stdout=subprocess.PIPE)
+assert bare_proc.stdout.readline() == b"ready\n"
+bare = Varlink(bare_path)
+def vcall(method, params, v=v):
     def call():
         v.send(method, params)
         return "error" in v.reply()
     return call
-def vreply():
+def vreply(v=v):
     return "error" in v.reply()
 
 bus = Bus()
@@ -116,6 +162,7 @@ def bcall(msg):
 res = {}
 for key, call in [
     ("info", vcall("org.capsuled.Manager.Info", {})),
+    ("bare_info", vcall("org.capsuled.Manager.Info", {}, bare)),
     ("describe", vcall("org.capsuled.Manager.Describe", {"name": name})),
     ("version", bcall(version)),
     ("state", bcall(state)),
@@ -129,6 +176,10 @@ for window in windows:
         lambda w: v.send_many("org.capsuled.Manager.Info", {}, w), vreply, k, window)
     res["version_pipe%d" % window] = pipelined(
         lambda w: bus.send_many(version, w), bus.reply, k, window)
+    res["bare_pipe%d" % window] = pipelined(
+        lambda w: bare.send_many("org.capsuled.Manager.Info", {}, w),
+        lambda: vreply(bare), k, window)
+bare_proc.kill()
 print(json.dumps(res))
 """
 
@@ -141,7 +192,10 @@ def batch_rates(latencies_us: list[float]) -> list[float]:
 
 
 def run(bed: Testbed, name: str, n: int, calls: int) -> None:
-    arg = json.dumps([SOCKET, name, calls, BATCHES, WINDOWS])
+    # lifecycle made the capsule a moment ago: wait out the racy-timestamp window (scale.RACY_S)
+    # so that Describe is timed as on a host, not in the seconds after a Create.
+    time.sleep(RACY_S)
+    arg = json.dumps([SOCKET, name, calls, BATCHES, WINDOWS, BARE_SOCKET, BARE_SERVER])
     result = bed.run("python3", "-c", CLIENT, arg, user="alice", timeout=600).check()
     res: dict[str, tuple[list[float], int]] = {
         k: (list(v[0]), int(v[1])) for k, v in json.loads(result.stdout).items()
@@ -160,6 +214,12 @@ def run(bed: Testbed, name: str, n: int, calls: int) -> None:
             "Info, sequential",
             side("info", "Varlink org.capsuled.Manager.Info"),
             side("version", "D-Bus Properties.Get Manager.Version on PID 1"),
+        ),
+        Pair(
+            "Info vs a bare asyncio Varlink server",
+            side("info", "Varlink org.capsuled.Manager.Info"),
+            side("bare_info", "the same call to BARE_SERVER (asyncio, json, a canned reply)"),
+            "b",
         ),
         Pair(
             "Describe, sequential",
@@ -185,6 +245,9 @@ def run(bed: Testbed, name: str, n: int, calls: int) -> None:
             "    caller's groups from NSS), the capsule from capsuled's live model of PID 1 (no",
             "    round trip), its state dir, autostart link and cgroup files, the reply. Before",
             '    the model it asked PID 1 for GetAll("") (~450 properties), the last row.',
+            f"    Timed {RACY_S} s after the capsule was made (scale.RACY_S: steady state).",
+            "[b] the systemd column is a 30-line asyncio Varlink server in the bed (run as alice,",
+            "    same client, same kind of socket): what any Python service pays per call",
             *errors,
         ],
     )
@@ -202,6 +265,21 @@ def run(bed: Testbed, name: str, n: int, calls: int) -> None:
             )
             for window in WINDOWS
         ),
+        Pair(
+            "Info, sequential, vs the bare asyncio server",
+            Side("", batch_rates(res["info"][0])),
+            Side("", batch_rates(res["bare_info"][0])),
+            "b",
+        ),
+        *(
+            Pair(
+                f"Info, pipelined ({window} in flight), vs the bare asyncio server",
+                side(f"info_pipe{window}", ""),
+                side(f"bare_pipe{window}", ""),
+                "b",
+            )
+            for window in WINDOWS
+        ),
     ]
     pair_table(
         f"Throughput on one connection, as alice, calls/s (higher is better; {BATCHES} batches)",
@@ -211,6 +289,7 @@ def run(bed: Testbed, name: str, n: int, calls: int) -> None:
             "sequential: one call, wait for its reply, next (the latencies above, in batches);",
             "pipelined: W calls written at once, then their W replies read, until all are done;",
             "the systemd column is Properties.Get Manager.Version on the system bus the same way",
+            "[b] the systemd column is BARE_SERVER (see the latencies' footnote)",
         ],
         show_commands=False,
     )

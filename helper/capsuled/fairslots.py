@@ -31,14 +31,20 @@ class FairSlots:
         self._waiting: dict[int, deque[asyncio.Future[None]]] = {}
         self._turns: deque[int] = deque()  # accounts with waiters, in round-robin order
 
-    async def acquire(self, uid: int) -> None:
-        """Wait for a slot (the caller bounds the wait); pair with release()."""
+    def try_acquire(self, uid: int) -> bool:
+        """Take a slot if one is free for `uid` now, without waiting; pair with release()."""
         if (
             self._free > 0
             and self._running.get(uid, 0) < self._per_uid
             and uid not in self._waiting
         ):
             self._take(uid)
+            return True
+        return False
+
+    async def acquire(self, uid: int) -> None:
+        """Wait for a slot (the caller bounds the wait); pair with release()."""
+        if self.try_acquire(uid):
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue = self._waiting.get(uid)

@@ -62,6 +62,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -688,6 +689,7 @@ class _Connection:
         self._wait: asyncio.Future[None] | None = None  # see _readable()
         self._timer: asyncio.TimerHandle | None = None  # the account's input rate
         self._watching = False  # a reader is registered for the socket
+        self._idled = False  # the idle timeout ended the wait (run)
 
     def who(self) -> str:
         """The peer, for log lines."""
@@ -711,12 +713,22 @@ class _Connection:
                 if call is None:
                     if self.eof:
                         return
-                    remaining = deadline - loop.time()
-                    done = (
-                        remaining > 0
-                        and (await asyncio.wait({self._readable()}, timeout=remaining))[0]
-                    )
-                    if not done:
+                    if loop.time() >= deadline:
+                        # Checked here too, not only by the timer: an expired timer and a
+                        # reader callback due in the same turn may run reader first, so a peer
+                        # keeping a partial message trickling in would never be timed out.
+                        log.debug("idle timeout, closing %s", self.who())
+                        return
+                    readable = self._readable()
+                    if not readable.done():
+                        # The future itself, with one timer: asyncio.wait(timeout=) would add
+                        # a waiter future, callbacks and a timer of its own to every idle wait.
+                        timer = loop.call_at(deadline, self._idle_out)
+                        try:
+                            await readable
+                        finally:
+                            timer.cancel()
+                    if self._idled:
                         log.debug("idle timeout, closing %s", self.who())
                         return
                     self._read_available()
@@ -729,6 +741,13 @@ class _Connection:
                 finally:
                     self.busy = False
                 deadline = loop.time() + self.limits.idle_timeout_s
+                if self.conn.buffered_bytes:
+                    # More of a pipelined burst is waiting. A call that never waits was answered
+                    # without giving the loop a turn (eager start), so without this the whole
+                    # burst would run before any other connection, PID 1's signals or polkit's
+                    # replies are looked at (e2e test_limits: ...pipelined_burst...). A client
+                    # that waits for each reply leaves nothing buffered and never pays for it.
+                    await asyncio.sleep(0)
         except RemoteProtocolError as exc:
             # Peer garbage: close without a reply (UAPI.20; sd-varlink does the same). Debug level,
             # as in sd-varlink: any local user could otherwise fill the journal at will.
@@ -761,26 +780,44 @@ class _Connection:
             delay = self.server._input.delay(self.account)
             if delay > 0:
                 self.server.throttled += 1
+                self._unwatch()  # not even the socket is watched before the delay
                 self._timer = loop.call_later(delay, self._watch)
-            else:
+            elif not self._watching:
                 self._watch()
         return self._wait
 
     def _watch(self) -> None:
         self._timer = None
-        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._wake)
-        self._watching = True
+        if not self._watching:
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._wake)
+            self._watching = True
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self._watching = False
 
     def _wake(self) -> None:
-        self._stop_waiting(ready=True)
+        wait = self._wait
+        if wait is not None and not wait.done():
+            # The reader stays registered: the next wait (after the call these bytes carry,
+            # in a request-reply exchange) needs no add_reader, and this one no remove_reader.
+            wait.set_result(None)
+        else:
+            # Bytes nobody waits for (a call runs, read-ahead is full): stop watching until
+            # the next wait, or the level-triggered reader would fire at every loop turn.
+            self._unwatch()
+
+    def _idle_out(self) -> None:
+        if self._wait is not None and not self._wait.done():  # bytes that came first win
+            self._idled = True
+            self._stop_waiting(ready=True)
 
     def _stop_waiting(self, ready: bool = False) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._watching:
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-            self._watching = False
+        self._unwatch()
         if self._wait is not None and not self._wait.done():
             if ready:
                 self._wait.set_result(None)
@@ -845,7 +882,14 @@ class _Connection:
 
     async def _run_call(self, call: Call) -> None:
         try:
-            task = asyncio.create_task(self._answer(call))
+            if sys.version_info >= (3, 12):
+                # Started eagerly: a call that never waits (Info, a Describe from the model)
+                # is answered and sent before this returns, with no read-ahead wait to set up
+                # and tear down (a future, asyncio.wait, add_reader and remove_reader each).
+                loop = asyncio.get_running_loop()
+                task = asyncio.Task(self._answer(call), loop=loop, eager_start=True)
+            else:
+                task = asyncio.create_task(self._answer(call))
             try:
                 await self._read_while_running(task, call)
             except BaseException:
@@ -948,6 +992,10 @@ class _Connection:
 
     async def _hold_call_slot(self) -> None:
         server = self.server
+        if server._slots.try_acquire(self.account):
+            # A slot free at once: no wait to bound (a timeout's timer costs more than the rest).
+            self._holding = "call"
+            return
         try:
             async with asyncio.timeout(self.limits.slot_wait_s):
                 await server._slots.acquire(self.account)

@@ -9,12 +9,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from capsuled.peer import Peer, process_is_alive, read_start_time
-from capsuled.policy import actions
-from capsuled.policy.authorizer import Authorizer, Verdict, polkit_available
+from capsuled.policy import actions, polkit
+from capsuled.policy.authorizer import ROWS_CHECKED_AT_ONCE, Authorizer, Verdict, polkit_available
 from capsuled.policy.builtin import BuiltinBackend
 from capsuled.policy.engine import (
     DEFAULT_CONFIG,
@@ -53,8 +54,9 @@ class RecordingBackend:
 
     name = "fake"
 
-    def __init__(self, answer: Decision) -> None:
+    def __init__(self, answer: Decision, together: int = ROWS_CHECKED_AT_ONCE) -> None:
         self.answer = answer
+        self.together = together
         self.asked: list[tuple[Identity, Request, bool]] = []
 
     async def check(self, peer: Peer, identity: Identity, request: Request) -> Decision:
@@ -345,3 +347,147 @@ def test_builtin_backend_ignores_interaction() -> None:
     interactive = dataclasses.replace(request, allow_interactive=True)
     got = run(backend.check(subject(MALLORY_UID), identity, interactive))
     assert got is Decision.AUTH_ADMIN
+
+
+# --- decide_many: a List's rows ------------------------------------------------------------
+
+
+class SlowBackend:
+    """A polkit-like backend whose answers all wait for one event: how many it holds at once
+    says whether the rows were asked together or one after the other."""
+
+    name = "slow"
+
+    def __init__(self, answer: Decision, together: int = ROWS_CHECKED_AT_ONCE) -> None:
+        self.answer = answer
+        self.together = together
+        self.asked: list[Request] = []
+        self.in_flight = self.most_in_flight = 0
+        self.release: asyncio.Event | None = None
+
+    async def check(self, peer: Peer, identity: Identity, request: Request) -> Decision:
+        self.asked.append(request)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        assert self.release is not None
+        if self.in_flight == self.together:
+            self.release.set()  # as many rows as may be asked at once are waiting now
+        await self.release.wait()
+        await asyncio.sleep(0)  # a set Event does not suspend: hold the slot for a turn
+        self.in_flight -= 1
+        return self.answer
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _rows(*owners: int | None) -> list[Request]:
+    return [Request(actions.READ, f"c{i}", owner) for i, owner in enumerate(owners)]
+
+
+def test_decide_many_answers_as_decide_does_row_by_row() -> None:
+    requests = _rows(ALICE_UID, BOB_UID, None, ALICE_UID, MALLORY_UID)
+    for uid in (0, ALICE_UID, BOB_UID, MALLORY_UID):
+        for answer in (Decision.YES, Decision.NO, Decision.AUTH_ADMIN):
+            for config in (DEFAULT_CONFIG, DENY_ALL):
+                auth, _, _ = make(answer, config)
+                peer = subject(uid)
+                one_by_one = [run(auth.decide(peer, r)) for r in requests]
+                assert run(auth.decide_many(peer, requests)) == one_by_one
+
+
+def test_decide_many_asks_the_backend_only_for_rows_the_engine_leaves() -> None:
+    auth, _, backend = make(Decision.NO)
+    requests = _rows(ALICE_UID, BOB_UID, ALICE_UID, None)
+    verdicts = run(auth.decide_many(subject(ALICE_UID), requests))
+    assert [v.step for v in verdicts] == ["owner", "fake", "owner", "fake"]  # type: ignore[attr-defined]
+    assert [r for _, r, _ in backend.asked] == [requests[1], requests[3]]
+
+
+def test_decide_many_asks_a_polkit_like_backend_for_all_its_rows_at_once() -> None:
+    backend = SlowBackend(Decision.YES)
+    auth = Authorizer(DEFAULT_CONFIG, backend, lookup=Directory().lookup)
+
+    async def go() -> list[Verdict]:
+        backend.release = asyncio.Event()
+        requests = _rows(ALICE_UID, BOB_UID, None, ALICE_UID, MALLORY_UID)
+        async with asyncio.timeout(5):  # asked one at a time, the first would wait forever
+            return await auth.decide_many(subject(ALICE_UID), requests)
+
+    verdicts = run(go())
+    assert [v.decision for v in verdicts] == [Decision.YES] * 5  # type: ignore[attr-defined]
+    assert len(backend.asked) == 3
+    assert backend.most_in_flight == 2  # one after the other would hold one at a time
+
+
+def test_decide_many_holds_no_more_rows_with_the_backend_than_polkit_serves_at_once() -> None:
+    # alice owns one of 1,000 rows: the others are polkit's, and each waiting check costs the
+    # helper memory, so only as many wait as polkit's per-caller slots take.
+    backend = SlowBackend(Decision.NO)
+    auth = Authorizer(DEFAULT_CONFIG, backend, lookup=Directory().lookup)
+
+    rows = _rows(ALICE_UID, *[BOB_UID] * 999)
+
+    async def go() -> tuple[list[Verdict], int]:
+        backend.release = asyncio.Event()
+        async with asyncio.timeout(5):
+            verdicts = await auth.decide_many(subject(ALICE_UID), rows)
+        return verdicts, len(asyncio.all_tasks())
+
+    verdicts, tasks_left = cast(tuple[list[Verdict], int], run(go()))
+    assert [v.decision for v in verdicts[1:]] == [Decision.NO] * 999
+    assert len(backend.asked) == 999
+    assert backend.most_in_flight == ROWS_CHECKED_AT_ONCE == polkit.MAX_IN_FLIGHT_PER_UID
+    assert tasks_left == 1  # go() itself
+
+
+class FailingBackend:
+    """Answers NO, but the check of row `fail_at` raises; the rest wait their turn."""
+
+    name = "failing"
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at, self.started, self.running = fail_at, 0, 0
+
+    async def check(self, peer: Peer, identity: Identity, request: Request) -> Decision:
+        self.started += 1
+        self.running += 1
+        try:
+            await asyncio.sleep(0)
+            if request.capsule == f"c{self.fail_at}":
+                raise RuntimeError("polkit went away")
+            return Decision.NO
+        finally:
+            self.running -= 1
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_decide_many_stops_asking_when_one_row_fails() -> None:
+    backend = FailingBackend(fail_at=10)
+    auth = Authorizer(DEFAULT_CONFIG, backend, lookup=Directory().lookup)
+
+    async def go() -> int:
+        with pytest.raises(RuntimeError, match="polkit went away"):
+            await auth.decide_many(subject(MALLORY_UID), _rows(*[ALICE_UID] * 100))
+        return len(asyncio.all_tasks())
+
+    assert run(go()) == 1  # no check left running behind the error
+    assert backend.running == 0
+    assert backend.started < 100
+
+
+def test_decide_many_checks_liveness_once_and_refuses_every_row_of_a_gone_peer() -> None:
+    calls: list[Peer] = []
+
+    def alive(peer: Peer) -> bool:
+        calls.append(peer)
+        return False
+
+    backend = RecordingBackend(Decision.YES)
+    auth = Authorizer(DEFAULT_CONFIG, backend, lookup=Directory().lookup, is_alive=alive)
+    verdicts = run(auth.decide_many(subject(ALICE_UID), _rows(ALICE_UID, BOB_UID, None)))
+    assert [v.step for v in verdicts] == ["peer-gone"] * 3  # type: ignore[attr-defined]
+    assert len(calls) == 1
+    assert backend.asked == []

@@ -241,3 +241,187 @@ def test_expected_uid_must_match_owner(run_capsules: Path) -> None:
     make_capsule_runtime(run_capsules, "a")
     with pytest.raises(capsule_socket.UnsafeSocket, match="not the capsule's uid"):
         capsule_socket.connect_capsule_manager("a", expected_uid=CAPSULE_UID + 1)
+
+
+# --- UnitFileCounts: a count kept while no directory on the way changed ---------------------
+
+
+class Walks:
+    """Counts the safe walks UnitFileCounts makes (each one an open per directory)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.n = 0
+        real = hostfs._walk_and_count
+
+        def walk(name: str) -> tuple[tuple[hostfs.DirStamp, ...], int]:
+            self.n += 1
+            return real(name)
+
+        monkeypatch.setattr(hostfs, "_walk_and_count", walk)
+
+
+def _late() -> int:
+    """A clock far past every file's ctime: nothing is too recent to keep."""
+    return 2**62
+
+
+def test_unit_counts_walk_once_while_nothing_changes(
+    state_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = unit_dir(state_root, "a")
+    (d / "web.service").touch()
+    walks, counts = Walks(monkeypatch), hostfs.UnitFileCounts(clock_ns=_late)
+    assert [counts.count("a") for _ in range(3)] == [1, 1, 1]
+    assert walks.n == 1
+
+
+def test_unit_counts_see_a_unit_added_or_removed(
+    state_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = unit_dir(state_root, "a")
+    (d / "web.service").touch()
+    walks, counts = Walks(monkeypatch), hostfs.UnitFileCounts(clock_ns=_late)
+    assert counts.count("a") == 1
+    (d / "tick.timer").touch()
+    assert counts.count("a") == 2
+    (d / "web.service").unlink()
+    assert counts.count("a") == 1
+    assert walks.n == 3
+
+
+def test_unit_counts_see_a_unit_directory_that_appears(
+    state_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (state_root / "a").mkdir()
+    walks, counts = Walks(monkeypatch), hostfs.UnitFileCounts(clock_ns=_late)
+    assert counts.count("a") == 0
+    assert counts.count("a") == 0
+    assert walks.n == 1  # no .config: kept while the home's entries stay the same
+    (unit_dir(state_root, "a") / "web.service").touch()
+    assert counts.count("a") == 1
+
+
+@pytest.mark.parametrize("component", [".config", ".config/systemd", ".config/systemd/user"])
+def test_unit_counts_never_follow_a_symlink_swapped_in_later(
+    state_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, component: str
+) -> None:
+    # Counted once through real directories, then one of them is replaced by a symlink to a
+    # tree with units outside the capsule: the kept count must not hide, nor follow, it.
+    outside = tmp_path / "outside"
+    (outside / ".config" / "systemd" / "user").mkdir(parents=True)
+    for i in range(5):
+        (outside / ".config" / "systemd" / "user" / f"root{i}.service").touch()
+    (unit_dir(state_root, "a") / "web.service").touch()
+    counts = hostfs.UnitFileCounts(clock_ns=_late)
+    assert counts.count("a") == 1
+    link = state_root / "a" / component
+    link.rename(link.with_name(link.name + ".old"))
+    link.symlink_to(outside / component)
+    assert counts.count("a") == 0
+
+
+@pytest.mark.parametrize("component", [".config", ".config/systemd"])
+def test_checking_a_kept_count_resolves_no_path_through_the_capsules_directories(
+    state_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, component: str
+) -> None:
+    # The capsule swaps a directory for a symlink while its kept count is being checked:
+    # root's lookups must not go through it (it may lead to an automount or a hung mount).
+    outside = tmp_path / "outside"
+    (outside / ".config" / "systemd" / "user").mkdir(parents=True)
+    (unit_dir(state_root, "a") / "web.service").touch()
+    counts = hostfs.UnitFileCounts(clock_ns=_late)
+    assert counts.count("a") == 1
+    link = state_root / "a" / component
+    looked_up: list[str] = []
+    real_open, real_lstat, real_stat = os.open, os.lstat, os.stat
+
+    def swap_once() -> None:
+        if not link.is_symlink():
+            link.rename(link.with_name(link.name + ".old"))
+            link.symlink_to(outside / component)
+
+    def record(path: object, dir_fd: object) -> None:
+        if dir_fd is None and isinstance(path, str):
+            looked_up.append(path)
+        if isinstance(path, str) and path.endswith(".config"):
+            swap_once()  # right after the first look at .config (by path or by fd)
+
+    def opening(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        fd = real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]  # as given
+        record(path, kwargs.get("dir_fd"))
+        return fd
+
+    def lstating(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        st = real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]  # as given
+        record(path, kwargs.get("dir_fd"))
+        return st
+
+    def stating(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        st = real_stat(path, *args, **kwargs)  # type: ignore[arg-type]  # as given
+        record(path, kwargs.get("dir_fd"))
+        return st
+
+    monkeypatch.setattr(os, "open", opening)
+    monkeypatch.setattr(os, "lstat", lstating)
+    monkeypatch.setattr(os, "stat", stating)
+    with monkeypatch.context() as m:
+        m.setattr(hostfs, "_walk_and_count", lambda name: ((), -1))  # the check alone
+        assert counts.count("a") == -1  # changed: not the kept 1
+    through_link = [p for p in looked_up if p.startswith(str(link) + os.sep)]
+    assert through_link == []
+
+
+def test_unit_counts_keep_nothing_changed_too_recently(
+    state_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Just made (the real clock): a change within the same timestamp tick could go unseen.
+    (unit_dir(state_root, "a") / "web.service").touch()
+    walks, counts = Walks(monkeypatch), hostfs.UnitFileCounts()
+    assert counts.count("a") == 1
+    assert counts.count("a") == 1
+    assert walks.n == 2
+    assert len(counts) == 0
+
+
+def test_unit_counts_keep_no_answer_from_a_failed_open(
+    state_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (unit_dir(state_root, "a") / "web.service").touch()
+    counts = hostfs.UnitFileCounts(clock_ns=_late)
+    real_open = os.open
+
+    def no_fds(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        if path == "systemd":
+            raise OSError(24, "Too many open files")
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]  # as given
+
+    monkeypatch.setattr(os, "open", no_fds)
+    assert counts.count("a") == 0
+    monkeypatch.setattr(os, "open", real_open)
+    assert counts.count("a") == 1  # the EMFILE answer was not kept
+
+
+def test_unit_counts_forget_capsules_no_longer_listed(state_root: Path) -> None:
+    for name in ("a", "b"):
+        (unit_dir(state_root, name) / "web.service").touch()
+    counts = hostfs.UnitFileCounts(clock_ns=_late)
+    counts.count("a")
+    counts.count("b")
+    counts.forget({"b"})
+    assert len(counts) == 1
+
+
+def test_real_state_dir_names_are_the_ones_has_state_dir_accepts(
+    state_root: Path, tmp_path: Path
+) -> None:
+    (state_root / "a").mkdir()
+    (state_root / "b").symlink_to(tmp_path)
+    (state_root / "c").touch()
+    (state_root / ".hidden").mkdir()
+    legacy = tmp_path / "capsules"
+    legacy.mkdir()
+    (legacy / "d").mkdir()
+    (legacy / "a").symlink_to(state_root / "a")
+    names = hostfs.real_state_dir_names()
+    assert names == {"a", "d"}
+    assert {n for n in ("a", "b", "c", "d") if hostfs.has_state_dir(n)} == names

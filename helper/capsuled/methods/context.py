@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -22,7 +22,7 @@ from capsuled.deployments import DeploymentStore
 from capsuled.journal import Journal
 from capsuled.peer import Peer
 from capsuled.policy import actions as act
-from capsuled.policy.authorizer import Authorizer
+from capsuled.policy.authorizer import Authorizer, Verdict
 from capsuled.policy.engine import Decision, Identity, Request
 from capsuled.records import CorruptRecord, Record, RecordStore
 from capsuled.safefs import CapsuleHomes
@@ -194,11 +194,15 @@ class CallContext:
     # Every request authorize() allowed, per capsule: a call may need several (InstallUnit with
     # enable and start), and `locked` decides each again if the owner changed meanwhile.
     _authorized: dict[str, list[_Authorization]] = field(default_factory=dict)
-    # Accounts read from the user database during one pass (`one_pass`), by uid; None outside
-    # one, so that every other decision reads it anew (policy/identity.py) and a stream's
-    # later re-checks see a group the caller left.
+    # Accounts read during one pass (`one_pass`), by uid: one answer for all of a call's
+    # decisions, and one look at the Authorizer's account cache. None outside one, so that
+    # every other decision asks that cache again (policy/accounts.py: its files' changes at
+    # once, anything else within 1 s) and a stream's later re-checks see a group the caller left.
     _identities: dict[int, Identity] | None = None
     _names: dict[int, str | None] | None = None  # the same for user names alone
+    # A decision of this pass found the peer alive: the rest of the pass's decisions (a
+    # List's rows) do not check it again (one pidfd signal per call, not per row).
+    _alive: bool = False
 
     @property
     def backend(self) -> SystemdBackend:
@@ -216,7 +220,8 @@ class CallContext:
     def one_pass(self) -> Iterator[None]:
         """Read each account from the user database once until the end of the block (one
         call's decisions: an authorize, a Describe, a List's rows). A lookup costs ~0.7 ms
-        with nss-systemd (getgrouplist); a List of 1,000 capsules made 2,000 of them."""
+        with nss-systemd (getgrouplist) unless the account cache has it, and even then a few
+        stats (policy/accounts.py); a List of 1,000 capsules made 2,000 of them."""
         if self._identities is not None:  # already in one: it lasts as long as the outer
             yield
             return
@@ -225,6 +230,7 @@ class CallContext:
             yield
         finally:
             self._identities = self._names = None
+            self._alive = False
 
     def identity(self, uid: int) -> Identity:
         """The account that is `uid` now (read once per pass, see `one_pass`)."""
@@ -249,7 +255,12 @@ class CallContext:
         if memo is None:
             return self.services.authorizer.user_name(uid)
         if uid not in memo:
-            memo[uid] = self.services.authorizer.user_name(uid)
+            if uid == self.peer.uid and uid != 0:
+                # The caller's own capsule: the decision reads their whole account anyway
+                # (root's needs none), and its name is the same passwd entry's.
+                memo[uid] = self.identity(uid).user
+            else:
+                memo[uid] = self.services.authorizer.user_name(uid)
         return memo[uid]
 
     def record_of(self, name: str) -> Record | None:
@@ -290,8 +301,16 @@ class CallContext:
         self._authorized.setdefault(name, []).append(_Authorization(request, pinned))
         return record
 
+    async def _decide(self, request: Request) -> Verdict:
+        verdict = await self.services.authorizer.decide(
+            self.peer, request, lookup=self.identity, known_alive=self._alive
+        )
+        if self._identities is not None and verdict.step != "peer-gone":
+            self._alive = True  # the check ran (or was not needed: root) within this pass
+        return verdict
+
     async def _require(self, request: Request) -> None:
-        verdict = await self.services.authorizer.decide(self.peer, request, lookup=self.identity)
+        verdict = await self._decide(request)
         if verdict.decision is Decision.YES:
             return
         self.outcome = Outcome.DENIED
@@ -337,11 +356,20 @@ class CallContext:
             raise errors.NoSuchCapsule(name=name)
         return info
 
+    async def may_read_many(self, rows: Sequence[tuple[str, int | None]]) -> list[bool]:
+        """`may_read` for each (capsule, owner) of a List, decided together (within a pass:
+        the engine's rows at once, polkit's in flight together; Authorizer.decide_many)."""
+        requests = [Request(act.READ, name, owner) for name, owner in rows]
+        verdicts = await self.services.authorizer.decide_many(
+            self.peer, requests, lookup=self.identity, known_alive=self._alive
+        )
+        if verdicts and self._identities is not None and verdicts[0].step != "peer-gone":
+            self._alive = True
+        return [v.decision is Decision.YES for v in verdicts]
+
     async def may_read(self, name: str, owner: int | None) -> bool:
         """Whether the caller may read the capsule (never interactive: nobody is asked)."""
-        verdict = await self.services.authorizer.decide(
-            self.peer, Request(act.READ, name, owner), lookup=self.identity
-        )
+        verdict = await self._decide(Request(act.READ, name, owner))
         return verdict.decision is Decision.YES
 
     def audit(

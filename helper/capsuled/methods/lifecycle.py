@@ -160,11 +160,13 @@ async def list_capsules(ctx: CallContext, p: wire.NoParams) -> wire.ListReply:
     deployed = ctx.services.deployments.names()
     visible: list[wire.Capsule] = []
     # One pass: the caller's account and each owner's are read once for all the rows; the
-    # owner and group grants are the engine's, only rows they do not decide go to polkit.
+    # owner and group grants are the engine's, only rows they do not decide go to polkit,
+    # and those together (Authorizer.decide_many).
     with ctx.one_pass():
-        for name in sorted(infos.keys() | records.keys()):
-            owner = ctx.owner_of(records.get(name))
-            if await ctx.may_read(name, owner):
+        rows = [(n, ctx.owner_of(records.get(n))) for n in sorted(infos.keys() | records.keys())]
+        allowed = await ctx.may_read_many(rows)
+        for (name, owner), readable in zip(rows, allowed, strict=True):
+            if readable:
                 state = deployment_of(ctx, name) if name in deployed else None
                 wired = capsule_to_wire(name, infos.get(name), owner, state, name_of=ctx.user_name)
                 visible.append(wired)
@@ -183,7 +185,9 @@ async def describe(ctx: CallContext, p: wire.CapsuleParams) -> wire.CapsuleReply
         )
         info = await ctx.existing(name, record)
         owner = ctx.owner_of(record)
-    return {"capsule": capsule_to_wire(name, info, owner, deployment_of(ctx, name))}
+        # The owner's name from this pass too: the caller's own account when they own it.
+        wired = capsule_to_wire(name, info, owner, deployment_of(ctx, name), name_of=ctx.user_name)
+    return {"capsule": wired}
 
 
 # --- create and remove --------------------------------------------------------------------

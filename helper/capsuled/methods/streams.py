@@ -26,7 +26,10 @@ which a chatty log would pay per line; 5 s with at most MAX_FOLLOWERS
 followers bounds that cost, and how long a withdrawn grant lingers. A Watch
 of named capsules decides STREAM_RECHECK_BATCH of them per round, in turn
 (a capsule whose record changed at once), so a Watch of many names costs no
-more, and notices a withdrawn grant within a few rounds.
+more, and notices a withdrawn grant within a few rounds. Each re-check reads
+the caller's account through the account cache (policy/accounts.py): a change
+of the user database's files is seen by the next re-check, any other change by
+the first one ACCOUNT_TTL_S (1 s) after it.
 
 A capsule without a record (made by root outside capsuled) has no incarnation
 we know of: its readers see its whole journal, as with `journalctl -u`.

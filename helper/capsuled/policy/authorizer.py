@@ -16,14 +16,16 @@ is the caller's one job, done in capsuled.methods.context.CallContext.authorize.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
 
 from capsuled.peer import Peer, process_is_alive
 from capsuled.policy import actions
+from capsuled.policy.accounts import AccountCache
 from capsuled.policy.builtin import BuiltinBackend
 from capsuled.policy.config import load_config
 from capsuled.policy.engine import (
@@ -52,6 +54,10 @@ POLKIT_SERVICE_FILE: Final = Path(
     "/usr/share/dbus-1/system-services/org.freedesktop.PolicyKit1.service"
 )
 POLKIT_ACTIONS_FILE: Final = Path("/usr/share/polkit-1/actions/org.capsuled.policy")
+# How many of a List's rows are with the backend at once: polkit's per-caller slots
+# (polkit.MAX_IN_FLIGHT_PER_UID; a test keeps them equal, this module does not import polkit's).
+# More would only wait in its queue, each as a task of its own.
+ROWS_CHECKED_AT_ONCE: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +102,17 @@ class Authorizer:
         # The keys trusted to sign deploy bundles: read with the policy, reloaded with it.
         self.trusted_keys = trusted_keys if trusted_keys is not None else TrustedKeys()
         self._backend = backend
-        self._lookup = lookup
+        # The user database itself is read through a cache with a stated bound (policy/
+        # accounts.py: a change of its files at the next call, anything else within 1 s).
         # A user name alone needs no groups: the passwd entry (another `lookup` says both).
+        if lookup is lookup_identity and name_of is None:
+            self.accounts: AccountCache | None = AccountCache()
+            lookup, name_of = self.accounts.identity, self.accounts.user_name
+        else:
+            self.accounts = None
         if name_of is None:
             name_of = user_name if lookup is lookup_identity else lambda uid: lookup(uid).user
+        self._lookup = lookup
         self._name_of = name_of
         self._is_alive = is_alive
 
@@ -145,12 +158,19 @@ class Authorizer:
         return cls(config, BuiltinBackend(config), trusted_keys=keys)
 
     async def decide(
-        self, peer: Peer, request: Request, *, lookup: Callable[[int], Identity] | None = None
+        self,
+        peer: Peer,
+        request: Request,
+        *,
+        lookup: Callable[[int], Identity] | None = None,
+        known_alive: bool = False,
     ) -> Verdict:
         """The decision for `peer` asking `request`, and which step took it.
 
         `lookup`: how to read the peer's account (default: the user database now); a caller
         deciding many requests in one pass (a List's rows) reads it once for all of them.
+        `known_alive`: an earlier decision of the same pass found the peer alive (a List's
+        later rows), so its liveness is not checked again.
 
         Raises:
             ValueError: `request.action` is not one of ours (a bug in the caller).
@@ -160,7 +180,7 @@ class Authorizer:
         if peer.uid == 0:
             # As systemd's bus-polkit.c does for the daemon's own uid: no query, no liveness check.
             return Verdict(Decision.YES, "root")
-        if not self._is_alive(peer):
+        if not known_alive and not self._is_alive(peer):
             # Debug only: any caller can make this happen at will (send, then exit), and one
             # journal line each would be a way around the audit's refusal aggregation; the
             # refusal itself is audited (aggregated per uid).
@@ -184,6 +204,50 @@ class Authorizer:
         decision = await self._backend.check(peer, identity, request)
         return Verdict(decision, self._backend.name)
 
+    async def decide_many(
+        self,
+        peer: Peer,
+        requests: Sequence[Request],
+        *,
+        lookup: Callable[[int], Identity] | None = None,
+        known_alive: bool = False,
+    ) -> list[Verdict]:
+        """`decide` for each of `requests` (a List's rows), in order: the engine decides every
+        row it can first, in one go; the rows left go to the backend ROWS_CHECKED_AT_ONCE at a
+        time (polkit's per-caller slots) instead of one round trip after the other. The
+        builtin rules answer without waiting, so they are asked one by one (a task per row
+        would cost more than the rule)."""
+        if not requests:
+            return []
+        first = await self.decide(peer, requests[0], lookup=lookup, known_alive=known_alive)
+        if first.step in ("root", "peer-gone"):
+            return [first] * len(requests)  # neither depends on the request
+        verdicts: list[Verdict | None] = [first]
+        identity = (lookup or self._lookup)(peer.uid)
+        if identity.unit != peer.unit:
+            identity = replace(identity, unit=peer.unit)
+        config, left = self.config, []
+        for index, request in enumerate(requests[1:], start=1):
+            if request.action not in actions.ALL:
+                raise ValueError(f"unknown action {request.action!r}")
+            granted = grant(identity, request, config)
+            if granted is None:
+                left.append(index)
+                verdicts.append(None)
+            elif config.deny_all:
+                verdicts.append(Verdict(granted, "config-refused"))
+            else:
+                step = "create-group" if request.action == actions.CREATE else "owner"
+                verdicts.append(Verdict(granted, step))
+        backend = self._backend
+        if isinstance(backend, BuiltinBackend) or len(left) < 2:
+            decisions = [await backend.check(peer, identity, requests[i]) for i in left]
+        else:
+            decisions = await _check_rows(backend, peer, identity, [requests[i] for i in left])
+        for index, decision in zip(left, decisions, strict=True):
+            verdicts[index] = Verdict(decision, backend.name)
+        return [v for v in verdicts if v is not None]
+
     def identity(self, uid: int) -> Identity:
         """The account that is `uid` now, as the user database says (an owner's, say)."""
         return self._lookup(uid)
@@ -201,3 +265,27 @@ class Authorizer:
     async def aclose(self) -> None:
         """Release what the backend holds (polkit's pending cancellations), if anything."""
         await self._backend.aclose()
+
+
+async def _check_rows(
+    backend: Backend, peer: Peer, identity: Identity, requests: Sequence[Request]
+) -> list[Decision]:
+    """backend.check for each request, ROWS_CHECKED_AT_ONCE in flight: a List of 1,000 rows
+    nobody owns is two waiting checks, not a task per row (~2 KiB each, times every List in
+    flight). The first failure stops the others (cancelled and collected, none left running)."""
+    decisions: list[Decision | None] = [None] * len(requests)
+    pending = iter(range(len(requests)))
+
+    async def worker() -> None:
+        for k in pending:  # one iterator shared: each row is taken by one worker
+            decisions[k] = await backend.check(peer, identity, requests[k])
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(ROWS_CHECKED_AT_ONCE)]
+    try:
+        await asyncio.gather(*workers)
+    except BaseException:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        raise
+    return [d for d in decisions if d is not None]

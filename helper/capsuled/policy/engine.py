@@ -15,8 +15,9 @@ by us (polkit(8): a mechanism ships its .policy defaults and only *example* rule
 give the same answers for the default policy. Admins who want polkit to decide creation, too, empty
 ``[create] groups`` and install polkit/50-capsuled-group.rules.example.
 
-The caller (policy/authorizer.py) turns the socket peer into an `Identity`, reading the user and
-group databases at each call, so that removing a user from a group takes effect at the next call.
+The caller (policy/authorizer.py) turns the socket peer into an `Identity` from the user and group
+databases (through policy/accounts.py: a change of their files takes effect at the next call, any
+other within 1 s), so that removing a user from a group needs no helper restart.
 """
 
 from __future__ import annotations

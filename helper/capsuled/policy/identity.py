@@ -1,8 +1,9 @@
-"""The caller as the user database sees it *now*: user name and groups, read at every call.
+"""The caller as the user database sees it *now*: user name and groups.
 
-Read at call time on purpose: a user removed from a group loses what the group granted at the next
-call, without a helper restart. (The socket peer itself, and whether it still lives, is
-capsuled.peer.)
+Read at call time on purpose: a user removed from a group loses what the group granted without a
+helper restart. The Authorizer reads through policy/accounts.py, which keeps these answers
+within a stated bound (a change of the database's files: the next call; anything else: 1 s).
+(The socket peer itself, and whether it still lives, is capsuled.peer.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from capsuled.policy.engine import Identity
 
 
 def lookup_identity(uid: int) -> Identity:
-    """The uid's user name and group names from NSS, read at each call (no cache)."""
+    """The uid's user name and group names from NSS, read now (policy/accounts.py keeps them)."""
     try:
         entry = pwd.getpwuid(uid)
     except KeyError:

@@ -37,17 +37,17 @@ from .errors import (
 )
 from .hostfs import (
     AUTOSTART_TARGET,
+    UnitFileCounts,
     admin_config,
     autostart_enabled,
     autostart_names,
     cgroup_cpu_usage_nsec,
     cgroup_memory_current,
     cgroup_tasks_current,
-    count_unit_files,
     has_state_dir,
     process_uid,
+    real_state_dir_names,
     remove_own_dropins,
-    state_dir_names,
 )
 from .jobs import active_state, run_job, unit_result, wait_state
 from .manager import DBusCapsuleManager
@@ -246,6 +246,8 @@ class DBusSystemdBackend:
         # Reads answer from here; it shares this backend's Link, so that a job's signals and
         # the model's arrive in one order (see model.py).
         self._model = CapsuleModel(self._bus)
+        self._unit_counts = UnitFileCounts()  # each capsule's unit files, counted when changed
+        self._warming: asyncio.Task[None] | None = None  # the model's first look, see version()
 
     async def _bus(self) -> Link:
         """PID 1's side of the current system bus connection, set up once per connection."""
@@ -270,6 +272,10 @@ class DBusSystemdBackend:
 
     async def close(self) -> None:
         """Forget the connection's setup and the model; close the bus connection if ours."""
+        warming, self._warming = self._warming, None
+        if warming is not None:
+            warming.cancel()
+            await asyncio.gather(warming, return_exceptions=True)
         await self._model.close()
         self._link = None
         if self._owns_bus:
@@ -288,7 +294,21 @@ class DBusSystemdBackend:
                 version = m.parse_get_property(await conn.call(m.manager_version()))
             except NoSuchUnit as exc:  # pragma: no cover - PID 1 without the Manager object
                 raise SystemdUnavailable("PID 1 is not systemd") from exc
+            # This call's answer goes out first; meanwhile the model takes its first look, so
+            # that the next Info reads the version from it instead of asking PID 1 each time
+            # (a client that only ever calls Info paid a D-Bus round trip per call).
+            self._warm_model()
         return m.parse_version(version)
+
+    def _warm_model(self) -> None:
+        if self._warming is None or self._warming.done():
+            self._warming = asyncio.create_task(self._warm(), name="capsuled-model-first-look")
+
+    async def _warm(self) -> None:
+        try:
+            await self._model.ready()
+        except BackendError as exc:  # the next read that needs the model tries again, and says
+            log.debug("the model's first look at PID 1 failed: %s", exc)
 
     async def check_version(self) -> int:
         """version(), raising SystemdTooOld below 256."""
@@ -303,12 +323,13 @@ class DBusSystemdBackend:
         Names are not validated here; the caller drops names it does not accept.
         """
         await self._model.ready()
-        dirs, links = state_dir_names(), autostart_names()
+        dirs, links = real_state_dir_names(), autostart_names()
+        self._unit_counts.forget(dirs)
         names = dirs | links | self._model.loaded_names()
         # A stray directory under /var/lib/private/capsules must not break the listing (PID 1
         # would refuse its unit name with InvalidArgs): only names systemd would accept.
         valid = sorted(n for n in names if is_valid_capsule_name(n))
-        has_dir = {n: has_state_dir(n) for n in valid if n in dirs}
+        has_dir = dict.fromkeys(dirs, True)  # the listing's entry types said so
         autostart = {n: autostart_enabled(n) for n in valid if n in links}
         states = await self._model.views(valid)
         shown = [
@@ -317,8 +338,15 @@ class DBusSystemdBackend:
             if has_dir.get(n) or autostart.get(n) or states[n].active_state != "inactive"
         ]
         views = await self._model.views(shown, shown)
+        count = self._unit_counts.count
         return [
-            _capsule_info(n, views[n], has_dir.get(n, False), autostart.get(n, False))
+            _capsule_info(
+                n,
+                views[n],
+                has_dir.get(n, False),
+                autostart.get(n, False),
+                count(n) if has_dir.get(n) else 0,
+            )
             for n in shown
         ]
 
@@ -334,7 +362,8 @@ class DBusSystemdBackend:
             if view.active_state == "inactive":
                 return None
             view = await self._model.view(name, with_config=True)
-        return _capsule_info(name, view, state_dir, autostart)
+        units = self._unit_counts.count(name) if state_dir else 0
+        return _capsule_info(name, view, state_dir, autostart, units)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -491,7 +520,9 @@ class DBusSystemdBackend:
             yield events
 
 
-def _capsule_info(name: str, view: UnitView, state_dir: bool, autostart: bool) -> CapsuleInfo:
+def _capsule_info(
+    name: str, view: UnitView, state_dir: bool, autostart: bool, units: int
+) -> CapsuleInfo:
     """A capsule as reported: the model's unit, the host's files, the live cgroup figures."""
     config = view.config
     if config is None:  # the caller asked the model for it
@@ -521,7 +552,7 @@ def _capsule_info(name: str, view: UnitView, state_dir: bool, autostart: bool) -
         tasks_max=config.tasks_max,
         cpu_weight=config.cpu_weight,
         result=view.result,
-        units_count=count_unit_files(name) if state_dir else 0,
+        units_count=units,
     )
 
 

@@ -6,9 +6,11 @@ trusted; below it, everything is reached through O_NOFOLLOW directory fds (invar
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -73,6 +75,20 @@ def state_dir_names() -> set[str]:
     return names
 
 
+def real_state_dir_names() -> set[str]:
+    """The names `has_state_dir` is true for, from the listings alone: the directory entry's
+    type says whether it is a real directory (no lstat per capsule; DirEntry.is_dir falls
+    back to one where the file system does not fill in d_type)."""
+    names: set[str] = set()
+    for root in (STATE_ROOT, LEGACY_STATE_ROOT):
+        with contextlib.suppress(OSError), os.scandir(root) as it:
+            for e in it:
+                with contextlib.suppress(OSError):
+                    if not e.name.startswith(".") and e.is_dir(follow_symlinks=False):
+                        names.add(e.name)
+    return names
+
+
 def autostart_names() -> set[str]:
     """Capsules with an autostart link."""
     wants = os.path.join(SYSTEM_CONFIG_DIR, f"{AUTOSTART_TARGET}.wants")
@@ -93,19 +109,43 @@ def count_unit_files(name: str) -> int:
     O_NOFOLLOW relative to its parent's fd, and a symlinked component just counts as nothing.
     Entries themselves are counted by name (lstat-free: a symlink to a unit is a valid unit).
     """
+    return _walk_and_count(name)[1]
+
+
+# (st_dev, st_ino, st_ctime_ns) of one directory on the way to the unit directory.
+DirStamp = tuple[int, int, int]
+# A directory changed this recently may change again within the same timestamp tick: as
+# records.py's RACY_NS (git's "racy" rule), its count is not kept until it is older.
+RACY_NS: Final = 3_000_000_000
+
+
+_DEFINITE: Final = frozenset({errno.ENOENT, errno.ELOOP, errno.ENOTDIR})
+
+
+def _dir_stamp(st: os.stat_result) -> DirStamp:
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
+def _walk_and_count(name: str) -> tuple[tuple[DirStamp, ...], int]:
+    """count_unit_files, with the stamp of every directory it opened on the way, each taken
+    (fstat of the fd it walked through) before anything below it was read."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(os.path.join(STATE_ROOT, name), flags)
     except OSError:
-        return 0
+        return (), 0
     try:
+        stamps = [_dir_stamp(os.fstat(fd))]
         for component in USER_UNIT_DIR:
             try:
                 child = os.open(component, flags, dir_fd=fd)
-            except OSError:
-                return 0
+            except OSError as exc:
+                # Missing, a symlink, not a directory: that lasts while the parent is
+                # unchanged. Anything else (EMFILE, EIO) says nothing that may be kept.
+                return (tuple(stamps) if exc.errno in _DEFINITE else ()), 0
             os.close(fd)
             fd = child
+            stamps.append(_dir_stamp(os.fstat(fd)))
         count = 0
         with os.scandir(fd) as entries:
             # Bounded: the capsule controls this directory and may fill it with junk.
@@ -114,9 +154,78 @@ def count_unit_files(name: str) -> int:
                     break
                 if entry.name.endswith(UNIT_SUFFIXES) and "@." not in entry.name:
                     count += 1
-        return count
+        return tuple(stamps), count
     finally:
         os.close(fd)
+
+
+class UnitFileCounts:
+    """count_unit_files per capsule, kept while no directory on the way changed.
+
+    A directory's ctime moves whenever an entry in it is added, removed or renamed (and at
+    any chmod or chown), and nobody can set it: so while the state dir, .config, systemd and
+    user keep the inode and ctime the last walk saw, the unit directory holds the same names,
+    and a component that was missing or not a directory still is (its parent is unchanged).
+    Checking that is an fstat per directory the walk opened, each reached through its
+    parent's O_PATH fd without following symlinks (no read fds, no listing). Any difference:
+    the safe walk again. A directory changed within RACY_NS of the walk is not kept
+    (timestamps move in ticks). One entry per capsule with a state dir; gone ones are dropped
+    by `forget`.
+    """
+
+    def __init__(self, clock_ns: Callable[[], int] = time.time_ns) -> None:
+        self._kept: dict[str, tuple[tuple[DirStamp, ...], int]] = {}
+        self._clock_ns = clock_ns
+
+    def count(self, name: str) -> int:
+        kept = self._kept.get(name)
+        if kept is not None and self._unchanged(name, kept[0]):
+            return kept[1]
+        stamps, count = _walk_and_count(name)
+        horizon = self._clock_ns() - RACY_NS
+        if stamps and all(s[2] < horizon for s in stamps):
+            self._kept[name] = (stamps, count)
+        else:
+            self._kept.pop(name, None)
+        return count
+
+    def forget(self, keep: Collection[str]) -> None:
+        """Drop every capsule not in `keep` (a List's listing of the state dirs)."""
+        for gone in self._kept.keys() - set(keep):
+            del self._kept[gone]
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    @staticmethod
+    def _unchanged(name: str, stamps: tuple[DirStamp, ...]) -> bool:
+        # Each directory through its parent's O_PATH fd, never by a path through a component
+        # the capsule controls: a symlink swapped in between two looks is then neither
+        # followed (a lookup by path would let root's resolution wander wherever it points,
+        # an automount or a hung network mount included) nor mistaken for the directory.
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(os.path.join(STATE_ROOT, name), flags)  # STATE_ROOT is root's
+        except OSError:
+            return False
+        try:
+            if _dir_stamp(os.fstat(fd)) != stamps[0]:
+                return False
+            for level in range(1, len(stamps)):
+                component = USER_UNIT_DIR[level - 1]
+                if level == len(stamps) - 1:  # the last needs no fd: one fstatat
+                    st = os.stat(component, dir_fd=fd, follow_symlinks=False)
+                    return stat.S_ISDIR(st.st_mode) and _dir_stamp(st) == stamps[level]
+                child = os.open(component, flags, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                if _dir_stamp(os.fstat(fd)) != stamps[level]:
+                    return False
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
 
 def process_uid(pid: int) -> int | None:

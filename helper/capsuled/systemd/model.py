@@ -871,8 +871,11 @@ class CapsuleModel:
             raise SystemdUnavailable("PID 1 kept reloading while capsuled looked at it")
         out: dict[str, UnitView] = {}
         initial: dict[UnitConfig | None, UnitView] = {}
+        # A set for the lookups below: List passes a list, and `in` on it made this loop
+        # quadratic (half a million comparisons for 1,000 capsules).
+        wanted = with_config if isinstance(with_config, (set, frozenset)) else set(with_config)
         for name in names:
-            config = self._known_config(name) if name in with_config else None
+            config = self._known_config(name) if name in wanted else None
             unit = self._units.get(name)
             if unit is not None:
                 out[name] = unit.view(config)
