@@ -301,6 +301,46 @@ def test_unit_counts_see_a_unit_directory_that_appears(
     assert counts.count("a") == 1
 
 
+def test_a_kept_count_of_a_home_with_no_config_is_checked_without_an_fd(
+    state_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (state_root / "a").mkdir()
+    walks, counts = Walks(monkeypatch), hostfs.UnitFileCounts(clock_ns=_late)
+    assert counts.count("a") == 0
+    opened: list[object] = []
+    real_open = os.open
+
+    def opening(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        opened.append(path)
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]  # as given
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", opening)
+        assert counts.count("a") == 0
+    assert (opened, walks.n) == ([], 1)  # the lstat alone said unchanged
+
+
+@pytest.mark.parametrize("swapped_in", ["directory", "symlink"])
+def test_a_kept_count_of_a_home_with_no_config_sees_the_home_replaced(
+    state_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swapped_in: str
+) -> None:
+    # Kept through the state dir's stamp alone; a new home in its place (another inode, or
+    # a symlink to a tree with units) is walked again, and the symlink is not followed.
+    (state_root / "a").mkdir()
+    outside = tmp_path / "outside"
+    (outside / ".config" / "systemd" / "user").mkdir(parents=True)
+    (outside / ".config" / "systemd" / "user" / "web.service").touch()
+    walks, counts = Walks(monkeypatch), hostfs.UnitFileCounts(clock_ns=_late)
+    assert counts.count("a") == 0
+    (state_root / "a").rename(state_root / "a.old")
+    if swapped_in == "directory":
+        outside.rename(state_root / "a")
+    else:
+        (state_root / "a").symlink_to(outside)
+    assert counts.count("a") == (1 if swapped_in == "directory" else 0)
+    assert walks.n == 2
+
+
 @pytest.mark.parametrize("component", [".config", ".config/systemd", ".config/systemd/user"])
 def test_unit_counts_never_follow_a_symlink_swapped_in_later(
     state_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, component: str

@@ -167,7 +167,9 @@ class UnitFileCounts:
     user keep the inode and ctime the last walk saw, the unit directory holds the same names,
     and a component that was missing or not a directory still is (its parent is unchanged).
     Checking that is an fstat per directory the walk opened, each reached through its
-    parent's O_PATH fd without following symlinks (no read fds, no listing). Any difference:
+    parent's O_PATH fd without following symlinks (no read fds, no listing); the last one
+    by an fstatat, which for a home with no .config is one lstat of the state dir in root's
+    STATE_ROOT. Any difference:
     the safe walk again. A directory changed within RACY_NS of the walk is not kept
     (timestamps move in ticks). One entry per capsule with a state dir; gone ones are dropped
     by `forget`.
@@ -203,9 +205,19 @@ class UnitFileCounts:
         # the capsule controls: a symlink swapped in between two looks is then neither
         # followed (a lookup by path would let root's resolution wander wherever it points,
         # an automount or a hung network mount included) nor mistaken for the directory.
+        home = os.path.join(STATE_ROOT, name)  # STATE_ROOT is root's, the name not followed
+        if len(stamps) == 1:
+            # The walk found no .config (a home with no user units: most of them), so the
+            # state dir is the last level: one lstat, as the last level below takes one
+            # fstatat, instead of an O_PATH open, fstat and close at every List row.
+            try:
+                st = os.lstat(home)
+            except OSError:
+                return False
+            return stat.S_ISDIR(st.st_mode) and _dir_stamp(st) == stamps[0]
         flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(os.path.join(STATE_ROOT, name), flags)  # STATE_ROOT is root's
+            fd = os.open(home, flags)
         except OSError:
             return False
         try:
