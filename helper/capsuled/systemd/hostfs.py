@@ -83,9 +83,14 @@ def real_state_dir_names() -> set[str]:
     for root in (STATE_ROOT, LEGACY_STATE_ROOT):
         with contextlib.suppress(OSError), os.scandir(root) as it:
             for e in it:
-                with contextlib.suppress(OSError):
-                    if not e.name.startswith(".") and e.is_dir(follow_symlinks=False):
+                if e.name.startswith("."):
+                    continue
+                # try, not contextlib.suppress: that is three calls more at every List row.
+                try:
+                    if e.is_dir(follow_symlinks=False):
                         names.add(e.name)
+                except OSError:  # gone before the lstat is_dir falls back to
+                    continue
     return names
 
 
