@@ -197,6 +197,30 @@ def test_capsule_made_with_plain_systemctl_is_listed_unowned(
     assert systemd_state(bed, capsule_name) == "active"
 
 
+def test_a_unit_known_only_to_pid1_is_listed_while_it_is_not_inactive(
+    bed: Testbed, capsule_name: str
+) -> None:
+    # No state dir, no autostart link: only PID 1's state decides (a unit merely loaded,
+    # e.g. by `systemctl status`, is no capsule; a running one is, its dir gone or not).
+    name, unit = capsule_name, f"capsule@{capsule_name}.service"
+    bed.as_root("systemctl", "status", unit)  # loads it; exit 3: inactive
+    assert bed.as_root("systemctl", "show", "-p", "LoadState", "--value", unit).stdout.strip() in (
+        "loaded",
+        "not-found",
+    )
+    assert name not in [c["name"] for c in ok(bed, "root", "List")["capsules"]]
+    bed.as_root("systemctl", "start", unit).check()
+    try:
+        bed.as_root("rm", "-rf", f"/var/lib/private/capsules/{name}").check()
+        assert not data_dir_exists(bed, name)
+        listed = {c["name"]: c for c in ok(bed, "root", "List")["capsules"]}
+        assert listed[name]["state"] == "active"
+        assert listed[name]["hasData"] is False
+    finally:
+        bed.as_root("systemctl", "stop", unit).check()
+    assert name not in [c["name"] for c in ok(bed, "root", "List")["capsules"]]
+
+
 def test_failed_manager_start_is_an_error_with_the_unit_result(
     bed: Testbed, capsule_name: str
 ) -> None:

@@ -331,7 +331,10 @@ class DBusSystemdBackend:
         valid = sorted(n for n in names if is_valid_capsule_name(n))
         has_dir = dict.fromkeys(dirs, True)  # the listing's entry types said so
         autostart = {n: autostart_enabled(n) for n in valid if n in links}
-        states = await self._model.views(valid)
+        # A state dir or an autostart link shows a capsule whatever its unit's state: only the
+        # names PID 1 alone knows need a first look (one view a row, not two).
+        undecided = [n for n in valid if not has_dir.get(n) and not autostart.get(n)]
+        states = await self._model.views(undecided)
         shown = [
             n
             for n in valid

@@ -210,7 +210,7 @@ class UnitFileCounts:
         # the capsule controls: a symlink swapped in between two looks is then neither
         # followed (a lookup by path would let root's resolution wander wherever it points,
         # an automount or a hung network mount included) nor mistaken for the directory.
-        home = os.path.join(STATE_ROOT, name)  # STATE_ROOT is root's, the name not followed
+        home = f"{STATE_ROOT}/{name}"  # STATE_ROOT is root's, the name never followed
         if len(stamps) == 1:
             # The walk found no .config (a home with no user units: most of them), so the
             # state dir is the last level: one lstat, as the last level below takes one
