@@ -169,3 +169,9 @@ _CAPSULE_MODEL = re.compile(r"[A-Za-z0-9_-]{1,29}")
 @given(st.text(alphabet=st.sampled_from("aZ09_-./@: \u00e9\0\n") | st.characters(), max_size=40))
 def test_capsule_name_matches_the_model(name: str) -> None:
     assert names.is_valid_capsule_name(name) == (_CAPSULE_MODEL.fullmatch(name) is not None)
+
+
+@given(st.text(alphabet=st.sampled_from("aZ09_-./@: \u00e9\0\n") | st.characters(), max_size=40))
+def test_capsule_name_check_and_its_reasons_agree(name: str) -> None:
+    # is_valid_capsule_name is a pattern; capsule_name_problem mirrors systemd step by step.
+    assert names.is_valid_capsule_name(name) == (names.capsule_name_problem(name) is None)
