@@ -202,6 +202,11 @@ class FakePID1:
     def reloading(self, active: bool) -> None:
         self.signal(m.MANAGER_PATH, m.MANAGER_IFACE, "Reloading", "b", (active,))
 
+    def leave_bus(self) -> None:
+        """PID 1 re-executes: it has left the bus; until new_owner(), calls to its name fail as
+        the bus daemon fails them (ServiceUnknown; GetNameOwner: NameHasNoOwner)."""
+        self.new_owner("")
+
     def new_owner(self, owner: str) -> None:
         """PID 1 re-executed: the bus daemon says it owns the name under a new unique name."""
         old, self.owner = self.owner, owner
@@ -246,6 +251,11 @@ class FakePID1:
         path = str(msg.header.fields.get(HeaderFields.path))
         if member in ("AddMatch", "RemoveMatch", "Ping", "Hello"):
             self._send(new_method_return(msg))
+        elif not self.owner:
+            error = "org.freedesktop.DBus.Error." + (
+                "NameHasNoOwner" if member == "GetNameOwner" else "ServiceUnknown"
+            )
+            self._send(new_error(msg, error, "s", ("not on the bus",)))
         elif member == "GetNameOwner":
             self._send(new_method_return(msg, "s", (self.owner,)))
         elif member == "Subscribe":

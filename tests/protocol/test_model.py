@@ -31,11 +31,13 @@ TIMEOUT_S = 5.0
 class World:
     """A model and the fake it talks to; `connects` counts the connections it opened."""
 
-    def __init__(self, settle_timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(self, settle_timeout_s: float = TIMEOUT_S, pid1_return_s: float = 2.0) -> None:
         self.fakes: list[FakePID1] = []
         self.connects = 0
         self.prepare: Callable[[FakePID1], object] = lambda fake: None
-        self.model = CapsuleModel(self._connect, settle_timeout_s=settle_timeout_s)
+        self.model = CapsuleModel(
+            self._connect, settle_timeout_s=settle_timeout_s, pid1_return_s=pid1_return_s
+        )
 
     @property
     def fake(self) -> FakePID1:
@@ -276,6 +278,37 @@ def test_a_reexecuted_pid1_is_believed_under_its_new_name_and_the_old_one_not() 
         assert w.fake.calls.count("Subscribe") == 2  # again, for a PID 1 that forgot us
 
     run(scenario)
+
+
+def test_a_read_while_a_reexecuting_pid1_is_off_the_bus_waits_for_it() -> None:
+    # systemctl daemon-reexec returns before PID 1 is back on the bus (real systemd 262 in
+    # the bed: tests/e2e/test_model.py answered SystemdUnavailable in that gap).
+    async def scenario(w: World) -> None:
+        await w.model.ready()
+        w.fake.set_state("web", "active", "running")
+        w.fake.reloading(True)
+        w.fake.leave_bus()
+        await settled(w)
+        read = asyncio.create_task(state(w, "web"))
+        await asyncio.sleep(0.05)
+        assert not read.done()
+        w.fake.new_owner(":1.9")
+        w.fake.reloading(False)
+        assert await read == ("active", "running")
+
+    run(scenario)
+
+
+def test_a_pid1_that_does_not_come_back_is_unavailable_after_the_bound() -> None:
+    async def scenario(w: World) -> None:
+        await w.model.ready()
+        w.fake.reloading(True)
+        w.fake.leave_bus()
+        await settled(w)
+        with pytest.raises(SystemdUnavailable):
+            await state(w, "web")
+
+    run(scenario, World(pid1_return_s=0.2))
 
 
 def test_while_pid1_reloads_a_read_waits_for_the_new_look() -> None:

@@ -91,6 +91,10 @@ MAX_FETCHES_IN_FLIGHT: Final = 32
 SETTLE_TIMEOUT_S: Final = 25.0
 # Looks at PID 1 in a row when each one was overtaken by another reload.
 MAX_SYNC_ROUNDS: Final = 5
+# A re-executing PID 1 leaves the system bus and comes back under a new unique name, some time
+# after `systemctl daemon-reexec` (which talks to it on its private socket) has returned. A
+# read in that gap waits this long for it rather than answer SystemdUnavailable at once.
+PID1_RETURN_S: Final = 5.0
 # PID 1's CPU figure is the cgroup's usage minus what it had used when the unit's first process
 # started (cpu_usage_base): zero for a new cgroup. The model takes the difference of the two at
 # one instant; what the capsule ran between PID 1's answer and our read of cpu.stat shows up in
@@ -280,9 +284,12 @@ class CapsuleModel:
         *,
         max_fetches: int = MAX_FETCHES_IN_FLIGHT,
         settle_timeout_s: float = SETTLE_TIMEOUT_S,
+        pid1_return_s: float = PID1_RETURN_S,
     ) -> None:
         self._connect = connect
         self._settle_timeout_s = settle_timeout_s
+        self._pid1_return_s = pid1_return_s
+        self._pid1_named = asyncio.Event()  # set whenever the bus daemon names a new owner
         self._fetch_slots = asyncio.Semaphore(max_fetches)
         self._phase = _Phase.DOWN
         self._link: Link | None = None
@@ -366,7 +373,12 @@ class CapsuleModel:
             try:
                 for _ in range(MAX_SYNC_ROUNDS):
                     self._phase = _Phase.SYNCING
-                    await self._snapshot(link)
+                    try:
+                        await self._snapshot(link)
+                    except SystemdUnavailable:
+                        if link.closed or not await self._pid1_came_back(link):
+                            raise
+                        continue
                     if self._phase is _Phase.SYNCING:
                         self._phase = _Phase.LIVE
                         return
@@ -375,6 +387,31 @@ class CapsuleModel:
                 if self._phase is not _Phase.LIVE:
                     self._phase = _Phase.STALE  # the next read looks again
                 raise
+
+    async def _pid1_came_back(self, link: Link) -> bool:
+        """After a look failed for want of PID 1: True once PID 1 owns its name on the bus
+        again under a unique name other than the one the look was for (it re-executed), within
+        PID1_RETURN_S; False if it is still away, or was there all along (the failure was
+        something else: no second try)."""
+        before = self._sender
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._pid1_return_s
+        while True:
+            self._pid1_named.clear()  # before asking: a signal after the answer still counts
+            try:
+                owner = (await link.call(dbus.get_name_owner(m.SYSTEMD_BUS_NAME)))[0]
+            except BackendError:  # NameHasNoOwner: away, re-executing
+                owner = None
+            if isinstance(owner, str) and owner:
+                if owner == before:
+                    return False
+                self._sender = owner
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pid1_named.wait(), remaining)
 
     async def _open(self) -> Link:
         link = await self._connect()
@@ -509,6 +546,7 @@ class CapsuleModel:
         self._sender = body[2] or None
         self._stale()
         if body[2]:
+            self._pid1_named.set()
             self._spawn(self._after_owner_change())
 
     async def _after_owner_change(self) -> None:
