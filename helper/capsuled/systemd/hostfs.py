@@ -210,39 +210,28 @@ class UnitFileCounts:
         # the capsule controls: a symlink swapped in between two looks is then neither
         # followed (a lookup by path would let root's resolution wander wherever it points,
         # an automount or a hung network mount included) nor mistaken for the directory.
-        home = f"{STATE_ROOT}/{name}"  # STATE_ROOT is root's, the name never followed
-        if len(stamps) == 1:
-            # The walk found no .config (a home with no user units: most of them), so the
-            # state dir is the last level: one lstat, as the last level below takes one
-            # fstatat, instead of an O_PATH open, fstat and close at every List row.
-            try:
-                st = os.lstat(home)
-            except OSError:
-                return False
-            return stat.S_ISDIR(st.st_mode) and _dir_stamp(st) == stamps[0]
+        # The last level needs no fd: one stat that does not follow it, relative to its
+        # parent's fd (for the state dir itself, STATE_ROOT: root's, so by path). A home with
+        # no .config (most of them) is then one lstat per List row.
+        home = f"{STATE_ROOT}/{name}"
+        *through, last = (home, *USER_UNIT_DIR)[: len(stamps)]
         flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd: int | None = None
         try:
-            fd = os.open(home, flags)
-        except OSError:
-            return False
-        try:
-            if _dir_stamp(os.fstat(fd)) != stamps[0]:
-                return False
-            for level in range(1, len(stamps)):
-                component = USER_UNIT_DIR[level - 1]
-                if level == len(stamps) - 1:  # the last needs no fd: one fstatat
-                    st = os.stat(component, dir_fd=fd, follow_symlinks=False)
-                    return stat.S_ISDIR(st.st_mode) and _dir_stamp(st) == stamps[level]
+            for component, seen in zip(through, stamps, strict=False):
                 child = os.open(component, flags, dir_fd=fd)
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
                 fd = child
-                if _dir_stamp(os.fstat(fd)) != stamps[level]:
+                if _dir_stamp(os.fstat(fd)) != seen:
                     return False
-            return True
+            st = os.stat(last, dir_fd=fd, follow_symlinks=False)
+            return stat.S_ISDIR(st.st_mode) and _dir_stamp(st) == stamps[-1]
         except OSError:
             return False
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
 
 def process_uid(pid: int) -> int | None:
