@@ -651,6 +651,11 @@ def capsule_environment(name: str, *, term: str | None) -> list[str]:
     return [*env, f"TERM={term}"] if term is not None else env
 
 
+def after_separator(words: Sequence[str]) -> list[str]:
+    """A REMAINDER argument without the "--" that may lead it (argparse keeps it there)."""
+    return list(words[1:] if words and words[0] == "--" else words)
+
+
 class Shell(Verb):
     name = "shell"
     summary = "an interactive login shell (or CMD) in a capsule, as its user"
@@ -670,9 +675,7 @@ class Shell(Verb):
     def run(self, ctx: Context) -> int:
         a = ctx.args
         ctx.doing = f"run commands in capsule {quote(a.name)}"
-        command = list(a.command)
-        if command and command[0] == "--":
-            command = command[1:]
+        command = after_separator(a.command)
         if not command:
             argv = ["/bin/sh", "-c", LOGIN_SHELL]
         elif command[0].startswith("/"):
@@ -712,9 +715,7 @@ class Systemctl(Verb):
     def run(self, ctx: Context) -> int:
         a = ctx.args
         ctx.doing = f"run commands in capsule {quote(a.name)}"
-        args = list(a.args)
-        if args and args[0] == "--":
-            args = args[1:]
+        args = after_separator(a.args)
         pty = os.isatty(1)
         return run_interactively(
             ctx,
