@@ -192,17 +192,29 @@ class Authorizer:
                 peer.pid,
             )
             return Verdict(Decision.NO, "peer-gone")
+        identity = self._caller(peer, lookup)
+        verdict = self._engine_verdict(identity, request)
+        if verdict is not None:
+            return verdict
+        decision = await self._backend.check(peer, identity, request)
+        return Verdict(decision, self._backend.name)
+
+    def _caller(self, peer: Peer, lookup: Callable[[int], Identity] | None) -> Identity:
+        """The peer's account, with the unit it runs in."""
         # The unit comes from the socket peer (its cgroup), like the uid: never from parameters.
         identity = (lookup or self._lookup)(peer.uid)
         if identity.unit != peer.unit:
             identity = replace(identity, unit=peer.unit)
+        return identity
+
+    def _engine_verdict(self, identity: Identity, request: Request) -> Verdict | None:
+        """The engine's own answer (owner and group grants, deny_all), None: the backend's."""
         granted = grant(identity, request, self.config)
-        if granted is not None:
-            if self.config.deny_all:
-                return Verdict(granted, "config-refused")
-            return Verdict(granted, "create-group" if request.action == actions.CREATE else "owner")
-        decision = await self._backend.check(peer, identity, request)
-        return Verdict(decision, self._backend.name)
+        if granted is None:
+            return None
+        if self.config.deny_all:
+            return Verdict(granted, "config-refused")
+        return Verdict(granted, "create-group" if request.action == actions.CREATE else "owner")
 
     async def decide_many(
         self,
@@ -223,22 +235,15 @@ class Authorizer:
         if first.step in ("root", "peer-gone"):
             return [first] * len(requests)  # neither depends on the request
         verdicts: list[Verdict | None] = [first]
-        identity = (lookup or self._lookup)(peer.uid)
-        if identity.unit != peer.unit:
-            identity = replace(identity, unit=peer.unit)
-        config, left = self.config, []
+        identity = self._caller(peer, lookup)
+        left = []
         for index, request in enumerate(requests[1:], start=1):
             if request.action not in actions.ALL:
                 raise ValueError(f"unknown action {request.action!r}")
-            granted = grant(identity, request, config)
-            if granted is None:
+            verdict = self._engine_verdict(identity, request)
+            if verdict is None:
                 left.append(index)
-                verdicts.append(None)
-            elif config.deny_all:
-                verdicts.append(Verdict(granted, "config-refused"))
-            else:
-                step = "create-group" if request.action == actions.CREATE else "owner"
-                verdicts.append(Verdict(granted, step))
+            verdicts.append(verdict)
         backend = self._backend
         if isinstance(backend, BuiltinBackend) or len(left) < 2:
             decisions = [await backend.check(peer, identity, requests[i]) for i in left]
