@@ -305,9 +305,12 @@ class CallContext:
         verdict = await self.services.authorizer.decide(
             self.peer, request, lookup=self.identity, known_alive=self._alive
         )
+        self._note_alive(verdict)
+        return verdict
+
+    def _note_alive(self, verdict: Verdict) -> None:
         if self._identities is not None and verdict.step != "peer-gone":
             self._alive = True  # the check ran (or was not needed: root) within this pass
-        return verdict
 
     async def _require(self, request: Request) -> None:
         verdict = await self._decide(request)
@@ -363,8 +366,8 @@ class CallContext:
         verdicts = await self.services.authorizer.decide_many(
             self.peer, requests, lookup=self.identity, known_alive=self._alive
         )
-        if verdicts and self._identities is not None and verdicts[0].step != "peer-gone":
-            self._alive = True
+        if verdicts:
+            self._note_alive(verdicts[0])
         return [v.decision is Decision.YES for v in verdicts]
 
     async def may_read(self, name: str, owner: int | None) -> bool:
