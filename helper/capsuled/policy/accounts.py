@@ -27,7 +27,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, TypeVar
 
 from capsuled.policy.engine import Identity
 from capsuled.policy.identity import lookup_identity, user_name
@@ -60,6 +60,7 @@ SOURCES: Final[tuple[str, ...]] = (
 )
 
 Stamp = tuple[int, int]  # (st_ino, st_ctime_ns)
+T = TypeVar("T")
 
 
 def _stamp(path: str) -> Stamp | None:
@@ -104,26 +105,26 @@ class AccountCache:
 
     def identity(self, uid: int) -> Identity:
         """The account `uid` is (user name, groups), at most ACCOUNT_TTL_S old."""
-        now = self._revalidate()
-        kept = self._identities.get(uid)
-        if kept is not None and now - kept[0] < self._ttl_s:
-            self._identities.move_to_end(uid)
-            return kept[1]
-        self._look_at_sources()
-        found = self._lookup(uid)
-        self._keep_identity(uid, now, found)
-        return found
+        return self._kept_or_read(self._identities, uid, self._lookup)
 
     def user_name(self, uid: int) -> str | None:
         """The user name of `uid` (None: no passwd entry), at most ACCOUNT_TTL_S old."""
+        return self._kept_or_read(self._names, uid, self._name_of)
+
+    def _kept_or_read(
+        self, table: OrderedDict[int, tuple[float, T]], uid: int, read: Callable[[int], T]
+    ) -> T:
         now = self._revalidate()
-        kept = self._names.get(uid)
+        kept = table.get(uid)
         if kept is not None and now - kept[0] < self._ttl_s:
-            self._names.move_to_end(uid)
+            table.move_to_end(uid)
             return kept[1]
         self._look_at_sources()
-        found = self._name_of(uid)
-        self._keep_name(uid, now, found)
+        found = read(uid)
+        table[uid] = (now, found)
+        table.move_to_end(uid)
+        if len(table) > self._max:
+            table.popitem(last=False)  # the least recently used
         return found
 
     def clear(self) -> None:
@@ -156,17 +157,3 @@ class AccountCache:
             self._present = tuple(
                 (path, s) for path, s in zip(self._sources, stamps, strict=True) if s is not None
             )
-
-    def _keep_identity(self, uid: int, now: float, found: Identity) -> None:
-        table = self._identities
-        table[uid] = (now, found)
-        table.move_to_end(uid)
-        if len(table) > self._max:
-            table.popitem(last=False)
-
-    def _keep_name(self, uid: int, now: float, found: str | None) -> None:
-        table = self._names
-        table[uid] = (now, found)
-        table.move_to_end(uid)
-        if len(table) > self._max:
-            table.popitem(last=False)
