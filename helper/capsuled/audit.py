@@ -54,11 +54,10 @@ the call it describes has already happened, and the trail has it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
+import os
 import re
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -195,6 +194,8 @@ def _canonical(fields: Mapping[str, str]) -> bytes:
 
 def chain_hash(previous: str, fields: Mapping[str, str]) -> str:
     """sha256(previous chain value, newline, canonical JSON of the record without CHAIN)."""
+    import hashlib  # here, not at start: it loads OpenSSL's libcrypto (issue 12, cold start)
+
     return hashlib.sha256(previous.encode() + b"\n" + _canonical(fields)).hexdigest()
 
 
@@ -324,7 +325,8 @@ class AuditLog:
         self._identifier = identifier
         self._clock = clock
         self._lock = threading.Lock()
-        self._chain_id = secrets.token_hex(16)
+        # os.urandom is what secrets.token_hex reads; secrets itself imports hmac (libcrypto).
+        self._chain_id = os.urandom(16).hex()
         self._previous = self._chain_id
         self._seq = 0
         self._windows: dict[int, _Window] = {}

@@ -32,7 +32,6 @@ can never be tricked into signing something else that verifies as a bundle (or v
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import struct
@@ -158,6 +157,8 @@ class Envelope:
     @property
     def digest(self) -> bytes:
         """SHA-256 of the body: what the signature is over."""
+        import hashlib  # here, not at start: it loads OpenSSL's libcrypto (issue 12, cold start)
+
         return hashlib.sha256(self.body).digest()
 
 
@@ -244,6 +245,8 @@ def open_envelope(data: bytes, *, max_bytes: int = MAX_BUNDLE_BYTES) -> Envelope
 
 def key_id(public_key: Ed25519PublicKey) -> bytes:
     """A key's id: SHA-256 of its raw 32-byte public key."""
+    import hashlib  # with cryptography: neither is loaded at start unless a key is trusted
+
     from cryptography.hazmat.primitives import serialization
 
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -491,6 +494,8 @@ def sign(data: bytes, private_key: Ed25519PrivateKey) -> bytes:
     body = open_envelope(data).body
     if len(body) + SIGNATURE_BLOCK_BYTES > MAX_BUNDLE_BYTES:
         raise InvalidBundle(f"more than {MAX_BUNDLE_BYTES} bytes once signed")
+    import hashlib  # here, not at start: it loads OpenSSL's libcrypto (issue 12, cold start)
+
     digest = hashlib.sha256(body).digest()
     signature = private_key.sign(SIGNATURE_CONTEXT + digest)
     return body + SIGNATURE_MAGIC + key_id(private_key.public_key()) + signature

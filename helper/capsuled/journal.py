@@ -61,10 +61,12 @@ import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from capsuled import wire
 from capsuled.names import is_valid_capsule_name, is_valid_unit_name
+
+if TYPE_CHECKING:  # the wire types are imported with the methods that use them (cold start)
+    from capsuled import wire
 
 MAX_LINES = 10000
 DEFAULT_LINES = 100

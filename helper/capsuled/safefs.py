@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import secrets
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -229,7 +228,8 @@ def _temp_name(final: str) -> str:
     # Hidden and clearly ours; systemd's unit loader skips hidden files (hidden_or_backup_file()),
     # so a leftover after a crash is never loaded as a unit.  ``final`` is not embedded: a long
     # non-ASCII name could push the temporary name past NAME_MAX bytes.
-    return f".#capsuled.{secrets.token_hex(8)}.tmp"
+    # os.urandom is what secrets.token_hex reads; secrets imports hmac, which loads libcrypto.
+    return f".#capsuled.{os.urandom(8).hex()}.tmp"
 
 
 def write_atomically_at(

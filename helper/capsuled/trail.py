@@ -37,7 +37,6 @@ import base64
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -103,6 +102,8 @@ def canonical(record: Mapping[str, object]) -> bytes:
 
 def line_hash(line: bytes) -> str:
     """What the next record's ``prev`` holds: SHA-256 of a line's bytes, hex."""
+    import hashlib  # here, not at start: it loads OpenSSL's libcrypto (issue 12, cold start)
+
     return hashlib.sha256(line).hexdigest()
 
 

@@ -53,6 +53,6 @@ def test_a_socket_activated_start_loads_no_argparse_ssl_or_metadata() -> None:
     )
     rc, loaded = json.loads(done.stdout.splitlines()[-1])
     assert rc == 1
-    assert "capsuled.methods.lifecycle" in loaded  # the wiring really was built
+    assert "capsuled.methods.context" in loaded  # the wiring really was built
     for module in ("argparse", "ssl", "_ssl", "importlib.metadata", "email"):
         assert module not in loaded, module

@@ -20,7 +20,7 @@ from capsuled import errors, methods
 from capsuled.methods import HANDLERS, Deferred
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFERRED_MODULES = ("inside", "streams", "deploy", "trail")
+DEFERRED_MODULES = ("lifecycle", "inside", "streams", "deploy", "trail")
 
 
 @pytest.fixture
@@ -112,8 +112,29 @@ def test_a_start_imports_none_of_the_deferred_modules() -> None:
         timeout=30,
     )
     loaded = set(json.loads(done.stdout))
-    assert "capsuled.methods.lifecycle" in loaded  # the check sees the table's modules
+    assert "capsuled.methods.info" in loaded  # the check sees the table's modules
     for module in DEFERRED_MODULES:
         assert f"capsuled.methods.{module}" not in loaded
-    for module in ("capsuled.terminal", "capsuled.unitfile", "capsuled.verify"):
+    for module in ("capsuled.terminal", "capsuled.unitfile", "capsuled.verify", "capsuled.wire"):
+        assert module not in loaded
+
+
+def test_a_start_loads_no_libcrypto() -> None:
+    # hashlib and hmac (which secrets imports) load OpenSSL's libcrypto, ~5 ms of a cold start;
+    # only writing an audit record or reading a bundle needs SHA-256.
+    code = (
+        "import sys, json\n"
+        "from capsuled import methods, daemon\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": f"{ROOT / 'helper'}", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    loaded = set(json.loads(done.stdout))
+    for module in ("hashlib", "_hashlib", "hmac", "secrets"):
         assert module not in loaded

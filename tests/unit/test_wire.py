@@ -91,5 +91,8 @@ def test_parameter_types_mirror_the_idl(interface: Interface, method: str) -> No
 @pytest.mark.parametrize("method", sorted(PARAMETERS))
 def test_each_handler_takes_its_methods_parameter_type(method: str) -> None:
     # What the method table binds is typed with the TypedDict this file checks against the IDL.
-    hints = typing.get_type_hints(handler_function(HANDLERS[method]))
+    function = handler_function(HANDLERS[method])
+    # A handler module bound at start may import the wire types for its annotations only
+    # (methods/info.py: cold start), so they are resolved with wire at hand.
+    hints = typing.get_type_hints(function, {"wire": wire, **function.__globals__})
     assert hints["p"] is PARAMETERS[method]

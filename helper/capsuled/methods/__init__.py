@@ -4,12 +4,14 @@ Like systemd's helpers bind all methods in one `sd_varlink_server_bind_method_ma
 this table shows the whole API surface at a glance. A method declared in the IDL but
 missing here answers org.varlink.service.MethodNotImplemented (the Dispatcher does that).
 
-The modules of the methods a socket-activated start does not need at once (inside, streams,
-deploy, trail: units, logs and watches, bundles, the audit trail, with the pty, unit file and
-bundle code they pull in) are imported on their method's first call (`Deferred`), which is a
-third of the helper's own imports (issue 12: cold activation). They come from the package
-directory `capsuled` itself was loaded from at start, through the same sys.path: nothing is
-found in a place that was not already trusted at start (daemon.unsafe_import_paths checks it).
+A socket-activated start imports only what its first call needs: the modules of the methods
+(lifecycle, inside, streams, deploy, trail: capsules, units, logs and watches, bundles, the
+audit trail, with the wire types, pty, unit file and bundle code they pull in) are imported on
+their method's first call (`Deferred`), which is a third of the helper's own imports (issue 12:
+cold activation); Info, often a client's first call, is bound at start (info.py). They come
+from the package directory `capsuled` itself was loaded from at start, through the same
+sys.path: nothing is found in a place that was not already trusted at start
+(daemon.unsafe_import_paths checks it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar, cast
@@ -24,7 +27,7 @@ from typing import TypeVar, cast
 from capsuled import errors
 from capsuled.audit import RESULT_CANCELLED, RESULT_DENIED, AuditAction
 from capsuled.dispatch import Dispatcher
-from capsuled.methods import lifecycle
+from capsuled.methods import info
 from capsuled.methods.context import CallContext, Notify, Outcome, Services
 from capsuled.peer import Peer
 from capsuled.records import RecordsUnwritable
@@ -85,7 +88,9 @@ class Deferred:
         """
         name = f"{__name__}.{self.module}"
         try:
-            module = importlib.import_module(name)
+            # Once imported, every call of the method passes here: sys.modules first (a None
+            # there, a failed import's mark, goes to import_module, which raises for it).
+            module = sys.modules.get(name) or importlib.import_module(name)
         except ImportError as exc:
             if self.method not in _UNAVAILABLE:
                 _UNAVAILABLE.add(self.method)
@@ -110,17 +115,20 @@ def _deferred(module: str, **functions: str) -> dict[str, Handler]:
 
 
 HANDLERS: Mapping[str, Handler] = {
-    "List": bind(lifecycle.list_capsules),
-    "Describe": bind(lifecycle.describe),
-    "Create": bind(lifecycle.create),
-    "Start": bind(lifecycle.start),
-    "Stop": bind(lifecycle.stop),
-    "Restart": bind(lifecycle.restart),
-    "Remove": bind(lifecycle.remove),
-    "SetAutostart": bind(lifecycle.set_autostart),
-    "SetLimits": bind(lifecycle.set_limits),
-    "CheckAccess": bind(lifecycle.check_access),
-    "Info": bind(lifecycle.info),
+    "Info": bind(info.info),
+    **_deferred(
+        "lifecycle",
+        List="list_capsules",
+        Describe="describe",
+        Create="create",
+        Start="start",
+        Stop="stop",
+        Restart="restart",
+        Remove="remove",
+        SetAutostart="set_autostart",
+        SetLimits="set_limits",
+        CheckAccess="check_access",
+    ),
     **_deferred(
         "inside",
         ListUnits="list_units",

@@ -1,5 +1,5 @@
 """Capsule lifecycle: List, Describe, Create, Start, Stop, Restart, Remove,
-SetAutostart, SetLimits, plus Info and CheckAccess.
+SetAutostart, SetLimits, plus CheckAccess (Info is methods/info.py).
 
 Every handler runs in the same order (style: systemd's mountwork.c): the
 parameters arrive validated against the IDL -> value checks (params.py) ->
@@ -437,19 +437,6 @@ async def set_limits(ctx: CallContext, p: wire.SetLimitsParams) -> wire.CapsuleR
 
 
 # --- about the helper and the policy ------------------------------------------------------
-
-
-async def info(ctx: CallContext, p: wire.NoParams) -> wire.InfoReply:
-    try:
-        version: int | None = await ctx.backend.version()
-    except sd.BackendError:
-        version = None
-    return {
-        "version": ctx.services.version,
-        "systemdVersion": version,
-        "policyBackend": ctx.services.authorizer.backend_name,
-        "callerUid": ctx.peer.uid,
-    }
 
 
 async def check_access(ctx: CallContext, p: wire.CheckAccessParams) -> wire.CheckAccessReply:
