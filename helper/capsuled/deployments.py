@@ -24,12 +24,10 @@ import contextlib
 import json
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Final, Self
 
-from capsuled.bundle import MAX_BUNDLE_BYTES
 from capsuled.statefiles import replace_file
 
 __all__ = ["CorruptDeployment", "Deployed", "Deployment", "DeploymentStore"]
@@ -212,6 +210,9 @@ class DeploymentStore:
         """
         import hashlib
 
+        # Here, not at start: the bundle code is loaded by the first call that reads one.
+        from capsuled.bundle import MAX_BUNDLE_BYTES
+
         path = self._capsule_dir(name) / f"{sha256}.bundle"
         try:
             with open(path, "rb") as f:
@@ -224,6 +225,8 @@ class DeploymentStore:
 
     def forget(self, name: str) -> None:
         """Remove NAME's state and bundles (Remove of the capsule); nothing there is fine."""
+        import shutil  # here, not at start: it imports bz2 and lzma
+
         shutil.rmtree(self._capsule_dir(name), ignore_errors=True)
 
     def _write(self, directory: Path, filename: str, data: bytes) -> None:

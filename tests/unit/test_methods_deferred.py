@@ -115,8 +115,9 @@ def test_a_start_imports_none_of_the_deferred_modules() -> None:
     assert "capsuled.methods.info" in loaded  # the check sees the table's modules
     for module in DEFERRED_MODULES:
         assert f"capsuled.methods.{module}" not in loaded
-    for module in ("capsuled.terminal", "capsuled.unitfile", "capsuled.verify", "capsuled.wire"):
-        assert module not in loaded
+    # Nor the wire types, nor the bundle code (read with a trusted key or a bundle only).
+    for module in ("terminal", "unitfile", "verify", "wire", "bundle"):
+        assert f"capsuled.{module}" not in loaded
 
 
 def test_a_start_loads_no_libcrypto() -> None:

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from capsuled.bundle import InvalidBundle, check_name, key_id
 from capsuled.policy.config import ConfigError, open_checked_dir, read_checked_file
 
 if TYPE_CHECKING:
@@ -72,6 +71,8 @@ class TrustedKeys:
 def _parse(pems: Mapping[str, str]) -> dict[bytes, tuple[str, Ed25519PublicKey]]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from capsuled.bundle import key_id
 
     parsed: dict[bytes, tuple[str, Ed25519PublicKey]] = {}
     for signer in sorted(pems):
@@ -124,6 +125,9 @@ def _read_keys(where: Path) -> dict[str, str]:
             if name.startswith("."):
                 continue
             signer = name.removesuffix(KEY_SUFFIX)
+            # Here, not at start: with no key to read, a start never loads the bundle code.
+            from capsuled.bundle import InvalidBundle, check_name
+
             try:
                 check_name(signer, f"{where / name}: the signer name")
             except InvalidBundle as exc:
