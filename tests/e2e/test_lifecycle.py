@@ -514,3 +514,35 @@ def test_a_reader_told_no_gets_permission_denied(bed: Testbed) -> None:
             assert fails(bed, "mallory", "Stop", name=name)[0] == NO_SUCH
     finally:
         ok(bed, "root", "Remove", name=name)
+
+
+def _burn_cpu_inside(bed: Testbed, name: str, seconds: float) -> None:
+    """Use `seconds` of CPU in a transient unit inside the capsule (counted in its cgroup)."""
+    loop = f"import time\nwhile time.process_time() < {seconds}: pass\n"
+    bed.as_user(
+        "alice", "capsulectl", "run", name, "--wait", "--", "/usr/bin/python3", "-c", loop
+    ).check()
+
+
+def test_cpu_figure_is_live_and_from_the_new_cgroup_after_a_restart(
+    bed: Testbed, capsule_name: str
+) -> None:
+    # capsuled keeps a running capsule's cgroup files open between reads (hostfs.CgroupFiles):
+    # every read is still a read of now, and once the capsule restarts behind capsuled's back
+    # (a new cgroup at the same path; the kernel fails reads on the old one's fds) the figure
+    # is the new cgroup's.
+    name = capsule_name
+    ok(bed, "alice", "Create", name=name)
+    ok(bed, "alice", "Start", name=name)
+    before = ok(bed, "alice", "Describe", name=name)["capsule"]["cpuUsageNSec"]
+    _burn_cpu_inside(bed, name, 0.6)
+    burnt = ok(bed, "alice", "Describe", name=name)["capsule"]["cpuUsageNSec"]
+    assert burnt >= before + 500_000_000
+    bed.as_root("systemctl", "restart", f"capsule@{name}.service").check()
+    fresh = ok(bed, "alice", "Describe", name=name)["capsule"]
+    assert fresh["state"] == "active"
+    assert isinstance(fresh["cpuUsageNSec"], int)
+    assert fresh["cpuUsageNSec"] < burnt  # not the old cgroup's 0.6 s and more
+    _burn_cpu_inside(bed, name, 0.6)
+    again = ok(bed, "alice", "Describe", name=name)["capsule"]["cpuUsageNSec"]
+    assert again >= fresh["cpuUsageNSec"] + 500_000_000

@@ -332,6 +332,9 @@ class CapsuleModel:
         self._link = None
         self._sender = None
         self._reloading = False
+        for unit in self._units.values():
+            if unit.control_group is not None:
+                hostfs.forget_cgroup(unit.control_group)
         self._units.clear()
         self._configs.clear()
         self._template.clear()
@@ -631,10 +634,13 @@ class CapsuleModel:
         """Change a unit's state, tell the watchers, and fetch what the change makes current."""
         before = (unit.active_state, unit.sub_state)
         was_running = unit.active_state not in FINISHED_STATES
+        group = unit.control_group
         if reset:
             unit.reset()
         unit.active_state, unit.sub_state = state, sub
         running = state not in FINISHED_STATES
+        if group is not None and (reset or (was_running and not running)):
+            hostfs.forget_cgroup(group)  # its cgroup goes with it: the kept fds too
         if (state, sub) != before:
             event = CapsuleEvent(unit.name, state, sub, unit.since_usec or None)
             for watcher in self._watchers:
