@@ -48,7 +48,7 @@ def test_every_read_gives_the_file_as_it_is_now_through_the_fd_it_kept(
     with path.open("r+b") as f:  # changed in place, as the kernel's figure changes
         f.write(b"8192\n")
     assert files.read(GROUP, "memory.current") == b"8192\n"
-    assert len(opened) == 1  # the second read opened nothing
+    assert [p for p in opened if p.endswith("memory.current")] == [str(path)]  # once
     assert files.kept_fds() == 1
 
 
@@ -142,3 +142,24 @@ def test_the_figures_come_through_the_helpers_table(
         assert table.kept_fds() == 0
     finally:
         table.close()
+
+
+def test_a_file_whose_controller_the_root_does_not_offer_is_not_looked_for(
+    cgroups: tuple[Path, hostfs.CgroupFiles], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, files = cgroups
+    controllers = root / "cgroup.controllers"
+    controllers.write_bytes(b"cpuset cpu io\n")  # a v1 hybrid host: memory and pids are v1's
+    (root / GROUP.lstrip("/") / "cpu.stat").write_bytes(b"usage_usec 1\n")
+    opened = _counting_opens(monkeypatch)
+    assert files.read(GROUP, "memory.current") is None
+    assert files.read(GROUP, "pids.current") is None
+    assert files.read(GROUP, "cpu.stat") == b"usage_usec 1\n"
+    assert opened == [str(controllers), f"{root}{GROUP}/cpu.stat"]
+    # The root's list is read anew each time: a controller offered from now on is seen now.
+    (root / GROUP.lstrip("/") / "memory.current").write_bytes(b"4096\n")
+    with controllers.open("r+b") as f:
+        f.write(b"cpuset cpu io memory\n")
+    assert files.read(GROUP, "memory.current") == b"4096\n"
+    assert files.read(GROUP, "pids.current") is None
+    assert opened[2:] == [f"{root}{GROUP}/memory.current"]  # pids is still not offered

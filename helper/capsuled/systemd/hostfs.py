@@ -391,9 +391,11 @@ def config_signatures(unit_path: Sequence[str]) -> Signatures:
 CGROUP_ROOT: Final = "/sys/fs/cgroup"
 _CGROUP_READ_BYTES: Final = 4096
 # Cgroups whose accounting files stay open between reads, least recently read closed first: at
-# most 3 fds each (memory.current, pids.current, cpu.stat), 192 in all (capsuled.service's
-# LimitNOFILE= counts them).
+# most 3 fds each (memory.current, pids.current, cpu.stat), 192 in all, and the root's
+# cgroup.controllers (capsuled.service's LimitNOFILE= counts them).
 MAX_KEPT_CGROUPS: Final = 64
+# The controller without which a cgroup has no such file (cpu.stat is in every cgroup).
+_CONTROLLER_OF: Final = {"memory.current": "memory", "pids.current": "pids"}
 
 
 class CgroupFiles:
@@ -408,8 +410,12 @@ class CgroupFiles:
     or was restarted and has a new cgroup at the same path), a read on an fd of the old one
     fails (ENODEV: kernfs_fop_read_iter on a deactivated node), and then every fd of that path
     is closed and the file opened again by path, as before. A file that does not exist (its
-    controller is not enabled) is looked for again at every read. Bounded: MAX_KEPT_CGROUPS
-    cgroups; `forget` closes a cgroup's fds when the model sees its capsule stop.
+    controller is not enabled) is looked for again at every read, unless its controller is not
+    even available at the root of the tree (the root's cgroup.controllers, read now through a
+    kept fd of its own: a cgroup v1 "hybrid" host, where memory and pids are v1's, never has
+    memory.current or pids.current below; one pread instead of a ~7 us failed lookup).
+    Bounded: MAX_KEPT_CGROUPS cgroups; `forget` closes a cgroup's fds when the model sees its
+    capsule stop.
 
     Used from the event loop's thread only (no lock).
     """
@@ -419,6 +425,7 @@ class CgroupFiles:
         self._max_kept = max_kept
         # control group -> {file name -> fd}; insertion order is least recently read first.
         self._kept: dict[str, dict[str, int]] = {}
+        self._root_controllers = -1  # fd of the root's cgroup.controllers, once opened
 
     def read(self, control_group: str, name: str) -> bytes | None:
         """The file's contents now (None: it does not exist, or cannot be read)."""
@@ -434,6 +441,9 @@ class CgroupFiles:
                     del self._kept[control_group]
                     self._close(files)
                     files = None
+        controller = _CONTROLLER_OF.get(name)
+        if controller is not None and not self._available(controller):
+            return None
         try:
             # The path is PID 1's (ControlGroup); cgroupfs has no symlinks, O_NOFOLLOW all the
             # same.
@@ -454,6 +464,25 @@ class CgroupFiles:
         files[name] = fd
         return data
 
+    def _available(self, controller: str) -> bool:
+        """Whether the root of the tree offers `controller` now (True when it cannot tell)."""
+        for _ in range(2):
+            if self._root_controllers < 0:
+                try:
+                    self._root_controllers = os.open(
+                        f"{self._root}/cgroup.controllers",
+                        os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    )
+                except OSError:
+                    return True
+            try:
+                return controller in os.pread(self._root_controllers, 4096, 0).decode().split()
+            except (OSError, UnicodeDecodeError):
+                # Not expected of the root cgroup; open it again once, else look by path.
+                os.close(self._root_controllers)
+                self._root_controllers = -1
+        return True
+
     def forget(self, control_group: str) -> None:
         """Close the fds of `control_group` (its capsule stopped)."""
         files = self._kept.pop(control_group, None)
@@ -465,6 +494,9 @@ class CgroupFiles:
         for files in self._kept.values():
             self._close(files)
         self._kept.clear()
+        if self._root_controllers >= 0:
+            os.close(self._root_controllers)
+            self._root_controllers = -1
 
     def kept_fds(self) -> int:
         """How many fds are open now (for tests and the bound)."""
