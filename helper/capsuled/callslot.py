@@ -13,7 +13,7 @@ and, for that block, the call gives its slot back and holds a cheaper "waiting" 
 again (a bounded wait, then Busy). Outside a call served by the transport (tests, scripts) the
 block just runs.
 
-A leaf module: the transport provides the holder for each call it runs (`holding`), the policy
+A leaf module: the transport provides the holder for each call it runs (`hold`), the policy
 code that waits uses `released`, and neither imports the other.
 """
 
@@ -24,7 +24,12 @@ from collections.abc import AsyncIterator, Iterator
 from contextvars import ContextVar
 from typing import Protocol
 
-__all__ = ["SlotHolder", "holding", "released"]
+__all__ = [
+    "SlotHolder",
+    "hold",
+    "holding",
+    "released",
+]
 
 
 class SlotHolder(Protocol):
@@ -36,6 +41,13 @@ class SlotHolder(Protocol):
 
 
 _HOLDER: ContextVar[SlotHolder | None] = ContextVar("capsuled_call_slot", default=None)
+
+
+def hold(holder: SlotHolder) -> None:
+    """The transport: `holder` is the running call's for the rest of the current context. Only
+    for code that runs each call in a task of its own (whose context copy ends with it): one
+    ContextVar.set, no context manager to enter and leave per call."""
+    _HOLDER.set(holder)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,14 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Protocol
 
-__all__ = ["FdHolder", "close_received", "holding", "push_fd", "received"]
+__all__ = [
+    "FdHolder",
+    "close_received",
+    "hold",
+    "holding",
+    "push_fd",
+    "received",
+]
 
 
 class FdHolder(Protocol):
@@ -45,6 +52,13 @@ class FdHolder(Protocol):
 
 
 _HOLDER: ContextVar[FdHolder | None] = ContextVar("capsuled_fds", default=None)
+
+
+def hold(holder: FdHolder) -> None:
+    """The transport: `holder` is the running call's for the rest of the current context. Only
+    for code that runs each call in a task of its own (whose context copy ends with it): one
+    ContextVar.set, no context manager to enter and leave per call."""
+    _HOLDER.set(holder)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Final
 
 from capsuled import errors
 from capsuled.audit import AuditAction, AuditLog
@@ -216,21 +217,14 @@ class CallContext:
         """Send `reply` with continues=true (the call asked for `more`); waits for the drain."""
         await self.send_continued(dict(reply))
 
-    @contextlib.contextmanager
-    def one_pass(self) -> Iterator[None]:
+    def one_pass(self) -> contextlib.AbstractContextManager[None]:
         """Read each account from the user database once until the end of the block (one
         call's decisions: an authorize, a Describe, a List's rows). A lookup costs ~0.7 ms
         with nss-systemd (getgrouplist) unless the account cache has it, and even then a few
         stats (policy/accounts.py); a List of 1,000 capsules made 2,000 of them."""
         if self._identities is not None:  # already in one: it lasts as long as the outer
-            yield
-            return
-        self._identities, self._names = {}, {}
-        try:
-            yield
-        finally:
-            self._identities = self._names = None
-            self._alive = False
+            return _NO_PASS
+        return _Pass(self)
 
     def identity(self, uid: int) -> Identity:
         """The account that is `uid` now (read once per pass, see `one_pass`)."""
@@ -353,8 +347,10 @@ class CallContext:
 
     async def existing(self, name: str, record: Record | None) -> CapsuleInfo | None:
         """systemd's view of the capsule; NoSuchCapsule if neither systemd nor we know it."""
-        with backend_errors(name):
+        try:
             info = await self.backend.capsule_info(name)
+        except sd.BackendError as exc:  # as backend_errors(name), without a block per Describe
+            raise backend_error(exc, name) from exc
         if info is None and record is None:
             raise errors.NoSuchCapsule(name=name)
         return info
@@ -388,6 +384,26 @@ class CallContext:
             result=result,
             **fields,
         )
+
+
+class _Pass:
+    """CallContext.one_pass's block (a class, not a generator: every Describe enters two)."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: CallContext) -> None:
+        self._ctx = ctx
+
+    def __enter__(self) -> None:
+        self._ctx._identities, self._ctx._names = {}, {}
+
+    def __exit__(self, *exc: object) -> None:
+        ctx = self._ctx
+        ctx._identities = ctx._names = None
+        ctx._alive = False
+
+
+_NO_PASS: Final = contextlib.nullcontext()  # inside a pass already: the outer one lasts
 
 
 def _capsule_running(exc: sd.BackendError, name: str) -> VarlinkError:
@@ -437,8 +453,13 @@ def backend_errors(name: str) -> Iterator[None]:
     try:
         yield
     except sd.BackendError as exc:
-        for cls in type(exc).__mro__:
-            translate = BACKEND_ERRORS.get(cls)
-            if translate is not None:
-                raise translate(exc, name) from exc
-        raise errors.InternalError() from exc
+        raise backend_error(exc, name) from exc
+
+
+def backend_error(exc: sd.BackendError, name: str) -> VarlinkError:
+    """The Varlink error for a backend failure about capsule `name` (BACKEND_ERRORS)."""
+    for cls in type(exc).__mro__:
+        translate = BACKEND_ERRORS.get(cls)
+        if translate is not None:
+            return translate(exc, name)
+    return errors.InternalError()
