@@ -693,6 +693,9 @@ class _Connection:
         self._timer: asyncio.TimerHandle | None = None  # the account's input rate
         self._watching = False  # a reader is registered for the socket
         self._idled = False  # the idle timeout ended the wait (run)
+        self._idle_timer: asyncio.TimerHandle | None = None  # see _idle_check
+        self._idle_waiting = False  # run() waits for input between calls
+        self._deadline = 0.0  # of the idle wait (loop time)
 
     def who(self) -> str:
         """The peer, for log lines."""
@@ -726,11 +729,16 @@ class _Connection:
                     if not readable.done():
                         # The future itself, with one timer: asyncio.wait(timeout=) would add
                         # a waiter future, callbacks and a timer of its own to every idle wait.
-                        timer = loop.call_at(deadline, self._idle_out)
+                        # The timer outlives the wait (see _idle_check): one per idle period,
+                        # not a timer made and cancelled for every call of a busy connection.
+                        self._deadline = deadline
+                        if self._idle_timer is None:
+                            self._idle_timer = loop.call_at(deadline, self._idle_check)
+                        self._idle_waiting = True
                         try:
                             await readable
                         finally:
-                            timer.cancel()
+                            self._idle_waiting = False
                     if self._idled:
                         log.debug("idle timeout, closing %s", self.who())
                         return
@@ -811,8 +819,17 @@ class _Connection:
             # the next wait, or the level-triggered reader would fire at every loop turn.
             self._unwatch()
 
-    def _idle_out(self) -> None:
-        if self._wait is not None and not self._wait.done():  # bytes that came first win
+    def _idle_check(self) -> None:
+        """The idle timer: ends the idle wait if its deadline has passed; else (the timer was
+        set for an earlier deadline, calls were served since) it waits for the current one.
+        Outside an idle wait (a call runs) it ends, and the next idle wait sets it again."""
+        self._idle_timer = None
+        if not self._idle_waiting:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._idle_timer = loop.call_at(self._deadline, self._idle_check)
+        elif self._wait is not None and not self._wait.done():  # bytes that came first win
             self._idled = True
             self._stop_waiting(ready=True)
 
@@ -820,6 +837,9 @@ class _Connection:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._idle_timer is not None and not ready:  # the connection ends
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self._unwatch()
         if self._wait is not None and not self._wait.done():
             if ready:
