@@ -945,6 +945,21 @@ class CapsuleModel:
 
     async def view(self, name: str, *, with_config: bool) -> UnitView:
         """One capsule's unit (see `views`)."""
+        link = self._link
+        unit = self._units.get(name)
+        if (
+            self._phase is _Phase.LIVE
+            and link is not None
+            and not link.closed
+            and unit is not None
+            and not unit.fetching
+        ):
+            # What views() answers at once in this case (the model current, nothing to fetch
+            # or wait for), without its lists, sets and awaits: every Describe comes here.
+            config = self._known_config(name) if with_config else None
+            if config is not None or not with_config:
+                self._forget_unused()
+                return unit.view(config)
         return (await self.views((name,), (name,) if with_config else ()))[name]
 
     async def _settle(self, names: Collection[str]) -> None:
