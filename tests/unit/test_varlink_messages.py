@@ -164,3 +164,20 @@ def test_name_validators() -> None:
     assert is_valid_method_name("org.varlink.service.GetInfo")
     assert not is_valid_method_name("org.varlink.service.getInfo")
     assert json.loads(encode(Call("a.b.C"))[:-1]) == {"method": "a.b.C"}
+
+
+def test_remembered_method_names_stay_bounded_and_never_admit_a_bad_one() -> None:
+    from capsuled.varlink import messages
+
+    for i in range(3 * messages._MAX_VALID_NAMES):
+        Call(f"org.example.test.M{i}")
+        assert len(messages._VALID_NAMES) <= messages._MAX_VALID_NAMES
+    Call("org.example.test." + "A" * 1000)  # valid, too long to be remembered
+    assert all(len(n) <= messages._MAX_REMEMBERED_NAME for n in messages._VALID_NAMES)
+    for bad in ("org.example.test.m", "org.example.test.M!", "Ping", "org..test.M"):
+        with pytest.raises(LocalProtocolError, match="invalid method name"):
+            Call(bad)
+        with pytest.raises(LocalProtocolError, match="invalid error name"):
+            ErrorReply(bad)
+    assert not any(messages._VALID_NAMES & {"org.example.test.m", "Ping"})
+    Call("org.example.test.M0")  # forgotten or not, still accepted
