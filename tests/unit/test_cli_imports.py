@@ -200,8 +200,10 @@ LAUNCHER = ROOT / "client" / "scripts" / "capsulectl"
 
 
 def run_launcher(*argv: str) -> str:
-    """The installed launcher's code, run as the script would be (its sys.exit caught)."""
+    """The installed launcher's code, run as the script would be (its exit caught: os._exit,
+    which cli.exit_with ends with, raises SystemExit here, so the report can follow)."""
     return (
+        "import os\nos._exit = sys.exit\n"
         f"sys.argv = ['capsulectl', *{list(argv)!r}]\n"
         f"try:\n    exec(compile(open({str(LAUNCHER)!r}).read(), 'capsulectl', 'exec'), {{}})\n"
         "except SystemExit as exc:\n    assert exc.code == 0, exc.code"
