@@ -130,9 +130,18 @@ def test_the_idl_check_would_notice(code: str) -> None:
 
 
 # What a command that succeeds never needs: paths (deploy and bundle read files), socket.py's
-# wrapper (the transport uses the C socket type), contextlib, the error classes (an error
-# reply loads them). Together ~10 ms of a `capsulectl status` (python -X importtime).
-NOT_WHEN_IT_WORKS = ("pathlib", "socket", "selectors", "contextlib", "capsuled.errors")
+# wrapper (the transport uses the C socket type), contextlib, the error classes and the
+# client's failure table (an error reply loads them), select (only -H waits on pipes).
+# Together ~10 ms of a `capsulectl status` (python -X importtime).
+NOT_WHEN_IT_WORKS = (
+    "pathlib",
+    "socket",
+    "selectors",
+    "contextlib",
+    "capsuled.errors",
+    "capsulectl.failures",
+    "select",
+)
 
 # What a plain command line (capsulectl/fastargs.py) no longer loads: argparse with gettext and
 # locale, typing, json with re and enum, functools and collections. Together ~25 ms of a 40 ms
@@ -190,6 +199,7 @@ def test_an_error_reply_still_raises_its_own_class(fake: FakeCapsuled) -> None:
         "assert 'does not exist' in err.getvalue(), err.getvalue()"
     )
     assert "capsuled.errors" in modules
+    assert "capsulectl.failures" in modules  # the check above would notice it
 
 
 # What `capsulectl --version` may load beyond the interpreter's start-up: the package and its
