@@ -265,7 +265,7 @@ def main(
     err = err or sys.stderr
     if arglist == ["--version"]:  # the most common probe: answer before building the parser
         print(f"capsulectl {__version__}", file=out)
-        return 0  # failures.EXIT_OK, not imported for this
+        return 0  # context.EXIT_OK, not imported for this
     from capsulectl import fastargs, output
     from capsulectl.context import ENV_ADDRESS, Context
     from capsulectl.verbs import verb_table
@@ -312,13 +312,8 @@ def explain_failure(ctx: Context, exc: Exception) -> int:
     The classes are imported here, once a verb has failed: a command that succeeds loads none of
     them (and no argparse: an ArgumentTypeError can only come from argparse once it is loaded).
     """
-    from capsulectl.context import UsageError
-    from capsulectl.failures import (
-        EXIT_BROKEN_PIPE,
-        EXIT_USAGE,
-        explain_client_error,
-        explain_error,
-    )
+    from capsulectl.context import EXIT_BROKEN_PIPE, EXIT_USAGE, UsageError
+    from capsulectl.failures import explain_client_error, explain_error
     from capsulectl.transport import ClientError
     from capsuled.varlink.errors import VarlinkError
 
@@ -364,7 +359,7 @@ def exit_with(status: int) -> NoReturn:
         if sys.stdout is not None:
             sys.stdout.flush()
     except BrokenPipeError:
-        from capsulectl.failures import EXIT_BROKEN_PIPE
+        from capsulectl.context import EXIT_BROKEN_PIPE
 
         # What is still buffered goes nowhere, not to a second failing flush at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

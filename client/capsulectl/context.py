@@ -2,8 +2,8 @@
 first use (`Context`), and the error a verb raises for a command line argparse cannot judge; and
 what it hands back: an exit status, the LSB/systemctl ones documented in `capsulectl --help`.
 
-The statuses and quote() live here rather than in failures.py (which re-exports them), so that a
-verb that succeeds does not load the failure table (~0.25 ms of start-up in the testbed)."""
+The statuses and quote() live here rather than in failures.py, the failure table, so that a
+verb that succeeds does not load that (~0.25 ms of start-up in the testbed)."""
 
 from __future__ import annotations
 

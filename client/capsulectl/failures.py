@@ -6,14 +6,12 @@ statuses are the LSB/systemctl ones documented in `capsulectl --help` (defined i
 
 from __future__ import annotations
 
-# Defined beside the verbs' context, which every command loads; this table loads only once a
-# command has failed.
+# The statuses are defined beside the verbs' context, which every command loads; this table
+# loads only once a command has failed.
 from capsulectl.context import (
-    EXIT_BROKEN_PIPE,
     EXIT_FAILURE,
     EXIT_NO_SUCH,
     EXIT_NOT_RUNNING,
-    EXIT_OK,
     EXIT_PERMISSION,
     EXIT_USAGE,
     quote,
@@ -26,17 +24,9 @@ if TYPE_CHECKING:
     from capsuled.varlink.errors import VarlinkError
 
 __all__ = [
-    "EXIT_BROKEN_PIPE",
-    "EXIT_FAILURE",
-    "EXIT_NOT_RUNNING",
-    "EXIT_NO_SUCH",
-    "EXIT_OK",
-    "EXIT_PERMISSION",
-    "EXIT_USAGE",
     "explain_client_error",
     "explain_error",
     "explanations",
-    "quote",
 ]
 
 
