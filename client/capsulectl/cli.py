@@ -5,7 +5,7 @@ arguments and handler) are declared in verbs.py.
 Start-up stays cheap: `--version` is answered before anything but this module and the package
 is imported (not even argparse or typing); a plain command line (`status web`, `--json list`)
 is read by fastargs.py from the same verb declarations, without argparse, typing, json or re;
-argparse parses every other one (help, usage errors, values to convert); the protocol core loads
+argparse parses every other one (help, usage errors, values refused); the protocol core loads
 when the first call is made, and nothing here imports asyncio, jeepney, the `varlink` package or
 systemd (tests/unit/test_cli_imports.py checks it in a fresh interpreter).
 """

@@ -168,6 +168,9 @@ NOT_FOR_A_PLAIN_COMMAND = (
         (["--no-legend"], "List", ok(capsules=[capsule()])),  # no verb lists
         (["stop", "web", "b"], "Stop", ok(capsule=capsule(), job="done")),
         (["start", "web"], "Start", ok(capsule=capsule(), job="done")),
+        # Values converted by their type= function, without argparse.
+        (["--timeout", "5", "status", "web"], "Describe", ok(capsule=capsule())),
+        (["logs", "web", "-n", "100"], "Logs", ok(entries=[])),
     ],
     ids=" ".join,
 )
@@ -301,12 +304,12 @@ def test_a_status_call_imports_no_pathlib_or_shutil(fake: FakeCapsuled) -> None:
 
 
 def test_the_plain_command_check_would_notice(fake: FakeCapsuled) -> None:
-    # --timeout's value is converted: argparse's to parse, so it is loaded.
+    # An abbreviation (--jso for --json) is argparse's to parse, so it is loaded.
     fake.on("Describe", ok(capsule=capsule()))
     modules = modules_without_site(
         "import io\n"
         "from capsulectl.cli import main\n"
-        f"main(['--address', {fake.address!r}, '--timeout', '5', 'status', 'web'], "
+        f"main(['--address', {fake.address!r}, 'status', '--jso', 'web'], "
         "out=io.StringIO())"
     )
     assert "argparse" in offenders(modules, NOT_FOR_A_PLAIN_COMMAND)
