@@ -54,9 +54,9 @@ _VERBS: list[Verb] = []  # in declaration order: the order of `capsulectl --help
 class Verb:
     """One subcommand: its help texts, its arguments and what it does, declared together.
 
-    Not an abc.ABC: ABCMeta made building the verb classes, which every command does, twice as
-    slow. The abstract methods are still marked, and a verb that leaves one undefined is refused
-    when it is declared, as ABC refused to instantiate it.
+    Not an abc.ABC: ABCMeta made building the verb classes, which every command does, ~1.7x as
+    slow (running verbs.py: 0.50 -> 0.38 ms). The abstract methods are still marked, and a verb
+    that leaves one undefined is refused when it is declared, as ABC refused to instantiate it.
     """
 
     name: ClassVar[str]  # the word on the command line
