@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the installed launcher (client/scripts/capsulectl) runs.
-ENTRY = "import sys; from capsulectl.cli import main; sys.exit(main())"
+ENTRY = "from capsulectl.cli import exit_with, main; exit_with(main())"
 
 
 def host_env() -> dict[str, str]:

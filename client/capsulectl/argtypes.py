@@ -15,7 +15,8 @@ __all__ = ["parse_count", "parse_since", "parse_size", "parse_timeout"]
 
 def _invalid(message: str) -> argparse.ArgumentTypeError:
     """argparse's error for a bad value, argparse imported only then: a plain command line is
-    parsed without it (capsulectl/fastargs.py) and converts nothing."""
+    parsed without it (capsulectl/fastargs.py), which calls these parsers too and leaves a
+    value they refuse to argparse."""
     import argparse
 
     return argparse.ArgumentTypeError(message)
@@ -36,7 +37,7 @@ _RESET_WORDS = frozenset({"infinity", "default"})  # -1 on the wire: back to sys
 
 def parse_size(text: str) -> int:
     """MemoryMax= syntax: bytes with an optional 1024-based K/M/G/T/P/E suffix, or infinity (-1)."""
-    import re  # only a value to convert needs it; a plain command line has none
+    import re  # only a size to convert needs it; most command lines have none
 
     if text.strip().lower() in _RESET_WORDS:
         return -1

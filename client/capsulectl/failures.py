@@ -1,10 +1,21 @@
 """What a failed command prints and exits with: one line on stderr, a stable exit status.
 
 The line names the capsule (or unit) and what to do about it, like systemctl's messages; the
-statuses are the LSB/systemctl ones documented in `capsulectl --help`.
+statuses are the LSB/systemctl ones documented in `capsulectl --help` (defined in context.py).
 """
 
 from __future__ import annotations
+
+# The statuses are defined beside the verbs' context, which every command loads; this table
+# loads only once a command has failed.
+from capsulectl.context import (
+    EXIT_FAILURE,
+    EXIT_NO_SUCH,
+    EXIT_NOT_RUNNING,
+    EXIT_PERMISSION,
+    EXIT_USAGE,
+    quote,
+)
 
 TYPE_CHECKING = False  # not typing's: a plain command loads no typing (capsulectl/fastargs.py)
 if TYPE_CHECKING:
@@ -13,31 +24,10 @@ if TYPE_CHECKING:
     from capsuled.varlink.errors import VarlinkError
 
 __all__ = [
-    "EXIT_BROKEN_PIPE",
-    "EXIT_FAILURE",
-    "EXIT_NOT_RUNNING",
-    "EXIT_NO_SUCH",
-    "EXIT_OK",
-    "EXIT_PERMISSION",
-    "EXIT_USAGE",
     "explain_client_error",
     "explain_error",
     "explanations",
-    "quote",
 ]
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2  # argparse's, and LSB's "invalid or excess argument(s)"
-EXIT_NOT_RUNNING = 3  # LSB/systemctl status: "program is not running"
-EXIT_NO_SUCH = 4  # systemctl: "no such unit"
-EXIT_PERMISSION = 5
-EXIT_BROKEN_PIPE = 141  # what a C tool killed by SIGPIPE reports through the shell
-
-
-def quote(value: object) -> str:
-    """A name as the messages show it: 'web'."""
-    return f"'{value}'"
 
 
 class Facts:

@@ -8,12 +8,15 @@ add_argument() calls) and reads the command line against what was recorded, givi
 argparse would give.
 
 It is sure of very little, and hands everything else to argparse (returns None), so that help,
-every usage error and every conversion stay argparse's, byte for byte: any word starting with
+every usage error and every refused value stay argparse's, byte for byte: any word starting with
 "-" that is not exactly a declared option string (abbreviations, -h/--help, `--`, combined or
 attached short options, negative numbers), `=` after a flag, an option whose value would start
-with "-" or would be converted (type=), choices, nargs other than one or "+", positionals split
-by options, too few or too many of them, and no verb at all. tests/unit/test_cli_fastargs.py
-compares its Namespace with argparse's over generated command lines of every verb.
+with "-", a value its type= function refuses, choices, nargs other than one or "+", positionals
+split by options, too few or too many of them, and no verb at all. A value the type= function
+accepts (`logs web -n 100`, `--timeout 5`) is converted here by that same function, as argparse
+calls it (it refuses by raising ArgumentTypeError, TypeError or ValueError, which send the
+command line to argparse for its message). tests/unit/test_cli_fastargs.py compares its
+Namespace with argparse's over generated command lines of every verb.
 """
 
 from __future__ import annotations
@@ -55,13 +58,15 @@ class Namespace:
 
 
 class _Option:
-    __slots__ = ("converts", "default", "dest", "flag")
+    __slots__ = ("convert", "default", "dest", "flag")
 
-    def __init__(self, dest: str, flag: bool, default: object, converts: bool) -> None:
+    def __init__(
+        self, dest: str, flag: bool, default: object, convert: Callable[[str], object] | None
+    ) -> None:
         self.dest = dest
         self.flag = flag  # store_true: no value
         self.default = default
-        self.converts = converts  # has type=: a value given is argparse's to convert
+        self.convert = convert  # type=: what argparse would call on a value given
 
 
 class Declared:
@@ -104,9 +109,13 @@ class Declared:
         dest = kw.get("dest") or (long[0] if long else names[0]).lstrip("-").replace("-", "_")
         flag = action == "store_true"
         default = kw.get("default", False if flag else None)
-        if isinstance(default, str) and default != SUPPRESS and "type" in kw:
+        convert = kw.get("type")
+        if convert is not None and not callable(convert):
+            self.supported = False  # argparse's error to give
+            return
+        if isinstance(default, str) and default != SUPPRESS and convert is not None:
             self.supported = False  # argparse would convert a string default
-        option = _Option(str(dest), flag, default, "type" in kw)
+        option = _Option(str(dest), flag, default, convert)
         for name in names:
             self.options[name] = option
 
@@ -131,13 +140,28 @@ def _read_option(
         return None
     if option.flag:
         return None if eq else (option.dest, True, i + 1)
-    if option.converts:
-        return None
     if eq:
-        return option.dest, attached, i + 1
-    if i + 1 >= len(words) or words[i + 1].startswith("-"):
+        text, after = attached, i + 1
+    elif i + 1 < len(words) and not words[i + 1].startswith("-"):
+        text, after = words[i + 1], i + 2
+    else:
         return None
-    return option.dest, words[i + 1], i + 2
+    if option.convert is None:
+        return option.dest, text, after
+    try:
+        return option.dest, option.convert(text), after
+    # What argparse's _get_value catches to report a bad value; anything else propagates from
+    # both. The tuple is evaluated only once something was raised.
+    except (TypeError, ValueError, _argument_type_error()):
+        return None  # argparse's to refuse, in its words
+
+
+def _argument_type_error() -> type[Exception]:
+    """argparse.ArgumentTypeError: imported only once a value was refused (capsulectl.argtypes
+    loaded argparse to raise it)."""
+    import argparse
+
+    return argparse.ArgumentTypeError
 
 
 def _place(words: list[str], positionals: list[tuple[str, str | None]]) -> dict[str, object] | None:

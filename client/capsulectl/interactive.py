@@ -30,7 +30,7 @@ import tty
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
-from capsulectl.failures import EXIT_FAILURE
+from capsulectl.context import EXIT_FAILURE
 
 if TYPE_CHECKING:
     from capsulectl.client import Client

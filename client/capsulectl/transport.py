@@ -18,7 +18,6 @@ from __future__ import annotations
 import _socket
 import errno
 import os
-import select
 import time
 
 # Not typing's: a plain command loads no typing, ~5 ms of its start-up (mypy: true all the same).
@@ -253,6 +252,8 @@ class SshTransport:
         host passes its own there, see cli's -H handling of --pipe and --pty)."""
         if fds:
             raise ClientError(f"file descriptors cannot be passed to {self.host} over ssh")
+        import select  # like subprocess, for -H only
+
         view = memoryview(data)
         while view:
             _, writable, _ = select.select([], [self._stdin], [], _remaining(deadline))
@@ -266,6 +267,8 @@ class SshTransport:
 
     def recv(self, deadline: float | None) -> bytes:
         """Read what ssh relays, waiting at most until the deadline."""
+        import select
+
         readable, _, _ = select.select([self._stdout], [], [], _remaining(deadline))
         if not readable:
             raise Timeout(f"capsuled on {self.host} did not answer in time")

@@ -211,6 +211,19 @@ def test_declaring_a_verb_is_the_whole_edit(
     assert "5  permission denied" in text
 
 
+@pytest.mark.parametrize("shape", ["Verb", "OnCapsules", "OnUnit"])
+def test_a_verb_missing_an_abstract_method_is_refused_when_declared(
+    monkeypatch: pytest.MonkeyPatch, shape: str
+) -> None:
+    # Verb is a plain class (ABCMeta slowed every start-up); its check stands in for ABC's.
+    monkeypatch.setattr(verbs, "_VERBS", list(verbs._VERBS))
+    base = getattr(verbs, shape)
+    missing = {"Verb": "arguments, run", "OnCapsules": "act", "OnUnit": "call"}[shape]
+    with pytest.raises(TypeError, match=f"verb Half does not define {missing}$"):
+        type("Half", (base,), {"name": "half", "summary": "s", "description": "d"})
+    assert "half" not in [v.name for v in verb_table()]
+
+
 class _Execed(Exception):
     pass
 

@@ -110,6 +110,12 @@ PLAIN = [
     ["start-unit", "web", "app.service"],
     ["logs", "web", "-u", "app.service", "--since", "today"],
     ["remove", "web", "--keep-data"],
+    # Values their type= function accepts, converted by it as argparse does.
+    ["--timeout", "5", "status", "web"],
+    ["--timeout=infinity", "list"],
+    ["logs", "web", "-n", "100"],
+    ["audit", "web", "--lines", "7"],
+    ["set-limits", "web", "--memory-max", "1G", "--tasks-max=infinity"],
 ]
 
 
@@ -137,9 +143,11 @@ LEFT_TO_ARGPARSE = [
     ["status", "web", "--json=1"],
     ["status", "web", "--address"],  # no value
     ["status", "web", "--address", "-x"],  # a value that looks like an option
-    ["--timeout", "5", "status", "web"],  # a value argparse converts
-    ["logs", "web", "-n", "5"],
-    ["set-limits", "web", "--memory-max", "1G"],
+    ["--timeout", "x", "status", "web"],  # values their type= function refuses
+    ["--timeout=-1", "status", "web"],
+    ["logs", "web", "-n", "five"],
+    ["logs", "web", "--lines="],
+    ["set-limits", "web", "--memory-max", "1Q"],
     ["units", "a", "b"],  # too many
     ["bundle", "keygen", "k"],  # choices
     ["run", "web", "--", "true"],  # REMAINDER
@@ -166,6 +174,24 @@ def test_a_usage_error_is_argparse_s_byte_for_byte(capsys: pytest.CaptureFixture
         cli.build_parser("status").parse_args(["status", "a", "--json", "b"])
     assert ours == capsys.readouterr().err
     assert "unrecognized arguments: b" in ours
+
+
+@pytest.mark.parametrize(
+    ("verb", "words"),
+    [("logs", ["logs", "web", "-n", "five"]), ("status", ["--timeout=x", "status", "web"])],
+)
+def test_a_refused_value_is_argparse_s_error_byte_for_byte(
+    capsys: pytest.CaptureFixture[str], verb: str, words: list[str]
+) -> None:
+    # fastargs tried the type= function first; the message is still argparse's own.
+    with pytest.raises(SystemExit) as info:
+        cli.main(words)
+    assert info.value.code == 2
+    ours = capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.build_parser(verb).parse_args(words)
+    assert ours == capsys.readouterr().err
+    assert "invalid" in ours
 
 
 @pytest.mark.parametrize("words", [[], ["--json"], ["--no-legend", "--no-ask-password"]])

@@ -130,9 +130,18 @@ def test_the_idl_check_would_notice(code: str) -> None:
 
 
 # What a command that succeeds never needs: paths (deploy and bundle read files), socket.py's
-# wrapper (the transport uses the C socket type), contextlib, the error classes (an error
-# reply loads them). Together ~10 ms of a `capsulectl status` (python -X importtime).
-NOT_WHEN_IT_WORKS = ("pathlib", "socket", "selectors", "contextlib", "capsuled.errors")
+# wrapper (the transport uses the C socket type), contextlib, the error classes and the
+# client's failure table (an error reply loads them), select (only -H waits on pipes).
+# Together ~10 ms of a `capsulectl status` (python -X importtime).
+NOT_WHEN_IT_WORKS = (
+    "pathlib",
+    "socket",
+    "selectors",
+    "contextlib",
+    "capsuled.errors",
+    "capsulectl.failures",
+    "select",
+)
 
 # What a plain command line (capsulectl/fastargs.py) no longer loads: argparse with gettext and
 # locale, typing, json with re and enum, functools and collections. Together ~25 ms of a 40 ms
@@ -159,6 +168,9 @@ NOT_FOR_A_PLAIN_COMMAND = (
         (["--no-legend"], "List", ok(capsules=[capsule()])),  # no verb lists
         (["stop", "web", "b"], "Stop", ok(capsule=capsule(), job="done")),
         (["start", "web"], "Start", ok(capsule=capsule(), job="done")),
+        # Values converted by their type= function, without argparse.
+        (["--timeout", "5", "status", "web"], "Describe", ok(capsule=capsule())),
+        (["logs", "web", "-n", "100"], "Logs", ok(entries=[])),
     ],
     ids=" ".join,
 )
@@ -190,6 +202,7 @@ def test_an_error_reply_still_raises_its_own_class(fake: FakeCapsuled) -> None:
         "assert 'does not exist' in err.getvalue(), err.getvalue()"
     )
     assert "capsuled.errors" in modules
+    assert "capsulectl.failures" in modules  # the check above would notice it
 
 
 # What `capsulectl --version` may load beyond the interpreter's start-up: the package and its
@@ -200,8 +213,10 @@ LAUNCHER = ROOT / "client" / "scripts" / "capsulectl"
 
 
 def run_launcher(*argv: str) -> str:
-    """The installed launcher's code, run as the script would be (its sys.exit caught)."""
+    """The installed launcher's code, run as the script would be (its exit caught: os._exit,
+    which cli.exit_with ends with, raises SystemExit here, so the report can follow)."""
     return (
+        "import os\nos._exit = sys.exit\n"
         f"sys.argv = ['capsulectl', *{list(argv)!r}]\n"
         f"try:\n    exec(compile(open({str(LAUNCHER)!r}).read(), 'capsulectl', 'exec'), {{}})\n"
         "except SystemExit as exc:\n    assert exc.code == 0, exc.code"
@@ -289,12 +304,12 @@ def test_a_status_call_imports_no_pathlib_or_shutil(fake: FakeCapsuled) -> None:
 
 
 def test_the_plain_command_check_would_notice(fake: FakeCapsuled) -> None:
-    # --timeout's value is converted: argparse's to parse, so it is loaded.
+    # An abbreviation (--jso for --json) is argparse's to parse, so it is loaded.
     fake.on("Describe", ok(capsule=capsule()))
     modules = modules_without_site(
         "import io\n"
         "from capsulectl.cli import main\n"
-        f"main(['--address', {fake.address!r}, '--timeout', '5', 'status', 'web'], "
+        f"main(['--address', {fake.address!r}, 'status', '--jso', 'web'], "
         "out=io.StringIO())"
     )
     assert "argparse" in offenders(modules, NOT_FOR_A_PLAIN_COMMAND)

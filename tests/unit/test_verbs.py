@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cli_fixtures import M, Tty, call, capsulectl_, plain_env
 
-from capsulectl import failures
+from capsulectl import context
 from doubles.scripted_capsuled import (
     FakeCapsuled,
     capsule,
@@ -111,7 +111,7 @@ def test_status_of_stopped_capsule_exits_3(fake: FakeCapsuled) -> None:
     )
     fake.on("Describe", ok(capsule=stopped))
     r = capsulectl_(fake, "status", "web")
-    assert r.code == failures.EXIT_NOT_RUNNING
+    assert r.code == context.EXIT_NOT_RUNNING
     assert r.out.splitlines() == [
         "● web - capsule (owner alice)",
         "     Loaded: capsule@web.service (data in /var/lib/capsules/web)",
@@ -141,7 +141,7 @@ def test_status_json_equals_reply_and_keeps_exit_code(fake: FakeCapsuled) -> Non
 def test_status_of_several_reports_missing_one(fake: FakeCapsuled) -> None:
     fake.on("Describe", ok(capsule=capsule("a")), err("NoSuchCapsule", name="b"))
     r = capsulectl_(fake, "status", "a", "b")
-    assert r.code == failures.EXIT_NO_SUCH
+    assert r.code == context.EXIT_NO_SUCH
     assert r.err == "capsule 'b' does not exist\n"
     assert r.out.startswith("● a - capsule")
 
@@ -250,7 +250,7 @@ def test_mutating_verb_is_silent_and_json_is_the_reply(
 def test_lifecycle_verbs_take_several_names_and_go_on_after_an_error(fake: FakeCapsuled) -> None:
     fake.on("Stop", err("NoSuchCapsule", name="a"), ok(capsule=capsule("b"), job="done"))
     r = capsulectl_(fake, "stop", "a", "b")
-    assert r.code == failures.EXIT_NO_SUCH
+    assert r.code == context.EXIT_NO_SUCH
     assert r.err == "capsule 'a' does not exist\n"
     assert [c["parameters"] for c in fake.calls] == [{"name": "a"}, {"name": "b"}]
 
