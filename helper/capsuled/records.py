@@ -203,23 +203,32 @@ class RecordStore:
 
     def all(self) -> Iterator[Record]:
         """Every readable record; corrupt ones are skipped (they stay on disk for an admin)."""
+        # Listed through an fd of the directory, so that each entry's stat is an fstatat
+        # relative to it rather than a walk of the whole path again (a List stats every
+        # record: that walk was a quarter of the stat's cost on the testbed's overlay root).
         try:
-            with os.scandir(self._dir) as it:
-                entries = sorted(
-                    (e.name, e) for e in it if e.name.endswith(".json") and e.name[0] != "."
-                )
+            fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             self._cache.clear()
             return
         present = set()
-        for filename, entry in entries:
-            name = filename.removesuffix(".json")
-            present.add(name)
-            try:
-                stamp = _stamp(entry.stat(follow_symlinks=True))
-            except FileNotFoundError:
-                continue
-            # try, not contextlib.suppress: that is three calls more at every List row.
+        stamped: list[tuple[str, _Stamp]] = []
+        try:
+            with os.scandir(fd) as it:
+                entries = sorted(
+                    (e.name, e) for e in it if e.name.endswith(".json") and e.name[0] != "."
+                )
+            for filename, entry in entries:
+                name = filename.removesuffix(".json")
+                present.add(name)
+                # try, not contextlib.suppress: that is three calls more at every List row.
+                try:
+                    stamped.append((name, _stamp(entry.stat(follow_symlinks=True))))
+                except FileNotFoundError:
+                    continue
+        finally:
+            os.close(fd)
+        for name, stamp in stamped:
             try:
                 record = self._read(name, stamp)
             except CorruptRecord:
