@@ -451,7 +451,7 @@ def test_unit_counts_forget_capsules_no_longer_listed(state_root: Path) -> None:
     assert len(counts) == 1
 
 
-def test_real_state_dir_names_are_the_ones_has_state_dir_accepts(
+def test_real_state_dirs_are_the_ones_has_state_dir_accepts(
     state_root: Path, tmp_path: Path
 ) -> None:
     (state_root / "a").mkdir()
@@ -462,6 +462,70 @@ def test_real_state_dir_names_are_the_ones_has_state_dir_accepts(
     legacy.mkdir()
     (legacy / "d").mkdir()
     (legacy / "a").symlink_to(state_root / "a")
-    names = hostfs.real_state_dir_names()
-    assert names == {"a", "d"}
-    assert {n for n in ("a", "b", "c", "d") if hostfs.has_state_dir(n)} == names
+    dirs = hostfs.real_state_dirs()
+    assert dirs.keys() == {"a", "d"}
+    assert {n for n in ("a", "b", "c", "d") if hostfs.has_state_dir(n)} == dirs.keys()
+    # STATE_ROOT's with the lstat a List checks its kept count by; the legacy one without.
+    home = dirs["a"]
+    assert home is not None
+    assert hostfs._dir_stamp(home) == hostfs._dir_stamp(os.lstat(state_root / "a"))
+    assert dirs["d"] is None
+
+
+def test_a_kept_count_checked_against_the_listings_stat_looks_at_nothing_itself(
+    state_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (state_root / "a").mkdir()
+    walks, counts = Walks(monkeypatch), hostfs.UnitFileCounts(clock_ns=_late)
+    assert counts.count("a", hostfs.real_state_dirs()["a"]) == 0
+    home = hostfs.real_state_dirs()["a"]
+    looked: list[object] = []
+
+    def looking(path: object, *args: object, **kwargs: object) -> None:
+        looked.append(path)
+        raise AssertionError("no lookup of its own")
+
+    with monkeypatch.context() as m:
+        for fn in ("open", "stat", "lstat"):
+            m.setattr(os, fn, looking)
+        assert counts.count("a", home) == 0
+    assert (looked, walks.n) == ([], 1)
+
+
+def test_a_kept_count_checked_against_the_listings_stat_sees_units_appear(
+    state_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # .config made in the home moves the home's ctime: the next listing's stat differs.
+    (state_root / "a").mkdir()
+    walks, counts = Walks(monkeypatch), hostfs.UnitFileCounts(clock_ns=_late)
+    assert counts.count("a", hostfs.real_state_dirs()["a"]) == 0
+    (unit_dir(state_root, "a") / "web.service").touch()
+    assert counts.count("a", hostfs.real_state_dirs()["a"]) == 1
+    assert walks.n == 2
+
+
+def test_a_kept_count_checked_against_the_listings_stat_sees_the_home_replaced(
+    state_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (state_root / "a").mkdir()
+    walks, counts = Walks(monkeypatch), hostfs.UnitFileCounts(clock_ns=_late)
+    assert counts.count("a", hostfs.real_state_dirs()["a"]) == 0
+    other = tmp_path / "other"
+    (other / ".config" / "systemd" / "user").mkdir(parents=True)
+    (other / ".config" / "systemd" / "user" / "web.service").touch()
+    (state_root / "a").rename(state_root / "a.old")
+    other.rename(state_root / "a")
+    assert counts.count("a", hostfs.real_state_dirs()["a"]) == 1
+    assert walks.n == 2
+
+
+def test_a_kept_count_of_a_home_with_units_is_checked_through_fds_even_with_the_stat(
+    state_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The listing's stat covers the home only; the levels below are still looked at.
+    (unit_dir(state_root, "a") / "web.service").touch()
+    walks, counts = Walks(monkeypatch), hostfs.UnitFileCounts(clock_ns=_late)
+    assert counts.count("a", hostfs.real_state_dirs()["a"]) == 1
+    (state_root / "a" / ".config" / "systemd" / "user" / "tick.timer").touch()
+    assert counts.count("a", hostfs.real_state_dirs()["a"]) == 2
+    assert walks.n == 2

@@ -46,7 +46,7 @@ from .hostfs import (
     cgroup_tasks_current,
     has_state_dir,
     process_uid,
-    real_state_dir_names,
+    real_state_dirs,
     remove_own_dropins,
 )
 from .jobs import active_state, run_job, unit_result, wait_state
@@ -323,35 +323,32 @@ class DBusSystemdBackend:
         Names are not validated here; the caller drops names it does not accept.
         """
         await self._model.ready()
-        dirs, links = real_state_dir_names(), autostart_names()
+        dirs, links = real_state_dirs(), autostart_names()  # dirs: name -> its lstat, or None
         self._unit_counts.forget(dirs)
-        names = dirs | links | self._model.loaded_names()
+        names = dirs.keys() | links | self._model.loaded_names()
         # A stray directory under /var/lib/private/capsules must not break the listing (PID 1
         # would refuse its unit name with InvalidArgs): only names systemd would accept.
         valid = sorted(n for n in names if is_valid_capsule_name(n))
-        has_dir = dict.fromkeys(dirs, True)  # the listing's entry types said so
         autostart = {n: autostart_enabled(n) for n in valid if n in links}
         # A state dir or an autostart link shows a capsule whatever its unit's state: only the
         # names PID 1 alone knows need a first look (one view a row, not two).
-        undecided = [n for n in valid if not has_dir.get(n) and not autostart.get(n)]
+        undecided = [n for n in valid if n not in dirs and not autostart.get(n)]
         states = await self._model.views(undecided)
         shown = [
             n
             for n in valid
-            if has_dir.get(n) or autostart.get(n) or states[n].active_state != "inactive"
+            if n in dirs or autostart.get(n) or states[n].active_state != "inactive"
         ]
         views = await self._model.views(shown, shown)
         count = self._unit_counts.count
-        return [
-            _capsule_info(
-                n,
-                views[n],
-                has_dir.get(n, False),
-                autostart.get(n, False),
-                count(n) if has_dir.get(n) else 0,
-            )
-            for n in shown
-        ]
+        infos: list[CapsuleInfo] = []
+        for n in shown:
+            enabled = autostart.get(n, False)
+            if n in dirs:
+                infos.append(_capsule_info(n, views[n], True, enabled, count(n, dirs[n])))
+            else:
+                infos.append(_capsule_info(n, views[n], False, enabled, 0))
+        return infos
 
     async def capsule_info(self, name: str) -> CapsuleInfo | None:
         """One capsule's state; None when it has no state dir, no autostart link and its unit

@@ -75,23 +75,48 @@ def state_dir_names() -> set[str]:
     return names
 
 
-def real_state_dir_names() -> set[str]:
-    """The names `has_state_dir` is true for, from the listings alone: the directory entry's
-    type says whether it is a real directory (no lstat per capsule; DirEntry.is_dir falls
-    back to one where the file system does not fill in d_type)."""
-    names: set[str] = set()
-    for root in (STATE_ROOT, LEGACY_STATE_ROOT):
-        with contextlib.suppress(OSError), os.scandir(root) as it:
-            for e in it:
-                if e.name.startswith("."):
-                    continue
-                # try, not contextlib.suppress: that is three calls more at every List row.
-                try:
-                    if e.is_dir(follow_symlinks=False):
-                        names.add(e.name)
-                except OSError:  # gone before the lstat is_dir falls back to
-                    continue
-    return names
+def real_state_dirs() -> dict[str, os.stat_result | None]:
+    """The names `has_state_dir` is true for, from the listings alone: one under STATE_ROOT
+    with its lstat (`UnitFileCounts.count` checks a kept count against it, so a List row
+    costs that one stat), one found only under LEGACY_STATE_ROOT with None (its directory
+    entry's type said it is a real directory; DirEntry.is_dir falls back to an lstat where
+    the file system does not fill in d_type)."""
+    found: dict[str, os.stat_result | None] = {}
+    # STATE_ROOT is root's: listed through an fd, each entry's lstat is an fstatat relative to
+    # it (AT_SYMLINK_NOFOLLOW), not a walk of the whole path again (a quarter of its cost on
+    # the testbed's overlay root). The lookup is the capsule's name in STATE_ROOT, not followed:
+    # the same one the lstat by path made.
+    try:
+        fd = os.open(STATE_ROOT, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            with os.scandir(fd) as it:
+                for e in it:
+                    if e.name.startswith("."):
+                        continue
+                    # try, not contextlib.suppress: that is three calls more at every List row.
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:  # gone since the listing
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        found[e.name] = st
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    with contextlib.suppress(OSError), os.scandir(LEGACY_STATE_ROOT) as it:
+        for e in it:
+            if e.name.startswith(".") or e.name in found:
+                continue
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    found[e.name] = None
+            except OSError:  # gone before the lstat is_dir falls back to
+                continue
+    return found
 
 
 def autostart_names() -> set[str]:
@@ -174,7 +199,7 @@ class UnitFileCounts:
     Checking that is an fstat per directory the walk opened, each reached through its
     parent's O_PATH fd without following symlinks (no read fds, no listing); the last one
     by an fstatat, which for a home with no .config is one lstat of the state dir in root's
-    STATE_ROOT. Any difference:
+    STATE_ROOT (a List passes the one its listing made: real_state_dirs). Any difference:
     the safe walk again. A directory changed within RACY_NS of the walk is not kept
     (timestamps move in ticks). One entry per capsule with a state dir; gone ones are dropped
     by `forget`.
@@ -184,10 +209,18 @@ class UnitFileCounts:
         self._kept: dict[str, tuple[tuple[DirStamp, ...], int]] = {}
         self._clock_ns = clock_ns
 
-    def count(self, name: str) -> int:
+    def count(self, name: str, home: os.stat_result | None = None) -> int:
+        """The capsule's unit files; `home`, if given, is the lstat of STATE_ROOT/NAME a listing
+        just made (real_state_dirs): a kept count of a home with no .config is checked against
+        it alone, with no stat of its own."""
         kept = self._kept.get(name)
-        if kept is not None and self._unchanged(name, kept[0]):
-            return kept[1]
+        if kept is not None:
+            stamps = kept[0]
+            if home is not None and len(stamps) == 1:
+                if stat.S_ISDIR(home.st_mode) and _dir_stamp(home) == stamps[0]:
+                    return kept[1]
+            elif self._unchanged(name, stamps):
+                return kept[1]
         stamps, count = _walk_and_count(name)
         horizon = self._clock_ns() - RACY_NS
         if stamps and all(s[2] < horizon for s in stamps):
