@@ -800,13 +800,27 @@ class CapsuleModel:
 
     def _known_config(self, name: str) -> UnitConfig | None:
         """The capsule's configuration if the model has it, without any call."""
-        cached = self._configs.get(name)
-        if cached is not None:
-            return cached.config
-        unit = self._units.get(name)
-        if (unit is None or not unit.loaded) and not self._signatures.of(name).files:
-            return self._template.get(self._signatures.global_)
-        return None
+        return self._known_configs()(name)
+
+    def _known_configs(self) -> Callable[[str], UnitConfig | None]:
+        """`_known_config` for many names at one instant (use it before the next await): what
+        they share is looked up once, not per name (the template's key is a tuple of file
+        stamps, hashed anew at every lookup: a List asked for it twice a row)."""
+        configs, units, per_name = self._configs, self._units, self._signatures.per_name
+        template = self._template.get(self._signatures.global_)
+
+        def known(name: str) -> UnitConfig | None:
+            cached = configs.get(name)
+            if cached is not None:
+                return cached.config
+            unit = units.get(name)
+            if unit is None or not unit.loaded:
+                own = per_name.get(name)
+                if own is None or not own.files:  # configured like the template
+                    return template
+            return None
+
+        return known
 
     async def _config(self, link: Link, name: str) -> UnitConfig:
         """The capsule's configuration: known, or fetched (one fetch per name, and one for all
@@ -905,7 +919,8 @@ class CapsuleModel:
         """
         for _ in range(MAX_SYNC_ROUNDS):
             link = await self.ready()
-            missing = [n for n in with_config if self._known_config(n) is None]
+            known = self._known_configs()
+            missing = [n for n in with_config if known(n) is None]
             if missing:
                 await self._fetch_missing(link, missing)
             await self._settle(names)
@@ -918,15 +933,23 @@ class CapsuleModel:
         # A set for the lookups below: List passes a list, and `in` on it made this loop
         # quadratic (half a million comparisons for 1,000 capsules).
         wanted = with_config if isinstance(with_config, (set, frozenset)) else set(with_config)
+        known, units = self._known_configs(), self._units
+        # The unloaded capsules mostly share one configuration (the template's): the last
+        # shared view is reused while the config is the same object, without hashing it.
+        last_config: UnitConfig | None = None
+        last_view = INITIAL
         for name in names:
-            config = self._known_config(name) if name in wanted else None
-            unit = self._units.get(name)
+            config = known(name) if name in wanted else None
+            unit = units.get(name)
             if unit is not None:
                 out[name] = unit.view(config)
             else:  # a capsule PID 1 has not loaded: shared by all such with this config
-                out[name] = initial.get(config) or initial.setdefault(
-                    config, replace(INITIAL, config=config)
-                )
+                if config is not last_config:
+                    last_config = config
+                    last_view = initial.get(config) or initial.setdefault(
+                        config, replace(INITIAL, config=config)
+                    )
+                out[name] = last_view
         self._forget_unused()
         return out
 
