@@ -211,32 +211,36 @@ class RecordStore:
         except FileNotFoundError:
             self._cache.clear()
             return
-        present = set()
         stamped: list[tuple[str, _Stamp]] = []
         try:
             with os.scandir(fd) as it:
-                entries = sorted(
-                    (e.name, e) for e in it if e.name.endswith(".json") and e.name[0] != "."
-                )
-            for filename, entry in entries:
-                name = filename.removesuffix(".json")
-                present.add(name)
+                entries = {e.name: e for e in it if e.name.endswith(".json") and e.name[0] != "."}
+            for filename in sorted(entries):
                 # try, not contextlib.suppress: that is three calls more at every List row.
                 try:
-                    stamped.append((name, _stamp(entry.stat(follow_symlinks=True))))
-                except FileNotFoundError:
+                    stamped.append((filename[:-5], _stamp(entries[filename].stat())))
+                except FileNotFoundError:  # gone since the listing
                     continue
         finally:
             os.close(fd)
+        cache = self._cache
+        for gone in cache.keys() - {name for name, _ in stamped}:
+            del cache[gone]
         for name, stamp in stamped:
+            # A kept record whose file is unchanged, without the call _read is (every row of
+            # every List); anything else through _read.
+            cached = cache.get(name)
+            if cached is not None and cached[0] == stamp:
+                found = cached[1]
+                if not isinstance(found, CorruptRecord):
+                    yield found
+                continue
             try:
                 record = self._read(name, stamp)
             except CorruptRecord:
                 continue
             if record is not None:
                 yield record
-        for gone in self._cache.keys() - present:
-            del self._cache[gone]
 
     def put(self, record: Record) -> None:
         """Replace NAME's record atomically and durably.

@@ -527,7 +527,8 @@ def _capsule_info(
     config = view.config
     if config is None:  # the caller asked the model for it
         raise BadReply(f"no configuration of capsule@{name}.service")
-    cgroup = view.control_group if view.running else None
+    running = view.running
+    cgroup = view.control_group if running else None
     memory = tasks = cpu = None
     if cgroup is not None:
         memory = cgroup_memory_current(cgroup) if config.memory_accounting else None
@@ -541,7 +542,7 @@ def _capsule_info(
         name=name,
         state=view.active_state,
         sub_state=view.sub_state,
-        uid=process_uid(pid) if pid > 0 and view.running else None,
+        uid=process_uid(pid) if pid > 0 and running else None,
         since_usec=view.since_usec or None,
         has_state_dir=state_dir,
         autostart=autostart,
