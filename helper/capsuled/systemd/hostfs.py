@@ -245,7 +245,8 @@ class UnitFileCounts:
         # an automount or a hung network mount included) nor mistaken for the directory.
         # The last level needs no fd: one stat that does not follow it, relative to its
         # parent's fd (for the state dir itself, STATE_ROOT: root's, so by path). A home with
-        # no .config (most of them) is then one lstat per List row.
+        # no .config (most of them) is then one lstat (Describe's; a List row's is the
+        # listing's own, see count).
         home = f"{STATE_ROOT}/{name}"
         *through, last = (home, *USER_UNIT_DIR)[: len(stamps)]
         flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
