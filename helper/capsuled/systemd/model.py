@@ -93,8 +93,12 @@ SETTLE_TIMEOUT_S: Final = 25.0
 MAX_SYNC_ROUNDS: Final = 5
 # A re-executing PID 1 leaves the system bus and comes back under a new unique name, some time
 # after `systemctl daemon-reexec` (which talks to it on its private socket) has returned. A
-# read in that gap waits this long for it rather than answer SystemdUnavailable at once.
-PID1_RETURN_S: Final = 5.0
+# read in that gap waits this long for it rather than answer SystemdUnavailable at once: as
+# long as a systemctl call waits for a re-executing PID 1 (sd-bus's default call timeout).
+# The re-exec runs the generators and loads every unit again: with 5 s here the e2e re-exec
+# test (tests/e2e/test_model.py) answered SystemdUnavailable three times on a 2-core machine
+# at load 6-14, never when run alone.
+PID1_RETURN_S: Final = 25.0
 # PID 1's CPU figure is the cgroup's usage minus what it had used when the unit's first process
 # started (cpu_usage_base): zero for a new cgroup. The model takes the difference of the two at
 # one instant; what the capsule ran between PID 1's answer and our read of cpu.stat shows up in
