@@ -96,33 +96,9 @@ def test_every_deferred_entry_names_a_handler_of_its_module() -> None:
         assert callable(h.resolve()), h
 
 
-def test_a_start_imports_none_of_the_deferred_modules() -> None:
-    # What daemon.build_wiring imports, in a fresh interpreter (this process has them all).
-    code = (
-        "import sys, json\n"
-        "from capsuled import methods, daemon\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('capsuled'))))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        env={"PYTHONPATH": f"{ROOT / 'helper'}", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    )
-    loaded = set(json.loads(done.stdout))
-    assert "capsuled.methods.info" in loaded  # the check sees the table's modules
-    for module in DEFERRED_MODULES:
-        assert f"capsuled.methods.{module}" not in loaded
-    # Nor the wire types, nor the bundle code (read with a trusted key or a bundle only).
-    for module in ("terminal", "unitfile", "verify", "wire", "bundle"):
-        assert f"capsuled.{module}" not in loaded
-
-
-def test_a_start_loads_no_libcrypto() -> None:
-    # hashlib and hmac (which secrets imports) load OpenSSL's libcrypto, ~5 ms of a cold start;
-    # only writing an audit record or reading a bundle needs SHA-256.
+def modules_a_start_loads() -> set[str]:
+    """What importing daemon and the method table loads, in a fresh interpreter (this process
+    has every module already)."""
     code = (
         "import sys, json\n"
         "from capsuled import methods, daemon\n"
@@ -136,6 +112,22 @@ def test_a_start_loads_no_libcrypto() -> None:
         check=True,
         timeout=30,
     )
-    loaded = set(json.loads(done.stdout))
+    return set(json.loads(done.stdout))
+
+
+def test_a_start_imports_none_of_the_deferred_modules() -> None:
+    loaded = modules_a_start_loads()
+    assert "capsuled.methods.info" in loaded  # the check sees the table's modules
+    for module in DEFERRED_MODULES:
+        assert f"capsuled.methods.{module}" not in loaded
+    # Nor the wire types, nor the bundle code (read with a trusted key or a bundle only).
+    for module in ("terminal", "unitfile", "verify", "wire", "bundle"):
+        assert f"capsuled.{module}" not in loaded
+
+
+def test_a_start_loads_no_libcrypto() -> None:
+    # hashlib and hmac (which secrets imports) load OpenSSL's libcrypto, ~5 ms of a cold start;
+    # only writing an audit record or reading a bundle needs SHA-256.
+    loaded = modules_a_start_loads()
     for module in ("hashlib", "_hashlib", "hmac", "secrets"):
         assert module not in loaded
