@@ -1072,3 +1072,25 @@ def test_a_job_is_answered_only_once_its_record_is_on_disk(world: World, method:
     assert record["CAPSULED_ACTION"] == method.lower()
     assert trail.written_seq > 0
     assert trail.synced_seq == trail.written_seq
+
+
+def test_a_mutation_cut_short_by_a_failure_that_is_no_varlink_error_is_still_audited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug, or an import, allocation or fd failing mid-call (the transport answers
+    # InternalError): Remove has stopped and cleaned the capsule and deleted its record by the
+    # time it forgets the deployments (whose `import shutil` happens there since start-up
+    # stopped importing it). The trail must still have the call.
+    world = make_world(tmp_path).standard()
+
+    def unimportable(name: str) -> None:
+        raise ImportError("shutil")
+
+    monkeypatch.setattr(world.services.deployments, "forget", unimportable)
+    with pytest.raises(ImportError):
+        world.run("Remove", {"name": "alpha"})
+    assert world.records.get("alpha") is None
+    assert ("clean", "alpha") in world.backend.calls
+    (record,) = world.audit_for("remove")
+    assert record["CAPSULE"] == "alpha"
+    assert record["CAPSULED_RESULT"] == "org.capsuled.Manager.InternalError"

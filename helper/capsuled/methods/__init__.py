@@ -201,8 +201,9 @@ INPUT_ERRORS = (
 
 
 def audited(action: AuditAction, handler: Handler) -> Handler:
-    """Record a mutating call's outcome if its handler could not: refused, failed, cancelled;
-    and answer only once the trail has the record on disk (AuditLog.sync)."""
+    """Record a mutating call's outcome if its handler could not: refused, failed (a Varlink
+    error, or InternalError for anything else), cancelled; and answer only once the trail has
+    the record on disk (AuditLog.sync)."""
 
     async def handle(ctx: CallContext, p: dict[str, object]) -> dict[str, object]:
         raw_name = p.get("name")
@@ -227,6 +228,15 @@ def audited(action: AuditAction, handler: Handler) -> Handler:
             # The client hung up mid-call: systemd may still finish a job we queued.
             if ctx.outcome is not Outcome.RECORDED:
                 ctx.audit(action, name, RESULT_CANCELLED)
+            raise
+        except Exception:
+            # No answer of ours: a bug, or an import, allocation or fd failing mid-call (the
+            # transport answers InternalError). What the call changed before it (Remove may
+            # have stopped and cleaned the capsule) is still recorded: nothing changes
+            # unaudited.
+            if ctx.outcome is Outcome.OPEN:
+                ctx.audit(action, name, errors.InternalError.name)
+            await ctx.services.audit.sync()
             raise
         await ctx.services.audit.sync()
         return reply
