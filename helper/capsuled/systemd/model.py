@@ -804,6 +804,9 @@ class CapsuleModel:
 
     def _known_config(self, name: str) -> UnitConfig | None:
         """The capsule's configuration if the model has it, without any call."""
+        cached = self._configs.get(name)  # what known() looks at first: every Describe's case
+        if cached is not None:
+            return cached.config
         return self._known_configs()(name)
 
     def _known_configs(self) -> Callable[[str], UnitConfig | None]:
