@@ -359,10 +359,14 @@ def exit_with(status: int) -> NoReturn:
         if sys.stdout is not None:
             sys.stdout.flush()
     except BrokenPipeError:
+        import contextlib  # only here: no command that succeeds needs it
+
         from capsulectl.context import EXIT_BROKEN_PIPE
 
-        # What is still buffered goes nowhere, not to a second failing flush at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # What is still buffered goes nowhere, not to a second failing flush at exit. (A stream
+        # with no fd, a caller embedding the client, has nothing to redirect.)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         status = EXIT_BROKEN_PIPE
     except (OSError, ValueError):
         sys.exit(status)  # the interpreter's flush at exit fails again, and says why
