@@ -76,10 +76,10 @@ def test_count_unit_files_is_bounded(state_root: Path, monkeypatch: pytest.Monke
     assert hostfs.count_unit_files("a") == 10
 
 
-def test_state_dir_names_and_has_state_dir(state_root: Path) -> None:
+def test_real_state_dirs_and_has_state_dir(state_root: Path) -> None:
     (state_root / "a").mkdir()
     (state_root / ".hidden").mkdir()
-    assert hostfs.state_dir_names() == {"a"}
+    assert hostfs.real_state_dirs().keys() == {"a"}
     assert hostfs.has_state_dir("a")
     assert not hostfs.has_state_dir("b")
 

@@ -66,15 +66,6 @@ def autostart_enabled(name: str) -> bool:
         return False
 
 
-def state_dir_names() -> set[str]:
-    """Names of the capsule state directories on disk (unvalidated; the caller filters)."""
-    names: set[str] = set()
-    for root in (STATE_ROOT, LEGACY_STATE_ROOT):
-        with contextlib.suppress(OSError), os.scandir(root) as it:
-            names.update(e.name for e in it if not e.name.startswith("."))
-    return names
-
-
 def real_state_dirs() -> dict[str, os.stat_result | None]:
     """The names `has_state_dir` is true for, from the listings alone: one under STATE_ROOT
     with its lstat (`UnitFileCounts.count` checks a kept count against it, so a List row
@@ -86,11 +77,8 @@ def real_state_dirs() -> dict[str, os.stat_result | None]:
     # it (AT_SYMLINK_NOFOLLOW), not a walk of the whole path again (a quarter of its cost on
     # the testbed's overlay root). The lookup is the capsule's name in STATE_ROOT, not followed:
     # the same one the lstat by path made.
-    try:
+    with contextlib.suppress(OSError):  # no STATE_ROOT, or it cannot be listed: none there
         fd = os.open(STATE_ROOT, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        fd = -1
-    if fd >= 0:
         try:
             with os.scandir(fd) as it:
                 for e in it:
@@ -103,8 +91,6 @@ def real_state_dirs() -> dict[str, os.stat_result | None]:
                         continue
                     if stat.S_ISDIR(st.st_mode):
                         found[e.name] = st
-        except OSError:
-            pass
         finally:
             os.close(fd)
     with contextlib.suppress(OSError), os.scandir(LEGACY_STATE_ROOT) as it:
