@@ -341,14 +341,16 @@ class DBusSystemdBackend:
         ]
         views = await self._model.views(shown, shown)
         count = self._unit_counts.count
-        infos: list[CapsuleInfo] = []
-        for n in shown:
-            enabled = autostart.get(n, False)
-            if n in dirs:
-                infos.append(_capsule_info(n, views[n], True, enabled, count(n, dirs[n])))
-            else:
-                infos.append(_capsule_info(n, views[n], False, enabled, 0))
-        return infos
+        return [
+            _capsule_info(
+                n,
+                views[n],
+                n in dirs,
+                autostart.get(n, False),
+                count(n, dirs[n]) if n in dirs else 0,
+            )
+            for n in shown
+        ]
 
     async def capsule_info(self, name: str) -> CapsuleInfo | None:
         """One capsule's state; None when it has no state dir, no autostart link and its unit
