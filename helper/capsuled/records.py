@@ -154,8 +154,7 @@ class RecordStore:
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _path(self, name: str) -> Path:
-        # Names reach us validated (names.capsule_name_problem): no "/" or "..".
-        return self._dir / f"{name}.json"
+        return Path(self._file(name))
 
     def _file(self, name: str) -> str:
         # Names reach us validated (names.capsule_name_problem): no "/" or "..".
@@ -223,18 +222,9 @@ class RecordStore:
                     continue
         finally:
             os.close(fd)
-        cache = self._cache
-        for gone in cache.keys() - {name for name, _ in stamped}:
-            del cache[gone]
+        for gone in self._cache.keys() - {name for name, _ in stamped}:
+            del self._cache[gone]
         for name, stamp in stamped:
-            # A kept record whose file is unchanged, without the call _read is (every row of
-            # every List); anything else through _read.
-            cached = cache.get(name)
-            if cached is not None and cached[0] == stamp:
-                found = cached[1]
-                if not isinstance(found, CorruptRecord):
-                    yield found
-                continue
             try:
                 record = self._read(name, stamp)
             except CorruptRecord:
