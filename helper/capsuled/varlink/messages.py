@@ -107,7 +107,10 @@ def _is_valid_name(name: object) -> bool:
     return True
 
 
-_set_field = object.__setattr__  # what _Value._init_field does, without a call of our own
+# How the message classes set their fields at construction (their __setattr__ refuses): the
+# slot descriptors themselves, with no method call of ours in between (a Call is built for
+# every call a server reads).
+_set_field = object.__setattr__
 
 
 # dataclass_transform (PEP 681) tells type checkers what the runtime does: the subclasses are frozen
@@ -160,9 +163,6 @@ class _Value:
         # copy, deepcopy and pickle rebuild through __init__, so a copy is validated too.
         return (type(self), self._fields())
 
-    def _init_field(self, name: str, value: object) -> None:
-        object.__setattr__(self, name, value)
-
 
 # A marker for "no parameters given": each value then gets its own empty dict, as
 # `field(default_factory=dict)` did. Compared by identity only; never handed out or mutated.
@@ -174,6 +174,8 @@ def _own_parameters(parameters: dict[str, object]) -> dict[str, object]:
 
 
 def _checked_fds(fds: tuple[int, ...]) -> tuple[int, ...]:
+    if type(fds) is tuple and not fds:  # nearly every message: nothing to check
+        return fds
     if not isinstance(fds, tuple) or not all(type(fd) is int and fd >= 0 for fd in fds):
         raise LocalProtocolError("fds must be a tuple of non-negative ints")
     return fds
@@ -207,8 +209,7 @@ class Call(_Value):
         upgrade: bool = False,
         fds: tuple[int, ...] = (),
     ) -> None:
-        if parameters is _NO_PARAMETERS:
-            parameters = {}
+        parameters = _own_parameters(parameters)
         if not _is_valid_name(method):
             raise LocalProtocolError(f"invalid method name {_short(method)}")
         if not isinstance(parameters, dict):
@@ -217,13 +218,12 @@ class Call(_Value):
             raise LocalProtocolError("call flags must be booleans")
         if oneway + more + upgrade > 1:
             raise LocalProtocolError("at most one of oneway, more, upgrade may be set")
-        # Set directly, as _init_field would: a Call is built for every call a server reads.
         _set_field(self, "method", method)
         _set_field(self, "parameters", parameters)
         _set_field(self, "oneway", oneway)
         _set_field(self, "more", more)
         _set_field(self, "upgrade", upgrade)
-        _set_field(self, "fds", fds if type(fds) is tuple and not fds else _checked_fds(fds))
+        _set_field(self, "fds", _checked_fds(fds))
 
     def with_fds(self, fds: tuple[int, ...]) -> Call:
         """This call with `fds` riding along."""
@@ -258,15 +258,14 @@ class Reply(_Value):
         continues: bool = False,
         fds: tuple[int, ...] = (),
     ) -> None:
-        if parameters is _NO_PARAMETERS:
-            parameters = {}
+        parameters = _own_parameters(parameters)
         if not isinstance(parameters, dict):
             raise LocalProtocolError("reply parameters must be an object")
         if type(continues) is not bool:
             raise LocalProtocolError("continues must be a boolean")
         _set_field(self, "parameters", parameters)
         _set_field(self, "continues", continues)
-        _set_field(self, "fds", fds if type(fds) is tuple and not fds else _checked_fds(fds))
+        _set_field(self, "fds", _checked_fds(fds))
 
     def with_fds(self, fds: tuple[int, ...]) -> Reply:
         """This reply with `fds` riding along."""
@@ -288,8 +287,8 @@ class ErrorReply(_Value):
             raise LocalProtocolError(f"invalid error name {_short(error)}")
         if not isinstance(parameters, dict):
             raise LocalProtocolError("error parameters must be an object")
-        self._init_field("error", error)
-        self._init_field("parameters", parameters)
+        _set_field(self, "error", error)
+        _set_field(self, "parameters", parameters)
 
 
 Message = Call | Reply | ErrorReply
