@@ -1015,15 +1015,13 @@ class _Connection:
 
     async def _hold_call_slot(self) -> None:
         server = self.server
-        if server._slots.try_acquire(self.account):
-            # A slot free at once: no wait to bound (a timeout's timer costs more than the rest).
-            self._holding = "call"
-            return
-        try:
-            async with asyncio.timeout(self.limits.slot_wait_s):
-                await server._slots.acquire(self.account)
-        except TimeoutError:
-            raise server.errors.busy() from None
+        # A slot free at once needs no wait to bound (a timeout's timer costs more than the rest).
+        if not server._slots.try_acquire(self.account):
+            try:
+                async with asyncio.timeout(self.limits.slot_wait_s):
+                    await server._slots.acquire(self.account)
+            except TimeoutError:
+                raise server.errors.busy() from None
         self._holding = "call"
 
     def _release_slot(self) -> None:
